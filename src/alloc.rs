@@ -1,0 +1,175 @@
+//! Where copies get their memory.
+//!
+//! [`Allocator`] is what the traversal asks for memory. [`CAllocator`] is the OCaml-side
+//! allocator: an `Abstract_tag` block whose field 0 is
+//! `void *alloc(value allocator, size_t size)` and field 1 is
+//! `void free(value allocator, void *ptr, size_t size)`, the layout of the original C
+//! library, so allocators written for it work unchanged. [`offheap_alloc`] and
+//! [`offheap_free`] are the default pair (`Offheap.malloc`), exported to C so custom
+//! allocators can wrap them.
+
+use crate::layout::Word;
+
+/// A source of memory for copies.
+pub trait Allocator {
+    /// `bytes` bytes, word aligned, or null when the memory cannot be had.
+    fn alloc(&mut self, bytes: usize) -> *mut u8;
+
+    /// Gives back memory from [`Allocator::alloc`].
+    ///
+    /// # Safety
+    /// `ptr` came from `alloc` on this allocator with this `bytes`, and nothing uses it.
+    unsafe fn free(&mut self, ptr: *mut u8, bytes: usize);
+}
+
+/// `void *alloc(value allocator, size_t size)`: field 0 of an allocator block.
+pub type AllocFn = unsafe extern "C" fn(allocator: Word, size: usize) -> *mut u8;
+/// `void free(value allocator, void *ptr, size_t size)`: field 1 of an allocator block.
+pub type FreeFn = unsafe extern "C" fn(allocator: Word, ptr: *mut u8, size: usize);
+
+/// An allocator block of C function pointers, as OCaml sees it (`Offheap.alloc`).
+#[derive(Clone, Copy, Debug)]
+pub struct CAllocator {
+    /// The `Abstract_tag` block, passed to both functions as their first argument.
+    block: Word,
+}
+
+impl CAllocator {
+    /// Wraps the allocator block `block`.
+    ///
+    /// # Safety
+    /// `block` is an `Abstract_tag` block with at least two fields holding an [`AllocFn`]
+    /// and a [`FreeFn`], and stays alive and in place while the `CAllocator` is used.
+    pub unsafe fn new(block: Word) -> CAllocator {
+        CAllocator { block }
+    }
+
+    fn field(&self, i: usize) -> Word {
+        // SAFETY: `new`'s contract: the block has fields 0 and 1.
+        unsafe { *(self.block as *const Word).add(i) }
+    }
+}
+
+impl Allocator for CAllocator {
+    fn alloc(&mut self, bytes: usize) -> *mut u8 {
+        // SAFETY: field 0 holds an `AllocFn` (`new`'s contract).
+        let alloc: AllocFn = unsafe { std::mem::transmute::<Word, AllocFn>(self.field(0)) };
+        // SAFETY: calling the allocator as its C contract says.
+        unsafe { alloc(self.block, bytes) }
+    }
+
+    unsafe fn free(&mut self, ptr: *mut u8, bytes: usize) {
+        // SAFETY: field 1 holds a `FreeFn` (`new`'s contract).
+        let free: FreeFn = unsafe { std::mem::transmute::<Word, FreeFn>(self.field(1)) };
+        // SAFETY: `ptr` and `bytes` came from this allocator's `alloc`.
+        unsafe { free(self.block, ptr, bytes) }
+    }
+}
+
+/// The default allocator, for Rust callers: [`offheap_alloc`] and [`offheap_free`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Malloc;
+
+impl Allocator for Malloc {
+    fn alloc(&mut self, bytes: usize) -> *mut u8 {
+        // SAFETY: the default allocator ignores its allocator argument.
+        unsafe { offheap_alloc(0, bytes) }
+    }
+
+    unsafe fn free(&mut self, ptr: *mut u8, bytes: usize) {
+        // SAFETY: `ptr` and `bytes` came from `offheap_alloc`.
+        unsafe { offheap_free(0, ptr, bytes) }
+    }
+}
+
+/// From this size up, the default allocator maps memory of its own backed by huge pages:
+/// a fresh 4 KiB page costs a page fault, and a large copy would otherwise spend more
+/// time faulting than copying.
+pub const LARGE_BYTES: usize = 4 << 20;
+const HUGE_PAGE: usize = 2 << 20;
+
+fn round_up(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+
+/// The default allocator's `alloc`: `malloc`, or for [`LARGE_BYTES`] and more a private
+/// anonymous mapping aligned to and advised for 2 MiB huge pages.
+///
+/// # Safety
+/// Callable from C with any arguments; `allocator` is ignored.
+#[no_mangle]
+pub unsafe extern "C" fn offheap_alloc(_allocator: Word, size: usize) -> *mut u8 {
+    if size < LARGE_BYTES {
+        // SAFETY: plain malloc.
+        return unsafe { libc::malloc(size.max(1)) as *mut u8 };
+    }
+    let len = round_up(size, HUGE_PAGE);
+    // SAFETY: an anonymous private mapping; no file, no fixed address.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len + HUGE_PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if map == libc::MAP_FAILED {
+        return std::ptr::null_mut();
+    }
+    // Keep the 2 MiB aligned `len` bytes inside the mapping; unmap the slack around them.
+    let start = map as usize;
+    let aligned = round_up(start, HUGE_PAGE);
+    // SAFETY: both ranges lie inside the mapping just made and nothing uses them.
+    unsafe {
+        if aligned > start {
+            libc::munmap(map, aligned - start);
+        }
+        let tail = start + len + HUGE_PAGE - (aligned + len);
+        if tail > 0 {
+            libc::munmap((aligned + len) as *mut libc::c_void, tail);
+        }
+        // Advice only: without transparent huge pages the mapping works as it is.
+        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+    }
+    aligned as *mut u8
+}
+
+/// The default allocator's `free`, for memory from [`offheap_alloc`] of the same `size`.
+///
+/// # Safety
+/// `ptr` came from `offheap_alloc(_, size)` and is not used any more.
+#[no_mangle]
+pub unsafe extern "C" fn offheap_free(_allocator: Word, ptr: *mut u8, size: usize) {
+    if ptr.is_null() {
+        return;
+    }
+    if size < LARGE_BYTES {
+        // SAFETY: `ptr` came from malloc.
+        unsafe { libc::free(ptr as *mut libc::c_void) }
+    } else {
+        // SAFETY: `ptr` is the start of a mapping of exactly this rounded length.
+        unsafe { libc::munmap(ptr as *mut libc::c_void, round_up(size, HUGE_PAGE)) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_allocator_small_and_large() {
+        for size in [1, 24, 4096, LARGE_BYTES - 8, LARGE_BYTES, LARGE_BYTES + 12345, 3 * LARGE_BYTES] {
+            let p = Malloc.alloc(size);
+            assert!(!p.is_null());
+            assert_eq!(p as usize % 8, 0);
+            // SAFETY: `p` holds `size` bytes.
+            unsafe {
+                std::ptr::write_bytes(p, 0xAB, size);
+                assert_eq!(*p.add(size - 1), 0xAB);
+                Malloc.free(p, size);
+            }
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! The traversal: a deep copy of a graph of OCaml blocks into one allocation.
+//!
+//! Three passes, named after what they do:
+//! 1. **measure**: a breadth-first walk from the root gives every reachable block that
+//!    must be copied an offset in the copy, in the order it is first seen, and records it
+//!    in the [`Queue`]. The walk is iterative: its only memory is the queue (16 bytes a
+//!    block) and the visited set.
+//! 2. **write**: one allocation of exactly the measured size; the queue is walked front to
+//!    back, which writes the copy sequentially. Headers get the color no GC ever marks;
+//!    pointer fields to copied blocks are translated to the copy, infix offsets kept.
+//! 3. **restore**: the visited set gives back whatever it changed in the source.
+//!
+//! Every error (a block that cannot be copied, an allocator that fails) is detected in or
+//! right after pass 1, before anything was written, and takes the same exit: restore, free
+//! what was allocated, report. The source is left as it was, byte for byte.
+//!
+//! The core knows nothing of ocaml-rs or of a particular runtime: a [`Heap`] says which
+//! addresses are to be copied, an [`Allocator`] gives memory, a [`VisitedSet`] remembers
+//! what was seen. The same code runs on OCaml 4, OCaml 5 and the fake heap of the tests.
+
+pub mod queue;
+pub mod visited;
+
+use std::fmt;
+
+use crate::alloc::Allocator;
+use crate::layout::{self, Color, Header, Word, WORD_BYTES};
+use queue::{Entry, Queue};
+use visited::{Seen, VisitedSet};
+
+/// What the traversal needs to know about the memory it walks.
+pub trait Heap {
+    /// Whether the block that the pointer `v` points to is to be copied (it lives in the
+    /// OCaml heap, or it is static data and static data is copied). Blocks not copied are
+    /// shared: the copy keeps pointing at them.
+    fn should_copy(&mut self, v: Word) -> bool;
+
+    /// Whether a custom block whose operations are at `ops` holds plain bytes that can be
+    /// copied as they are (Int32, Int64, Nativeint).
+    fn is_copyable_custom(&self, ops: Word) -> bool;
+
+    /// A name for the custom operations at `ops`, for error messages.
+    fn custom_name(&self, ops: Word) -> String;
+
+    /// Whether tags 244 and 245 are OCaml 5's lazy-being-forced and continuation tags
+    /// (on OCaml 4 they are ordinary constructor tags).
+    fn has_ocaml5_tags(&self) -> bool;
+}
+
+/// Why a value could not be copied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CopyError {
+    /// An `Abstract_tag` block (C data the runtime cannot look into).
+    Abstract,
+    /// A custom block other than Int32, Int64 and Nativeint; the operations' identifier.
+    Custom(String),
+    /// A lazy value not forced yet.
+    UnforcedLazy,
+    /// A lazy value being forced by another domain (OCaml 5).
+    ForcingLazy,
+    /// A continuation (OCaml 5).
+    Continuation,
+    /// The allocator returned NULL for this many bytes.
+    OutOfMemory(usize),
+    /// The allocator returned memory that is not word aligned.
+    Misaligned,
+}
+
+impl CopyError {
+    /// Whether the error is the allocator's (reported as `Out_of_memory`), not the value's.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, CopyError::OutOfMemory(_))
+    }
+}
+
+impl fmt::Display for CopyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Offheap.copy: ")?;
+        match self {
+            CopyError::Abstract => f.write_str("abstract block"),
+            CopyError::Custom(name) => write!(
+                f,
+                "custom block \"{name}\" (only Int32, Int64 and Nativeint custom blocks can be copied)"
+            ),
+            CopyError::UnforcedLazy => f.write_str("unforced lazy value (force it before copying)"),
+            CopyError::ForcingLazy => f.write_str("lazy value being forced"),
+            CopyError::Continuation => f.write_str("continuation"),
+            CopyError::OutOfMemory(bytes) => write!(f, "the allocator returned NULL for {bytes} bytes"),
+            CopyError::Misaligned => f.write_str("the allocator returned memory that is not word aligned"),
+        }
+    }
+}
+
+impl std::error::Error for CopyError {}
+
+/// A finished copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Copied {
+    /// The copy of the root value: an immediate or a shared pointer when nothing was
+    /// copied, else a pointer into `[base, base + bytes)`.
+    pub root: Word,
+    /// Start of the allocation (the root block's header), or null when nothing was copied.
+    pub base: *mut u8,
+    /// Size of the allocation in bytes; 0 when nothing was copied.
+    pub bytes: usize,
+    /// Number of blocks copied.
+    pub blocks: usize,
+    /// Peak memory the traversal held besides the copy (queue and visited set), in bytes.
+    pub transient_bytes: usize,
+}
+
+/// Copies the graph reachable from `root` into one allocation from `alloc`.
+///
+/// Immediates and pointers to blocks that `heap` says not to copy are returned as they
+/// are, with nothing allocated.
+///
+/// # Errors
+/// [`CopyError`] when a reachable block cannot be copied or the allocator fails; the
+/// source is then as it was and nothing stays allocated.
+///
+/// # Safety
+/// `root` must be a valid OCaml value whose reachable blocks (those `heap` says to copy)
+/// are well formed, and nothing else may read or write them during the call unless
+/// `visited` never writes to the source ([`visited::SideTable`]). `alloc` must return
+/// memory that nothing else uses.
+pub unsafe fn copy<H: Heap, V: VisitedSet, A: Allocator>(
+    root: Word,
+    heap: &mut H,
+    visited: &mut V,
+    alloc: &mut A,
+) -> Result<Copied, CopyError> {
+    if layout::is_immediate(root) || !heap.should_copy(root) {
+        let kept = Copied { root, base: std::ptr::null_mut(), bytes: 0, blocks: 0, transient_bytes: 0 };
+        return Ok(kept);
+    }
+    let mut traversal = Traversal { heap, visited, queue: Queue::new(), words: 0 };
+    // SAFETY: the caller's contract on `root` and its graph is the traversal's.
+    let outcome = unsafe { traversal.run(root, alloc) };
+    // SAFETY: the queue lists exactly the blocks the visited set marked.
+    unsafe { traversal.visited.restore(&traversal.queue) };
+    outcome
+}
+
+/// The state of one copy: nothing global, so concurrent copies do not meet.
+struct Traversal<'a, H, V> {
+    heap: &'a mut H,
+    visited: &'a mut V,
+    /// Every block given an offset, in offset order.
+    queue: Queue,
+    /// Words measured so far: the offset of the next block.
+    words: usize,
+}
+
+impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
+    /// Passes 1 and 2; the caller restores.
+    unsafe fn run<A: Allocator>(&mut self, root: Word, alloc: &mut A) -> Result<Copied, CopyError> {
+        // SAFETY: forwarded from `copy`.
+        unsafe { self.measure(root)? };
+        let transient_bytes = self.queue.allocated_bytes() + self.visited.allocated_bytes();
+        let bytes = self.words * WORD_BYTES;
+        let base = alloc.alloc(bytes);
+        if base.is_null() {
+            return Err(CopyError::OutOfMemory(bytes));
+        }
+        if base as usize % WORD_BYTES != 0 {
+            // SAFETY: `base` came from this allocator with this size and is unused.
+            unsafe { alloc.free(base, bytes) };
+            return Err(CopyError::Misaligned);
+        }
+        // SAFETY: `base` holds `bytes` bytes, exactly what pass 1 measured.
+        let root = unsafe { self.write(root, base as *mut Word) };
+        Ok(Copied { root, base, bytes, blocks: self.queue.len(), transient_bytes })
+    }
+
+    /// Pass 1: gives every block to copy its offset.
+    unsafe fn measure(&mut self, root: Word) -> Result<(), CopyError> {
+        // SAFETY: `root` is a pointer to a block to copy.
+        unsafe { self.discover(root)? };
+        let mut cursor = self.queue.cursor();
+        while let Some(entry) = self.queue.next(&mut cursor) {
+            let fields = entry.block as *const Word;
+            // SAFETY: queued entries are blocks of the source.
+            for i in unsafe { scanned_fields(entry) } {
+                // SAFETY: `i` is below the block's wosize.
+                let field = unsafe { *fields.add(i) };
+                if !layout::is_immediate(field) && self.heap.should_copy(field) {
+                    // SAFETY: a pointer field of a well-formed block, to a block to copy.
+                    unsafe { self.discover(field)? };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pass 1 for one pointer: queues its block if it was not seen yet.
+    #[inline(always)]
+    unsafe fn discover(&mut self, v: Word) -> Result<(), CopyError> {
+        // SAFETY: `v` points to a block (or an infix header) of the source graph.
+        let (block, hd) = unsafe { block_of(v) };
+        // SAFETY: `block` is a block start and `hd` its current header.
+        match unsafe { self.visited.lookup(block, hd) } {
+            Seen::At(_) => Ok(()),
+            Seen::New(hd) => {
+                // SAFETY: `block` is a block start with header `hd`.
+                unsafe { self.check_copyable(block, hd)? };
+                // SAFETY: `block` is a block start of the source graph not yet marked.
+                unsafe { self.visited.mark(block, hd, self.words) };
+                self.queue.push(Entry { block, header: hd });
+                self.words += hd.whsize();
+                Ok(())
+            }
+        }
+    }
+
+    /// Rejects the blocks that cannot be copied.
+    #[inline(always)]
+    unsafe fn check_copyable(&self, block: Word, hd: Header) -> Result<(), CopyError> {
+        match hd.tag() {
+            layout::FORCING_TAG..=layout::LAZY_TAG | layout::ABSTRACT_TAG | layout::CUSTOM_TAG => {
+                // SAFETY: forwarded from the caller.
+                unsafe { self.check_special(block, hd) }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Self::check_copyable`] for the few tags that may be refused.
+    #[cold]
+    #[inline(never)]
+    unsafe fn check_special(&self, block: Word, hd: Header) -> Result<(), CopyError> {
+        match hd.tag() {
+            layout::ABSTRACT_TAG => Err(CopyError::Abstract),
+            layout::CUSTOM_TAG => {
+                // SAFETY: field 0 of a custom block is its operations pointer.
+                let ops = unsafe { *(block as *const Word) };
+                if self.heap.is_copyable_custom(ops) {
+                    Ok(())
+                } else {
+                    Err(CopyError::Custom(self.heap.custom_name(ops)))
+                }
+            }
+            layout::LAZY_TAG => Err(CopyError::UnforcedLazy),
+            layout::FORCING_TAG if self.heap.has_ocaml5_tags() => Err(CopyError::ForcingLazy),
+            layout::CONT_TAG if self.heap.has_ocaml5_tags() => Err(CopyError::Continuation),
+            _ => Ok(()),
+        }
+    }
+
+    /// Pass 2: writes every queued block at its offset from `base`; returns the root's copy.
+    unsafe fn write(&mut self, root: Word, base: *mut Word) -> Word {
+        let mut dst_header = base;
+        let mut cursor = self.queue.cursor();
+        while let Some(entry) = self.queue.next(&mut cursor) {
+            let hd = entry.header;
+            let n = hd.wosize();
+            let src = entry.block as *const Word;
+            // SAFETY: pass 1 measured this block at this offset, inside the allocation.
+            let dst = unsafe {
+                dst_header.write(hd.with_color(Color::Unmarkable).0);
+                dst_header.add(1)
+            };
+            if hd.is_scannable() {
+                // SAFETY: queued entries are blocks of the source.
+                let first_value = unsafe { first_value_field(entry) };
+                // SAFETY: fields below `first_value` are raw words of the same block.
+                unsafe { std::ptr::copy_nonoverlapping(src, dst, first_value) };
+                for i in first_value..n {
+                    // SAFETY: `i < n`, in bounds of both blocks.
+                    unsafe { *dst.add(i) = self.translate(*src.add(i), base) };
+                }
+            } else {
+                // SAFETY: raw blocks are copied whole, both sides `n` words.
+                unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
+            }
+            // SAFETY: the next block starts right after this one (or at the end).
+            dst_header = unsafe { dst.add(n) };
+        }
+        debug_assert_eq!(dst_header as usize - base as usize, self.words * WORD_BYTES, "measured size != written size");
+        // SAFETY: the root was discovered in pass 1.
+        unsafe { self.translate(root, base) }
+    }
+
+    /// The value that stands in the copy for the source value `v`.
+    #[inline(always)]
+    unsafe fn translate(&mut self, v: Word, base: *mut Word) -> Word {
+        if layout::is_immediate(v) || !self.heap.should_copy(v) {
+            return v;
+        }
+        // SAFETY: `v` points into the source graph, all of which was discovered.
+        let (block, hd) = unsafe { block_of(v) };
+        // SAFETY: `block` is a block start and `hd` its current header.
+        match unsafe { self.visited.lookup(block, hd) } {
+            // SAFETY: pointer arithmetic inside the allocation; `v - block` is the infix
+            // offset, 0 for an ordinary block.
+            Seen::At(offset) => unsafe { base.add(offset + 1) as Word + (v - block) },
+            Seen::New(_) => unreachable!("pass 1 discovered every block"),
+        }
+    }
+}
+
+/// The block that `v` points into, with the header in front of that block now: `v`
+/// itself, or the enclosing closure when `v` points at an infix header.
+///
+/// # Safety
+/// `v` points to a block or to an infix header inside a closure block.
+#[inline(always)]
+unsafe fn block_of(v: Word) -> (Word, Header) {
+    // SAFETY: the caller guarantees a header precedes `v`.
+    let hd = unsafe { layout::read_header(v) };
+    // A mark keeps the block's own tag, never the infix tag, so this test is exact.
+    if hd.tag() == layout::INFIX_TAG {
+        let block = v - layout::infix_offset_bytes(hd);
+        // SAFETY: an infix header's wosize leads back to its closure's first field.
+        (block, unsafe { layout::read_header(block) })
+    } else {
+        (v, hd)
+    }
+}
+
+/// The first field of a scannable block that holds an OCaml value: 0, or for a closure
+/// the start of its environment (code pointers and closure info come before it).
+///
+/// # Safety
+/// `entry` describes a readable block of the source.
+#[inline(always)]
+unsafe fn first_value_field(entry: Entry) -> usize {
+    let n = entry.header.wosize();
+    if entry.header.tag() != layout::CLOSURE_TAG {
+        return 0;
+    }
+    if n < 2 {
+        return n; // no closure-info word: nothing in it is a value
+    }
+    // SAFETY: field 1 of a closure is the closure-info word, and `n >= 2`.
+    let closinfo = unsafe { *(entry.block as *const Word).add(1) };
+    layout::start_env(closinfo).min(n)
+}
+
+/// The fields of a queued block that pass 1 follows.
+///
+/// # Safety
+/// `entry` describes a readable block of the source.
+#[inline(always)]
+unsafe fn scanned_fields(entry: Entry) -> std::ops::Range<usize> {
+    if entry.header.is_scannable() {
+        // SAFETY: forwarded.
+        (unsafe { first_value_field(entry) })..entry.header.wosize()
+    } else {
+        0..0
+    }
+}

@@ -1,0 +1,209 @@
+//! Which source blocks were already given a place in the copy, and where.
+//!
+//! Two strategies with one interface:
+//! - [`HeaderMarks`] overwrites each visited block's header with a mark holding its
+//!   offset, and puts the original headers back at the end. No table, no hashing: the
+//!   fastest, but it writes to the source, so it is only sound while no other thread or
+//!   domain can read those headers (OCaml 4's runtime lock).
+//! - [`SideTable`] keeps an open-addressing hash table from block address to offset and
+//!   never writes to the source (OCaml 5, where other domains' collectors read headers).
+
+use crate::layout::{self, Color, Header, Word, WORD_BYTES};
+
+use super::queue::Queue;
+
+/// What a visited set knows of a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// Visited: the copy holds it at this offset, in words, from the start (its header).
+    At(usize),
+    /// Not visited yet; its header.
+    New(Header),
+}
+
+/// A set of visited blocks with their offsets in the copy.
+///
+/// # Safety
+/// Implementations may read and write the headers of the blocks they are given; callers
+/// pass only blocks of the source graph (first fields of readable, writable blocks).
+pub unsafe trait VisitedSet {
+    /// Looks `block` up, given `hd`, the header word currently in front of it.
+    ///
+    /// # Safety
+    /// `block` is a block start of the source graph and `hd` was just read from it.
+    unsafe fn lookup(&self, block: Word, hd: Header) -> Seen;
+
+    /// Records that `block`, whose original header is `hd`, lives at `offset` words.
+    ///
+    /// # Safety
+    /// `block` is a block start of the source graph, not yet marked.
+    unsafe fn mark(&mut self, block: Word, hd: Header, offset: usize);
+
+    /// Puts the source back as it was before the first mark; `queue` lists every block
+    /// marked, with its original header.
+    ///
+    /// # Safety
+    /// `queue` is exactly the list of marked blocks.
+    unsafe fn restore(&mut self, queue: &Queue);
+
+    /// Bytes of memory the set holds now (the source headers it borrows not counted).
+    fn allocated_bytes(&self) -> usize;
+}
+
+/// Marks visited blocks in their own headers: `offset << 10 | mark_color << 8 | tag`.
+///
+/// The mark color must be one that no reachable block of the source can carry: blue on
+/// OCaml 4 (the color of free-list blocks).
+pub struct HeaderMarks {
+    mark: Color,
+}
+
+impl HeaderMarks {
+    /// Marks with color `mark`, which no reachable source block may have.
+    pub fn new(mark: Color) -> HeaderMarks {
+        HeaderMarks { mark }
+    }
+}
+
+// SAFETY: reads and writes only the headers of the blocks it is given, and `restore`
+// writes back exactly the headers recorded in the queue.
+unsafe impl VisitedSet for HeaderMarks {
+    #[inline(always)]
+    unsafe fn lookup(&self, _block: Word, hd: Header) -> Seen {
+        if hd.color() == self.mark {
+            Seen::At(hd.wosize())
+        } else {
+            Seen::New(hd)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn mark(&mut self, block: Word, hd: Header, offset: usize) {
+        debug_assert!(offset <= layout::MAX_WOSIZE, "offset {offset} overflows a header");
+        // SAFETY: the caller passes a block start of the source graph.
+        unsafe { layout::write_header(block, Header::new(offset, self.mark, hd.tag())) }
+    }
+
+    unsafe fn restore(&mut self, queue: &Queue) {
+        for entry in queue.iter() {
+            // SAFETY: every queued block was marked, so its header is ours to put back.
+            unsafe { layout::write_header(entry.block, entry.header) }
+        }
+    }
+
+    fn allocated_bytes(&self) -> usize {
+        0
+    }
+}
+
+/// Open addressing with linear probing, keyed by block address.
+///
+/// Block addresses are word aligned and never zero, so 0 marks an empty slot. The table
+/// doubles when it is half full, which keeps probe sequences short; keys and offsets sit
+/// side by side so that a hit costs one cache line.
+pub struct SideTable {
+    /// `(block, offset)` pairs; `block == 0` is an empty slot. Length a power of two.
+    slots: Vec<(Word, usize)>,
+    /// Occupied slots.
+    len: usize,
+}
+
+impl SideTable {
+    /// An empty table sized for about `expected` blocks.
+    pub fn with_capacity(expected: usize) -> SideTable {
+        let size = (expected * 2).next_power_of_two().max(64);
+        SideTable { slots: vec![(0, 0); size], len: 0 }
+    }
+
+    #[inline(always)]
+    fn slot_of(&self, block: Word) -> usize {
+        // Fibonacci hashing of the word index; the high bits are the best mixed.
+        let hash = ((block / WORD_BYTES) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let bits = self.slots.len().trailing_zeros();
+        (hash >> (64 - bits)) as usize
+    }
+
+    #[inline(always)]
+    fn get(&self, block: Word) -> Option<usize> {
+        let mask = self.slots.len() - 1;
+        let mut i = self.slot_of(block);
+        loop {
+            let (key, offset) = self.slots[i];
+            if key == block {
+                return Some(offset);
+            }
+            if key == 0 {
+                return None;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn insert(&mut self, block: Word, offset: usize) {
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.grow();
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.slot_of(block);
+        while self.slots[i].0 != 0 {
+            debug_assert_ne!(self.slots[i].0, block, "block inserted twice");
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = (block, offset);
+        self.len += 1;
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self) {
+        let doubled = vec![(0, 0); self.slots.len() * 2];
+        let old = std::mem::replace(&mut self.slots, doubled);
+        self.len = 0;
+        for (block, offset) in old {
+            if block != 0 {
+                self.insert(block, offset);
+            }
+        }
+    }
+}
+
+// SAFETY: never writes to the source; reads nothing but the header it is handed.
+unsafe impl VisitedSet for SideTable {
+    #[inline(always)]
+    unsafe fn lookup(&self, block: Word, hd: Header) -> Seen {
+        match self.get(block) {
+            Some(offset) => Seen::At(offset),
+            None => Seen::New(hd),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn mark(&mut self, block: Word, _hd: Header, offset: usize) {
+        self.insert(block, offset);
+    }
+
+    unsafe fn restore(&mut self, _queue: &Queue) {}
+
+    fn allocated_bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<(Word, usize)>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn side_table_finds_what_it_holds_across_growth() {
+        let mut t = SideTable::with_capacity(0);
+        for i in 1..10_000usize {
+            // SAFETY: the side table never dereferences the addresses.
+            unsafe { t.mark(i * 8, Header(0), i * 3) };
+        }
+        for i in 1..10_000usize {
+            assert_eq!(t.get(i * 8), Some(i * 3));
+        }
+        assert_eq!(t.get(10_000 * 8), None);
+        assert!(t.slots.len() >= 2 * 10_000);
+    }
+}

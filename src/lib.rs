@@ -1,0 +1,29 @@
+//! offheap: deep copies of OCaml values outside the GC heap.
+//!
+//! The crate is the Rust half of the OCaml library `offheap` (see `lib/offheap.mli`).
+//! Its modules, each with one job:
+//!
+//! - [`layout`]: the OCaml block layout (headers, tags, colors, closure info).
+//! - [`copy`]: the traversal that copies a graph of blocks into one allocation; generic
+//!   over a [`copy::Heap`] (which addresses to copy), an [`alloc::Allocator`] and a
+//!   [`copy::visited::VisitedSet`], so it runs on the real runtime and on a fake heap.
+//! - [`alloc`]: the allocator trait, the C allocator block, the default allocator.
+//! - `runtime` (feature `stubs`): what differs between OCaml 4 and OCaml 5.
+//! - `pages` (feature `stubs`): page-table registration of copies on OCaml 4.
+//! - `release` (feature `stubs`): giving a copy's memory back, at once or after the
+//!   running major cycle (OCaml 5).
+//! - `stubs` (feature `stubs`): the `#[ocaml::func]` externals of `lib/offheap.ml`.
+//! - `capi` (feature `stubs`): the C interface of `lib/offheap.h`.
+
+pub mod alloc;
+pub mod copy;
+pub mod layout;
+
+#[cfg(feature = "stubs")]
+mod capi;
+#[cfg(feature = "stubs")]
+mod release;
+#[cfg(feature = "stubs")]
+mod runtime;
+#[cfg(feature = "stubs")]
+mod stubs;

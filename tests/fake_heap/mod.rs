@@ -1,0 +1,239 @@
+//! A fake OCaml heap: Rust memory laid out as OCaml blocks, with a [`Heap`] classifier
+//! that says which ranges are "heap" (copied) and which are "static" (shared).
+//!
+//! Shared by the Rust tests and the criterion benches (`#[path]`-included).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+
+use offheap::copy::Heap;
+use offheap::layout::{self, Color, Header, Word, WORD_BYTES};
+
+/// Operations "pointers" of the fake custom blocks: the addresses of these statics.
+pub static INT64_OPS: [u8; 16] = *b"_j\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+/// Stands for a custom block that cannot be copied (a bigarray, say).
+pub static FOREIGN_OPS: [u8; 16] = *b"_bigarr02\0\0\0\0\0\0\0";
+
+/// One arena of words; blocks are bump-allocated and never move.
+pub struct Arena {
+    words: Box<[Word]>,
+    used: usize,
+}
+
+impl Arena {
+    fn new(capacity: usize) -> Arena {
+        Arena { words: vec![0; capacity].into_boxed_slice(), used: 0 }
+    }
+
+    fn start(&self) -> Word {
+        self.words.as_ptr() as Word
+    }
+
+    fn end(&self) -> Word {
+        self.start() + self.words.len() * WORD_BYTES
+    }
+
+    fn contains(&self, v: Word) -> bool {
+        v > self.start() && v < self.end()
+    }
+
+    /// A block of `wosize` zero fields with this header; returns the value.
+    fn alloc(&mut self, hd: Header) -> Word {
+        let whsize = hd.whsize();
+        assert!(self.used + whsize <= self.words.len(), "fake arena full");
+        self.words[self.used] = hd.0;
+        let v = self.start() + (self.used + 1) * WORD_BYTES;
+        self.used += whsize;
+        v
+    }
+}
+
+/// A fake heap with a "heap" arena (copied) and a "static" arena (not copied).
+pub struct FakeHeap {
+    pub heap: Arena,
+    pub statics: Arena,
+    /// Whether static blocks are copied too (`copy_static`).
+    pub copy_static: bool,
+    /// Whether tags 244/245 are OCaml 5 special tags.
+    pub ocaml5_tags: bool,
+}
+
+impl FakeHeap {
+    /// A heap of `words` words and a static area of 4096 words.
+    pub fn new(words: usize) -> FakeHeap {
+        FakeHeap { heap: Arena::new(words), statics: Arena::new(4096), copy_static: false, ocaml5_tags: false }
+    }
+
+    /// A block with these fields (values or raw words), in the heap.
+    pub fn block(&mut self, tag: u8, fields: &[Word]) -> Word {
+        let v = self.heap.alloc(Header::new(fields.len(), Color::C0, tag));
+        for (i, &f) in fields.iter().enumerate() {
+            self.set(v, i, f);
+        }
+        v
+    }
+
+    /// A block with these fields in the static area.
+    pub fn static_block(&mut self, tag: u8, fields: &[Word]) -> Word {
+        let v = self.statics.alloc(Header::new(fields.len(), Color::Unmarkable, tag));
+        for (i, &f) in fields.iter().enumerate() {
+            self.set(v, i, f);
+        }
+        v
+    }
+
+    /// An OCaml string.
+    pub fn string(&mut self, s: &[u8]) -> Word {
+        let wosize = (s.len() + WORD_BYTES) / WORD_BYTES;
+        let v = self.heap.alloc(Header::new(wosize, Color::C0, layout::STRING_TAG));
+        // SAFETY: the block has wosize words of room.
+        unsafe {
+            let bytes = v as *mut u8;
+            std::ptr::copy_nonoverlapping(s.as_ptr(), bytes, s.len());
+            let last = wosize * WORD_BYTES - 1;
+            *bytes.add(last) = (last - s.len()) as u8;
+        }
+        v
+    }
+
+    /// A boxed float.
+    pub fn float(&mut self, x: f64) -> Word {
+        self.block(layout::DOUBLE_TAG, &[x.to_bits() as Word])
+    }
+
+    /// A flat float array.
+    pub fn float_array(&mut self, xs: &[f64]) -> Word {
+        let raw: Vec<Word> = xs.iter().map(|x| x.to_bits() as Word).collect();
+        self.block(layout::DOUBLE_ARRAY_TAG, &raw)
+    }
+
+    /// A boxed Int64 (custom block with the copyable fake ops).
+    pub fn int64(&mut self, n: i64) -> Word {
+        self.block(layout::CUSTOM_TAG, &[INT64_OPS.as_ptr() as Word, n as Word])
+    }
+
+    /// A custom block that cannot be copied.
+    pub fn foreign_custom(&mut self) -> Word {
+        self.block(layout::CUSTOM_TAG, &[FOREIGN_OPS.as_ptr() as Word, 0xdead])
+    }
+
+    /// A closure block holding `functions` (each one's arity) followed by `env` values.
+    /// Functions after the first get an infix header; returns the pointers to each
+    /// function (the block itself, then the infix pointers).
+    pub fn closure(&mut self, arities: &[u8], env: &[Word]) -> Vec<Word> {
+        assert!(!arities.is_empty());
+        // Layout per function: [code, closinfo] for the first, [infix hd, code, closinfo]
+        // for the others (arity > 1 would add a second code pointer; kept to 2 words).
+        let code_words = 2 + 3 * (arities.len() - 1);
+        let wosize = code_words + env.len();
+        let v = self.heap.alloc(Header::new(wosize, Color::C0, layout::CLOSURE_TAG));
+        let mut fns = vec![v];
+        let mut i = 0;
+        for (k, &arity) in arities.iter().enumerate() {
+            if k > 0 {
+                self.set(v, i, Header::new(i + 1, Color::C0, layout::INFIX_TAG).0);
+                i += 1;
+                fns.push(v + i * WORD_BYTES);
+            }
+            self.set(v, i, 0x4000_0000 + k * 16); // a fake code pointer (even: looks like a pointer)
+            self.set(v, i + 1, layout::make_closinfo(arity, code_words - i));
+            i += 2;
+        }
+        for (j, &e) in env.iter().enumerate() {
+            self.set(v, code_words + j, e);
+        }
+        fns
+    }
+
+    /// Field `i` of block `v`.
+    pub fn field(&self, v: Word, i: usize) -> Word {
+        // SAFETY: tests pass blocks of this heap and fields in range.
+        unsafe { *(v as *const Word).add(i) }
+    }
+
+    /// Sets field `i` of block `v`.
+    pub fn set(&mut self, v: Word, i: usize, x: Word) {
+        // SAFETY: tests pass blocks of this heap and fields in range.
+        unsafe { *(v as *mut Word).add(i) = x }
+    }
+
+    /// Every word of both arenas, for byte-for-byte comparisons.
+    pub fn snapshot(&self) -> Vec<Word> {
+        let mut all = self.heap.words[..self.heap.used].to_vec();
+        all.extend_from_slice(&self.statics.words[..self.statics.used]);
+        all
+    }
+}
+
+impl Heap for FakeHeap {
+    fn should_copy(&mut self, v: Word) -> bool {
+        self.heap.contains(v) || (self.copy_static && self.statics.contains(v))
+    }
+
+    fn is_copyable_custom(&self, ops: Word) -> bool {
+        ops == INT64_OPS.as_ptr() as Word
+    }
+
+    fn custom_name(&self, ops: Word) -> String {
+        // SAFETY: fake ops are NUL-terminated statics.
+        unsafe { std::ffi::CStr::from_ptr(ops as *const libc::c_char) }.to_string_lossy().into_owned()
+    }
+
+    fn has_ocaml5_tags(&self) -> bool {
+        self.ocaml5_tags
+    }
+}
+
+/// Checks that the copy rooted at `dst` (inside `[base, base + bytes)`) is isomorphic to
+/// the source graph rooted at `src`: same shape, same raw contents, sharing and cycles
+/// mapped one to one, headers `Unmarkable`, pointers to blocks not copied kept as they
+/// are. Returns the number of distinct blocks in the copy.
+pub fn assert_isomorphic(heap: &mut FakeHeap, src: Word, dst: Word, base: Word, bytes: usize) -> usize {
+    let inside = |v: Word| v > base && v < base + bytes;
+    let mut map: HashMap<Word, Word> = HashMap::new(); // source block -> copy block
+    let mut back: HashMap<Word, Word> = HashMap::new();
+    let mut todo = vec![(src, dst)];
+    while let Some((s, d)) = todo.pop() {
+        if layout::is_immediate(s) || !heap.should_copy(s) {
+            assert_eq!(s, d, "immediates and shared pointers are kept");
+            continue;
+        }
+        assert!(inside(d), "a copied pointer points into the copy");
+        // SAFETY: `s` is a source block, `d` a block of the copy.
+        let (shd, dhd) = unsafe { (layout::read_header(s), layout::read_header(d)) };
+        let (sb, db, delta) = if shd.tag() == layout::INFIX_TAG {
+            assert_eq!(dhd, shd, "infix headers are copied as they are");
+            let off = layout::infix_offset_bytes(shd);
+            (s - off, d - off, off)
+        } else {
+            (s, d, 0)
+        };
+        let _ = delta;
+        if let Some(&seen) = map.get(&sb) {
+            assert_eq!(seen, db, "sharing: one source block has one copy");
+            continue;
+        }
+        assert!(back.insert(db, sb).is_none(), "two source blocks share one copy");
+        map.insert(sb, db);
+        // SAFETY: as above.
+        let (shd, dhd) = unsafe { (layout::read_header(sb), layout::read_header(db)) };
+        assert_eq!(dhd, shd.with_color(Color::Unmarkable), "header copied, color unmarkable");
+        let n = shd.wosize();
+        let first_value = if shd.tag() == layout::CLOSURE_TAG {
+            layout::start_env(heap.field(sb, 1)).min(n)
+        } else if shd.is_scannable() {
+            0
+        } else {
+            n
+        };
+        for i in 0..n {
+            let (sf, df) = (heap.field(sb, i), heap.field(db, i));
+            if i < first_value {
+                assert_eq!(sf, df, "raw field {i} copied as is");
+            } else {
+                todo.push((sf, df));
+            }
+        }
+    }
+    map.len()
+}
