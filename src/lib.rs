@@ -8,10 +8,8 @@
 //!   over a [`copy::Heap`] (which addresses to copy), an [`alloc::Allocator`] and a
 //!   [`copy::visited::VisitedSet`], so it runs on the real runtime and on a fake heap.
 //! - [`alloc`]: the allocator trait, the C allocator block, the default allocator.
-//! - `runtime` (feature `stubs`): what differs between OCaml 4 and OCaml 5.
-//! - `pages` (feature `stubs`): page-table registration of copies on OCaml 4.
-//! - `release` (feature `stubs`): giving a copy's memory back, at once or after the
-//!   running major cycle (OCaml 5).
+//! - `runtime` (feature `stubs`): what differs between OCaml 4 and OCaml 5: which
+//!   addresses to copy, the visited set, page-table registration, deferred frees.
 //! - `stubs` (feature `stubs`): the `#[ocaml::func]` externals of `lib/offheap.ml`.
 //! - `capi` (feature `stubs`): the C interface of `lib/offheap.h`.
 
@@ -21,8 +19,6 @@ pub mod layout;
 
 #[cfg(feature = "stubs")]
 mod capi;
-#[cfg(feature = "stubs")]
-mod release;
 #[cfg(feature = "stubs")]
 mod runtime;
 #[cfg(feature = "stubs")]

@@ -1,0 +1,91 @@
+/* offheap.h: the C interface of offheap, for custom allocators and C stubs.
+ *
+ * An allocator, as OCaml sees it (Offheap.alloc), is an Abstract_tag block:
+ *   field 0: void *alloc(value allocator, size_t size)
+ *   field 1: void  free(value allocator, void *ptr, size_t size)
+ *   fields 2..: free for the allocator's own data.
+ * Both functions receive the block itself as [allocator].
+ *
+ * The allocator contract:
+ * - [alloc] returns [size] bytes aligned to at least sizeof(value) (8 bytes), or NULL;
+ *   NULL makes Offheap.copy raise Out_of_memory, with nothing else allocated.
+ * - [free] receives a pointer returned by [alloc] on the same block and the very [size]
+ *   given to that [alloc]. On OCaml 5 it may be called some time after Offheap.free (at
+ *   the end of the major GC cycle that was running), from whichever domain or thread
+ *   ends that cycle or calls Offheap.copy/free next.
+ * - Neither function may call into OCaml, allocate on the OCaml heap or release the
+ *   runtime lock: [alloc] runs in the middle of a copy, while the source's headers may
+ *   be marked.
+ * - offheap registers copies in OCaml 4's page table itself; an allocator need not (the
+ *   original C library's default allocator did, and allocators that still do keep
+ *   working).
+ *
+ * Example: an allocator that counts the bytes it holds in field 2.
+ *
+ *   static void *counting_alloc(value a, size_t size) {
+ *     void *p = offheap_alloc(a, size);
+ *     if (p) Field(a, 2) += (value)size << 1;   // field 2 is an OCaml int
+ *     return p;
+ *   }
+ *   static void counting_free(value a, void *p, size_t size) {
+ *     Field(a, 2) -= (value)size << 1;
+ *     offheap_free(a, p, size);
+ *   }
+ *   value make_counting(value unit) {
+ *     value a = caml_alloc_small(3, Abstract_tag);
+ *     Field(a, 0) = (value)counting_alloc;
+ *     Field(a, 1) = (value)counting_free;
+ *     Field(a, 2) = Val_int(0);
+ *     return a;
+ *   }
+ */
+
+#ifndef OFFHEAP_H
+#define OFFHEAP_H
+
+#include <stddef.h>
+#include <caml/mlvalues.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The function in field 0 of an allocator block (data is the block, as a value). */
+typedef void *(*alloc_t)(void *data, size_t size);
+
+/* The function in field 1 of an allocator block. */
+typedef void (*free_t)(void *data, void *ptr, size_t size);
+
+/* The default allocator's alloc (Offheap.malloc): malloc, or for 4 MiB and more a
+ * private anonymous mapping advised for huge pages. [allocator] is ignored. */
+void *offheap_alloc(value allocator, size_t size);
+
+/* The default allocator's free, for memory from offheap_alloc of the same [size]. */
+void offheap_free(value allocator, void *ptr, size_t size);
+
+/* A buffer made by offheap_copy. */
+typedef struct {
+  void *ptr;   /* start of the allocation: the header of the root block */
+  size_t size; /* its size in bytes */
+} offheap_buffer_t;
+
+/* Copies [v] into one buffer of exactly the size it needs, from alloc_fn(data, size),
+ * called once. The root block comes first: the copy of [v] is
+ * (value)((char *)ptr + sizeof(header_t)), plus the infix offset when [v] points inside a
+ * closure. Headers carry the color no GC marks. With [copy_static] non-zero, static data
+ * reachable from [v] is copied too (else it is shared).
+ *
+ * Returns { NULL, 0 } when nothing is copied ([v] an immediate, or outside the heap and
+ * not copy_static) and on failure (a block that cannot be copied, alloc_fn returned NULL
+ * or misaligned memory, which is then not freed); the source is left as it was. The
+ * buffer is not registered in OCaml 4's page table: register it with
+ * caml_page_table_add(In_static_data, ...) before handing it to polymorphic compare,
+ * hash or Marshal there. Call with the runtime lock held; alloc_fn follows the allocator
+ * contract above. */
+offheap_buffer_t offheap_copy(value v, void *data, alloc_t alloc_fn, int copy_static);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* OFFHEAP_H */

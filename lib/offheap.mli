@@ -1,0 +1,132 @@
+(** Deep copies of OCaml values outside the GC heap.
+
+    Large, long-lived values (indexes, dictionaries, graphs, caches) cost time at every
+    major GC cycle: the collector marks and sweeps all of them again and again. [copy]
+    moves a deep copy of such a value out of the heap once; the GC never looks at it
+    again, and the program frees it explicitly with [free] when done.
+
+    {[
+      let index : (string, int list) Hashtbl.t = build_index () in
+      let h = Offheap.copy index in
+      (* drop [index]: from now on only the off-heap copy is used *)
+      let postings = Hashtbl.find (Offheap.get h) "ocaml" in
+      ...
+      Offheap.free h
+    ]}
+
+    {2 What is copied}
+
+    Every block reachable from the value that lives in the OCaml heap (minor or major):
+    tuples, records, variants, arrays, strings, floats and float arrays, closures
+    (including mutually recursive ones), forced lazy values, objects, exceptions, and
+    [Int32], [Int64] and [Nativeint] custom blocks. Sharing and cycles are preserved, and
+    the copy takes one allocation of exactly the bytes it needs. Immediates and blocks
+    outside the heap (static data, copies already off the heap) are shared, not copied.
+    The traversal is iterative: lists of millions of elements and deeply nested trees do
+    not grow any stack.
+
+    Polymorphic comparison, [Hashtbl.hash] and [Marshal] work on copies and give the
+    same answers as on the original (on OCaml 4 because copies are registered as static
+    data in the runtime's page table).
+
+    {2 Rules}
+
+    - A copy must not be mutated to point into the OCaml heap: the GC does not see the
+      copy, so it would not keep the pointed-to value alive. Mutating immediates,
+      floats, bytes and pointers to other off-heap values is fine.
+    - After [free], every reference into the copy is dangling, as after a C [free].
+    - A copied exception value carries a copy of its constructor, so it no longer matches
+      the original constructor in a [try ... with] (as with [Marshal]).
+    - Closures can be copied, and called, only within the same running program: their
+      code pointers are those of this executable.
+    - On OCaml 5, [free] and [get] on the same handle from two domains at once is a race,
+      like any unsynchronised mutation. Copying values that other domains are reading is
+      fine: the copy never writes to the source. *)
+
+type 'a t
+(** A handle to one off-heap copy of a value of type ['a]. *)
+
+type alloc
+(** An allocator: an [Abstract_tag] block whose field 0 is
+    [void *alloc(value allocator, size_t size)] and field 1 is
+    [void free(value allocator, void *ptr, size_t size)]; further fields may carry the
+    allocator's data. The functions receive the block itself as [allocator], and [free]
+    receives the [size] given to [alloc]. They must return word-aligned memory (or
+    [NULL]) and must not call into OCaml or allocate on the OCaml heap. See [offheap.h]
+    and the README for writing one in C; allocators written for the original C library
+    of the same name work unchanged. *)
+
+val malloc : alloc
+(** The default allocator: [malloc] and [free], and for copies of 4 MiB and more a
+    private mapping backed by huge pages, which saves a page fault per 4 KiB. *)
+
+val copy : ?alloc:alloc -> 'a -> 'a t
+(** [copy ?alloc v] makes a deep copy of [v] outside the OCaml heap, in one allocation
+    from [alloc] (default {!malloc}). [v] itself is unchanged and stays usable.
+
+    {[
+      let h = Offheap.copy [ 1; 2; 3 ] in
+      assert (Offheap.get h = [ 1; 2; 3 ])
+    ]}
+
+    @raise Invalid_argument when a block that cannot be copied is reachable from [v],
+    with a message naming it: an abstract block, a custom block other than [Int32],
+    [Int64] and [Nativeint] (for example a [Bigarray] or a channel), an unforced lazy
+    value (force it first), or on OCaml 5 a continuation. [v] is left exactly as it was
+    and nothing is allocated.
+    @raise Out_of_memory when the allocator returns [NULL]; [v] is left as it was. *)
+
+val get : 'a t -> 'a
+(** [get h] is the off-heap copy. It is an ordinary value of type ['a]: read it, pass it
+    around, compare it, hash it. When nothing was copied ([v] was an immediate or
+    outside the heap), it is [v] itself.
+
+    {[
+      let h = Offheap.copy "hello" in
+      assert (String.length (Offheap.get h) = 5)
+    ]}
+
+    @raise Invalid_argument ["Offheap.get: deleted"] after {!free}. *)
+
+val free : 'a t -> unit
+(** [free h] releases the copy. [get h] raises from now on, and every reference into
+    the copy must be dead. On OCaml 4 the memory goes back to the allocator at once; on
+    OCaml 5 once the major GC cycle running at the time of [free] has finished (the GC
+    may still read the copy's headers until then); pending frees are handed back at the
+    end of later major cycles and at the next [copy] or [free].
+
+    {[
+      let h = Offheap.copy (Array.make 10 "x") in
+      Offheap.free h;
+      assert (try ignore (Offheap.get h); false with Invalid_argument _ -> true)
+    ]}
+
+    @raise Invalid_argument ["Offheap.free: deleted"] when [h] was freed already. *)
+
+val delete : 'a t -> unit
+  [@@ocaml.deprecated "Use Offheap.free."]
+(** [delete] is {!free}, under the name of the original C library.
+
+    @raise Invalid_argument ["Offheap.free: deleted"] when the copy was freed already. *)
+
+type stats = {
+  bytes : int;  (** size of the copy's allocation; 0 when nothing was copied *)
+  blocks : int;  (** blocks copied *)
+  transient_bytes : int;
+      (** peak memory the traversal used besides the copy (its queue and tables) *)
+}
+(** What a copy cost. *)
+
+val stats : 'a t -> stats
+(** [stats h] describes the copy behind [h]; still available after {!free}.
+
+    {[
+      let h = Offheap.copy (1, 2) in
+      assert ((Offheap.stats h).bytes = 24)
+    ]} *)
+
+(**/**)
+
+val pending_frees : unit -> int
+(** Frees waiting for the end of a major cycle (OCaml 5; always 0 on OCaml 4). For
+    tests. *)

@@ -1,0 +1,59 @@
+//! The C interface declared in `lib/offheap.h`, for C stubs and allocators.
+//!
+//! `offheap_alloc` and `offheap_free` (the default allocator) live in [`crate::alloc`].
+
+use crate::alloc::Allocator;
+use crate::layout::Word;
+use crate::runtime;
+
+/// `void *(*alloc_t)(void *data, size_t size)`.
+pub type AllocT = unsafe extern "C" fn(data: *mut libc::c_void, size: usize) -> *mut libc::c_void;
+
+/// A copy made from C: the allocation, or `{ NULL, 0 }`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct OffheapBuffer {
+    /// Start of the allocation: the header of the root block.
+    pub ptr: *mut libc::c_void,
+    /// Size of the allocation in bytes.
+    pub size: usize,
+}
+
+/// An `alloc_t` with its data; cannot free (the C interface takes no free function).
+struct CFunction {
+    data: *mut libc::c_void,
+    alloc: AllocT,
+}
+
+impl Allocator for CFunction {
+    fn alloc(&mut self, bytes: usize) -> *mut u8 {
+        // SAFETY: calling the caller's allocator as its contract says.
+        unsafe { (self.alloc)(self.data, bytes) as *mut u8 }
+    }
+
+    unsafe fn free(&mut self, _ptr: *mut u8, _bytes: usize) {
+        // Reached only when the allocator returned misaligned memory; without a free
+        // function it stays with the caller's allocator (documented in offheap.h).
+    }
+}
+
+/// Copies `v` into one buffer from `alloc_fn(data, size)`. The root block comes first:
+/// the copy of `v` is `ptr + sizeof(header_t)` (plus the infix offset when `v` points
+/// inside a closure). Returns `{ NULL, 0 }` when nothing is copied (`v` is an immediate,
+/// or outside the heap and `copy_static` is 0) or the copy fails; the source is then as
+/// it was. The buffer is not registered in OCaml 4's page table.
+///
+/// # Safety
+/// Called with the OCaml runtime held, `v` a valid value; `alloc_fn` must not call into
+/// OCaml.
+#[no_mangle]
+pub unsafe extern "C" fn offheap_copy(v: Word, data: *mut libc::c_void, alloc_fn: Option<AllocT>, copy_static: libc::c_int) -> OffheapBuffer {
+    let none = OffheapBuffer { ptr: std::ptr::null_mut(), size: 0 };
+    let Some(alloc) = alloc_fn else { return none };
+    let mut allocator = CFunction { data, alloc };
+    // SAFETY: forwarded from the caller.
+    match unsafe { runtime::copy_value(v, copy_static != 0, &mut allocator) } {
+        Ok(copied) if !copied.base.is_null() => OffheapBuffer { ptr: copied.base as *mut libc::c_void, size: copied.bytes },
+        _ => none,
+    }
+}

@@ -1,0 +1,69 @@
+//! What differs between OCaml 4 and OCaml 5, behind one interface.
+//!
+//! Each backend (`ocaml4.rs`, `ocaml5.rs`, chosen by `cfg(ocaml5)` from `build.rs`)
+//! provides:
+//! - `RuntimeHeap`: the [`Heap`] classifier (which pointers lead to blocks to copy);
+//! - `visited_set()`: the visited set the copy uses on that runtime;
+//! - `register` / `unregister` / `reregister_shared`: making a copy known to the
+//!   runtime's polymorphic operations (OCaml 4's page table; nothing on OCaml 5);
+//! - `DEFERS_FREE` and `major_cycles_completed()`: whether freeing must wait for the
+//!   running major cycle to end (OCaml 5), and the counter to wait on.
+//!
+//! Everything else in the crate is the same on both.
+
+#[cfg_attr(ocaml5, path = "ocaml5.rs")]
+#[cfg_attr(not(ocaml5), path = "ocaml4.rs")]
+mod backend;
+
+pub use backend::{major_cycles_completed, register, reregister_shared, unregister, DEFERS_FREE};
+
+use crate::alloc::Allocator;
+use crate::copy::{self, Copied, CopyError};
+use crate::layout::Word;
+
+/// The runtime's `struct custom_operations` of the three boxed integers: plain bytes.
+mod custom_ops {
+    extern "C" {
+        pub static caml_int32_ops: u8;
+        pub static caml_int64_ops: u8;
+        pub static caml_nativeint_ops: u8;
+    }
+}
+
+/// Whether `ops` are the operations of Int32, Int64 or Nativeint.
+fn is_boxed_integer(ops: Word) -> bool {
+    // Only the addresses of the runtime's statics are taken, never their contents.
+    let known = {
+        [
+            std::ptr::addr_of!(custom_ops::caml_int32_ops) as Word,
+            std::ptr::addr_of!(custom_ops::caml_int64_ops) as Word,
+            std::ptr::addr_of!(custom_ops::caml_nativeint_ops) as Word,
+        ]
+    };
+    known.contains(&ops)
+}
+
+/// The `identifier` of custom operations (their first field, a C string).
+fn custom_identifier(ops: Word) -> String {
+    // SAFETY: `ops` is field 0 of a custom block: a `struct custom_operations *`, whose
+    // first member is a NUL-terminated `char *identifier`.
+    unsafe {
+        let identifier = *(ops as *const *const libc::c_char);
+        if identifier.is_null() {
+            return "?".into();
+        }
+        std::ffi::CStr::from_ptr(identifier).to_string_lossy().into_owned()
+    }
+}
+
+/// Copies `v` with the runtime's classifier and visited set.
+///
+/// # Safety
+/// The caller holds the runtime (lock or domain) and does not allocate on the OCaml heap
+/// until this returns; `alloc` must not call into OCaml.
+pub unsafe fn copy_value<A: Allocator>(v: Word, copy_static: bool, alloc: &mut A) -> Result<Copied, CopyError> {
+    let mut heap = backend::RuntimeHeap::new(copy_static);
+    let mut visited = backend::visited_set();
+    // SAFETY: forwarded; the backend's visited set fits the runtime's concurrency.
+    unsafe { copy::copy(v, &mut heap, &mut visited, alloc) }
+}

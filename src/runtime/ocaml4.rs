@@ -1,0 +1,199 @@
+//! OCaml 4 (4.12 to 4.14, naked pointers allowed): the page table tells heap from not.
+//!
+//! - Classification: `caml_page_table_lookup` says whether an address is in the major
+//!   heap, the minor heap or static data; anything else (a naked pointer, a copy already
+//!   off the heap) is kept as it is. Lookups hash, so a small direct-mapped cache of page
+//!   answers sits in front (consecutive blocks mostly share pages).
+//! - Visited set: header marks in blue, the color of free-list blocks, which no reachable
+//!   block has. The runtime lock keeps every other thread out while headers are marked.
+//! - Registration: a copy's pages are registered as static data so that compare, hash
+//!   and Marshal treat it as OCaml values. The table works in whole pages and two copies
+//!   can share a page at their ends, so the end pages are reference-counted.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::copy::visited::HeaderMarks;
+use crate::copy::Heap;
+use crate::layout::{Color, Word};
+
+const IN_HEAP: i32 = 1;
+const IN_YOUNG: i32 = 2;
+const IN_STATIC_DATA: i32 = 4;
+/// The page table's granularity (`Page_log` in `address_class.h`).
+const PAGE_LOG: u32 = 12;
+const PAGE_BYTES: usize = 1 << PAGE_LOG;
+
+extern "C" {
+    fn caml_page_table_lookup(addr: *const libc::c_void) -> i32;
+    fn caml_page_table_add(kind: i32, start: *const libc::c_void, end: *const libc::c_void) -> i32;
+    fn caml_page_table_remove(kind: i32, start: *const libc::c_void, end: *const libc::c_void) -> i32;
+}
+
+/// OCaml 4 frees at once: its marker skips pointers outside the page table.
+pub const DEFERS_FREE: bool = false;
+
+/// Not used on OCaml 4 (frees are not deferred).
+pub fn major_cycles_completed() -> usize {
+    0
+}
+
+/// Cache slots; a power of two.
+const CACHE_SLOTS: usize = 64;
+
+/// The page-table classifier with its cache.
+pub struct RuntimeHeap {
+    /// Page-table kinds whose blocks are copied.
+    copied_kinds: i32,
+    /// `(page number, copied?)`; `usize::MAX` is no page.
+    cache: [(usize, bool); CACHE_SLOTS],
+}
+
+impl RuntimeHeap {
+    /// Copies heap and young blocks, and static data when `copy_static`.
+    pub fn new(copy_static: bool) -> RuntimeHeap {
+        let statics = if copy_static { IN_STATIC_DATA } else { 0 };
+        RuntimeHeap { copied_kinds: IN_HEAP | IN_YOUNG | statics, cache: [(usize::MAX, false); CACHE_SLOTS] }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn lookup(&mut self, v: Word) -> bool {
+        // SAFETY: the page table only hashes the address; it reads no memory at it.
+        let kind = unsafe { caml_page_table_lookup(v as *const libc::c_void) };
+        let copied = kind & self.copied_kinds != 0;
+        let page = v >> PAGE_LOG;
+        self.cache[page % CACHE_SLOTS] = (page, copied);
+        copied
+    }
+}
+
+impl Heap for RuntimeHeap {
+    #[inline(always)]
+    fn should_copy(&mut self, v: Word) -> bool {
+        let page = v >> PAGE_LOG;
+        match self.cache[page % CACHE_SLOTS] {
+            (cached, copied) if cached == page => copied,
+            _ => self.lookup(v),
+        }
+    }
+
+    fn is_copyable_custom(&self, ops: Word) -> bool {
+        super::is_boxed_integer(ops)
+    }
+
+    fn custom_name(&self, ops: Word) -> String {
+        super::custom_identifier(ops)
+    }
+
+    fn has_ocaml5_tags(&self) -> bool {
+        false
+    }
+}
+
+/// Header marks in blue.
+pub fn visited_set() -> HeaderMarks {
+    HeaderMarks::new(Color::C2)
+}
+
+/// Live copies per page, for the pages a copy shares only partly (its first and last).
+static SHARED_PAGES: Mutex<Option<HashMap<usize, usize>>> = Mutex::new(None);
+
+/// The pages of `[base, base + bytes)`, first and last.
+fn page_span(base: *mut u8, bytes: usize) -> (usize, usize) {
+    let base = base as usize;
+    (base >> PAGE_LOG, (base + bytes - 1) >> PAGE_LOG)
+}
+
+/// The pages that `[base, base + bytes)` covers only partly: the only ones another copy
+/// can occupy too.
+fn end_pages(base: *mut u8, bytes: usize) -> Vec<usize> {
+    let (first, last) = page_span(base, bytes);
+    let mut pages = Vec::with_capacity(2);
+    if base as usize % PAGE_BYTES != 0 {
+        pages.push(first);
+    }
+    if (base as usize + bytes) % PAGE_BYTES != 0 && !pages.contains(&last) {
+        pages.push(last);
+    }
+    pages
+}
+
+/// Adds (`add`) or removes the pages `from..=to` as static data. False when the page
+/// table could not grow.
+fn set_pages(add: bool, from: usize, to: usize) -> bool {
+    if from > to {
+        return true;
+    }
+    let start = (from << PAGE_LOG) as *const libc::c_void;
+    let end = ((to + 1) << PAGE_LOG) as *const libc::c_void;
+    // SAFETY: the page table only records the range; it reads no memory in it. Called
+    // with the runtime lock held (from a stub).
+    unsafe {
+        if add {
+            caml_page_table_add(IN_STATIC_DATA, start, end) == 0
+        } else {
+            caml_page_table_remove(IN_STATIC_DATA, start, end) == 0
+        }
+    }
+}
+
+fn shared_pages() -> std::sync::MutexGuard<'static, Option<HashMap<usize, usize>>> {
+    SHARED_PAGES.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Registers the copy `[base, base + bytes)` as static data. False when the page table
+/// could not grow.
+pub fn register(base: *mut u8, bytes: usize) -> bool {
+    let (first, last) = page_span(base, bytes);
+    let mut guard = shared_pages();
+    if !set_pages(true, first, last) {
+        return false;
+    }
+    let shared = guard.get_or_insert_with(HashMap::new);
+    for page in end_pages(base, bytes) {
+        *shared.entry(page).or_insert(0) += 1;
+    }
+    true
+}
+
+/// Unregisters the copy `[base, base + bytes)`, keeping the end pages that another live
+/// copy still occupies.
+pub fn unregister(base: *mut u8, bytes: usize) {
+    let (mut first, mut last) = page_span(base, bytes);
+    let mut guard = shared_pages();
+    let shared = guard.get_or_insert_with(HashMap::new);
+    let mut kept = Vec::with_capacity(2);
+    for page in end_pages(base, bytes) {
+        let count = shared.entry(page).or_insert(1);
+        *count -= 1;
+        if *count == 0 {
+            shared.remove(&page);
+        } else {
+            kept.push(page);
+        }
+    }
+    if kept.contains(&first) {
+        first += 1;
+    }
+    if kept.contains(&last) {
+        last = last.wrapping_sub(1);
+    }
+    if first <= last && last != usize::MAX {
+        set_pages(false, first, last);
+    }
+}
+
+/// After a custom allocator's `free`: registers again the end pages of
+/// `[base, base + bytes)` that other live copies occupy, in case the allocator removed
+/// them itself (allocators written for the original C library do).
+pub fn reregister_shared(base: *mut u8, bytes: usize) {
+    let guard = shared_pages();
+    if let Some(shared) = guard.as_ref() {
+        for page in end_pages(base, bytes) {
+            if shared.contains_key(&page) {
+                set_pages(true, page, page);
+            }
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! OCaml 5 (no naked pointers, several domains): headers tell heap from not.
+//!
+//! - Classification: a pointer into the minor heaps is copied; any other block is in the
+//!   major heap unless its header has the `NOT_MARKABLE` color, which static data and
+//!   copies already off the heap carry. Those are kept as they are (or, with
+//!   `copy_static`, copied: static data and earlier copies cannot be told apart).
+//! - Visited set: a side table. Other domains' collectors read the headers of shared
+//!   blocks at any time, so the copy never writes to the source.
+//! - Registration: none; compare, hash and Marshal accept any well-formed block.
+//! - Freeing waits for the major cycle running at `free` time to end: its marker may
+//!   still reach the copy through blocks that were alive when the cycle began.
+
+use crate::copy::visited::SideTable;
+use crate::copy::Heap;
+use crate::layout::{self, Color, Word};
+
+extern "C" {
+    static caml_minor_heaps_start: Word;
+    static caml_minor_heaps_end: Word;
+    static caml_major_cycles_completed: Word;
+}
+
+/// Frees wait for the running major cycle.
+pub const DEFERS_FREE: bool = true;
+
+/// Major cycles completed since the program started.
+pub fn major_cycles_completed() -> usize {
+    // SAFETY: a word-sized counter the runtime only ever increments; a stale read only
+    // delays a free.
+    unsafe { std::ptr::read_volatile(std::ptr::addr_of!(caml_major_cycles_completed)) }
+}
+
+/// The header classifier.
+pub struct RuntimeHeap {
+    /// Bounds of all domains' minor heaps (exclusive, as `Is_young`).
+    young: (Word, Word),
+    copy_static: bool,
+}
+
+impl RuntimeHeap {
+    /// Copies young and major-heap blocks, and `NOT_MARKABLE` ones when `copy_static`.
+    pub fn new(copy_static: bool) -> RuntimeHeap {
+        // SAFETY: set when the runtime reserves the minor heaps; stable while this domain
+        // runs OCaml-side code without reaching a safe point.
+        let young = unsafe { (caml_minor_heaps_start, caml_minor_heaps_end) };
+        RuntimeHeap { young, copy_static }
+    }
+}
+
+impl Heap for RuntimeHeap {
+    #[inline(always)]
+    fn should_copy(&mut self, v: Word) -> bool {
+        if v > self.young.0 && v < self.young.1 {
+            return true;
+        }
+        // SAFETY: without naked pointers every pointer in a value leads to a block with
+        // a header.
+        let hd = unsafe { layout::read_header(v) };
+        self.copy_static || hd.color() != Color::Unmarkable
+    }
+
+    fn is_copyable_custom(&self, ops: Word) -> bool {
+        super::is_boxed_integer(ops)
+    }
+
+    fn custom_name(&self, ops: Word) -> String {
+        super::custom_identifier(ops)
+    }
+
+    fn has_ocaml5_tags(&self) -> bool {
+        true
+    }
+}
+
+/// A side table: the source is never written.
+pub fn visited_set() -> SideTable {
+    SideTable::with_capacity(0)
+}
+
+/// Nothing to register: OCaml 5 has no page table.
+pub fn register(_base: *mut u8, _bytes: usize) -> bool {
+    true
+}
+
+/// Nothing to unregister.
+pub fn unregister(_base: *mut u8, _bytes: usize) {}
+
+/// Nothing to register again.
+pub fn reregister_shared(_base: *mut u8, _bytes: usize) {}
