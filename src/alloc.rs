@@ -86,24 +86,19 @@ impl Allocator for Malloc {
 /// a fresh 4 KiB page costs a page fault, and a large copy would otherwise spend more
 /// time faulting than copying.
 pub const LARGE_BYTES: usize = 4 << 20;
-const HUGE_PAGE: usize = 2 << 20;
+
+/// The size and alignment of a transparent huge page on x86-64 and arm64 Linux.
+pub const HUGE_PAGE: usize = 2 << 20;
 
 fn round_up(n: usize, to: usize) -> usize {
     n.div_ceil(to) * to
 }
 
-/// The default allocator's `alloc`: `malloc`, or for [`LARGE_BYTES`] and more a private
-/// anonymous mapping aligned to and advised for 2 MiB huge pages.
-///
-/// # Safety
-/// Callable from C with any arguments; `allocator` is ignored.
-#[no_mangle]
-pub unsafe extern "C" fn offheap_alloc(_allocator: Word, size: usize) -> *mut u8 {
-    if size < LARGE_BYTES {
-        // SAFETY: plain malloc.
-        return unsafe { libc::malloc(size.max(1)) as *mut u8 };
-    }
-    let len = round_up(size, HUGE_PAGE);
+/// A private anonymous mapping of at least `bytes` bytes, aligned to [`HUGE_PAGE`] and
+/// advised for huge pages; null when the system has no memory for it. Release it with
+/// [`unmap_huge`] and the same `bytes`.
+pub fn map_huge(bytes: usize) -> *mut u8 {
+    let len = round_up(bytes.max(1), HUGE_PAGE);
     // SAFETY: an anonymous private mapping; no file, no fixed address.
     let map = unsafe {
         libc::mmap(
@@ -118,22 +113,46 @@ pub unsafe extern "C" fn offheap_alloc(_allocator: Word, size: usize) -> *mut u8
     if map == libc::MAP_FAILED {
         return std::ptr::null_mut();
     }
-    // Keep the 2 MiB aligned `len` bytes inside the mapping; unmap the slack around them.
+    // Keep the aligned `len` bytes inside the mapping; unmap the slack around them.
     let start = map as usize;
     let aligned = round_up(start, HUGE_PAGE);
-    // SAFETY: both ranges lie inside the mapping just made and nothing uses them.
+    let tail = start + len + HUGE_PAGE - (aligned + len);
+    // SAFETY: both slack ranges lie inside the mapping just made and nothing uses them;
+    // the advice is only advice (without transparent huge pages the mapping works as is).
     unsafe {
         if aligned > start {
             libc::munmap(map, aligned - start);
         }
-        let tail = start + len + HUGE_PAGE - (aligned + len);
         if tail > 0 {
             libc::munmap((aligned + len) as *mut libc::c_void, tail);
         }
-        // Advice only: without transparent huge pages the mapping works as it is.
         libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
     }
     aligned as *mut u8
+}
+
+/// Releases a mapping from [`map_huge`].
+///
+/// # Safety
+/// `ptr` came from `map_huge(bytes)` and nothing uses the memory any more.
+pub unsafe fn unmap_huge(ptr: *mut u8, bytes: usize) {
+    // SAFETY: the caller passes a whole mapping made by `map_huge`.
+    unsafe { libc::munmap(ptr as *mut libc::c_void, round_up(bytes.max(1), HUGE_PAGE)) };
+}
+
+/// The default allocator's `alloc`: `malloc`, or for [`LARGE_BYTES`] and more a private
+/// mapping aligned to and advised for 2 MiB huge pages.
+///
+/// # Safety
+/// Callable from C with any arguments; `allocator` is ignored.
+#[no_mangle]
+pub unsafe extern "C" fn offheap_alloc(_allocator: Word, size: usize) -> *mut u8 {
+    if size < LARGE_BYTES {
+        // SAFETY: plain malloc.
+        unsafe { libc::malloc(size.max(1)) as *mut u8 }
+    } else {
+        map_huge(size)
+    }
 }
 
 /// The default allocator's `free`, for memory from [`offheap_alloc`] of the same `size`.
@@ -149,8 +168,8 @@ pub unsafe extern "C" fn offheap_free(_allocator: Word, ptr: *mut u8, size: usiz
         // SAFETY: `ptr` came from malloc.
         unsafe { libc::free(ptr as *mut libc::c_void) }
     } else {
-        // SAFETY: `ptr` is the start of a mapping of exactly this rounded length.
-        unsafe { libc::munmap(ptr as *mut libc::c_void, round_up(size, HUGE_PAGE)) };
+        // SAFETY: `ptr` is a mapping from `map_huge(size)`.
+        unsafe { unmap_huge(ptr, size) }
     }
 }
 
@@ -160,7 +179,15 @@ mod tests {
 
     #[test]
     fn default_allocator_small_and_large() {
-        for size in [1, 24, 4096, LARGE_BYTES - 8, LARGE_BYTES, LARGE_BYTES + 12345, 3 * LARGE_BYTES] {
+        for size in [
+            1,
+            24,
+            4096,
+            LARGE_BYTES - 8,
+            LARGE_BYTES,
+            LARGE_BYTES + 12345,
+            3 * LARGE_BYTES,
+        ] {
             let p = Malloc.alloc(size);
             assert!(!p.is_null());
             assert_eq!(p as usize % 8, 0);

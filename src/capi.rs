@@ -47,13 +47,33 @@ impl Allocator for CFunction {
 /// Called with the OCaml runtime held, `v` a valid value; `alloc_fn` must not call into
 /// OCaml.
 #[no_mangle]
-pub unsafe extern "C" fn offheap_copy(v: Word, data: *mut libc::c_void, alloc_fn: Option<AllocT>, copy_static: libc::c_int) -> OffheapBuffer {
-    let none = OffheapBuffer { ptr: std::ptr::null_mut(), size: 0 };
+pub unsafe extern "C" fn offheap_copy(
+    v: Word,
+    data: *mut libc::c_void,
+    alloc_fn: Option<AllocT>,
+    copy_static: libc::c_int,
+) -> OffheapBuffer {
+    let none = OffheapBuffer {
+        ptr: std::ptr::null_mut(),
+        size: 0,
+    };
     let Some(alloc) = alloc_fn else { return none };
     let mut allocator = CFunction { data, alloc };
+    // The C interface cannot re-read `v` after a minor collection, so it never marks
+    // headers on OCaml 5 when the minor heap would have to be emptied first.
     // SAFETY: forwarded from the caller.
-    match unsafe { runtime::copy_value(v, copy_static != 0, &mut allocator) } {
-        Ok(copied) if !copied.base.is_null() => OffheapBuffer { ptr: copied.base as *mut libc::c_void, size: copied.bytes },
+    match unsafe {
+        runtime::copy_value(
+            runtime::prepare_copy_in_place(),
+            v,
+            copy_static != 0,
+            &mut allocator,
+        )
+    } {
+        Ok(copied) if !copied.base.is_null() => OffheapBuffer {
+            ptr: copied.base as *mut libc::c_void,
+            size: copied.bytes,
+        },
         _ => none,
     }
 }

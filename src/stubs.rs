@@ -47,23 +47,38 @@ pub fn offheap_stub_malloc() -> Value {
 /// cannot.
 #[ocaml::func]
 #[ocaml::sig("alloc -> bool -> 'a -> (Obj.t * int * int * int * int, bool * string) result")]
-pub fn offheap_stub_copy(alloc: Value, copy_static: bool, v: Value) -> Result<CopyResult, (bool, String)> {
+pub fn offheap_stub_copy(
+    alloc: Value,
+    copy_static: bool,
+    v: Value,
+) -> Result<CopyResult, (bool, String)> {
+    // SAFETY: a stub may collect; `alloc` and `v` are rooted and read after this.
+    let prepared = unsafe { runtime::prepare_copy() };
     // SAFETY: `alloc` is an allocator block (the OCaml type `alloc` only comes from
     // `malloc` or from C code that builds one), kept alive by the caller for the call.
     let mut allocator = unsafe { CAllocator::new(word(&alloc)) };
     // SAFETY: we hold the runtime and allocate nothing on the OCaml heap until the copy
     // returns; the allocator's contract forbids calls into OCaml.
-    let copied = unsafe { runtime::copy_value(word(&v), copy_static, &mut allocator) };
+    let copied = unsafe { runtime::copy_value(prepared, word(&v), copy_static, &mut allocator) };
     let copied = copied.map_err(|e| (e.is_out_of_memory(), e.to_string()))?;
     if !copied.base.is_null() && !runtime::register(copied.base, copied.bytes) {
         // SAFETY: the copy was just allocated by this allocator and nothing refers to it.
         unsafe { allocator.free(copied.base, copied.bytes) };
-        return Err((true, "Offheap.copy: the page table could not grow".to_owned()));
+        return Err((
+            true,
+            "Offheap.copy: the page table could not grow".to_owned(),
+        ));
     }
     // SAFETY: an immediate, a block outside the heap, or a well-formed copy with
     // unmarkable headers: a value the GC leaves alone, safe to hold across allocations.
     let root = unsafe { Raw(copied.root as isize).as_value() };
-    Ok((root, copied.base as isize, copied.bytes as isize, copied.blocks as isize, copied.transient_bytes as isize))
+    Ok((
+        root,
+        copied.base as isize,
+        copied.bytes as isize,
+        copied.blocks as isize,
+        copied.transient_bytes as isize,
+    ))
 }
 
 /// Gives the copy `[base, base + bytes)` back to the allocator block `alloc`, now.

@@ -2,10 +2,11 @@
 //!
 //! Pass 1 appends each block when it is first seen and reads the queue from the front
 //! (breadth first), so the queue doubles as the list that pass 2 (write) and the restore
-//! pass walk again, front to back. Storage is a list of chunks that grow geometrically up
-//! to [`MAX_CHUNK`] entries, so a long copy never reallocates or moves what it holds and
-//! never holds more than one partly used chunk beyond 16 bytes per block.
+//! pass walk again, front to back. Storage: a vector for the first [`CHUNK`] entries,
+//! then huge-page chunks of `CHUNK` entries that never move, so a long copy holds at most
+//! one partly used chunk beyond 16 bytes a block.
 
+use crate::alloc::{self, HUGE_PAGE};
 use crate::layout::{Header, Word};
 
 /// One queued block: where it is and its header as it was before the copy.
@@ -18,21 +19,60 @@ pub struct Entry {
 }
 
 const FIRST_CHUNK: usize = 64;
-/// The largest chunk: 64 Ki entries, 1 MiB.
-const MAX_CHUNK: usize = 1 << 16;
+/// Entries per chunk: 128 Ki entries, 2 MiB, one huge page.
+const CHUNK: usize = HUGE_PAGE / std::mem::size_of::<Entry>();
 
-/// A FIFO of [`Entry`] that can be walked again after it was drained.
+/// Storage for [`CHUNK`] entries in a huge-page mapping: a long copy touches fresh
+/// memory at every entry, and one page fault per 2 MiB instead of per 4 KiB is most of
+/// the queue's cost.
+struct Chunk {
+    /// Start of the mapping; `len <= CHUNK` entries are initialised.
+    ptr: *mut Entry,
+    len: usize,
+}
+
+impl Chunk {
+    fn new() -> Chunk {
+        let ptr = alloc::map_huge(CHUNK * std::mem::size_of::<Entry>()) as *mut Entry;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(std::alloc::Layout::new::<[Entry; CHUNK]>())
+        }
+        Chunk { ptr, len: 0 }
+    }
+
+    fn entries(&self) -> &[Entry] {
+        // SAFETY: entries below `len` are initialised.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made in `new` with this size, and dies with the chunk.
+        unsafe { alloc::unmap_huge(self.ptr as *mut u8, CHUNK * std::mem::size_of::<Entry>()) }
+    }
+}
+
+/// A FIFO of [`Entry`], indexed from its front, that can be walked again after it was
+/// drained.
 pub struct Queue {
-    /// Full chunks, then the chunk being written (the last one).
-    chunks: Vec<Vec<Entry>>,
+    /// Entries `0..CHUNK`: a vector that doubles from [`FIRST_CHUNK`] (small copies stay
+    /// small), up to exactly [`CHUNK`].
+    first: Vec<Entry>,
+    /// Entries from `CHUNK` on, `CHUNK` a chunk; all full but the last.
+    chunks: Vec<Chunk>,
     /// Entries pushed so far.
     len: usize,
 }
 
 impl Queue {
-    /// An empty queue; the first chunk is allocated on the first push.
+    /// An empty queue.
     pub fn new() -> Queue {
-        Queue { chunks: Vec::new(), len: 0 }
+        Queue {
+            first: Vec::with_capacity(FIRST_CHUNK),
+            chunks: Vec::new(),
+            len: 0,
+        }
     }
 
     /// Number of entries pushed.
@@ -48,57 +88,47 @@ impl Queue {
     /// Appends an entry.
     #[inline(always)]
     pub fn push(&mut self, entry: Entry) {
-        match self.chunks.last_mut() {
-            Some(last) if last.len() < last.capacity() => last.push(entry),
-            _ => self.push_to_new_chunk(entry),
+        if self.len < CHUNK {
+            self.first.push(entry);
+        } else {
+            let i = (self.len - CHUNK) % CHUNK;
+            if i == 0 {
+                self.chunks.push(Chunk::new());
+            }
+            let last = self.chunks.last_mut().expect("a chunk was just ensured");
+            // SAFETY: `i < CHUNK`, inside the mapping.
+            unsafe { last.ptr.add(i).write(entry) };
+            last.len = i + 1;
         }
         self.len += 1;
     }
 
-    #[cold]
-    #[inline(never)]
-    fn push_to_new_chunk(&mut self, entry: Entry) {
-        let size = match self.chunks.last() {
-            Some(last) => (last.capacity() * 2).min(MAX_CHUNK),
-            None => FIRST_CHUNK,
-        };
-        let mut chunk = Vec::with_capacity(size);
-        chunk.push(entry);
-        self.chunks.push(chunk);
-    }
-
-    /// A cursor at the front of the queue.
-    pub fn cursor(&self) -> Cursor {
-        Cursor { chunk: 0, index: 0 }
-    }
-
-    /// The entry under `cursor` and moves it one step, or `None` at the end.
+    /// Entry `i` from the front, if pushed.
     #[inline(always)]
-    pub fn next(&self, cursor: &mut Cursor) -> Option<Entry> {
-        let chunk = self.chunks.get(cursor.chunk)?;
-        if let Some(&entry) = chunk.get(cursor.index) {
-            cursor.index += 1;
-            return Some(entry);
+    pub fn get(&self, i: usize) -> Option<Entry> {
+        if i >= self.len {
+            return None;
         }
-        if chunk.len() < chunk.capacity() {
-            return None; // at the end of the chunk being written
+        if i < CHUNK {
+            return Some(self.first[i]);
         }
-        cursor.chunk += 1;
-        cursor.index = 0;
-        let &entry = self.chunks.get(cursor.chunk)?.first()?;
-        cursor.index = 1;
-        Some(entry)
+        let j = i - CHUNK;
+        // SAFETY: `i < len`, so chunk `j / CHUNK` exists and holds entry `j % CHUNK`.
+        Some(unsafe { *self.chunks.get_unchecked(j / CHUNK).ptr.add(j % CHUNK) })
     }
 
     /// Every entry, front to back.
     pub fn iter(&self) -> impl Iterator<Item = &Entry> + '_ {
-        self.chunks.iter().flatten()
+        self.first
+            .iter()
+            .chain(self.chunks.iter().flat_map(Chunk::entries))
     }
 
     /// Bytes of memory the queue holds now.
     pub fn allocated_bytes(&self) -> usize {
-        let chunks: usize = self.chunks.iter().map(Vec::capacity).sum();
-        chunks * std::mem::size_of::<Entry>() + self.chunks.capacity() * std::mem::size_of::<Vec<Entry>>()
+        let entries = self.first.capacity() + self.chunks.len() * CHUNK;
+        entries * std::mem::size_of::<Entry>()
+            + self.chunks.capacity() * std::mem::size_of::<Chunk>()
     }
 }
 
@@ -108,41 +138,38 @@ impl Default for Queue {
     }
 }
 
-/// A read position in a [`Queue`].
-#[derive(Clone, Copy, Debug)]
-pub struct Cursor {
-    chunk: usize,
-    index: usize,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn entry(i: usize) -> Entry {
-        Entry { block: i * 8, header: Header(i) }
+        Entry {
+            block: i * 8,
+            header: Header(i),
+        }
     }
 
     #[test]
     fn fifo_across_chunks_while_pushing() {
         let mut q = Queue::new();
-        let mut cursor = q.cursor();
         q.push(entry(0));
         let mut seen = Vec::new();
         let mut pushed = 1;
-        while let Some(e) = q.next(&mut cursor) {
+        let mut next = 0;
+        while let Some(e) = q.get(next) {
+            next += 1;
             seen.push(e.block / 8);
-            // every entry read pushes two more until 200_000 were pushed
+            // every entry read pushes two more until 400_000 were pushed
             for _ in 0..2 {
-                if pushed < 200_000 {
+                if pushed < 400_000 {
                     q.push(entry(pushed));
                     pushed += 1;
                 }
             }
         }
-        assert_eq!(seen, (0..200_000).collect::<Vec<_>>());
-        assert_eq!(q.len(), 200_000);
-        assert!(q.iter().map(|e| e.block / 8).eq(0..200_000));
+        assert_eq!(seen, (0..400_000).collect::<Vec<_>>());
+        assert_eq!(q.len(), 400_000);
+        assert!(q.iter().map(|e| e.block / 8).eq(0..400_000));
     }
 
     #[test]
@@ -152,6 +179,6 @@ mod tests {
             q.push(entry(i));
         }
         assert_eq!(std::mem::size_of::<Entry>(), 16);
-        assert!(q.allocated_bytes() <= 1_000_000 * 16 + MAX_CHUNK * 16 + 4096);
+        assert!(q.allocated_bytes() <= 1_000_000 * 16 + CHUNK * 16 + 4096);
     }
 }

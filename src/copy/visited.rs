@@ -79,7 +79,10 @@ unsafe impl VisitedSet for HeaderMarks {
 
     #[inline(always)]
     unsafe fn mark(&mut self, block: Word, hd: Header, offset: usize) {
-        debug_assert!(offset <= layout::MAX_WOSIZE, "offset {offset} overflows a header");
+        debug_assert!(
+            offset <= layout::MAX_WOSIZE,
+            "offset {offset} overflows a header"
+        );
         // SAFETY: the caller passes a block start of the source graph.
         unsafe { layout::write_header(block, Header::new(offset, self.mark, hd.tag())) }
     }
@@ -112,7 +115,10 @@ impl SideTable {
     /// An empty table sized for about `expected` blocks.
     pub fn with_capacity(expected: usize) -> SideTable {
         let size = (expected * 2).next_power_of_two().max(64);
-        SideTable { slots: vec![(0, 0); size], len: 0 }
+        SideTable {
+            slots: vec![(0, 0); size],
+            len: 0,
+        }
     }
 
     #[inline(always)]

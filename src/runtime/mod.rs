@@ -3,7 +3,7 @@
 //! Each backend (`ocaml4.rs`, `ocaml5.rs`, chosen by `cfg(ocaml5)` from `build.rs`)
 //! provides:
 //! - `RuntimeHeap`: the [`Heap`] classifier (which pointers lead to blocks to copy);
-//! - `visited_set()`: the visited set the copy uses on that runtime;
+//! - `visited_set()`: the visited set the copy uses on that runtime (`Visited`);
 //! - `register` / `unregister` / `reregister_shared`: making a copy known to the
 //!   runtime's polymorphic operations (OCaml 4's page table; nothing on OCaml 5);
 //! - `DEFERS_FREE` and `major_cycles_completed()`: whether freeing must wait for the
@@ -52,18 +52,56 @@ fn custom_identifier(ops: Word) -> String {
         if identifier.is_null() {
             return "?".into();
         }
-        std::ffi::CStr::from_ptr(identifier).to_string_lossy().into_owned()
+        std::ffi::CStr::from_ptr(identifier)
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
-/// Copies `v` with the runtime's classifier and visited set.
+/// The visited set chosen for one copy; choosing may run a minor collection, so it
+/// comes before the copy's roots are read.
+pub struct Prepared(backend::Visited);
+
+/// Chooses the visited set for the next copy.
+///
+/// # Safety
+/// Called from a stub holding the runtime, where a minor collection is allowed; values
+/// held as raw words before this call must be read again after it.
+pub unsafe fn prepare_copy() -> Prepared {
+    // SAFETY: forwarded.
+    Prepared(unsafe { backend::visited_set(true) })
+}
+
+/// Chooses the visited set for a copy whose root cannot be read again (the C
+/// interface): never runs a collection.
+///
+/// # Safety
+/// Called holding the runtime.
+pub unsafe fn prepare_copy_in_place() -> Prepared {
+    // SAFETY: forwarded; no collection.
+    Prepared(unsafe { backend::visited_set(false) })
+}
+
+/// Copies `v` with the runtime's classifier and the visited set of `prepared`.
 ///
 /// # Safety
 /// The caller holds the runtime (lock or domain) and does not allocate on the OCaml heap
 /// until this returns; `alloc` must not call into OCaml.
-pub unsafe fn copy_value<A: Allocator>(v: Word, copy_static: bool, alloc: &mut A) -> Result<Copied, CopyError> {
+pub unsafe fn copy_value<A: Allocator>(
+    prepared: Prepared,
+    v: Word,
+    copy_static: bool,
+    alloc: &mut A,
+) -> Result<Copied, CopyError> {
     let mut heap = backend::RuntimeHeap::new(copy_static);
-    let mut visited = backend::visited_set();
-    // SAFETY: forwarded; the backend's visited set fits the runtime's concurrency.
-    unsafe { copy::copy(v, &mut heap, &mut visited, alloc) }
+    // SAFETY: forwarded; the backend chose a visited set that fits the runtime's
+    // concurrency at this moment.
+    unsafe {
+        #[allow(irrefutable_let_patterns)]
+        match prepared.0 {
+            backend::Visited::Marks(mut marks) => copy::copy(v, &mut heap, &mut marks, alloc),
+            #[cfg(ocaml5)]
+            backend::Visited::Table(mut table) => copy::copy(v, &mut heap, &mut table, alloc),
+        }
+    }
 }

@@ -1,9 +1,10 @@
 //! OCaml 4 (4.12 to 4.14, naked pointers allowed): the page table tells heap from not.
 //!
-//! - Classification: `caml_page_table_lookup` says whether an address is in the major
-//!   heap, the minor heap or static data; anything else (a naked pointer, a copy already
-//!   off the heap) is kept as it is. Lookups hash, so a small direct-mapped cache of page
-//!   answers sits in front (consecutive blocks mostly share pages).
+//! - Classification: an address inside one of the major heap's chunks is copied; the
+//!   chunks are few and do not change during a copy, so a sorted list of their ranges is
+//!   searched, in cache, with the last hit tried first. Anything else goes to
+//!   `caml_page_table_lookup` (minor heap, static data, or else a naked pointer or a copy
+//!   already off the heap: kept as it is), which hashes, behind a small cache of pages.
 //! - Visited set: header marks in blue, the color of free-list blocks, which no reachable
 //!   block has. The runtime lock keeps every other thread out while headers are marked.
 //! - Registration: a copy's pages are registered as static data so that compare, hash
@@ -24,10 +25,26 @@ const IN_STATIC_DATA: i32 = 4;
 const PAGE_LOG: u32 = 12;
 const PAGE_BYTES: usize = 1 << PAGE_LOG;
 
+/// `heap_chunk_head` (major_gc.h), which sits right before each chunk of the major heap.
+#[repr(C)]
+struct ChunkHead {
+    block: *mut libc::c_void,
+    alloc: usize,
+    size: usize,
+    next: *mut u8,
+    redarken_start: *mut Word,
+    redarken_end: *mut Word,
+}
+
 extern "C" {
+    static caml_heap_start: *mut u8;
     fn caml_page_table_lookup(addr: *const libc::c_void) -> i32;
     fn caml_page_table_add(kind: i32, start: *const libc::c_void, end: *const libc::c_void) -> i32;
-    fn caml_page_table_remove(kind: i32, start: *const libc::c_void, end: *const libc::c_void) -> i32;
+    fn caml_page_table_remove(
+        kind: i32,
+        start: *const libc::c_void,
+        end: *const libc::c_void,
+    ) -> i32;
 }
 
 /// OCaml 4 frees at once: its marker skips pointers outside the page table.
@@ -41,19 +58,62 @@ pub fn major_cycles_completed() -> usize {
 /// Cache slots; a power of two.
 const CACHE_SLOTS: usize = 64;
 
-/// The page-table classifier with its cache.
+/// The classifier: major-heap chunk ranges, then the page table behind a cache.
 pub struct RuntimeHeap {
+    /// `(start, end)` of every major heap chunk, sorted by start.
+    chunks: Vec<(Word, Word)>,
+    /// The chunk range that answered last.
+    last: (Word, Word),
     /// Page-table kinds whose blocks are copied.
     copied_kinds: i32,
     /// `(page number, copied?)`; `usize::MAX` is no page.
     cache: [(usize, bool); CACHE_SLOTS],
 }
 
+/// The ranges of the major heap's chunks, sorted.
+fn heap_chunks() -> Vec<(Word, Word)> {
+    let mut chunks = Vec::new();
+    // SAFETY: the runtime's list of chunks, walked while we hold the runtime lock (no
+    // chunk is added or freed meanwhile); each chunk is preceded by its head.
+    unsafe {
+        let mut chunk = caml_heap_start;
+        while !chunk.is_null() {
+            let head = &*(chunk as *const ChunkHead).sub(1);
+            chunks.push((chunk as Word, chunk as Word + head.size));
+            chunk = head.next;
+        }
+    }
+    chunks.sort_unstable();
+    chunks
+}
+
 impl RuntimeHeap {
     /// Copies heap and young blocks, and static data when `copy_static`.
     pub fn new(copy_static: bool) -> RuntimeHeap {
         let statics = if copy_static { IN_STATIC_DATA } else { 0 };
-        RuntimeHeap { copied_kinds: IN_HEAP | IN_YOUNG | statics, cache: [(usize::MAX, false); CACHE_SLOTS] }
+        RuntimeHeap {
+            chunks: heap_chunks(),
+            last: (0, 0),
+            copied_kinds: IN_HEAP | IN_YOUNG | statics,
+            cache: [(usize::MAX, false); CACHE_SLOTS],
+        }
+    }
+
+    /// Whether `v` is inside a major heap chunk.
+    #[inline(always)]
+    fn in_major_heap(&mut self, v: Word) -> bool {
+        if v >= self.last.0 && v < self.last.1 {
+            return true;
+        }
+        // The last chunk starting at or before `v`, if `v` is inside it.
+        let i = self.chunks.partition_point(|&(start, _)| start <= v);
+        match i.checked_sub(1).map(|i| self.chunks[i]) {
+            Some(chunk) if v < chunk.1 => {
+                self.last = chunk;
+                true
+            }
+            _ => false,
+        }
     }
 
     #[cold]
@@ -71,6 +131,9 @@ impl RuntimeHeap {
 impl Heap for RuntimeHeap {
     #[inline(always)]
     fn should_copy(&mut self, v: Word) -> bool {
+        if self.in_major_heap(v) {
+            return true;
+        }
         let page = v >> PAGE_LOG;
         match self.cache[page % CACHE_SLOTS] {
             (cached, copied) if cached == page => copied,
@@ -91,9 +154,18 @@ impl Heap for RuntimeHeap {
     }
 }
 
+/// How this copy remembers what it has seen.
+pub enum Visited {
+    /// Header marks in blue; the only choice on OCaml 4.
+    Marks(HeaderMarks),
+}
+
 /// Header marks in blue.
-pub fn visited_set() -> HeaderMarks {
-    HeaderMarks::new(Color::C2)
+///
+/// # Safety
+/// Always safe on OCaml 4; `unsafe` for the same interface as OCaml 5's.
+pub unsafe fn visited_set(_may_collect: bool) -> Visited {
+    Visited::Marks(HeaderMarks::new(Color::C2))
 }
 
 /// Live copies per page, for the pages a copy shares only partly (its first and last).
@@ -139,7 +211,9 @@ fn set_pages(add: bool, from: usize, to: usize) -> bool {
 }
 
 fn shared_pages() -> std::sync::MutexGuard<'static, Option<HashMap<usize, usize>>> {
-    SHARED_PAGES.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    SHARED_PAGES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Registers the copy `[base, base + bytes)` as static data. False when the page table
