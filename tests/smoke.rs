@@ -2,7 +2,10 @@ mod fake_heap;
 
 use fake_heap::{assert_isomorphic, FakeHeap};
 use offheap::alloc::{Allocator, Malloc};
-use offheap::copy::{self, visited::{HeaderMarks, SideTable}};
+use offheap::copy::{
+    self,
+    visited::{HeaderMarks, SideTable},
+};
 use offheap::layout::{self, Color};
 
 #[test]
@@ -19,9 +22,9 @@ fn list_with_cycle_and_closure() {
         let before = h.snapshot();
         let c = unsafe {
             if marks {
-                copy::copy(root, &mut h, &mut HeaderMarks::new(Color::C2), &mut Malloc)
+                copy::copy(root, &mut h, HeaderMarks::new(Color::C2), &mut Malloc)
             } else {
-                copy::copy(root, &mut h, &mut SideTable::with_capacity(0), &mut Malloc)
+                copy::copy(root, &mut h, SideTable::with_capacity(0), &mut Malloc)
             }
         }
         .unwrap();

@@ -97,7 +97,8 @@ impl std::error::Error for CopyError {}
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Copied {
     /// The copy of the root value: an immediate or a shared pointer when nothing was
-    /// copied, else a pointer into `[base, base + bytes)`.
+    /// copied, else a pointer into `[base, base + bytes]` (the end only for a root block
+    /// of no fields, whose header is the last word).
     pub root: Word,
     /// Start of the allocation (the root block's header), or null when nothing was copied.
     pub base: *mut u8,
@@ -114,6 +115,18 @@ pub struct Copied {
 /// Immediates and pointers to blocks that `heap` says not to copy are returned as they
 /// are, with nothing allocated.
 ///
+/// `visited` is taken by value: a visited set serves one copy, and the compiler
+/// refuses a second use.
+///
+/// ```compile_fail
+/// # use offheap::{alloc::Malloc, copy::{self, Heap, visited::SideTable}};
+/// # fn again<H: Heap>(heap: &mut H, v: usize) {
+/// let table = SideTable::with_capacity(0);
+/// let first = unsafe { copy::copy(v, heap, table, &mut Malloc) };
+/// let second = unsafe { copy::copy(v, heap, table, &mut Malloc) }; // `table` moved
+/// # }
+/// ```
+///
 /// # Errors
 /// [`CopyError`] when a reachable block cannot be copied or the allocator fails; the
 /// source is then as it was and nothing stays allocated.
@@ -126,7 +139,7 @@ pub struct Copied {
 pub unsafe fn copy<H: Heap, V: VisitedSet, A: Allocator>(
     root: Word,
     heap: &mut H,
-    visited: &mut V,
+    visited: V,
     alloc: &mut A,
 ) -> Result<Copied, CopyError> {
     if layout::is_immediate(root) || !heap.should_copy(root) {
@@ -155,7 +168,7 @@ pub unsafe fn copy<H: Heap, V: VisitedSet, A: Allocator>(
 /// The state of one copy: nothing global, so concurrent copies do not meet.
 struct Traversal<'a, H, V> {
     heap: &'a mut H,
-    visited: &'a mut V,
+    visited: V,
     /// Every block given an offset, in offset order.
     queue: Queue,
     /// Words measured so far: the offset of the next block.
@@ -173,7 +186,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         if base.is_null() {
             return Err(CopyError::OutOfMemory(bytes));
         }
-        if base as usize % WORD_BYTES != 0 {
+        if !(base as usize).is_multiple_of(WORD_BYTES) {
             // SAFETY: `base` came from this allocator with this size and is unused.
             unsafe { alloc.free(base, bytes) };
             return Err(CopyError::Misaligned);

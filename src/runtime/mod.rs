@@ -99,9 +99,9 @@ pub unsafe fn copy_value<A: Allocator>(
     unsafe {
         #[allow(irrefutable_let_patterns)]
         match prepared.0 {
-            backend::Visited::Marks(mut marks) => copy::copy(v, &mut heap, &mut marks, alloc),
+            backend::Visited::Marks(marks) => copy::copy(v, &mut heap, marks, alloc),
             #[cfg(ocaml5)]
-            backend::Visited::Table(mut table) => copy::copy(v, &mut heap, &mut table, alloc),
+            backend::Visited::Table(table) => copy::copy(v, &mut heap, table, alloc),
         }
     }
 }

@@ -182,10 +182,10 @@ fn page_span(base: *mut u8, bytes: usize) -> (usize, usize) {
 fn end_pages(base: *mut u8, bytes: usize) -> Vec<usize> {
     let (first, last) = page_span(base, bytes);
     let mut pages = Vec::with_capacity(2);
-    if base as usize % PAGE_BYTES != 0 {
+    if !(base as usize).is_multiple_of(PAGE_BYTES) {
         pages.push(first);
     }
-    if (base as usize + bytes) % PAGE_BYTES != 0 && !pages.contains(&last) {
+    if !(base as usize + bytes).is_multiple_of(PAGE_BYTES) && !pages.contains(&last) {
         pages.push(last);
     }
     pages

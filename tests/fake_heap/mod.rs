@@ -22,7 +22,10 @@ pub struct Arena {
 
 impl Arena {
     fn new(capacity: usize) -> Arena {
-        Arena { words: vec![0; capacity].into_boxed_slice(), used: 0 }
+        Arena {
+            words: vec![0; capacity].into_boxed_slice(),
+            used: 0,
+        }
     }
 
     fn start(&self) -> Word {
@@ -61,7 +64,12 @@ pub struct FakeHeap {
 impl FakeHeap {
     /// A heap of `words` words and a static area of 4096 words.
     pub fn new(words: usize) -> FakeHeap {
-        FakeHeap { heap: Arena::new(words), statics: Arena::new(4096), copy_static: false, ocaml5_tags: false }
+        FakeHeap {
+            heap: Arena::new(words),
+            statics: Arena::new(4096),
+            copy_static: false,
+            ocaml5_tags: false,
+        }
     }
 
     /// A block with these fields (values or raw words), in the heap.
@@ -75,7 +83,9 @@ impl FakeHeap {
 
     /// A block with these fields in the static area.
     pub fn static_block(&mut self, tag: u8, fields: &[Word]) -> Word {
-        let v = self.statics.alloc(Header::new(fields.len(), Color::Unmarkable, tag));
+        let v = self
+            .statics
+            .alloc(Header::new(fields.len(), Color::Unmarkable, tag));
         for (i, &f) in fields.iter().enumerate() {
             self.set(v, i, f);
         }
@@ -85,7 +95,9 @@ impl FakeHeap {
     /// An OCaml string.
     pub fn string(&mut self, s: &[u8]) -> Word {
         let wosize = (s.len() + WORD_BYTES) / WORD_BYTES;
-        let v = self.heap.alloc(Header::new(wosize, Color::C0, layout::STRING_TAG));
+        let v = self
+            .heap
+            .alloc(Header::new(wosize, Color::C0, layout::STRING_TAG));
         // SAFETY: the block has wosize words of room.
         unsafe {
             let bytes = v as *mut u8;
@@ -126,7 +138,9 @@ impl FakeHeap {
         // for the others (arity > 1 would add a second code pointer; kept to 2 words).
         let code_words = 2 + 3 * (arities.len() - 1);
         let wosize = code_words + env.len();
-        let v = self.heap.alloc(Header::new(wosize, Color::C0, layout::CLOSURE_TAG));
+        let v = self
+            .heap
+            .alloc(Header::new(wosize, Color::C0, layout::CLOSURE_TAG));
         let mut fns = vec![v];
         let mut i = 0;
         for (k, &arity) in arities.iter().enumerate() {
@@ -176,7 +190,9 @@ impl Heap for FakeHeap {
 
     fn custom_name(&self, ops: Word) -> String {
         // SAFETY: fake ops are NUL-terminated statics.
-        unsafe { std::ffi::CStr::from_ptr(ops as *const libc::c_char) }.to_string_lossy().into_owned()
+        unsafe { std::ffi::CStr::from_ptr(ops as *const libc::c_char) }
+            .to_string_lossy()
+            .into_owned()
     }
 
     fn has_ocaml5_tags(&self) -> bool {
@@ -188,7 +204,13 @@ impl Heap for FakeHeap {
 /// the source graph rooted at `src`: same shape, same raw contents, sharing and cycles
 /// mapped one to one, headers `Unmarkable`, pointers to blocks not copied kept as they
 /// are. Returns the number of distinct blocks in the copy.
-pub fn assert_isomorphic(heap: &mut FakeHeap, src: Word, dst: Word, base: Word, bytes: usize) -> usize {
+pub fn assert_isomorphic(
+    heap: &mut FakeHeap,
+    src: Word,
+    dst: Word,
+    base: Word,
+    bytes: usize,
+) -> usize {
     let inside = |v: Word| v > base && v < base + bytes;
     let mut map: HashMap<Word, Word> = HashMap::new(); // source block -> copy block
     let mut back: HashMap<Word, Word> = HashMap::new();
@@ -213,11 +235,18 @@ pub fn assert_isomorphic(heap: &mut FakeHeap, src: Word, dst: Word, base: Word, 
             assert_eq!(seen, db, "sharing: one source block has one copy");
             continue;
         }
-        assert!(back.insert(db, sb).is_none(), "two source blocks share one copy");
+        assert!(
+            back.insert(db, sb).is_none(),
+            "two source blocks share one copy"
+        );
         map.insert(sb, db);
         // SAFETY: as above.
         let (shd, dhd) = unsafe { (layout::read_header(sb), layout::read_header(db)) };
-        assert_eq!(dhd, shd.with_color(Color::Unmarkable), "header copied, color unmarkable");
+        assert_eq!(
+            dhd,
+            shd.with_color(Color::Unmarkable),
+            "header copied, color unmarkable"
+        );
         let n = shd.wosize();
         let first_value = if shd.tag() == layout::CLOSURE_TAG {
             layout::start_env(heap.field(sb, 1)).min(n)

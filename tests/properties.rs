@@ -1,0 +1,412 @@
+//! Property tests: random graphs of blocks of every kind, with sharing, cycles, infix
+//! pointers, static blocks and immediates, copied from a random root with both visited
+//! strategies.
+//!
+//! The expected outcome is computed from the generated description alone (not from the
+//! fake heap's memory): which nodes are reachable through copied blocks, their total size,
+//! and whether an abstract or foreign custom block is among them. The copy must then
+//! either succeed, be isomorphic to the source and have exactly that size, or fail with
+//! the matching error; in both cases the source is byte-identical afterwards and the
+//! allocator holds nothing once the copy is freed.
+
+mod fake_heap;
+
+use std::collections::HashMap;
+
+use fake_heap::{assert_isomorphic, FakeHeap};
+use offheap::alloc::{Allocator, Malloc};
+use offheap::copy::visited::{HeaderMarks, SideTable};
+use offheap::copy::{self, Copied, CopyError};
+use offheap::layout::{self, Color, Word, WORD_BYTES};
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+/// A value in a field: an immediate, or a pointer to node `node` (modulo the number of
+/// nodes), to its function `function` (modulo its number of functions) if it is a closure.
+#[derive(Clone, Copy, Debug)]
+enum Edge {
+    Imm(i32),
+    Node { node: usize, function: usize },
+}
+
+/// A raw word: random bits, or the address of a node (raw data that looks like a pointer
+/// and must not be followed).
+#[derive(Clone, Copy, Debug)]
+enum Raw {
+    Bits(u64),
+    AddressOf(usize),
+}
+
+#[derive(Clone, Debug)]
+enum Kind {
+    /// A tuple, record or constructor with arguments.
+    Tuple {
+        tag: u8,
+        fields: Vec<Edge>,
+    },
+    Str(Vec<u8>),
+    Float(Raw),
+    FloatArray(Vec<Raw>),
+    Int64(Raw),
+    /// A closure block of `functions` functions (infix headers after the first), whose
+    /// code pointers all hold `code` (raw: never followed, even when it looks like a
+    /// pointer into the heap).
+    Closure {
+        functions: usize,
+        env: Vec<Edge>,
+        code: Raw,
+    },
+    /// A block of the static area (copied only with `copy_static`).
+    Static {
+        tag: u8,
+        fields: Vec<Edge>,
+    },
+    Abstract(Vec<Raw>),
+    Foreign,
+}
+
+impl Kind {
+    /// Size in words, header included.
+    fn whsize(&self) -> usize {
+        1 + match self {
+            Kind::Tuple { fields, .. } | Kind::Static { fields, .. } => fields.len(),
+            Kind::Str(bytes) => bytes.len() / WORD_BYTES + 1,
+            Kind::Float(_) => 1,
+            Kind::FloatArray(raw) | Kind::Abstract(raw) => raw.len(),
+            Kind::Int64(_) | Kind::Foreign => 2,
+            Kind::Closure { functions, env, .. } => 2 + 3 * (functions - 1) + env.len(),
+        }
+    }
+
+    /// The fields that hold values (followed when the block is copied).
+    fn edges(&self) -> &[Edge] {
+        match self {
+            Kind::Tuple { fields, .. } | Kind::Static { fields, .. } => fields,
+            Kind::Closure { env, .. } => env,
+            _ => &[],
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Graph {
+    nodes: Vec<Kind>,
+    root: Edge,
+    copy_static: bool,
+}
+
+fn edge() -> impl Strategy<Value = Edge> {
+    prop_oneof![
+        1 => any::<i32>().prop_map(Edge::Imm),
+        4 => (0usize..1000, 0usize..3).prop_map(|(node, function)| Edge::Node { node, function }),
+    ]
+}
+
+fn raw() -> impl Strategy<Value = Raw> {
+    prop_oneof![
+        4 => any::<u64>().prop_map(Raw::Bits),
+        1 => (0usize..1000).prop_map(Raw::AddressOf),
+    ]
+}
+
+fn kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
+        30 => (0u8..244, vec(edge(), 1..=6)).prop_map(|(tag, fields)| Kind::Tuple { tag, fields }),
+        10 => vec(any::<u8>(), 0..=24).prop_map(Kind::Str),
+        6 => raw().prop_map(Kind::Float),
+        6 => vec(raw(), 1..=5).prop_map(Kind::FloatArray),
+        6 => raw().prop_map(Kind::Int64),
+        12 => (1usize..=3, vec(edge(), 0..=4), raw()).prop_map(|(functions, env, code)| Kind::Closure { functions, env, code }),
+        6 => (0u8..244, vec(edge(), 1..=4)).prop_map(|(tag, fields)| Kind::Static { tag, fields }),
+        1 => vec(raw(), 1..=3).prop_map(Kind::Abstract),
+        1 => Just(Kind::Foreign),
+    ]
+}
+
+fn graph() -> impl Strategy<Value = Graph> {
+    (vec(kind(), 1..=40), edge(), any::<bool>()).prop_map(|(nodes, root, copy_static)| Graph {
+        nodes,
+        root,
+        copy_static,
+    })
+}
+
+/// What a copy of `g` must do, from the description alone.
+#[derive(Debug, Default)]
+struct Expected {
+    /// Distinct copied blocks reachable from the root, and their size in words.
+    blocks: usize,
+    words: usize,
+    abstract_reachable: bool,
+    foreign_reachable: bool,
+}
+
+fn expected(g: &Graph) -> Expected {
+    let n = g.nodes.len();
+    let copied = |i: usize| !matches!(g.nodes[i], Kind::Static { .. }) || g.copy_static;
+    let mut e = Expected::default();
+    let mut seen = vec![false; n];
+    let mut stack = vec![g.root];
+    while let Some(edge) = stack.pop() {
+        let Edge::Node { node, .. } = edge else {
+            continue;
+        };
+        let i = node % n;
+        if !copied(i) || seen[i] {
+            continue;
+        }
+        seen[i] = true;
+        e.blocks += 1;
+        e.words += g.nodes[i].whsize();
+        match g.nodes[i] {
+            Kind::Abstract(_) => e.abstract_reachable = true,
+            Kind::Foreign => e.foreign_reachable = true,
+            _ => {}
+        }
+        stack.extend_from_slice(g.nodes[i].edges());
+    }
+    e
+}
+
+/// The fake heap holding `g`, and for each node its values (one per function for a
+/// closure, else one).
+fn build(g: &Graph) -> (FakeHeap, Vec<Vec<Word>>) {
+    let words: usize = g.nodes.iter().map(Kind::whsize).sum();
+    let mut h = FakeHeap::new(words + 16);
+    h.copy_static = g.copy_static;
+    // First every block, with placeholder fields, so that edges can point anywhere.
+    let zero = layout::val_int(0);
+    let values: Vec<Vec<Word>> = g
+        .nodes
+        .iter()
+        .map(|k| match k {
+            Kind::Tuple { tag, fields } => vec![h.block(*tag, &vec![zero; fields.len()])],
+            Kind::Static { tag, fields } => vec![h.static_block(*tag, &vec![zero; fields.len()])],
+            Kind::Str(bytes) => vec![h.string(bytes)],
+            Kind::Float(_) => vec![h.block(layout::DOUBLE_TAG, &[0])],
+            Kind::FloatArray(raw) => vec![h.block(layout::DOUBLE_ARRAY_TAG, &vec![0; raw.len()])],
+            Kind::Int64(_) => vec![h.int64(0)],
+            Kind::Closure { functions, env, .. } => {
+                h.closure(&vec![1; *functions], &vec![zero; env.len()])
+            }
+            Kind::Abstract(raw) => vec![h.block(layout::ABSTRACT_TAG, &vec![0; raw.len()])],
+            Kind::Foreign => vec![h.foreign_custom()],
+        })
+        .collect();
+    let n = g.nodes.len();
+    let value = |e: Edge| match e {
+        Edge::Imm(x) => layout::val_int(x as isize),
+        Edge::Node { node, function } => {
+            let fns = &values[node % n];
+            fns[function % fns.len()]
+        }
+    };
+    let bits = |r: Raw| match r {
+        Raw::Bits(b) => b as Word,
+        Raw::AddressOf(node) => values[node % n][0],
+    };
+    for (k, v) in g.nodes.iter().zip(&values) {
+        let v = v[0];
+        match k {
+            Kind::Tuple { fields, .. } | Kind::Static { fields, .. } => {
+                for (i, &e) in fields.iter().enumerate() {
+                    h.set(v, i, value(e));
+                }
+            }
+            Kind::Closure {
+                functions,
+                env,
+                code,
+            } => {
+                let start = 2 + 3 * (functions - 1);
+                assert_eq!(layout::start_env(h.field(v, 1)), start);
+                // Code pointers: field 0, then the field after each infix header.
+                for f in 0..*functions {
+                    h.set(v, 3 * f, bits(*code));
+                }
+                for (i, &e) in env.iter().enumerate() {
+                    h.set(v, start + i, value(e));
+                }
+            }
+            Kind::Float(r) | Kind::Int64(r) => {
+                let i = matches!(k, Kind::Int64(_)) as usize;
+                h.set(v, i, bits(*r));
+            }
+            Kind::FloatArray(raw) | Kind::Abstract(raw) => {
+                for (i, &r) in raw.iter().enumerate() {
+                    h.set(v, i, bits(r));
+                }
+            }
+            Kind::Str(_) | Kind::Foreign => {}
+        }
+    }
+    (h, values)
+}
+
+/// Wraps [`Malloc`]: counts allocations and checks frees.
+#[derive(Default)]
+struct Counting {
+    allocs: Vec<usize>,
+    live: HashMap<usize, usize>,
+}
+
+impl Allocator for Counting {
+    fn alloc(&mut self, bytes: usize) -> *mut u8 {
+        self.allocs.push(bytes);
+        let p = Malloc.alloc(bytes);
+        if !p.is_null() {
+            self.live.insert(p as usize, bytes);
+        }
+        p
+    }
+
+    unsafe fn free(&mut self, ptr: *mut u8, bytes: usize) {
+        assert_eq!(
+            self.live.remove(&(ptr as usize)),
+            Some(bytes),
+            "free of what alloc gave"
+        );
+        // SAFETY: `ptr` came from `Malloc.alloc(bytes)` (checked above).
+        unsafe { Malloc.free(ptr, bytes) }
+    }
+}
+
+fn copy_with(
+    h: &mut FakeHeap,
+    root: Word,
+    marks: bool,
+    alloc: &mut Counting,
+) -> Result<Copied, CopyError> {
+    // SAFETY: `root` is a value of `h`, whose blocks `build` laid out well formed, and
+    // nothing else touches the fake heap during the call.
+    unsafe {
+        if marks {
+            copy::copy(root, h, HeaderMarks::new(Color::C2), alloc)
+        } else {
+            copy::copy(root, h, SideTable::with_capacity(0), alloc)
+        }
+    }
+}
+
+/// Copies the root of `g` with both strategies and checks the outcome against `expected`.
+fn check(g: &Graph) -> Result<(), TestCaseError> {
+    let e = expected(g);
+    let (mut h, values) = build(g);
+    let n = g.nodes.len();
+    let root = match g.root {
+        Edge::Imm(x) => layout::val_int(x as isize),
+        Edge::Node { node, function } => {
+            let fns = &values[node % n];
+            fns[function % fns.len()]
+        }
+    };
+    for marks in [true, false] {
+        let what = if marks { "HeaderMarks" } else { "SideTable" };
+        let before = h.snapshot();
+        let mut alloc = Counting::default();
+        let outcome = copy_with(&mut h, root, marks, &mut alloc);
+        prop_assert!(
+            before == h.snapshot(),
+            "{}: source changed ({:?})",
+            what,
+            outcome
+        );
+        match outcome {
+            Err(err) => {
+                let expected_err = match &err {
+                    CopyError::Abstract => e.abstract_reachable,
+                    CopyError::Custom(name) => e.foreign_reachable && name == "_bigarr02",
+                    _ => false,
+                };
+                prop_assert!(
+                    expected_err,
+                    "{}: unexpected {:?}; expected {:?}",
+                    what,
+                    err,
+                    e
+                );
+                prop_assert!(
+                    alloc.allocs.is_empty(),
+                    "{}: allocated before failing",
+                    what
+                );
+            }
+            Ok(c) => {
+                prop_assert!(
+                    !e.abstract_reachable && !e.foreign_reachable,
+                    "{}: copied; expected {:?}",
+                    what,
+                    e
+                );
+                prop_assert_eq!(c.blocks, e.blocks, "{}: blocks", what);
+                if e.blocks == 0 {
+                    prop_assert_eq!(c.root, root, "{}: nothing to copy, root kept", what);
+                    prop_assert!(c.base.is_null() && c.bytes == 0, "{}", what);
+                    prop_assert!(alloc.allocs.is_empty(), "{}: allocated for nothing", what);
+                } else {
+                    prop_assert_eq!(
+                        &alloc.allocs,
+                        &[e.words * WORD_BYTES],
+                        "{}: one allocation",
+                        what
+                    );
+                    prop_assert_eq!(c.bytes, e.words * WORD_BYTES, "{}: bytes", what);
+                    let copied = assert_isomorphic(&mut h, root, c.root, c.base as Word, c.bytes);
+                    prop_assert_eq!(copied, e.blocks, "{}: blocks in the copy", what);
+                    // SAFETY: `base`/`bytes` came from `alloc`; the copy is not used again.
+                    unsafe { alloc.free(c.base, c.bytes) };
+                }
+            }
+        }
+        prop_assert!(alloc.live.is_empty(), "{}: leaked {:?}", what, alloc.live);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_graphs_copy_or_fail_cleanly(g in graph()) {
+        check(&g)?;
+    }
+}
+
+/// The generator reaches every outcome: success, abstract and foreign errors, nothing to
+/// copy, and copies with static blocks (a guard against a strategy that tests nothing).
+#[test]
+fn generator_covers_every_outcome() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let (mut ok, mut abs, mut foreign, mut nothing, mut statics, mut infix_roots) =
+        (0, 0, 0, 0, 0, 0);
+    for _ in 0..512 {
+        let g = graph().new_tree(&mut runner).unwrap().current();
+        let e = expected(&g);
+        match (e.blocks, e.abstract_reachable, e.foreign_reachable) {
+            (0, ..) => nothing += 1,
+            (_, true, _) => abs += 1,
+            (_, _, true) => foreign += 1,
+            _ => ok += 1,
+        }
+        statics +=
+            (g.copy_static && g.nodes.iter().any(|k| matches!(k, Kind::Static { .. }))) as usize;
+        if let Edge::Node { node, function } = g.root {
+            if let Kind::Closure { functions, .. } = g.nodes[node % g.nodes.len()] {
+                infix_roots += (function % functions != 0) as usize;
+            }
+        }
+        check(&g).unwrap();
+    }
+    for (what, count) in [
+        ("ok", ok),
+        ("abstract", abs),
+        ("foreign", foreign),
+        ("nothing", nothing),
+        ("static", statics),
+        ("infix root", infix_roots),
+    ] {
+        assert!(count >= 5, "only {count} {what} cases in 512");
+    }
+}
