@@ -157,6 +157,8 @@ pub unsafe fn copy<H: Heap, V: VisitedSet, A: Allocator>(
         visited,
         queue: Queue::new(),
         words: 0,
+        last_discovered: 0,
+        jumps: 0,
     };
     // SAFETY: the caller's contract on `root` and its graph is the traversal's.
     let outcome = unsafe { traversal.run(root, alloc) };
@@ -173,6 +175,13 @@ struct Traversal<'a, H, V> {
     queue: Queue,
     /// Words measured so far: the offset of the next block.
     words: usize,
+    /// The block discovered last.
+    last_discovered: Word,
+    /// Blocks discovered more than [`JUMP_BYTES`] away from the one before: when the
+    /// source is laid out in the order of the traversal (a list, an array of strings)
+    /// the hardware prefetcher does better than software prefetching, which pass 2 then
+    /// skips.
+    jumps: usize,
 }
 
 impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
@@ -212,13 +221,20 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             next += 1;
             let fields = entry.block as *const Word;
             // SAFETY: queued entries are blocks of the source.
-            for i in unsafe { scanned_fields(entry) } {
+            let scanned = unsafe { scanned_fields(entry) };
+            let mut i = scanned.start;
+            // Large blocks (arrays, hash-table buckets): the target of a field a few
+            // places on is fetched while this one is handled.
+            while i + PREFETCH_DISTANCE < scanned.end {
+                // SAFETY: `i + PREFETCH_DISTANCE` is below the block's wosize.
+                prefetch(unsafe { *fields.add(i + PREFETCH_DISTANCE) }.wrapping_sub(WORD_BYTES));
                 // SAFETY: `i` is below the block's wosize.
-                let field = unsafe { *fields.add(i) };
-                if !layout::is_immediate(field) && self.heap.should_copy(field) {
-                    // SAFETY: a pointer field of a well-formed block, to a block to copy.
-                    unsafe { self.discover(field)? };
-                }
+                unsafe { self.measure_field(*fields.add(i))? };
+                i += 1;
+            }
+            for i in i..scanned.end {
+                // SAFETY: `i` is below the block's wosize.
+                unsafe { self.measure_field(*fields.add(i))? };
             }
         }
         Ok(())
@@ -234,18 +250,29 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         if let Some(far) = self.queue.get(k + 2 * PREFETCH_DISTANCE) {
             prefetch(far.block - WORD_BYTES);
         }
-        if let Some(near) = self.queue.get(k + PREFETCH_DISTANCE) {
-            if near.header.is_scannable() {
-                let fields = near.block as *const Word;
-                for i in 0..near.header.wosize().min(PREFETCH_FIELDS) {
-                    // SAFETY: `i` is below the block's wosize; the block is readable.
-                    let field = unsafe { *fields.add(i) };
-                    if !layout::is_immediate(field) {
-                        prefetch(field.wrapping_sub(WORD_BYTES));
-                    }
+        let Some(near) = self.queue.get(k + PREFETCH_DISTANCE) else {
+            return;
+        };
+        if near.header.is_scannable() {
+            let fields = near.block as *const Word;
+            for i in 0..near.header.wosize().min(PREFETCH_FIELDS) {
+                // SAFETY: `i` is below the block's wosize; the block is readable.
+                let field = unsafe { *fields.add(i) };
+                if !layout::is_immediate(field) {
+                    prefetch(field.wrapping_sub(WORD_BYTES));
                 }
             }
         }
+    }
+
+    /// Pass 1 for one field: discovers its block if it is a pointer to one to copy.
+    #[inline(always)]
+    unsafe fn measure_field(&mut self, field: Word) -> Result<(), CopyError> {
+        if !layout::is_immediate(field) && self.heap.should_copy(field) {
+            // SAFETY: a pointer field of a well-formed block, to a block to copy.
+            unsafe { self.discover(field)? };
+        }
+        Ok(())
     }
 
     /// Pass 1 for one pointer: queues its block if it was not seen yet.
@@ -263,6 +290,8 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 unsafe { self.visited.mark(block, hd, self.words) };
                 self.queue.push(Entry { block, header: hd });
                 self.words += hd.whsize();
+                self.jumps += usize::from(block.abs_diff(self.last_discovered) > JUMP_BYTES);
+                self.last_discovered = block;
                 Ok(())
             }
         }
@@ -305,8 +334,11 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     /// Pass 2: writes every queued block at its offset from `base`; returns the root's copy.
     unsafe fn write(&mut self, root: Word, base: *mut Word) -> Word {
         let mut dst_header = base;
+        let prefetching = self.jumps * 8 > self.queue.len();
         for k in 0..self.queue.len() {
-            self.prefetch_ahead(k);
+            if prefetching {
+                self.prefetch_ahead(k);
+            }
             let entry = self.queue.get(k).expect("k < len");
             let hd = entry.header;
             let n = hd.wosize();
@@ -321,7 +353,18 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 let first_value = unsafe { first_value_field(entry) };
                 // SAFETY: fields below `first_value` are raw words of the same block.
                 unsafe { std::ptr::copy_nonoverlapping(src, dst, first_value) };
-                for i in first_value..n {
+                let mut i = first_value;
+                // Large blocks (arrays, hash-table buckets): the target of a field a few
+                // places on is fetched while this one is translated.
+                while i + PREFETCH_DISTANCE < n {
+                    // SAFETY: `i + PREFETCH_DISTANCE < n`, in bounds of both blocks.
+                    unsafe {
+                        prefetch((*src.add(i + PREFETCH_DISTANCE)).wrapping_sub(WORD_BYTES));
+                        *dst.add(i) = self.translate(*src.add(i), base);
+                    }
+                    i += 1;
+                }
+                for i in i..n {
                     // SAFETY: `i < n`, in bounds of both blocks.
                     unsafe { *dst.add(i) = self.translate(*src.add(i), base) };
                 }
@@ -361,6 +404,8 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
 
 /// How many queue entries ahead [`Traversal::prefetch_ahead`] works.
 const PREFETCH_DISTANCE: usize = 8;
+/// Blocks discovered one after the other further apart than this count as a jump.
+const JUMP_BYTES: usize = 256;
 /// The fields of one block whose targets are prefetched.
 const PREFETCH_FIELDS: usize = 8;
 

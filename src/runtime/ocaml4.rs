@@ -1,10 +1,11 @@
 //! OCaml 4 (4.12 to 4.14, naked pointers allowed): the page table tells heap from not.
 //!
-//! - Classification: an address inside one of the major heap's chunks is copied; the
-//!   chunks are few and do not change during a copy, so a sorted list of their ranges is
-//!   searched, in cache, with the last hit tried first. Anything else goes to
-//!   `caml_page_table_lookup` (minor heap, static data, or else a naked pointer or a copy
-//!   already off the heap: kept as it is), which hashes, behind a small cache of pages.
+//! - Classification: a direct-mapped cache of page answers comes first (a value's blocks
+//!   mostly come in runs of a few pages). On a miss, an address inside one of the major
+//!   heap's chunks is copied: the chunks are few and do not change during a copy, so a
+//!   sorted list of their ranges is searched. Anything else goes to
+//!   `caml_page_table_lookup`, which hashes: minor heap, static data, or else a naked
+//!   pointer or a copy already off the heap, kept as it is.
 //! - Visited set: header marks in blue, the color of free-list blocks, which no reachable
 //!   block has. The runtime lock keeps every other thread out while headers are marked.
 //! - Registration: a copy's pages are registered as static data so that compare, hash
@@ -56,14 +57,12 @@ pub fn major_cycles_completed() -> usize {
 }
 
 /// Cache slots; a power of two.
-const CACHE_SLOTS: usize = 64;
+const CACHE_SLOTS: usize = 1024;
 
 /// The classifier: major-heap chunk ranges, then the page table behind a cache.
 pub struct RuntimeHeap {
     /// `(start, end)` of every major heap chunk, sorted by start.
     chunks: Vec<(Word, Word)>,
-    /// The chunk range that answered last.
-    last: (Word, Word),
     /// Page-table kinds whose blocks are copied.
     copied_kinds: i32,
     /// `(page number, copied?)`; `usize::MAX` is no page.
@@ -93,35 +92,26 @@ impl RuntimeHeap {
         let statics = if copy_static { IN_STATIC_DATA } else { 0 };
         RuntimeHeap {
             chunks: heap_chunks(),
-            last: (0, 0),
             copied_kinds: IN_HEAP | IN_YOUNG | statics,
             cache: [(usize::MAX, false); CACHE_SLOTS],
         }
     }
 
     /// Whether `v` is inside a major heap chunk.
-    #[inline(always)]
-    fn in_major_heap(&mut self, v: Word) -> bool {
-        if v >= self.last.0 && v < self.last.1 {
-            return true;
-        }
+    fn in_major_heap(&self, v: Word) -> bool {
         // The last chunk starting at or before `v`, if `v` is inside it.
         let i = self.chunks.partition_point(|&(start, _)| start <= v);
-        match i.checked_sub(1).map(|i| self.chunks[i]) {
-            Some(chunk) if v < chunk.1 => {
-                self.last = chunk;
-                true
-            }
-            _ => false,
-        }
+        i.checked_sub(1).is_some_and(|i| v < self.chunks[i].1)
     }
 
-    #[cold]
+    /// [`Heap::should_copy`] past the cache; fills the cache.
     #[inline(never)]
-    fn lookup(&mut self, v: Word) -> bool {
-        // SAFETY: the page table only hashes the address; it reads no memory at it.
-        let kind = unsafe { caml_page_table_lookup(v as *const libc::c_void) };
-        let copied = kind & self.copied_kinds != 0;
+    fn classify(&mut self, v: Word) -> bool {
+        let copied = self.in_major_heap(v) || {
+            // SAFETY: the page table only hashes the address; it reads no memory there.
+            let kind = unsafe { caml_page_table_lookup(v as *const libc::c_void) };
+            kind & self.copied_kinds != 0
+        };
         let page = v >> PAGE_LOG;
         self.cache[page % CACHE_SLOTS] = (page, copied);
         copied
@@ -131,13 +121,10 @@ impl RuntimeHeap {
 impl Heap for RuntimeHeap {
     #[inline(always)]
     fn should_copy(&mut self, v: Word) -> bool {
-        if self.in_major_heap(v) {
-            return true;
-        }
         let page = v >> PAGE_LOG;
         match self.cache[page % CACHE_SLOTS] {
             (cached, copied) if cached == page => copied,
-            _ => self.lookup(v),
+            _ => self.classify(v),
         }
     }
 
