@@ -13,29 +13,32 @@ type 'a t = {
   alloc : alloc;  (** keeps the allocator block alive until the copy is released *)
 }
 
-external stub_init : unit -> unit = "offheap_stub_init"
 external stub_malloc : unit -> alloc = "offheap_stub_malloc"
 
-external stub_copy :
-  alloc -> bool -> 'a -> (Obj.t * int * int * int * int, bool * string) result
-  = "offheap_stub_copy"
+(* Fills [result] with root, base, bytes, blocks, transient bytes and returns 0; or
+   returns 1 (out of memory) or the message of an Invalid_argument. *)
+external stub_copy : alloc -> bool -> 'a -> Obj.t array -> Obj.t = "offheap_stub_copy"
 
 external stub_release : alloc -> int -> int -> unit = "offheap_stub_release"
 external stub_defers_free : unit -> bool = "offheap_stub_defers_free"
 external stub_major_cycles : unit -> int = "offheap_stub_major_cycles"
 
-let () = stub_init ()
 let malloc = stub_malloc ()
 
 (* OCaml 5: a major cycle that began before [free] may still reach the copy through
    blocks that were alive when it began, and its marker reads the headers there. Memory
-   is handed back only once the cycles completed exceed the count seen at [free]. The list
-   is shared by all domains, hence the atomic. *)
+   is handed back only once the cycles completed exceed the count seen at [free]: at the
+   end of a later cycle (a GC alarm), or at the next [copy] or [free]. A program that
+   frees much and allocates little completes no cycle, so once more than
+   [pending_limit] bytes wait, [free] finishes the running cycle itself. The list is
+   shared by all domains, hence the atomics. *)
 let defers_free = stub_defers_free ()
+let pending_limit = 8 lsl 20
 
-type pending = { after_cycle : int; release : unit -> unit }
+type pending = { after_cycle : int; bytes : int; release : unit -> unit }
 
 let pending : pending list Atomic.t = Atomic.make []
+let pending_bytes = Atomic.make 0
 
 let rec push p =
   let l = Atomic.get pending in
@@ -48,19 +51,36 @@ let drain () =
       let due = Atomic.exchange pending [] in
       let completed = stub_major_cycles () in
       List.iter
-        (fun p -> if completed > p.after_cycle then p.release () else push p)
+        (fun p ->
+          if completed > p.after_cycle then begin
+            p.release ();
+            ignore (Atomic.fetch_and_add pending_bytes (-p.bytes) : int)
+          end
+          else push p)
         due
+
+let defer_release ~bytes release =
+  push { after_cycle = stub_major_cycles (); bytes; release };
+  ignore (Atomic.fetch_and_add pending_bytes bytes : int);
+  drain ();
+  if Atomic.get pending_bytes > pending_limit then begin
+    Gc.major ();
+    drain ()
+  end
 
 let pending_frees () = List.length (Atomic.get pending)
 let () = if defers_free then ignore (Gc.create_alarm drain : Gc.alarm)
 
 let copy ?(alloc = malloc) v =
   if defers_free then drain ();
-  match stub_copy alloc false v with
-  | Ok (root, base, bytes, blocks, transient_bytes) ->
-      { root; live = true; base; stats = { bytes; blocks; transient_bytes }; alloc }
-  | Error (true, _) -> raise Out_of_memory
-  | Error (false, message) -> invalid_arg message
+  let r = Array.make 5 (Obj.repr 0) in
+  let status = stub_copy alloc false v r in
+  if status = Obj.repr 0 then
+    let int i : int = Obj.obj r.(i) in
+    let stats = { bytes = int 2; blocks = int 3; transient_bytes = int 4 } in
+    { root = r.(0); live = true; base = int 1; stats; alloc }
+  else if status = Obj.repr 1 then raise Out_of_memory
+  else invalid_arg (Obj.obj status : string)
 
 let get h = if h.live then Obj.obj h.root else invalid_arg "Offheap.get: deleted"
 let stats h = h.stats
@@ -71,11 +91,7 @@ let free h =
   h.root <- Obj.repr ();
   if h.base <> 0 then begin
     let release () = stub_release h.alloc h.base h.stats.bytes in
-    if defers_free then begin
-      push { after_cycle = stub_major_cycles (); release };
-      drain ()
-    end
-    else release ()
+    if defers_free then defer_release ~bytes:h.stats.bytes release else release ()
   end
 
 let delete = free

@@ -35,6 +35,12 @@
       copy, so it would not keep the pointed-to value alive. Mutating immediates,
       floats, bytes and pointers to other off-heap values is fine.
     - After [free], every reference into the copy is dangling, as after a C [free].
+    - On OCaml 5, no root may still point into a copy when it is freed: the GC reads
+      the blocks that roots point to, and the freed memory may be in other hands by
+      then. Native code drops dead local variables, but bytecode keeps a local in its
+      stack frame until the function returns, used or not: there, read [get h] in a
+      function that returns before [free h]. (On OCaml 4 the page table makes the GC
+      skip such pointers.)
     - A copied exception value carries a copy of its constructor, so it no longer matches
       the original constructor in a [try ... with] (as with [Marshal]).
     - Closures can be copied, and called, only within the same running program: their

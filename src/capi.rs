@@ -59,17 +59,8 @@ pub unsafe extern "C" fn offheap_copy(
     };
     let Some(alloc) = alloc_fn else { return none };
     let mut allocator = CFunction { data, alloc };
-    // The C interface cannot re-read `v` after a minor collection, so it never marks
-    // headers on OCaml 5 when the minor heap would have to be emptied first.
     // SAFETY: forwarded from the caller.
-    match unsafe {
-        runtime::copy_value(
-            runtime::prepare_copy_in_place(),
-            v,
-            copy_static != 0,
-            &mut allocator,
-        )
-    } {
+    match unsafe { runtime::copy_value(v, copy_static != 0, &mut allocator) } {
         Ok(copied) if !copied.base.is_null() => OffheapBuffer {
             ptr: copied.base as *mut libc::c_void,
             size: copied.bytes,

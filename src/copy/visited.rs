@@ -7,6 +7,9 @@
 //!   domain can read those headers (OCaml 4's runtime lock).
 //! - [`SideTable`] keeps an open-addressing hash table from block address to offset and
 //!   never writes to the source (OCaml 5, where other domains' collectors read headers).
+//! - [`MarksOutside`] marks headers except in one address range, whose blocks go to a
+//!   side table (OCaml 5 with one domain: the minor heap, whose blocks' color could be
+//!   the mark color).
 
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 
@@ -192,6 +195,69 @@ unsafe impl VisitedSet for SideTable {
 
     fn allocated_bytes(&self) -> usize {
         self.slots.capacity() * std::mem::size_of::<(Word, usize)>()
+    }
+}
+
+/// Header marks for every block outside `range`, a side table for those inside.
+pub struct MarksOutside {
+    marks: HeaderMarks,
+    table: SideTable,
+    /// `(start, end)`, both exclusive: the blocks the side table keeps.
+    range: (Word, Word),
+}
+
+impl MarksOutside {
+    /// Marks with color `mark` outside `range` (exclusive bounds); the blocks inside may
+    /// have any color.
+    pub fn new(mark: Color, range: (Word, Word)) -> MarksOutside {
+        MarksOutside {
+            marks: HeaderMarks::new(mark),
+            table: SideTable::with_capacity(0),
+            range,
+        }
+    }
+
+    #[inline(always)]
+    fn in_table(&self, block: Word) -> bool {
+        block > self.range.0 && block < self.range.1
+    }
+}
+
+// SAFETY: each block goes to exactly one of the two sets, always the same one; `restore`
+// writes back every queued header, which for the blocks of the side table is the header
+// they still have.
+unsafe impl VisitedSet for MarksOutside {
+    #[inline(always)]
+    unsafe fn lookup(&self, block: Word, hd: Header) -> Seen {
+        // SAFETY: forwarded.
+        unsafe {
+            if self.in_table(block) {
+                self.table.lookup(block, hd)
+            } else {
+                self.marks.lookup(block, hd)
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn mark(&mut self, block: Word, hd: Header, offset: usize) {
+        // SAFETY: forwarded.
+        unsafe {
+            if self.in_table(block) {
+                self.table.mark(block, hd, offset)
+            } else {
+                self.marks.mark(block, hd, offset)
+            }
+        }
+    }
+
+    unsafe fn restore(&mut self, queue: &Queue) {
+        // SAFETY: forwarded; rewriting an unmarked header with itself changes nothing.
+        unsafe { self.marks.restore(queue) }
+    }
+
+    fn allocated_bytes(&self) -> usize {
+        self.table.allocated_bytes()
     }
 }
 

@@ -58,47 +58,22 @@ fn custom_identifier(ops: Word) -> String {
     }
 }
 
-/// The visited set chosen for one copy; choosing may run a minor collection, so it
-/// comes before the copy's roots are read.
-pub struct Prepared(backend::Visited);
-
-/// Chooses the visited set for the next copy.
-///
-/// # Safety
-/// Called from a stub holding the runtime, where a minor collection is allowed; values
-/// held as raw words before this call must be read again after it.
-pub unsafe fn prepare_copy() -> Prepared {
-    // SAFETY: forwarded.
-    Prepared(unsafe { backend::visited_set(true) })
-}
-
-/// Chooses the visited set for a copy whose root cannot be read again (the C
-/// interface): never runs a collection.
-///
-/// # Safety
-/// Called holding the runtime.
-pub unsafe fn prepare_copy_in_place() -> Prepared {
-    // SAFETY: forwarded; no collection.
-    Prepared(unsafe { backend::visited_set(false) })
-}
-
-/// Copies `v` with the runtime's classifier and the visited set of `prepared`.
+/// Copies `v` with the runtime's classifier and visited set.
 ///
 /// # Safety
 /// The caller holds the runtime (lock or domain) and does not allocate on the OCaml heap
 /// until this returns; `alloc` must not call into OCaml.
 pub unsafe fn copy_value<A: Allocator>(
-    prepared: Prepared,
     v: Word,
     copy_static: bool,
     alloc: &mut A,
 ) -> Result<Copied, CopyError> {
     let mut heap = backend::RuntimeHeap::new(copy_static);
-    // SAFETY: forwarded; the backend chose a visited set that fits the runtime's
-    // concurrency at this moment.
+    // SAFETY: forwarded; the backend chooses a visited set that fits the runtime's
+    // concurrency for the whole call.
     unsafe {
         #[allow(irrefutable_let_patterns)]
-        match prepared.0 {
+        match backend::visited_set() {
             backend::Visited::Marks(marks) => copy::copy(v, &mut heap, marks, alloc),
             #[cfg(ocaml5)]
             backend::Visited::Table(table) => copy::copy(v, &mut heap, table, alloc),

@@ -151,7 +151,7 @@ pub enum Visited {
 ///
 /// # Safety
 /// Always safe on OCaml 4; `unsafe` for the same interface as OCaml 5's.
-pub unsafe fn visited_set(_may_collect: bool) -> Visited {
+pub unsafe fn visited_set() -> Visited {
     Visited::Marks(HeaderMarks::new(Color::C2))
 }
 

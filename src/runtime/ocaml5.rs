@@ -7,13 +7,13 @@
 //! - Visited set: while other domains run, a side table: their collectors read the
 //!   headers of shared blocks at any time, so the copy never writes to the source. With
 //!   one domain, header marks in the color the GC calls `GARBAGE` this cycle: no
-//!   reachable major block has it (it marks the blocks found dead last cycle), and young
-//!   blocks have color 0, so when `GARBAGE` is 0 the minor heap is emptied first.
+//!   reachable major block has it (it marks the blocks found dead last cycle). Young
+//!   blocks all have color 0, which may be that color, so they go to a side table.
 //! - Registration: none; compare, hash and Marshal accept any well-formed block.
 //! - Freeing waits for the major cycle running at `free` time to end: its marker may
 //!   still reach the copy through blocks that were alive when the cycle began.
 
-use crate::copy::visited::{HeaderMarks, SideTable};
+use crate::copy::visited::{MarksOutside, SideTable};
 use crate::copy::Heap;
 use crate::layout::{self, Color, Word};
 
@@ -28,7 +28,6 @@ struct GlobalHeapState {
 extern "C" {
     static caml_global_heap_state: GlobalHeapState;
     fn caml_domain_is_multicore() -> isize;
-    fn caml_minor_collection();
     static caml_minor_heaps_start: Word;
     static caml_minor_heaps_end: Word;
     static caml_major_cycles_completed: Word;
@@ -88,33 +87,26 @@ impl Heap for RuntimeHeap {
 
 /// How this copy remembers what it has seen.
 pub enum Visited {
-    /// One domain: header marks.
-    Marks(HeaderMarks),
+    /// One domain: header marks, young blocks in a side table.
+    Marks(MarksOutside),
     /// Several domains: a side table; the source is never written.
     Table(SideTable),
 }
 
-/// Chooses the visited set. When `may_collect`, it may empty the minor heap first (young
-/// values move, so the caller reads its roots afterwards); else it falls back to the
-/// side table when marks would need that.
+/// Chooses the visited set for a copy starting now.
 ///
 /// # Safety
-/// Called holding the domain lock; with `may_collect`, at a point where a minor
-/// collection is allowed.
-pub unsafe fn visited_set(may_collect: bool) -> Visited {
-    // SAFETY: plain runtime queries and a minor collection, as the caller allows.
+/// Called holding the domain lock, which is kept until the copy ends.
+pub unsafe fn visited_set() -> Visited {
+    // SAFETY: plain runtime queries. While this domain holds its lock and is the only
+    // one, no other domain can start, so the choice holds for the whole copy.
     unsafe {
         if caml_domain_is_multicore() != 0 {
             return Visited::Table(SideTable::with_capacity(0));
         }
         let garbage = std::ptr::read_volatile(std::ptr::addr_of!(caml_global_heap_state.garbage));
-        if garbage == 0 {
-            if !may_collect {
-                return Visited::Table(SideTable::with_capacity(0));
-            }
-            caml_minor_collection();
-        }
-        Visited::Marks(HeaderMarks::new(layout::Header(garbage).color()))
+        let young = (caml_minor_heaps_start, caml_minor_heaps_end);
+        Visited::Marks(MarksOutside::new(layout::Header(garbage).color(), young))
     }
 }
 
