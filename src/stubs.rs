@@ -66,7 +66,9 @@ fn copy(alloc: Raw, copy_static: Raw, v: Raw, result: Raw) -> Value {
         // held.
         Err(e) => {
             return unsafe {
-                value(caml_copy_string(nul_terminated(&e.to_string()).as_ptr() as *const ocaml_sys::Char) as Word)
+                value(caml_copy_string(
+                    nul_terminated(&e.to_string()).as_ptr() as *const ocaml_sys::Char
+                ) as Word)
             }
         }
     };
