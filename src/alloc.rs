@@ -140,6 +140,64 @@ pub unsafe fn unmap_huge(ptr: *mut u8, bytes: usize) {
     unsafe { libc::munmap(ptr as *mut libc::c_void, round_up(bytes.max(1), HUGE_PAGE)) };
 }
 
+/// A zero-filled array for the traversal's own tables: from [`HUGE_PAGE`] bytes on, a
+/// [`map_huge`] mapping (zeroed by the kernel, one page fault per 2 MiB), else the heap.
+pub struct ZeroedArray<T> {
+    /// `len` initialised (zero) elements.
+    ptr: *mut T,
+    len: usize,
+}
+
+impl<T: Copy> ZeroedArray<T> {
+    /// `len` elements, all bytes zero.
+    ///
+    /// # Safety
+    /// All-zero bytes must be a valid `T`.
+    pub unsafe fn new(len: usize) -> ZeroedArray<T> {
+        let layout = std::alloc::Layout::array::<T>(len.max(1)).expect("table size overflows");
+        let ptr = if layout.size() >= HUGE_PAGE {
+            map_huge(layout.size()) as *mut T
+        } else {
+            // SAFETY: a non-zero-sized layout.
+            unsafe { std::alloc::alloc_zeroed(layout) as *mut T }
+        };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout)
+        }
+        ZeroedArray { ptr, len }
+    }
+}
+
+impl<T> std::ops::Deref for ZeroedArray<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        // SAFETY: `len` zero-initialised elements, valid per `new`'s contract.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl<T> std::ops::DerefMut for ZeroedArray<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as for `deref`, and `&mut self` is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl<T> Drop for ZeroedArray<T> {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::array::<T>(self.len.max(1)).expect("checked in new");
+        // SAFETY: made by `new` with this layout, by the same rule.
+        unsafe {
+            if layout.size() >= HUGE_PAGE {
+                unmap_huge(self.ptr as *mut u8, layout.size())
+            } else {
+                std::alloc::dealloc(self.ptr as *mut u8, layout)
+            }
+        }
+    }
+}
+
 /// The default allocator's `alloc`: `malloc`, or for [`LARGE_BYTES`] and more a private
 /// mapping aligned to and advised for 2 MiB huge pages.
 ///

@@ -11,6 +11,7 @@
 //!   side table (OCaml 5 with one domain: the minor heap, whose blocks' color could be
 //!   the mark color).
 
+use crate::alloc::ZeroedArray;
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 
 use super::queue::Queue;
@@ -117,7 +118,7 @@ const WINDOW: usize = 4096 / WORD_BYTES;
 /// hit cache lines that the previous ones brought in, instead of one miss each.
 pub struct SideTable {
     /// `(block, offset)` pairs; `block == 0` is an empty slot. Length a power of two.
-    slots: Vec<(Word, usize)>,
+    slots: ZeroedArray<(Word, usize)>,
     /// Occupied slots.
     len: usize,
 }
@@ -127,7 +128,8 @@ impl SideTable {
     pub fn with_capacity(expected: usize) -> SideTable {
         let size = (expected * 2).next_power_of_two().max(64);
         SideTable {
-            slots: vec![(0, 0); size],
+            // SAFETY: zero words are an empty slot.
+            slots: unsafe { ZeroedArray::new(size) },
             len: 0,
         }
     }
@@ -175,10 +177,11 @@ impl SideTable {
     #[cold]
     #[inline(never)]
     fn grow(&mut self) {
-        let doubled = vec![(0, 0); self.slots.len() * 2];
+        // SAFETY: zero words are an empty slot.
+        let doubled = unsafe { ZeroedArray::new(self.slots.len() * 2) };
         let old = std::mem::replace(&mut self.slots, doubled);
         self.len = 0;
-        for (block, offset) in old {
+        for &(block, offset) in old.iter() {
             if block != 0 {
                 self.insert(block, offset);
             }
@@ -204,7 +207,7 @@ unsafe impl VisitedSet for SideTable {
     unsafe fn restore(&mut self, _queue: &Queue) {}
 
     fn allocated_bytes(&self) -> usize {
-        self.slots.capacity() * std::mem::size_of::<(Word, usize)>()
+        self.slots.len() * std::mem::size_of::<(Word, usize)>()
     }
 }
 
