@@ -118,7 +118,7 @@ pub struct Copied {
 /// `visited` is taken by value: a visited set serves one copy, and the compiler
 /// refuses a second use.
 ///
-/// ```compile_fail
+/// ```compile_fail,E0382
 /// # use offheap::{alloc::Malloc, copy::{self, Heap, visited::SideTable}};
 /// # fn again<H: Heap>(heap: &mut H, v: usize) {
 /// let table = SideTable::with_capacity(0);
