@@ -24,28 +24,11 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fake_heap::FakeHeap;
+use fake_heap::{FakeHeap, Rng};
 use offheap::alloc::{Allocator, Malloc};
 use offheap::copy::visited::{HeaderMarks, SideTable, VisitedSet};
 use offheap::copy::{self, Copied};
 use offheap::layout::{self, Color, Word, DOUBLE_ARRAY_TAG};
-
-/// A deterministic generator (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
 
 /// Copies `root` with `visited` and the default allocator.
 fn copy_with<V: VisitedSet>(h: &mut FakeHeap, root: Word, visited: V) -> Copied {

@@ -12,9 +12,9 @@ mod fake_heap;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
-use fake_heap::{assert_isomorphic, FakeHeap, INT64_OPS};
+use fake_heap::{assert_isomorphic, Counting, FakeHeap, Rng, INT64_OPS};
 use offheap::alloc::{Allocator, Malloc};
 use offheap::copy::visited::{HeaderMarks, SideTable};
 use offheap::copy::{self, Copied, CopyError, Heap};
@@ -83,46 +83,6 @@ static GLOBAL: ThreadCounting = ThreadCounting;
 // ---------------------------------------------------------------------------------------
 // Allocators for the copies.
 // ---------------------------------------------------------------------------------------
-
-/// Wraps [`Malloc`]; records every request and checks every free.
-struct Counting {
-    /// Sizes asked for, in order.
-    allocs: Vec<usize>,
-    /// Live allocations: address -> size.
-    live: HashMap<usize, usize>,
-}
-
-impl Counting {
-    fn new() -> Counting {
-        // Reserved up front so that bookkeeping never allocates during a copy (the Rust
-        // heap accounting around a copy must see only the traversal's own memory).
-        Counting {
-            allocs: Vec::with_capacity(8),
-            live: HashMap::with_capacity(8),
-        }
-    }
-}
-
-impl Allocator for Counting {
-    fn alloc(&mut self, bytes: usize) -> *mut u8 {
-        self.allocs.push(bytes);
-        let p = Malloc.alloc(bytes);
-        if !p.is_null() {
-            self.live.insert(p as usize, bytes);
-        }
-        p
-    }
-
-    unsafe fn free(&mut self, ptr: *mut u8, bytes: usize) {
-        assert_eq!(
-            self.live.remove(&(ptr as usize)),
-            Some(bytes),
-            "free of {ptr:?} ({bytes} bytes) not from alloc"
-        );
-        // SAFETY: `ptr` came from `Malloc.alloc(bytes)` (checked just above).
-        unsafe { Malloc.free(ptr, bytes) }
-    }
-}
 
 /// Always out of memory; must never be asked to free.
 struct NullAlloc {
@@ -415,23 +375,6 @@ fn copy_err(h: &mut FakeHeap, root: Word, s: Strategy) -> CopyError {
         alloc.allocs
     );
     err
-}
-
-/// A deterministic generator for the big graphs (splitmix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 /// The OCaml list `[from; from+1; ...; to-1]` in `h`.

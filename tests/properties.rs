@@ -11,10 +11,8 @@
 
 mod fake_heap;
 
-use std::collections::HashMap;
-
-use fake_heap::{assert_isomorphic, FakeHeap};
-use offheap::alloc::{Allocator, Malloc};
+use fake_heap::{assert_isomorphic, Counting, FakeHeap};
+use offheap::alloc::Allocator;
 use offheap::copy::visited::{HeaderMarks, SideTable};
 use offheap::copy::{self, Copied, CopyError};
 use offheap::layout::{self, Color, Word, WORD_BYTES};
@@ -243,34 +241,6 @@ fn build(g: &Graph) -> (FakeHeap, Vec<Vec<Word>>) {
     (h, values)
 }
 
-/// Wraps [`Malloc`]: counts allocations and checks frees.
-#[derive(Default)]
-struct Counting {
-    allocs: Vec<usize>,
-    live: HashMap<usize, usize>,
-}
-
-impl Allocator for Counting {
-    fn alloc(&mut self, bytes: usize) -> *mut u8 {
-        self.allocs.push(bytes);
-        let p = Malloc.alloc(bytes);
-        if !p.is_null() {
-            self.live.insert(p as usize, bytes);
-        }
-        p
-    }
-
-    unsafe fn free(&mut self, ptr: *mut u8, bytes: usize) {
-        assert_eq!(
-            self.live.remove(&(ptr as usize)),
-            Some(bytes),
-            "free of what alloc gave"
-        );
-        // SAFETY: `ptr` came from `Malloc.alloc(bytes)` (checked above).
-        unsafe { Malloc.free(ptr, bytes) }
-    }
-}
-
 fn copy_with(
     h: &mut FakeHeap,
     root: Word,
@@ -303,7 +273,7 @@ fn check(g: &Graph) -> Result<(), TestCaseError> {
     for marks in [true, false] {
         let what = if marks { "HeaderMarks" } else { "SideTable" };
         let before = h.snapshot();
-        let mut alloc = Counting::default();
+        let mut alloc = Counting::new();
         let outcome = copy_with(&mut h, root, marks, &mut alloc);
         prop_assert!(
             before == h.snapshot(),

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use offheap::alloc::{Allocator, Malloc};
 use offheap::copy::Heap;
 use offheap::layout::{self, Color, Header, Word, WORD_BYTES};
 
@@ -265,4 +266,63 @@ pub fn assert_isomorphic(
         }
     }
     map.len()
+}
+
+/// Wraps [`Malloc`]; records every request and checks every free.
+pub struct Counting {
+    /// Sizes asked for, in order.
+    pub allocs: Vec<usize>,
+    /// Live allocations: address -> size.
+    pub live: HashMap<usize, usize>,
+}
+
+impl Counting {
+    /// Reserved up front so that bookkeeping never allocates during a copy (the Rust heap
+    /// accounting around a copy must see only the traversal's own memory).
+    pub fn new() -> Counting {
+        Counting {
+            allocs: Vec::with_capacity(8),
+            live: HashMap::with_capacity(8),
+        }
+    }
+}
+
+impl Allocator for Counting {
+    fn alloc(&mut self, bytes: usize) -> *mut u8 {
+        self.allocs.push(bytes);
+        let p = Malloc.alloc(bytes);
+        if !p.is_null() {
+            self.live.insert(p as usize, bytes);
+        }
+        p
+    }
+
+    unsafe fn free(&mut self, ptr: *mut u8, bytes: usize) {
+        assert_eq!(
+            self.live.remove(&(ptr as usize)),
+            Some(bytes),
+            "free of {ptr:?} ({bytes} bytes) not from alloc"
+        );
+        // SAFETY: `ptr` came from `Malloc.alloc(bytes)` (checked just above).
+        unsafe { Malloc.free(ptr, bytes) }
+    }
+}
+
+/// A deterministic generator (splitmix64).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
 }
