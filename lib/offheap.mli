@@ -64,7 +64,16 @@ type alloc
 
 val malloc : alloc
 (** The default allocator: [malloc] and [free], and for copies of 4 MiB and more a
-    private mapping backed by huge pages, which saves a page fault per 4 KiB. *)
+    private mapping backed by huge pages, which saves a page fault per 4 KiB.
+
+    {[
+      let h = Offheap.copy ~alloc:Offheap.malloc (Array.init 1000 string_of_int) in
+      assert ((Offheap.get h).(999) = "999");
+      Offheap.free h
+    ]}
+
+    A value, not a function: it raises nothing. {!copy} raises [Out_of_memory] when it
+    cannot allocate. *)
 
 val copy : ?alloc:alloc -> 'a -> 'a t
 (** [copy ?alloc v] makes a deep copy of [v] outside the OCaml heap, in one allocation
@@ -113,6 +122,11 @@ val delete : 'a t -> unit
   [@@ocaml.deprecated "Use Offheap.free."]
 (** [delete] is {!free}, under the name of the original C library.
 
+    {[
+      let h = Offheap.copy "written for the C library" in
+      (Offheap.delete [@alert "-deprecated"]) h
+    ]}
+
     @raise Invalid_argument ["Offheap.free: deleted"] when the copy was freed already. *)
 
 type stats = {
@@ -128,8 +142,12 @@ val stats : 'a t -> stats
 
     {[
       let h = Offheap.copy (1, 2) in
-      assert ((Offheap.stats h).bytes = 24)
-    ]} *)
+      assert ((Offheap.stats h).bytes = 24);
+      Offheap.free h;
+      assert ((Offheap.stats h).blocks = 1)
+    ]}
+
+    Raises nothing, also after {!free}. *)
 
 (**/**)
 
