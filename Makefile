@@ -1,11 +1,16 @@
 # offheap: every entry point. `make demo` and `make test` work on a fresh Debian machine
 # with Rust installed: they install OCaml, dune and the test libraries when missing.
 
-DEBIAN_PACKAGES := ocaml-nox ocaml-dune ocaml-findlib libounit-ocaml-dev
+DEBIAN_PACKAGES := ocaml-nox ocaml-dune ocaml-findlib libounit-ocaml-dev ocaml-odoc
+# For the packaging tests only (make test-packaging): opam for `opam lint`, findlib's
+# toplevel support (topfind) for the toplevel test.
+PACKAGING_PACKAGES := opam libfindlib-ocaml-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OCAML5_ENV := ../shared/ocaml5-env.sh
 
-.PHONY: all deps build demo test test-rust test-ocaml test-ocaml5 bench bench-quick lint fmt clean
+.PHONY: all deps deps-packaging build demo doc test test-rust test-ocaml test-doc test-ocaml5 \
+	release opam-lint test-release test-duniverse test-install test-install-ocaml5 \
+	test-packaging bench bench-quick lint fmt clean
 
 all: build
 
@@ -21,6 +26,17 @@ deps:
 	fi
 	@command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup)"; exit 1; }
 
+# The same, for the packaging tests' tools (recommended packages left out).
+deps-packaging: deps
+	@missing=$$(for p in $(PACKAGING_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
 build: deps
 	dune build
 
@@ -28,8 +44,14 @@ build: deps
 demo: build
 	dune exec --no-print-directory -- ./examples/demo.exe
 
-# All tests: Rust (core on the fake heap) and OCaml (native, bytecode, small minor heap).
-test: deps test-rust test-ocaml
+# The API documentation (odoc): _build/default/_doc/_html/index.html.
+doc: deps
+	dune build @doc
+	@echo "API documentation: _build/default/_doc/_html/offheap/Offheap/index.html"
+
+# All tests: Rust (core on the fake heap), OCaml (native, bytecode, small minor heap; the
+# examples) and the documentation.
+test: deps test-rust test-ocaml test-doc
 
 test-rust:
 	cargo test --release --quiet
@@ -38,10 +60,45 @@ test-ocaml: deps
 	dune build @runtest --force
 	OCAMLRUNPARAM=s=4k dune build @runtest --force
 
+# Every value of offheap.mli documented with an example and its exceptions, no stray
+# doc comment (warning 50); then odoc, which must not warn (a broken {!reference}...).
+# _doc is removed first so that odoc runs, and warns, again.
+test-doc: deps
+	ocaml tests/packaging/check_doc.ml lib/offheap.mli
+	@rm -rf _build/default/_doc
+	@out=$$(dune build @doc 2>&1) || { echo "$$out"; exit 1; }; \
+	if [ -n "$$out" ]; then echo "$$out"; echo "dune build @doc: odoc warns"; exit 1; fi; \
+	echo "dune build @doc: no warnings"
+
 # The same OCaml tests on OCaml 5.3, in a Debian trixie chroot (created on first use;
 # the Rust tests do not depend on the OCaml version).
 test-ocaml5:
 	OCAML5_PACKAGES=make $(OCAML5_ENV) $(CURDIR) 'make test-ocaml DEBIAN_PACKAGES='
+
+# Packaging (tests/packaging/): the release tarball, built offline; offheap inside a
+# larger dune workspace; the installed library (dune project, C allocator via ocamlfind,
+# toplevel) on OCaml 4.13 and 5.3; opam lint.
+test-packaging: opam-lint test-release test-duniverse test-install test-install-ocaml5
+
+# _release/offheap-VERSION.tar.gz: the sources with the Rust crates vendored.
+release: deps
+	bash tests/packaging/release.sh
+
+opam-lint: deps-packaging
+	@out=$$(opam lint --strict offheap.opam 2>&1); status=$$?; \
+	echo "$$out" | grep -v 'Running as root is not recommended'; exit $$status
+
+test-release: release
+	bash tests/packaging/offline.sh
+
+test-duniverse: release
+	bash tests/packaging/duniverse.sh
+
+test-install: deps-packaging
+	bash tests/packaging/install.sh
+
+test-install-ocaml5:
+	OCAML5_PACKAGES="make libfindlib-ocaml-dev" $(OCAML5_ENV) $(CURDIR) 'bash tests/packaging/install.sh'
 
 bench: build
 	dune exec --no-print-directory -- ./benches/bench.exe
@@ -61,3 +118,4 @@ fmt:
 clean:
 	dune clean
 	cargo clean
+	rm -rf _release

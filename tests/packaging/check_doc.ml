@@ -40,21 +40,27 @@ let contains s sub =
   let rec at i = i + m <= n && (String.sub s i m = sub || at (i + 1)) in
   at 0
 
+(* The source text, for the documentation comments: an [ocaml.doc] attribute's location
+   is its comment's, which is read back from the file (this works with the parse trees
+   of every OCaml version, unlike the payload's string constant). *)
+let source =
+  let ic = open_in_bin path in
+  let s = really_input_string ic (in_channel_length ic) in
+  close_in ic;
+  s
+
+let comment_text (a : attribute) =
+  let start = a.attr_loc.loc_start.pos_cnum and stop = a.attr_loc.loc_end.pos_cnum in
+  let raw = String.sub source start (stop - start) in
+  let n = String.length raw in
+  if n >= 5 && String.sub raw 0 3 = "(**" && String.sub raw (n - 2) 2 = "*)" then
+    String.sub raw 3 (n - 5)
+  else raw
+
 let doc_of attrs =
   List.find_map
     (fun a ->
-      match (a.attr_name.txt, a.attr_payload) with
-      | ( ("ocaml.doc" | "doc"),
-          PStr
-            [
-              {
-                pstr_desc =
-                  Pstr_eval ({ pexp_desc = Pexp_constant (Pconst_string (s, _, _)); _ }, _);
-                _;
-              };
-            ] ) ->
-          Some s
-      | _ -> None)
+      match a.attr_name.txt with "ocaml.doc" | "doc" -> Some (comment_text a) | _ -> None)
     attrs
 
 let rec is_function t =
@@ -66,11 +72,7 @@ let rec is_function t =
 (* (**/**) toggles between documented and hidden items. *)
 let is_stop item =
   match item.psig_desc with
-  | Psig_attribute a -> (
-      a.attr_name.txt = "ocaml.text"
-      && match doc_of [ { a with attr_name = { a.attr_name with txt = "ocaml.doc" } } ] with
-         | Some s -> String.trim s = "/*"
-         | None -> false)
+  | Psig_attribute a -> a.attr_name.txt = "ocaml.text" && String.trim (comment_text a) = "/*"
   | _ -> false
 
 let checked = ref 0
@@ -137,15 +139,13 @@ let () =
   (* Warning 50 as an error: the parser reports unattached docstrings itself. *)
   ignore (Warnings.parse_options false "+50");
   ignore (Warnings.parse_options true "+50");
-  let ic = open_in_bin path in
-  let lexbuf = Lexing.from_channel ic in
+  let lexbuf = Lexing.from_string source in
   Location.init lexbuf path;
   (match Parse.interface lexbuf with
   | items -> check_signature items
   | exception e ->
       Location.report_exception Format.err_formatter e;
       exit 1);
-  close_in ic;
   (match Warnings.check_fatal () with
   | () -> ()
   | exception Warnings.Errors -> incr errors);
