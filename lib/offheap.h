@@ -7,12 +7,19 @@
  * Both functions receive the block itself as [allocator].
  *
  * The allocator contract:
- * - [alloc] returns [size] bytes aligned to at least sizeof(value) (8 bytes), or NULL;
- *   NULL makes Offheap.copy raise Out_of_memory, with nothing else allocated.
+ * - [alloc] is called at most once per Offheap.copy (not at all when nothing needs
+ *   copying), with the exact size of the copy. It returns [size] bytes aligned to at
+ *   least sizeof(value) (8 bytes), or NULL; NULL makes Offheap.copy raise
+ *   Out_of_memory, with nothing else allocated. Memory that is not aligned is handed
+ *   back to [free] at once, and Offheap.copy raises Invalid_argument.
  * - [free] receives a pointer returned by [alloc] on the same block and the very [size]
- *   given to that [alloc]. On OCaml 5 it may be called some time after Offheap.free (at
- *   the end of the major GC cycle that was running), from whichever domain or thread
- *   ends that cycle or calls Offheap.copy/free next.
+ *   given to that [alloc], once per copy, when the copy is released: never for a copy
+ *   the program does not free. On OCaml 5 it may be called some time after
+ *   Offheap.free (at the end of the major GC cycle that was running), from whichever
+ *   domain or thread ends that cycle or calls Offheap.copy/free next; an allocator
+ *   shared by several domains needs its own lock.
+ * - Each handle keeps its allocator block alive until its copy is released, so the
+ *   block's fields (and C data they point to) may be used by [free].
  * - Neither function may call into OCaml, allocate on the OCaml heap or release the
  *   runtime lock: [alloc] runs in the middle of a copy, while the source's headers may
  *   be marked.
@@ -50,10 +57,14 @@
 extern "C" {
 #endif
 
-/* The function in field 0 of an allocator block (data is the block, as a value). */
+/* The function in field 0 of an allocator block, stored as a value: (value)my_alloc.
+ * [data] is the block itself (a value and a pointer have the same size, so the function
+ * may as well be declared void *my_alloc(value allocator, size_t size)). offheap_copy
+ * takes the same type, with [data] its own argument. */
 typedef void *(*alloc_t)(void *data, size_t size);
 
-/* The function in field 1 of an allocator block. */
+/* The function in field 1 of an allocator block, stored as a value: (value)my_free;
+ * [data] is the block, as for alloc_t. */
 typedef void (*free_t)(void *data, void *ptr, size_t size);
 
 /* The default allocator's alloc (Offheap.malloc): malloc, or for 4 MiB and more a
