@@ -8,7 +8,7 @@
    - a value has no documentation comment, or one without an example ({[ ... ]});
    - a function documents no exception: it needs @raise, or the words "Raises nothing"
      when it raises none.
-   Values after a stop comment (** /**) are hidden from the documentation and not
+   Values after a stop comment (**/**) are hidden from the documentation and not
    checked. The whole file is checked, nested modules included.
 
    With a second argument, writes the examples of the values there, each as a toplevel
