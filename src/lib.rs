@@ -8,6 +8,8 @@
 //!   over a [`copy::Heap`] (which addresses to copy), an [`alloc::Allocator`] and a
 //!   [`copy::visited::VisitedSet`], so it runs on the real runtime and on a fake heap.
 //! - [`alloc`]: the allocator trait, the C allocator block, the default allocator.
+//! - [`image`]: images: a copy saved to a file and mapped back (format, writer, validator,
+//!   relocation).
 //! - `runtime` (feature `stubs`): what differs between OCaml 4 and OCaml 5: which
 //!   addresses to copy, the visited set, page-table registration, deferred frees.
 //! - `stubs` (feature `stubs`): the `#[ocaml::func]` externals of `lib/offheap.ml`.
@@ -15,6 +17,7 @@
 
 pub mod alloc;
 pub mod copy;
+pub mod image;
 pub mod layout;
 
 #[cfg(feature = "stubs")]

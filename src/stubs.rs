@@ -124,3 +124,183 @@ pub fn offheap_stub_defers_free(_unit: Raw) -> Value {
 pub fn offheap_stub_major_cycles(_unit: Raw) -> Value {
     value(val_int(runtime::major_cycles_completed() as isize))
 }
+
+// ---------------------------------------------------------------------------------------
+// Images (lib/image.ml). The file work runs with the runtime lock released, so these
+// stubs keep no OCaml value across it: arguments are copied into Rust first, results
+// are allocated afterwards. A failure returns a string whose first byte says which
+// exception to raise (`S` Sys_error, `I` Offheap.Image.Invalid_image, `A`
+// Invalid_argument, `M` Out_of_memory) and whose rest is the message.
+// ---------------------------------------------------------------------------------------
+
+use crate::alloc::Malloc;
+use crate::image::{self, file, LoadError, WriteError};
+
+/// The bytes of the OCaml string `s`.
+fn string_bytes(s: Raw) -> Vec<u8> {
+    // SAFETY: `s` is an OCaml string, alive during the call; its length is read from
+    // its header and padding, then its bytes copied.
+    unsafe {
+        let len = ocaml_sys::caml_string_length(s.0);
+        std::slice::from_raw_parts(word(s) as *const u8, len).to_vec()
+    }
+}
+
+fn path_of(bytes: &[u8]) -> std::path::PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    std::path::PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
+}
+
+/// The message of `Sys_error` for `e` on `path`, as the standard library words it.
+fn sys_error(path: &[u8], e: &std::io::Error) -> String {
+    let reason = match e.raw_os_error() {
+        // SAFETY: strerror returns a NUL-terminated static or thread-local string.
+        Some(code) => unsafe { std::ffi::CStr::from_ptr(libc::strerror(code)) }
+            .to_string_lossy()
+            .into_owned(),
+        None => e.to_string(),
+    };
+    format!("{}: {reason}", String::from_utf8_lossy(path))
+}
+
+/// A failure string: `code` then `message`.
+fn image_failure(code: u8, message: &str) -> Value {
+    let mut s = vec![code];
+    s.extend_from_slice(message.as_bytes());
+    let s = nul_terminated(&String::from_utf8_lossy(&s));
+    // SAFETY: one allocation of a fresh string; no other OCaml value is held.
+    unsafe { value(caml_copy_string(s.as_ptr() as *const ocaml_sys::Char) as Word) }
+}
+
+fn image_process(flat_float_array: bool) -> image::Process {
+    image::Process {
+        ocaml_family: if cfg!(ocaml5) { 5 } else { 4 },
+        flat_float_array,
+        custom_ops: runtime::boxed_integer_ops(),
+    }
+}
+
+/// Runs `f` with the runtime lock released.
+fn unlocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: the callers hold no OCaml value across `f`, and `f` touches none.
+    unsafe { ocaml_sys::caml_enter_blocking_section() };
+    let r = f();
+    // SAFETY: pairs with the enter above.
+    unsafe { ocaml_sys::caml_leave_blocking_section() };
+    r
+}
+
+/// `Image.write`: copies `v` (static data too) and writes its image to `path` with `key`.
+/// Returns unit, or a failure string.
+#[ocaml::native_func]
+pub fn offheap_stub_image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
+    image_write(path, key, flat_float_array, v)
+}
+
+/// The body of [`offheap_stub_image_write`].
+fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
+    let path = string_bytes(path);
+    let key = string_bytes(key);
+    let process = image_process(word(flat_float_array) != val_int(0));
+    // SAFETY: we hold the runtime and allocate nothing on the OCaml heap until the copy
+    // returns; Malloc does not call into OCaml.
+    let copied = match unsafe { runtime::copy_value_with_static(word(v), &mut Malloc) } {
+        Ok(copied) => copied,
+        Err(e) if e.is_out_of_memory() => return image_failure(b'M', ""),
+        Err(e) => {
+            let what = e.to_string();
+            let what = what.strip_prefix("Offheap.copy: ").unwrap_or(&what);
+            return image_failure(b'A', &format!("Offheap.Image.write: {what}"));
+        }
+    };
+    let written = unlocked(|| {
+        // SAFETY: the copy just made, ours alone; freed right after.
+        let r = unsafe { image::write_file(&path_of(&path), &copied, &key, &process) };
+        if !copied.base.is_null() {
+            // SAFETY: from Malloc with this size, no longer used.
+            unsafe { Malloc.free(copied.base, copied.bytes) };
+        }
+        r
+    });
+    match written {
+        Ok(()) => value(val_int(0)),
+        Err(WriteError::Io(e)) => image_failure(b'S', &sys_error(&path, &e)),
+        Err(e) => image_failure(b'A', &e.to_string()),
+    }
+}
+
+/// `Image.load`: maps and checks the image at `path`. `flags`: 1 verify, 2 trusted, 4
+/// never at the recorded address, 8 flat float arrays. Returns
+/// `(root, base, bytes, blocks, mapping)` (mapping: 0 none, 1 the file at its recorded
+/// address, 2 relocated), registered with the runtime, or a failure string.
+#[ocaml::native_func]
+pub fn offheap_stub_image_load(path: Raw, key: Raw, flags: Raw) -> Value {
+    image_load(path, key, flags)
+}
+
+/// The body of [`offheap_stub_image_load`].
+fn image_load(path: Raw, key: Raw, flags: Raw) -> Value {
+    let path = string_bytes(path);
+    let flags = word(flags) as isize >> 1;
+    let opts = image::Options {
+        key: string_bytes(key),
+        verify: flags & 1 != 0,
+        trusted: flags & 2 != 0,
+        relocate: flags & 4 != 0,
+    };
+    let process = image_process(flags & 8 != 0);
+    let loaded = match unlocked(|| image::load_file(&path_of(&path), &opts, &process)) {
+        Ok(loaded) => loaded,
+        Err(LoadError::Io(e)) => return image_failure(b'S', &sys_error(&path, &e)),
+        Err(LoadError::OutOfMemory(_)) => return image_failure(b'M', ""),
+        Err(e) => {
+            let message = format!(
+                "Offheap.Image.load: {}: {e}",
+                String::from_utf8_lossy(&path)
+            );
+            return image_failure(b'I', &message);
+        }
+    };
+    if !loaded.base.is_null() && !runtime::register(loaded.base, loaded.bytes) {
+        // SAFETY: just mapped; nothing refers to it.
+        unsafe { file::unmap(loaded.base, loaded.bytes, loaded.mapping) };
+        return image_failure(b'M', "");
+    }
+    let fields = [
+        loaded.root,
+        val_int(loaded.base as isize),
+        val_int(loaded.bytes as isize),
+        val_int(loaded.blocks as isize),
+        val_int(loaded.mapping as isize),
+    ];
+    // SAFETY: a fresh young block, filled before any other allocation with immediates
+    // and the root, which lies outside the heap (registered on OCaml 4, NOT_MARKABLE
+    // headers on OCaml 5).
+    unsafe {
+        let block = caml_alloc_small(fields.len(), 0);
+        let out = block as *mut Word;
+        for (i, f) in fields.into_iter().enumerate() {
+            *out.add(i) = f;
+        }
+        value(block as Word)
+    }
+}
+
+/// The allocator block that owns loaded payloads of mapping `kind` (1 file, 2
+/// relocated): it never allocates, and its free unmaps.
+#[ocaml::native_func]
+pub fn offheap_stub_image_owner(kind: Raw) -> Value {
+    let unmap: file::FreeFn = if word(kind) == val_int(1) {
+        file::offheap_image_unmap_file
+    } else {
+        file::offheap_image_unmap_relocated
+    };
+    // SAFETY: as in `offheap_stub_malloc`: a fresh abstract block of two raw words.
+    unsafe {
+        let block = caml_alloc_small(2, ABSTRACT_TAG);
+        let fields = block as *mut Word;
+        *fields = file::offheap_image_no_alloc as *const () as usize;
+        *fields.add(1) = unmap as *const () as usize;
+        value(block as Word)
+    }
+}

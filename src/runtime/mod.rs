@@ -43,6 +43,16 @@ fn is_boxed_integer(ops: Word) -> bool {
     known.contains(&ops)
 }
 
+/// The operations of Int32, Int64 and Nativeint, in that order (the order of
+/// [`crate::image::format::CustomKind`]).
+pub fn boxed_integer_ops() -> [Word; 3] {
+    [
+        std::ptr::addr_of!(custom_ops::caml_int32_ops) as Word,
+        std::ptr::addr_of!(custom_ops::caml_int64_ops) as Word,
+        std::ptr::addr_of!(custom_ops::caml_nativeint_ops) as Word,
+    ]
+}
+
 /// The `identifier` of custom operations (their first field, a C string).
 fn custom_identifier(ops: Word) -> String {
     // SAFETY: `ops` is field 0 of a custom block: a `struct custom_operations *`, whose
@@ -77,6 +87,35 @@ pub unsafe fn copy_value<A: Allocator>(
             backend::Visited::Marks(marks) => copy::copy(v, &mut heap, marks, alloc),
             #[cfg(ocaml5)]
             backend::Visited::Table(table) => copy::copy(v, &mut heap, table, alloc),
+        }
+    }
+}
+
+/// Copies `v` and everything it reaches, static data included, never writing to the
+/// source: the visited set is a side table on OCaml 5, where some static blocks are
+/// read-only (the atom table: marking its headers would fault); header marks on OCaml 4,
+/// whose static blocks are writable. For images.
+///
+/// # Safety
+/// As [`copy_value`].
+pub unsafe fn copy_value_with_static<A: Allocator>(
+    v: Word,
+    alloc: &mut A,
+) -> Result<Copied, CopyError> {
+    let mut heap = backend::RuntimeHeap::new(true);
+    #[cfg(ocaml5)]
+    {
+        let table = copy::visited::SideTable::with_capacity(0);
+        // SAFETY: forwarded; the side table never writes to the source.
+        unsafe { copy::copy(v, &mut heap, table, alloc) }
+    }
+    #[cfg(not(ocaml5))]
+    {
+        // SAFETY: forwarded, as in `copy_value`.
+        unsafe {
+            match backend::visited_set() {
+                backend::Visited::Marks(marks) => copy::copy(v, &mut heap, marks, alloc),
+            }
         }
     }
 }

@@ -1,0 +1,303 @@
+//! The image file format: one header page, the payload, the fix-up table.
+//!
+//! ```text
+//! offset 0              the header page (HEADER_BYTES): fields below, then the key,
+//!                       then zeros
+//! offset HEADER_BYTES   the payload (payload_bytes): blocks laid out as OCaml lays them
+//!                       out, headers of color 3, every pointer absolute for a payload
+//!                       mapped at `address`; page aligned in the file, so it is mapped
+//!                       straight from the page cache
+//! after the payload     the fix-up table: `customs` little-endian words, the byte offset
+//!                       in the payload of the first field of each custom block, in
+//!                       increasing order
+//! ```
+//!
+//! Custom blocks (only Int32, Int64 and Nativeint are allowed) store a [`CustomKind`]
+//! identifier where the running program stores its `struct custom_operations *`; the
+//! loader puts the current process's pointers back, using the table to find them without
+//! walking the payload.
+//!
+//! Header fields, little-endian, at fixed offsets (the magic and version never move):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `OFFHEAP\x1a` |
+//! | 8 | 4 | format version ([`VERSION`]) |
+//! | 12 | 1 | word size in bytes (8) |
+//! | 13 | 1 | byte order of the payload: 1 little-endian, 2 big-endian |
+//! | 14 | 1 | OCaml major version family (4 or 5) |
+//! | 15 | 1 | flat float arrays (1) or not (0) |
+//! | 16 | 8 | header bytes: where the payload starts in the file ([`HEADER_BYTES`]) |
+//! | 24 | 8 | the address the payload was written for (page aligned) |
+//! | 32 | 8 | payload bytes (a multiple of 8) |
+//! | 40 | 8 | the root: an immediate (odd), or the byte offset in the payload of the root block's first field (even) |
+//! | 48 | 8 | blocks in the payload |
+//! | 56 | 8 | custom blocks (entries of the fix-up table) |
+//! | 64 | 8 | checksum (xxh3-64) of the payload followed by the fix-up table |
+//! | 72 | 8 | key length |
+//! | 80 | 8 | checksum (xxh3-64) of the header page with this field zeroed |
+//! | 88 | key length | the user key (bytes) |
+
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+use super::LoadError;
+
+/// The magic at the start of every image.
+pub const MAGIC: [u8; 8] = *b"OFFHEAP\x1a";
+/// The format version this code writes and reads.
+pub const VERSION: u32 = 1;
+/// The header page; the payload starts at this file offset.
+pub const HEADER_BYTES: usize = 4096;
+/// Where the key starts in the header.
+const KEY_AT: usize = 88;
+/// The longest key.
+pub const MAX_KEY: usize = HEADER_BYTES - KEY_AT;
+/// Byte order codes.
+pub const LITTLE_ENDIAN: u8 = 1;
+/// Byte order code of big-endian payloads.
+pub const BIG_ENDIAN: u8 = 2;
+/// The byte order of this machine.
+pub const NATIVE_ENDIAN: u8 = if cfg!(target_endian = "little") {
+    LITTLE_ENDIAN
+} else {
+    BIG_ENDIAN
+};
+/// Addresses a payload may be mapped at lie below this (47-bit user space).
+pub const ADDRESS_LIMIT: u64 = 1 << 47;
+/// Payload addresses are aligned to this.
+pub const PAGE_BYTES: u64 = 4096;
+
+/// The three custom blocks an image may hold, by the identifier stored in field 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CustomKind {
+    /// `Int32`.
+    Int32 = 1,
+    /// `Int64`.
+    Int64 = 2,
+    /// `Nativeint`.
+    Nativeint = 3,
+}
+
+impl CustomKind {
+    /// Every kind, in identifier order.
+    pub const ALL: [CustomKind; 3] = [CustomKind::Int32, CustomKind::Int64, CustomKind::Nativeint];
+
+    /// The kind stored as `id`.
+    pub fn from_id(id: u64) -> Option<CustomKind> {
+        CustomKind::ALL.into_iter().find(|k| *k as u64 == id)
+    }
+}
+
+/// The decoded header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Format version.
+    pub version: u32,
+    /// Word size in bytes.
+    pub word_bytes: u8,
+    /// Byte order code.
+    pub endian: u8,
+    /// OCaml major version family: 4 or 5.
+    pub ocaml_family: u8,
+    /// Whether the writer had flat float arrays.
+    pub flat_float_array: bool,
+    /// Where the payload starts in the file.
+    pub header_bytes: u64,
+    /// The address the payload was written for.
+    pub address: u64,
+    /// Payload size in bytes.
+    pub payload_bytes: u64,
+    /// The root: an immediate (odd) or the payload offset of the root's first field.
+    pub root: u64,
+    /// Blocks in the payload.
+    pub blocks: u64,
+    /// Custom blocks (fix-up table entries).
+    pub customs: u64,
+    /// Checksum of the payload and the fix-up table.
+    pub checksum: u64,
+    /// The user key.
+    pub key: Vec<u8>,
+}
+
+fn u64_at(page: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(page[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn bad(check: &'static str, detail: String) -> LoadError {
+    LoadError::Bad { check, detail }
+}
+
+/// The checksum of a header page (its own checksum field read as zero).
+fn header_checksum(page: &[u8]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(&page[..80]);
+    h.update(&[0; 8]);
+    h.update(&page[88..HEADER_BYTES]);
+    h.digest()
+}
+
+impl Header {
+    /// The header page.
+    pub fn encode(&self) -> Vec<u8> {
+        assert!(self.key.len() <= MAX_KEY, "key longer than MAX_KEY");
+        let mut page = vec![0u8; HEADER_BYTES];
+        page[0..8].copy_from_slice(&MAGIC);
+        page[8..12].copy_from_slice(&self.version.to_le_bytes());
+        page[12] = self.word_bytes;
+        page[13] = self.endian;
+        page[14] = self.ocaml_family;
+        page[15] = u8::from(self.flat_float_array);
+        let words = [
+            self.header_bytes,
+            self.address,
+            self.payload_bytes,
+            self.root,
+            self.blocks,
+            self.customs,
+            self.checksum,
+            self.key.len() as u64,
+        ];
+        for (i, w) in words.into_iter().enumerate() {
+            page[16 + 8 * i..24 + 8 * i].copy_from_slice(&w.to_le_bytes());
+        }
+        page[KEY_AT..KEY_AT + self.key.len()].copy_from_slice(&self.key);
+        let sum = header_checksum(&page);
+        page[80..88].copy_from_slice(&sum.to_le_bytes());
+        page
+    }
+
+    /// Decodes and checks a header page on its own: magic, version, word size, byte
+    /// order, header checksum, sizes and address. What depends on the loading process
+    /// (OCaml family, float arrays, key) and the file size is checked by the caller.
+    ///
+    /// # Errors
+    /// [`LoadError::Bad`] naming the first check that failed.
+    pub fn decode(page: &[u8]) -> Result<Header, LoadError> {
+        if page.len() < HEADER_BYTES {
+            return Err(bad(
+                "file size",
+                format!(
+                    "{} bytes, shorter than the {HEADER_BYTES}-byte header",
+                    page.len()
+                ),
+            ));
+        }
+        if page[0..8] != MAGIC {
+            return Err(bad("magic", "not an offheap image".into()));
+        }
+        let version = u32::from_le_bytes(page[8..12].try_into().expect("4 bytes"));
+        if version != VERSION {
+            return Err(bad(
+                "format version",
+                format!("version {version}, this library reads version {VERSION}"),
+            ));
+        }
+        let word_bytes = page[12];
+        if word_bytes as usize != crate::layout::WORD_BYTES {
+            return Err(bad(
+                "word size",
+                format!(
+                    "written with {word_bytes}-byte words, this program has {}-byte words",
+                    crate::layout::WORD_BYTES
+                ),
+            ));
+        }
+        let endian = page[13];
+        if endian != NATIVE_ENDIAN {
+            return Err(bad(
+                "byte order",
+                format!("byte order code {endian}, this machine's is {NATIVE_ENDIAN}"),
+            ));
+        }
+        let stored = u64_at(page, 80);
+        if stored != header_checksum(page) {
+            return Err(bad("header checksum", "the header is damaged".into()));
+        }
+        let key_len = u64_at(page, 72);
+        if key_len > MAX_KEY as u64 {
+            return Err(bad("header", format!("key length {key_len}")));
+        }
+        let h = Header {
+            version,
+            word_bytes,
+            endian,
+            ocaml_family: page[14],
+            flat_float_array: page[15] != 0,
+            header_bytes: u64_at(page, 16),
+            address: u64_at(page, 24),
+            payload_bytes: u64_at(page, 32),
+            root: u64_at(page, 40),
+            blocks: u64_at(page, 48),
+            customs: u64_at(page, 56),
+            checksum: u64_at(page, 64),
+            key: page[KEY_AT..KEY_AT + key_len as usize].to_vec(),
+        };
+        h.check_sizes()?;
+        Ok(h)
+    }
+
+    /// The sizes and the address are consistent with each other.
+    fn check_sizes(&self) -> Result<(), LoadError> {
+        if self.header_bytes != HEADER_BYTES as u64 {
+            return Err(bad(
+                "header",
+                format!("payload offset {}", self.header_bytes),
+            ));
+        }
+        if !self.payload_bytes.is_multiple_of(8) || self.payload_bytes >= ADDRESS_LIMIT {
+            return Err(bad(
+                "header",
+                format!("payload size {}", self.payload_bytes),
+            ));
+        }
+        let address_ok = self.address != 0
+            && self.address.is_multiple_of(PAGE_BYTES)
+            && self
+                .address
+                .checked_add(self.payload_bytes)
+                .is_some_and(|end| end <= ADDRESS_LIMIT);
+        if !address_ok {
+            return Err(bad(
+                "header",
+                format!(
+                    "address {:#x} for {} bytes",
+                    self.address, self.payload_bytes
+                ),
+            ));
+        }
+        // A block has a header and at least no field; a custom block has three words.
+        if self.blocks > self.payload_bytes / 8 || self.customs > self.payload_bytes / 24 {
+            return Err(bad(
+                "header",
+                format!(
+                    "{} blocks and {} custom blocks in {} bytes",
+                    self.blocks, self.customs, self.payload_bytes
+                ),
+            ));
+        }
+        let root_ok = self.root % 2 == 1
+            || (self.root >= 8 && self.root <= self.payload_bytes && self.root.is_multiple_of(8));
+        if !root_ok {
+            return Err(bad("root", format!("root {:#x}", self.root)));
+        }
+        Ok(())
+    }
+
+    /// The size of the whole file this header describes.
+    pub fn file_bytes(&self) -> u64 {
+        self.header_bytes + self.payload_bytes + 8 * self.customs
+    }
+}
+
+/// The checksum of a payload and its fix-up table.
+pub fn payload_checksum(payload: &[u8], table: &[u64]) -> u64 {
+    if table.is_empty() {
+        return xxh3_64(payload);
+    }
+    let mut h = Xxh3::new();
+    h.update(payload);
+    for entry in table {
+        h.update(&entry.to_le_bytes());
+    }
+    h.digest()
+}

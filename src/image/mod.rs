@@ -1,0 +1,541 @@
+//! Images: a deep copy of a value saved to a file, mapped back without deserializing.
+//!
+//! Three verbs, three passes:
+//! - **prepare** ([`prepare`]): a copy made by the traversal with `copy_static` (so the
+//!   image holds everything its value reaches) is rewritten in place into a payload:
+//!   pointers made absolute for the address the image is written for, custom operations
+//!   replaced by a [`format::CustomKind`], closures and pointers that lead out of the copy
+//!   refused. [`write_file`] then writes header, payload and fix-up table under a
+//!   temporary name and renames it.
+//! - **check** ([`validate::check`]): before a loaded payload is handed out, its structure
+//!   is checked (and its checksum, unless told not to), and its pointers relocated when it
+//!   is not at its recorded address.
+//! - **fix up** ([`validate::fix_customs`]): the custom blocks get the running program's
+//!   operations back.
+//!
+//! [`load_file`] maps the payload at its recorded address when it is free (pages are then
+//! shared with every other process that maps the file, through the page cache) and
+//! anywhere else otherwise, reading it into private memory and relocating it.
+//! [`load_bytes`] runs the same checks on an image held in memory (tests, fuzzing).
+//!
+//! Nothing here knows ocaml-rs: the stubs give a [`Process`] (what the running program
+//! is) and register the result with the runtime.
+
+pub mod file;
+pub mod format;
+pub mod validate;
+
+use std::fmt;
+use std::path::Path;
+
+use crate::copy::Copied;
+use crate::layout::{self, Header, Word, WORD_BYTES};
+use format::{CustomKind, HEADER_BYTES};
+
+/// What the running program is, as far as images care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Process {
+    /// The OCaml major version family: 4 or 5.
+    pub ocaml_family: u8,
+    /// Whether float arrays are flat.
+    pub flat_float_array: bool,
+    /// The `struct custom_operations *` of Int32, Int64 and Nativeint, in
+    /// [`CustomKind`] order.
+    pub custom_ops: [Word; 3],
+}
+
+impl Process {
+    fn ocaml5(&self) -> bool {
+        self.ocaml_family >= 5
+    }
+}
+
+/// Why a value could not be written.
+#[derive(Debug)]
+pub enum WriteError {
+    /// The value holds something an image cannot hold; what was found.
+    Unsupported(String),
+    /// The key is longer than [`format::MAX_KEY`].
+    KeyTooLong(usize),
+    /// The file could not be written.
+    Io(std::io::Error),
+}
+
+impl fmt::Display for WriteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WriteError::Unsupported(what) => write!(f, "Offheap.Image.write: {what}"),
+            WriteError::KeyTooLong(n) => write!(
+                f,
+                "Offheap.Image.write: key of {n} bytes (at most {})",
+                format::MAX_KEY
+            ),
+            WriteError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for WriteError {}
+
+/// Why an image could not be loaded.
+#[derive(Debug)]
+pub enum LoadError {
+    /// The file failed a check: which one, and what was found.
+    Bad {
+        /// The check, as named in the message ("magic", "pointer", ...).
+        check: &'static str,
+        /// What was found.
+        detail: String,
+    },
+    /// The file could not be read or mapped.
+    Io(std::io::Error),
+    /// No memory for a relocated copy of this many bytes.
+    OutOfMemory(usize),
+}
+
+impl LoadError {
+    /// The check that failed, for a bad image.
+    pub fn check(&self) -> Option<&'static str> {
+        match self {
+            LoadError::Bad { check, .. } => Some(check),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Bad { check, detail } => write!(f, "bad image: {check}: {detail}"),
+            LoadError::Io(e) => write!(f, "{e}"),
+            LoadError::OutOfMemory(n) => write!(f, "no memory for {n} bytes"),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+fn bad(check: &'static str, detail: String) -> LoadError {
+    LoadError::Bad { check, detail }
+}
+
+/// A payload ready to be written: the copy's buffer, rewritten in place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    /// The root as the header stores it.
+    pub root: u64,
+    /// The address the payload is written for.
+    pub address: Word,
+    /// Blocks in the payload.
+    pub blocks: u64,
+    /// The fix-up table.
+    pub customs: Vec<u64>,
+}
+
+/// Rewrites the copy in `[base, base + bytes)` (made with `copy_static`) into a payload
+/// for `address`: pointer fields and the root made absolute for `address`, custom
+/// operations replaced by their [`CustomKind`].
+///
+/// # Errors
+/// [`WriteError::Unsupported`] for a closure, a custom block other than the three boxed
+/// integers, or a pointer that leads out of the copy (memory outside the OCaml heap);
+/// the buffer is then half rewritten and only good to be freed.
+///
+/// # Safety
+/// `copied` describes a finished copy whose buffer nothing else uses.
+pub unsafe fn prepare(
+    copied: &Copied,
+    address: Word,
+    process: &Process,
+) -> Result<Prepared, WriteError> {
+    let words: &mut [Word] = if copied.base.is_null() {
+        &mut []
+    } else {
+        // SAFETY: the copy's buffer: `bytes` bytes, word aligned, ours alone.
+        unsafe {
+            std::slice::from_raw_parts_mut(copied.base as *mut Word, copied.bytes / WORD_BYTES)
+        }
+    };
+    let base = words.as_ptr() as Word;
+    let end = base + words.len() * WORD_BYTES;
+    let inside = |v: Word| v > base && v <= end && (v - base).is_multiple_of(WORD_BYTES);
+    let outside = |v: Word| {
+        WriteError::Unsupported(format!(
+            "pointer to {v:#x}, outside the OCaml heap (C memory cannot be saved)"
+        ))
+    };
+    let mut customs = Vec::new();
+    let mut blocks = 0;
+    let mut i = 0;
+    while i < words.len() {
+        let hd = Header(words[i]);
+        let n = hd.wosize();
+        match hd.tag() {
+            layout::CLOSURE_TAG => return Err(WriteError::Unsupported(
+                "closure (functions cannot be saved: their code belongs to the running program)"
+                    .into(),
+            )),
+            layout::CUSTOM_TAG => {
+                let ops = words[i + 1];
+                let Some(k) = process.custom_ops.iter().position(|&o| o == ops) else {
+                    return Err(WriteError::Unsupported(
+                        "custom block (only Int32, Int64 and Nativeint custom blocks can be saved)"
+                            .into(),
+                    ));
+                };
+                words[i + 1] = CustomKind::ALL[k] as Word;
+                customs.push(((i + 1) * WORD_BYTES) as u64);
+            }
+            tag if tag < layout::NO_SCAN_TAG => {
+                for field in &mut words[i + 1..i + 1 + n] {
+                    let v = *field;
+                    if !layout::is_immediate(v) {
+                        if !inside(v) {
+                            return Err(outside(v));
+                        }
+                        *field = v - base + address;
+                    }
+                }
+            }
+            _ => {}
+        }
+        blocks += 1;
+        i += 1 + n;
+    }
+    let root = if layout::is_immediate(copied.root) {
+        copied.root as u64
+    } else if inside(copied.root) {
+        (copied.root - base) as u64
+    } else {
+        return Err(outside(copied.root));
+    };
+    Ok(Prepared {
+        root,
+        address,
+        blocks,
+        customs,
+    })
+}
+
+/// An address for a payload of `bytes` bytes, 2 MiB aligned, at random in a range that
+/// Linux leaves alone unless asked (between 16 and 80 TiB: above the program, its heap
+/// and its libraries' usual places, below the stack and the default mmap area).
+pub fn choose_address(bytes: usize) -> Word {
+    const LOW: u64 = 0x1000_0000_0000;
+    const HIGH: u64 = 0x5000_0000_0000;
+    const ALIGN: u64 = 2 << 20;
+    let span = (HIGH - LOW).saturating_sub(bytes as u64 + ALIGN) / ALIGN;
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ ((std::process::id() as u64) << 32);
+    // splitmix64: enough to spread images of one machine over the range.
+    seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = seed;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (LOW + (z % span.max(1)) * ALIGN) as Word
+}
+
+/// The header of a prepared payload.
+fn header(
+    prepared: &Prepared,
+    payload: &[u8],
+    key: &[u8],
+    process: &Process,
+) -> Result<Vec<u8>, WriteError> {
+    if key.len() > format::MAX_KEY {
+        return Err(WriteError::KeyTooLong(key.len()));
+    }
+    Ok(format::Header {
+        version: format::VERSION,
+        word_bytes: WORD_BYTES as u8,
+        endian: format::NATIVE_ENDIAN,
+        ocaml_family: process.ocaml_family,
+        flat_float_array: process.flat_float_array,
+        header_bytes: HEADER_BYTES as u64,
+        address: prepared.address as u64,
+        payload_bytes: payload.len() as u64,
+        root: prepared.root,
+        blocks: prepared.blocks,
+        customs: prepared.customs.len() as u64,
+        checksum: format::payload_checksum(payload, &prepared.customs),
+        key: key.to_vec(),
+    }
+    .encode())
+}
+
+/// The payload bytes of a copy.
+///
+/// # Safety
+/// `copied` describes a finished copy whose buffer stays alive while the slice is used.
+unsafe fn payload_bytes(copied: &Copied) -> &[u8] {
+    if copied.base.is_null() {
+        &[]
+    } else {
+        // SAFETY: the copy's buffer, `bytes` bytes.
+        unsafe { std::slice::from_raw_parts(copied.base, copied.bytes) }
+    }
+}
+
+fn table_bytes(customs: &[u64]) -> Vec<u8> {
+    customs.iter().flat_map(|e| e.to_le_bytes()).collect()
+}
+
+/// The whole image of a copy, in memory (tests and fuzzing). The copy's buffer is
+/// rewritten ([`prepare`]).
+///
+/// # Errors
+/// As [`prepare`], and [`WriteError::KeyTooLong`].
+///
+/// # Safety
+/// As [`prepare`].
+pub unsafe fn encode(
+    copied: &Copied,
+    key: &[u8],
+    address: Word,
+    process: &Process,
+) -> Result<Vec<u8>, WriteError> {
+    // SAFETY: forwarded.
+    let prepared = unsafe { prepare(copied, address, process)? };
+    // SAFETY: forwarded.
+    let payload = unsafe { payload_bytes(copied) };
+    let mut image = header(&prepared, payload, key, process)?;
+    image.extend_from_slice(payload);
+    image.extend_from_slice(&table_bytes(&prepared.customs));
+    Ok(image)
+}
+
+/// Writes the image of a copy to `path`: under a temporary name in the same directory,
+/// renamed to `path` once complete, so that `path` is never a partial image and a
+/// failure leaves no file behind. The copy's buffer is rewritten ([`prepare`]).
+///
+/// # Errors
+/// As [`prepare`]; [`WriteError::Io`] when the file cannot be written.
+///
+/// # Safety
+/// As [`prepare`].
+pub unsafe fn write_file(
+    path: &Path,
+    copied: &Copied,
+    key: &[u8],
+    process: &Process,
+) -> Result<(), WriteError> {
+    let address = choose_address(copied.bytes);
+    // SAFETY: forwarded.
+    let prepared = unsafe { prepare(copied, address, process)? };
+    // SAFETY: forwarded.
+    let payload = unsafe { payload_bytes(copied) };
+    let head = header(&prepared, payload, key, process)?;
+    file::write_atomically(path, &[&head, payload, &table_bytes(&prepared.customs)])
+        .map_err(WriteError::Io)
+}
+
+/// How to load.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// The key the image must have been written with (empty: no key).
+    pub key: Vec<u8>,
+    /// Verify the payload's checksum.
+    pub verify: bool,
+    /// Skip the structural checks when the payload is mapped at its recorded address.
+    pub trusted: bool,
+    /// Never map at the recorded address (tests and benchmarks of relocation).
+    pub relocate: bool,
+}
+
+/// The checks of a decoded header against the process, the options and the file size.
+fn check_header(
+    h: &format::Header,
+    file_bytes: u64,
+    opts: &Options,
+    process: &Process,
+) -> Result<(), LoadError> {
+    if h.ocaml_family != process.ocaml_family {
+        return Err(bad(
+            "OCaml version",
+            format!(
+                "written by OCaml {}, this program runs OCaml {}",
+                h.ocaml_family, process.ocaml_family
+            ),
+        ));
+    }
+    if h.flat_float_array != process.flat_float_array {
+        return Err(bad(
+            "flat float arrays",
+            format!(
+                "written {} flat float arrays, this program has them {}",
+                if h.flat_float_array {
+                    "with"
+                } else {
+                    "without"
+                },
+                if process.flat_float_array {
+                    "on"
+                } else {
+                    "off"
+                }
+            ),
+        ));
+    }
+    if h.key != opts.key {
+        return Err(bad(
+            "key",
+            format!(
+                "the image was written with key {:?}, the program expects {:?}",
+                String::from_utf8_lossy(&h.key),
+                String::from_utf8_lossy(&opts.key)
+            ),
+        ));
+    }
+    if file_bytes != h.file_bytes() {
+        return Err(bad(
+            "file size",
+            format!(
+                "{file_bytes} bytes, the header describes {} (truncated or extended file)",
+                h.file_bytes()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The fix-up table from its bytes.
+fn decode_table(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
+/// The checks and fix-ups of a payload now at `payload.as_ptr()`; returns the root.
+fn finish(
+    payload: &mut [Word],
+    h: &format::Header,
+    table: &[u64],
+    at_recorded: bool,
+    opts: &Options,
+    process: &Process,
+) -> Result<Word, LoadError> {
+    if opts.verify {
+        // SAFETY: the same memory as `payload`, read as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(payload.as_ptr() as *const u8, payload.len() * WORD_BYTES)
+        };
+        if format::payload_checksum(bytes, table) != h.checksum {
+            return Err(bad("payload checksum", "the payload is damaged".into()));
+        }
+    }
+    let root = if opts.trusted && at_recorded {
+        validate::trusted_root(payload, h.root)?
+    } else {
+        validate::check(
+            payload,
+            h.address as Word,
+            h.root,
+            table,
+            h.blocks,
+            process.ocaml5(),
+        )?
+    };
+    validate::fix_customs(payload, table, &process.custom_ops)?;
+    Ok(root)
+}
+
+/// An image checked and relocated in memory of its own.
+#[derive(Debug)]
+pub struct Decoded {
+    /// The payload, relocated to where it is.
+    pub words: Vec<Word>,
+    /// The root value.
+    pub root: Word,
+}
+
+/// Checks the image `bytes` as [`load_file`] does (always relocated: `opts.relocate` and
+/// `opts.trusted` are ignored) into memory of its own.
+///
+/// # Errors
+/// [`LoadError::Bad`] naming the first check that failed.
+pub fn load_bytes(bytes: &[u8], opts: &Options, process: &Process) -> Result<Decoded, LoadError> {
+    let h = format::Header::decode(bytes)?;
+    check_header(&h, bytes.len() as u64, opts, process)?;
+    let payload_end = HEADER_BYTES + h.payload_bytes as usize;
+    let mut words: Vec<Word> = bytes[HEADER_BYTES..payload_end]
+        .chunks_exact(WORD_BYTES)
+        .map(|c| Word::from_ne_bytes(c.try_into().expect("one word")))
+        .collect();
+    let table = decode_table(&bytes[payload_end..]);
+    let opts = Options {
+        trusted: false,
+        ..opts.clone()
+    };
+    let root = finish(&mut words, &h, &table, false, &opts, process)?;
+    Ok(Decoded { words, root })
+}
+
+/// A loaded image.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Loaded {
+    /// The root value.
+    pub root: Word,
+    /// Start of the payload in memory; null when the payload is empty.
+    pub base: *mut u8,
+    /// Payload bytes.
+    pub bytes: usize,
+    /// Blocks in the payload.
+    pub blocks: usize,
+    /// How the payload is held; release it with [`file::unmap`].
+    pub mapping: file::Mapping,
+}
+
+/// Maps the image at `path` and checks it.
+///
+/// # Errors
+/// [`LoadError::Io`] when the file cannot be read or mapped, [`LoadError::Bad`] naming
+/// the first check that failed, [`LoadError::OutOfMemory`]. Nothing stays mapped.
+pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loaded, LoadError> {
+    let f = std::fs::File::open(path).map_err(LoadError::Io)?;
+    let file_bytes = f.metadata().map_err(LoadError::Io)?.len();
+    let mut page = vec![0u8; HEADER_BYTES.min(file_bytes as usize)];
+    file::read_exact_at(&f, &mut page, 0).map_err(LoadError::Io)?;
+    let h = format::Header::decode(&page)?;
+    check_header(&h, file_bytes, opts, process)?;
+    let mut table_raw = vec![0u8; 8 * h.customs as usize];
+    file::read_exact_at(&f, &mut table_raw, HEADER_BYTES as u64 + h.payload_bytes)
+        .map_err(LoadError::Io)?;
+    let table = decode_table(&table_raw);
+    let bytes = h.payload_bytes as usize;
+    if bytes == 0 {
+        if !layout::is_immediate(h.root as Word) {
+            return Err(bad("root", "a pointer into an empty payload".into()));
+        }
+        return Ok(Loaded {
+            root: h.root as Word,
+            base: std::ptr::null_mut(),
+            bytes: 0,
+            blocks: 0,
+            mapping: file::Mapping::None,
+        });
+    }
+    let (base, mapping) = file::map_payload(&f, bytes, h.address as Word, opts.relocate)?;
+    let at_recorded = base as Word == h.address as Word;
+    // SAFETY: `map_payload` gave `bytes` bytes at `base`, word aligned, readable and
+    // writable, private to this process, not yet shared with anything.
+    let payload = unsafe { std::slice::from_raw_parts_mut(base as *mut Word, bytes / WORD_BYTES) };
+    match finish(payload, &h, &table, at_recorded, opts, process) {
+        Ok(root) => Ok(Loaded {
+            root,
+            base,
+            bytes,
+            blocks: h.blocks as usize,
+            mapping,
+        }),
+        Err(e) => {
+            // SAFETY: the mapping just made; nothing refers to it.
+            unsafe { file::unmap(base, bytes, mapping) };
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The checks a payload passes before its root is handed out, and its relocation.
+//!
+//! Everything here works on a payload as a slice of words at the place it will be used
+//! from: no `unsafe`, no assumption about the bytes. A payload that passes [`check`] is a
+//! well-formed graph of OCaml blocks: blocks tile it exactly, every header has the color
+//! no GC marks, every tag is one an image may hold, every pointer field points to the
+//! first field of a block of the payload (relocated to where the payload is now), string
+//! padding is consistent, and the fix-up table lists exactly its custom blocks. What it
+//! does not and cannot check is the OCaml type: as with `Marshal`, that is the caller's
+//! promise.
+
+use super::format::CustomKind;
+use super::LoadError;
+use crate::layout::{self, Color, Header, Word, WORD_BYTES};
+
+fn bad(check: &'static str, detail: String) -> LoadError {
+    LoadError::Bad { check, detail }
+}
+
+/// One bit per word of the payload (and one past its end): set where a block's first
+/// field is.
+struct Starts {
+    bits: Vec<u64>,
+}
+
+impl Starts {
+    fn new(words: usize) -> Starts {
+        Starts {
+            bits: vec![0; (words + 1).div_ceil(64)],
+        }
+    }
+
+    #[inline(always)]
+    fn set(&mut self, word: usize) {
+        self.bits[word / 64] |= 1 << (word % 64);
+    }
+
+    #[inline(always)]
+    fn get(&self, word: usize) -> bool {
+        self.bits
+            .get(word / 64)
+            .is_some_and(|b| b & (1 << (word % 64)) != 0)
+    }
+}
+
+/// Why a tag may not appear in an image; `None` when it may (size checked apart).
+fn refused_tag(tag: u8, ocaml5: bool) -> Option<&'static str> {
+    match tag {
+        layout::FORCING_TAG if ocaml5 => Some("lazy value being forced"),
+        layout::CONT_TAG if ocaml5 => Some("continuation"),
+        layout::LAZY_TAG => Some("unforced lazy value"),
+        layout::CLOSURE_TAG => Some("closure"),
+        layout::INFIX_TAG => Some("infix header outside a closure"),
+        layout::ABSTRACT_TAG => Some("abstract block"),
+        _ => None,
+    }
+}
+
+/// Whether the string block `fields` (wosize >= 1) has consistent padding: last byte
+/// at most 7 and the padding bytes before it zero.
+fn string_padding_ok(fields: &[Word]) -> bool {
+    let last_word = fields[fields.len() - 1].to_ne_bytes();
+    let pad = last_word[WORD_BYTES - 1] as usize;
+    pad < WORD_BYTES
+        && last_word[WORD_BYTES - 1 - pad..WORD_BYTES - 1]
+            .iter()
+            .all(|&b| b == 0)
+}
+
+/// Pass 1: the blocks tile the payload; headers, sizes, tags, string padding, custom
+/// blocks against the fix-up table. Returns the block starts.
+fn tile(payload: &[Word], customs: &[u64], blocks: u64, ocaml5: bool) -> Result<Starts, LoadError> {
+    let n = payload.len();
+    let mut starts = Starts::new(n);
+    let mut i = 0;
+    let mut found = 0u64;
+    let mut next_custom = 0;
+    while i < n {
+        let hd = Header(payload[i]);
+        let at = i * WORD_BYTES;
+        if hd.color() != Color::Unmarkable {
+            return Err(bad(
+                "block header",
+                format!(
+                    "the block at byte {at} has GC color {}, not 3",
+                    hd.color() as u8
+                ),
+            ));
+        }
+        let wosize = hd.wosize();
+        if wosize > n - i - 1 {
+            return Err(bad(
+                "block size",
+                format!(
+                    "the block at byte {at} ({wosize} words) overruns the payload ({} bytes)",
+                    n * WORD_BYTES
+                ),
+            ));
+        }
+        let fields = &payload[i + 1..i + 1 + wosize];
+        let tag = hd.tag();
+        if let Some(what) = refused_tag(tag, ocaml5) {
+            return Err(bad("tag", format!("{what} (tag {tag}) at byte {at}")));
+        }
+        let size_ok = match tag {
+            layout::FORWARD_TAG | layout::DOUBLE_TAG => wosize == 1,
+            layout::STRING_TAG => wosize >= 1,
+            layout::CUSTOM_TAG => wosize == 2,
+            _ => true,
+        };
+        if !size_ok {
+            return Err(bad(
+                "block size",
+                format!("a block of tag {tag} with {wosize} fields at byte {at}"),
+            ));
+        }
+        if tag == layout::STRING_TAG && !string_padding_ok(fields) {
+            return Err(bad("string padding", format!("the string at byte {at}")));
+        }
+        if tag == layout::CUSTOM_TAG {
+            if CustomKind::from_id(fields[0] as u64).is_none() {
+                return Err(bad(
+                    "custom block",
+                    format!("unknown custom block {:#x} at byte {at}", fields[0]),
+                ));
+            }
+            if customs.get(next_custom) != Some(&(at as u64 + 8)) {
+                return Err(bad(
+                    "fix-up table",
+                    format!("the custom block at byte {at} is not entry {next_custom}"),
+                ));
+            }
+            next_custom += 1;
+        }
+        starts.set(i + 1);
+        found += 1;
+        i += 1 + wosize;
+    }
+    if next_custom != customs.len() {
+        return Err(bad(
+            "fix-up table",
+            format!("{} entries for {next_custom} custom blocks", customs.len()),
+        ));
+    }
+    if found != blocks {
+        return Err(bad(
+            "block count",
+            format!("the header says {blocks} blocks, the payload holds {found}"),
+        ));
+    }
+    Ok(starts)
+}
+
+/// Where the value `v` of a payload written for `address` points, in words from the
+/// payload's start; `None` unless it is the first field of a block.
+#[inline(always)]
+fn target(v: Word, address: Word, starts: &Starts) -> Option<usize> {
+    let off = v.wrapping_sub(address);
+    (off.is_multiple_of(WORD_BYTES) && starts.get(off / WORD_BYTES) && off != 0)
+        .then_some(off / WORD_BYTES)
+}
+
+/// Checks `payload` (written for `address`, now at `payload.as_ptr()`) and relocates its
+/// pointers to where it is. Returns the root.
+///
+/// # Errors
+/// [`LoadError::Bad`] naming the first check that failed; the payload may then be half
+/// relocated and must be dropped.
+pub fn check(
+    payload: &mut [Word],
+    address: Word,
+    root: u64,
+    customs: &[u64],
+    blocks: u64,
+    ocaml5: bool,
+) -> Result<Word, LoadError> {
+    let starts = tile(payload, customs, blocks, ocaml5)?;
+    let base = payload.as_ptr() as Word;
+    let delta = base.wrapping_sub(address);
+    let n = payload.len();
+    let mut i = 0;
+    while i < n {
+        let hd = Header(payload[i]);
+        let wosize = hd.wosize();
+        if hd.is_scannable() {
+            for (k, field) in payload[i + 1..i + 1 + wosize].iter_mut().enumerate() {
+                let v = *field;
+                if layout::is_immediate(v) {
+                    continue;
+                }
+                if target(v, address, &starts).is_none() {
+                    return Err(bad(
+                        "pointer",
+                        format!(
+                            "field {k} of the block at byte {} holds {v:#x}, not a block of the payload",
+                            i * WORD_BYTES
+                        ),
+                    ));
+                }
+                *field = v.wrapping_add(delta);
+            }
+        }
+        i += 1 + wosize;
+    }
+    let root = root as Word;
+    if layout::is_immediate(root) {
+        return Ok(root);
+    }
+    if !starts.get(root / WORD_BYTES) || !root.is_multiple_of(WORD_BYTES) {
+        return Err(bad("root", format!("offset {root} is not a block")));
+    }
+    Ok(base + root)
+}
+
+/// The root of a trusted payload mapped at its recorded address: only its bounds are
+/// checked.
+///
+/// # Errors
+/// [`LoadError::Bad`] when the root is not inside the payload.
+pub fn trusted_root(payload: &[Word], root: u64) -> Result<Word, LoadError> {
+    let root = root as Word;
+    if layout::is_immediate(root) {
+        return Ok(root);
+    }
+    if !root.is_multiple_of(WORD_BYTES) || root == 0 || root > payload.len() * WORD_BYTES {
+        return Err(bad("root", format!("offset {root} is outside the payload")));
+    }
+    Ok(payload.as_ptr() as Word + root)
+}
+
+/// Puts the running program's custom operations (`ops`, indexed by [`CustomKind`] - 1)
+/// into the custom blocks that `customs` lists. Each entry is checked on its own (inside
+/// the payload, increasing, a custom block of two fields with a known identifier), so
+/// this is safe on a trusted payload too.
+///
+/// # Errors
+/// [`LoadError::Bad`] ("fix-up table") on a bad entry; entries before it were applied.
+pub fn fix_customs(
+    payload: &mut [Word],
+    customs: &[u64],
+    ops: &[Word; 3],
+) -> Result<(), LoadError> {
+    let n = payload.len();
+    let mut previous = 0u64;
+    for (k, &entry) in customs.iter().enumerate() {
+        let field = (entry / WORD_BYTES as u64) as usize;
+        let ok =
+            entry > previous && entry % WORD_BYTES as u64 == 0 && field >= 1 && field + 1 < n && {
+                let hd = Header(payload[field - 1]);
+                hd.tag() == layout::CUSTOM_TAG
+                    && hd.wosize() == 2
+                    && hd.color() == Color::Unmarkable
+            };
+        let kind = if ok {
+            CustomKind::from_id(payload[field] as u64)
+        } else {
+            None
+        };
+        let Some(kind) = kind else {
+            return Err(bad(
+                "fix-up table",
+                format!("entry {k} (byte {entry}) is not a custom block"),
+            ));
+        };
+        payload[field] = ops[kind as usize - 1];
+        previous = entry;
+    }
+    Ok(())
+}
