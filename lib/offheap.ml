@@ -95,3 +95,16 @@ let free h =
   end
 
 let delete = free
+
+(* Images (image.ml): handles to loaded payloads are ordinary handles whose allocator
+   block unmaps. *)
+module Image = Image.Make (struct
+  type nonrec 'a t = 'a t
+  type nonrec alloc = alloc
+
+  let make ~root ~base ~bytes ~blocks ~alloc =
+    if defers_free then drain ();
+    { root; live = true; base; stats = { bytes; blocks; transient_bytes = 0 }; alloc }
+
+  let alloc_of h = h.alloc
+end)

@@ -154,3 +154,25 @@ val stats : 'a t -> stats
 val pending_frees : unit -> int
 (** Frees waiting for the end of a major cycle (OCaml 5; always 0 on OCaml 4). For
     tests. *)
+
+(**/**)
+
+(** {1 Images}
+
+    An image is a value saved to a file by {!Image.write} and mapped back by
+    {!Image.load}: no deserialization, a handle like any other copy's. Loaded at the
+    address it was written for, an image costs a few system calls and its pages are
+    shared by every process that loads it (through the page cache); elsewhere it is
+    read and relocated. Every image is checked before its value is handed out: a
+    damaged or forged file raises {!Image.Invalid_image}, it never crashes the program.
+
+    {[
+      (* once *)
+      Offheap.Image.write ~key:"index v3" "index.img" index;
+      (* in every worker *)
+      let h = Offheap.Image.load ~key:"index v3" "index.img" in
+      let index : (string, int list) Hashtbl.t = Offheap.get h in
+      ...
+    ]} *)
+
+module Image : Image.S with type 'a handle := 'a t

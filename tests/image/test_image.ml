@@ -1,0 +1,297 @@
+(* Offheap.Image: round trips of every kind (closures refused), sharing and cycles, the
+   recorded address and relocation, a second process, keys, and bad files. *)
+
+open OUnit2
+module Image = Offheap.Image
+
+let main_pid = Unix.getpid ()
+
+let dir =
+  Filename.concat (Filename.get_temp_dir_name ()) (Printf.sprintf "offheap-image-%d" main_pid)
+
+let counter = ref 0
+
+(* OUnit may run the tests in worker processes: each makes the directory if needed and
+   numbers its files with its own pid. *)
+let fresh_path () =
+  (try Unix.mkdir dir 0o700 with Unix.Unix_error (Unix.EEXIST, _, _) -> ());
+  incr counter;
+  Filename.concat dir (Printf.sprintf "v%d-%d.img" (Unix.getpid ()) !counter)
+
+let files_in_dir () = Array.to_list (Sys.readdir dir) |> List.sort compare
+
+
+let contains s sub =
+  let n = String.length sub in
+  let rec go i = i + n <= String.length s && (String.sub s i n = sub || go (i + 1)) in
+  go 0
+
+let read_file path =
+  let ic = open_in_bin path in
+  let s = really_input_string ic (in_channel_length ic) in
+  close_in ic;
+  s
+
+let same a b = compare (Obj.repr a) (Obj.repr b) = 0
+let marshal v = Marshal.to_string v []
+
+(* Writes [v], loads it back, checks it equals [v] (compare, Marshal, hash), frees it. *)
+let round_trip ?(check = fun _ -> ()) v =
+  let path = fresh_path () in
+  Image.write path v;
+  let h = Image.load path in
+  let w = Offheap.get h in
+  assert_bool "compare" (same v w);
+  assert_equal ~msg:"Marshal" (marshal v) (marshal w);
+  assert_equal ~msg:"hash" (Hashtbl.hash v) (Hashtbl.hash w);
+  check w;
+  Offheap.free h;
+  Sys.remove path
+
+module SM = Map.Make (String)
+module IS = Set.Make (Int)
+
+type variant = A | B of int | C of string * variant | D of { x : float; y : float }
+type record = { name : string; mutable count : int; f : float; fs : float array }
+
+let sample () =
+  let shared = String.make 3 's' in
+  let tbl = Hashtbl.create 16 in
+  for i = 0 to 99 do
+    Hashtbl.replace tbl (string_of_int i) [ i; i * i ]
+  done;
+  let m = List.fold_left (fun m i -> SM.add (string_of_int i) i m) SM.empty (List.init 500 Fun.id) in
+  let forced = lazy (String.make 2 'z') in
+  ignore (Lazy.force forced);
+  ( ( [ 1; 2; 3 ], "hello", "", String.make 17 'x', 3.14, [| 1.0; nan; -0.0; infinity |] ),
+    ( { name = "n"; count = 3; f = 2.5; fs = [| 1.; 2. |] },
+      [| A; B 3; C ("x", B 4); D { x = 1.; y = 2. } |],
+      (Int32.of_int (-7), Int64.max_int, Nativeint.min_int),
+      (shared, shared),
+      `Poly (1, "a"),
+      Some (Bytes.of_string "bytes") ),
+    (m, tbl, IS.of_list [ 5; 3; 8 ], Failure "boom", Not_found, [||], Lazy.force forced) )
+
+let test_every_kind _ =
+  round_trip (sample ());
+  List.iter round_trip
+    [ Obj.repr 42; Obj.repr true; Obj.repr (); Obj.repr 'c'; Obj.repr [] ];
+  for n = 0 to 20 do
+    round_trip (String.make n 'a')
+  done;
+  round_trip 1.5;
+  round_trip [| 1.5; 2.5 |];
+  round_trip (Array.init 100_000 (fun i -> i));
+  round_trip (List.init 200_000 (fun i -> string_of_int i));
+  round_trip (Array.make 3 (Array.make 2 0.5));
+  round_trip "static string literal";
+  round_trip ("static", [ 1; 2 ], `A);
+  round_trip
+    ~check:(fun (a, b, c) ->
+      (* The custom operations are this process's: arithmetic, printing, compare, hash. *)
+      assert_equal (Int32.add a 1l) (-6l);
+      assert_equal (Int64.to_string b) (Int64.to_string Int64.max_int);
+      assert_equal (Nativeint.compare c Nativeint.min_int) 0;
+      assert_equal (Hashtbl.hash b) (Hashtbl.hash Int64.max_int))
+    (Int32.of_int (-7), Int64.max_int, Nativeint.min_int);
+  let q = Queue.create () in
+  Queue.add "a" q;
+  round_trip q;
+  let b = Buffer.create 10 in
+  Buffer.add_string b "buffer";
+  round_trip b
+
+let test_sharing_and_cycles _ =
+  let rec cyc = 1 :: 2 :: cyc in
+  let s = String.make 5 'q' in
+  let path = fresh_path () in
+  Image.write path (cyc, (s, s));
+  let h = Image.load path in
+  let l, (a, b) = Offheap.get h in
+  assert_bool "sharing kept" (a == b);
+  assert_equal "qqqqq" a;
+  (match l with
+  | 1 :: 2 :: rest -> assert_bool "cycle kept" (rest == l)
+  | _ -> assert_failure "cycle");
+  Offheap.free h;
+  Sys.remove path
+
+let assert_refused what v =
+  let path = fresh_path () in
+  (match Image.write path v with
+  | () -> assert_failure ("accepted " ^ what)
+  | exception Invalid_argument m ->
+      assert_bool (Printf.sprintf "%S names %s" m what) (contains m what));
+  let base = Filename.basename path in
+  let left = List.filter (fun f -> contains f base) (files_in_dir ()) in
+  assert_equal ~msg:"no file left, temporary or not" [] left
+
+let test_refused _ =
+  let f x = x + 1 in
+  assert_refused "closure" (1, f);
+  assert_refused "closure" (object method m = 1 end);
+  assert_refused "_chan" [ stdout ];
+  assert_refused "_bigarr"
+    (Bigarray.Array1.create Bigarray.int Bigarray.c_layout 3);
+  assert_refused "unforced lazy" (lazy (print_endline "no"));
+  (* A failed write leaves an earlier file as it was. *)
+  let path = fresh_path () in
+  Image.write path [ 1; 2 ];
+  let before = read_file path in
+  (try Image.write path (fun x -> x) with Invalid_argument _ -> ());
+  assert_equal before (read_file path);
+  Sys.remove path;
+  match Image.write "/nonexistent-dir/x.img" 1 with
+  | () -> assert_failure "wrote to a missing directory"
+  | exception Sys_error m -> assert_bool m (contains m "/nonexistent-dir/x.img")
+
+let test_relocation _ =
+  let v = sample () in
+  let path = fresh_path () in
+  Image.write path v;
+  let h1 = Image.load path in
+  assert_bool "first load at the recorded address" (not (Image.relocated h1));
+  let h2 = Image.load path in
+  assert_bool "second load relocated (the address is taken)" (Image.relocated h2);
+  let h3 = Image.load_relocated path in
+  assert_bool "forced relocation" (Image.relocated h3);
+  List.iter (fun h -> assert_bool "same value" (same v (Offheap.get h))) [ h1; h2; h3 ];
+  assert_equal (marshal (Offheap.get h1)) (marshal (Offheap.get h2));
+  (* The GC leaves them alone. *)
+  Gc.compact ();
+  List.iter (fun h -> assert_bool "after GC" (same v (Offheap.get h))) [ h1; h2; h3 ];
+  List.iter Offheap.free [ h1; h2; h3 ];
+  Gc.full_major ();
+  assert_equal ~msg:"pending frees" 0 (Offheap.pending_frees ());
+  (* Unmapped: the address is free again. *)
+  let h4 = Image.load ~trusted:true ~verify:false path in
+  assert_bool "at the recorded address again" (not (Image.relocated h4));
+  assert_bool "trusted load" (same v (Offheap.get h4));
+  Offheap.free h4;
+  assert_raises (Invalid_argument "Offheap.get: deleted") (fun () -> Offheap.get h4);
+  assert_raises (Invalid_argument "Offheap.free: deleted") (fun () -> Offheap.free h4);
+  Sys.remove path
+
+let child () =
+  match Sys.getenv_opt "OFFHEAP_IMAGE_CHILD" with
+  | Some p when Filename.is_relative p -> Filename.concat (Sys.getcwd ()) p
+  | Some p -> p
+  | None -> Filename.concat (Filename.dirname Sys.executable_name) "image_child.exe"
+
+let test_second_process _ =
+  let v = sample () in
+  let path = fresh_path () in
+  Image.write ~key:"k1" path v;
+  let h = Image.load ~key:"k1" path in
+  let r, w = Unix.pipe () in
+  let pid = Unix.create_process (child ()) [| "image_child"; path; "k1" |] Unix.stdin w Unix.stderr in
+  Unix.close w;
+  let ic = Unix.in_channel_of_descr r in
+  let line = input_line ic in
+  close_in ic;
+  let _, status = Unix.waitpid [] pid in
+  assert_equal ~msg:"child exit" (Unix.WEXITED 0) status;
+  let expected = Digest.to_hex (Digest.string (marshal (Offheap.get h))) in
+  assert_equal ~msg:"the child sees the same value, at the recorded address"
+    ~printer:Fun.id ("false " ^ expected) line;
+  assert_equal expected (Digest.to_hex (Digest.string (marshal v)));
+  Offheap.free h;
+  Sys.remove path
+
+let assert_invalid ?verify ?key check path =
+  match Image.load ?verify ?key path with
+  | h ->
+      Offheap.free h;
+      assert_failure ("accepted, expected " ^ check)
+  | exception Image.Invalid_image m ->
+      assert_bool (Printf.sprintf "%S names %s" m check) (contains m (": " ^ check ^ ":"))
+
+let test_key _ =
+  let path = fresh_path () in
+  Image.write ~key:"schema v1" path [ 1 ];
+  assert_invalid ~key:"schema v2" "key" path;
+  assert_invalid "key" path;
+  let h = Image.load ~key:"schema v1" path in
+  assert_equal [ 1 ] (Offheap.get h);
+  Offheap.free h;
+  Sys.remove path
+
+let set_bytes path f =
+  let s = Bytes.of_string (read_file path) in
+  f s;
+  let oc = open_out_bin path in
+  output_bytes oc s;
+  close_out oc
+
+let test_bad_files _ =
+  let v = sample () in
+  let path = fresh_path () in
+  Image.write path v;
+  let good = read_file path in
+  let bad = fresh_path () in
+  let write s =
+    let oc = open_out_bin bad in
+    output_string oc s;
+    close_out oc
+  in
+  let n = String.length good in
+  for k = 0 to 15 do
+    write (String.sub good 0 (n * k / 16));
+    assert_invalid "file size" bad
+  done;
+  Random.init 5;
+  for _ = 1 to 40 do
+    let s = Bytes.of_string good in
+    let at = Random.int n in
+    Bytes.set s at (Char.chr (Char.code (Bytes.get s at) lxor (1 lsl Random.int 8)));
+    write (Bytes.to_string s);
+    match Image.load bad with
+    | h ->
+        Offheap.free h;
+        assert_failure (Printf.sprintf "bit flip at %d accepted" at)
+    | exception Image.Invalid_image _ -> ()
+  done;
+  let patched f check ?verify () =
+    write good;
+    set_bytes bad f;
+    assert_invalid ?verify check bad
+  in
+  patched (fun s -> Bytes.set s 0 'X') "magic" ();
+  patched (fun s -> Bytes.set s 8 '\002') "format version" ();
+  patched (fun s -> Bytes.set s 12 '\004') "word size" ();
+  let root = Int64.to_int (Bytes.get_int64_le (Bytes.of_string good) 40) in
+  let address = Int64.to_int (Bytes.get_int64_le (Bytes.of_string good) 24) in
+  let payload = Int64.to_int (Bytes.get_int64_le (Bytes.of_string good) 32) in
+  (* A pointer aimed outside the payload: caught by the checksum, and by the structural
+     checks without it. *)
+  let outside s = Bytes.set_int64_le s (4096 + root) (Int64.of_int (address + payload + 4096)) in
+  patched outside "payload checksum" ();
+  patched outside "pointer" ~verify:false ();
+  (* A block header that overruns the payload. *)
+  let overrun s = Bytes.set_int64_le s 4096 (Int64.of_int ((payload lsl 10) lor (3 lsl 8))) in
+  patched overrun "block size" ~verify:false ();
+  write "";
+  assert_invalid "file size" bad;
+  (match Image.load "/nonexistent.img" with
+  | _ -> assert_failure "loaded a missing file"
+  | exception Sys_error m -> assert_bool m (contains m "/nonexistent.img"));
+  Sys.remove bad;
+  Sys.remove path
+
+let () =
+  at_exit (fun () ->
+      if Unix.getpid () = main_pid && Sys.file_exists dir then begin
+        Array.iter (fun f -> Sys.remove (Filename.concat dir f)) (Sys.readdir dir);
+        Unix.rmdir dir
+      end);
+  run_test_tt_main
+    ("image"
+    >::: [
+           "every kind" >:: test_every_kind;
+           "sharing and cycles" >:: test_sharing_and_cycles;
+           "refused values" >:: test_refused;
+           "recorded address and relocation" >:: test_relocation;
+           "second process" >:: test_second_process;
+           "key" >:: test_key;
+           "bad files" >:: test_bad_files;
+         ])
