@@ -119,3 +119,9 @@ clean:
 	dune clean
 	cargo clean
 	rm -rf _release
+
+# Images: loading a 1 GB value in fresh processes (Marshal vs Offheap.Image) and the
+# memory of 4 processes holding it. IMAGE_BENCH_FLAGS=-quick for a 50 MB run.
+.PHONY: bench-image
+bench-image: build
+	dune exec --no-print-directory -- ./benches/image_bench.exe -- $(IMAGE_BENCH_FLAGS)

@@ -1,0 +1,201 @@
+(* The benchmark of images run by [make bench-image]: how long a fresh process takes to
+   make a large value usable, with Marshal from a file and with Offheap.Image.load (at
+   the recorded address, and relocated), and how much memory 4 processes holding it use
+   (Pss, from /proc/self/smaps_rollup).
+
+   image_bench.exe [-quick] [-scale GB] [-runs N] [-dir DIR]
+
+   The value: an array of strings (16 to 112 bytes) and a Map from ints to strings of
+   the array, about [scale] GB in the heap (default 1). Markdown tables go to stdout,
+   progress to stderr. The child processes are this executable, run with -child or
+   -hold. *)
+
+module IM = Map.Make (Int)
+
+type value = string array * string IM.t
+
+let build gb =
+  (* A string block of 16 to 112 bytes takes 32 to 128 bytes; 88 on average with its
+     array slot; a map entry 48 bytes plus a fifth of the strings. *)
+  let n = int_of_float (gb *. 1e9 /. (88. +. (48. /. 5.))) in
+  let st = Random.State.make [| 42 |] in
+  let src = String.init 4096 (fun _ -> Char.chr (97 + Random.State.int st 26)) in
+  let strings =
+    Array.init n (fun _ ->
+        let len = 16 + Random.State.int st 97 in
+        String.sub src (Random.State.int st (4096 - len)) len)
+  in
+  let m = ref IM.empty in
+  for i = 0 to (n / 5) - 1 do
+    m := IM.add (i * 7919) strings.(i * 5) !m
+  done;
+  ((strings, !m) : value)
+
+(* Reads every string and every map entry: all the pages of the value. *)
+let touch ((strings, m) : value) =
+  let total = ref 0 in
+  Array.iter (fun s -> total := !total + Char.code s.[String.length s - 1]) strings;
+  IM.iter (fun k s -> total := !total + k + String.length s) m;
+  !total
+
+let pss_kb () =
+  let ic = open_in "/proc/self/smaps_rollup" in
+  let rec find () =
+    match input_line ic with
+    | line when String.length line > 4 && String.sub line 0 4 = "Pss:" ->
+        Scanf.sscanf line "Pss: %d kB" Fun.id
+    | _ -> find ()
+    | exception End_of_file -> 0
+  in
+  let kb = find () in
+  close_in ic;
+  kb
+
+(* How each child mode makes the value usable. *)
+let load mode path : value =
+  match mode with
+  | "marshal" ->
+      let ic = open_in_bin path in
+      let v = Marshal.from_channel ic in
+      close_in ic;
+      v
+  | "mapped" -> Offheap.get (Offheap.Image.load path)
+  | "trusted" -> Offheap.get (Offheap.Image.load ~trusted:true ~verify:false path)
+  | "relocated" -> Offheap.get (Offheap.Image.load_relocated path)
+  | "relocated-unverified" -> Offheap.get (Offheap.Image.load_relocated ~verify:false path)
+  | "nothing" -> ([| "" |], IM.singleton 0 "")
+  | m -> failwith ("unknown mode " ^ m)
+
+(* -child MODE PATH: prints the seconds [load] took, and checks the value is usable. *)
+let child mode path =
+  let t0 = Unix.gettimeofday () in
+  let ((strings, m) as v) = load mode path in
+  let t = Unix.gettimeofday () -. t0 in
+  assert (Array.length strings > 0 && (mode = "nothing" || IM.find 0 m == strings.(0)));
+  ignore (Sys.opaque_identity v);
+  Printf.printf "%.6f\n%!" t
+
+(* -hold MODE PATH: loads, touches everything, says "ready", waits for a line, prints
+   its Pss in kB. *)
+let hold mode path =
+  let v = load mode path in
+  ignore (Sys.opaque_identity (touch v));
+  print_endline "ready";
+  ignore (input_line stdin);
+  Printf.printf "%d\n%!" (pss_kb ());
+  ignore (Sys.opaque_identity v)
+
+let spawn args =
+  let out_r, out_w = Unix.pipe () in
+  let in_r, in_w = Unix.pipe () in
+  let pid = Unix.create_process Sys.executable_name args in_r out_w Unix.stderr in
+  Unix.close out_w;
+  Unix.close in_r;
+  (pid, Unix.in_channel_of_descr out_r, Unix.out_channel_of_descr in_w)
+
+let finish (pid, ic, oc) =
+  close_in ic;
+  close_out oc;
+  ignore (Unix.waitpid [] pid)
+
+let time_child mode path =
+  let (_, ic, _) as c = spawn [| "image_bench"; "-child"; mode; path |] in
+  let t = float_of_string (input_line ic) in
+  finish c;
+  t
+
+let best runs f =
+  let rec go k acc = if k = 0 then acc else go (k - 1) (min acc (f ())) in
+  go runs infinity
+
+let processes = 4
+
+let pss_total mode path =
+  let children = List.init processes (fun _ -> spawn [| "image_bench"; "-hold"; mode; path |]) in
+  List.iter (fun (_, ic, _) -> assert (input_line ic = "ready")) children;
+  List.iter (fun (_, _, oc) -> output_string oc "go\n"; flush oc) children;
+  let kbs = List.map (fun (_, ic, _) -> int_of_string (input_line ic)) children in
+  List.iter finish children;
+  List.fold_left ( + ) 0 kbs
+
+let seconds t = if t < 0.01 then Printf.sprintf "%.2f ms" (t *. 1e3) else Printf.sprintf "%.3f s" t
+let mb kb = Printf.sprintf "%.0f MB" (float kb /. 1024.)
+
+let main () =
+  let quick = ref false and scale = ref 1.0 and runs = ref 3 and dir = ref (Filename.get_temp_dir_name ()) in
+  Arg.parse
+    [
+      ("-quick", Arg.Set quick, " a 50 MB value, one run");
+      ("-scale", Arg.Set_float scale, "GB size of the value in the heap (default 1)");
+      ("-runs", Arg.Set_int runs, "N runs of each load, the best is kept (default 3)");
+      ("-dir", Arg.Set_string dir, "DIR where the files go (default the temp dir)");
+    ]
+    (fun _ -> raise (Arg.Bad "no arguments"))
+    "image_bench.exe [-quick] [-scale GB] [-runs N] [-dir DIR]";
+  if !quick then (scale := 0.05; runs := 1);
+  let marshal_path = Filename.concat !dir "offheap-bench.marshal" in
+  let image_path = Filename.concat !dir "offheap-bench.img" in
+  Printf.eprintf "building a %.2f GB value...\n%!" !scale;
+  let t0 = Unix.gettimeofday () in
+  let v = build !scale in
+  let heap_bytes = Obj.reachable_words (Obj.repr v) * 8 in
+  Printf.eprintf "built in %.1f s: %d strings, %d MB in the heap\n%!" (Unix.gettimeofday () -. t0)
+    (Array.length (fst v)) (heap_bytes lsr 20);
+  let t0 = Unix.gettimeofday () in
+  let oc = open_out_bin marshal_path in
+  Marshal.to_channel oc v [];
+  close_out oc;
+  let t_marshal_write = Unix.gettimeofday () -. t0 in
+  let t0 = Unix.gettimeofday () in
+  Offheap.Image.write image_path v;
+  let t_image_write = Unix.gettimeofday () -. t0 in
+  let size p = (Unix.stat p).Unix.st_size in
+  Printf.eprintf "written: Marshal %d MB in %.1f s, image %d MB in %.1f s\n%!"
+    (size marshal_path lsr 20) t_marshal_write (size image_path lsr 20) t_image_write;
+  ignore (Sys.opaque_identity v);
+  Gc.compact ();
+  let modes =
+    [
+      ("marshal", "`Marshal.from_channel`");
+      ("relocated", "`Image.load`, relocated (checksum and structure verified)");
+      ("relocated-unverified", "`Image.load ~verify:false`, relocated (structure verified)");
+      ("mapped", "`Image.load`, at the recorded address (checksum and structure verified)");
+      ("trusted", "`Image.load ~trusted:true ~verify:false`, at the recorded address");
+    ]
+  in
+  let path_of mode = if mode = "marshal" then marshal_path else image_path in
+  let times =
+    List.map
+      (fun (mode, label) ->
+        Printf.eprintf "loading: %s...\n%!" mode;
+        (mode, label, best !runs (fun () -> time_child mode (path_of mode))))
+      modes
+  in
+  let t_marshal = match times with (_, _, t) :: _ -> t | [] -> nan in
+  Printf.printf
+    "A value of %d MB in the heap (%d strings and a map of %d entries); Marshal file %d MB, \
+     image %d MB. Written in %.1f s (Marshal) and %.1f s (image). Best of %d fresh processes; \
+     the time is the load call only, the file in the page cache.\n\n"
+    (heap_bytes lsr 20) (Array.length (fst v)) (IM.cardinal (snd v)) (size marshal_path lsr 20)
+    (size image_path lsr 20) t_marshal_write t_image_write !runs;
+  Printf.printf "| making the value usable | time | speed-up over Marshal |\n|---|---:|---:|\n";
+  List.iter
+    (fun (_, label, t) -> Printf.printf "| %s | %s | %.0fx |\n" label (seconds t) (t_marshal /. t))
+    times;
+  Printf.eprintf "memory of %d processes...\n%!" processes;
+  let nothing = pss_total "nothing" marshal_path in
+  let marshalled = pss_total "marshal" marshal_path in
+  let mapped = pss_total "mapped" image_path in
+  Printf.printf "\n| %d processes holding it (all of it touched) | Pss, total | Pss, per process |\n|---|---:|---:|\n"
+    processes;
+  Printf.printf "| holding nothing (the runtime alone) | %s | %s |\n" (mb nothing) (mb (nothing / processes));
+  Printf.printf "| unmarshalled | %s | %s |\n" (mb marshalled) (mb (marshalled / processes));
+  Printf.printf "| `Image.load` at the recorded address | %s | %s |\n%!" (mb mapped) (mb (mapped / processes));
+  Sys.remove marshal_path;
+  Sys.remove image_path
+
+let () =
+  match Sys.argv with
+  | [| _; "-child"; mode; path |] -> child mode path
+  | [| _; "-hold"; mode; path |] -> hold mode path
+  | _ -> main ()
