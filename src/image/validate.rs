@@ -197,7 +197,10 @@ pub fn check(
                         ),
                     ));
                 }
-                *field = v.wrapping_add(delta);
+                if delta != 0 {
+                    // Never written at the recorded address: the page stays shared.
+                    *field = v.wrapping_add(delta);
+                }
             }
         }
         i += 1 + wosize;
