@@ -204,7 +204,7 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
     let process = image_process(word(flat_float_array) != val_int(0));
     // SAFETY: we hold the runtime and allocate nothing on the OCaml heap until the copy
     // returns; Malloc does not call into OCaml.
-    let copied = match unsafe { runtime::copy_value_with_static(word(v), &mut Malloc) } {
+    let copied = match unsafe { runtime::copy_value(word(v), true, &mut Malloc) } {
         Ok(copied) => copied,
         Err(e) if e.is_out_of_memory() => return image_failure(b'M', ""),
         Err(e) => {

@@ -3,7 +3,8 @@
 //! Each backend (`ocaml4.rs`, `ocaml5.rs`, chosen by `cfg(ocaml5)` from `build.rs`)
 //! provides:
 //! - `RuntimeHeap`: the [`Heap`] classifier (which pointers lead to blocks to copy);
-//! - `visited_set()`: the visited set the copy uses on that runtime (`Visited`);
+//! - `visited_set(copy_static)`: the visited set the copy uses on that runtime
+//!   (`Visited`);
 //! - `register` / `unregister` / `reregister_shared`: making a copy known to the
 //!   runtime's polymorphic operations (OCaml 4's page table; nothing on OCaml 5);
 //! - `DEFERS_FREE` and `major_cycles_completed()`: whether freeing must wait for the
@@ -83,39 +84,10 @@ pub unsafe fn copy_value<A: Allocator>(
     // concurrency for the whole call.
     unsafe {
         #[allow(irrefutable_let_patterns)]
-        match backend::visited_set() {
+        match backend::visited_set(copy_static) {
             backend::Visited::Marks(marks) => copy::copy(v, &mut heap, marks, alloc),
             #[cfg(ocaml5)]
             backend::Visited::Table(table) => copy::copy(v, &mut heap, table, alloc),
-        }
-    }
-}
-
-/// Copies `v` and everything it reaches, static data included, never writing to the
-/// source: the visited set is a side table on OCaml 5, where some static blocks are
-/// read-only (the atom table: marking its headers would fault); header marks on OCaml 4,
-/// whose static blocks are writable. For images.
-///
-/// # Safety
-/// As [`copy_value`].
-pub unsafe fn copy_value_with_static<A: Allocator>(
-    v: Word,
-    alloc: &mut A,
-) -> Result<Copied, CopyError> {
-    let mut heap = backend::RuntimeHeap::new(true);
-    #[cfg(ocaml5)]
-    {
-        let table = copy::visited::SideTable::with_capacity(0);
-        // SAFETY: forwarded; the side table never writes to the source.
-        unsafe { copy::copy(v, &mut heap, table, alloc) }
-    }
-    #[cfg(not(ocaml5))]
-    {
-        // SAFETY: forwarded, as in `copy_value`.
-        unsafe {
-            match backend::visited_set() {
-                backend::Visited::Marks(marks) => copy::copy(v, &mut heap, marks, alloc),
-            }
         }
     }
 }

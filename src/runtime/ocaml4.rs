@@ -147,11 +147,11 @@ pub enum Visited {
     Marks(HeaderMarks),
 }
 
-/// Header marks in blue.
+/// Header marks in blue, static data included (it is writable on OCaml 4).
 ///
 /// # Safety
 /// Always safe on OCaml 4; `unsafe` for the same interface as OCaml 5's.
-pub unsafe fn visited_set() -> Visited {
+pub unsafe fn visited_set(_copy_static: bool) -> Visited {
     Visited::Marks(HeaderMarks::new(Color::C2))
 }
 

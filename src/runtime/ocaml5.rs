@@ -93,15 +93,16 @@ pub enum Visited {
     Table(SideTable),
 }
 
-/// Chooses the visited set for a copy starting now.
+/// Chooses the visited set for a copy starting now. Copying static data means visiting
+/// blocks some of which are read-only (the atom table), so that takes the side table too.
 ///
 /// # Safety
 /// Called holding the domain lock, which is kept until the copy ends.
-pub unsafe fn visited_set() -> Visited {
+pub unsafe fn visited_set(copy_static: bool) -> Visited {
     // SAFETY: plain runtime queries. While this domain holds its lock and is the only
     // one, no other domain can start, so the choice holds for the whole copy.
     unsafe {
-        if caml_domain_is_multicore() != 0 {
+        if copy_static || caml_domain_is_multicore() != 0 {
             return Visited::Table(SideTable::with_capacity(0));
         }
         let garbage = std::ptr::read_volatile(std::ptr::addr_of!(caml_global_heap_state.garbage));
