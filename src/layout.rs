@@ -144,12 +144,6 @@ pub const fn header_addr(v: Word) -> *mut Word {
     (v - WORD_BYTES) as *mut Word
 }
 
-/// The value pointing at the block whose header is at `hp`.
-#[inline(always)]
-pub fn val_of_header_addr(hp: *mut Word) -> Word {
-    hp as Word + WORD_BYTES
-}
-
 /// Reads the header of block `v`.
 ///
 /// # Safety
