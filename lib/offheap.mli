@@ -88,7 +88,8 @@ val copy : ?alloc:alloc -> 'a -> 'a t
     with a message naming it: an abstract block, a custom block other than [Int32],
     [Int64] and [Nativeint] (for example a [Bigarray] or a channel), an unforced lazy
     value (force it first), or on OCaml 5 a continuation. [v] is left exactly as it was
-    and nothing is allocated.
+    and nothing is allocated. Also, on OCaml 5, when another domain writes a new block
+    into [v] while it is being copied (the copy is then freed).
     @raise Out_of_memory when the allocator returns [NULL]; [v] is left as it was. *)
 
 val get : 'a t -> 'a

@@ -12,7 +12,10 @@
 //!
 //! Every error (a block that cannot be copied, an allocator that fails) is detected in or
 //! right after pass 1, before anything was written, and takes the same exit: restore, free
-//! what was allocated, report. The source is left as it was, byte for byte.
+//! what was allocated, report. The source is left as it was, byte for byte. One error
+//! shows only in pass 2: on OCaml 5 another domain may write a pointer to a new block into
+//! the source between the passes; the copy has no room for it, so it is freed and the
+//! error reported.
 //!
 //! Most of a copy's time goes to cache misses on a scattered source. Each header is read
 //! once per pass, marks sit in the headers themselves where the runtime allows, and the
@@ -70,6 +73,8 @@ pub enum CopyError {
     OutOfMemory(usize),
     /// The allocator returned memory that is not word aligned.
     Misaligned,
+    /// Another domain wrote a pointer to a new block into the value during the copy.
+    Mutated,
 }
 
 impl CopyError {
@@ -93,6 +98,7 @@ impl fmt::Display for CopyError {
             CopyError::Continuation => f.write_str("continuation"),
             CopyError::OutOfMemory(bytes) => write!(f, "the allocator returned NULL for {bytes} bytes"),
             CopyError::Misaligned => f.write_str("the allocator returned memory that is not word aligned"),
+            CopyError::Mutated => f.write_str("the value changed while it was copied (another domain wrote to it)"),
         }
     }
 }
@@ -163,6 +169,7 @@ pub unsafe fn copy<H: Heap, V: VisitedSet, A: Allocator>(
         visited,
         queue: Queue::new(),
         words: 0,
+        mutated: false,
         last_discovered: 0,
         jumps: 0,
     };
@@ -181,6 +188,8 @@ struct Traversal<'a, H, V> {
     queue: Queue,
     /// Words measured so far: the offset of the next block.
     words: usize,
+    /// Pass 2 met a pointer to a block that pass 1 did not see: the source changed.
+    mutated: bool,
     /// The block discovered last.
     last_discovered: Word,
     /// Blocks discovered more than [`JUMP_BYTES`] away from the one before, and pointers
@@ -209,6 +218,11 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         }
         // SAFETY: `base` holds `bytes` bytes, exactly what pass 1 measured.
         let root = unsafe { self.write(root, base as *mut Word) };
+        if self.mutated {
+            // SAFETY: `base` came from this allocator with this size; nothing refers to it.
+            unsafe { alloc.free(base, bytes) };
+            return Err(CopyError::Mutated);
+        }
         Ok(Copied {
             root,
             base,
@@ -406,7 +420,12 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             // SAFETY: pointer arithmetic inside the allocation; `v - block` is the infix
             // offset, 0 for an ordinary block.
             Seen::At(offset) => unsafe { base.add(offset + 1) as Word + (v - block) },
-            Seen::New(_) => unreachable!("pass 1 discovered every block"),
+            // Pass 1 discovered every block, unless another domain wrote a new pointer
+            // into the source meanwhile: there is no room for its block in the copy.
+            Seen::New(_) => {
+                self.mutated = true;
+                layout::val_int(0)
+            }
         }
     }
 }
