@@ -14,28 +14,26 @@ OCAML5_ENV := ../shared/ocaml5-env.sh
 
 all: build
 
-# Installs the Debian packages that are missing (nothing when all are there).
-deps:
-	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
+# $(call install_missing,PACKAGES,APT_FLAGS): installs those of PACKAGES that are missing
+# (nothing when all are there).
+define install_missing
+	@missing=$$(for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
 	done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:" $$missing; \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(2) $$missing >/dev/null; \
 	fi
+endef
+
+deps:
+	$(call install_missing,$(DEBIAN_PACKAGES),)
 	@command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup)"; exit 1; }
 
 # The same, for the packaging tests' tools (recommended packages left out).
 deps-packaging: deps
-	@missing=$$(for p in $(PACKAGING_PACKAGES); do \
-	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
-	done); \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:" $$missing; \
-	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
+	$(call install_missing,$(PACKAGING_PACKAGES),--no-install-recommends)
 
 build: deps
 	dune build

@@ -16,14 +16,9 @@
 # Usage: duniverse.sh [TARBALL]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-version=$(sed -n 's/^version: "\(.*\)"$/\1/p' offheap.opam)
-tarball=$(realpath "${1:-_release/offheap-$version.tar.gz}")
-[ -f "$tarball" ] || { echo "duniverse: no $tarball (make release)" >&2; exit 1; }
-step() { printf '[duniverse] %s\n' "$*"; }
-fail() { printf '[duniverse] FAILED: %s\n' "$*" >&2; exit 1; }
-
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/offheap-duniverse.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
+name=duniverse
+. tests/packaging/common.sh
+need_tarball "$@"
 ws=$tmp/workspace
 mkdir -p "$ws/duniverse" "$ws/app" "$tmp/cargo-home" "$tmp/home"
 tar -xzf "$tarball" -C "$ws/duniverse"

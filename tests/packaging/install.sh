@@ -15,11 +15,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 project=$(cd "${1:-$here/../..}" && pwd)
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/offheap-install.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
+name=install
+. "$here/common.sh"
 prefix=$tmp/prefix
-step() { printf '[install] %s\n' "$*"; }
-fail() { printf '[install] FAILED: %s\n' "$*" >&2; exit 1; }
 
 step "dune install --prefix $prefix"
 (cd "$project" && dune build @install && dune install --prefix "$prefix" offheap >"$tmp/install.log" 2>&1) ||

@@ -16,14 +16,9 @@
 # Usage: offline.sh [TARBALL]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-version=$(sed -n 's/^version: "\(.*\)"$/\1/p' offheap.opam)
-tarball=$(realpath "${1:-_release/offheap-$version.tar.gz}")
-[ -f "$tarball" ] || { echo "offline: no $tarball (make release)" >&2; exit 1; }
-step() { printf '[offline] %s\n' "$*"; }
-fail() { printf '[offline] FAILED: %s\n' "$*" >&2; exit 1; }
-
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/offheap-offline.XXXXXX")
-trap 'rm -rf "$tmp"' EXIT
+name=offline
+. tests/packaging/common.sh
+need_tarball "$@"
 tar -xzf "$tarball" -C "$tmp"
 src=$tmp/offheap-$version
 [ -d "$src/vendor" ] && [ -f "$src/.cargo/config.toml" ] && [ -f "$src/Cargo.lock" ] ||
