@@ -14,9 +14,11 @@
 //!   addresses to copy, the visited set, page-table registration, deferred frees.
 //! - `stubs` (feature `stubs`): the `#[ocaml::func]` externals of `lib/offheap.ml`.
 //! - `capi` (feature `stubs`): the C interface of `lib/offheap.h`.
+//! - [`fault`]: panic injection for tests (feature `fault-injection`).
 
 pub mod alloc;
 pub mod copy;
+pub mod fault;
 pub mod image;
 pub mod layout;
 

@@ -175,6 +175,7 @@ pub unsafe fn copy<H: Heap, V: VisitedSet, A: Allocator>(
     };
     // SAFETY: the caller's contract on `root` and its graph is the traversal's.
     let outcome = unsafe { traversal.run(root, alloc) };
+    crate::fault::point("restore");
     // SAFETY: the queue lists exactly the blocks the visited set marked.
     unsafe { traversal.visited.restore(&traversal.queue) };
     outcome
@@ -236,6 +237,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     unsafe fn measure(&mut self, root: Word) -> Result<(), CopyError> {
         // SAFETY: `root` is a pointer to a block to copy.
         unsafe { self.discover(root)? };
+        crate::fault::point("measure");
         let mut next = 0;
         while let Some(entry) = self.queue.get(next) {
             self.prefetch_ahead(next);
@@ -356,6 +358,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
 
     /// Pass 2: writes every queued block at its offset from `base`; returns the root's copy.
     unsafe fn write(&mut self, root: Word, base: *mut Word) -> Word {
+        crate::fault::point("write");
         let mut dst_header = base;
         let prefetching = self.jumps * 8 > self.queue.len();
         for k in 0..self.queue.len() {
