@@ -8,7 +8,7 @@ PACKAGING_PACKAGES := opam libfindlib-ocaml-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OCAML5_ENV := ../shared/ocaml5-env.sh
 
-.PHONY: all deps deps-packaging build demo doc test test-rust test-ocaml test-doc test-ocaml5 \
+.PHONY: all deps deps-packaging build demo doc test test-rust test-ocaml test-faults test-doc test-ocaml5 \
 	release opam-lint test-release test-duniverse test-install test-install-ocaml5 \
 	test-packaging bench bench-quick lint fmt clean
 
@@ -49,7 +49,7 @@ doc: deps
 
 # All tests: Rust (core on the fake heap), OCaml (native, bytecode, small minor heap; the
 # examples) and the documentation.
-test: deps test-rust test-ocaml test-doc
+test: deps test-rust test-ocaml test-faults test-doc
 
 test-rust:
 	cargo test --release --quiet
@@ -68,10 +68,19 @@ test-doc: deps
 	if [ -n "$$out" ]; then echo "$$out"; echo "dune build @doc: odoc warns"; exit 1; fi; \
 	echo "dune build @doc: no warnings"
 
+# A panic inside a stub aborts the process with its message (tests/faults/): the stubs
+# built with the cargo feature fault-injection, in a build directory of their own.
+FAULTS_BUILD := _build_faults
+test-faults: deps
+	OFFHEAP_CARGO_FEATURES=fault-injection dune build --build-dir $(FAULTS_BUILD) \
+	  tests/faults/test_panics.exe tests/faults/test_panics.bc
+	$(FAULTS_BUILD)/default/tests/faults/test_panics.exe
+	CAML_LD_LIBRARY_PATH=$(FAULTS_BUILD)/default/lib $(FAULTS_BUILD)/default/tests/faults/test_panics.bc
+
 # The same OCaml tests on OCaml 5.3, in a Debian trixie chroot (created on first use;
 # the Rust tests do not depend on the OCaml version).
 test-ocaml5:
-	OCAML5_PACKAGES=make $(OCAML5_ENV) $(CURDIR) 'make test-ocaml DEBIAN_PACKAGES='
+	OCAML5_PACKAGES=make $(OCAML5_ENV) $(CURDIR) 'make test-ocaml test-faults DEBIAN_PACKAGES='
 
 # Packaging (tests/packaging/): the release tarball, built offline; offheap inside a
 # larger dune workspace; the installed library (dune project, C allocator via ocamlfind,

@@ -5,94 +5,75 @@ type alloc
 
 type stats = { bytes : int; blocks : int; transient_bytes : int }
 
+(* The handle (src/handle.rs): allocated here in state "freed" before the copy is made,
+   filled by the copy stub, freed by one compare-and-swap on [state] in the free stub.
+   [state] is [base / 2] while live (an address is even) and -1 once freed. Nothing
+   between the stub's return and [copy]'s allocates, so no exception (a signal
+   handler's, say) can come between a copy and its handle. *)
 type 'a t = {
-  mutable root : Obj.t;  (** the copy; [()] once freed *)
-  mutable live : bool;
-  base : int;  (** address of the allocation; 0 when nothing was allocated *)
-  stats : stats;
+  root : Obj.t;
   alloc : alloc;  (** keeps the allocator block alive until the copy is released *)
+  mutable state : int;
+  bytes : int;
+  blocks : int;
+  transient_bytes : int;
 }
+
+let freed_state = -1
 
 external stub_malloc : unit -> alloc = "offheap_stub_malloc"
 
-(* Fills [result] with root, base, bytes, blocks, transient bytes and returns 0; or
-   returns 1 (out of memory) or the message of an Invalid_argument. *)
-external stub_copy : alloc -> bool -> 'a -> Obj.t array -> Obj.t = "offheap_stub_copy"
+(* 0 when [h] now owns the copy; 1 out of memory; else the message of an
+   Invalid_argument. *)
+external stub_copy : 'a t -> bool -> 'a -> Obj.t = "offheap_stub_copy"
 
-external stub_release : alloc -> int -> int -> unit = "offheap_stub_release"
+(* 0 freed; 1 freed, and so much waits for the end of the major cycle that it should
+   be finished; 2 freed already; 3 out of memory (still live). *)
+external stub_free : 'a t -> int = "offheap_stub_free"
+
+(* The root of a live handle, else its second argument. *)
+external stub_get : 'a t -> Obj.t -> Obj.t = "offheap_stub_get" [@@noalloc]
+external stub_drain : unit -> unit = "offheap_stub_drain"
 external stub_defers_free : unit -> bool = "offheap_stub_defers_free"
-external stub_major_cycles : unit -> int = "offheap_stub_major_cycles"
+external stub_pending_frees : unit -> int = "offheap_stub_pending_frees"
 
 let malloc = stub_malloc ()
 
-(* OCaml 5: a major cycle that began before [free] may still reach the copy through
-   blocks that were alive when it began, and its marker reads the headers there. Memory
-   is handed back only once the cycles completed exceed the count seen at [free]: at the
-   end of a later cycle (a GC alarm), or at the next [copy] or [free]. A program that
-   frees much and allocates little completes no cycle, so once more than
-   [pending_limit] bytes wait, [free] finishes the running cycle itself. The list is
-   shared by all domains, hence the atomics. *)
-let defers_free = stub_defers_free ()
-let pending_limit = 8 lsl 20
+(* OCaml 5: a freed copy's memory goes back once the major cycle running at [free]
+   has ended (src/release.rs): at the end of a later cycle (this alarm), or at the
+   next [copy] or [free]. *)
+let () = if stub_defers_free () then ignore (Gc.create_alarm stub_drain : Gc.alarm)
+let pending_frees = stub_pending_frees
 
-type pending = { after_cycle : int; bytes : int; release : unit -> unit }
-
-let pending : pending list Atomic.t = Atomic.make []
-let pending_bytes = Atomic.make 0
-
-let rec push p =
-  let l = Atomic.get pending in
-  if not (Atomic.compare_and_set pending l (p :: l)) then push p
-
-let drain () =
-  match Atomic.get pending with
-  | [] -> ()
-  | _ ->
-      let due = Atomic.exchange pending [] in
-      let completed = stub_major_cycles () in
-      List.iter
-        (fun p ->
-          if completed > p.after_cycle then begin
-            p.release ();
-            ignore (Atomic.fetch_and_add pending_bytes (-p.bytes) : int)
-          end
-          else push p)
-        due
-
-let defer_release ~bytes release =
-  push { after_cycle = stub_major_cycles (); bytes; release };
-  ignore (Atomic.fetch_and_add pending_bytes bytes : int);
-  drain ();
-  if Atomic.get pending_bytes > pending_limit then begin
-    Gc.major ();
-    drain ()
-  end
-
-let pending_frees () = List.length (Atomic.get pending)
-let () = if defers_free then ignore (Gc.create_alarm drain : Gc.alarm)
+let fresh alloc =
+  { root = Obj.repr 0; alloc; state = freed_state; bytes = 0; blocks = 0; transient_bytes = 0 }
 
 let copy ?(alloc = malloc) v =
-  if defers_free then drain ();
-  let r = Array.make 5 (Obj.repr 0) in
-  let status = stub_copy alloc false v r in
-  if status = Obj.repr 0 then
-    let int i : int = Obj.obj r.(i) in
-    let stats = { bytes = int 2; blocks = int 3; transient_bytes = int 4 } in
-    { root = r.(0); live = true; base = int 1; stats; alloc }
-  else if status = Obj.repr 1 then raise Out_of_memory
+  let h = fresh alloc in
+  let status = stub_copy h false v in
+  if status == Obj.repr 0 then h
+  else if status == Obj.repr 1 then raise Out_of_memory
   else invalid_arg (Obj.obj status : string)
 
-let get h = if h.live then Obj.obj h.root else invalid_arg "Offheap.get: deleted"
-let stats h = h.stats
+(* A block no handle's root can be: what [stub_get] returns for a freed handle. *)
+let freed_marker = Obj.repr (ref ())
+
+let get h =
+  let r = stub_get h freed_marker in
+  if r == freed_marker then invalid_arg "Offheap.get: deleted" else Obj.obj r
+
+let stats (h : _ t) =
+  { bytes = h.bytes; blocks = h.blocks; transient_bytes = h.transient_bytes }
 
 let free h =
-  if not h.live then invalid_arg "Offheap.free: deleted";
-  h.live <- false;
-  h.root <- Obj.repr ();
-  if h.base <> 0 then begin
-    let release () = stub_release h.alloc h.base h.stats.bytes in
-    if defers_free then defer_release ~bytes:h.stats.bytes release else release ()
-  end
+  match stub_free h with
+  | 0 -> ()
+  | 1 ->
+      (* The handle is freed already: an exception from here on loses nothing. *)
+      Gc.major ();
+      stub_drain ()
+  | 2 -> invalid_arg "Offheap.free: deleted"
+  | _ -> raise Out_of_memory
 
 let delete = free
 
@@ -103,8 +84,8 @@ module Image = Image.Make (struct
   type nonrec alloc = alloc
 
   let make ~root ~base ~bytes ~blocks ~alloc =
-    if defers_free then drain ();
-    { root; live = true; base; stats = { bytes; blocks; transient_bytes = 0 }; alloc }
+    stub_drain ();
+    { root; alloc; state = base / 2; bytes; blocks; transient_bytes = 0 }
 
   let alloc_of h = h.alloc
 end)

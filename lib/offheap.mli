@@ -45,9 +45,15 @@
       the original constructor in a [try ... with] (as with [Marshal]).
     - Closures can be copied, and called, only within the same running program: their
       code pointers are those of this executable.
-    - On OCaml 5, [free] and [get] on the same handle from two domains at once is a race,
-      like any unsynchronised mutation. Copying values that other domains are reading is
-      fine: the copy never writes to the source. *)
+    - [free] takes the copy from its handle atomically: of several threads or domains
+      freeing one handle at once, exactly one succeeds and the others raise. A [get]
+      racing with [free] returns the copy or raises; the copy it returned must not be
+      used once the [free] has returned, as after any [free].
+    - Exceptions raised by signal handlers (a [Sys.catch_break], a SIGALRM timeout) never
+      come between a copy and its handle: [copy] either returns a handle that owns the
+      copy or raises with nothing allocated, and [free] either frees or does nothing.
+    - A panic of the Rust code (a bug) aborts the process with its message; it never
+      turns into an OCaml exception. *)
 
 type 'a t
 (** A handle to one off-heap copy of a value of type ['a]. *)

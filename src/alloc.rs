@@ -44,6 +44,12 @@ impl CAllocator {
         CAllocator { block }
     }
 
+    /// The free function (field 1).
+    pub fn free_fn(&self) -> FreeFn {
+        // SAFETY: field 1 holds a `FreeFn` (`new`'s contract).
+        unsafe { std::mem::transmute::<Word, FreeFn>(self.field(1)) }
+    }
+
     fn field(&self, i: usize) -> Word {
         // SAFETY: `new`'s contract: the block has fields 0 and 1.
         unsafe { *(self.block as *const Word).add(i) }
@@ -59,10 +65,8 @@ impl Allocator for CAllocator {
     }
 
     unsafe fn free(&mut self, ptr: *mut u8, bytes: usize) {
-        // SAFETY: field 1 holds a `FreeFn` (`new`'s contract).
-        let free: FreeFn = unsafe { std::mem::transmute::<Word, FreeFn>(self.field(1)) };
         // SAFETY: `ptr` and `bytes` came from this allocator's `alloc`.
-        unsafe { free(self.block, ptr, bytes) }
+        unsafe { (self.free_fn())(self.block, ptr, bytes) }
     }
 }
 

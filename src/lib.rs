@@ -12,6 +12,9 @@
 //!   relocation).
 //! - `runtime` (feature `stubs`): what differs between OCaml 4 and OCaml 5: which
 //!   addresses to copy, the visited set, page-table registration, deferred frees.
+//! - `handle` (feature `stubs`): the OCaml record that owns a copy; freeing it once.
+//! - `release` (feature `stubs`): giving freed copies back, at once or after the major
+//!   cycle (OCaml 5).
 //! - `stubs` (feature `stubs`): the `#[ocaml::func]` externals of `lib/offheap.ml`.
 //! - `capi` (feature `stubs`): the C interface of `lib/offheap.h`.
 //! - [`fault`]: panic injection for tests (feature `fault-injection`).
@@ -24,6 +27,10 @@ pub mod layout;
 
 #[cfg(feature = "stubs")]
 mod capi;
+#[cfg(feature = "stubs")]
+mod handle;
+#[cfg(feature = "stubs")]
+mod release;
 #[cfg(feature = "stubs")]
 mod runtime;
 #[cfg(feature = "stubs")]

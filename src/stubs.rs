@@ -7,14 +7,13 @@
 //! back as values and the OCaml side raises.
 
 use ocaml::{Raw, Value};
-use ocaml_sys::{caml_alloc_small, caml_copy_string, caml_modify};
+use ocaml_sys::{caml_alloc_small, caml_copy_string};
 
 use crate::alloc::{offheap_alloc, offheap_free, Allocator, CAllocator};
+use crate::handle;
 use crate::layout::{val_int, Word, ABSTRACT_TAG};
+use crate::release::{self, Outcome};
 use crate::runtime;
-
-/// Fields of the result array that `offheap_stub_copy` fills.
-const RESULT_FIELDS: usize = 5;
 
 fn word(v: Raw) -> Word {
     v.0 as Word
@@ -42,24 +41,25 @@ pub fn offheap_stub_malloc(_unit: Raw) -> Value {
     }
 }
 
-/// Copies `v` with the allocator block `alloc` (static data too when `copy_static`).
-/// On success fills `result` (an array of [`RESULT_FIELDS`] values: root, base address,
-/// bytes, blocks, transient bytes) and returns 0; returns 1 when the allocator ran out
-/// of memory, or the message of the `Invalid_argument` to raise.
+/// Copies `v` (static data too when `copy_static`) with the allocator block of the fresh
+/// handle `h` (see `handle.rs`) and makes `h` own the copy. Returns 0; or 1 when the
+/// allocator ran out of memory, or the message of the `Invalid_argument` to raise, and
+/// `h` stays freed.
 #[ocaml::native_func]
-pub fn offheap_stub_copy(alloc: Raw, copy_static: Raw, v: Raw, result: Raw) -> Value {
-    copy(alloc, copy_static, v, result)
+pub fn offheap_stub_copy(h: Raw, copy_static: Raw, v: Raw) -> Value {
+    copy(word(h), word(copy_static) != val_int(0), word(v))
 }
 
 /// The body of [`offheap_stub_copy`].
-fn copy(alloc: Raw, copy_static: Raw, v: Raw, result: Raw) -> Value {
-    // SAFETY: `alloc` is an allocator block (the OCaml type `alloc` only comes from
-    // `malloc` or from C code that builds one), alive for the call.
-    let mut allocator = unsafe { CAllocator::new(word(alloc)) };
-    let copy_static = word(copy_static) != val_int(0);
+fn copy(h: Word, copy_static: bool, v: Word) -> Value {
+    // SAFETY: called from a stub, holding the runtime.
+    unsafe { release::drain_due() };
+    // SAFETY: field 1 of a handle is its allocator block (the OCaml type `alloc` only
+    // comes from `malloc` or from C code that builds one), alive for the call.
+    let mut allocator = unsafe { CAllocator::new(*(h as *const Word).add(1)) };
     // SAFETY: we hold the runtime and allocate nothing on the OCaml heap until the copy
     // returns; the allocator's contract forbids calls into OCaml.
-    let copied = match unsafe { runtime::copy_value(word(v), copy_static, &mut allocator) } {
+    let copied = match unsafe { runtime::copy_value(v, copy_static, &mut allocator) } {
         Ok(copied) => copied,
         Err(e) if e.is_out_of_memory() => return value(val_int(1)),
         // SAFETY: the message is a NUL-free Rust string; one allocation, nothing else
@@ -77,19 +77,9 @@ fn copy(alloc: Raw, copy_static: Raw, v: Raw, result: Raw) -> Value {
         unsafe { allocator.free(copied.base, copied.bytes) };
         return value(val_int(1));
     }
-    let fields = [
-        copied.root,
-        val_int(copied.base as isize),
-        val_int(copied.bytes as isize),
-        val_int(copied.blocks as isize),
-        val_int(copied.transient_bytes as isize),
-    ];
-    let out = word(result) as *mut ocaml_sys::Value;
-    for (i, field) in fields.into_iter().enumerate().take(RESULT_FIELDS) {
-        // SAFETY: `result` is an array of RESULT_FIELDS values (offheap.ml makes it);
-        // the stored words are immediates or the copy's root, which the GC leaves alone.
-        unsafe { caml_modify(out.add(i), field as ocaml_sys::Value) };
-    }
+    // SAFETY: `h` is the fresh handle of this call; the root is an immediate or outside
+    // the heap.
+    unsafe { handle::fill(h, &copied) };
     value(val_int(0))
 }
 
@@ -100,29 +90,50 @@ fn nul_terminated(s: &str) -> Vec<u8> {
     bytes
 }
 
-/// Gives the copy `[base, base + bytes)` back to the allocator block `alloc`, now.
+/// Frees the handle `h`. Returns 0 when done, 1 when done and so many bytes wait for
+/// the end of the major cycle (OCaml 5) that the OCaml side should finish it, 2 when
+/// `h` was freed already, 3 when there was no memory to queue the free (`h` is still
+/// live).
 #[ocaml::native_func]
-pub fn offheap_stub_release(alloc: Raw, base: Raw, bytes: Raw) -> Value {
-    let base = (word(base) as isize >> 1) as *mut u8;
-    let bytes = (word(bytes) as isize >> 1) as usize;
-    runtime::unregister(base, bytes);
-    // SAFETY: `alloc` is the block the copy was made with, and the OCaml side calls this
-    // once per copy, after its handle was marked freed.
-    unsafe { CAllocator::new(word(alloc)).free(base, bytes) };
-    runtime::reregister_shared(base, bytes);
+pub fn offheap_stub_free(h: Raw) -> Value {
+    // SAFETY: called from a stub holding the runtime; `h` is a handle; nothing is
+    // allocated on the OCaml heap here.
+    let code = unsafe {
+        release::drain_due();
+        match release::free(word(h)) {
+            Outcome::Done(hurry) => isize::from(hurry),
+            Outcome::AlreadyFreed => 2,
+            Outcome::OutOfMemory => 3,
+        }
+    };
+    value(val_int(code))
+}
+
+/// The root of the handle `h` while it is live, else `freed`. Allocates nothing.
+#[ocaml::native_func]
+pub fn offheap_stub_get(h: Raw, freed: Raw) -> Value {
+    // SAFETY: `h` is a handle; nothing is allocated here.
+    value(unsafe { handle::root_if_live(word(h), word(freed)) })
+}
+
+/// Releases the freed copies whose major cycle has ended (OCaml 5).
+#[ocaml::native_func]
+pub fn offheap_stub_drain(_unit: Raw) -> Value {
+    // SAFETY: called from a stub holding the runtime.
+    unsafe { release::drain_due() };
     value(val_int(0))
 }
 
-/// Whether `free` must wait for the running major cycle to end (OCaml 5).
+/// Whether `free` waits for the running major cycle to end (OCaml 5).
 #[ocaml::native_func]
 pub fn offheap_stub_defers_free(_unit: Raw) -> Value {
     value(val_int(runtime::DEFERS_FREE as isize))
 }
 
-/// Major cycles completed so far (OCaml 5; 0 on OCaml 4).
+/// Freed copies waiting for the end of a major cycle.
 #[ocaml::native_func]
-pub fn offheap_stub_major_cycles(_unit: Raw) -> Value {
-    value(val_int(runtime::major_cycles_completed() as isize))
+pub fn offheap_stub_pending_frees(_unit: Raw) -> Value {
+    value(val_int(release::pending() as isize))
 }
 
 // ---------------------------------------------------------------------------------------

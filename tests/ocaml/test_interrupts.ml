@@ -1,0 +1,99 @@
+(* Interruptions: a signal handler that raises, firing every millisecond during large
+   copies and frees, and threads freeing one handle at once. Nothing may be lost: every
+   allocation made for a copy is owned by a handle, and every handle is freed once. *)
+
+open OUnit2
+open Support
+
+exception Timeout
+
+(* [f ()] with a SIGALRM handler that raises [Timeout] every [period] seconds. *)
+let with_alarm ~period f =
+  let timer v = ignore (Unix.setitimer Unix.ITIMER_REAL { Unix.it_interval = v; it_value = v }) in
+  let old = Sys.signal Sys.sigalrm (Sys.Signal_handle (fun _ -> raise Timeout)) in
+  timer period;
+  Fun.protect
+    ~finally:(fun () ->
+      timer 0.;
+      Sys.set_signal Sys.sigalrm old)
+    f
+
+let big_list n = List.init n (fun i -> (i, o "x"))
+
+(* Copies and frees of a large value while the alarm fires: each handle is stored in a
+   slot of an array made beforehand, which allocates nothing, so an exception between [copy] and the
+   store can only come from inside the library. Afterwards every slot still live is
+   freed: the allocator must have nothing outstanding, and the process's memory is back
+   where it was. *)
+let test_alarm_copy_free _ =
+  let v = big_list 300_000 in
+  let id = fresh_id () in
+  let a = counting_alloc id in
+  let rounds = 30 in
+  let freed = Offheap.copy ~alloc:a [] in
+  Offheap.free freed;
+  let slots = Array.make rounds freed in
+  let interrupted = ref 0 in
+  let loop rounds =
+    with_alarm ~period:0.001 (fun () ->
+        for i = 0 to rounds - 1 do
+          try
+            slots.(i) <- Offheap.copy ~alloc:a v;
+            Offheap.free slots.(i)
+          with Timeout -> incr interrupted
+        done);
+    Array.iter (fun h -> try Offheap.free h with Invalid_argument _ -> ()) slots;
+    settle ()
+  in
+  (* A first loop: the memory the allocators and the runtime keep after first use (the
+     traversal's queue comes from malloc, which keeps freed memory for reuse). *)
+  loop 10;
+  let heap () = (Gc.quick_stat ()).Gc.heap_words * (Sys.word_size / 8) in
+  let before = rss () - heap () in
+  loop rounds;
+  assert_bool "the alarm interrupted some rounds" (!interrupted > 0);
+  assert_no_leak ~msg:"after interrupted copies and frees" a;
+  (* Resident memory outside the OCaml heap; a copy is 14 MB. *)
+  let after = rss () - heap () in
+  assert_bool
+    (Printf.sprintf "resident memory grew by %d KiB" ((after - before) / 1024))
+    (after - before < 8 lsl 20);
+  (* The source is intact. *)
+  assert_equal ~printer:pint 300_000 (List.length v);
+  List.iteri (fun i (j, s) -> assert (i = j && s = "x")) v
+
+(* [get] on a handle freed by another thread raises; [free] succeeds once. *)
+let test_threads_free_once _ =
+  let id = fresh_id () in
+  let a = counting_alloc id in
+  let rounds = if native then 200 else 50 and threads = 4 in
+  for _ = 1 to rounds do
+    let h = Offheap.copy ~alloc:a (o [ 1; 2; 3 ], o "abc") in
+    let wins = Atomic.make 0 and losses = Atomic.make 0 in
+    let go = Atomic.make false in
+    let worker () =
+      while not (Atomic.get go) do
+        Thread.yield ()
+      done;
+      (match Offheap.get h with
+      | l, s -> assert (List.length l = 3 && String.length s = 3)
+      | exception Invalid_argument _ -> ());
+      match Offheap.free h with
+      | () -> Atomic.incr wins
+      | exception Invalid_argument _ -> Atomic.incr losses
+    in
+    let ts = List.init threads (fun _ -> Thread.create worker ()) in
+    Atomic.set go true;
+    List.iter Thread.join ts;
+    assert_equal ~msg:"frees that succeeded" ~printer:pint 1 (Atomic.get wins);
+    assert_equal ~msg:"frees that raised" ~printer:pint (threads - 1) (Atomic.get losses)
+  done;
+  assert_no_leak ~msg:"threads freeing one handle" a
+
+let () =
+  run_test_tt_main
+    ("interrupts"
+    >::: [
+           "SIGALRM raising during copies and frees" >:: test_alarm_copy_free;
+           "threads freeing one handle" >:: test_threads_free_once;
+         ])
