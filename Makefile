@@ -16,7 +16,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 OCAML5_VARS := OCAML5_CHROOT OCAML5_MIRROR OCAML5_SUITE OCAML5_BASE_PACKAGES OCAML5_SHADOW \
 	OCAML5_MODE OCAML5_EPHEMERAL OCAML5_RUST OCAML5_PASS_ENV
 define in_chroot
-	$(SUDO) env CARGO_HOME="$${CARGO_HOME:-$$HOME/.cargo}" \
+	@echo '[$@] in the chroot (tools/ocaml5-env.sh): $(2)'
+	@$(SUDO) env CARGO_HOME="$${CARGO_HOME:-$$HOME/.cargo}" \
 	  RUSTUP_HOME="$${RUSTUP_HOME:-$$HOME/.rustup}" \
 	  $(foreach v,$(OCAML5_VARS),$(v)="$${$(v):-}") \
 	  OCAML5_PACKAGES="$(1)" tools/ocaml5-env.sh $(CURDIR) '$(2)'
@@ -86,7 +87,7 @@ test-doc: deps
 # The same OCaml tests on OCaml 5.3, in a Debian trixie chroot (created on first use;
 # the Rust tests do not depend on the OCaml version).
 test-ocaml5:
-	$(call in_chroot,,make test-ocaml DEBIAN_PACKAGES=)
+	$(call in_chroot,,ocamlfind ocamlopt -version && make test-ocaml DEBIAN_PACKAGES=)
 
 # The promise of the README's first lines: `make demo` and `make test` on a fresh Debian
 # 12 machine with make and Rust, installing what they need themselves. Both run in a
@@ -99,7 +100,7 @@ test-fresh-debian: export OCAML5_SUITE := bookworm
 test-fresh-debian: export OCAML5_BASE_PACKAGES := make gcc libc6-dev ca-certificates
 test-fresh-debian: export OCAML5_EPHEMERAL := 1
 test-fresh-debian:
-	$(call in_chroot,,make demo && make test)
+	$(call in_chroot,,echo Debian $$(cat /etc/debian_version) && make demo && make test)
 
 # Packaging (tests/packaging/): the release tarball, built offline; offheap inside a
 # larger dune workspace; the installed library (dune project, C allocator via ocamlfind,
