@@ -1,5 +1,6 @@
-# offheap: every entry point. `make demo` and `make test` work on a fresh Debian machine
-# with Rust installed: they install OCaml, dune and the test libraries when missing.
+# offheap: every entry point. `make demo` and `make test` work on a fresh Debian 12 machine
+# with make and Rust: they install OCaml, dune and the test libraries when missing
+# (make test-fresh-debian checks it).
 
 DEBIAN_PACKAGES := ocaml-nox ocaml-dune ocaml-findlib libounit-ocaml-dev ocaml-odoc
 # For the packaging tests only (make test-packaging): opam for `opam lint`, findlib's
