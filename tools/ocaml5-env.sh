@@ -27,6 +27,9 @@
 #   same paths (cargo's registry cache is shared). With OCAML5_RUST=debian, or when the
 #   host has no rustup, trixie's own cargo and rustc (1.85) are installed in the chroot
 #   instead: too old for offheap (rust-version 1.87), so offheap needs the host's.
+#   The command runs as root: through sudo, crates that cargo downloads in the chroot
+#   land in the user's registry cache owned by root (`make test` on the host first
+#   fetches them all as the user).
 #
 # Environment knobs (empty means the default):
 #   OCAML5_CHROOT   chroot directory            (default /var/cache/ocaml5-chroot)
