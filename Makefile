@@ -1,14 +1,31 @@
-# offheap: every entry point. `make demo` and `make test` work on a fresh Debian machine
-# with Rust installed: they install OCaml, dune and the test libraries when missing.
+# offheap: every entry point. `make demo` and `make test` work on a fresh Debian 12 machine
+# with make and Rust: they install OCaml, dune and the test libraries when missing
+# (make test-fresh-debian checks it).
 
 DEBIAN_PACKAGES := ocaml-nox ocaml-dune ocaml-findlib libounit-ocaml-dev ocaml-odoc
 # For the packaging tests only (make test-packaging): opam for `opam lint`, findlib's
 # toplevel support (topfind) for the toplevel test.
 PACKAGING_PACKAGES := opam libfindlib-ocaml-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-OCAML5_ENV := ../shared/ocaml5-env.sh
+
+# $(call in_chroot,PACKAGES,COMMAND): runs COMMAND in this project inside a Debian chroot
+# with OCaml 5.3 (Debian trixie) and PACKAGES, made on first use (about a minute) by the
+# project's own tools/ocaml5-env.sh (see its header). Always that one, also where the
+# team's ../shared/ocaml5-env.sh exists: CI runs what a clone of the project alone runs.
+# It needs root: through sudo otherwise, with the user's Rust toolchain; its OCAML5_*
+# settings (OCAML5_CHROOT: the chroot's directory...) are passed on.
+OCAML5_VARS := OCAML5_CHROOT OCAML5_MIRROR OCAML5_SUITE OCAML5_BASE_PACKAGES OCAML5_SHADOW \
+	OCAML5_MODE OCAML5_EPHEMERAL OCAML5_RUST OCAML5_PASS_ENV
+define in_chroot
+	@echo '[$@] in the chroot (tools/ocaml5-env.sh): $(2)'
+	@$(SUDO) env CARGO_HOME="$${CARGO_HOME:-$$HOME/.cargo}" \
+	  RUSTUP_HOME="$${RUSTUP_HOME:-$$HOME/.rustup}" \
+	  $(foreach v,$(OCAML5_VARS),$(v)="$${$(v):-}") \
+	  OCAML5_PACKAGES="$(1)" tools/ocaml5-env.sh $(CURDIR) '$(2)'
+endef
 
 .PHONY: all deps deps-packaging build demo doc test test-rust test-ocaml test-faults test-doc test-ocaml5 \
+	test-fresh-debian \
 	release opam-lint test-release test-duniverse test-install test-install-ocaml5 \
 	test-packaging bench bench-quick lint fmt clean
 
@@ -80,7 +97,20 @@ test-faults: deps
 # The same OCaml tests on OCaml 5.3, in a Debian trixie chroot (created on first use;
 # the Rust tests do not depend on the OCaml version).
 test-ocaml5:
-	OCAML5_PACKAGES=make $(OCAML5_ENV) $(CURDIR) 'make test-ocaml test-faults DEBIAN_PACKAGES='
+	$(call in_chroot,,ocamlfind ocamlopt -version && make test-ocaml test-faults DEBIAN_PACKAGES=)
+
+# The promise of the README's first lines: `make demo` and `make test` on a fresh Debian
+# 12 machine with make and Rust, installing what they need themselves. Both run in a
+# Debian bookworm chroot (minbase, plus make, gcc and CA certificates: what installing
+# Rust with rustup needs; the host's Rust toolchain) on a throw-away overlay, so every
+# run starts from the fresh system. The chroot is FRESH_CHROOT (made on first use).
+FRESH_CHROOT := /var/cache/offheap-bookworm-chroot
+test-fresh-debian: export OCAML5_CHROOT := $(FRESH_CHROOT)
+test-fresh-debian: export OCAML5_SUITE := bookworm
+test-fresh-debian: export OCAML5_BASE_PACKAGES := make gcc libc6-dev ca-certificates
+test-fresh-debian: export OCAML5_EPHEMERAL := 1
+test-fresh-debian:
+	$(call in_chroot,,echo Debian $$(cat /etc/debian_version) && make demo && make test)
 
 # Packaging (tests/packaging/): the release tarball, built offline; offheap inside a
 # larger dune workspace; the installed library (dune project, C allocator via ocamlfind,
@@ -105,7 +135,7 @@ test-install: deps-packaging
 	bash tests/packaging/install.sh
 
 test-install-ocaml5:
-	OCAML5_PACKAGES="make libfindlib-ocaml-dev" $(OCAML5_ENV) $(CURDIR) 'bash tests/packaging/install.sh'
+	$(call in_chroot,libfindlib-ocaml-dev,bash tests/packaging/install.sh)
 
 bench: build
 	dune exec --no-print-directory -- ./benches/bench.exe
@@ -114,10 +144,15 @@ bench: build
 bench-quick: build
 	dune exec --no-print-directory -- ./benches/bench.exe -- -quick
 
+# Formatting; clippy on every target and feature set, any warning an error; the claim
+# rust-version makes (clippy's incompatible_msrv for offheap's own code, msrv.sh for the
+# crates it builds with).
 lint:
 	cargo fmt --check
-	cargo clippy --all-targets --features stubs -- -D warnings
 	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets --features stubs -- -D warnings
+	cargo clippy --all-targets --all-features -- -D warnings
+	bash tests/packaging/msrv.sh
 
 fmt:
 	cargo fmt
