@@ -271,7 +271,7 @@ fn file_loads_at_its_address_then_relocated() {
     };
     let first = image::load_file(&path, &opts, &process()).unwrap();
     let h = format::Header::decode(&std::fs::read(&path).unwrap()).unwrap();
-    assert_eq!(first.mapping, file::Mapping::File);
+    assert_eq!(first.mapping, file::Mapping::Recorded);
     assert_eq!(
         first.base as u64, h.address,
         "mapped at the recorded address"
@@ -284,14 +284,14 @@ fn file_loads_at_its_address_then_relocated() {
     check_loaded(&mut heap, root, &second);
     // Trusted at the recorded address: no structural walk, same value.
     // SAFETY: loaded above, unused from here on.
-    unsafe { file::unmap(first.base, first.bytes, first.mapping) };
+    unsafe { file::unmap(first.base, first.held(), first.mapping) };
     let trusted = Options {
         trusted: true,
         verify: false,
         ..opts.clone()
     };
     let third = image::load_file(&path, &trusted, &process()).unwrap();
-    assert_eq!(third.mapping, file::Mapping::File);
+    assert_eq!(third.mapping, file::Mapping::Recorded);
     check_loaded(&mut heap, root, &third);
     // Forced relocation, trusted or not, checks everything.
     let forced = Options {
@@ -303,7 +303,7 @@ fn file_loads_at_its_address_then_relocated() {
     check_loaded(&mut heap, root, &fourth);
     for l in [second, third, fourth] {
         // SAFETY: loaded above, unused from here on.
-        unsafe { file::unmap(l.base, l.bytes, l.mapping) };
+        unsafe { file::unmap(l.base, l.held(), l.mapping) };
     }
     let _ = std::fs::remove_file(&path);
 }
