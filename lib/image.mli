@@ -14,7 +14,9 @@ module type HANDLE = sig
   type alloc
 
   val make : root:Obj.t -> base:int -> bytes:int -> blocks:int -> alloc:alloc -> 'a t
-  (** A live handle to a payload at [base] of [bytes] bytes, released through [alloc]. *)
+  (** A live handle to a payload at [base], released through [alloc]; [bytes] is the
+      memory held there (the payload and one word past it, all registered with the
+      runtime). *)
 
   val alloc_of : 'a t -> alloc
 end

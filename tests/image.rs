@@ -1,6 +1,8 @@
-//! Images on the fake heap: round trips of every kind (closures refused), files mapped at
-//! their recorded address and relocated, and bad images (truncated, flipped, forged),
-//! each refused with the check it failed, never a panic.
+//! Images on the fake heap: round trips of every kind (closures refused), files loaded at
+//! their recorded address and relocated, bad images (truncated, flipped, forged, blocks
+//! smaller than their tag, forward cycles, addresses out of the writer's range), each
+//! refused with the check it failed, never a panic; a last block of no fields, files that
+//! are not regular; writes (long names, leftovers, modes, symbolic links, failures).
 //!
 //! The fuzzing part is a bounded proptest over a corpus of valid images; set
 //! `IMAGE_FUZZ_CASES` for a longer run.

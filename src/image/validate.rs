@@ -3,11 +3,13 @@
 //! Everything here works on a payload as a slice of words at the place it will be used
 //! from: no `unsafe`, no assumption about the bytes. A payload that passes [`check`] is a
 //! well-formed graph of OCaml blocks: blocks tile it exactly, every header has the color
-//! no GC marks, every tag is one an image may hold, every pointer field points to the
-//! first field of a block of the payload (relocated to where the payload is now), string
-//! padding is consistent, and the fix-up table lists exactly its custom blocks. What it
-//! does not and cannot check is the OCaml type: as with `Marshal`, that is the caller's
-//! promise.
+//! no GC marks, every tag is one an image may hold, every block is at least as large as
+//! what the runtime's compare, hash and Marshal read for its tag
+//! ([`layout::min_wosize`]), every pointer field points to the first field of a block of
+//! the payload (relocated to where the payload is now), no chain of forward blocks loops,
+//! string padding is consistent, and the fix-up table lists exactly its custom blocks.
+//! What it does not and cannot check is the OCaml type: as with `Marshal`, that is the
+//! caller's promise.
 
 use super::format::CustomKind;
 use super::LoadError;
