@@ -724,6 +724,12 @@ fn addresses_out_of_the_writers_range_are_refused() {
     ] {
         let m = reseal(image, |h| h.address = address);
         assert_eq!(check_of(load(&m, true)), "header", "address {address:#x}");
+        // From a file too, before anything is mapped.
+        let path = temp_path("forged-address.img");
+        std::fs::write(&path, &m).unwrap();
+        let e = image::load_file(&path, &verified(), &process()).unwrap_err();
+        assert_eq!(e.check(), Some("header"), "{e}");
+        let _ = std::fs::remove_file(&path);
     }
     // Every address the writer picks is accepted.
     for bytes in [0usize, 8, 4096, 1 << 30, 1 << 40] {

@@ -421,6 +421,34 @@ let test_names_modes_links _ =
   List.iter (fun f -> Sys.remove (in_sub f)) names;
   Unix.rmdir sub
 
+(* Forged payloads that keep the tiling (~verify:false skips the payload checksum, so the
+   structural checks are what stands): the root block's tag changed to one that needs a
+   size it does not have, or a self-referencing block made a forward. Compare, hash and
+   Marshal would read past the block or loop; the loader refuses them. *)
+let test_forged_sizes _ =
+  let forge v tag check =
+    let path = fresh_path () in
+    Image.write path v;
+    let file = read_file path in
+    let root = Int64.to_int (String.get_int64_le file 40) in
+    set_bytes path (fun b -> Bytes.set b (4096 + root - 8) (Char.chr tag));
+    assert_invalid ~verify:false check path;
+    (* Genuine, the same image loads. *)
+    set_bytes path (fun b -> Bytes.set b (4096 + root - 8) file.[4096 + root - 8]);
+    let h = Image.load ~verify:false path in
+    Offheap.free h;
+    Sys.remove path
+  in
+  forge (Some 3) Obj.object_tag "block size";
+  forge (1, 2) Obj.double_tag "block size";
+  forge (1, 2) Obj.forward_tag "block size";
+  forge [||] Obj.string_tag "block size";
+  forge [||] Obj.object_tag "block size";
+  forge [| 1; 2; 3 |] Obj.custom_tag "block size";
+  let r = ref (Obj.repr 0) in
+  r := Obj.repr r;
+  forge r Obj.forward_tag "forward cycle"
+
 let () =
   at_exit (fun () ->
       if Unix.getpid () = main_pid && Sys.file_exists dir then begin
@@ -441,4 +469,5 @@ let () =
            "last block of no fields" >:: test_last_block_of_no_fields;
            "not regular files" >:: test_not_regular_files;
            "names, modes, links" >:: test_names_modes_links;
+           "forged sizes" >:: test_forged_sizes;
          ])
