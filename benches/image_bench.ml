@@ -1,7 +1,8 @@
 (* The benchmark of images run by [make bench-image]: how long a fresh process takes to
-   make a large value usable, with Marshal from a file and with Offheap.Image.load (at
-   the recorded address, and relocated), and how much memory 4 processes holding it use
-   (Pss, from /proc/self/smaps_rollup).
+   make a large value usable, with Marshal from a file and with Offheap.Image.load (read
+   into private memory, the default, or mapped with ~share:true; at the recorded address,
+   and relocated), and how much memory 4 processes holding it use (Pss, from
+   /proc/self/smaps_rollup).
 
    image_bench.exe [-quick] [-scale GB] [-runs N] [-dir DIR]
 
@@ -59,10 +60,13 @@ let load mode path : value =
       let v = Marshal.from_channel ic in
       close_in ic;
       v
-  | "mapped" -> Offheap.get (Offheap.Image.load path)
-  | "trusted" -> Offheap.get (Offheap.Image.load ~trusted:true ~verify:false path)
-  | "relocated" -> Offheap.get (Offheap.Image.load_relocated path)
-  | "relocated-unverified" -> Offheap.get (Offheap.Image.load_relocated ~verify:false path)
+  | "private" -> Offheap.get (Offheap.Image.load path)
+  | "private-trusted" -> Offheap.get (Offheap.Image.load ~trusted:true ~verify:false path)
+  | "private-relocated" -> Offheap.get (Offheap.Image.load_relocated path)
+  | "shared" -> Offheap.get (Offheap.Image.load ~share:true path)
+  | "shared-trusted" ->
+      Offheap.get (Offheap.Image.load ~share:true ~trusted:true ~verify:false path)
+  | "shared-relocated" -> Offheap.get (Offheap.Image.load_relocated ~share:true path)
   | "nothing" -> ([| "x" |], IM.singleton 0 "x")
   | m -> failwith ("unknown mode " ^ m)
 
@@ -157,10 +161,13 @@ let main () =
   let modes =
     [
       ("marshal", "`Marshal.from_channel`");
-      ("relocated", "`Image.load`, relocated (checksum and structure verified)");
-      ("relocated-unverified", "`Image.load ~verify:false`, relocated (structure verified)");
-      ("mapped", "`Image.load`, at the recorded address (checksum and structure verified)");
-      ("trusted", "`Image.load ~trusted:true ~verify:false`, at the recorded address");
+      ("private", "`Image.load` (read; checksum and structure verified)");
+      ("private-relocated", "`Image.load`, relocated (read; checksum and structure verified)");
+      ("private-trusted", "`Image.load ~trusted:true ~verify:false` (read)");
+      ("shared", "`Image.load ~share:true` (mapped; checksum and structure verified)");
+      ( "shared-relocated",
+        "`Image.load ~share:true`, relocated (mapped; checksum and structure verified)" );
+      ("shared-trusted", "`Image.load ~share:true ~trusted:true ~verify:false` (mapped)");
     ]
   in
   let path_of mode = if mode = "marshal" then marshal_path else image_path in
@@ -185,12 +192,15 @@ let main () =
   Printf.eprintf "memory of %d processes...\n%!" processes;
   let nothing = pss_total "nothing" marshal_path in
   let marshalled = pss_total "marshal" marshal_path in
-  let mapped = pss_total "mapped" image_path in
+  let private_ = pss_total "private" image_path in
+  let shared = pss_total "shared" image_path in
   Printf.printf "\n| %d processes holding it (all of it touched) | Pss, total | Pss, per process |\n|---|---:|---:|\n"
     processes;
   Printf.printf "| holding nothing (the runtime alone) | %s | %s |\n" (mb nothing) (mb (nothing / processes));
   Printf.printf "| unmarshalled | %s | %s |\n" (mb marshalled) (mb (marshalled / processes));
-  Printf.printf "| `Image.load` at the recorded address | %s | %s |\n%!" (mb mapped) (mb (mapped / processes));
+  Printf.printf "| `Image.load` (read) | %s | %s |\n" (mb private_) (mb (private_ / processes));
+  Printf.printf "| `Image.load ~share:true` (mapped) | %s | %s |\n%!" (mb shared)
+    (mb (shared / processes));
   Sys.remove marshal_path;
   Sys.remove image_path
 

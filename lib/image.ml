@@ -22,8 +22,8 @@ module type S = sig
   exception Invalid_image of string
 
   val write : ?key:string -> string -> 'a -> unit
-  val load : ?key:string -> ?verify:bool -> ?trusted:bool -> string -> 'a handle
-  val load_relocated : ?key:string -> ?verify:bool -> string -> 'a handle
+  val load : ?key:string -> ?verify:bool -> ?trusted:bool -> ?share:bool -> string -> 'a handle
+  val load_relocated : ?key:string -> ?verify:bool -> ?share:bool -> string -> 'a handle
   val relocated : 'a handle -> bool
 end
 
@@ -52,26 +52,29 @@ module Make (H : HANDLE) = struct
   (* The allocator blocks that own loaded payloads: their free unmaps. *)
   external stub_owner : int -> H.alloc = "offheap_stub_image_owner"
 
-  let file_owner = stub_owner 1
+  let recorded_owner = stub_owner 1
   let relocated_owner = stub_owner 2
 
   let write ?(key = "") path v =
     let r = stub_write path key flat_float_array v in
     if is_failure r then fail r
 
-  let load_with ~relocate ?(key = "") ?(verify = true) ?(trusted = false) path =
+  let load_with ~relocate ?(key = "") ?(verify = true) ?(trusted = false) ?(share = false) path =
     let flag b bit = if b then bit else 0 in
     let flags =
       flag verify 1 lor flag trusted 2 lor flag relocate 4 lor flag flat_float_array 8
+      lor flag share 16
     in
     let r = stub_load path key flags in
     if is_failure r then fail r
     else
       let int i : int = Obj.obj (Obj.field r i) in
-      let alloc = if int 4 = 2 then relocated_owner else file_owner in
+      let alloc = if int 4 = 2 then relocated_owner else recorded_owner in
       H.make ~root:(Obj.field r 0) ~base:(int 1) ~bytes:(int 2) ~blocks:(int 3) ~alloc
 
-  let load ?key ?verify ?trusted path = load_with ~relocate:false ?key ?verify ?trusted path
-  let load_relocated ?key ?verify path = load_with ~relocate:true ?key ?verify path
+  let load ?key ?verify ?trusted ?share path =
+    load_with ~relocate:false ?key ?verify ?trusted ?share path
+
+  let load_relocated ?key ?verify ?share path = load_with ~relocate:true ?key ?verify ?share path
   let relocated h = H.alloc_of h == relocated_owner
 end

@@ -14,7 +14,9 @@ module type HANDLE = sig
   type alloc
 
   val make : root:Obj.t -> base:int -> bytes:int -> blocks:int -> alloc:alloc -> 'a t
-  (** A live handle to a payload at [base] of [bytes] bytes, released through [alloc]. *)
+  (** A live handle to a payload at [base], released through [alloc]; [bytes] is the
+      memory held there (the payload and one word past it, all registered with the
+      runtime). *)
 
   val alloc_of : 'a t -> alloc
 end
@@ -28,14 +30,18 @@ module type S = sig
       [format version], [word size], [byte order], [OCaml version], [flat float arrays],
       [header checksum], [header], [root], [key], [file size], [payload checksum],
       [block header], [block size], [tag], [string padding], [custom block], [pointer],
-      [fix-up table], [block count]). *)
+      [fix-up table], [block count], [forward cycle]). *)
 
   val write : ?key:string -> string -> 'a -> unit
   (** [write ?key path v] saves a deep copy of [v] in the file [path]: everything [v]
       reaches, static data included, so the image stands on its own. The file is
-      written under a temporary name in the same directory and renamed to [path] once
+      written to a temporary file in the same directory (an unnamed [O_TMPFILE] where
+      the file system has them, else a fresh random name) and renamed to [path] once
       complete: [path] is never a partial image, and a failure leaves nothing behind
-      (an earlier file at [path] stays as it was). The file is not synced to disk.
+      (an earlier file at [path] stays as it was). Any legal file name works. A file
+      replaced keeps its permissions (a new one gets [0o666] less the umask). When
+      [path] is a symbolic link, its target is written (created if the link dangles),
+      the link stays. The file is not synced to disk.
 
       [key] (default [""], at most 4008 bytes) is stored in the image; [load] refuses
       an image whose key differs from the one it is given. Use it to tag the type or
@@ -53,29 +59,53 @@ module type S = sig
       @raise Sys_error when the file cannot be written.
       @raise Out_of_memory when there is no memory for the copy. *)
 
-  val load : ?key:string -> ?verify:bool -> ?trusted:bool -> string -> 'a handle
-  (** [load ?key ?verify ?trusted path] maps the image in [path] and returns a handle
-      to its value, used like one from {!Offheap.copy}: {!Offheap.get} reads it, and
-      {!Offheap.free} unmaps it (on OCaml 5 once the running major cycle has ended, as
-      for every copy).
+  val load :
+    ?key:string -> ?verify:bool -> ?trusted:bool -> ?share:bool -> string -> 'a handle
+  (** [load ?key ?verify ?trusted ?share path] loads the image in [path] and returns a
+      handle to its value, used like one from {!Offheap.copy}: {!Offheap.get} reads it,
+      and {!Offheap.free} releases it (on OCaml 5 once the running major cycle has
+      ended, as for every copy).
 
-      The payload is mapped at the address it was written for when that address is
-      free in this process: nothing is read or rewritten, pages are read from the page
-      cache when first touched and shared with every other process that maps the same
-      file. When the address is taken (the same image loaded twice, or something else
-      there), the payload is read into private memory elsewhere and every pointer in it
-      relocated. [Int32], [Int64] and [Nativeint] blocks get this program's operations
-      back either way (the pages holding them become private).
+      By default the payload is read into private memory of this process, at the
+      address it was written for when that address is free here, else elsewhere with
+      every pointer relocated. The loaded value is then independent of the file:
+      rewriting the file in place, truncating it, replacing or deleting it after [load]
+      changes nothing in the value and cannot make reading it fault.
+
+      [~share:true] (default [false]) maps the file instead: a load reads only what the
+      checks read, pages come from the page cache when first touched and are shared
+      with every other process that maps the same file, so that N processes hold one
+      copy of the data. What this does not protect against: pages not yet written
+      (relocation and the [Int32], [Int64] and [Nativeint] fix-ups write some) still
+      read the file, so {b the file must not be modified in place or truncated while the
+      value is loaded}: a value of another shape or a crash (SIGBUS, SIGSEGV) would
+      follow. Writing [cp new.img index.img] modifies in place. Replacing the file by a
+      rename (what {!write} does, or [mv]) and deleting it are safe: the mapping keeps
+      the old file.
+
+      A path that is not a regular file (a directory, a FIFO, a device) is refused with
+      [Sys_error] ("not a regular file"), without blocking.
 
       Before anything is returned the image is checked: its header (format, word size,
-      byte order, OCaml version family, flat float arrays, sizes, [key]), the checksum
-      of its payload, and its structure: blocks tile the payload exactly, every pointer
-      leads to a block of the payload, tags and sizes are ones an image holds, string
-      padding is consistent. [~verify:false] (default [true]) skips the checksum only;
-      [~trusted:true] (default [false]) also skips the structural checks when the
-      payload is mapped at its recorded address (they always run on a relocated
-      payload). With both, a load costs a few system calls whatever the size of the
-      image, and a damaged file is undefined behaviour.
+      byte order, OCaml version family, flat float arrays, sizes, the address range,
+      [key]), the checksum of its payload, and its structure: blocks tile the payload
+      exactly, every pointer leads to a block of the payload, tags are ones an image
+      holds and each block is at least as large as its tag requires, string padding is
+      consistent, no forward block leads back to itself. [~verify:false] (default
+      [true]) skips the checksum only; [~trusted:true] (default [false]) also skips the
+      structural checks when the payload is at its recorded address (they always run
+      on a relocated payload). With both, a shared load costs a few system calls
+      whatever the size of the image, and a damaged file is undefined behaviour.
+
+      What is guaranteed for a file that is damaged or forged, without [~trusted:true]:
+      [load] either refuses it with [Invalid_image] or returns a well-formed value, so
+      that the loader, the GC, polymorphic compare, [Hashtbl.hash] and [Marshal] never
+      crash on it. The checksum catches accidental damage (a bit flip, a truncated or
+      overwritten part). The key catches a schema change between writer and reader. A
+      forged file, with its checksums recomputed, can still hold a well-formed value of
+      another shape than the type ['a] the caller expects, and break the type promise
+      as a forged [Marshal] string does: the program may then crash where it uses the
+      value at that type. Load images from trusted sources only.
 
       The type ['a] is the caller's promise, as with [Marshal]: nothing in the file
       says which OCaml type it holds. The key is the guard against loading an image of
@@ -90,13 +120,13 @@ module type S = sig
       ]}
 
       @raise Invalid_image when the file fails a check.
-      @raise Sys_error when the file cannot be opened or read.
-      @raise Out_of_memory when there is no memory for a relocated payload. *)
+      @raise Sys_error when the file cannot be opened or read, or is not a regular file.
+      @raise Out_of_memory when there is no memory for the payload. *)
 
   (**/**)
 
-  val load_relocated : ?key:string -> ?verify:bool -> string -> 'a handle
-  (** [load] that never maps at the recorded address (tests and benchmarks). *)
+  val load_relocated : ?key:string -> ?verify:bool -> ?share:bool -> string -> 'a handle
+  (** [load] that never loads at the recorded address (tests and benchmarks). *)
 
   val relocated : 'a handle -> bool
   (** Whether the payload behind the handle was relocated. *)

@@ -192,6 +192,26 @@ pub const fn string_length(hd: Header, last_byte: u8) -> usize {
     hd.wosize() * WORD_BYTES - 1 - last_byte as usize
 }
 
+/// The fewest fields a block of `tag` has for the runtime to stay inside it when it reads
+/// the block's contents (`None`: any size, the runtime reads `Wosize` fields). What reads
+/// fields by tag (OCaml 4.13 and 5.3, `runtime/compare.c` `do_compare_val`,
+/// `runtime/hash.c` `caml_hash`, `runtime/extern.c` `extern_rec`):
+/// - [`OBJECT_TAG`]: compare and hash read the object id `Oid_val(v)`, field 1: 2 fields;
+/// - [`FORWARD_TAG`]: compare, hash and Marshal follow `Forward_val(v)`, field 0: 1 field;
+/// - [`DOUBLE_TAG`]: `Double_val(v)`, one word: 1 field (and no more);
+/// - [`STRING_TAG`]: `caml_string_length` reads the last byte of the last field: 1 field;
+/// - [`CLOSURE_TAG`]: a code pointer and `Closinfo_val(v)`, field 1: 2 fields;
+/// - [`LAZY_TAG`]: the thunk: 1 field;
+/// - [`CUSTOM_TAG`]: `Custom_ops_val(v)`, field 0, then the payload the operations read
+///   (8 bytes for `Int32`, `Int64` and `Nativeint` on 64-bit targets): 2 fields.
+pub const fn min_wosize(tag: u8) -> Option<usize> {
+    match tag {
+        OBJECT_TAG | CLOSURE_TAG | CUSTOM_TAG => Some(2),
+        FORWARD_TAG | DOUBLE_TAG | STRING_TAG | LAZY_TAG => Some(1),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -191,10 +191,19 @@ fn image_process(flat_float_array: bool) -> image::Process {
     }
 }
 
-/// Runs `f` with the runtime lock released.
+extern "C" {
+    /// `caml_enter_blocking_section` without running pending signal handlers and
+    /// actions first (OCaml 4.13 and 5.3, `caml/signals.h`): they run in OCaml once the
+    /// stub has returned, instead of raising through Rust frames.
+    fn caml_enter_blocking_section_no_pending();
+}
+
+/// Runs `f` with the runtime lock released. No signal handler runs on the way in (see
+/// [`caml_enter_blocking_section_no_pending`]), nor on the way out
+/// (`caml_leave_blocking_section` only records pending signals).
 fn unlocked<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: the callers hold no OCaml value across `f`, and `f` touches none.
-    unsafe { ocaml_sys::caml_enter_blocking_section() };
+    unsafe { caml_enter_blocking_section_no_pending() };
     let r = f();
     // SAFETY: pairs with the enter above.
     unsafe { ocaml_sys::caml_leave_blocking_section() };
@@ -225,6 +234,7 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
         }
     };
     let written = unlocked(|| {
+        crate::fault::point("image-write");
         // SAFETY: the copy just made, ours alone; freed right after.
         let r = unsafe { image::write_file(&path_of(&path), &copied, &key, &process) };
         if !copied.base.is_null() {
@@ -240,10 +250,11 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
     }
 }
 
-/// `Image.load`: maps and checks the image at `path`. `flags`: 1 verify, 2 trusted, 4
-/// never at the recorded address, 8 flat float arrays. Returns
-/// `(root, base, bytes, blocks, mapping)` (mapping: 0 none, 1 the file at its recorded
-/// address, 2 relocated), registered with the runtime, or a failure string.
+/// `Image.load`: loads and checks the image at `path`. `flags`: 1 verify, 2 trusted, 4
+/// never at the recorded address, 8 flat float arrays, 16 map the file (shared). Returns
+/// `(root, base, bytes, blocks, mapping)` (bytes: held at `base`, the payload and one
+/// word; mapping: 0 none, 1 at its recorded address, 2 relocated), registered with the
+/// runtime, or a failure string.
 #[ocaml::native_func]
 pub fn offheap_stub_image_load(path: Raw, key: Raw, flags: Raw) -> Value {
     image_load(path, key, flags)
@@ -258,9 +269,13 @@ fn image_load(path: Raw, key: Raw, flags: Raw) -> Value {
         verify: flags & 1 != 0,
         trusted: flags & 2 != 0,
         relocate: flags & 4 != 0,
+        share: flags & 16 != 0,
     };
     let process = image_process(flags & 8 != 0);
-    let loaded = match unlocked(|| image::load_file(&path_of(&path), &opts, &process)) {
+    let loaded = match unlocked(|| {
+        crate::fault::point("image-load");
+        image::load_file(&path_of(&path), &opts, &process)
+    }) {
         Ok(loaded) => loaded,
         Err(LoadError::Io(e)) => return image_failure(b'S', &sys_error(&path, &e)),
         Err(LoadError::OutOfMemory(_)) => return image_failure(b'M', ""),
@@ -272,15 +287,17 @@ fn image_load(path: Raw, key: Raw, flags: Raw) -> Value {
             return image_failure(b'I', &message);
         }
     };
-    if !loaded.base.is_null() && !runtime::register(loaded.base, loaded.bytes) {
-        // SAFETY: just mapped; nothing refers to it.
-        unsafe { file::unmap(loaded.base, loaded.bytes, loaded.mapping) };
+    // The payload and the word past it: a pointer to a last block of no fields lies in
+    // registered memory too.
+    if !loaded.base.is_null() && !runtime::register(loaded.base, loaded.held()) {
+        // SAFETY: just loaded; nothing refers to it.
+        unsafe { file::unmap(loaded.base, loaded.held(), loaded.mapping) };
         return image_failure(b'M', "");
     }
     let fields = [
         loaded.root,
         val_int(loaded.base as isize),
-        val_int(loaded.bytes as isize),
+        val_int(loaded.held() as isize),
         val_int(loaded.blocks as isize),
         val_int(loaded.mapping as isize),
     ];
@@ -297,12 +314,12 @@ fn image_load(path: Raw, key: Raw, flags: Raw) -> Value {
     }
 }
 
-/// The allocator block that owns loaded payloads of mapping `kind` (1 file, 2
-/// relocated): it never allocates, and its free unmaps.
+/// The allocator block that owns loaded payloads of mapping `kind` (1 at the recorded
+/// address, 2 relocated): it never allocates, and its free unmaps.
 #[ocaml::native_func]
 pub fn offheap_stub_image_owner(kind: Raw) -> Value {
     let unmap: file::FreeFn = if word(kind) == val_int(1) {
-        file::offheap_image_unmap_file
+        file::offheap_image_unmap_recorded
     } else {
         file::offheap_image_unmap_relocated
     };

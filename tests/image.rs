@@ -1,6 +1,8 @@
-//! Images on the fake heap: round trips of every kind (closures refused), files mapped at
-//! their recorded address and relocated, and bad images (truncated, flipped, forged),
-//! each refused with the check it failed, never a panic.
+//! Images on the fake heap: round trips of every kind (closures refused), files loaded at
+//! their recorded address and relocated, bad images (truncated, flipped, forged, blocks
+//! smaller than their tag, forward cycles, addresses out of the writer's range), each
+//! refused with the check it failed, never a panic; a last block of no fields, files that
+//! are not regular; writes (long names, leftovers, modes, symbolic links, failures).
 //!
 //! The fuzzing part is a bounded proptest over a corpus of valid images; set
 //! `IMAGE_FUZZ_CASES` for a longer run.
@@ -56,12 +58,13 @@ fn round_trip(heap: &mut FakeHeap, root: Word) -> image::Decoded {
     if layout::is_immediate(root) {
         assert_eq!(decoded.root, root);
     } else {
+        // A pointer to a last block of no fields is the payload's end: one word more.
         assert_isomorphic(
             heap,
             root,
             decoded.root,
             base,
-            decoded.words.len() * WORD_BYTES,
+            decoded.words.len() * WORD_BYTES + file::TAIL_BYTES,
         );
     }
     assert_well_formed(&decoded.words, decoded.root);
@@ -254,7 +257,7 @@ fn write_mixed(path: &std::path::Path, key: &[u8]) -> (FakeHeap, Word) {
 }
 
 fn check_loaded(heap: &mut FakeHeap, src: Word, l: &image::Loaded) {
-    assert_isomorphic(heap, src, l.root, l.base as Word, l.bytes);
+    assert_isomorphic(heap, src, l.root, l.base as Word, l.held());
     // SAFETY: the loaded payload, `bytes` bytes at `base`.
     let words = unsafe { std::slice::from_raw_parts(l.base as *const Word, l.bytes / WORD_BYTES) };
     assert_well_formed(words, l.root);
@@ -271,7 +274,7 @@ fn file_loads_at_its_address_then_relocated() {
     };
     let first = image::load_file(&path, &opts, &process()).unwrap();
     let h = format::Header::decode(&std::fs::read(&path).unwrap()).unwrap();
-    assert_eq!(first.mapping, file::Mapping::File);
+    assert_eq!(first.mapping, file::Mapping::Recorded);
     assert_eq!(
         first.base as u64, h.address,
         "mapped at the recorded address"
@@ -284,14 +287,14 @@ fn file_loads_at_its_address_then_relocated() {
     check_loaded(&mut heap, root, &second);
     // Trusted at the recorded address: no structural walk, same value.
     // SAFETY: loaded above, unused from here on.
-    unsafe { file::unmap(first.base, first.bytes, first.mapping) };
+    unsafe { file::unmap(first.base, first.held(), first.mapping) };
     let trusted = Options {
         trusted: true,
         verify: false,
         ..opts.clone()
     };
     let third = image::load_file(&path, &trusted, &process()).unwrap();
-    assert_eq!(third.mapping, file::Mapping::File);
+    assert_eq!(third.mapping, file::Mapping::Recorded);
     check_loaded(&mut heap, root, &third);
     // Forced relocation, trusted or not, checks everything.
     let forced = Options {
@@ -303,7 +306,7 @@ fn file_loads_at_its_address_then_relocated() {
     check_loaded(&mut heap, root, &fourth);
     for l in [second, third, fourth] {
         // SAFETY: loaded above, unused from here on.
-        unsafe { file::unmap(l.base, l.bytes, l.mapping) };
+        unsafe { file::unmap(l.base, l.held(), l.mapping) };
     }
     let _ = std::fs::remove_file(&path);
 }
@@ -638,4 +641,290 @@ proptest! {
 fn corpus_cached() -> &'static [Vec<u8>] {
     static CORPUS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
     CORPUS.get_or_init(corpus)
+}
+
+// ---------------------------------------------------------------------------------------
+// Odd inputs: sizes below what the tag requires, forward cycles, addresses out of the
+// writer's range, a last block of no fields, files that are not regular.
+// ---------------------------------------------------------------------------------------
+
+/// The check that refuses the image of `root` (copied and written as is).
+fn refused_check(heap: &mut FakeHeap, root: Word) -> &'static str {
+    let bytes = image_of(heap, root, b"").expect("encodes");
+    check_of(load(&bytes, true))
+}
+
+#[test]
+fn blocks_smaller_than_their_tag_are_refused() {
+    let one = layout::val_int(1);
+    let ops = INT64_OPS.as_ptr() as Word;
+    // What compare, hash and Marshal read past: the object id (field 1), a string's
+    // last byte, a float's word, a forward's field, a custom block's payload.
+    let cases: [(u8, Vec<Word>); 8] = [
+        (layout::OBJECT_TAG, vec![one]),
+        (layout::OBJECT_TAG, vec![]),
+        (layout::STRING_TAG, vec![]),
+        (layout::DOUBLE_TAG, vec![]),
+        (layout::DOUBLE_TAG, vec![0, 0]),
+        (layout::FORWARD_TAG, vec![]),
+        (layout::FORWARD_TAG, vec![one, one]),
+        (layout::CUSTOM_TAG, vec![ops]),
+    ];
+    for (tag, fields) in cases {
+        let mut heap = FakeHeap::new(256);
+        let b = heap.block(tag, &fields);
+        let root = heap.block(0, &[b, one]);
+        assert_eq!(
+            refused_check(&mut heap, root),
+            "block size",
+            "tag {tag} with {} fields",
+            fields.len()
+        );
+    }
+    // The smallest legal sizes load: an object of two fields, a block of tag 0 of none.
+    let mut heap = FakeHeap::new(256);
+    let o = heap.block(layout::OBJECT_TAG, &[one, one]);
+    let empty = heap.block(0, &[]);
+    let root = heap.block(0, &[o, empty]);
+    round_trip(&mut heap, root);
+}
+
+#[test]
+fn forward_cycles_are_refused_chains_load() {
+    let mut heap = FakeHeap::new(256);
+    let f = heap.block(layout::FORWARD_TAG, &[layout::val_int(0)]);
+    heap.set(f, 0, f);
+    assert_eq!(refused_check(&mut heap, f), "forward cycle");
+    let mut heap = FakeHeap::new(256);
+    let f = heap.block(layout::FORWARD_TAG, &[layout::val_int(0)]);
+    let g = heap.block(layout::FORWARD_TAG, &[f]);
+    heap.set(f, 0, g);
+    let root = heap.block(0, &[layout::val_int(3), g]);
+    assert_eq!(refused_check(&mut heap, root), "forward cycle");
+    // A chain (a forced lazy value of a forced lazy value) is a genuine value.
+    let mut heap = FakeHeap::new(256);
+    let s = heap.string(b"end");
+    let f = heap.block(layout::FORWARD_TAG, &[s]);
+    let g = heap.block(layout::FORWARD_TAG, &[f]);
+    let root = heap.block(0, &[g, f, g]);
+    round_trip(&mut heap, root);
+}
+
+#[test]
+fn addresses_out_of_the_writers_range_are_refused() {
+    let image = &corpus()[0];
+    let payload = header(image).payload_bytes;
+    let range = format::ADDRESS_RANGE;
+    for address in [
+        0x7ffd_0000_0000, // just below a usual stack
+        range.start - format::PAGE_BYTES,
+        range.end - format::PAGE_BYTES * (payload / format::PAGE_BYTES), // ends past it
+        range.end,
+        0x1000,
+    ] {
+        let m = reseal(image, |h| h.address = address);
+        assert_eq!(check_of(load(&m, true)), "header", "address {address:#x}");
+        // From a file too, before anything is mapped.
+        let path = temp_path("forged-address.img");
+        std::fs::write(&path, &m).unwrap();
+        let e = image::load_file(&path, &verified(), &process()).unwrap_err();
+        assert_eq!(e.check(), Some("header"), "{e}");
+        let _ = std::fs::remove_file(&path);
+    }
+    // Every address the writer picks is accepted.
+    for bytes in [0usize, 8, 4096, 1 << 30, 1 << 40] {
+        for _ in 0..100 {
+            let a = image::choose_address(bytes) as u64;
+            assert!(range.start <= a && a + bytes as u64 <= range.end, "{a:#x}");
+            assert_eq!(a % format::PAGE_BYTES, 0);
+        }
+    }
+}
+
+#[test]
+fn a_last_block_of_no_fields_lies_in_held_memory() {
+    let path = temp_path("last-empty.img");
+    let mut heap = FakeHeap::new(1024);
+    heap.copy_static = true;
+    let s = heap.string(b"a string first");
+    let atom = heap.static_block(0, &[]);
+    let root = heap.block(0, &[s, atom]);
+    // SAFETY: a well-formed fake graph.
+    let copied =
+        unsafe { copy::copy(root, &mut heap, SideTable::with_capacity(0), &mut Malloc) }.unwrap();
+    // SAFETY: the copy just made, ours alone.
+    unsafe { image::write_file(&path, &copied, b"", &process()) }.unwrap();
+    // SAFETY: from Malloc with this size.
+    unsafe { Malloc.free(copied.base, copied.bytes) };
+    let words = payload_words(&std::fs::read(&path).unwrap());
+    assert_eq!(
+        Header(*words.last().unwrap()).wosize(),
+        0,
+        "the atom is the payload's last block"
+    );
+    for share in [false, true] {
+        let opts = Options {
+            verify: true,
+            share,
+            ..Options::default()
+        };
+        let l = image::load_file(&path, &opts, &process()).unwrap();
+        check_loaded(&mut heap, root, &l);
+        // The atom's pointer is the payload's end, and the memory held (what the
+        // runtime registers) goes one word past it.
+        // SAFETY: the root block has two fields.
+        let atom_copy = unsafe { *(l.root as *const Word).add(1) };
+        assert_eq!(atom_copy, l.base as Word + l.bytes);
+        assert_eq!(l.held(), l.bytes + file::TAIL_BYTES);
+        // SAFETY: the tail word is mapped and readable.
+        assert_eq!(unsafe { *(atom_copy as *const Word) }, 0);
+        // SAFETY: loaded above, unused from here on.
+        unsafe { file::unmap(l.base, l.held(), l.mapping) };
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Loads `path` on another thread: the error, or a failure after 10 s (a blocked open).
+fn load_error_within_seconds(path: std::path::PathBuf) -> LoadError {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(image::load_file(&path, &verified(), &process()).map(|_| ()));
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+        Ok(r) => r.unwrap_err(),
+        Err(_) => panic!("load blocked"),
+    }
+}
+
+#[test]
+fn non_regular_files_are_refused_without_blocking() {
+    let fifo = temp_path("fifo.img");
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for path in [fifo.clone(), fifo.parent().unwrap().to_path_buf()] {
+        match load_error_within_seconds(path.clone()) {
+            LoadError::Io(e) => assert!(e.to_string().contains("not a regular file"), "{e}"),
+            e => panic!("{}: {e}", path.display()),
+        }
+    }
+    let _ = std::fs::remove_file(&fifo);
+}
+
+// ---------------------------------------------------------------------------------------
+// Writes: temporary files, names, modes, links.
+// ---------------------------------------------------------------------------------------
+
+const BOTH: [file::Temporary; 2] = [file::Temporary::Unnamed, file::Temporary::Named];
+
+/// A fresh empty directory.
+fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = temp_path(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn writes_work_for_the_longest_names_and_leave_nothing() {
+    for how in BOTH {
+        let dir = fresh_dir(&format!("long-{how:?}"));
+        let name = "n".repeat(255);
+        let path = dir.join(&name);
+        file::write_atomically(&path, &[b"one", b"two"], how).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"onetwo");
+        // A leftover of a killed writer, named as the old scheme named it, is no obstacle.
+        let short = dir.join("x.img");
+        std::fs::write(
+            dir.join(format!("x.img.tmp.{}.0", std::process::id())),
+            b"leftover",
+        )
+        .unwrap();
+        file::write_atomically(&short, &[b"x"], how).unwrap();
+        let mut expected = vec![name, "x.img".to_string()];
+        expected.push(format!("x.img.tmp.{}.0", std::process::id()));
+        expected.sort();
+        assert_eq!(names_in(&dir), expected, "{how:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn failed_writes_leave_no_temporary_file() {
+    for how in BOTH {
+        let dir = fresh_dir(&format!("fail-{how:?}"));
+        // The target is a non-empty directory: the rename fails.
+        let target = dir.join("target");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("inside"), b"i").unwrap();
+        let e = file::write_atomically(&target, &[b"data"], how).unwrap_err();
+        assert!(e.raw_os_error().is_some(), "{e}");
+        assert_eq!(names_in(&dir), ["target"], "{how:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn replaced_files_keep_their_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    for how in BOTH {
+        let dir = fresh_dir(&format!("mode-{how:?}"));
+        for mode in [0o600, 0o640, 0o444] {
+            let path = dir.join(format!("m{mode:o}"));
+            std::fs::write(&path, b"old").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            file::write_atomically(&path, &[b"new"], how).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), b"new");
+            let got = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(got, mode, "{how:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn writes_through_symbolic_links_write_their_target() {
+    for how in BOTH {
+        let dir = fresh_dir(&format!("link-{how:?}"));
+        std::fs::create_dir(dir.join("real")).unwrap();
+        let target = dir.join("real").join("index.img");
+        std::fs::write(&target, b"old").unwrap();
+        // A relative link, and a link to that link.
+        let link = dir.join("link.img");
+        std::os::unix::fs::symlink("real/index.img", &link).unwrap();
+        let link2 = dir.join("link2.img");
+        std::os::unix::fs::symlink(&link, &link2).unwrap();
+        file::write_atomically(&link2, &[b"new"], how).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        for l in [&link, &link2] {
+            assert!(std::fs::symlink_metadata(l)
+                .unwrap()
+                .file_type()
+                .is_symlink());
+        }
+        assert_eq!(names_in(&dir.join("real")), ["index.img"]);
+        // A dangling link: its target is created.
+        let dangling = dir.join("dangling.img");
+        std::os::unix::fs::symlink("real/created.img", &dangling).unwrap();
+        file::write_atomically(&dangling, &[b"c"], how).unwrap();
+        assert_eq!(std::fs::read(dir.join("real/created.img")).unwrap(), b"c");
+        // A loop of links is an error, not a hang.
+        let a = dir.join("a");
+        let b = dir.join("b");
+        std::os::unix::fs::symlink(&b, &a).unwrap();
+        std::os::unix::fs::symlink(&a, &b).unwrap();
+        let e = file::write_atomically(&a, &[b"x"], how).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

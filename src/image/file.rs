@@ -1,35 +1,49 @@
-//! Image files on disk and payloads in memory: atomic writes, mappings, unmapping.
+//! Image files on disk and payloads in memory: atomic writes, loads, unmapping.
 //!
-//! A payload is held one of two ways ([`Mapping`]):
-//! - **at its recorded address**: a private, writable mapping of the file
-//!   (`MAP_FIXED_NOREPLACE`, so nothing already mapped there is replaced). Pages are read
-//!   from the page cache on first touch and shared with every other process that maps
-//!   the file, until one is written (custom blocks' fix-ups write a few);
-//! - **elsewhere**, when that address is taken: a private, writable mapping of the file
-//!   at an address the kernel chooses, relocated in place. Only the pages holding
-//!   pointers are written, hence copied; the others (strings, floats) stay shared with
-//!   the page cache.
+//! A payload is loaded into a reservation of its own (anonymous memory, at the recorded
+//! address when that is free, `MAP_FIXED_NOREPLACE`, else where the kernel finds room),
+//! one of two ways:
+//! - **private** (the default): the payload is read into the reservation. Nothing refers
+//!   to the file afterwards: rewriting, truncating or replacing it changes nothing.
+//! - **shared**: the file is mapped (private, writable, `MAP_FIXED`) over the
+//!   reservation. Pages are read from the page cache on first touch and shared with every
+//!   other process that maps the file, until one is written (relocation and the custom
+//!   blocks' fix-ups write some). Pages not yet copied still read the file: writing it in
+//!   place changes them, truncating it makes them fault.
+//!
+//! The reservation ends one word past the payload ([`TAIL_BYTES`]): a pointer to a last
+//! block of no fields is the payload's end, and it must lie in memory registered for the
+//! image too (OCaml 4's page table, for compare, hash and Marshal).
+//!
+//! Writes go to a temporary file in the target's directory, renamed over the target when
+//! complete: an unnamed `O_TMPFILE` where the file system has them (nothing left behind
+//! whatever happens), else a random name created with `O_EXCL` and removed on failure.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::format::HEADER_BYTES;
 use super::LoadError;
-use crate::layout::Word;
+use crate::layout::{Word, WORD_BYTES};
 
 /// How a loaded payload is held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mapping {
     /// Nothing: the payload is empty.
     None = 0,
-    /// A private mapping of the file at the recorded address.
-    File = 1,
-    /// A private mapping of the file elsewhere, relocated.
+    /// At its recorded address.
+    Recorded = 1,
+    /// Elsewhere, relocated.
     Relocated = 2,
 }
+
+/// Memory held past the payload's end: one word (see the module's documentation).
+pub const TAIL_BYTES: usize = WORD_BYTES;
 
 /// Reads exactly `buf.len()` bytes at `offset`.
 ///
@@ -39,84 +53,268 @@ pub fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<(
     f.read_exact_at(buf, offset)
 }
 
-/// A temporary name beside `path`, unique to this process and call.
-fn temporary_name(path: &Path) -> PathBuf {
-    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp.{}.{n}", std::process::id()));
-    path.with_file_name(name)
+/// Opens the image at `path` for reading. The open does not block (`O_NONBLOCK`, cleared
+/// afterwards), so a FIFO or a device cannot hang it.
+///
+/// # Errors
+/// The open's error, or `InvalidInput` ("not a regular file") for anything but a regular
+/// file.
+pub fn open_image(path: &Path) -> std::io::Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.file_type().is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let fd = f.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
 }
 
-/// Writes `parts` one after the other to `path`: to a temporary file in the same
-/// directory, renamed to `path` when complete. On any error the temporary file is removed
-/// and `path` is as it was.
+/// Eight random bytes as 16 hex digits (`getrandom`, else the clock, pid and a counter).
+fn random_hex() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut bytes = [0u8; 8];
+    // SAFETY: writes at most 8 bytes into `bytes`.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr() as *mut libc::c_void, 8, 0) };
+    let n = if got == 8 {
+        u64::from_ne_bytes(bytes)
+    } else {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        nanos
+            ^ ((std::process::id() as u64) << 32)
+            ^ COUNTER
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    };
+    format!("{n:016x}")
+}
+
+/// The path `path` designates once its symbolic links are followed: writing an image
+/// through a link writes its target (a dangling link: the target it names is created).
+///
+/// # Errors
+/// An error reading a link; `ELOOP` after 40 links.
+pub fn final_path(path: &Path) -> std::io::Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let link = std::fs::read_link(&p)?;
+                p = match p.parent() {
+                    Some(dir) if link.is_relative() => dir.join(link),
+                    _ => link,
+                };
+            }
+            Ok(_) => return Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(p),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::from_raw_os_error(libc::ELOOP))
+}
+
+/// How [`write_atomically`] makes its temporary file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Temporary {
+    /// An unnamed `O_TMPFILE`, linked under a random name just before the rename; a
+    /// random name instead where the file system or the kernel has no `O_TMPFILE`.
+    Unnamed,
+    /// A random name created with `O_EXCL` (retried on a collision), removed on failure.
+    Named,
+}
+
+fn c_path(p: &Path) -> std::io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// A fresh random name in `dir` for a temporary file.
+fn temporary_name(dir: &Path) -> PathBuf {
+    dir.join(format!(".offheap-{}.tmp", random_hex()))
+}
+
+/// Writes `parts` and gives the file `mode` (when the target existed).
+fn fill(f: &mut File, parts: &[&[u8]], mode: Option<u32>) -> std::io::Result<()> {
+    for part in parts {
+        f.write_all(part)?;
+    }
+    f.flush()?;
+    if let Some(mode) = mode {
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// Renames `tmp` to `target`, removing `tmp` on failure.
+fn rename_or_remove(tmp: &Path, target: &Path) -> std::io::Result<()> {
+    let r = std::fs::rename(tmp, target);
+    if r.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    r
+}
+
+/// The `Named` way: `Ok(())` when written.
+fn write_named(
+    dir: &Path,
+    target: &Path,
+    parts: &[&[u8]],
+    mode: Option<u32>,
+) -> std::io::Result<()> {
+    let (mut f, tmp) = loop {
+        let tmp = temporary_name(dir);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o666)
+            .open(&tmp)
+        {
+            Ok(f) => break (f, tmp),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    if let Err(e) = fill(&mut f, parts, mode) {
+        drop(f);
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    drop(f);
+    rename_or_remove(&tmp, target)
+}
+
+/// The `Unnamed` way: `Ok(None)` when done, `Ok(Some(()))` when this kernel or file
+/// system has no `O_TMPFILE` (or no `/proc` to link it through).
+fn write_unnamed(
+    dir: &Path,
+    target: &Path,
+    parts: &[&[u8]],
+    mode: Option<u32>,
+) -> std::io::Result<Option<()>> {
+    let cdir = c_path(dir)?;
+    // SAFETY: a NUL-terminated path; the descriptor returned is ours (wrapped below).
+    let fd = unsafe {
+        libc::open(
+            cdir.as_ptr(),
+            libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o666 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL) => Ok(Some(())),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    let mut f = unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+    fill(&mut f, parts, mode)?;
+    let proc_path = CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number");
+    let tmp = loop {
+        let tmp = temporary_name(dir);
+        let ctmp = c_path(&tmp)?;
+        // SAFETY: two NUL-terminated paths; links the open file `fd` designates.
+        let r = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                proc_path.as_ptr(),
+                libc::AT_FDCWD,
+                ctmp.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if r == 0 {
+            break tmp;
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EEXIST) => continue,
+            // No /proc: the unnamed file cannot be linked.
+            Some(libc::ENOENT) => return Ok(Some(())),
+            _ => return Err(e),
+        }
+    };
+    drop(f);
+    rename_or_remove(&tmp, target).map(|()| None)
+}
+
+/// Writes `parts` one after the other to `path` (its final target when it is a symbolic
+/// link, see [`final_path`]): to a temporary file in the same directory (made as `how`
+/// says), renamed over the target when complete. A replaced file's permissions are kept.
+/// On any error no temporary file is left and the target is as it was.
 ///
 /// # Errors
 /// The first I/O error.
-pub fn write_atomically(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
-    let tmp = temporary_name(path);
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        for part in parts {
-            f.write_all(part)?;
-        }
-        f.flush()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+pub fn write_atomically(path: &Path, parts: &[&[u8]], how: Temporary) -> std::io::Result<()> {
+    let target = final_path(path)?;
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mode = match std::fs::metadata(&target) {
+        Ok(m) => Some(m.permissions().mode() & 0o7777),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    if how == Temporary::Unnamed && write_unnamed(&dir, &target, parts, mode)?.is_none() {
+        return Ok(());
     }
-    result
+    write_named(&dir, &target, parts, mode)
 }
 
-/// Maps the payload of `f` (`bytes` bytes after the header page): at `address` unless
-/// `relocate` or the address is taken, else where the kernel finds room.
-///
-/// # Errors
-/// [`LoadError::OutOfMemory`] when there is no room for the mapping; [`LoadError::Io`]
-/// when the file cannot be mapped.
-pub fn map_payload(
-    f: &File,
-    bytes: usize,
-    address: Word,
-    relocate: bool,
-) -> Result<(*mut u8, Mapping), LoadError> {
-    if !relocate {
-        // SAFETY: a new private mapping of the file; MAP_FIXED_NOREPLACE never replaces
-        // an existing mapping (it fails with EEXIST instead).
-        let p = unsafe {
-            libc::mmap(
-                address as *mut libc::c_void,
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE,
-                f.as_raw_fd(),
-                HEADER_BYTES as libc::off_t,
-            )
-        };
-        if p != libc::MAP_FAILED {
-            if p as Word == address {
-                return Ok((p as *mut u8, Mapping::File));
-            }
-            // Kernels before 4.17 take the flag as a hint and map elsewhere.
-            // SAFETY: the mapping just made, unused.
-            unsafe { libc::munmap(p, bytes) };
-        }
+/// A reservation of `bytes` bytes of anonymous, readable and writable memory at `address`,
+/// or `None` when that address is taken.
+fn reserve_at(bytes: usize, address: Word) -> Option<*mut u8> {
+    // SAFETY: a new anonymous mapping; MAP_FIXED_NOREPLACE never replaces an existing
+    // mapping (it fails with EEXIST instead).
+    let p = unsafe {
+        libc::mmap(
+            address as *mut libc::c_void,
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
     }
-    // SAFETY: a new private mapping of the file where the kernel finds room.
+    if p as Word != address {
+        // Kernels before 4.17 take the flag as a hint and map elsewhere.
+        // SAFETY: the mapping just made, unused.
+        unsafe { libc::munmap(p, bytes) };
+        return None;
+    }
+    Some(p as *mut u8)
+}
+
+/// A reservation of `bytes` bytes of anonymous, readable and writable memory where the
+/// kernel finds room.
+fn reserve_anywhere(bytes: usize) -> Result<*mut u8, LoadError> {
+    // SAFETY: a new anonymous mapping where the kernel chooses.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             bytes,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE,
-            f.as_raw_fd(),
-            HEADER_BYTES as libc::off_t,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
         )
     };
     if p == libc::MAP_FAILED {
@@ -126,20 +324,82 @@ pub fn map_payload(
         }
         return Err(LoadError::Io(e));
     }
-    Ok((p as *mut u8, Mapping::Relocated))
+    Ok(p as *mut u8)
+}
+
+/// Loads the payload of `f` (`bytes` bytes after the header page) into a reservation of
+/// `bytes + TAIL_BYTES` bytes: at `address` unless `relocate` or the address is taken,
+/// else where the kernel finds room. Read into it (private), or the file mapped over it
+/// (`share`).
+///
+/// # Errors
+/// [`LoadError::OutOfMemory`] when there is no room; [`LoadError::Io`] when the file
+/// cannot be read or mapped. Nothing stays mapped then.
+pub fn load_payload(
+    f: &File,
+    bytes: usize,
+    address: Word,
+    relocate: bool,
+    share: bool,
+) -> Result<(*mut u8, Mapping), LoadError> {
+    let held = bytes + TAIL_BYTES;
+    let at_recorded = if relocate {
+        None
+    } else {
+        reserve_at(held, address)
+    };
+    let (base, mapping) = match at_recorded {
+        Some(p) => (p, Mapping::Recorded),
+        None => (reserve_anywhere(held)?, Mapping::Relocated),
+    };
+    let filled = if share {
+        // SAFETY: maps the file over the first `bytes` bytes of our own reservation.
+        let p = unsafe {
+            libc::mmap(
+                base as *mut libc::c_void,
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                f.as_raw_fd(),
+                HEADER_BYTES as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    } else {
+        // Huge pages where the system gives them on request: a read into fresh memory
+        // costs mostly its page faults, and a 2 MiB page takes one fault, not 512.
+        // Advice only: its failure changes nothing.
+        // SAFETY: advice on our own reservation.
+        unsafe { libc::madvise(base as *mut libc::c_void, held, libc::MADV_HUGEPAGE) };
+        // SAFETY: the reservation: `held >= bytes` writable bytes, ours alone.
+        let buf = unsafe { std::slice::from_raw_parts_mut(base, bytes) };
+        read_exact_at(f, buf, HEADER_BYTES as u64)
+    };
+    match filled {
+        Ok(()) => Ok((base, mapping)),
+        Err(e) => {
+            // SAFETY: the reservation just made; nothing refers to it.
+            unsafe { unmap(base, held, mapping) };
+            Err(LoadError::Io(e))
+        }
+    }
 }
 
 /// Releases a payload.
 ///
 /// # Safety
-/// `base`, `bytes` and `mapping` describe a payload from [`map_payload`] (or an empty
-/// one) that nothing uses any more.
-pub unsafe fn unmap(base: *mut u8, bytes: usize, mapping: Mapping) {
+/// `base`, `held` and `mapping` describe a payload from [`load_payload`] (`held`: its
+/// bytes and [`TAIL_BYTES`]), or an empty one, that nothing uses any more.
+pub unsafe fn unmap(base: *mut u8, held: usize, mapping: Mapping) {
     match mapping {
         Mapping::None => {}
-        // SAFETY: the caller's contract: a whole mapping of `bytes` bytes.
-        Mapping::File | Mapping::Relocated => unsafe {
-            libc::munmap(base as *mut libc::c_void, bytes);
+        // SAFETY: the caller's contract: a whole reservation of `held` bytes.
+        Mapping::Recorded | Mapping::Relocated => unsafe {
+            libc::munmap(base as *mut libc::c_void, held);
         },
     }
 }
@@ -152,19 +412,20 @@ pub unsafe extern "C" fn offheap_image_no_alloc(_allocator: Word, _size: usize) 
     std::ptr::null_mut()
 }
 
-/// Field 1 of the allocator block that owns payloads mapped from their file.
+/// Field 1 of the allocator block that owns payloads at their recorded address.
 ///
 /// # Safety
-/// `ptr` and `size` are a payload mapped at its recorded address that nothing uses.
-pub unsafe extern "C" fn offheap_image_unmap_file(_allocator: Word, ptr: *mut u8, size: usize) {
+/// `ptr` and `size` are a payload at its recorded address (`size`: with its tail) that
+/// nothing uses.
+pub unsafe extern "C" fn offheap_image_unmap_recorded(_allocator: Word, ptr: *mut u8, size: usize) {
     // SAFETY: forwarded.
-    unsafe { unmap(ptr, size, Mapping::File) }
+    unsafe { unmap(ptr, size, Mapping::Recorded) }
 }
 
 /// Field 1 of the allocator block that owns relocated payloads.
 ///
 /// # Safety
-/// `ptr` and `size` are a relocated payload that nothing uses.
+/// `ptr` and `size` are a relocated payload (`size`: with its tail) that nothing uses.
 pub unsafe extern "C" fn offheap_image_unmap_relocated(
     _allocator: Word,
     ptr: *mut u8,

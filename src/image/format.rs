@@ -62,8 +62,12 @@ pub const NATIVE_ENDIAN: u8 = if cfg!(target_endian = "little") {
 } else {
     BIG_ENDIAN
 };
-/// Addresses a payload may be mapped at lie below this (47-bit user space).
-pub const ADDRESS_LIMIT: u64 = 1 << 47;
+/// The range the writer picks payload addresses in ([`super::choose_address`]) and the
+/// only one the loader accepts: a payload lies in `[ADDRESS_RANGE.start,
+/// ADDRESS_RANGE.end)`, 16 to 80 TiB. Linux leaves it alone unless asked: above the
+/// program, its heap and its libraries' usual places, below the default mmap area and the
+/// stack (an address near the stack would map the payload into the stack's growth area).
+pub const ADDRESS_RANGE: std::ops::Range<u64> = 0x1000_0000_0000..0x5000_0000_0000;
 /// Payload addresses are aligned to this.
 pub const PAGE_BYTES: u64 = 4096;
 
@@ -244,18 +248,19 @@ impl Header {
                 format!("payload offset {}", self.header_bytes),
             ));
         }
-        if !self.payload_bytes.is_multiple_of(8) || self.payload_bytes >= ADDRESS_LIMIT {
+        let most = ADDRESS_RANGE.end - ADDRESS_RANGE.start;
+        if !self.payload_bytes.is_multiple_of(8) || self.payload_bytes >= most {
             return Err(bad(
                 "header",
                 format!("payload size {}", self.payload_bytes),
             ));
         }
-        let address_ok = self.address != 0
+        let address_ok = self.address >= ADDRESS_RANGE.start
             && self.address.is_multiple_of(PAGE_BYTES)
             && self
                 .address
                 .checked_add(self.payload_bytes)
-                .is_some_and(|end| end <= ADDRESS_LIMIT);
+                .is_some_and(|end| end <= ADDRESS_RANGE.end);
         if !address_ok {
             return Err(bad(
                 "header",

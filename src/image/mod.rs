@@ -5,17 +5,19 @@
 //!   image holds everything its value reaches) is rewritten in place into a payload:
 //!   pointers made absolute for the address the image is written for, custom operations
 //!   replaced by a [`format::CustomKind`], closures and pointers that lead out of the copy
-//!   refused. [`write_file`] then writes header, payload and fix-up table under a
-//!   temporary name and renames it.
+//!   refused. [`write_file`] then writes header, payload and fix-up table to a
+//!   temporary file and renames it over the target ([`file::write_atomically`]).
 //! - **check** ([`validate::check`]): before a loaded payload is handed out, its structure
 //!   is checked (and its checksum, unless told not to), and its pointers relocated when it
 //!   is not at its recorded address.
 //! - **fix up** ([`validate::fix_customs`]): the custom blocks get the running program's
 //!   operations back.
 //!
-//! [`load_file`] maps the payload at its recorded address when it is free (pages are then
-//! shared with every other process that maps the file, through the page cache) and
-//! anywhere else otherwise, reading it into private memory and relocating it.
+//! [`load_file`] loads the payload at its recorded address when it is free, and anywhere
+//! else otherwise (then relocated): read into private memory by default, so that nothing
+//! done to the file afterwards reaches the loaded value, or mapped from the file when
+//! asked ([`Options::share`]: pages shared with other processes through the page cache,
+//! and the file must then stay as it is). See [`file`].
 //! [`load_bytes`] runs the same checks on an image held in memory (tests, fuzzing).
 //!
 //! Nothing here knows ocaml-rs: the stubs give a [`Process`] (what the running program
@@ -217,12 +219,11 @@ pub unsafe fn prepare(
     })
 }
 
-/// An address for a payload of `bytes` bytes, 2 MiB aligned, at random in a range that
-/// Linux leaves alone unless asked (between 16 and 80 TiB: above the program, its heap
-/// and its libraries' usual places, below the stack and the default mmap area).
+/// An address for a payload of `bytes` bytes, 2 MiB aligned, at random in
+/// [`format::ADDRESS_RANGE`] (the payload ends in it too).
 pub fn choose_address(bytes: usize) -> Word {
-    const LOW: u64 = 0x1000_0000_0000;
-    const HIGH: u64 = 0x5000_0000_0000;
+    const LOW: u64 = format::ADDRESS_RANGE.start;
+    const HIGH: u64 = format::ADDRESS_RANGE.end;
     const ALIGN: u64 = 2 << 20;
     let span = (HIGH - LOW).saturating_sub(bytes as u64 + ALIGN) / ALIGN;
     let mut seed = std::time::SystemTime::now()
@@ -308,9 +309,11 @@ pub unsafe fn encode(
     Ok(image)
 }
 
-/// Writes the image of a copy to `path`: under a temporary name in the same directory,
-/// renamed to `path` once complete, so that `path` is never a partial image and a
-/// failure leaves no file behind. The copy's buffer is rewritten ([`prepare`]).
+/// Writes the image of a copy to `path` (its target when it is a symbolic link): to a
+/// temporary file in the same directory, renamed over it once complete, so that `path`
+/// is never a partial image and a failure leaves no file behind; a replaced file keeps
+/// its permissions ([`file::write_atomically`]). The copy's buffer is rewritten
+/// ([`prepare`]).
 ///
 /// # Errors
 /// As [`prepare`]; [`WriteError::Io`] when the file cannot be written.
@@ -329,8 +332,12 @@ pub unsafe fn write_file(
     // SAFETY: forwarded.
     let payload = unsafe { payload_bytes(copied) };
     let head = header(&prepared, payload, key, process)?;
-    file::write_atomically(path, &[&head, payload, &table_bytes(&prepared.customs)])
-        .map_err(WriteError::Io)
+    file::write_atomically(
+        path,
+        &[&head, payload, &table_bytes(&prepared.customs)],
+        file::Temporary::Unnamed,
+    )
+    .map_err(WriteError::Io)
 }
 
 /// How to load.
@@ -342,8 +349,11 @@ pub struct Options {
     pub verify: bool,
     /// Skip the structural checks when the payload is mapped at its recorded address.
     pub trusted: bool,
-    /// Never map at the recorded address (tests and benchmarks of relocation).
+    /// Never load at the recorded address (tests and benchmarks of relocation).
     pub relocate: bool,
+    /// Map the file instead of reading it (see [`file`]): pages shared with other
+    /// processes, and the file must not change while the payload is loaded.
+    pub share: bool,
 }
 
 /// The checks of a decoded header against the process, the options and the file size.
@@ -486,17 +496,30 @@ pub struct Loaded {
     pub bytes: usize,
     /// Blocks in the payload.
     pub blocks: usize,
-    /// How the payload is held; release it with [`file::unmap`].
+    /// How the payload is held; release it with [`file::unmap`] and [`Loaded::held`].
     pub mapping: file::Mapping,
 }
 
-/// Maps the image at `path` and checks it.
+impl Loaded {
+    /// The bytes held at `base`: the payload and [`file::TAIL_BYTES`] (0 when empty).
+    /// What the runtime registers, and what [`file::unmap`] releases.
+    pub fn held(&self) -> usize {
+        if self.base.is_null() {
+            0
+        } else {
+            self.bytes + file::TAIL_BYTES
+        }
+    }
+}
+
+/// Loads the image at `path` (read, or mapped with `opts.share`) and checks it.
 ///
 /// # Errors
-/// [`LoadError::Io`] when the file cannot be read or mapped, [`LoadError::Bad`] naming
-/// the first check that failed, [`LoadError::OutOfMemory`]. Nothing stays mapped.
+/// [`LoadError::Io`] when the file cannot be read or mapped, or is not a regular file
+/// ([`file::open_image`]), [`LoadError::Bad`] naming the first check that failed,
+/// [`LoadError::OutOfMemory`]. Nothing stays mapped.
 pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loaded, LoadError> {
-    let f = std::fs::File::open(path).map_err(LoadError::Io)?;
+    let f = file::open_image(path).map_err(LoadError::Io)?;
     let file_bytes = f.metadata().map_err(LoadError::Io)?.len();
     let mut page = vec![0u8; HEADER_BYTES.min(file_bytes as usize)];
     file::read_exact_at(&f, &mut page, 0).map_err(LoadError::Io)?;
@@ -519,9 +542,10 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
             mapping: file::Mapping::None,
         });
     }
-    let (base, mapping) = file::map_payload(&f, bytes, h.address as Word, opts.relocate)?;
-    let at_recorded = base as Word == h.address as Word;
-    // SAFETY: `map_payload` gave `bytes` bytes at `base`, word aligned, readable and
+    let (base, mapping) =
+        file::load_payload(&f, bytes, h.address as Word, opts.relocate, opts.share)?;
+    let at_recorded = mapping == file::Mapping::Recorded;
+    // SAFETY: `load_payload` gave `bytes` bytes at `base`, word aligned, readable and
     // writable, private to this process, not yet shared with anything.
     let payload = unsafe { std::slice::from_raw_parts_mut(base as *mut Word, bytes / WORD_BYTES) };
     match finish(payload, &h, &table, at_recorded, opts, process) {
@@ -533,8 +557,8 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
             mapping,
         }),
         Err(e) => {
-            // SAFETY: the mapping just made; nothing refers to it.
-            unsafe { file::unmap(base, bytes, mapping) };
+            // SAFETY: the payload just loaded; nothing refers to it.
+            unsafe { file::unmap(base, bytes + file::TAIL_BYTES, mapping) };
             Err(e)
         }
     }

@@ -3,11 +3,13 @@
 //! Everything here works on a payload as a slice of words at the place it will be used
 //! from: no `unsafe`, no assumption about the bytes. A payload that passes [`check`] is a
 //! well-formed graph of OCaml blocks: blocks tile it exactly, every header has the color
-//! no GC marks, every tag is one an image may hold, every pointer field points to the
-//! first field of a block of the payload (relocated to where the payload is now), string
-//! padding is consistent, and the fix-up table lists exactly its custom blocks. What it
-//! does not and cannot check is the OCaml type: as with `Marshal`, that is the caller's
-//! promise.
+//! no GC marks, every tag is one an image may hold, every block is at least as large as
+//! what the runtime's compare, hash and Marshal read for its tag
+//! ([`layout::min_wosize`]), every pointer field points to the first field of a block of
+//! the payload (relocated to where the payload is now), no chain of forward blocks loops,
+//! string padding is consistent, and the fix-up table lists exactly its custom blocks.
+//! What it does not and cannot check is the OCaml type: as with `Marshal`, that is the
+//! caller's promise.
 
 use super::format::CustomKind;
 use super::LoadError;
@@ -102,11 +104,12 @@ fn tile(payload: &[Word], customs: &[u64], blocks: u64, ocaml5: bool) -> Result<
         if let Some(what) = refused_tag(tag, ocaml5) {
             return Err(bad("tag", format!("{what} (tag {tag}) at byte {at}")));
         }
+        // At least what compare, hash and Marshal read ([`layout::min_wosize`]); a boxed
+        // float and a boxed integer exactly one word of payload, a forward one field.
         let size_ok = match tag {
             layout::FORWARD_TAG | layout::DOUBLE_TAG => wosize == 1,
-            layout::STRING_TAG => wosize >= 1,
             layout::CUSTOM_TAG => wosize == 2,
-            _ => true,
+            _ => layout::min_wosize(tag).is_none_or(|min| wosize >= min),
         };
         if !size_ok {
             return Err(bad(
@@ -205,6 +208,7 @@ pub fn check(
         }
         i += 1 + wosize;
     }
+    check_forward_chains(payload)?;
     let root = root as Word;
     if layout::is_immediate(root) {
         return Ok(root);
@@ -213,6 +217,53 @@ pub fn check(
         return Err(bad("root", format!("offset {root} is not a block")));
     }
     Ok(base + root)
+}
+
+/// Refuses a cycle of forward blocks (each the only field of the one before): compare
+/// follows `Forward_val` without end on one (OCaml 4.13 and 5.3, `runtime/compare.c`),
+/// where a genuine value has chains, never cycles. `payload` is checked and relocated:
+/// every pointer field leads to a block of it.
+fn check_forward_chains(payload: &[Word]) -> Result<(), LoadError> {
+    let base = payload.as_ptr() as Word;
+    // The forward blocks by the word of their header; 0 unseen, else the walk that saw it.
+    let mut seen: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+    let mut i = 0;
+    while i < payload.len() {
+        let hd = Header(payload[i]);
+        if hd.tag() == layout::FORWARD_TAG {
+            seen.insert(i, 0);
+        }
+        i += 1 + hd.wosize();
+    }
+    let starts: Vec<usize> = seen.keys().copied().collect();
+    for (walk, start) in starts.into_iter().enumerate() {
+        let walk = walk + 1;
+        let mut at = start;
+        loop {
+            match seen.get(&at) {
+                Some(0) => {
+                    seen.insert(at, walk);
+                }
+                Some(&w) if w == walk => {
+                    return Err(bad(
+                        "forward cycle",
+                        format!(
+                            "the forward block at byte {} leads back to itself",
+                            at * WORD_BYTES
+                        ),
+                    ))
+                }
+                // Another walk's chain, or not a forward block: the chain ends.
+                _ => break,
+            }
+            let next = payload[at + 1];
+            if layout::is_immediate(next) {
+                break;
+            }
+            at = (next - base) / WORD_BYTES - 1;
+        }
+    }
+    Ok(())
 }
 
 /// The root of a trusted payload mapped at its recorded address: only its bounds are

@@ -278,6 +278,177 @@ let test_bad_files _ =
   Sys.remove bad;
   Sys.remove path
 
+(* A value of a few MB over many pages, so that some are never touched before the file
+   changes. *)
+let big () = (sample (), Array.init 50_000 (fun i -> String.make (i mod 61) 'b' ^ string_of_int i))
+
+(* Reads the whole value: compare, Marshal and hash against the original. *)
+let assert_same ~msg v w =
+  assert_bool (msg ^ ": compare") (same v w);
+  assert_equal ~msg:(msg ^ ": Marshal") (marshal v) (marshal w);
+  assert_equal ~msg:(msg ^ ": hash") (Hashtbl.hash v) (Hashtbl.hash w)
+
+let overwrite path contents =
+  (* What [cp new.img path] does: truncate, then write in place. *)
+  let oc = open_out_gen [ Open_wronly; Open_trunc; Open_binary ] 0 path in
+  output_string oc contents;
+  close_out oc
+
+let test_file_changes_after_load _ =
+  let v = big () in
+  let other = fresh_path () in
+  Image.write other (Array.init 80_000 (fun i -> (i, "other")));
+  let changes =
+    [
+      ("rewritten in place", fun path -> overwrite path (read_file other));
+      ("truncated to 0", fun path -> Unix.truncate path 0);
+      ( "replaced by rename",
+        fun path ->
+          let tmp = fresh_path () in
+          Image.write tmp [ "another"; "value" ];
+          Unix.rename tmp path );
+      ("deleted", fun path -> Sys.remove path);
+    ]
+  in
+  let run ~share ~relocate (what, change) =
+    let path = fresh_path () in
+    Image.write path v;
+    (* Trusted and unverified: a shared load touches as few pages as it can. *)
+    let h =
+      if relocate then Image.load_relocated ~share ~verify:false path
+      else Image.load ~share ~trusted:true ~verify:false path
+    in
+    assert_equal ~msg:"where" relocate (Image.relocated h);
+    change path;
+    let msg = Printf.sprintf "%s (share %b, relocated %b)" what share relocate in
+    assert_same ~msg v (Offheap.get h);
+    Gc.full_major ();
+    assert_same ~msg v (Offheap.get h);
+    Offheap.free h;
+    if Sys.file_exists path then Sys.remove path
+  in
+  (* The default: nothing done to the file reaches the value. *)
+  List.iter
+    (fun relocate -> List.iter (run ~share:false ~relocate) changes)
+    [ false; true ];
+  (* Shared: a rename or a deletion leaves the mapped file as it was (what it promises;
+     the file must not be modified in place or truncated). *)
+  List.iter
+    (fun relocate ->
+      List.iter (run ~share:true ~relocate)
+        (List.filter (fun (w, _) -> w = "replaced by rename" || w = "deleted") changes))
+    [ false; true ];
+  Sys.remove other
+
+(* An image whose last block has no fields (an empty array, copied with the static data),
+   ending on a page boundary: the pointer to that block is the payload's end, and compare,
+   hash and Marshal see it as a value all the same (OCaml 4: it is registered). *)
+let test_last_block_of_no_fields _ =
+  let hit = ref false in
+  let check v =
+    let path = fresh_path () in
+    Image.write path v;
+    let file = read_file path in
+    let payload = Int64.to_int (String.get_int64_le file 32) in
+    let last = Int64.to_int (String.get_int64_le file (4096 + payload - 8)) in
+    if last lsr 10 = 0 && payload mod 4096 = 0 then hit := true;
+    List.iter
+      (fun (share, relocate) ->
+        let h =
+          if relocate then Image.load_relocated ~share path else Image.load ~share path
+        in
+        assert_same ~msg:"last block of no fields" v (Offheap.get h);
+        Offheap.free h)
+      [ (false, false); (false, true); (true, false); (true, true) ];
+    Sys.remove path
+  in
+  check [||];
+  check ([||], [||]);
+  for n = 4040 to 4060 do
+    check (String.make n 'x', [||])
+  done;
+  assert_bool "one of the images ends with a block of no fields on a page boundary" !hit
+
+let test_not_regular_files _ =
+  let fifo = fresh_path () in
+  Unix.mkfifo fifo 0o600;
+  List.iter
+    (fun path ->
+      match Image.load path with
+      | _ -> assert_failure ("loaded " ^ path)
+      | exception Sys_error m ->
+          assert_bool m (contains m path && contains m "not a regular file"))
+    [ fifo; dir ];
+  Sys.remove fifo
+
+let test_names_modes_links _ =
+  let sub = fresh_path () ^ ".d" in
+  Unix.mkdir sub 0o700;
+  let in_sub f = Filename.concat sub f in
+  let v = [ "names"; "modes"; "links" ] in
+  let loads path =
+    let h = Image.load path in
+    assert_same ~msg:path v (Offheap.get h);
+    Offheap.free h
+  in
+  (* The longest legal name. *)
+  let long = in_sub (String.make 255 'n') in
+  Image.write long v;
+  Image.write long v;
+  loads long;
+  (* A leftover temporary file of a killed writer of this pid (the old naming). *)
+  let leftover = in_sub (Printf.sprintf "x.img.tmp.%d.0" (Unix.getpid ())) in
+  close_out (open_out leftover);
+  Image.write (in_sub "x.img") v;
+  loads (in_sub "x.img");
+  (* The mode of a replaced image is kept. *)
+  Unix.chmod (in_sub "x.img") 0o600;
+  Image.write (in_sub "x.img") v;
+  assert_equal ~printer:(Printf.sprintf "%o") 0o600 (Unix.stat (in_sub "x.img")).Unix.st_perm;
+  (* Through a symbolic link: the target is written, the link stays. *)
+  Unix.symlink "x.img" (in_sub "link.img");
+  Image.write (in_sub "link.img") [ "through"; "the"; "link" ];
+  assert_equal Unix.S_LNK (Unix.lstat (in_sub "link.img")).Unix.st_kind;
+  let h = Image.load (in_sub "x.img") in
+  assert_same ~msg:"target" [ "through"; "the"; "link" ] (Offheap.get h);
+  Offheap.free h;
+  assert_equal ~printer:(Printf.sprintf "%o") 0o600 (Unix.stat (in_sub "x.img")).Unix.st_perm;
+  (* Nothing else was left in the directory. *)
+  let names = Array.to_list (Sys.readdir sub) |> List.sort compare in
+  assert_equal ~printer:(String.concat " ")
+    (List.sort compare [ String.make 255 'n'; Filename.basename leftover; "x.img"; "link.img" ])
+    names;
+  List.iter (fun f -> Sys.remove (in_sub f)) names;
+  Unix.rmdir sub
+
+(* Forged payloads that keep the tiling (~verify:false skips the payload checksum, so the
+   structural checks are what stands): the root block's tag changed to one that needs a
+   size it does not have, or a self-referencing block made a forward. Compare, hash and
+   Marshal would read past the block or loop; the loader refuses them. *)
+let test_forged_sizes _ =
+  let forge v tag check =
+    let path = fresh_path () in
+    Image.write path v;
+    let file = read_file path in
+    let root = Int64.to_int (String.get_int64_le file 40) in
+    set_bytes path (fun b -> Bytes.set b (4096 + root - 8) (Char.chr tag));
+    assert_invalid ~verify:false check path;
+    (* Genuine, the same image loads. *)
+    set_bytes path (fun b -> Bytes.set b (4096 + root - 8) file.[4096 + root - 8]);
+    let h = Image.load ~verify:false path in
+    Offheap.free h;
+    Sys.remove path
+  in
+  forge (Some 3) Obj.object_tag "block size";
+  forge (1, 2) Obj.double_tag "block size";
+  forge (1, 2) Obj.forward_tag "block size";
+  forge [||] Obj.string_tag "block size";
+  forge [||] Obj.object_tag "block size";
+  forge [| 1; 2; 3 |] Obj.custom_tag "block size";
+  let r = ref (Obj.repr 0) in
+  r := Obj.repr r;
+  forge r Obj.forward_tag "forward cycle"
+
 let () =
   at_exit (fun () ->
       if Unix.getpid () = main_pid && Sys.file_exists dir then begin
@@ -294,4 +465,9 @@ let () =
            "second process" >:: test_second_process;
            "key" >:: test_key;
            "bad files" >:: test_bad_files;
+           "file changed after load" >:: test_file_changes_after_load;
+           "last block of no fields" >:: test_last_block_of_no_fields;
+           "not regular files" >:: test_not_regular_files;
+           "names, modes, links" >:: test_names_modes_links;
+           "forged sizes" >:: test_forged_sizes;
          ])
