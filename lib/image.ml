@@ -12,7 +12,7 @@ module type HANDLE = sig
   type 'a t
   type alloc
 
-  val make : root:Obj.t -> base:int -> bytes:int -> blocks:int -> alloc:alloc -> 'a t
+  val fresh : alloc -> 'a t
   val alloc_of : 'a t -> alloc
 end
 
@@ -28,9 +28,8 @@ module type S = sig
 end
 
 (* Both return a string on failure: its first byte says which exception, the rest is
-   the message. [load] returns (root, base, bytes, blocks, mapping) on success. *)
+   the message. *)
 external stub_write : string -> string -> bool -> 'a -> Obj.t = "offheap_stub_image_write"
-external stub_load : string -> string -> int -> Obj.t = "offheap_stub_image_load"
 
 let flat_float_array = Obj.tag (Obj.repr (Array.make 1 0.0)) = Obj.double_array_tag
 let is_failure r = Obj.is_block r && Obj.tag r = Obj.string_tag
@@ -52,6 +51,13 @@ module Make (H : HANDLE) = struct
   (* The allocator blocks that own loaded payloads: their free unmaps. *)
   external stub_owner : int -> H.alloc = "offheap_stub_image_owner"
 
+  (* Fills the fresh handle (whose allocator is [recorded_owner]) and returns 0, its
+     allocator set to the second argument when the payload was relocated; or returns a
+     failure string. The handle exists before the payload is loaded: no exception can
+     come between the two. *)
+  external stub_load : 'a handle -> H.alloc -> string -> string -> int -> Obj.t
+    = "offheap_stub_image_load"
+
   let recorded_owner = stub_owner 1
   let relocated_owner = stub_owner 2
 
@@ -65,12 +71,11 @@ module Make (H : HANDLE) = struct
       flag verify 1 lor flag trusted 2 lor flag relocate 4 lor flag flat_float_array 8
       lor flag share 16
     in
-    let r = stub_load path key flags in
-    if is_failure r then fail r
-    else
-      let int i : int = Obj.obj (Obj.field r i) in
-      let alloc = if int 4 = 2 then relocated_owner else recorded_owner in
-      H.make ~root:(Obj.field r 0) ~base:(int 1) ~bytes:(int 2) ~blocks:(int 3) ~alloc
+    let h = H.fresh recorded_owner in
+    let r = stub_load h relocated_owner path key flags in
+    (* No function call between the stub and the return: bytecode checks for signals
+       at every call, and a handler's exception there would lose the loaded payload. *)
+    if r == Obj.repr 0 then h else fail r
 
   let load ?key ?verify ?trusted ?share path =
     load_with ~relocate:false ?key ?verify ?trusted ?share path

@@ -13,10 +13,9 @@ module type HANDLE = sig
   type 'a t
   type alloc
 
-  val make : root:Obj.t -> base:int -> bytes:int -> blocks:int -> alloc:alloc -> 'a t
-  (** A live handle to a payload at [base], released through [alloc]; [bytes] is the
-      memory held there (the payload and one word past it, all registered with the
-      runtime). *)
+  val fresh : alloc -> 'a t
+  (** A handle that owns nothing yet, with allocator [alloc], for the load stub to
+      fill (src/handle.rs): it then owns the payload and the word past it. *)
 
   val alloc_of : 'a t -> alloc
 end

@@ -78,14 +78,11 @@ let free h =
 let delete = free
 
 (* Images (image.ml): handles to loaded payloads are ordinary handles whose allocator
-   block unmaps. *)
+   block unmaps; the load stub fills a fresh handle as the copy stub does. *)
 module Image = Image.Make (struct
   type nonrec 'a t = 'a t
   type nonrec alloc = alloc
 
-  let make ~root ~base ~bytes ~blocks ~alloc =
-    stub_drain ();
-    { root; alloc; state = base / 2; bytes; blocks; transient_bytes = 0 }
-
+  let fresh = fresh
   let alloc_of h = h.alloc
 end)

@@ -54,22 +54,62 @@ unsafe fn field<'a>(h: Word, i: usize) -> &'a AtomicUsize {
     unsafe { &*(h as *const AtomicUsize).add(i) }
 }
 
-/// Makes the fresh handle `h` own `copied`.
+/// Makes the fresh handle `h` own the copy `copied`.
 ///
 /// # Safety
 /// `h` is a handle in state [`FREED`] that no other thread or domain sees yet, and
 /// `copied.root` is an immediate or lies outside the OCaml heap (the GC needs no barrier
 /// for it).
 pub unsafe fn fill(h: Word, copied: &Copied) {
+    // SAFETY: forwarded.
+    unsafe {
+        fill_parts(
+            h,
+            copied.root,
+            copied.base,
+            copied.bytes,
+            copied.blocks,
+            copied.transient_bytes,
+        )
+    }
+}
+
+/// Makes the fresh handle `h` own the allocation `[base, base + bytes)` of `blocks`
+/// blocks, whose root is `root`.
+///
+/// # Safety
+/// As for [`fill`].
+pub unsafe fn fill_parts(
+    h: Word,
+    root: Word,
+    base: *mut u8,
+    bytes: usize,
+    blocks: usize,
+    transient_bytes: usize,
+) {
     // SAFETY: the caller's contract; the handle is ours alone.
     unsafe {
-        field(h, ROOT).store(copied.root, Ordering::Relaxed);
-        field(h, BYTES).store(val_int(copied.bytes as isize), Ordering::Relaxed);
-        field(h, BLOCKS).store(val_int(copied.blocks as isize), Ordering::Relaxed);
-        field(h, TRANSIENT_BYTES)
-            .store(val_int(copied.transient_bytes as isize), Ordering::Relaxed);
-        field(h, STATE).store(copied.base as Word + 1, Ordering::Release);
+        field(h, ROOT).store(root, Ordering::Relaxed);
+        field(h, BYTES).store(val_int(bytes as isize), Ordering::Relaxed);
+        field(h, BLOCKS).store(val_int(blocks as isize), Ordering::Relaxed);
+        field(h, TRANSIENT_BYTES).store(val_int(transient_bytes as isize), Ordering::Relaxed);
+        field(h, STATE).store(base as Word + 1, Ordering::Release);
     }
+}
+
+/// Sets the allocator block of the fresh handle `h` to `alloc`.
+///
+/// # Safety
+/// `h` is a handle that no other thread or domain sees yet and `alloc` an allocator
+/// block; called holding the runtime.
+pub unsafe fn set_alloc(h: Word, alloc: Word) {
+    // SAFETY: a field of a live block, written with the runtime's write barrier.
+    unsafe {
+        ocaml_sys::caml_modify(
+            (h as *mut ocaml_sys::Value).add(ALLOC),
+            alloc as ocaml_sys::Value,
+        )
+    };
 }
 
 /// Takes the copy from the live handle `h`, leaving it freed; `None` when it was freed

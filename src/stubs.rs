@@ -251,17 +251,24 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
 }
 
 /// `Image.load`: loads and checks the image at `path`. `flags`: 1 verify, 2 trusted, 4
-/// never at the recorded address, 8 flat float arrays, 16 map the file (shared). Returns
-/// `(root, base, bytes, blocks, mapping)` (bytes: held at `base`, the payload and one
-/// word; mapping: 0 none, 1 at its recorded address, 2 relocated), registered with the
-/// runtime, or a failure string.
+/// never at the recorded address, 8 flat float arrays, 16 map the file (shared). On
+/// success the fresh handle `h` (allocator: the owner of payloads at their recorded
+/// address) owns the payload and the word past it, registered with the runtime; its
+/// allocator becomes `relocated_owner` when the payload was relocated; returns 0.
+/// Else returns a failure string and `h` stays freed.
 #[ocaml::native_func]
-pub fn offheap_stub_image_load(path: Raw, key: Raw, flags: Raw) -> Value {
-    image_load(path, key, flags)
+pub fn offheap_stub_image_load(
+    h: Raw,
+    relocated_owner: Raw,
+    path: Raw,
+    key: Raw,
+    flags: Raw,
+) -> Value {
+    image_load(h, relocated_owner, path, key, flags)
 }
 
 /// The body of [`offheap_stub_image_load`].
-fn image_load(path: Raw, key: Raw, flags: Raw) -> Value {
+fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> Value {
     let path = string_bytes(path);
     let flags = word(flags) as isize >> 1;
     let opts = image::Options {
@@ -294,24 +301,23 @@ fn image_load(path: Raw, key: Raw, flags: Raw) -> Value {
         unsafe { file::unmap(loaded.base, loaded.held(), loaded.mapping) };
         return image_failure(b'M', "");
     }
-    let fields = [
-        loaded.root,
-        val_int(loaded.base as isize),
-        val_int(loaded.held() as isize),
-        val_int(loaded.blocks as isize),
-        val_int(loaded.mapping as isize),
-    ];
-    // SAFETY: a fresh young block, filled before any other allocation with immediates
-    // and the root, which lies outside the heap (registered on OCaml 4, NOT_MARKABLE
+    // SAFETY: `h` is the fresh handle of this call, `relocated_owner` an allocator
+    // block; the root lies outside the heap (registered on OCaml 4, NOT_MARKABLE
     // headers on OCaml 5).
     unsafe {
-        let block = caml_alloc_small(fields.len(), 0);
-        let out = block as *mut Word;
-        for (i, f) in fields.into_iter().enumerate() {
-            *out.add(i) = f;
+        if loaded.mapping == file::Mapping::Relocated {
+            handle::set_alloc(word(h), word(relocated_owner));
         }
-        value(block as Word)
+        handle::fill_parts(
+            word(h),
+            loaded.root,
+            loaded.base,
+            loaded.held(),
+            loaded.blocks,
+            0,
+        );
     }
+    value(val_int(0))
 }
 
 /// The allocator block that owns loaded payloads of mapping `kind` (1 at the recorded
