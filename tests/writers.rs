@@ -21,13 +21,16 @@ use offheap::copy::visited::SideTable;
 use offheap::copy::{self, Copied, CopyError, Heap};
 use offheap::layout::{self, Color, Header, Word, WORD_BYTES};
 
+/// Writes to the fake heap, run with the number of the call of `should_copy`.
+type Script = Box<dyn FnMut(&mut FakeHeap, usize)>;
+
 /// The fake heap, and a script of writes run at each call of `should_copy`.
 struct Writer {
     heap: FakeHeap,
     /// Calls of `should_copy` so far.
     calls: usize,
     /// Run with the heap and the number of the call, before answering it.
-    act: Box<dyn FnMut(&mut FakeHeap, usize)>,
+    act: Script,
 }
 
 impl Heap for Writer {
