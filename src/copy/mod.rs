@@ -4,7 +4,9 @@
 //! 1. **measure**: a breadth-first walk from the root gives every reachable block that
 //!    must be copied an offset in the copy, in the order it is first seen, and records it
 //!    in the [`Queue`]. The walk is iterative: its only memory is the queue (16 bytes a
-//!    block) and the visited set.
+//!    block), the visited set and, for a shared source, the snapshot (below). All of it
+//!    is allocated fallibly: running out is [`CopyError::OutOfMemory`], like a NULL
+//!    from the allocator.
 //! 2. **write**: one allocation of exactly the measured size; the queue is walked front to
 //!    back, which writes the copy sequentially. Headers get the color no GC ever marks;
 //!    pointer fields to copied blocks are translated to the copy, infix offsets kept.
@@ -21,14 +23,14 @@
 //! such a visited set pass 1 reads each scannable block once, into a snapshot (a growing
 //! buffer laid out like the copy's scannable blocks), following what it read, and stores
 //! each pointer to a copied block already translated: its byte offset in the copy, tagged
-//! [`RELOCATED`]. Pass 2 then writes scannable blocks from the snapshot (adding the base
+//! `RELOCATED`. Pass 2 then writes scannable blocks from the snapshot (adding the base
 //! to tagged words) and never reads them again; raw blocks (strings, floats, boxed
 //! integers), whose size is fixed and which hold no pointers, are read once, in pass 2.
 //! Every header is the one pass 1 read. The copy is then well formed whatever the other
 //! domains do: each block is a copy of a block reachable during the copy, each field
 //! holds a value that field held at some moment, sharing and cycles are as pass 1 saw
 //! them. Why reading blocks that another domain writes to is safe on OCaml 5:
-//! [`Traversal::read_field`].
+//! `Traversal::read_field`.
 //!
 //! Most of a copy's time goes to cache misses on a scattered source. Each header is read
 //! once per pass, marks sit in the headers themselves where the runtime allows, and the
@@ -168,7 +170,7 @@ pub struct Copied {
 /// is [`VisitedSet::SOURCE_SHARED`] ([`visited::SideTable`]); then others may read them
 /// and write values into fields of scannable blocks, provided every block reachable at
 /// any moment of the call stays allocated and well formed until it returns (OCaml 5,
-/// see [`Traversal::read_field`]). `alloc` must return memory that nothing else uses.
+/// see `Traversal::read_field` in the source). `alloc` must return memory that nothing else uses.
 pub unsafe fn copy<H: Heap, V: VisitedSet, A: Allocator>(
     root: Word,
     heap: &mut H,
@@ -211,7 +213,7 @@ struct Traversal<'a, H, V> {
     queue: Queue,
     /// With a [`VisitedSet::SOURCE_SHARED`] set: the fields of every scannable queued
     /// block, in queue order, as pass 1 read them, pointers to copied blocks stored as
-    /// [`RELOCATED`] offsets. Empty otherwise.
+    /// `RELOCATED` offsets. Empty otherwise.
     snapshot: Vec<Word>,
     /// Words measured so far: the offset of the next block.
     words: usize,
@@ -339,7 +341,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
 
     /// Pass 1 with a [`VisitedSet::SOURCE_SHARED`] set, for one queued block: reads its
     /// fields once into the snapshot, then discovers what they point to and replaces
-    /// each pointer to a copied block with its [`RELOCATED`] offset in the copy.
+    /// each pointer to a copied block with its `RELOCATED` offset in the copy.
     ///
     /// # Safety
     /// `entry` is a queued block of the source.
@@ -611,7 +613,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
 /// from the source: those are immediates (low bit 1) or pointers, which are word aligned
 /// (low bits `00`), and offsets in the copy are word aligned too.
 const RELOCATED: Word = 2;
-/// The low bits that tell a [`RELOCATED`] word.
+/// The low bits that tell a `RELOCATED` word.
 const RELOCATED_MASK: Word = 3;
 /// Words of the snapshot's first allocation.
 const FIRST_SNAPSHOT: usize = 512;

@@ -2,7 +2,7 @@
 //!
 //! Pass 1 appends each block when it is first seen and reads the queue from the front
 //! (breadth first), so the queue doubles as the list that pass 2 (write) and the restore
-//! pass walk again, front to back. Storage: a vector for the first [`CHUNK`] entries,
+//! pass walk again, front to back. Storage: a vector for the first `CHUNK` (128 Ki) entries,
 //! then huge-page chunks of `CHUNK` entries that never move, so a long copy holds at most
 //! one partly used chunk beyond 16 bytes a block.
 

@@ -125,7 +125,7 @@ const WINDOW: usize = 4096 / WORD_BYTES;
 /// may fail with [`NoMemory`].
 ///
 /// The hash keeps neighbours together: the blocks of one 4 KiB page of the source land
-/// in one window of [`WINDOW`] slots, in address order, and only the page number is
+/// in one window of `WINDOW` slots, in address order, and only the page number is
 /// scrambled. A traversal mostly goes from a block to its neighbours, so most lookups
 /// hit cache lines that the previous ones brought in, instead of one miss each.
 pub struct SideTable {
