@@ -318,8 +318,13 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         if near.header.is_scannable() {
             let fields = near.block as *const Word;
             for i in 0..near.header.wosize().min(PREFETCH_FIELDS) {
-                // SAFETY: `i` is below the block's wosize; the block is readable.
-                let field = unsafe { *fields.add(i) };
+                // SAFETY: `i` is below the block's wosize; the block is readable, and
+                // other domains write its fields only with word-sized stores. The value
+                // is only a hint: an atomic load (a plain load on x86-64 and arm64)
+                // keeps a racing read defined.
+                let field =
+                    unsafe { std::sync::atomic::AtomicUsize::from_ptr(fields.add(i) as *mut Word) }
+                        .load(std::sync::atomic::Ordering::Relaxed);
                 if !layout::is_immediate(field) {
                     prefetch(field.wrapping_sub(WORD_BYTES));
                 }
@@ -569,7 +574,9 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             } else {
                 // SAFETY: raw blocks are copied whole, both sides `n` words: their size
                 // is fixed and they hold no pointers, so one read now is as good as one
-                // in pass 1.
+                // in pass 1. Bytes may be written meanwhile (`Bytes.set` in another
+                // domain): each byte copied is one the block held, as for any
+                // unsynchronised OCaml read of it.
                 unsafe { std::ptr::copy_nonoverlapping(entry.block as *const Word, dst, n) };
             }
             // SAFETY: the next block starts right after this one (or at the end).
