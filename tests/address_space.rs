@@ -28,10 +28,11 @@ fn vm_size() -> usize {
     kb * 1024
 }
 
-fn set_limit(bytes: libc::rlim_t) {
+/// Sets the soft limit, keeping the hard limit `old.rlim_max`.
+fn set_limit(bytes: libc::rlim_t, old: &libc::rlimit) {
     let lim = libc::rlimit {
-        rlim_cur: bytes,
-        rlim_max: libc::RLIM_INFINITY,
+        rlim_cur: bytes.min(old.rlim_max),
+        rlim_max: old.rlim_max,
     };
     // SAFETY: a plain system call on a valid struct.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) }, 0);
@@ -65,7 +66,7 @@ fn copies_under_an_address_space_limit_succeed_or_are_out_of_memory() {
     for table in [false, true] {
         for extra_mib in (0..80).step_by(2) {
             let mut alloc = Counting::new();
-            set_limit((base + (extra_mib << 20)) as libc::rlim_t);
+            set_limit((base + (extra_mib << 20)) as libc::rlim_t, &old);
             // SAFETY: `root` is a well-formed value of `h`; nothing else touches it.
             let outcome = unsafe {
                 if table {
@@ -74,7 +75,7 @@ fn copies_under_an_address_space_limit_succeed_or_are_out_of_memory() {
                     copy::copy(root, &mut h, HeaderMarks::new(Color::C2), &mut alloc)
                 }
             };
-            set_limit(libc::RLIM_INFINITY);
+            set_limit(old.rlim_cur, &old);
             assert!(
                 h.snapshot() == before,
                 "source changed (table: {table}, +{extra_mib} MiB)"
