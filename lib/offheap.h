@@ -64,7 +64,8 @@ extern "C" {
 typedef void *(*alloc_t)(void *data, size_t size);
 
 /* The function in field 1 of an allocator block, stored as a value: (value)my_free;
- * [data] is the block, as for alloc_t. */
+ * [data] is the block, as for alloc_t. offheap_copy_with_free takes the same type, with
+ * [data] its own argument. */
 typedef void (*free_t)(void *data, void *ptr, size_t size);
 
 /* The default allocator's alloc (Offheap.malloc): malloc, or for 4 MiB and more a
@@ -81,19 +82,36 @@ typedef struct {
 } offheap_buffer_t;
 
 /* Copies [v] into one buffer of exactly the size it needs, from alloc_fn(data, size),
- * called once. The root block comes first: the copy of [v] is
+ * called at most once. The root block comes first: the copy of [v] is
  * (value)((char *)ptr + sizeof(header_t)), plus the infix offset when [v] points inside a
  * closure. Headers carry the color no GC marks. With [copy_static] non-zero, static data
- * reachable from [v] is copied too (else it is shared).
+ * reachable from [v] is copied too (else it is shared). On OCaml 5 other domains may
+ * run and write to [v] meanwhile: the copy still succeeds, each field holding a value
+ * it held at some moment during the call.
  *
  * Returns { NULL, 0 } when nothing is copied ([v] an immediate, or outside the heap and
- * not copy_static) and on failure (a block that cannot be copied, alloc_fn returned NULL
- * or misaligned memory, which is then not freed); the source is left as it was. The
- * buffer is not registered in OCaml 4's page table: register it with
+ * not copy_static) and on failure; the source is left as it was. The failures:
+ * - a block that cannot be copied (abstract, custom other than Int32/Int64/Nativeint,
+ *   unforced lazy, continuation): alloc_fn is not called;
+ * - no memory for the traversal's own tables: alloc_fn is not called;
+ * - alloc_fn returned NULL: nothing to free;
+ * - alloc_fn returned memory not aligned to sizeof(value): the only failure after an
+ *   allocation. offheap_copy has no free function, so that buffer stays with the
+ *   caller's allocator (lost to it, unless it can tell); offheap_copy_with_free hands it
+ *   to free_fn at once.
+ * The buffer is not registered in OCaml 4's page table: register it with
  * caml_page_table_add(In_static_data, ...) before handing it to polymorphic compare,
  * hash or Marshal there. Call with the runtime lock held; alloc_fn follows the allocator
  * contract above. */
 offheap_buffer_t offheap_copy(value v, void *data, alloc_t alloc_fn, int copy_static);
+
+/* offheap_copy, with free_fn(data, ptr, size) to give back a buffer from alloc_fn that
+ * cannot become the copy (with the pointer and size alloc_fn saw): on every failure,
+ * nothing from alloc_fn stays with the caller. A successful copy is never passed to
+ * free_fn: free it yourself when done. free_fn may be NULL (then this is offheap_copy);
+ * it follows the allocator contract above (no call into OCaml). */
+offheap_buffer_t offheap_copy_with_free(value v, void *data, alloc_t alloc_fn,
+                                        free_t free_fn, int copy_static);
 
 #ifdef __cplusplus
 }

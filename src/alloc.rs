@@ -10,6 +10,11 @@
 
 use crate::layout::Word;
 
+/// The traversal could not get this many bytes for its own tables (queue, visited set,
+/// snapshot): reported as [`crate::copy::CopyError::OutOfMemory`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NoMemory(pub usize);
+
 /// A source of memory for copies.
 pub trait Allocator {
     /// `bytes` bytes, word aligned, or null when the memory cannot be had.
@@ -101,15 +106,32 @@ fn round_up(n: usize, to: usize) -> usize {
 /// A private anonymous mapping of at least `bytes` bytes, aligned to [`HUGE_PAGE`] and
 /// advised for huge pages; null when the system has no memory for it. Release it with
 /// [`unmap_huge`] and the same `bytes`.
+///
+/// The mapping is reserved honestly (no `MAP_NORESERVE`): under the kernel's overcommit
+/// accounting a request the machine cannot back fails here, with NULL, which the copy
+/// reports as `Out_of_memory`, instead of succeeding and getting the process killed
+/// when the pages are touched. That holds for the copies and for the traversal's own
+/// tables alike: a queue chunk is filled front to back, a side table and a snapshot are
+/// written all over, so what they reserve is what they will touch (at most the unused
+/// tail of the last queue chunk, under 2 MiB, is reserved for nothing).
 pub fn map_huge(bytes: usize) -> *mut u8 {
-    let len = round_up(bytes.max(1), HUGE_PAGE);
+    let Some(len) = bytes
+        .max(1)
+        .checked_add(HUGE_PAGE - 1)
+        .map(|n| n / HUGE_PAGE * HUGE_PAGE)
+    else {
+        return std::ptr::null_mut();
+    };
+    let Some(mapped) = len.checked_add(HUGE_PAGE) else {
+        return std::ptr::null_mut();
+    };
     // SAFETY: an anonymous private mapping; no file, no fixed address.
     let map = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            len + HUGE_PAGE,
+            mapped,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,
         )
@@ -120,7 +142,7 @@ pub fn map_huge(bytes: usize) -> *mut u8 {
     // Keep the aligned `len` bytes inside the mapping; unmap the slack around them.
     let start = map as usize;
     let aligned = round_up(start, HUGE_PAGE);
-    let tail = start + len + HUGE_PAGE - (aligned + len);
+    let tail = start + mapped - (aligned + len);
     // SAFETY: both slack ranges lie inside the mapping just made and nothing uses them;
     // the advice is only advice (without transparent huge pages the mapping works as is).
     unsafe {
@@ -146,19 +168,38 @@ pub unsafe fn unmap_huge(ptr: *mut u8, bytes: usize) {
 
 /// A zero-filled array for the traversal's own tables: from [`HUGE_PAGE`] bytes on, a
 /// [`map_huge`] mapping (zeroed by the kernel, one page fault per 2 MiB), else the heap.
+/// An array of length 0 holds no memory.
 pub struct ZeroedArray<T> {
-    /// `len` initialised (zero) elements.
+    /// `len` initialised (zero) elements; dangling when `len` is 0.
     ptr: *mut T,
     len: usize,
 }
 
+impl<T> ZeroedArray<T> {
+    /// An array of no elements, holding no memory.
+    pub const fn empty() -> ZeroedArray<T> {
+        ZeroedArray {
+            ptr: std::ptr::NonNull::dangling().as_ptr(),
+            len: 0,
+        }
+    }
+}
+
 impl<T: Copy> ZeroedArray<T> {
-    /// `len` elements, all bytes zero.
+    /// `len` elements, all bytes zero; [`NoMemory`] when the memory cannot be had (or
+    /// its size overflows).
     ///
     /// # Safety
     /// All-zero bytes must be a valid `T`.
-    pub unsafe fn new(len: usize) -> ZeroedArray<T> {
-        let layout = std::alloc::Layout::array::<T>(len.max(1)).expect("table size overflows");
+    pub unsafe fn new(len: usize) -> Result<ZeroedArray<T>, NoMemory> {
+        if len == 0 || std::mem::size_of::<T>() == 0 {
+            return Ok(ZeroedArray {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len,
+            });
+        }
+        let layout = std::alloc::Layout::array::<T>(len)
+            .map_err(|_| NoMemory(len.saturating_mul(std::mem::size_of::<T>())))?;
         let ptr = if layout.size() >= HUGE_PAGE {
             map_huge(layout.size()) as *mut T
         } else {
@@ -166,9 +207,9 @@ impl<T: Copy> ZeroedArray<T> {
             unsafe { std::alloc::alloc_zeroed(layout) as *mut T }
         };
         if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout)
+            return Err(NoMemory(layout.size()));
         }
-        ZeroedArray { ptr, len }
+        Ok(ZeroedArray { ptr, len })
     }
 }
 
@@ -190,9 +231,15 @@ impl<T> std::ops::DerefMut for ZeroedArray<T> {
 
 impl<T> Drop for ZeroedArray<T> {
     fn drop(&mut self) {
-        let layout = std::alloc::Layout::array::<T>(self.len.max(1)).expect("checked in new");
-        // SAFETY: made by `new` with this layout, by the same rule.
+        let bytes = self.len * std::mem::size_of::<T>();
+        if bytes == 0 {
+            return; // `empty`, or zero-sized elements: nothing was allocated
+        }
+        // SAFETY: `new` made this very layout, so it is valid; the memory was made by
+        // `new` with it, by the same rule.
         unsafe {
+            let layout =
+                std::alloc::Layout::from_size_align_unchecked(bytes, std::mem::align_of::<T>());
             if layout.size() >= HUGE_PAGE {
                 unmap_huge(self.ptr as *mut u8, layout.size())
             } else {

@@ -19,10 +19,15 @@ pub struct OffheapBuffer {
     pub size: usize,
 }
 
-/// An `alloc_t` with its data; cannot free (the C interface takes no free function).
+/// `void (*free_t)(void *data, void *ptr, size_t size)`.
+pub type FreeT = unsafe extern "C" fn(data: *mut libc::c_void, ptr: *mut libc::c_void, size: usize);
+
+/// An `alloc_t` with its data, and the `free_t` that gives its memory back if the caller
+/// passed one.
 struct CFunction {
     data: *mut libc::c_void,
     alloc: AllocT,
+    free: Option<FreeT>,
 }
 
 impl Allocator for CFunction {
@@ -31,9 +36,16 @@ impl Allocator for CFunction {
         unsafe { (self.alloc)(self.data, bytes) as *mut u8 }
     }
 
-    unsafe fn free(&mut self, _ptr: *mut u8, _bytes: usize) {
-        // Reached only when the allocator returned misaligned memory; without a free
-        // function it stays with the caller's allocator (documented in offheap.h).
+    unsafe fn free(&mut self, ptr: *mut u8, bytes: usize) {
+        // The traversal frees only when the allocation cannot become a copy, which since
+        // copies read a shared source once (no failure after the allocation) means
+        // misaligned memory. Without a free function that memory stays with the caller
+        // (documented in offheap.h).
+        if let Some(free) = self.free {
+            // SAFETY: `ptr` and `bytes` come from `alloc` on this data: the caller's
+            // free function takes them back, as its contract says.
+            unsafe { free(self.data, ptr as *mut libc::c_void, bytes) }
+        }
     }
 }
 
@@ -41,7 +53,8 @@ impl Allocator for CFunction {
 /// the copy of `v` is `ptr + sizeof(header_t)` (plus the infix offset when `v` points
 /// inside a closure). Returns `{ NULL, 0 }` when nothing is copied (`v` is an immediate,
 /// or outside the heap and `copy_static` is 0) or the copy fails; the source is then as
-/// it was. The buffer is not registered in OCaml 4's page table.
+/// it was. The buffer is not registered in OCaml 4's page table. A misaligned buffer is
+/// not freed: there is no free function (see [`offheap_copy_with_free`]).
 ///
 /// # Safety
 /// Called with the OCaml runtime held, `v` a valid value; `alloc_fn` must not call into
@@ -53,12 +66,34 @@ pub unsafe extern "C" fn offheap_copy(
     alloc_fn: Option<AllocT>,
     copy_static: libc::c_int,
 ) -> OffheapBuffer {
+    // SAFETY: forwarded from the caller.
+    unsafe { offheap_copy_with_free(v, data, alloc_fn, None, copy_static) }
+}
+
+/// [`offheap_copy`], with `free_fn(data, ptr, size)` to give back a buffer from
+/// `alloc_fn` that cannot become the copy (misaligned memory): on every failure, nothing
+/// from `alloc_fn` stays with the caller. `free_fn` may be NULL (then as `offheap_copy`).
+///
+/// # Safety
+/// As [`offheap_copy`]; `free_fn` must not call into OCaml either.
+#[no_mangle]
+pub unsafe extern "C" fn offheap_copy_with_free(
+    v: Word,
+    data: *mut libc::c_void,
+    alloc_fn: Option<AllocT>,
+    free_fn: Option<FreeT>,
+    copy_static: libc::c_int,
+) -> OffheapBuffer {
     let none = OffheapBuffer {
         ptr: std::ptr::null_mut(),
         size: 0,
     };
     let Some(alloc) = alloc_fn else { return none };
-    let mut allocator = CFunction { data, alloc };
+    let mut allocator = CFunction {
+        data,
+        alloc,
+        free: free_fn,
+    };
     // SAFETY: forwarded from the caller.
     match unsafe { runtime::copy_value(v, copy_static != 0, &mut allocator) } {
         Ok(copied) if !copied.base.is_null() => OffheapBuffer {

@@ -996,55 +996,6 @@ fn misaligned_allocator_is_refused_and_freed() {
     }
 }
 
-/// Stands for another domain (OCaml 5): writes a pointer to a block that pass 1 never
-/// saw into the source while the copy is being allocated, between pass 1 and pass 2.
-struct MutatingAlloc {
-    inner: Counting,
-    field: *mut Word,
-    new_value: Word,
-}
-
-impl Allocator for MutatingAlloc {
-    fn alloc(&mut self, bytes: usize) -> *mut u8 {
-        // SAFETY: `field` is a field of a block of the test's fake heap.
-        unsafe { *self.field = self.new_value };
-        self.inner.alloc(bytes)
-    }
-
-    unsafe fn free(&mut self, ptr: *mut u8, bytes: usize) {
-        // SAFETY: forwarded.
-        unsafe { self.inner.free(ptr, bytes) }
-    }
-}
-
-#[test]
-fn a_source_changed_between_the_passes_is_refused_and_freed() {
-    let mut h = FakeHeap::new(1 << 12);
-    let list = int_list(&mut h, 0, 10);
-    let stranger = h.string(b"written by another domain");
-    let root = h.block(0, &[list, layout::val_int(0)]);
-    let before = h.snapshot();
-    for s in BOTH {
-        let mut alloc = MutatingAlloc {
-            inner: Counting::new(),
-            // SAFETY: field 1 of `root`, a block of two fields.
-            field: unsafe { (root as *mut Word).add(1) },
-            new_value: stranger,
-        };
-        let err = raw_copy(&mut h, root, s, &mut alloc).expect_err("the source changed");
-        assert_eq!(err, CopyError::Mutated, "{s:?}");
-        assert_eq!(alloc.inner.allocs.len(), 1, "{s:?}: one allocation");
-        assert!(alloc.inner.live.is_empty(), "{s:?}: the copy was freed");
-        // Undo the "other domain's" write: everything else, headers included, is as it was.
-        h.set(root, 1, layout::val_int(0));
-        assert_same_source(
-            &before,
-            &h.snapshot(),
-            &format!("{s:?} after a changed source"),
-        );
-    }
-}
-
 #[test]
 fn one_allocation_of_exactly_the_reachable_size() {
     let mut h = FakeHeap::new(1 << 14);

@@ -4,18 +4,33 @@
 //! 1. **measure**: a breadth-first walk from the root gives every reachable block that
 //!    must be copied an offset in the copy, in the order it is first seen, and records it
 //!    in the [`Queue`]. The walk is iterative: its only memory is the queue (16 bytes a
-//!    block) and the visited set.
+//!    block), the visited set and, for a shared source, the snapshot (below). All of it
+//!    is allocated fallibly: running out is [`CopyError::OutOfMemory`], like a NULL
+//!    from the allocator.
 //! 2. **write**: one allocation of exactly the measured size; the queue is walked front to
 //!    back, which writes the copy sequentially. Headers get the color no GC ever marks;
 //!    pointer fields to copied blocks are translated to the copy, infix offsets kept.
 //! 3. **restore**: the visited set gives back whatever it changed in the source.
 //!
-//! Every error (a block that cannot be copied, an allocator that fails) is detected in or
-//! right after pass 1, before anything was written, and takes the same exit: restore, free
-//! what was allocated, report. The source is left as it was, byte for byte. One error
-//! shows only in pass 2: on OCaml 5 another domain may write a pointer to a new block into
-//! the source between the passes; the copy has no room for it, so it is freed and the
-//! error reported.
+//! Every error (a block that cannot be copied, an allocator that fails, including the
+//! traversal's own memory) is detected in pass 1 or right after it, before anything was
+//! written, and takes the same exit: restore, free what was allocated, report. The source
+//! is left as it was, byte for byte.
+//!
+//! **A source that other domains write to** (OCaml 5, [`VisitedSet::SOURCE_SHARED`]):
+//! reading a block in pass 1 and again in pass 2 would let a write in between give pass 2
+//! a pointer to a block pass 1 never saw, or a field the measure did not follow. So with
+//! such a visited set pass 1 reads each scannable block once, into a snapshot (a growing
+//! buffer laid out like the copy's scannable blocks), following what it read, and stores
+//! each pointer to a copied block already translated: its byte offset in the copy, tagged
+//! `RELOCATED`. Pass 2 then writes scannable blocks from the snapshot (adding the base
+//! to tagged words) and never reads them again; raw blocks (strings, floats, boxed
+//! integers), whose size is fixed and which hold no pointers, are read once, in pass 2.
+//! Every header is the one pass 1 read. The copy is then well formed whatever the other
+//! domains do: each block is a copy of a block reachable during the copy, each field
+//! holds a value that field held at some moment, sharing and cycles are as pass 1 saw
+//! them. Why reading blocks that another domain writes to is safe on OCaml 5:
+//! `Traversal::read_field`.
 //!
 //! Most of a copy's time goes to cache misses on a scattered source. Each header is read
 //! once per pass, marks sit in the headers themselves where the runtime allows, and the
@@ -32,7 +47,7 @@ pub mod visited;
 
 use std::fmt;
 
-use crate::alloc::Allocator;
+use crate::alloc::{Allocator, NoMemory};
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 use queue::{Entry, Queue};
 use visited::{Seen, VisitedSet};
@@ -69,12 +84,17 @@ pub enum CopyError {
     ForcingLazy,
     /// A continuation (OCaml 5).
     Continuation,
-    /// The allocator returned NULL for this many bytes.
+    /// The allocator returned NULL for this many bytes, or the traversal could not get
+    /// this many bytes for its own tables.
     OutOfMemory(usize),
     /// The allocator returned memory that is not word aligned.
     Misaligned,
-    /// Another domain wrote a pointer to a new block into the value during the copy.
-    Mutated,
+}
+
+impl From<NoMemory> for CopyError {
+    fn from(NoMemory(bytes): NoMemory) -> CopyError {
+        CopyError::OutOfMemory(bytes)
+    }
 }
 
 impl CopyError {
@@ -96,9 +116,8 @@ impl fmt::Display for CopyError {
             CopyError::UnforcedLazy => f.write_str("unforced lazy value (force it before copying)"),
             CopyError::ForcingLazy => f.write_str("lazy value being forced"),
             CopyError::Continuation => f.write_str("continuation"),
-            CopyError::OutOfMemory(bytes) => write!(f, "the allocator returned NULL for {bytes} bytes"),
+            CopyError::OutOfMemory(bytes) => write!(f, "no memory for {bytes} bytes"),
             CopyError::Misaligned => f.write_str("the allocator returned memory that is not word aligned"),
-            CopyError::Mutated => f.write_str("the value changed while it was copied (another domain wrote to it)"),
         }
     }
 }
@@ -118,7 +137,8 @@ pub struct Copied {
     pub bytes: usize,
     /// Number of blocks copied.
     pub blocks: usize,
-    /// Peak memory the traversal held besides the copy (queue and visited set), in bytes.
+    /// Peak memory the traversal held besides the copy (queue, visited set and, when the
+    /// source is shared, the snapshot), in bytes.
     pub transient_bytes: usize,
 }
 
@@ -133,21 +153,24 @@ pub struct Copied {
 /// ```compile_fail,E0382
 /// # use offheap::{alloc::Malloc, copy::{self, Heap, visited::SideTable}};
 /// # fn again<H: Heap>(heap: &mut H, v: usize) {
-/// let table = SideTable::with_capacity(0);
+/// let table = SideTable::new();
 /// let first = unsafe { copy::copy(v, heap, table, &mut Malloc) };
 /// let second = unsafe { copy::copy(v, heap, table, &mut Malloc) }; // `table` moved
 /// # }
 /// ```
 ///
 /// # Errors
-/// [`CopyError`] when a reachable block cannot be copied or the allocator fails; the
-/// source is then as it was and nothing stays allocated.
+/// [`CopyError`] when a reachable block cannot be copied, or memory cannot be had (the
+/// allocator's for the copy, or the traversal's own); the source is then as it was and
+/// nothing stays allocated.
 ///
 /// # Safety
 /// `root` must be a valid OCaml value whose reachable blocks (those `heap` says to copy)
-/// are well formed, and nothing else may read or write them during the call unless
-/// `visited` never writes to the source ([`visited::SideTable`]). `alloc` must return
-/// memory that nothing else uses.
+/// are well formed. Nothing else may read or write them during the call unless `visited`
+/// is [`VisitedSet::SOURCE_SHARED`] ([`visited::SideTable`]); then others may read them
+/// and write values into fields of scannable blocks, provided every block reachable at
+/// any moment of the call stays allocated and well formed until it returns (OCaml 5,
+/// see `Traversal::read_field` in the source). `alloc` must return memory that nothing else uses.
 pub unsafe fn copy<H: Heap, V: VisitedSet, A: Allocator>(
     root: Word,
     heap: &mut H,
@@ -168,8 +191,9 @@ pub unsafe fn copy<H: Heap, V: VisitedSet, A: Allocator>(
         heap,
         visited,
         queue: Queue::new(),
+        snapshot: Vec::new(),
         words: 0,
-        mutated: false,
+        root_in_block: 0,
         last_discovered: 0,
         jumps: 0,
     };
@@ -187,10 +211,14 @@ struct Traversal<'a, H, V> {
     visited: V,
     /// Every block given an offset, in offset order.
     queue: Queue,
+    /// With a [`VisitedSet::SOURCE_SHARED`] set: the fields of every scannable queued
+    /// block, in queue order, as pass 1 read them, pointers to copied blocks stored as
+    /// `RELOCATED` offsets. Empty otherwise.
+    snapshot: Vec<Word>,
     /// Words measured so far: the offset of the next block.
     words: usize,
-    /// Pass 2 met a pointer to a block that pass 1 did not see: the source changed.
-    mutated: bool,
+    /// Bytes from the root's block to the root (its infix offset; 0 for most roots).
+    root_in_block: usize,
     /// The block discovered last.
     last_discovered: Word,
     /// Blocks discovered more than [`JUMP_BYTES`] away from the one before, and pointers
@@ -206,7 +234,9 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     unsafe fn run<A: Allocator>(&mut self, root: Word, alloc: &mut A) -> Result<Copied, CopyError> {
         // SAFETY: forwarded from `copy`.
         unsafe { self.measure(root)? };
-        let transient_bytes = self.queue.allocated_bytes() + self.visited.allocated_bytes();
+        let transient_bytes = self.queue.allocated_bytes()
+            + self.visited.allocated_bytes()
+            + self.snapshot.capacity() * WORD_BYTES;
         let bytes = self.words * WORD_BYTES;
         let base = alloc.alloc(bytes);
         if base.is_null() {
@@ -218,12 +248,15 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             return Err(CopyError::Misaligned);
         }
         // SAFETY: `base` holds `bytes` bytes, exactly what pass 1 measured.
-        let root = unsafe { self.write(root, base as *mut Word) };
-        if self.mutated {
-            // SAFETY: `base` came from this allocator with this size; nothing refers to it.
-            unsafe { alloc.free(base, bytes) };
-            return Err(CopyError::Mutated);
-        }
+        unsafe {
+            if V::SOURCE_SHARED {
+                self.write_from_snapshot(base as *mut Word)
+            } else {
+                self.write(base as *mut Word)
+            }
+        };
+        // The root's block was discovered first: it is at offset 0.
+        let root = base as Word + WORD_BYTES + self.root_in_block;
         Ok(Copied {
             root,
             base,
@@ -236,12 +269,18 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     /// Pass 1: gives every block to copy its offset.
     unsafe fn measure(&mut self, root: Word) -> Result<(), CopyError> {
         // SAFETY: `root` is a pointer to a block to copy.
-        unsafe { self.discover(root)? };
+        let (_, root_in_block) = unsafe { self.discover(root)? };
+        self.root_in_block = root_in_block;
         crate::fault::point("measure");
         let mut next = 0;
         while let Some(entry) = self.queue.get(next) {
             self.prefetch_ahead(next);
             next += 1;
+            if V::SOURCE_SHARED {
+                // SAFETY: queued entries are blocks of the source.
+                unsafe { self.snapshot_block(entry)? };
+                continue;
+            }
             let fields = entry.block as *const Word;
             // SAFETY: queued entries are blocks of the source.
             let scanned = unsafe { scanned_fields(entry) };
@@ -279,8 +318,13 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         if near.header.is_scannable() {
             let fields = near.block as *const Word;
             for i in 0..near.header.wosize().min(PREFETCH_FIELDS) {
-                // SAFETY: `i` is below the block's wosize; the block is readable.
-                let field = unsafe { *fields.add(i) };
+                // SAFETY: `i` is below the block's wosize; the block is readable, and
+                // other domains write its fields only with word-sized stores. The value
+                // is only a hint: an atomic load (a plain load on x86-64 and arm64)
+                // keeps a racing read defined.
+                let field =
+                    unsafe { std::sync::atomic::AtomicUsize::from_ptr(fields.add(i) as *mut Word) }
+                        .load(std::sync::atomic::Ordering::Relaxed);
                 if !layout::is_immediate(field) {
                     prefetch(field.wrapping_sub(WORD_BYTES));
                 }
@@ -300,24 +344,113 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         Ok(())
     }
 
-    /// Pass 1 for one pointer: queues its block if it was not seen yet.
+    /// Pass 1 with a [`VisitedSet::SOURCE_SHARED`] set, for one queued block: reads its
+    /// fields once into the snapshot, then discovers what they point to and replaces
+    /// each pointer to a copied block with its `RELOCATED` offset in the copy.
+    ///
+    /// # Safety
+    /// `entry` is a queued block of the source.
+    unsafe fn snapshot_block(&mut self, entry: Entry) -> Result<(), CopyError> {
+        if !entry.header.is_scannable() {
+            return Ok(());
+        }
+        let n = entry.header.wosize();
+        let start = self.snapshot.len();
+        if self.snapshot.capacity() - start < n {
+            self.grow_snapshot(n)?;
+        }
+        let src = entry.block as *const Word;
+        for i in 0..n {
+            // SAFETY: `i` is below the wosize pass 1 read for this block.
+            let field = unsafe { Self::read_field(src.add(i)) };
+            // Within the capacity reserved above: never reallocates.
+            self.snapshot.push(field);
+        }
+        let first_value = first_value_of(entry.header, &self.snapshot[start..]);
+        for i in start + first_value..start + n {
+            let field = self.snapshot[i];
+            if !layout::is_immediate(field) && self.heap.should_copy(field) {
+                self.jumps += usize::from(field.abs_diff(entry.block) > JUMP_BYTES);
+                // SAFETY: a pointer that was in a field of a block of the source graph.
+                let (offset, in_block) = unsafe { self.discover(field)? };
+                self.snapshot[i] = ((offset + 1) * WORD_BYTES + in_block) | RELOCATED;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes room for `n` more words in the snapshot: at least doubles it, so that the
+    /// pushes cost amortised constant time.
+    #[cold]
+    #[inline(never)]
+    fn grow_snapshot(&mut self, n: usize) -> Result<(), CopyError> {
+        let more = n.max(self.snapshot.capacity()).max(FIRST_SNAPSHOT);
+        self.snapshot
+            .try_reserve_exact(more)
+            .map_err(|_| CopyError::OutOfMemory(more.saturating_mul(WORD_BYTES)))
+    }
+
+    /// Reads a field of a source block that other domains may be writing to.
+    ///
+    /// Why this is sound on OCaml 5 (checked against the 5.3 runtime sources):
+    /// - Writes to fields go through `caml_modify` (runtime/memory.c), which ends with
+    ///   `atomic_store_release` of the new value; the loads here are `Acquire`, so the
+    ///   block a loaded pointer leads to is seen initialised (header and fields written
+    ///   before it was published). Other writes (`caml_initialize`, array fills) hit
+    ///   blocks not yet shared or are word-sized stores too: each read returns a value
+    ///   that the field held at some moment, never a torn word.
+    /// - Every block this domain reaches stays allocated until the stub returns. Freeing
+    ///   happens only by sweeping blocks left unmarked at the end of a major cycle, and
+    ///   by emptying minor heaps; both the end of a cycle (`stw_cycle_all_domains` in
+    ///   runtime/major_gc.c, which also empties every minor heap) and a minor collection
+    ///   (runtime/minor_gc.c) run stop-the-world through `caml_try_run_on_all_domains`,
+    ///   which waits for every domain, this one included, to reach a safe point; this
+    ///   domain reaches none inside the copy (no OCaml allocation, no poll, the domain
+    ///   lock held). So no block moves or dies during the copy.
+    /// - A block that was reachable at some moment of the cycle is marked by its end:
+    ///   the minor heaps are empty when a cycle starts, blocks are allocated or promoted
+    ///   already marked, and when a field of a major block is overwritten during marking
+    ///   the write barrier (`caml_darken` of the old value in `write_barrier`,
+    ///   runtime/memory.c) keeps the old target alive to the cycle's end. A pointer read
+    ///   here to a block that was since unlinked still leads to a live block.
+    /// - Headers: only the color bits of a heap block change under us (marking); a tag
+    ///   changes for lazy values (`Lazy_tag` -> `Forcing_tag` -> `Forward_tag`, with
+    ///   field 0 written before the tag). The traversal reads each header once, in
+    ///   pass 1, and uses that header for the size, the tag and the layout of the copy.
+    ///
+    /// # Safety
+    /// `p` is a field of a block of the source graph.
     #[inline(always)]
-    unsafe fn discover(&mut self, v: Word) -> Result<(), CopyError> {
+    unsafe fn read_field(p: *const Word) -> Word {
+        // SAFETY: a field is an aligned word, valid for reads (caller's contract); others
+        // write it only with word-sized stores, so an atomic load of it is sound.
+        unsafe { std::sync::atomic::AtomicUsize::from_ptr(p as *mut Word) }
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Pass 1 for one pointer: queues its block if it was not seen yet. Returns the
+    /// block's offset in the copy, in words, and the bytes from the block to `v` (an
+    /// infix offset, or 0).
+    #[inline(always)]
+    unsafe fn discover(&mut self, v: Word) -> Result<(usize, usize), CopyError> {
         // SAFETY: `v` points to a block (or an infix header) of the source graph.
         let (block, hd) = unsafe { block_of(v) };
         // SAFETY: `block` is a block start and `hd` its current header.
         match unsafe { self.visited.lookup(block, hd) } {
-            Seen::At(_) => Ok(()),
+            Seen::At(offset) => Ok((offset, v - block)),
             Seen::New(hd) => {
                 // SAFETY: `block` is a block start with header `hd`.
                 unsafe { self.check_copyable(block, hd)? };
+                // Queue first: a failed mark leaves the entry to be restored, harmlessly
+                // (restoring an unmarked header rewrites the header it has).
+                self.queue.push(Entry { block, header: hd })?;
+                let offset = self.words;
                 // SAFETY: `block` is a block start of the source graph not yet marked.
-                unsafe { self.visited.mark(block, hd, self.words) };
-                self.queue.push(Entry { block, header: hd });
+                unsafe { self.visited.mark(block, hd, offset)? };
                 self.words += hd.whsize();
                 self.jumps += usize::from(block.abs_diff(self.last_discovered) > JUMP_BYTES);
                 self.last_discovered = block;
-                Ok(())
+                Ok((offset, v - block))
             }
         }
     }
@@ -356,8 +489,9 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         }
     }
 
-    /// Pass 2: writes every queued block at its offset from `base`; returns the root's copy.
-    unsafe fn write(&mut self, root: Word, base: *mut Word) -> Word {
+    /// Pass 2: writes every queued block at its offset from `base`, reading the source
+    /// again.
+    unsafe fn write(&mut self, base: *mut Word) {
         crate::fault::point("write");
         let mut dst_header = base;
         let prefetching = self.jumps * 8 > self.queue.len();
@@ -406,11 +540,58 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             self.words * WORD_BYTES,
             "measured size != written size"
         );
-        // SAFETY: the root was discovered in pass 1.
-        unsafe { self.translate(root, base) }
     }
 
-    /// The value that stands in the copy for the source value `v`.
+    /// Pass 2 with a [`VisitedSet::SOURCE_SHARED`] set: writes every queued block at its
+    /// offset from `base`, scannable ones from the snapshot (which holds their fields
+    /// already translated, but for the base), raw ones from the source, read once here.
+    unsafe fn write_from_snapshot(&mut self, base: *mut Word) {
+        crate::fault::point("write");
+        let mut dst_header = base;
+        let mut fields = self.snapshot.as_slice();
+        for k in 0..self.queue.len() {
+            let entry = self.queue.get(k).expect("k < len");
+            let hd = entry.header;
+            let n = hd.wosize();
+            // SAFETY: pass 1 measured this block at this offset, inside the allocation.
+            let dst = unsafe {
+                dst_header.write(hd.with_color(Color::Unmarkable).0);
+                dst_header.add(1)
+            };
+            if hd.is_scannable() {
+                let (block, rest) = fields.split_at(n);
+                fields = rest;
+                let first_value = first_value_of(hd, block);
+                for (i, &field) in block.iter().enumerate() {
+                    let word = if i >= first_value && field & RELOCATED_MASK == RELOCATED {
+                        base as Word + (field - RELOCATED)
+                    } else {
+                        field
+                    };
+                    // SAFETY: `i < n`, inside the block's room in the allocation.
+                    unsafe { dst.add(i).write(word) };
+                }
+            } else {
+                // SAFETY: raw blocks are copied whole, both sides `n` words: their size
+                // is fixed and they hold no pointers, so one read now is as good as one
+                // in pass 1. Bytes may be written meanwhile (`Bytes.set` in another
+                // domain): each byte copied is one the block held, as for any
+                // unsynchronised OCaml read of it.
+                unsafe { std::ptr::copy_nonoverlapping(entry.block as *const Word, dst, n) };
+            }
+            // SAFETY: the next block starts right after this one (or at the end).
+            dst_header = unsafe { dst.add(n) };
+        }
+        debug_assert!(fields.is_empty(), "snapshot not used up");
+        debug_assert_eq!(
+            dst_header as usize - base as usize,
+            self.words * WORD_BYTES,
+            "measured size != written size"
+        );
+    }
+
+    /// The value that stands in the copy for the source value `v` (pass 2 without a
+    /// snapshot).
     #[inline(always)]
     unsafe fn translate(&mut self, v: Word, base: *mut Word) -> Word {
         if layout::is_immediate(v) || !self.heap.should_copy(v) {
@@ -423,15 +604,26 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             // SAFETY: pointer arithmetic inside the allocation; `v - block` is the infix
             // offset, 0 for an ordinary block.
             Seen::At(offset) => unsafe { base.add(offset + 1) as Word + (v - block) },
-            // Pass 1 discovered every block, unless another domain wrote a new pointer
-            // into the source meanwhile: there is no room for its block in the copy.
+            // Pass 1 discovered every block: without a snapshot nothing else writes to
+            // the source (`copy`'s contract), so this cannot happen. Were the contract
+            // broken, an immediate keeps the copy well formed.
             Seen::New(_) => {
-                self.mutated = true;
+                debug_assert!(false, "pass 2 met a block pass 1 did not see");
                 layout::val_int(0)
             }
         }
     }
 }
+
+/// The tag of a snapshot word that stands for a pointer into the copy: `RELOCATED` plus
+/// the pointer's byte offset from the start of the copy. Never mistaken for a value read
+/// from the source: those are immediates (low bit 1) or pointers, which are word aligned
+/// (low bits `00`), and offsets in the copy are word aligned too.
+const RELOCATED: Word = 2;
+/// The low bits that tell a `RELOCATED` word.
+const RELOCATED_MASK: Word = 3;
+/// Words of the snapshot's first allocation.
+const FIRST_SNAPSHOT: usize = 512;
 
 /// How many queue entries ahead [`Traversal::prefetch_ahead`] works.
 const PREFETCH_DISTANCE: usize = 8;
@@ -480,15 +672,25 @@ unsafe fn block_of(v: Word) -> (Word, Header) {
 #[inline(always)]
 unsafe fn first_value_field(entry: Entry) -> usize {
     let n = entry.header.wosize();
-    if entry.header.tag() != layout::CLOSURE_TAG {
+    // SAFETY: the block has `n` readable fields.
+    first_value_of(entry.header, unsafe {
+        std::slice::from_raw_parts(entry.block as *const Word, n.min(2))
+    })
+}
+
+/// [`first_value_field`] of a block with header `hd` whose fields start with `fields`
+/// (at least its first two, when it has two).
+#[inline(always)]
+fn first_value_of(hd: Header, fields: &[Word]) -> usize {
+    let n = hd.wosize();
+    if hd.tag() != layout::CLOSURE_TAG {
         return 0;
     }
     if n < 2 {
         return n; // no closure-info word: nothing in it is a value
     }
-    // SAFETY: field 1 of a closure is the closure-info word, and `n >= 2`.
-    let closinfo = unsafe { *(entry.block as *const Word).add(1) };
-    layout::start_env(closinfo).min(n)
+    // Field 1 of a closure is the closure-info word.
+    layout::start_env(fields[1]).min(n)
 }
 
 /// The fields of a queued block that pass 1 follows.

@@ -2,11 +2,11 @@
 //!
 //! Pass 1 appends each block when it is first seen and reads the queue from the front
 //! (breadth first), so the queue doubles as the list that pass 2 (write) and the restore
-//! pass walk again, front to back. Storage: a vector for the first [`CHUNK`] entries,
+//! pass walk again, front to back. Storage: a vector for the first `CHUNK` (128 Ki) entries,
 //! then huge-page chunks of `CHUNK` entries that never move, so a long copy holds at most
 //! one partly used chunk beyond 16 bytes a block.
 
-use crate::alloc::{self, HUGE_PAGE};
+use crate::alloc::{self, NoMemory, HUGE_PAGE};
 use crate::layout::{Header, Word};
 
 /// One queued block: where it is and its header as it was before the copy.
@@ -32,12 +32,13 @@ struct Chunk {
 }
 
 impl Chunk {
-    fn new() -> Chunk {
-        let ptr = alloc::map_huge(CHUNK * std::mem::size_of::<Entry>()) as *mut Entry;
+    fn new() -> Result<Chunk, NoMemory> {
+        let bytes = CHUNK * std::mem::size_of::<Entry>();
+        let ptr = alloc::map_huge(bytes) as *mut Entry;
         if ptr.is_null() {
-            std::alloc::handle_alloc_error(std::alloc::Layout::new::<[Entry; CHUNK]>())
+            return Err(NoMemory(bytes));
         }
-        Chunk { ptr, len: 0 }
+        Ok(Chunk { ptr, len: 0 })
     }
 
     fn entries(&self) -> &[Entry] {
@@ -66,10 +67,10 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// An empty queue.
+    /// An empty queue; allocates nothing until the first [`Queue::push`].
     pub fn new() -> Queue {
         Queue {
-            first: Vec::with_capacity(FIRST_CHUNK),
+            first: Vec::new(),
             chunks: Vec::new(),
             len: 0,
         }
@@ -85,22 +86,59 @@ impl Queue {
         self.len == 0
     }
 
-    /// Appends an entry.
+    /// Appends an entry; [`NoMemory`] (and the queue unchanged) when it needs memory
+    /// that cannot be had.
     #[inline(always)]
-    pub fn push(&mut self, entry: Entry) {
+    pub fn push(&mut self, entry: Entry) -> Result<(), NoMemory> {
         if self.len < CHUNK {
-            self.first.push(entry);
+            if self.first.len() == self.first.capacity() {
+                self.grow_first()?;
+            }
+            // SAFETY: there is room for one more entry (ensured just above), so the
+            // vector does not reallocate.
+            unsafe {
+                self.first.as_mut_ptr().add(self.len).write(entry);
+                self.first.set_len(self.len + 1);
+            }
         } else {
             let i = (self.len - CHUNK) % CHUNK;
             if i == 0 {
-                self.chunks.push(Chunk::new());
+                self.add_chunk()?;
             }
-            let last = self.chunks.last_mut().expect("a chunk was just ensured");
+            // SAFETY: a chunk exists: `add_chunk` made one for entry `CHUNK` and every
+            // `CHUNK` entries after it.
+            let last = unsafe { self.chunks.last_mut().unwrap_unchecked() };
             // SAFETY: `i < CHUNK`, inside the mapping.
             unsafe { last.ptr.add(i).write(entry) };
             last.len = i + 1;
         }
         self.len += 1;
+        Ok(())
+    }
+
+    /// Doubles the first vector (from [`FIRST_CHUNK`] entries, up to [`CHUNK`]).
+    #[cold]
+    #[inline(never)]
+    fn grow_first(&mut self) -> Result<(), NoMemory> {
+        let more = self
+            .first
+            .capacity()
+            .clamp(FIRST_CHUNK, CHUNK - self.first.capacity());
+        self.first
+            .try_reserve_exact(more)
+            .map_err(|_| NoMemory(more * std::mem::size_of::<Entry>()))
+    }
+
+    /// Maps one more chunk and makes room for its descriptor.
+    #[cold]
+    #[inline(never)]
+    fn add_chunk(&mut self) -> Result<(), NoMemory> {
+        self.chunks
+            .try_reserve(1)
+            .map_err(|_| NoMemory(std::mem::size_of::<Chunk>() * (self.chunks.len() + 1)))?;
+        let chunk = Chunk::new()?;
+        self.chunks.push(chunk);
+        Ok(())
     }
 
     /// Entry `i` from the front, if pushed.
@@ -152,7 +190,7 @@ mod tests {
     #[test]
     fn fifo_across_chunks_while_pushing() {
         let mut q = Queue::new();
-        q.push(entry(0));
+        q.push(entry(0)).unwrap();
         let mut seen = Vec::new();
         let mut pushed = 1;
         let mut next = 0;
@@ -162,7 +200,7 @@ mod tests {
             // every entry read pushes two more until 400_000 were pushed
             for _ in 0..2 {
                 if pushed < 400_000 {
-                    q.push(entry(pushed));
+                    q.push(entry(pushed)).unwrap();
                     pushed += 1;
                 }
             }
@@ -176,7 +214,7 @@ mod tests {
     fn memory_is_16_bytes_per_entry_plus_one_chunk() {
         let mut q = Queue::new();
         for i in 0..1_000_000 {
-            q.push(entry(i));
+            q.push(entry(i)).unwrap();
         }
         assert_eq!(std::mem::size_of::<Entry>(), 16);
         assert!(q.allocated_bytes() <= 1_000_000 * 16 + CHUNK * 16 + 4096);

@@ -11,7 +11,7 @@
 //!   side table (OCaml 5 with one domain: the minor heap, whose blocks' color could be
 //!   the mark color).
 
-use crate::alloc::ZeroedArray;
+use crate::alloc::{NoMemory, ZeroedArray};
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 
 use super::queue::Queue;
@@ -31,17 +31,23 @@ pub enum Seen {
 /// Implementations may read and write the headers of the blocks they are given; callers
 /// pass only blocks of the source graph (first fields of readable, writable blocks).
 pub unsafe trait VisitedSet {
+    /// Whether the set never writes to the source, so that the copy may run while other
+    /// threads or domains read it and write to it. The traversal then reads each block
+    /// of the source once ([`crate::copy`]'s snapshot) instead of once per pass.
+    const SOURCE_SHARED: bool;
+
     /// Looks `block` up, given `hd`, the header word currently in front of it.
     ///
     /// # Safety
     /// `block` is a block start of the source graph and `hd` was just read from it.
     unsafe fn lookup(&self, block: Word, hd: Header) -> Seen;
 
-    /// Records that `block`, whose original header is `hd`, lives at `offset` words.
+    /// Records that `block`, whose original header is `hd`, lives at `offset` words;
+    /// [`NoMemory`], with nothing recorded, when the set cannot grow.
     ///
     /// # Safety
     /// `block` is a block start of the source graph, not yet marked.
-    unsafe fn mark(&mut self, block: Word, hd: Header, offset: usize);
+    unsafe fn mark(&mut self, block: Word, hd: Header, offset: usize) -> Result<(), NoMemory>;
 
     /// Puts the source back as it was before the first mark; `queue` lists every block
     /// marked, with its original header.
@@ -72,6 +78,8 @@ impl HeaderMarks {
 // SAFETY: reads and writes only the headers of the blocks it is given, and `restore`
 // writes back exactly the headers recorded in the queue.
 unsafe impl VisitedSet for HeaderMarks {
+    const SOURCE_SHARED: bool = false;
+
     #[inline(always)]
     unsafe fn lookup(&self, _block: Word, hd: Header) -> Seen {
         if hd.color() == self.mark {
@@ -82,13 +90,14 @@ unsafe impl VisitedSet for HeaderMarks {
     }
 
     #[inline(always)]
-    unsafe fn mark(&mut self, block: Word, hd: Header, offset: usize) {
+    unsafe fn mark(&mut self, block: Word, hd: Header, offset: usize) -> Result<(), NoMemory> {
         debug_assert!(
             offset <= layout::MAX_WOSIZE,
             "offset {offset} overflows a header"
         );
         // SAFETY: the caller passes a block start of the source graph.
-        unsafe { layout::write_header(block, Header::new(offset, self.mark, hd.tag())) }
+        unsafe { layout::write_header(block, Header::new(offset, self.mark, hd.tag())) };
+        Ok(())
     }
 
     unsafe fn restore(&mut self, queue: &Queue) {
@@ -112,44 +121,67 @@ const WINDOW: usize = 4096 / WORD_BYTES;
 /// doubles when it is half full, which keeps probe sequences short; keys and offsets sit
 /// side by side so that a hit costs one cache line.
 ///
+/// A new table holds no memory: the first insertion allocates, and like every growth it
+/// may fail with [`NoMemory`].
+///
 /// The hash keeps neighbours together: the blocks of one 4 KiB page of the source land
-/// in one window of [`WINDOW`] slots, in address order, and only the page number is
+/// in one window of `WINDOW` slots, in address order, and only the page number is
 /// scrambled. A traversal mostly goes from a block to its neighbours, so most lookups
 /// hit cache lines that the previous ones brought in, instead of one miss each.
 pub struct SideTable {
-    /// `(block, offset)` pairs; `block == 0` is an empty slot. Length a power of two.
+    /// `(block, offset)` pairs; `block == 0` is an empty slot. Length a power of two,
+    /// or 0 before the first insertion.
     slots: ZeroedArray<(Word, usize)>,
     /// Occupied slots.
     len: usize,
+    /// Slots of the first allocation.
+    first_slots: usize,
 }
 
+/// Slots of a table's first allocation, at least.
+const FIRST_SLOTS: usize = 64;
+
 impl SideTable {
-    /// An empty table sized for about `expected` blocks.
+    /// An empty table; allocates nothing.
+    pub fn new() -> SideTable {
+        SideTable::with_capacity(0)
+    }
+
+    /// An empty table whose first allocation (at its first insertion) has room for about
+    /// `expected` blocks; allocates nothing now.
     pub fn with_capacity(expected: usize) -> SideTable {
-        let size = (expected * 2).next_power_of_two().max(64);
         SideTable {
-            // SAFETY: zero words are an empty slot.
-            slots: unsafe { ZeroedArray::new(size) },
+            slots: ZeroedArray::empty(),
             len: 0,
+            first_slots: expected
+                .saturating_mul(2)
+                .checked_next_power_of_two()
+                .unwrap_or(FIRST_SLOTS)
+                .max(FIRST_SLOTS),
         }
     }
 
+    /// The first slot to probe for `block` in a table of `size` slots (a power of two).
     #[inline(always)]
-    fn slot_of(&self, block: Word) -> usize {
+    fn slot_of(size: usize, block: Word) -> usize {
         let word = block / WORD_BYTES;
         // Fibonacci hashing of the page number: its high bits are the best mixed.
         let page = ((word / WINDOW) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let windows = (self.slots.len() / WINDOW).max(1);
+        let windows = (size / WINDOW).max(1);
         let window = (page >> (64 - windows.trailing_zeros().max(1))) as usize % windows;
-        (window * WINDOW + word % WINDOW) & (self.slots.len() - 1)
+        (window * WINDOW + word % WINDOW) & (size - 1)
     }
 
     #[inline(always)]
     fn get(&self, block: Word) -> Option<usize> {
-        let mask = self.slots.len() - 1;
-        let mut i = self.slot_of(block);
+        let slots = &self.slots;
+        if self.len == 0 {
+            return None;
+        }
+        let mask = slots.len() - 1;
+        let mut i = Self::slot_of(slots.len(), block);
         loop {
-            let (key, offset) = self.slots[i];
+            let (key, offset) = slots[i];
             if key == block {
                 return Some(offset);
             }
@@ -160,37 +192,55 @@ impl SideTable {
         }
     }
 
-    fn insert(&mut self, block: Word, offset: usize) {
+    fn insert(&mut self, block: Word, offset: usize) -> Result<(), NoMemory> {
         if (self.len + 1) * 2 > self.slots.len() {
-            self.grow();
+            self.grow()?;
         }
-        let mask = self.slots.len() - 1;
-        let mut i = self.slot_of(block);
-        while self.slots[i].0 != 0 {
-            debug_assert_ne!(self.slots[i].0, block, "block inserted twice");
-            i = (i + 1) & mask;
-        }
-        self.slots[i] = (block, offset);
+        Self::put(&mut self.slots, block, offset);
         self.len += 1;
+        Ok(())
     }
 
+    /// Stores a pair in `slots`, which has a free slot.
+    #[inline(always)]
+    fn put(slots: &mut [(Word, usize)], block: Word, offset: usize) {
+        let mask = slots.len() - 1;
+        let mut i = Self::slot_of(slots.len(), block);
+        while slots[i].0 != 0 {
+            debug_assert_ne!(slots[i].0, block, "block inserted twice");
+            i = (i + 1) & mask;
+        }
+        slots[i] = (block, offset);
+    }
+
+    /// Doubles the table (or makes its first [`FIRST_SLOTS`]); on failure the table is
+    /// as it was.
     #[cold]
     #[inline(never)]
-    fn grow(&mut self) {
+    fn grow(&mut self) -> Result<(), NoMemory> {
+        let size = (self.slots.len() * 2).max(self.first_slots);
         // SAFETY: zero words are an empty slot.
-        let doubled = unsafe { ZeroedArray::new(self.slots.len() * 2) };
-        let old = std::mem::replace(&mut self.slots, doubled);
-        self.len = 0;
-        for &(block, offset) in old.iter() {
+        let mut doubled = unsafe { ZeroedArray::new(size)? };
+        for &(block, offset) in self.slots.iter() {
             if block != 0 {
-                self.insert(block, offset);
+                Self::put(&mut doubled, block, offset);
             }
         }
+        self.slots = doubled;
+        Ok(())
+    }
+}
+
+impl Default for SideTable {
+    fn default() -> Self {
+        SideTable::new()
     }
 }
 
 // SAFETY: never writes to the source; reads nothing but the header it is handed.
 unsafe impl VisitedSet for SideTable {
+    const SOURCE_SHARED: bool = true;
+
     #[inline(always)]
     unsafe fn lookup(&self, block: Word, hd: Header) -> Seen {
         match self.get(block) {
@@ -200,8 +250,8 @@ unsafe impl VisitedSet for SideTable {
     }
 
     #[inline(always)]
-    unsafe fn mark(&mut self, block: Word, _hd: Header, offset: usize) {
-        self.insert(block, offset);
+    unsafe fn mark(&mut self, block: Word, _hd: Header, offset: usize) -> Result<(), NoMemory> {
+        self.insert(block, offset)
     }
 
     unsafe fn restore(&mut self, _queue: &Queue) {}
@@ -225,7 +275,7 @@ impl MarksOutside {
     pub fn new(mark: Color, range: (Word, Word)) -> MarksOutside {
         MarksOutside {
             marks: HeaderMarks::new(mark),
-            table: SideTable::with_capacity(0),
+            table: SideTable::new(),
             range,
         }
     }
@@ -240,6 +290,9 @@ impl MarksOutside {
 // writes back every queued header, which for the blocks of the side table is the header
 // they still have.
 unsafe impl VisitedSet for MarksOutside {
+    /// One domain only: header marks are written.
+    const SOURCE_SHARED: bool = false;
+
     #[inline(always)]
     unsafe fn lookup(&self, block: Word, hd: Header) -> Seen {
         // SAFETY: forwarded.
@@ -253,7 +306,7 @@ unsafe impl VisitedSet for MarksOutside {
     }
 
     #[inline(always)]
-    unsafe fn mark(&mut self, block: Word, hd: Header, offset: usize) {
+    unsafe fn mark(&mut self, block: Word, hd: Header, offset: usize) -> Result<(), NoMemory> {
         // SAFETY: forwarded.
         unsafe {
             if self.in_table(block) {
@@ -280,10 +333,12 @@ mod tests {
 
     #[test]
     fn side_table_finds_what_it_holds_across_growth() {
-        let mut t = SideTable::with_capacity(0);
+        let mut t = SideTable::new();
+        assert_eq!(t.get(8), None);
+        assert_eq!(t.allocated_bytes(), 0);
         for i in 1..10_000usize {
             // SAFETY: the side table never dereferences the addresses.
-            unsafe { t.mark(i * 8, Header(0), i * 3) };
+            unsafe { t.mark(i * 8, Header(0), i * 3) }.unwrap();
         }
         for i in 1..10_000usize {
             assert_eq!(t.get(i * 8), Some(i * 3));

@@ -103,7 +103,7 @@ pub unsafe fn visited_set(copy_static: bool) -> Visited {
     // one, no other domain can start, so the choice holds for the whole copy.
     unsafe {
         if copy_static || caml_domain_is_multicore() != 0 {
-            return Visited::Table(SideTable::with_capacity(0));
+            return Visited::Table(SideTable::new());
         }
         let garbage = std::ptr::read_volatile(std::ptr::addr_of!(caml_global_heap_state.garbage));
         let young = (caml_minor_heaps_start, caml_minor_heaps_end);

@@ -73,6 +73,11 @@ impl FakeHeap {
         }
     }
 
+    /// The heap arena's bounds, `(start, end)`.
+    pub fn heap_range(&self) -> (Word, Word) {
+        (self.heap.start(), self.heap.end())
+    }
+
     /// A block with these fields (values or raw words), in the heap.
     pub fn block(&mut self, tag: u8, fields: &[Word]) -> Word {
         let v = self.heap.alloc(Header::new(fields.len(), Color::C0, tag));

@@ -1,0 +1,73 @@
+/* Test allocators for the C interface (offheap_copy, offheap_copy_with_free): they
+ * count calls and remember what they handed out, so that the tests can check that
+ * every failure path gives the buffer back (or, without a free function, leaves it with
+ * the caller exactly when offheap.h says so). */
+
+#include <stdint.h>
+#include <stdlib.h>
+
+#include <caml/alloc.h>
+#include <caml/memory.h>
+#include <caml/mlvalues.h>
+
+#include "offheap.h"
+
+enum mode { GOOD = 0, NULL_RESULT = 1, MISALIGNED = 2 };
+
+struct state {
+  enum mode mode;
+  long allocs, frees;
+  char *raw;          /* the malloc'd block behind the last allocation, or NULL */
+  void *given;        /* what alloc returned */
+  size_t given_size;  /* the size it was asked for */
+  long bad_frees;     /* frees of another pointer or size than alloc gave */
+};
+
+static void *test_alloc(void *data, size_t size) {
+  struct state *s = data;
+  s->allocs++;
+  s->given_size = size;
+  if (s->mode == NULL_RESULT) return NULL;
+  s->raw = malloc(size + 8);
+  if (s->raw == NULL) return NULL;
+  s->given = s->mode == MISALIGNED ? s->raw + 4 : s->raw;
+  return s->given;
+}
+
+static void test_free(void *data, void *ptr, size_t size) {
+  struct state *s = data;
+  s->frees++;
+  if (ptr != s->given || size != s->given_size || s->raw == NULL) {
+    s->bad_frees++;
+    return;
+  }
+  free(s->raw);
+  s->raw = NULL;
+}
+
+/* Copies [v] with offheap_copy_with_free (or offheap_copy when [with_free] is false)
+ * and an allocator in [mode]. Returns
+ *   [| copied; allocs; frees; bad frees; returned the allocation (ptr and size);
+ *      memory left with the caller (alloc'd, not freed, not returned) |].
+ * Memory left with the caller is released here, after being counted. */
+value capi_test_copy(value v, value mode, value with_free) {
+  CAMLparam3(v, mode, with_free);
+  CAMLlocal1(r);
+  struct state s = { (enum mode)Long_val(mode), 0, 0, NULL, NULL, 0, 0 };
+  offheap_buffer_t buf =
+      Bool_val(with_free) ? offheap_copy_with_free(v, &s, test_alloc, test_free, 0)
+                          : offheap_copy(v, &s, test_alloc, 0);
+  long copied = buf.ptr != NULL;
+  long returned = copied && buf.ptr == s.given && buf.size == s.given_size;
+  long left = 0;
+  if (copied) {
+    free(s.raw); /* the copy: ours to free */
+  } else if (s.raw != NULL) {
+    left = 1; /* not freed, not returned: the caller's to free */
+    free(s.raw);
+  }
+  long out[] = { copied, s.allocs, s.frees, s.bad_frees, returned, left };
+  r = caml_alloc_tuple(6);
+  for (int i = 0; i < 6; i++) Store_field(r, i, Val_long(out[i]));
+  CAMLreturn(r);
+}
