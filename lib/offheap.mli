@@ -45,6 +45,10 @@
       the original constructor in a [try ... with] (as with [Marshal]).
     - Closures can be copied, and called, only within the same running program: their
       code pointers are those of this executable.
+    - On OCaml 5, a value that other domains write while it is copied is copied all the
+      same, never refused: the copy is well formed, every block of it is a copy of a
+      block reachable during the copy, read once, and each field holds a value that
+      field held at some moment during the copy.
     - [free] takes the copy from its handle atomically: of several threads or domains
       freeing one handle at once, exactly one succeeds and the others raise. A [get]
       racing with [free] returns the copy or raises; the copy it returned must not be
@@ -94,9 +98,10 @@ val copy : ?alloc:alloc -> 'a -> 'a t
     with a message naming it: an abstract block, a custom block other than [Int32],
     [Int64] and [Nativeint] (for example a [Bigarray] or a channel), an unforced lazy
     value (force it first), or on OCaml 5 a continuation. [v] is left exactly as it was
-    and nothing is allocated. Also, on OCaml 5, when another domain writes a new block
-    into [v] while it is being copied (the copy is then freed).
-    @raise Out_of_memory when the allocator returns [NULL]; [v] is left as it was. *)
+    and nothing is allocated.
+    @raise Out_of_memory when the allocator returns [NULL], or the traversal cannot get
+    memory for its own queue and tables; [v] is left as it was and nothing stays
+    allocated. *)
 
 val get : 'a t -> 'a
 (** [get h] is the off-heap copy. It is an ordinary value of type ['a]: read it, pass it
@@ -166,12 +171,16 @@ val pending_frees : unit -> int
 
 (** {1 Images}
 
-    An image is a value saved to a file by {!Image.write} and mapped back by
-    {!Image.load}: no deserialization, a handle like any other copy's. Loaded at the
-    address it was written for, an image costs a few system calls and its pages are
-    shared by every process that loads it (through the page cache); elsewhere it is
-    read and relocated. Every image is checked before its value is handed out: a
-    damaged or forged file raises {!Image.Invalid_image}, it never crashes the program.
+    An image is a value saved to a file by {!Image.write} and loaded back by
+    {!Image.load}: no deserialization, a handle like any other copy's. By default the
+    payload is read into private memory, so later changes to the file cannot affect the
+    loaded value; with [~share:true] the file is mapped and its pages are shared by
+    every process that loads it (the file must then not be modified in place or
+    truncated while loaded; replacing it by rename is safe). Loaded at the address it
+    was written for, an image needs no relocation. Every image is checked before its
+    value is handed out: the loader, the GC, compare, hash and Marshal never crash on a
+    bad file, checksums catch damage and keys catch schema changes; a forged file can
+    still hold a value of the wrong type, as with [Marshal].
 
     {[
       (* once *)
