@@ -7,13 +7,17 @@ open Support
 
 exception Timeout
 
-(* [f ()] with a SIGALRM handler that raises [Timeout] every [period] seconds. *)
+(* [f ()] with a SIGALRM handler that raises [Timeout] every [period] seconds while
+   armed: disarmed before the timer stops, so that a signal pending at that moment does
+   not raise from the cleanup. *)
 let with_alarm ~period f =
+  let armed = ref true in
   let timer v = ignore (Unix.setitimer Unix.ITIMER_REAL { Unix.it_interval = v; it_value = v }) in
-  let old = Sys.signal Sys.sigalrm (Sys.Signal_handle (fun _ -> raise Timeout)) in
+  let old = Sys.signal Sys.sigalrm (Sys.Signal_handle (fun _ -> if !armed then raise Timeout)) in
   timer period;
   Fun.protect
     ~finally:(fun () ->
+      armed := false;
       timer 0.;
       Sys.set_signal Sys.sigalrm old)
     f
