@@ -7,11 +7,13 @@ open Support
 
 exception Timeout
 
-(* [f ()] with a SIGALRM handler that raises [Timeout] every [period] seconds while
-   armed: disarmed before the timer stops, so that a signal pending at that moment does
-   not raise from the cleanup. *)
+(* Whether the SIGALRM handler raises: only inside the operations under test, so that
+   the test's own loop and cleanup are never interrupted. *)
+let armed = ref false
+
+(* [f ()] with a SIGALRM handler that raises [Timeout], while [armed], every [period]
+   seconds. *)
 let with_alarm ~period f =
-  let armed = ref true in
   let timer v = ignore (Unix.setitimer Unix.ITIMER_REAL { Unix.it_interval = v; it_value = v }) in
   let old = Sys.signal Sys.sigalrm (Sys.Signal_handle (fun _ -> if !armed then raise Timeout)) in
   timer period;
@@ -42,9 +44,13 @@ let test_alarm_copy_free _ =
     with_alarm ~period:0.001 (fun () ->
         for i = 0 to rounds - 1 do
           try
+            armed := true;
             slots.(i) <- Offheap.copy ~alloc:a v;
-            Offheap.free slots.(i)
-          with Timeout -> incr interrupted
+            Offheap.free slots.(i);
+            armed := false
+          with Timeout ->
+            armed := false;
+            incr interrupted
         done);
     Array.iter (fun h -> try Offheap.free h with Invalid_argument _ -> ()) slots;
     settle ()
