@@ -20,7 +20,7 @@ use std::sync::{Mutex, MutexGuard};
 use crate::alloc::{offheap_free, Allocator, CAllocator, FreeFn};
 use crate::handle::{self, Owned};
 use crate::layout::{val_int, Word};
-use crate::runtime;
+use crate::runtime::{self, slab};
 
 /// Above this many bytes waiting, `free` asks the OCaml side to hurry the major cycle.
 pub const PENDING_LIMIT: usize = 8 << 20;
@@ -43,12 +43,14 @@ struct Pending {
 struct Rooted(Option<Box<Word>>);
 
 impl Rooted {
-    /// Roots `alloc` unless its free function is `free`, the default allocator's.
+    /// Roots `alloc` unless `free` ignores it: the default allocator's, or the slab's.
     ///
     /// # Safety
     /// `alloc` is an allocator block; called holding the runtime.
     unsafe fn new(alloc: Word, free: FreeFn) -> Rooted {
-        if free as *const () == offheap_free as *const () {
+        if free as *const () == offheap_free as *const ()
+            || free as *const () == slab::free_fn as *const ()
+        {
             return Rooted(None);
         }
         let mut cell = Box::new(alloc);
@@ -124,7 +126,12 @@ pub unsafe fn free(h: Word) -> Outcome {
         return Outcome::Done(false);
     }
     // SAFETY: `owned.alloc` is an allocator block, alive (the handle holds it).
-    let free = unsafe { CAllocator::new(owned.alloc) }.free_fn();
+    let alloc = unsafe { CAllocator::new(owned.alloc) };
+    let free = if slab::is_slab_copy(&alloc, owned.bytes) {
+        slab::free_fn
+    } else {
+        alloc.free_fn()
+    };
     let entry = Pending {
         after_cycle: runtime::major_cycles_completed(),
         base: owned.base,
@@ -146,6 +153,13 @@ pub unsafe fn free(h: Word) -> Outcome {
 /// was freed is still running; called holding the runtime.
 unsafe fn release_now(owned: Owned) {
     if owned.base.is_null() {
+        return;
+    }
+    // SAFETY: `owned.alloc` is the copy's allocator block, alive (the handle held it).
+    let alloc = unsafe { CAllocator::new(owned.alloc) };
+    if slab::is_slab_copy(&alloc, owned.bytes) {
+        // SAFETY: a slab copy of this size (chosen by the same test at `copy`), unused.
+        unsafe { slab::free(owned.base, owned.bytes) };
         return;
     }
     runtime::unregister(owned.base, owned.bytes);

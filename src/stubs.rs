@@ -71,7 +71,8 @@ fn copy(h: Word, copy_static: bool, v: Word) -> Value {
     unsafe { release::drain_due() };
     // SAFETY: field 1 of a handle is its allocator block (the OCaml type `alloc` only
     // comes from `malloc` or from C code that builds one), alive for the call.
-    let mut allocator = unsafe { CAllocator::new(*(h as *const Word).add(1)) };
+    let mut allocator =
+        runtime::slab::CopyAllocator(unsafe { CAllocator::new(*(h as *const Word).add(1)) });
     // SAFETY: we hold the runtime and allocate nothing on the OCaml heap until the copy
     // returns; the allocator's contract forbids calls into OCaml.
     let copied = match unsafe { runtime::copy_value(v, copy_static, &mut allocator) } {
@@ -87,7 +88,11 @@ fn copy(h: Word, copy_static: bool, v: Word) -> Value {
             }
         }
     };
-    if !copied.base.is_null() && !runtime::register(copied.base, copied.bytes) {
+    // Slab copies lie in regions registered when they were mapped.
+    if !copied.base.is_null()
+        && !runtime::slab::is_slab_copy(&allocator.0, copied.bytes)
+        && !runtime::register(copied.base, copied.bytes)
+    {
         // SAFETY: the copy was just allocated by this allocator and nothing refers to it.
         unsafe { allocator.free(copied.base, copied.bytes) };
         return value(val_int(1));
