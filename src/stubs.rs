@@ -13,7 +13,7 @@ use ocaml::{Raw, Value};
 use ocaml_sys::{caml_alloc_small, caml_copy_string};
 
 use crate::alloc::{offheap_alloc, offheap_free, Allocator, CAllocator};
-use crate::handle;
+use crate::handle::{self, WithRecord};
 use crate::layout::{val_int, Word, ABSTRACT_TAG};
 use crate::release::{self, Outcome};
 use crate::runtime;
@@ -71,8 +71,55 @@ fn copy(h: Word, copy_static: bool, v: Word) -> Value {
     unsafe { release::drain_due() };
     // SAFETY: field 1 of a handle is its allocator block (the OCaml type `alloc` only
     // comes from `malloc` or from C code that builds one), alive for the call.
-    let mut allocator =
-        runtime::slab::CopyAllocator(unsafe { CAllocator::new(*(h as *const Word).add(1)) });
+    let allocator = unsafe { CAllocator::new(*(h as *const Word).add(1)) };
+    if allocator.is_default() {
+        // The handle's record goes in front of the copy; small copies come from the
+        // slab, registered already.
+        copy_into(
+            h,
+            v,
+            copy_static,
+            WithRecord(runtime::slab::DefaultAllocator),
+            |copied| {
+                let (start, total) = WithRecord::<()>::allocation(copied);
+                if !runtime::slab::is_slab_copy(&allocator, total)
+                    && !runtime::register(start, total)
+                {
+                    return false;
+                }
+                // SAFETY: `h` is the fresh handle of this call; the root is an immediate or
+                // outside the heap; the copy was made through `WithRecord`.
+                unsafe { handle::fill(h, copied) };
+                true
+            },
+        )
+    } else {
+        // Another allocator is asked for the copy's exact size; the record is apart.
+        copy_into(h, v, copy_static, allocator, |copied| {
+            if !runtime::register(copied.base, copied.bytes) {
+                return false;
+            }
+            // SAFETY: as above.
+            if unsafe { handle::fill_apart(h, copied) } {
+                return true;
+            }
+            runtime::unregister(copied.base, copied.bytes);
+            false
+        })
+    }
+}
+
+/// Copies `v` with `allocator` and hands a copy that allocated something to `adopt`,
+/// which registers it and fills the handle `h`, or returns false (out of memory) having
+/// undone what it did; the copy is then freed. A copy that allocated nothing fills `h`
+/// at once.
+fn copy_into<A: Allocator>(
+    h: Word,
+    v: Word,
+    copy_static: bool,
+    mut allocator: A,
+    adopt: impl FnOnce(&copy::Copied) -> bool,
+) -> Value {
     // SAFETY: we hold the runtime and allocate nothing on the OCaml heap until the copy
     // returns; the allocator's contract forbids calls into OCaml.
     let copied = match unsafe { runtime::copy_value(v, copy_static, &mut allocator) } {
@@ -88,18 +135,15 @@ fn copy(h: Word, copy_static: bool, v: Word) -> Value {
             }
         }
     };
-    // Slab copies lie in regions registered when they were mapped.
-    if !copied.base.is_null()
-        && !runtime::slab::is_slab_copy(&allocator.0, copied.bytes)
-        && !runtime::register(copied.base, copied.bytes)
-    {
+    if copied.base.is_null() {
+        // SAFETY: `h` is the fresh handle of this call; the root is an immediate or
+        // shared.
+        unsafe { handle::fill(h, &copied) };
+    } else if !adopt(&copied) {
         // SAFETY: the copy was just allocated by this allocator and nothing refers to it.
         unsafe { allocator.free(copied.base, copied.bytes) };
         return value(val_int(1));
     }
-    // SAFETY: `h` is the fresh handle of this call; the root is an immediate or outside
-    // the heap.
-    unsafe { handle::fill(h, &copied) };
     value(val_int(0))
 }
 
@@ -136,6 +180,20 @@ pub extern "C" fn offheap_stub_get(h: RawValue, freed: RawValue) -> RawValue {
     unsafe { handle::root_if_live(h as Word, freed as Word) as RawValue }
 }
 
+/// Statistic `which` of the handle `h`, live or freed: 0 bytes, 1 blocks, 2 transient
+/// bytes. Allocates nothing.
+#[no_mangle]
+pub extern "C" fn offheap_stub_stat(h: RawValue, which: RawValue) -> RawValue {
+    // SAFETY: `h` is a handle; nothing is allocated here.
+    let record = unsafe { handle::record(h as Word) };
+    let n = match which as Word {
+        w if w == val_int(0) => record.bytes,
+        w if w == val_int(1) => record.blocks,
+        _ => record.transient_bytes,
+    };
+    val_int(n as isize) as RawValue
+}
+
 /// Releases the freed copies whose major cycle has ended (OCaml 5).
 #[no_mangle]
 pub extern "C" fn offheap_stub_drain(_unit: RawValue) -> RawValue {
@@ -165,6 +223,7 @@ pub fn offheap_stub_pending_frees(_unit: Raw) -> Value {
 // ---------------------------------------------------------------------------------------
 
 use crate::alloc::Malloc;
+use crate::copy;
 use crate::image::{self, file, LoadError, WriteError};
 
 /// The bytes of the OCaml string `s`.
@@ -328,14 +387,21 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
         if loaded.mapping == file::Mapping::Relocated {
             handle::set_alloc(word(h), word(relocated_owner));
         }
-        handle::fill_parts(
-            word(h),
-            loaded.root,
-            loaded.base,
-            loaded.held(),
-            loaded.blocks,
-            0,
-        );
+        let copied = copy::Copied {
+            root: loaded.root,
+            base: loaded.base,
+            bytes: loaded.held(),
+            blocks: loaded.blocks,
+            transient_bytes: 0,
+        };
+        if loaded.base.is_null() {
+            handle::fill(word(h), &copied);
+        } else if !handle::fill_apart(word(h), &copied) {
+            runtime::unregister(loaded.base, loaded.held());
+            // SAFETY: just loaded; nothing refers to it.
+            file::unmap(loaded.base, loaded.held(), loaded.mapping);
+            return image_failure(b'M', "");
+        }
     }
     value(val_int(0))
 }

@@ -19,7 +19,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use crate::alloc::{map_huge, unmap_huge, Allocator, CAllocator};
+use crate::alloc::{map_huge, offheap_alloc, offheap_free, unmap_huge, Allocator, CAllocator};
 
 /// The largest copy served from the slab, in bytes.
 pub const SMALL_MAX: usize = 1024;
@@ -118,26 +118,27 @@ pub unsafe extern "C" fn free_fn(_alloc: crate::layout::Word, ptr: *mut u8, byte
     unsafe { free(ptr, bytes) }
 }
 
-/// The allocator of a copy: the slab for small copies with the default allocator, the
-/// allocator block's functions otherwise.
-pub struct CopyAllocator(pub CAllocator);
+/// The default allocator of copies: the slab up to [`SMALL_MAX`] bytes, else
+/// [`offheap_alloc`].
+pub struct DefaultAllocator;
 
-impl Allocator for CopyAllocator {
+impl Allocator for DefaultAllocator {
     fn alloc(&mut self, bytes: usize) -> *mut u8 {
-        if is_slab_copy(&self.0, bytes) {
+        if bytes <= SMALL_MAX {
             alloc(bytes)
         } else {
-            self.0.alloc(bytes)
+            // SAFETY: the default allocator ignores its block.
+            unsafe { offheap_alloc(0, bytes) }
         }
     }
 
     unsafe fn free(&mut self, ptr: *mut u8, bytes: usize) {
         // SAFETY: `ptr` came from `alloc(bytes)` above, which chose by the same test.
         unsafe {
-            if is_slab_copy(&self.0, bytes) {
+            if bytes <= SMALL_MAX {
                 free(ptr, bytes)
             } else {
-                self.0.free(ptr, bytes)
+                offheap_free(0, ptr, bytes)
             }
         }
     }
