@@ -26,8 +26,8 @@ external stub_malloc : unit -> alloc = "offheap_stub_malloc"
    Invalid_argument. *)
 external stub_copy : 'a t -> bool -> 'a -> Obj.t = "offheap_stub_copy"
 
-(* 0 freed; 1 freed, and so much waits for the end of the major cycle that it should
-   be finished; 2 freed already; 3 out of memory (still live). *)
+(* 0 freed; n > 0 freed, and so much waits for the end of the major cycle that a major
+   slice of n words should be run; -1 freed already; -2 out of memory (still live). *)
 external stub_free : 'a t -> int = "offheap_stub_free"
 
 (* The root of a live handle, else its second argument. *)
@@ -67,14 +67,15 @@ let stats (h : _ t) =
   { bytes = stub_stat h 0; blocks = stub_stat h 1; transient_bytes = stub_stat h 2 }
 
 let free h =
-  match stub_free h with
-  | 0 -> ()
-  | 1 ->
-      (* The handle is freed already: an exception from here on loses nothing. *)
-      Gc.major ();
-      stub_drain ()
-  | 2 -> invalid_arg "Offheap.free: deleted"
-  | _ -> raise Out_of_memory
+  let r = stub_free h in
+  if r = 0 then ()
+  else if r > 0 then
+    (* The handle is freed already: an exception from here on loses nothing. Bounded
+       work, never a whole cycle: the frees of a program that allocates little pay for
+       the cycles after which their memory goes back (src/release.rs). *)
+    ignore (Gc.major_slice r : int)
+  else if r = -1 then invalid_arg "Offheap.free: deleted"
+  else raise Out_of_memory
 
 let delete = free
 

@@ -22,8 +22,20 @@ use crate::handle::{self, Owned};
 use crate::layout::{val_int, Word};
 use crate::runtime::{self, slab};
 
-/// Above this many bytes waiting, `free` asks the OCaml side to hurry the major cycle.
+/// Above this many bytes waiting, frees drive the major GC: every [`SLICE_BYTES`] freed
+/// beyond it, `free` asks the OCaml side for a major slice of [`SLICE_WORK`] words of
+/// work per word freed (`Gc.major_slice`). A slice is bounded work: `free` never finishes
+/// a cycle itself. A program that frees much and allocates little still gets its
+/// memory back: its frees pay for the cycles, so at most about `1 / SLICE_WORK` of the
+/// major heap waits beyond the limit.
 pub const PENDING_LIMIT: usize = 8 << 20;
+/// Bytes freed between two slices (a slice starts with a minor collection).
+const SLICE_BYTES: usize = 1 << 20;
+/// Words of major GC work per word freed.
+const SLICE_WORK: usize = 4;
+
+/// Bytes freed beyond [`PENDING_LIMIT`] since the last slice.
+static SINCE_SLICE: AtomicUsize = AtomicUsize::new(0);
 
 /// A freed copy waiting for the end of a major cycle.
 struct Pending {
@@ -88,9 +100,9 @@ fn queue() -> MutexGuard<'static, VecDeque<Pending>> {
 
 /// What [`free`] did.
 pub enum Outcome {
-    /// The copy was released or queued; `true` when more than [`PENDING_LIMIT`] bytes
-    /// are now waiting.
-    Done(bool),
+    /// The copy was released or queued; the OCaml side should run a major slice of this
+    /// many words of work when not 0.
+    Done(usize),
     /// The handle was freed already.
     AlreadyFreed,
     /// No memory for the queue entry; the handle is still live.
@@ -110,7 +122,7 @@ pub unsafe fn free(h: Word) -> Outcome {
             Some(owned) => {
                 // SAFETY: the handle owned this copy and gave it up to us alone.
                 unsafe { release_now(owned) };
-                Outcome::Done(false)
+                Outcome::Done(0)
             }
         };
     }
@@ -123,7 +135,7 @@ pub unsafe fn free(h: Word) -> Outcome {
         return Outcome::AlreadyFreed;
     };
     if owned.base.is_null() {
-        return Outcome::Done(false);
+        return Outcome::Done(0);
     }
     // SAFETY: `owned.alloc` is an allocator block, alive (the handle holds it).
     let alloc = unsafe { CAllocator::new(owned.alloc) };
@@ -143,7 +155,16 @@ pub unsafe fn free(h: Word) -> Outcome {
     queue.push_back(entry); // capacity reserved above
     PENDING_COUNT.fetch_add(1, Ordering::Relaxed);
     let waiting = PENDING_BYTES.fetch_add(owned.bytes, Ordering::Relaxed) + owned.bytes;
-    Outcome::Done(waiting > PENDING_LIMIT)
+    if waiting <= PENDING_LIMIT {
+        return Outcome::Done(0);
+    }
+    let since = SINCE_SLICE.fetch_add(owned.bytes, Ordering::Relaxed) + owned.bytes;
+    if since < SLICE_BYTES {
+        return Outcome::Done(0);
+    }
+    // Whoever takes the count from here pays for it.
+    let taken = SINCE_SLICE.swap(0, Ordering::Relaxed);
+    Outcome::Done(taken / crate::layout::WORD_BYTES * SLICE_WORK)
 }
 
 /// Gives `owned` back to its allocator now.

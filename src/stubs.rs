@@ -154,9 +154,9 @@ fn nul_terminated(s: &str) -> Vec<u8> {
     bytes
 }
 
-/// Frees the handle `h`. Returns 0 when done, 1 when done and so many bytes wait for
-/// the end of the major cycle (OCaml 5) that the OCaml side should finish it, 2 when
-/// `h` was freed already, 3 when there was no memory to queue the free (`h` is still
+/// Frees the handle `h`. Returns 0 when done; n > 0 when done and the OCaml side should
+/// run a major slice of n words (OCaml 5, many bytes waiting: see `release.rs`); -1 when
+/// `h` was freed already; -2 when there was no memory to queue the free (`h` is still
 /// live).
 #[no_mangle]
 pub extern "C" fn offheap_stub_free(h: RawValue) -> RawValue {
@@ -165,9 +165,9 @@ pub extern "C" fn offheap_stub_free(h: RawValue) -> RawValue {
     let code = unsafe {
         release::drain_due();
         match release::free(h as Word) {
-            Outcome::Done(hurry) => isize::from(hurry),
-            Outcome::AlreadyFreed => 2,
-            Outcome::OutOfMemory => 3,
+            Outcome::Done(slice_words) => slice_words as isize,
+            Outcome::AlreadyFreed => -1,
+            Outcome::OutOfMemory => -2,
         }
     };
     val_int(code) as RawValue
