@@ -87,8 +87,13 @@ unsafe impl Send for Pending {}
 static QUEUE: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
 /// Bytes waiting in the queue.
 static PENDING_BYTES: AtomicUsize = AtomicUsize::new(0);
-/// Entries in the queue (read without the lock to skip empty drains).
+/// Entries in the queue.
 static PENDING_COUNT: AtomicUsize = AtomicUsize::new(0);
+/// The `after_cycle` of the oldest entry, `usize::MAX` when the queue is empty: read
+/// without the lock, it lets a drain with nothing due (most of them: a copy or free
+/// while the oldest free's cycle is still running) return without locking. Written
+/// under the lock.
+static OLDEST_CYCLE: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 fn queue() -> MutexGuard<'static, VecDeque<Pending>> {
     // Nothing panics while the lock is held (panics abort anyway), so a poisoned lock
@@ -152,6 +157,9 @@ pub unsafe fn free(h: Word) -> Outcome {
         // SAFETY: `owned.alloc` is the handle's allocator block; we hold the runtime.
         alloc: unsafe { Rooted::new(owned.alloc, free) },
     };
+    if queue.is_empty() {
+        OLDEST_CYCLE.store(entry.after_cycle, Ordering::Relaxed);
+    }
     queue.push_back(entry); // capacity reserved above
     PENDING_COUNT.fetch_add(1, Ordering::Relaxed);
     let waiting = PENDING_BYTES.fetch_add(owned.bytes, Ordering::Relaxed) + owned.bytes;
@@ -195,17 +203,21 @@ unsafe fn release_now(owned: Owned) {
 /// # Safety
 /// Called holding the runtime (a stub).
 pub unsafe fn drain_due() {
-    if PENDING_COUNT.load(Ordering::Relaxed) == 0 {
+    let completed = runtime::major_cycles_completed();
+    // A stale read only delays a release to the next drain.
+    if OLDEST_CYCLE.load(Ordering::Relaxed) >= completed {
         return;
     }
-    let completed = runtime::major_cycles_completed();
     loop {
         let entry = {
             let mut queue = queue();
-            match queue.front() {
+            let entry = match queue.front() {
                 Some(first) if first.after_cycle < completed => queue.pop_front(),
                 _ => None,
-            }
+            };
+            let oldest = queue.front().map_or(usize::MAX, |first| first.after_cycle);
+            OLDEST_CYCLE.store(oldest, Ordering::Relaxed);
+            entry
         };
         let Some(entry) = entry else { return };
         PENDING_COUNT.fetch_sub(1, Ordering::Relaxed);
