@@ -27,7 +27,7 @@ endef
 .PHONY: all deps deps-packaging build demo doc test test-rust test-ocaml test-faults test-doc test-ocaml5 \
 	test-fresh-debian \
 	release opam-lint test-release test-duniverse test-install test-install-ocaml5 \
-	test-packaging bench bench-quick lint fmt clean
+	test-packaging bench bench-quick bench-small lint fmt clean
 
 all: build
 
@@ -143,6 +143,11 @@ bench: build
 
 bench-quick: build
 	dune exec --no-print-directory -- ./benches/bench.exe -- -quick
+
+# Only the small values' per-call table (issue 9), on OCaml 4 and in the OCaml 5.3 chroot.
+bench-small: build
+	dune exec --no-print-directory -- ./benches/bench.exe -- -small
+	$(call in_chroot,,dune exec --no-print-directory -- ./benches/bench.exe -- -small)
 
 # Formatting; clippy on every target and feature set, any warning an error; the claim
 # rust-version makes (clippy's incompatible_msrv for offheap's own code, msrv.sh for the

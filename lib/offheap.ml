@@ -5,21 +5,20 @@ type alloc
 
 type stats = { bytes : int; blocks : int; transient_bytes : int }
 
-(* The handle (src/handle.rs): allocated here in state "freed" before the copy is made,
-   filled by the copy stub, freed by one compare-and-swap on [state] in the free stub.
-   [state] is [base / 2] while live (an address is even) and -1 once freed. Nothing
-   between the stub's return and [copy]'s allocates, so no exception (a signal
-   handler's, say) can come between a copy and its handle. *)
+(* The handle (src/handle.rs): three fields, four words with the header. Allocated here
+   in state "fresh" before the copy is made, filled by the copy stub, freed by one
+   compare-and-swap on [state] in the free stub. [state] is positive while live (the
+   address of the copy's record, off the heap, halved) and negative once freed, when
+   [root] and [alloc] hold the copy's byte and block counts. Nothing between the stub's
+   return and [copy]'s allocates, so no exception (a signal handler's, say) can come
+   between a copy and its handle. *)
 type 'a t = {
   root : Obj.t;
   alloc : alloc;  (** keeps the allocator block alive until the copy is released *)
   mutable state : int;
-  bytes : int;
-  blocks : int;
-  transient_bytes : int;
 }
 
-let freed_state = -1
+let fresh_state = -1
 
 external stub_malloc : unit -> alloc = "offheap_stub_malloc"
 
@@ -27,12 +26,15 @@ external stub_malloc : unit -> alloc = "offheap_stub_malloc"
    Invalid_argument. *)
 external stub_copy : 'a t -> bool -> 'a -> Obj.t = "offheap_stub_copy"
 
-(* 0 freed; 1 freed, and so much waits for the end of the major cycle that it should
-   be finished; 2 freed already; 3 out of memory (still live). *)
+(* 0 freed; n > 0 freed, and so much waits for the end of the major cycle that a major
+   slice of n words should be run; -1 freed already; -2 out of memory (still live). *)
 external stub_free : 'a t -> int = "offheap_stub_free"
 
 (* The root of a live handle, else its second argument. *)
 external stub_get : 'a t -> Obj.t -> Obj.t = "offheap_stub_get" [@@noalloc]
+
+(* Statistic 0 bytes, 1 blocks, 2 transient bytes of a live or freed handle. *)
+external stub_stat : 'a t -> int -> int = "offheap_stub_stat" [@@noalloc]
 external stub_drain : unit -> unit = "offheap_stub_drain"
 external stub_defers_free : unit -> bool = "offheap_stub_defers_free"
 external stub_pending_frees : unit -> int = "offheap_stub_pending_frees"
@@ -45,8 +47,7 @@ let malloc = stub_malloc ()
 let () = if stub_defers_free () then ignore (Gc.create_alarm stub_drain : Gc.alarm)
 let pending_frees = stub_pending_frees
 
-let fresh alloc =
-  { root = Obj.repr 0; alloc; state = freed_state; bytes = 0; blocks = 0; transient_bytes = 0 }
+let fresh alloc = { root = Obj.repr 0; alloc; state = fresh_state }
 
 let copy ?(alloc = malloc) v =
   let h = fresh alloc in
@@ -63,17 +64,18 @@ let get h =
   if r == freed_marker then invalid_arg "Offheap.get: deleted" else Obj.obj r
 
 let stats (h : _ t) =
-  { bytes = h.bytes; blocks = h.blocks; transient_bytes = h.transient_bytes }
+  { bytes = stub_stat h 0; blocks = stub_stat h 1; transient_bytes = stub_stat h 2 }
 
 let free h =
-  match stub_free h with
-  | 0 -> ()
-  | 1 ->
-      (* The handle is freed already: an exception from here on loses nothing. *)
-      Gc.major ();
-      stub_drain ()
-  | 2 -> invalid_arg "Offheap.free: deleted"
-  | _ -> raise Out_of_memory
+  let r = stub_free h in
+  if r = 0 then ()
+  else if r > 0 then
+    (* The handle is freed already: an exception from here on loses nothing. Bounded
+       work, never a whole cycle: the frees of a program that allocates little pay for
+       the cycles after which their memory goes back (src/release.rs). *)
+    ignore (Gc.major_slice r : int)
+  else if r = -1 then invalid_arg "Offheap.free: deleted"
+  else raise Out_of_memory
 
 let delete = free
 

@@ -73,7 +73,9 @@ type alloc
     of the same name work unchanged. *)
 
 val malloc : alloc
-(** The default allocator: [malloc] and [free], and for copies of 4 MiB and more a
+(** The default allocator: copies of up to 1 KiB take slots of their size class in
+    2 MiB regions that are registered with the runtime once (on OCaml 4) and kept for
+    later small copies; larger ones [malloc] and [free], and copies of 4 MiB and more a
     private mapping backed by huge pages, which saves a page fault per 4 KiB.
 
     {[

@@ -55,6 +55,13 @@ impl CAllocator {
         unsafe { std::mem::transmute::<Word, FreeFn>(self.field(1)) }
     }
 
+    /// Whether this is the default allocator's block: [`offheap_alloc`] and
+    /// [`offheap_free`] (`Offheap.malloc`).
+    pub fn is_default(&self) -> bool {
+        self.field(0) == offheap_alloc as *const () as usize
+            && self.field(1) == offheap_free as *const () as usize
+    }
+
     fn field(&self, i: usize) -> Word {
         // SAFETY: `new`'s contract: the block has fields 0 and 1.
         unsafe { *(self.block as *const Word).add(i) }

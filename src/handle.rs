@@ -1,41 +1,77 @@
 //! The handle: the OCaml record that owns one off-heap copy (`'a Offheap.t`).
 //!
-//! `lib/offheap.ml` declares it as
-//! `{ root : Obj.t; alloc : alloc; mutable state : int; bytes; blocks; transient_bytes }`
-//! and allocates it, state "freed", before calling a stub that fills it: the handle exists
-//! before the copy does, so no point of `copy` (OCaml side included) can lose a copy to
-//! an exception, such as one raised by a signal handler.
+//! `lib/offheap.ml` declares it as `{ root : Obj.t; alloc : alloc; mutable state : int }`:
+//! three fields, four words with the header (the GC scans two of them). It allocates it,
+//! state "fresh", before calling a stub that fills it: the handle exists before the copy
+//! does, so no point of `copy` (OCaml side included) can lose a copy to an exception,
+//! such as one raised by a signal handler.
 //!
-//! `state` holds `base + 1` while the copy is live (an OCaml integer, since `base` is word
-//! aligned; `base` is 0 when nothing was allocated) and [`FREED`] once freed. Freeing is
-//! one compare-and-swap on it, so of several domains or threads freeing one handle at
-//! once, exactly one takes the copy. `root` is cleared after the swap: a [`root_if_live`]
-//! that reads `root` and then `state` never hands out the cleared root.
+//! The copy's size and statistics live off the heap, in a [`Record`]:
+//! - for a copy, in the first [`PREFIX_BYTES`] of its allocation, right before the copy
+//!   ([`WithRecord`] asks the allocator for that much more); `state` holds the
+//!   allocation's start `+ 1` (an OCaml integer, the start being word aligned);
+//!   This is for the default allocator only;
+//! - for a copy made with another allocator (which is asked for the copy's exact size,
+//!   as the original C library asked) and for a loaded image (a file mapping), in a
+//!   record allocated apart with `malloc`, which also holds the copy's address; `state`
+//!   holds the record's address `+ 3` (bit 1 tells the two apart);
+//! - for a copy that allocated nothing (an immediate or a shared root), nowhere:
+//!   `state` is 1 and the statistics are zero.
+//!
+//! Freeing is one compare-and-swap on `state`, so of several domains or threads freeing
+//! one handle at once, exactly one takes the copy. The winner swaps in a negative state,
+//! `-2 - transient_bytes`, then stores the byte and block counts in `root` and `alloc`
+//! (the memory that held them goes away): statistics stay available after `free`.
+//! A fresh handle's state is -1 (nothing owned, statistics zero). A [`root_if_live`]
+//! reads `root` and then `state`, so it never hands out a cleared root.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::alloc::Allocator;
 use crate::copy::Copied;
-use crate::layout::{val_int, Word};
+use crate::layout::{is_immediate, val_int, Word};
 
-/// Field of the copy's root (an immediate, a shared pointer, or a pointer into the copy).
+/// Field of the copy's root (an immediate, a shared pointer, or a pointer into the copy);
+/// the copy's size in bytes once freed.
 const ROOT: usize = 0;
-/// Field of the allocator block.
+/// Field of the allocator block; the number of blocks copied once freed.
 const ALLOC: usize = 1;
-/// Field of the state: `base + 1` while live, [`FREED`] after.
+/// Field of the state (see the module's documentation).
 const STATE: usize = 2;
-/// Fields of the copy's size in bytes, its blocks and the traversal's peak memory.
-const BYTES: usize = 3;
-const BLOCKS: usize = 4;
-const TRANSIENT_BYTES: usize = 5;
 
-/// The state of a freed handle: the OCaml integer -1, never `base + 1` for a word-aligned
-/// `base`.
-pub const FREED: Word = val_int(-1);
+/// The state of a fresh handle, which never owned anything.
+pub const FRESH: Word = val_int(-1);
+/// Bit 1 of a live state: the record is apart from the allocation (an image).
+const APART: Word = 2;
+
+/// What a copy cost, kept off the heap while it is live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Record {
+    /// Size of the copy in bytes (the record not included).
+    pub bytes: usize,
+    /// Blocks copied.
+    pub blocks: usize,
+    /// Peak memory the traversal held besides the copy.
+    pub transient_bytes: usize,
+}
+
+/// Bytes in front of every copy's allocation: its [`Record`].
+pub const PREFIX_BYTES: usize = std::mem::size_of::<Record>();
+
+/// The record of an image, allocated apart from its payload.
+#[repr(C)]
+struct ApartRecord {
+    record: Record,
+    /// The payload.
+    base: *mut u8,
+}
 
 /// The memory a live handle owned, taken from it by [`take`].
 #[derive(Clone, Copy, Debug)]
 pub struct Owned {
-    /// Start of the allocation, or null when nothing was allocated.
+    /// Start of the allocation (the record, for a copy), or null when nothing was
+    /// allocated.
     pub base: *mut u8,
     /// Its size in bytes.
     pub bytes: usize,
@@ -43,58 +79,108 @@ pub struct Owned {
     pub alloc: Word,
 }
 
-/// The field `i` of the handle `h`, as an atomic word.
-///
-/// # Safety
-/// `h` is a handle block (six fields) that does not move while the reference is used: the
-/// caller allocates nothing on the OCaml heap meanwhile.
-unsafe fn field<'a>(h: Word, i: usize) -> &'a AtomicUsize {
-    // SAFETY: `h` has six word-sized, word-aligned fields (the caller's contract);
-    // AtomicUsize has the layout of a word.
-    unsafe { &*(h as *const AtomicUsize).add(i) }
+/// An allocator that puts a [`Record`] in front of each allocation: the traversal sees
+/// only the memory after it.
+pub struct WithRecord<A>(pub A);
+
+impl<A: Allocator> Allocator for WithRecord<A> {
+    fn alloc(&mut self, bytes: usize) -> *mut u8 {
+        let Some(total) = bytes.checked_add(PREFIX_BYTES) else {
+            return std::ptr::null_mut();
+        };
+        let p = self.0.alloc(total);
+        if p.is_null() {
+            return p;
+        }
+        p.wrapping_add(PREFIX_BYTES)
+    }
+
+    unsafe fn free(&mut self, ptr: *mut u8, bytes: usize) {
+        // SAFETY: `ptr` came from `alloc(bytes)` above.
+        unsafe {
+            self.0
+                .free(ptr.wrapping_sub(PREFIX_BYTES), bytes + PREFIX_BYTES)
+        }
+    }
 }
 
-/// Makes the fresh handle `h` own the copy `copied`.
-///
-/// # Safety
-/// `h` is a handle in state [`FREED`] that no other thread or domain sees yet, and
-/// `copied.root` is an immediate or lies outside the OCaml heap (the GC needs no barrier
-/// for it).
-pub unsafe fn fill(h: Word, copied: &Copied) {
-    // SAFETY: forwarded.
-    unsafe {
-        fill_parts(
-            h,
-            copied.root,
-            copied.base,
-            copied.bytes,
-            copied.blocks,
-            copied.transient_bytes,
+impl<A> WithRecord<A> {
+    /// The allocation (start and size) behind a copy made through this allocator.
+    pub fn allocation(copied: &Copied) -> (*mut u8, usize) {
+        (
+            copied.base.wrapping_sub(PREFIX_BYTES),
+            copied.bytes + PREFIX_BYTES,
         )
     }
 }
 
-/// Makes the fresh handle `h` own the allocation `[base, base + bytes)` of `blocks`
-/// blocks, whose root is `root`.
+/// The field `i` of the handle `h`, as an atomic word.
+///
+/// # Safety
+/// `h` is a handle block (three fields) that does not move while the reference is used:
+/// the caller allocates nothing on the OCaml heap meanwhile.
+unsafe fn field<'a>(h: Word, i: usize) -> &'a AtomicUsize {
+    // SAFETY: `h` has three word-sized, word-aligned fields (the caller's contract);
+    // AtomicUsize has the layout of a word.
+    unsafe { &*(h as *const AtomicUsize).add(i) }
+}
+
+/// Makes the fresh handle `h` own the copy `copied`, made through a [`WithRecord`]
+/// allocator.
+///
+/// # Safety
+/// `h` is a handle in state [`FRESH`] that no other thread or domain sees yet, and
+/// `copied.root` is an immediate or lies outside the OCaml heap (the GC needs no barrier
+/// for it).
+pub unsafe fn fill(h: Word, copied: &Copied) {
+    let state = if copied.base.is_null() {
+        1
+    } else {
+        let (start, _) = WithRecord::<()>::allocation(copied);
+        // SAFETY: `WithRecord` reserved `PREFIX_BYTES`, word aligned, before the copy.
+        unsafe {
+            (start as *mut Record).write(Record {
+                bytes: copied.bytes,
+                blocks: copied.blocks,
+                transient_bytes: copied.transient_bytes,
+            })
+        };
+        start as Word + 1
+    };
+    // SAFETY: the caller's contract; the handle is ours alone.
+    unsafe {
+        field(h, ROOT).store(copied.root, Ordering::Relaxed);
+        field(h, STATE).store(state, Ordering::Release);
+    }
+}
+
+/// Makes the fresh handle `h` own the copy or image payload `copied` (`base` not null),
+/// with a record allocated apart. False, and `h` left fresh, when there was no memory for
+/// the record.
 ///
 /// # Safety
 /// As for [`fill`].
-pub unsafe fn fill_parts(
-    h: Word,
-    root: Word,
-    base: *mut u8,
-    bytes: usize,
-    blocks: usize,
-    transient_bytes: usize,
-) {
-    // SAFETY: the caller's contract; the handle is ours alone.
-    unsafe {
-        field(h, ROOT).store(root, Ordering::Relaxed);
-        field(h, BYTES).store(val_int(bytes as isize), Ordering::Relaxed);
-        field(h, BLOCKS).store(val_int(blocks as isize), Ordering::Relaxed);
-        field(h, TRANSIENT_BYTES).store(val_int(transient_bytes as isize), Ordering::Relaxed);
-        field(h, STATE).store(base as Word + 1, Ordering::Release);
+pub unsafe fn fill_apart(h: Word, copied: &Copied) -> bool {
+    // SAFETY: plain malloc.
+    let record = unsafe { libc::malloc(std::mem::size_of::<ApartRecord>()) } as *mut ApartRecord;
+    if record.is_null() {
+        return false;
     }
+    // SAFETY: fresh memory of the right size (malloc aligns for any type); the handle is
+    // ours alone.
+    unsafe {
+        record.write(ApartRecord {
+            record: Record {
+                bytes: copied.bytes,
+                blocks: copied.blocks,
+                transient_bytes: copied.transient_bytes,
+            },
+            base: copied.base,
+        });
+        field(h, ROOT).store(copied.root, Ordering::Relaxed);
+        field(h, STATE).store(record as Word + 1 + APART, Ordering::Release);
+    }
+    true
 }
 
 /// Sets the allocator block of the fresh handle `h` to `alloc`.
@@ -112,34 +198,117 @@ pub unsafe fn set_alloc(h: Word, alloc: Word) {
     };
 }
 
-/// Takes the copy from the live handle `h`, leaving it freed; `None` when it was freed
-/// already (by this thread or a concurrent one).
+/// Whether `state` is a live handle's.
+fn is_live(state: Word) -> bool {
+    (state as isize) > 0
+}
+
+/// The record behind the live state `state`, or `None` when nothing was allocated.
 ///
 /// # Safety
-/// `h` is a handle; the caller allocates nothing on the OCaml heap until this returns.
+/// `state` was read from a live handle during this stub: its memory is not released
+/// before the stub returns (OCaml 4: the runtime lock; OCaml 5: a freed copy waits for
+/// the end of a major cycle, which cannot end while this domain is in a stub).
+unsafe fn record_of(state: Word) -> Option<Record> {
+    if state == 1 {
+        return None;
+    }
+    let at = (state & !(APART | 1)) as *const Record;
+    // SAFETY: the caller's contract; both kinds of record start with a `Record`.
+    Some(unsafe { at.read() })
+}
+
+/// Takes the copy from the live handle `h`, leaving it freed with its statistics; `None`
+/// when it was freed already (by this thread or a concurrent one).
+///
+/// # Safety
+/// `h` is a handle; called holding the runtime, allocating nothing on the OCaml heap
+/// until this returns.
 pub unsafe fn take(h: Word) -> Option<Owned> {
     // SAFETY: the caller's contract.
     let state = unsafe { field(h, STATE) };
     let mut current = state.load(Ordering::Acquire);
-    loop {
-        if current == FREED {
+    let record = loop {
+        if !is_live(current) {
             return None;
         }
-        match state.compare_exchange_weak(current, FREED, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => break,
+        // SAFETY: read from a live state, in this stub.
+        let record = unsafe { record_of(current) }.unwrap_or_default();
+        let freed = val_int(-2 - record.transient_bytes as isize);
+        match state.compare_exchange_weak(current, freed, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => break record,
             Err(seen) => current = seen,
         }
-    }
-    // SAFETY: as above. The old root is an immediate or lies outside the heap, so
-    // overwriting it needs no write barrier.
+    };
+    // SAFETY: as above; the old root is an immediate or lies outside the heap, so
+    // overwriting it needs no write barrier; `alloc` is overwritten with the barrier,
+    // its old block kept alive by the caller until it is done with it (no OCaml
+    // allocation meanwhile).
     unsafe {
-        field(h, ROOT).store(val_int(0), Ordering::Release);
-        let bytes = field(h, BYTES).load(Ordering::Relaxed) as isize >> 1;
-        Some(Owned {
-            base: (current - 1) as *mut u8,
-            bytes: bytes as usize,
-            alloc: field(h, ALLOC).load(Ordering::Relaxed),
-        })
+        field(h, ROOT).store(val_int(record.bytes as isize), Ordering::Release);
+        let alloc = field(h, ALLOC).load(Ordering::Relaxed);
+        // `record` reads the block count, then the byte count.
+        std::sync::atomic::fence(Ordering::Release);
+        ocaml_sys::caml_modify(
+            (h as *mut ocaml_sys::Value).add(ALLOC),
+            val_int(record.blocks as isize) as ocaml_sys::Value,
+        );
+        let owned = if current == 1 {
+            Owned {
+                base: std::ptr::null_mut(),
+                bytes: 0,
+                alloc,
+            }
+        } else if current & APART != 0 {
+            let apart = (current - 1 - APART) as *mut ApartRecord;
+            let base = (*apart).base;
+            libc::free(apart as *mut libc::c_void);
+            Owned {
+                base,
+                bytes: record.bytes,
+                alloc,
+            }
+        } else {
+            Owned {
+                base: (current - 1) as *mut u8,
+                bytes: record.bytes + PREFIX_BYTES,
+                alloc,
+            }
+        };
+        Some(owned)
+    }
+}
+
+/// The statistics of the handle `h`, live or freed.
+///
+/// # Safety
+/// `h` is a handle; called holding the runtime, allocating nothing on the OCaml heap.
+pub unsafe fn record(h: Word) -> Record {
+    loop {
+        // SAFETY: the caller's contract.
+        let state = unsafe { field(h, STATE) }.load(Ordering::Acquire);
+        if is_live(state) {
+            // SAFETY: read from a live state, in this stub.
+            return unsafe { record_of(state) }.unwrap_or_default();
+        }
+        if state == FRESH {
+            return Record::default();
+        }
+        // Freed: the freer stores the byte count, then the block count. Until then
+        // (another domain, between its swap and its stores, without a safe point) the
+        // fields still hold the root and the allocator, which is never an immediate.
+        // SAFETY: as above.
+        let blocks = unsafe { field(h, ALLOC) }.load(Ordering::Acquire);
+        if is_immediate(blocks) {
+            // SAFETY: as above.
+            let bytes = unsafe { field(h, ROOT) }.load(Ordering::Acquire);
+            return Record {
+                bytes: (bytes as isize >> 1) as usize,
+                blocks: (blocks as isize >> 1) as usize,
+                transient_bytes: (-2 - (state as isize >> 1)) as usize,
+            };
+        }
+        std::hint::spin_loop();
     }
 }
 
@@ -149,13 +318,13 @@ pub unsafe fn take(h: Word) -> Option<Owned> {
 /// `h` is a handle; the caller allocates nothing on the OCaml heap until this returns.
 pub unsafe fn root_if_live(h: Word, freed: Word) -> Word {
     // SAFETY: the caller's contract. `root` is read before `state`: a concurrent `take`
-    // clears `root` only after it set `state`, so a cleared root is never returned.
+    // overwrites `root` only after it set `state`, so a cleared root is never returned.
     unsafe {
         let root = field(h, ROOT).load(Ordering::Acquire);
-        if field(h, STATE).load(Ordering::Acquire) == FREED {
-            freed
-        } else {
+        if is_live(field(h, STATE).load(Ordering::Acquire)) {
             root
+        } else {
+            freed
         }
     }
 }

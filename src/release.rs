@@ -20,10 +20,22 @@ use std::sync::{Mutex, MutexGuard};
 use crate::alloc::{offheap_free, Allocator, CAllocator, FreeFn};
 use crate::handle::{self, Owned};
 use crate::layout::{val_int, Word};
-use crate::runtime;
+use crate::runtime::{self, slab};
 
-/// Above this many bytes waiting, `free` asks the OCaml side to hurry the major cycle.
+/// Above this many bytes waiting, frees drive the major GC: every [`SLICE_BYTES`] freed
+/// beyond it, `free` asks the OCaml side for a major slice of [`SLICE_WORK`] words of
+/// work per word freed (`Gc.major_slice`). A slice is bounded work: `free` never finishes
+/// a cycle itself. A program that frees much and allocates little still gets its
+/// memory back: its frees pay for the cycles, so at most about `1 / SLICE_WORK` of the
+/// major heap waits beyond the limit.
 pub const PENDING_LIMIT: usize = 8 << 20;
+/// Bytes freed between two slices (a slice starts with a minor collection).
+const SLICE_BYTES: usize = 1 << 20;
+/// Words of major GC work per word freed.
+const SLICE_WORK: usize = 4;
+
+/// Bytes freed beyond [`PENDING_LIMIT`] since the last slice.
+static SINCE_SLICE: AtomicUsize = AtomicUsize::new(0);
 
 /// A freed copy waiting for the end of a major cycle.
 struct Pending {
@@ -43,12 +55,14 @@ struct Pending {
 struct Rooted(Option<Box<Word>>);
 
 impl Rooted {
-    /// Roots `alloc` unless its free function is `free`, the default allocator's.
+    /// Roots `alloc` unless `free` ignores it: the default allocator's, or the slab's.
     ///
     /// # Safety
     /// `alloc` is an allocator block; called holding the runtime.
     unsafe fn new(alloc: Word, free: FreeFn) -> Rooted {
-        if free as *const () == offheap_free as *const () {
+        if free as *const () == offheap_free as *const ()
+            || free as *const () == slab::free_fn as *const ()
+        {
             return Rooted(None);
         }
         let mut cell = Box::new(alloc);
@@ -73,8 +87,13 @@ unsafe impl Send for Pending {}
 static QUEUE: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
 /// Bytes waiting in the queue.
 static PENDING_BYTES: AtomicUsize = AtomicUsize::new(0);
-/// Entries in the queue (read without the lock to skip empty drains).
+/// Entries in the queue.
 static PENDING_COUNT: AtomicUsize = AtomicUsize::new(0);
+/// The `after_cycle` of the oldest entry, `usize::MAX` when the queue is empty: read
+/// without the lock, it lets a drain with nothing due (most of them: a copy or free
+/// while the oldest free's cycle is still running) return without locking. Written
+/// under the lock.
+static OLDEST_CYCLE: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 fn queue() -> MutexGuard<'static, VecDeque<Pending>> {
     // Nothing panics while the lock is held (panics abort anyway), so a poisoned lock
@@ -86,9 +105,9 @@ fn queue() -> MutexGuard<'static, VecDeque<Pending>> {
 
 /// What [`free`] did.
 pub enum Outcome {
-    /// The copy was released or queued; `true` when more than [`PENDING_LIMIT`] bytes
-    /// are now waiting.
-    Done(bool),
+    /// The copy was released or queued; the OCaml side should run a major slice of this
+    /// many words of work when not 0.
+    Done(usize),
     /// The handle was freed already.
     AlreadyFreed,
     /// No memory for the queue entry; the handle is still live.
@@ -108,7 +127,7 @@ pub unsafe fn free(h: Word) -> Outcome {
             Some(owned) => {
                 // SAFETY: the handle owned this copy and gave it up to us alone.
                 unsafe { release_now(owned) };
-                Outcome::Done(false)
+                Outcome::Done(0)
             }
         };
     }
@@ -121,10 +140,15 @@ pub unsafe fn free(h: Word) -> Outcome {
         return Outcome::AlreadyFreed;
     };
     if owned.base.is_null() {
-        return Outcome::Done(false);
+        return Outcome::Done(0);
     }
     // SAFETY: `owned.alloc` is an allocator block, alive (the handle holds it).
-    let free = unsafe { CAllocator::new(owned.alloc) }.free_fn();
+    let alloc = unsafe { CAllocator::new(owned.alloc) };
+    let free = if slab::is_slab_copy(&alloc, owned.bytes) {
+        slab::free_fn
+    } else {
+        alloc.free_fn()
+    };
     let entry = Pending {
         after_cycle: runtime::major_cycles_completed(),
         base: owned.base,
@@ -133,10 +157,22 @@ pub unsafe fn free(h: Word) -> Outcome {
         // SAFETY: `owned.alloc` is the handle's allocator block; we hold the runtime.
         alloc: unsafe { Rooted::new(owned.alloc, free) },
     };
+    if queue.is_empty() {
+        OLDEST_CYCLE.store(entry.after_cycle, Ordering::Relaxed);
+    }
     queue.push_back(entry); // capacity reserved above
     PENDING_COUNT.fetch_add(1, Ordering::Relaxed);
     let waiting = PENDING_BYTES.fetch_add(owned.bytes, Ordering::Relaxed) + owned.bytes;
-    Outcome::Done(waiting > PENDING_LIMIT)
+    if waiting <= PENDING_LIMIT {
+        return Outcome::Done(0);
+    }
+    let since = SINCE_SLICE.fetch_add(owned.bytes, Ordering::Relaxed) + owned.bytes;
+    if since < SLICE_BYTES {
+        return Outcome::Done(0);
+    }
+    // Whoever takes the count from here pays for it.
+    let taken = SINCE_SLICE.swap(0, Ordering::Relaxed);
+    Outcome::Done(taken / crate::layout::WORD_BYTES * SLICE_WORK)
 }
 
 /// Gives `owned` back to its allocator now.
@@ -146,6 +182,13 @@ pub unsafe fn free(h: Word) -> Outcome {
 /// was freed is still running; called holding the runtime.
 unsafe fn release_now(owned: Owned) {
     if owned.base.is_null() {
+        return;
+    }
+    // SAFETY: `owned.alloc` is the copy's allocator block, alive (the handle held it).
+    let alloc = unsafe { CAllocator::new(owned.alloc) };
+    if slab::is_slab_copy(&alloc, owned.bytes) {
+        // SAFETY: a slab copy of this size (chosen by the same test at `copy`), unused.
+        unsafe { slab::free(owned.base, owned.bytes) };
         return;
     }
     runtime::unregister(owned.base, owned.bytes);
@@ -160,17 +203,21 @@ unsafe fn release_now(owned: Owned) {
 /// # Safety
 /// Called holding the runtime (a stub).
 pub unsafe fn drain_due() {
-    if PENDING_COUNT.load(Ordering::Relaxed) == 0 {
+    let completed = runtime::major_cycles_completed();
+    // A stale read only delays a release to the next drain.
+    if OLDEST_CYCLE.load(Ordering::Relaxed) >= completed {
         return;
     }
-    let completed = runtime::major_cycles_completed();
     loop {
         let entry = {
             let mut queue = queue();
-            match queue.front() {
+            let entry = match queue.front() {
                 Some(first) if first.after_cycle < completed => queue.pop_front(),
                 _ => None,
-            }
+            };
+            let oldest = queue.front().map_or(usize::MAX, |first| first.after_cycle);
+            OLDEST_CYCLE.store(oldest, Ordering::Relaxed);
+            entry
         };
         let Some(entry) = entry else { return };
         PENDING_COUNT.fetch_sub(1, Ordering::Relaxed);

@@ -3,14 +3,17 @@
 //! They are `#[ocaml::native_func]`s on raw values. `#[ocaml::func]` would root every
 //! argument with boxroot, which the stubs do not need (nothing is allocated on the OCaml
 //! heap while a raw value is in use) and which broke copies in bytecode programs linked
-//! with systhreads on OCaml 4. No exception is raised across Rust frames: errors come
-//! back as values and the OCaml side raises.
+//! with systhreads on OCaml 4. The per-call stubs (copy, free, get, drain) are plain
+//! `extern "C"` functions instead: `native_func`'s entry reads the environment variable
+//! `NO_CAML_STARTUP` at every call, 3% of a small copy's time (measured with `perf`),
+//! and sets up a panic guard that `panic = "abort"` makes useless. No exception is raised
+//! across Rust frames: errors come back as values and the OCaml side raises.
 
 use ocaml::{Raw, Value};
 use ocaml_sys::{caml_alloc_small, caml_copy_string};
 
 use crate::alloc::{offheap_alloc, offheap_free, Allocator, CAllocator};
-use crate::handle;
+use crate::handle::{self, WithRecord};
 use crate::layout::{val_int, Word, ABSTRACT_TAG};
 use crate::release::{self, Outcome};
 use crate::runtime;
@@ -45,9 +48,21 @@ pub fn offheap_stub_malloc(_unit: Raw) -> Value {
 /// handle `h` (see `handle.rs`) and makes `h` own the copy. Returns 0; or 1 when the
 /// allocator ran out of memory, or the message of the `Invalid_argument` to raise, and
 /// `h` stays freed.
-#[ocaml::native_func]
-pub fn offheap_stub_copy(h: Raw, copy_static: Raw, v: Raw) -> Value {
-    copy(word(h), word(copy_static) != val_int(0), word(v))
+#[no_mangle]
+pub extern "C" fn offheap_stub_copy(h: RawValue, copy_static: RawValue, v: RawValue) -> RawValue {
+    raw(copy(
+        h as Word,
+        copy_static as Word != val_int(0),
+        v as Word,
+    ))
+}
+
+/// An OCaml value as a stub without `native_func` takes and returns it.
+type RawValue = ocaml_sys::Value;
+
+/// The raw word of `v`.
+fn raw(v: Value) -> RawValue {
+    v.raw().0
 }
 
 /// The body of [`offheap_stub_copy`].
@@ -56,7 +71,55 @@ fn copy(h: Word, copy_static: bool, v: Word) -> Value {
     unsafe { release::drain_due() };
     // SAFETY: field 1 of a handle is its allocator block (the OCaml type `alloc` only
     // comes from `malloc` or from C code that builds one), alive for the call.
-    let mut allocator = unsafe { CAllocator::new(*(h as *const Word).add(1)) };
+    let allocator = unsafe { CAllocator::new(*(h as *const Word).add(1)) };
+    if allocator.is_default() {
+        // The handle's record goes in front of the copy; small copies come from the
+        // slab, registered already.
+        copy_into(
+            h,
+            v,
+            copy_static,
+            WithRecord(runtime::slab::DefaultAllocator),
+            |copied| {
+                let (start, total) = WithRecord::<()>::allocation(copied);
+                if !runtime::slab::is_slab_copy(&allocator, total)
+                    && !runtime::register(start, total)
+                {
+                    return false;
+                }
+                // SAFETY: `h` is the fresh handle of this call; the root is an immediate or
+                // outside the heap; the copy was made through `WithRecord`.
+                unsafe { handle::fill(h, copied) };
+                true
+            },
+        )
+    } else {
+        // Another allocator is asked for the copy's exact size; the record is apart.
+        copy_into(h, v, copy_static, allocator, |copied| {
+            if !runtime::register(copied.base, copied.bytes) {
+                return false;
+            }
+            // SAFETY: as above.
+            if unsafe { handle::fill_apart(h, copied) } {
+                return true;
+            }
+            runtime::unregister(copied.base, copied.bytes);
+            false
+        })
+    }
+}
+
+/// Copies `v` with `allocator` and hands a copy that allocated something to `adopt`,
+/// which registers it and fills the handle `h`, or returns false (out of memory) having
+/// undone what it did; the copy is then freed. A copy that allocated nothing fills `h`
+/// at once.
+fn copy_into<A: Allocator>(
+    h: Word,
+    v: Word,
+    copy_static: bool,
+    mut allocator: A,
+    adopt: impl FnOnce(&copy::Copied) -> bool,
+) -> Value {
     // SAFETY: we hold the runtime and allocate nothing on the OCaml heap until the copy
     // returns; the allocator's contract forbids calls into OCaml.
     let copied = match unsafe { runtime::copy_value(v, copy_static, &mut allocator) } {
@@ -72,14 +135,15 @@ fn copy(h: Word, copy_static: bool, v: Word) -> Value {
             }
         }
     };
-    if !copied.base.is_null() && !runtime::register(copied.base, copied.bytes) {
+    if copied.base.is_null() {
+        // SAFETY: `h` is the fresh handle of this call; the root is an immediate or
+        // shared.
+        unsafe { handle::fill(h, &copied) };
+    } else if !adopt(&copied) {
         // SAFETY: the copy was just allocated by this allocator and nothing refers to it.
         unsafe { allocator.free(copied.base, copied.bytes) };
         return value(val_int(1));
     }
-    // SAFETY: `h` is the fresh handle of this call; the root is an immediate or outside
-    // the heap.
-    unsafe { handle::fill(h, &copied) };
     value(val_int(0))
 }
 
@@ -90,38 +154,52 @@ fn nul_terminated(s: &str) -> Vec<u8> {
     bytes
 }
 
-/// Frees the handle `h`. Returns 0 when done, 1 when done and so many bytes wait for
-/// the end of the major cycle (OCaml 5) that the OCaml side should finish it, 2 when
-/// `h` was freed already, 3 when there was no memory to queue the free (`h` is still
+/// Frees the handle `h`. Returns 0 when done; n > 0 when done and the OCaml side should
+/// run a major slice of n words (OCaml 5, many bytes waiting: see `release.rs`); -1 when
+/// `h` was freed already; -2 when there was no memory to queue the free (`h` is still
 /// live).
-#[ocaml::native_func]
-pub fn offheap_stub_free(h: Raw) -> Value {
+#[no_mangle]
+pub extern "C" fn offheap_stub_free(h: RawValue) -> RawValue {
     // SAFETY: called from a stub holding the runtime; `h` is a handle; nothing is
     // allocated on the OCaml heap here.
     let code = unsafe {
         release::drain_due();
-        match release::free(word(h)) {
-            Outcome::Done(hurry) => isize::from(hurry),
-            Outcome::AlreadyFreed => 2,
-            Outcome::OutOfMemory => 3,
+        match release::free(h as Word) {
+            Outcome::Done(slice_words) => slice_words as isize,
+            Outcome::AlreadyFreed => -1,
+            Outcome::OutOfMemory => -2,
         }
     };
-    value(val_int(code))
+    val_int(code) as RawValue
 }
 
 /// The root of the handle `h` while it is live, else `freed`. Allocates nothing.
-#[ocaml::native_func]
-pub fn offheap_stub_get(h: Raw, freed: Raw) -> Value {
+#[no_mangle]
+pub extern "C" fn offheap_stub_get(h: RawValue, freed: RawValue) -> RawValue {
     // SAFETY: `h` is a handle; nothing is allocated here.
-    value(unsafe { handle::root_if_live(word(h), word(freed)) })
+    unsafe { handle::root_if_live(h as Word, freed as Word) as RawValue }
+}
+
+/// Statistic `which` of the handle `h`, live or freed: 0 bytes, 1 blocks, 2 transient
+/// bytes. Allocates nothing.
+#[no_mangle]
+pub extern "C" fn offheap_stub_stat(h: RawValue, which: RawValue) -> RawValue {
+    // SAFETY: `h` is a handle; nothing is allocated here.
+    let record = unsafe { handle::record(h as Word) };
+    let n = match which as Word {
+        w if w == val_int(0) => record.bytes,
+        w if w == val_int(1) => record.blocks,
+        _ => record.transient_bytes,
+    };
+    val_int(n as isize) as RawValue
 }
 
 /// Releases the freed copies whose major cycle has ended (OCaml 5).
-#[ocaml::native_func]
-pub fn offheap_stub_drain(_unit: Raw) -> Value {
+#[no_mangle]
+pub extern "C" fn offheap_stub_drain(_unit: RawValue) -> RawValue {
     // SAFETY: called from a stub holding the runtime.
     unsafe { release::drain_due() };
-    value(val_int(0))
+    val_int(0) as RawValue
 }
 
 /// Whether `free` waits for the running major cycle to end (OCaml 5).
@@ -145,6 +223,7 @@ pub fn offheap_stub_pending_frees(_unit: Raw) -> Value {
 // ---------------------------------------------------------------------------------------
 
 use crate::alloc::Malloc;
+use crate::copy;
 use crate::image::{self, file, LoadError, WriteError};
 
 /// The bytes of the OCaml string `s`.
@@ -308,14 +387,21 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
         if loaded.mapping == file::Mapping::Relocated {
             handle::set_alloc(word(h), word(relocated_owner));
         }
-        handle::fill_parts(
-            word(h),
-            loaded.root,
-            loaded.base,
-            loaded.held(),
-            loaded.blocks,
-            0,
-        );
+        let copied = copy::Copied {
+            root: loaded.root,
+            base: loaded.base,
+            bytes: loaded.held(),
+            blocks: loaded.blocks,
+            transient_bytes: 0,
+        };
+        if loaded.base.is_null() {
+            handle::fill(word(h), &copied);
+        } else if !handle::fill_apart(word(h), &copied) {
+            runtime::unregister(loaded.base, loaded.held());
+            // SAFETY: just loaded; nothing refers to it.
+            file::unmap(loaded.base, loaded.held(), loaded.mapping);
+            return image_failure(b'M', "");
+        }
     }
     value(val_int(0))
 }

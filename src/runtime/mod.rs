@@ -10,11 +10,13 @@
 //! - `DEFERS_FREE` and `major_cycles_completed()`: whether freeing must wait for the
 //!   running major cycle to end (OCaml 5), and the counter to wait on.
 //!
-//! Everything else in the crate is the same on both.
+//! Everything else in the crate is the same on both. `slab` serves small copies made
+//! with the default allocator from regions registered once.
 
 #[cfg_attr(ocaml5, path = "ocaml5.rs")]
 #[cfg_attr(not(ocaml5), path = "ocaml4.rs")]
 mod backend;
+pub mod slab;
 
 pub use backend::{major_cycles_completed, register, reregister_shared, unregister, DEFERS_FREE};
 

@@ -1,11 +1,12 @@
 //! OCaml 4 (4.12 to 4.14, naked pointers allowed): the page table tells heap from not.
 //!
 //! - Classification: a direct-mapped cache of page answers comes first (a value's blocks
-//!   mostly come in runs of a few pages). On a miss, an address inside one of the major
-//!   heap's chunks is copied: the chunks are few and do not change during a copy, so a
-//!   sorted list of their ranges is searched. Anything else goes to
-//!   `caml_page_table_lookup`, which hashes: minor heap, static data, or else a naked
-//!   pointer or a copy already off the heap, kept as it is.
+//!   mostly come in runs of a few pages); it belongs to the thread and is reused, empty,
+//!   by each copy. On a miss in a large copy, an address inside one of the major heap's
+//!   chunks is copied: the chunks are few and do not change during a copy, so a sorted
+//!   list of their ranges is searched. Anything else (and every miss of a small copy)
+//!   goes to `caml_page_table_lookup`, which hashes: major or minor heap, static data,
+//!   or else a naked pointer or a copy already off the heap, kept as it is.
 //! - Visited set: header marks in blue, the color of free-list blocks, which no reachable
 //!   block has. The runtime lock keeps every other thread out while headers are marked.
 //! - Registration: a copy's pages are registered as static data so that compare, hash
@@ -59,18 +60,56 @@ pub fn major_cycles_completed() -> usize {
 /// Cache slots; a power of two.
 const CACHE_SLOTS: usize = 1024;
 
-/// The classifier: major-heap chunk ranges, then the page table behind a cache.
-pub struct RuntimeHeap {
-    /// `(start, end)` of every major heap chunk, sorted by start.
-    chunks: Vec<(Word, Word)>,
-    /// Page-table kinds whose blocks are copied.
-    copied_kinds: i32,
-    /// `(page number, copied?)`; `usize::MAX` is no page.
-    cache: [(usize, bool); CACHE_SLOTS],
+/// Cache misses in one copy after which the chunk list is built: below it, a miss asks
+/// the page table (a hash lookup), which costs a small copy less than walking and
+/// sorting the chunk list.
+const MISSES_BEFORE_CHUNKS: usize = 32;
+
+/// One cache slot: the page it answers for, the copy that filled it and the answer.
+#[derive(Clone, Copy)]
+struct Slot {
+    page: usize,
+    /// `generation << 1 | copied`.
+    tag: u64,
 }
 
-/// The ranges of the major heap's chunks, sorted.
-fn heap_chunks() -> Vec<(Word, Word)> {
+/// The page cache of one thread, reused by every copy it makes. A slot answers only for
+/// the copy whose generation it carries, so a new copy starts with an empty cache
+/// without clearing 16 KiB (measured: clearing it and building the chunk list were a
+/// third of a small copy's time).
+struct PageCache {
+    slots: [Slot; CACHE_SLOTS],
+    /// The generation of the last copy that took this cache.
+    generation: u64,
+}
+
+thread_local! {
+    static PAGE_CACHE: std::cell::UnsafeCell<PageCache> = const {
+        std::cell::UnsafeCell::new(PageCache {
+            slots: [Slot { page: 0, tag: 0 }; CACHE_SLOTS],
+            generation: 0,
+        })
+    };
+}
+
+/// The classifier: the page table behind a per-thread cache, and for large copies the
+/// major heap's chunk ranges.
+pub struct RuntimeHeap {
+    /// `(start, end)` of every major heap chunk, sorted by start; built after
+    /// [`MISSES_BEFORE_CHUNKS`] misses (empty before, or when memory ran out for it).
+    chunks: Vec<(Word, Word)>,
+    /// Cache misses so far.
+    misses: usize,
+    /// Page-table kinds whose blocks are copied.
+    copied_kinds: i32,
+    /// This thread's cache slots (see [`PageCache`]).
+    slots: *mut Slot,
+    /// This copy's generation, shifted left by one.
+    generation: u64,
+}
+
+/// The ranges of the major heap's chunks, sorted; `None` when there was no memory.
+fn heap_chunks() -> Option<Vec<(Word, Word)>> {
     let mut chunks = Vec::new();
     // SAFETY: the runtime's list of chunks, walked while we hold the runtime lock (no
     // chunk is added or freed meanwhile); each chunk is preceded by its head.
@@ -78,22 +117,38 @@ fn heap_chunks() -> Vec<(Word, Word)> {
         let mut chunk = caml_heap_start;
         while !chunk.is_null() {
             let head = &*(chunk as *const ChunkHead).sub(1);
+            chunks.try_reserve(1).ok()?;
             chunks.push((chunk as Word, chunk as Word + head.size));
             chunk = head.next;
         }
     }
     chunks.sort_unstable();
-    chunks
+    Some(chunks)
 }
 
 impl RuntimeHeap {
     /// Copies heap and young blocks, and static data when `copy_static`.
     pub fn new(copy_static: bool) -> RuntimeHeap {
         let statics = if copy_static { IN_STATIC_DATA } else { 0 };
+        let (slots, generation) = PAGE_CACHE.with(|cache| {
+            let cache = cache.get();
+            // SAFETY: this thread's cache; the reference lives for these lines only.
+            // A copy nested in this one (none exists: allocators may not call OCaml)
+            // would take a new generation and only turn the outer one's hits into misses.
+            unsafe {
+                (*cache).generation += 1;
+                (
+                    std::ptr::addr_of_mut!((*cache).slots) as *mut Slot,
+                    (*cache).generation << 1,
+                )
+            }
+        });
         RuntimeHeap {
-            chunks: heap_chunks(),
+            chunks: Vec::new(),
+            misses: 0,
             copied_kinds: IN_HEAP | IN_YOUNG | statics,
-            cache: [(usize::MAX, false); CACHE_SLOTS],
+            slots,
+            generation,
         }
     }
 
@@ -104,16 +159,33 @@ impl RuntimeHeap {
         i.checked_sub(1).is_some_and(|i| v < self.chunks[i].1)
     }
 
+    /// The cache slot of `page`.
+    fn slot(&self, page: usize) -> *mut Slot {
+        // SAFETY: `page % CACHE_SLOTS` is inside the thread's array, which lives as long
+        // as the thread, longer than this copy.
+        unsafe { self.slots.add(page % CACHE_SLOTS) }
+    }
+
     /// [`Heap::should_copy`] past the cache; fills the cache.
     #[inline(never)]
     fn classify(&mut self, v: Word) -> bool {
+        self.misses += 1;
+        if self.misses == MISSES_BEFORE_CHUNKS {
+            self.chunks = heap_chunks().unwrap_or_default();
+        }
         let copied = self.in_major_heap(v) || {
             // SAFETY: the page table only hashes the address; it reads no memory there.
             let kind = unsafe { caml_page_table_lookup(v as *const libc::c_void) };
             kind & self.copied_kinds != 0
         };
         let page = v >> PAGE_LOG;
-        self.cache[page % CACHE_SLOTS] = (page, copied);
+        // SAFETY: see `slot`; slots are plain data, written through the raw pointer.
+        unsafe {
+            *self.slot(page) = Slot {
+                page,
+                tag: self.generation | copied as u64,
+            }
+        };
         copied
     }
 }
@@ -122,9 +194,12 @@ impl Heap for RuntimeHeap {
     #[inline(always)]
     fn should_copy(&mut self, v: Word) -> bool {
         let page = v >> PAGE_LOG;
-        match self.cache[page % CACHE_SLOTS] {
-            (cached, copied) if cached == page => copied,
-            _ => self.classify(v),
+        // SAFETY: see `slot`.
+        let slot = unsafe { *self.slot(page) };
+        if slot.page == page && slot.tag >> 1 == self.generation >> 1 {
+            slot.tag & 1 != 0
+        } else {
+            self.classify(v)
         }
     }
 

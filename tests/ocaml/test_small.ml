@@ -1,0 +1,132 @@
+(* Small copies (issue 9): the handle's size, statistics before and after free with
+   every kind of record (in front of the copy, apart, image), the slab of the default
+   allocator (every size class, slots reused, the copies registered with the runtime
+   so that compare, hash and Marshal take them), and on OCaml 5 the memory of a program
+   that frees much and allocates little coming back without Gc.major. *)
+
+open OUnit2
+open Support
+
+(* A record whose string makes the copy [n] bytes and more: 8 + 8 * (1 + n / 8 + 1). *)
+type r = { a : int; s : string; f : float }
+
+let value_of_size k = { a = k; s = String.make k 'x'; f = float k }
+let words_of_handle h = Obj.size (Obj.repr h) + 1
+
+let test_handle_words _ =
+  let check msg h =
+    assert_equal ~msg ~printer:pint 4 (words_of_handle h);
+    Offheap.free h;
+    assert_equal ~msg:(msg ^ ", freed") ~printer:pint 4 (words_of_handle h)
+  in
+  check "default allocator" (Offheap.copy (value_of_size 10));
+  check "immediate" (Offheap.copy 42);
+  let a = counting_alloc (fresh_id ()) in
+  check "counting allocator" (Offheap.copy ~alloc:a (value_of_size 10));
+  assert_no_leak a
+
+(* Statistics: those of a live copy agree with the heap's size of the value, and stay the
+   same after free. *)
+let check_stats msg h v =
+  let s = Offheap.stats h in
+  assert_equal ~msg:(msg ^ ": bytes") ~printer:pint (heap_bytes (Obj.repr v)) s.bytes;
+  assert_equal ~msg:(msg ^ ": blocks") ~printer:pint 3 s.blocks;
+  Offheap.free h;
+  assert_equal ~msg:(msg ^ ": after free") s (Offheap.stats h)
+
+let test_stats_kept _ =
+  List.iter
+    (fun k ->
+      let v = value_of_size k in
+      check_stats (Printf.sprintf "default, %d" k) (Offheap.copy v) v;
+      let a = counting_alloc (fresh_id ()) in
+      check_stats (Printf.sprintf "counting allocator, %d" k) (Offheap.copy ~alloc:a v) v;
+      assert_no_leak a)
+    [ 0; 7; 100; 980; 1000; 5000; 100_000 ];
+  let path = Filename.temp_file "offheap_small" ".img" in
+  let v = value_of_size 33 in
+  Offheap.Image.write path v;
+  let h = Offheap.Image.load path in
+  let s = Offheap.stats h in
+  assert_equal ~msg:"image blocks" ~printer:pint 3 s.blocks;
+  assert_bool "image bytes" (s.bytes >= heap_bytes (Obj.repr v));
+  Offheap.free h;
+  assert_equal ~msg:"image: after free" s (Offheap.stats h);
+  Sys.remove path;
+  let h = Offheap.copy 7 in
+  Offheap.free h;
+  assert_equal ~msg:"immediate"
+    { Offheap.bytes = 0; blocks = 0; transient_bytes = 0 }
+    (Offheap.stats h)
+
+(* Copies of every size up to past the slab's limit, live at once, then half freed and
+   copied again (the freed slots are reused): each is equal to its source for compare,
+   hash and Marshal, which on OCaml 4 needs its memory registered in the page table. *)
+let test_slab_sizes _ =
+  let sizes = List.init 140 (fun i -> i * 8) in
+  let values = Array.of_list (List.map value_of_size sizes) in
+  let check msg h v =
+    let c = Offheap.get h in
+    assert_equal ~msg:(msg ^ ": compare") 0 (compare c v);
+    assert_equal ~msg:(msg ^ ": hash") (Hashtbl.hash v) (Hashtbl.hash c);
+    assert_equal ~msg:(msg ^ ": Marshal") (Marshal.to_string v []) (Marshal.to_string c [])
+  in
+  let handles = Array.map Offheap.copy values in
+  Array.iteri (fun i h -> check (Printf.sprintf "size %d" i) h values.(i)) handles;
+  for round = 1 to 3 do
+    Array.iteri
+      (fun i h ->
+        if (i + round) mod 2 = 0 then begin
+          Offheap.free h;
+          assert_freed h;
+          handles.(i) <- Offheap.copy values.(i)
+        end)
+      handles;
+    Array.iteri
+      (fun i h -> check (Printf.sprintf "round %d, size %d" round i) h values.(i))
+      handles
+  done;
+  Array.iter Offheap.free handles
+
+(* Many small copies interleaved with frees, with a GC running: the copies stay intact
+   (no slot is handed out twice) and the GC never trips on them. *)
+let test_slab_churn _ =
+  let live = Array.make 1000 None in
+  for i = 0 to 50_000 do
+    let k = i * 7919 mod 1000 in
+    (match live.(k) with
+    | Some (h, v) ->
+        assert_equal ~msg:"intact" 0 (compare (Offheap.get h) v);
+        Offheap.free h
+    | None -> ());
+    let v = value_of_size (i mod 120) in
+    live.(k) <- Some (Offheap.copy v, v);
+    if i mod 10_000 = 0 then Gc.full_major ()
+  done;
+  Array.iter (function Some (h, _) -> Offheap.free h | None -> ()) live
+
+(* OCaml 5: copies and frees of 64 KiB values, 512 MB in all, in a loop that allocates
+   almost nothing: the frees' major slices complete cycles, so the memory waiting stays
+   bounded. Without them no cycle would end and all of it would wait. *)
+let test_frees_come_back _ =
+  let v = Array.init 8191 (fun i -> i) in
+  let waiting_max = ref 0 in
+  for _ = 1 to 8192 do
+    Offheap.free (Offheap.copy v);
+    waiting_max := max !waiting_max (Offheap.pending_frees ())
+  done;
+  (* 64 MB of waiting copies: 8 MiB plus a quarter of a small heap, with room. *)
+  assert_bool
+    (Printf.sprintf "at most 1024 copies waited at once (%d did)" !waiting_max)
+    (!waiting_max <= 1024)
+
+let () =
+  run_test_tt_main
+    ("small copies"
+    >::: [
+           "a handle is four words" >:: test_handle_words;
+           "statistics, kept after free" >:: test_stats_kept;
+           "slab: every size, slots reused, registered" >:: test_slab_sizes;
+           "slab: churn under the GC" >:: test_slab_churn;
+           "frees come back without Gc.major" >:: test_frees_come_back;
+         ])
