@@ -146,11 +146,13 @@ fn temporary_name(dir: &Path) -> PathBuf {
     dir.join(format!(".offheap-{}.tmp", random_hex()))
 }
 
-/// Writes `parts` and gives the file `mode` (when the target existed).
-fn fill(f: &mut File, parts: &[&[u8]], mode: Option<u32>) -> std::io::Result<()> {
-    for part in parts {
-        f.write_all(part)?;
-    }
+/// Fills the file with `fill`, then gives it `mode` (when the target existed).
+fn fill_file<E: From<std::io::Error>>(
+    f: &mut File,
+    fill: &mut impl FnMut(&mut File) -> Result<(), E>,
+    mode: Option<u32>,
+) -> Result<(), E> {
+    fill(f)?;
     f.flush()?;
     if let Some(mode) = mode {
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
@@ -168,12 +170,12 @@ fn rename_or_remove(tmp: &Path, target: &Path) -> std::io::Result<()> {
 }
 
 /// The `Named` way: `Ok(())` when written.
-fn write_named(
+fn write_named<E: From<std::io::Error>>(
     dir: &Path,
     target: &Path,
-    parts: &[&[u8]],
+    fill: &mut impl FnMut(&mut File) -> Result<(), E>,
     mode: Option<u32>,
-) -> std::io::Result<()> {
+) -> Result<(), E> {
     let (mut f, tmp) = loop {
         let tmp = temporary_name(dir);
         match std::fs::OpenOptions::new()
@@ -184,26 +186,30 @@ fn write_named(
         {
             Ok(f) => break (f, tmp),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     };
-    if let Err(e) = fill(&mut f, parts, mode) {
+    if let Err(e) = fill_file(&mut f, fill, mode) {
         drop(f);
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
     drop(f);
-    rename_or_remove(&tmp, target)
+    Ok(rename_or_remove(&tmp, target)?)
 }
 
 /// The `Unnamed` way: `Ok(None)` when done, `Ok(Some(()))` when this kernel or file
-/// system has no `O_TMPFILE` (or no `/proc` to link it through).
-fn write_unnamed(
+/// system has no `O_TMPFILE` (or no `/proc` to link it through), found before `fill` is
+/// called.
+fn write_unnamed<E: From<std::io::Error>>(
     dir: &Path,
     target: &Path,
-    parts: &[&[u8]],
+    fill: &mut impl FnMut(&mut File) -> Result<(), E>,
     mode: Option<u32>,
-) -> std::io::Result<Option<()>> {
+) -> Result<Option<()>, E> {
+    if !Path::new("/proc/self/fd").is_dir() {
+        return Ok(Some(()));
+    }
     let cdir = c_path(dir)?;
     // SAFETY: a NUL-terminated path; the descriptor returned is ours (wrapped below).
     let fd = unsafe {
@@ -217,12 +223,12 @@ fn write_unnamed(
         let e = std::io::Error::last_os_error();
         return match e.raw_os_error() {
             Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL) => Ok(Some(())),
-            _ => Err(e),
+            _ => Err(e.into()),
         };
     }
     // SAFETY: `fd` was just opened and nothing else owns it.
     let mut f = unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
-    fill(&mut f, parts, mode)?;
+    fill_file(&mut f, fill, mode)?;
     let proc_path = CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number");
     let tmp = loop {
         let tmp = temporary_name(dir);
@@ -243,23 +249,27 @@ fn write_unnamed(
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EEXIST) => continue,
-            // No /proc: the unnamed file cannot be linked.
-            Some(libc::ENOENT) => return Ok(Some(())),
-            _ => return Err(e),
+            _ => return Err(e.into()),
         }
     };
     drop(f);
-    rename_or_remove(&tmp, target).map(|()| None)
+    rename_or_remove(&tmp, target)?;
+    Ok(None)
 }
 
-/// Writes `parts` one after the other to `path` (its final target when it is a symbolic
-/// link, see [`final_path`]): to a temporary file in the same directory (made as `how`
-/// says), renamed over the target when complete. A replaced file's permissions are kept.
-/// On any error no temporary file is left and the target is as it was.
+/// Writes `path` (its final target when it is a symbolic link, see [`final_path`]) with
+/// `fill`, called once with a new empty file opened for writing: to a temporary file in
+/// the same directory (made as `how` says), renamed over the target when complete. A
+/// replaced file's permissions are kept. On any error no temporary file is left and the
+/// target is as it was.
 ///
 /// # Errors
-/// The first I/O error.
-pub fn write_atomically(path: &Path, parts: &[&[u8]], how: Temporary) -> std::io::Result<()> {
+/// `fill`'s error, or the first I/O error.
+pub fn write_atomically<E: From<std::io::Error>>(
+    path: &Path,
+    how: Temporary,
+    mut fill: impl FnMut(&mut File) -> Result<(), E>,
+) -> Result<(), E> {
     let target = final_path(path)?;
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -268,12 +278,12 @@ pub fn write_atomically(path: &Path, parts: &[&[u8]], how: Temporary) -> std::io
     let mode = match std::fs::metadata(&target) {
         Ok(m) => Some(m.permissions().mode() & 0o7777),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
-    if how == Temporary::Unnamed && write_unnamed(&dir, &target, parts, mode)?.is_none() {
+    if how == Temporary::Unnamed && write_unnamed(&dir, &target, &mut fill, mode)?.is_none() {
         return Ok(());
     }
-    write_named(&dir, &target, parts, mode)
+    write_named(&dir, &target, &mut fill, mode)
 }
 
 /// A reservation of `bytes` bytes of anonymous, readable and writable memory at `address`,
@@ -301,6 +311,46 @@ fn reserve_at(bytes: usize, address: Word) -> Option<*mut u8> {
         return None;
     }
     Some(p as *mut u8)
+}
+
+/// Address space kept free (`PROT_NONE`, nothing committed) until dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    base: *mut libc::c_void,
+    bytes: usize,
+}
+
+impl Reservation {
+    /// `bytes` bytes at `address`, or `None` when something is there.
+    pub fn at(address: Word, bytes: usize) -> Option<Reservation> {
+        // SAFETY: a new mapping of nothing; MAP_FIXED_NOREPLACE never replaces one.
+        let p = unsafe {
+            libc::mmap(
+                address as *mut libc::c_void,
+                bytes,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_NORESERVE
+                    | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        let r = Reservation { base: p, bytes };
+        // Kernels before 4.17 take the flag as a hint: elsewhere is no reservation.
+        (p as Word == address).then_some(r)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, which nothing uses.
+        unsafe { libc::munmap(self.base, self.bytes) };
+    }
 }
 
 /// A reservation of `bytes` bytes of anonymous, readable and writable memory where the
