@@ -303,8 +303,8 @@ pub fn write_with(
         let mut w =
             writer::PayloadWriter::new(&mut *f, None, &process.custom_ops, format::CHUNK_BYTES)?;
         let root = fill(&mut w)?;
-        let address = w.address();
         let (payload, _) = w.finish()?;
+        let address = payload.address;
         let root = stored_root(root, address, payload.bytes)?;
         let tables = format::encode_tables(&payload.customs, &payload.chunks);
         f.write_all(&tables).map_err(WriteError::Io)?;

@@ -28,6 +28,8 @@ pub const BUFFER_WORDS: usize = 1 << 20;
 /// What a finished payload needs in its header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Payload {
+    /// The address the payload is made for.
+    pub address: Word,
     /// Payload bytes written.
     pub bytes: u64,
     /// Blocks in it.
@@ -107,6 +109,7 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
             hashed: 0,
             closed: 0,
             payload: Payload {
+                address: 0,
                 bytes: 0,
                 blocks: 0,
                 customs: Vec::new(),
@@ -287,6 +290,10 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
     /// [`WriteError::Io`] for the output's.
     pub fn finish(mut self) -> Result<(Payload, W), WriteError> {
         self.flush();
+        if self.address == 0 {
+            // Nothing was written (an immediate root): an address all the same.
+            self.settle(0);
+        }
         if let Some(e) = self.error.take() {
             return Err(e);
         }
@@ -296,6 +303,7 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
         debug_assert_eq!(self.done * WORD_BYTES, self.bytes, "the copy's size");
         debug_assert_eq!(self.remaining, 0, "a block cut short");
         self.payload.bytes = (self.done * WORD_BYTES) as u64;
+        self.payload.address = self.address;
         Ok((self.payload, self.out))
     }
 }
