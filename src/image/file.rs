@@ -377,10 +377,27 @@ fn reserve_anywhere(bytes: usize) -> Result<*mut u8, LoadError> {
     Ok(p as *mut u8)
 }
 
+/// How [`load_payload`] loads.
+#[derive(Clone, Copy, Debug)]
+pub struct How {
+    /// Never at the recorded address.
+    pub relocate: bool,
+    /// Map the file (else read it).
+    pub share: bool,
+    /// The checks will read every page: a mapping is populated at once (one system call
+    /// instead of a fault per page). Relocation always reads every page.
+    pub reads_all: bool,
+    /// Threads to read with.
+    pub threads: usize,
+}
+
+/// Bytes each thread reads at a time.
+const READ_PIECE: usize = 8 << 20;
+
 /// Loads the payload of `f` (`bytes` bytes after the header page) into a reservation of
-/// `bytes + TAIL_BYTES` bytes: at `address` unless `relocate` or the address is taken,
-/// else where the kernel finds room. Read into it (private), or the file mapped over it
-/// (`share`).
+/// `bytes + TAIL_BYTES` bytes: at `address` unless `how.relocate` or the address is
+/// taken, else where the kernel finds room. Read into it (private, on `how.threads`
+/// threads), or the file mapped over it (`how.share`).
 ///
 /// # Errors
 /// [`LoadError::OutOfMemory`] when there is no room; [`LoadError::Io`] when the file
@@ -389,11 +406,10 @@ pub fn load_payload(
     f: &File,
     bytes: usize,
     address: Word,
-    relocate: bool,
-    share: bool,
+    how: &How,
 ) -> Result<(*mut u8, Mapping), LoadError> {
     let held = bytes + TAIL_BYTES;
-    let at_recorded = if relocate {
+    let at_recorded = if how.relocate {
         None
     } else {
         reserve_at(held, address)
@@ -402,23 +418,13 @@ pub fn load_payload(
         Some(p) => (p, Mapping::Recorded),
         None => (reserve_anywhere(held)?, Mapping::Relocated),
     };
-    let filled = if share {
-        // SAFETY: maps the file over the first `bytes` bytes of our own reservation.
-        let p = unsafe {
-            libc::mmap(
-                base as *mut libc::c_void,
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_FIXED,
-                f.as_raw_fd(),
-                HEADER_BYTES as libc::off_t,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+    let filled = if how.share {
+        map_file(
+            f,
+            base,
+            bytes,
+            how.reads_all || mapping == Mapping::Relocated,
+        )
     } else {
         // Huge pages where the system gives them on request: a read into fresh memory
         // costs mostly its page faults, and a 2 MiB page takes one fault, not 512.
@@ -427,7 +433,13 @@ pub fn load_payload(
         unsafe { libc::madvise(base as *mut libc::c_void, held, libc::MADV_HUGEPAGE) };
         // SAFETY: the reservation: `held >= bytes` writable bytes, ours alone.
         let buf = unsafe { std::slice::from_raw_parts_mut(base, bytes) };
-        read_exact_at(f, buf, HEADER_BYTES as u64)
+        let pieces: Vec<&mut [u8]> = buf.chunks_mut(READ_PIECE).collect();
+        super::parallel::parallel(pieces, how.threads, |k, piece| {
+            read_exact_at(f, piece, (HEADER_BYTES + k * READ_PIECE) as u64)
+        })
+        .into_iter()
+        .collect::<std::io::Result<Vec<()>>>()
+        .map(|_| ())
     };
     match filled {
         Ok(()) => Ok((base, mapping)),
@@ -437,6 +449,41 @@ pub fn load_payload(
             Err(LoadError::Io(e))
         }
     }
+}
+
+/// Maps the payload of `f` (private, writable) over the first `bytes` bytes of the
+/// reservation at `base`. With `populate`, the page-cache pages are mapped at once,
+/// read-only first so that none is copied (a populated writable private mapping would
+/// copy them all), then the mapping made writable: writes still copy only the pages
+/// they touch.
+fn map_file(f: &File, base: *mut u8, bytes: usize, populate: bool) -> std::io::Result<()> {
+    let (prot, flags) = if populate {
+        (libc::PROT_READ, libc::MAP_POPULATE)
+    } else {
+        (libc::PROT_READ | libc::PROT_WRITE, 0)
+    };
+    // SAFETY: maps the file over the first `bytes` bytes of our own reservation.
+    let p = unsafe {
+        libc::mmap(
+            base as *mut libc::c_void,
+            bytes,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | flags,
+            f.as_raw_fd(),
+            HEADER_BYTES as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    if populate {
+        // SAFETY: our own mapping, just made.
+        let r = unsafe { libc::mprotect(p, bytes, libc::PROT_READ | libc::PROT_WRITE) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Releases a payload.

@@ -25,6 +25,7 @@
 
 pub mod file;
 pub mod format;
+pub mod parallel;
 pub mod validate;
 pub mod writer;
 
@@ -459,6 +460,7 @@ fn finish(
     opts: &Options,
     process: &Process,
 ) -> Result<Word, LoadError> {
+    let trusted = opts.trusted && at_recorded;
     let expected = validate::Expected {
         address: h.address as Word,
         root: h.root,
@@ -468,9 +470,14 @@ fn finish(
         blocks: h.blocks,
         ocaml5: process.ocaml5(),
         verify: opts.verify,
-        threads: opts.threads(),
+        // Asking the system for its cores costs system calls: not for a trusted load.
+        threads: if trusted && !opts.verify {
+            1
+        } else {
+            opts.threads()
+        },
     };
-    let root = if opts.trusted && at_recorded {
+    let root = if trusted {
         if opts.verify {
             validate::verify_chunks(payload, &expected)?;
         }
@@ -585,8 +592,17 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
             mapping: file::Mapping::None,
         });
     }
-    let (base, mapping) =
-        file::load_payload(&f, bytes, h.address as Word, opts.relocate, opts.share)?;
+    let (base, mapping) = file::load_payload(
+        &f,
+        bytes,
+        h.address as Word,
+        &file::How {
+            relocate: opts.relocate,
+            share: opts.share,
+            reads_all: opts.verify || !opts.trusted,
+            threads: if opts.share { 1 } else { opts.threads() },
+        },
+    )?;
     let at_recorded = mapping == file::Mapping::Recorded;
     // SAFETY: `load_payload` gave `bytes` bytes at `base`, word aligned, readable and
     // writable, private to this process, not yet shared with anything.
