@@ -144,7 +144,7 @@ fn tile_chunk(
     if first == NO_BLOCK {
         return Ok(tiled);
     }
-    let in_chunk = first % WORD_BYTES as u64 == 0
+    let in_chunk = first.is_multiple_of(WORD_BYTES as u64)
         && first >= (range.start * WORD_BYTES) as u64
         && first < (range.end * WORD_BYTES) as u64;
     if !in_chunk {
