@@ -172,3 +172,9 @@ clean:
 .PHONY: bench-image
 bench-image: build
 	dune exec --no-print-directory -- ./benches/image_bench.exe -- $(IMAGE_BENCH_FLAGS)
+
+# A 6 GB image written and loaded every way (tests/image/test_image_large.ml): about 13 GB
+# of memory and 6 GB of disk in $TMPDIR (or OFFHEAP_LARGE_DIR).
+.PHONY: test-image-large
+test-image-large: build
+	OFFHEAP_LARGE_TESTS=1 dune exec --no-print-directory -- ./tests/image/test_image_large.exe

@@ -1,7 +1,9 @@
 (* The benchmark of images run by [make bench-image]: how long a fresh process takes to
-   make a large value usable, with Marshal from a file and with Offheap.Image.load (read
-   into private memory, the default, or mapped with ~share:true; at the recorded address,
-   and relocated), and how much memory 4 processes holding it use (Pss, from
+   write a large value (Marshal.to_channel and Offheap.Image.write, with the peak memory
+   the write adds to the process, from VmHWM), to make it usable (Marshal from a file and
+   Offheap.Image.load: read into private memory, the default, or mapped with
+   ~share:true; at the recorded address, and relocated; checks on every core and on one
+   thread), and how much memory 4 processes holding it use (Pss, from
    /proc/self/smaps_rollup).
 
    image_bench.exe [-quick] [-scale GB] [-runs N] [-dir DIR]
@@ -67,6 +69,9 @@ let load mode path : value =
   | "shared-trusted" ->
       Offheap.get (Offheap.Image.load ~share:true ~trusted:true ~verify:false path)
   | "shared-relocated" -> Offheap.get (Offheap.Image.load_relocated ~share:true path)
+  | "private-1" -> Offheap.get (Offheap.Image.load ~threads:1 path)
+  | "shared-1" -> Offheap.get (Offheap.Image.load ~share:true ~threads:1 path)
+  | "shared-relocated-1" -> Offheap.get (Offheap.Image.load_relocated ~share:true ~threads:1 path)
   | "nothing" -> ([| "x" |], IM.singleton 0 "x")
   | m -> failwith ("unknown mode " ^ m)
 
@@ -87,6 +92,38 @@ let hold mode path =
   print_endline "ready";
   ignore (input_line stdin);
   Printf.printf "%d\n%!" (pss_kb ());
+  ignore (Sys.opaque_identity v)
+
+let vm_hwm_kb () =
+  let ic = open_in "/proc/self/status" in
+  let rec find () =
+    match input_line ic with
+    | line when String.length line > 6 && String.sub line 0 6 = "VmHWM:" ->
+        Scanf.sscanf line "VmHWM: %d kB" Fun.id
+    | _ -> find ()
+    | exception End_of_file -> 0
+  in
+  let kb = find () in
+  close_in ic;
+  kb
+
+(* -write MODE PATH GB: builds the value, writes it with Marshal or as an image, prints
+   the seconds the write took and the peak memory it added (VmHWM after the write less
+   VmHWM before it, in kB). *)
+let write_child build mode path gb =
+  let v = build (float_of_string gb) in
+  Gc.compact ();
+  let before = vm_hwm_kb () in
+  let t0 = Unix.gettimeofday () in
+  (match mode with
+  | "marshal" ->
+      let oc = open_out_bin path in
+      Marshal.to_channel oc v [];
+      close_out oc
+  | "image" -> Offheap.Image.write path v
+  | m -> failwith ("unknown write mode " ^ m));
+  let t = Unix.gettimeofday () -. t0 in
+  Printf.printf "%.6f\n%d\n%!" t (vm_hwm_kb () - before);
   ignore (Sys.opaque_identity v)
 
 let spawn args =
@@ -122,6 +159,13 @@ let pss_total mode path =
   List.iter finish children;
   List.fold_left ( + ) 0 kbs
 
+(* The cores online: the threads [Image.load] uses by default. *)
+let cores =
+  let ic = Unix.open_process_in "getconf _NPROCESSORS_ONLN" in
+  let n = try int_of_string (input_line ic) with _ -> 1 in
+  ignore (Unix.close_process_in ic);
+  n
+
 let seconds t = if t < 0.01 then Printf.sprintf "%.2f ms" (t *. 1e3) else Printf.sprintf "%.3f s" t
 let mb kb = Printf.sprintf "%.0f MB" (float kb /. 1024.)
 
@@ -139,20 +183,25 @@ let main () =
   if !quick then (scale := 0.05; runs := 1);
   let marshal_path = Filename.concat !dir "offheap-bench.marshal" in
   let image_path = Filename.concat !dir "offheap-bench.img" in
+  let write_in_child mode path =
+    Printf.eprintf "writing in a fresh process: %s...\n%!" mode;
+    let (_, ic, _) as c =
+      spawn [| "image_bench"; "-write"; mode; path; string_of_float !scale |]
+    in
+    let t = float_of_string (input_line ic) in
+    let extra_kb = int_of_string (input_line ic) in
+    finish c;
+    (t, extra_kb)
+  in
+  let w_marshal = write_in_child "marshal" marshal_path in
+  let w_image = write_in_child "image" image_path in
   Printf.eprintf "building a %.2f GB value...\n%!" !scale;
   let t0 = Unix.gettimeofday () in
   let v = build !scale in
   let heap_bytes = Obj.reachable_words (Obj.repr v) * 8 in
   Printf.eprintf "built in %.1f s: %d strings, %d MB in the heap\n%!" (Unix.gettimeofday () -. t0)
     (Array.length (fst v)) (heap_bytes lsr 20);
-  let t0 = Unix.gettimeofday () in
-  let oc = open_out_bin marshal_path in
-  Marshal.to_channel oc v [];
-  close_out oc;
-  let t_marshal_write = Unix.gettimeofday () -. t0 in
-  let t0 = Unix.gettimeofday () in
-  Offheap.Image.write image_path v;
-  let t_image_write = Unix.gettimeofday () -. t0 in
+  let t_marshal_write = fst w_marshal and t_image_write = fst w_image in
   let size p = (Unix.stat p).Unix.st_size in
   Printf.eprintf "written: Marshal %d MB in %.1f s, image %d MB in %.1f s\n%!"
     (size marshal_path lsr 20) t_marshal_write (size image_path lsr 20) t_image_write;
@@ -168,6 +217,11 @@ let main () =
       ( "shared-relocated",
         "`Image.load ~share:true`, relocated (mapped; checksum and structure verified)" );
       ("shared-trusted", "`Image.load ~share:true ~trusted:true ~verify:false` (mapped)");
+      ("private-1", "`Image.load ~threads:1` (read; checksum and structure verified)");
+      ("shared-1", "`Image.load ~share:true ~threads:1` (mapped; checksum and structure verified)");
+      ( "shared-relocated-1",
+        "`Image.load ~share:true ~threads:1`, relocated (mapped; checksum and structure verified)"
+      );
     ]
   in
   let path_of mode = if mode = "marshal" then marshal_path else image_path in
@@ -181,14 +235,33 @@ let main () =
   let t_marshal = match times with (_, _, t) :: _ -> t | [] -> nan in
   Printf.printf
     "A value of %d MB in the heap (%d strings and a map of %d entries); Marshal file %d MB, \
-     image %d MB. Written in %.1f s (Marshal) and %.1f s (image). Best of %d fresh processes; \
-     the time is the load call only, the file in the page cache.\n\n"
+     image %d MB. Best of %d fresh processes for loads; the time is the load call only, the \
+     file in the page cache; %d threads for the checks (one per core) unless `~threads:1`.\n\n"
     (heap_bytes lsr 20) (Array.length (fst v)) (IM.cardinal (snd v)) (size marshal_path lsr 20)
-    (size image_path lsr 20) t_marshal_write t_image_write !runs;
+    (size image_path lsr 20) !runs (cores);
+  Printf.printf
+    "| writing it (a fresh process, one run) | time | speed vs Marshal | peak memory added \
+     | added / value |\n|---|---:|---:|---:|---:|\n";
+  List.iter
+    (fun (label, (t, kb)) ->
+      Printf.printf "| %s | %s | %.2fx | %s | %.1f%% |\n" label (seconds t) (t_marshal_write /. t)
+        (mb kb)
+        (100. *. float (kb * 1024) /. float heap_bytes))
+    [ ("`Marshal.to_channel`", w_marshal); ("`Image.write`", w_image) ];
+  Printf.printf "\n";
   Printf.printf "| making the value usable | time | speed-up over Marshal |\n|---|---:|---:|\n";
   List.iter
-    (fun (_, label, t) -> Printf.printf "| %s | %s | %.0fx |\n" label (seconds t) (t_marshal /. t))
+    (fun (_, label, t) -> Printf.printf "| %s | %s | %.1fx |\n" label (seconds t) (t_marshal /. t))
     times;
+  let image_gb = float (size image_path) /. 1e9 in
+  let time_of m = List.fold_left (fun acc (m', _, t) -> if m = m' then t else acc) nan times in
+  Printf.printf
+    "\n| validation throughput (checksum, structure; mapped, at the recorded address) | GB/s |\n\
+     |---|---:|\n\
+     | one thread | %.2f |\n| %d threads | %.2f |\n| one thread, relocated | %.2f |\n| %d threads, relocated | %.2f |\n"
+    (image_gb /. time_of "shared-1") (cores) (image_gb /. time_of "shared")
+    (image_gb /. time_of "shared-relocated-1") (cores)
+    (image_gb /. time_of "shared-relocated");
   Printf.eprintf "memory of %d processes...\n%!" processes;
   let nothing = pss_total "nothing" marshal_path in
   let marshalled = pss_total "marshal" marshal_path in
@@ -208,4 +281,5 @@ let () =
   match Sys.argv with
   | [| _; "-child"; mode; path |] -> child mode path
   | [| _; "-hold"; mode; path |] -> hold mode path
+  | [| _; "-write"; mode; path; gb |] -> write_child build mode path gb
   | _ -> main ()

@@ -22,8 +22,18 @@ module type S = sig
   exception Invalid_image of string
 
   val write : ?key:string -> string -> 'a -> unit
-  val load : ?key:string -> ?verify:bool -> ?trusted:bool -> ?share:bool -> string -> 'a handle
-  val load_relocated : ?key:string -> ?verify:bool -> ?share:bool -> string -> 'a handle
+  val load :
+    ?key:string ->
+    ?verify:bool ->
+    ?trusted:bool ->
+    ?share:bool ->
+    ?threads:int ->
+    string ->
+    'a handle
+
+  val load_relocated :
+    ?key:string -> ?verify:bool -> ?share:bool -> ?threads:int -> string -> 'a handle
+
   val relocated : 'a handle -> bool
 end
 
@@ -65,11 +75,14 @@ module Make (H : HANDLE) = struct
     let r = stub_write path key flat_float_array v in
     if is_failure r then fail r
 
-  let load_with ~relocate ?(key = "") ?(verify = true) ?(trusted = false) ?(share = false) path =
+  let load_with ~relocate ?(key = "") ?(verify = true) ?(trusted = false) ?(share = false)
+      ?(threads = 0) path =
+    if threads < 0 then invalid_arg "Offheap.Image.load: negative ~threads";
     let flag b bit = if b then bit else 0 in
     let flags =
       flag verify 1 lor flag trusted 2 lor flag relocate 4 lor flag flat_float_array 8
       lor flag share 16
+      lor (min threads 0xffff lsl 5)
     in
     let h = H.fresh recorded_owner in
     let r = stub_load h relocated_owner path key flags in
@@ -77,9 +90,10 @@ module Make (H : HANDLE) = struct
        at every call, and a handler's exception there would lose the loaded payload. *)
     if r == Obj.repr 0 then h else fail r
 
-  let load ?key ?verify ?trusted ?share path =
-    load_with ~relocate:false ?key ?verify ?trusted ?share path
+  let load ?key ?verify ?trusted ?share ?threads path =
+    load_with ~relocate:false ?key ?verify ?trusted ?share ?threads path
 
-  let load_relocated ?key ?verify ?share path = load_with ~relocate:true ?key ?verify ?share path
+  let load_relocated ?key ?verify ?share ?threads path =
+    load_with ~relocate:true ?key ?verify ?share ?threads path
   let relocated h = H.alloc_of h == relocated_owner
 end

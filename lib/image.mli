@@ -40,9 +40,12 @@ module type S = sig
       (an earlier file at [path] stays as it was). Any legal file name works. A file
       replaced keeps its permissions (a new one gets [0o666] less the umask). When
       [path] is a symbolic link, its target is written (created if the link dangles),
-      the link stays. The file is not synced to disk.
+      the link stays. The file is not synced to disk. The file is written as the copy
+      is made, through a buffer of 8 MiB: writing needs no copy of [v] in memory (the
+      traversal's own tables, 16 bytes a block and a visited set, are all it holds).
+      Other OCaml threads wait meanwhile (the copy reads the heap).
 
-      [key] (default [""], at most 4008 bytes) is stored in the image; [load] refuses
+      [key] (default [""], at most 3992 bytes) is stored in the image; [load] refuses
       an image whose key differs from the one it is given. Use it to tag the type or
       schema of [v], so that a program whose type changed does not load an old image.
 
@@ -59,8 +62,14 @@ module type S = sig
       @raise Out_of_memory when there is no memory for the copy. *)
 
   val load :
-    ?key:string -> ?verify:bool -> ?trusted:bool -> ?share:bool -> string -> 'a handle
-  (** [load ?key ?verify ?trusted ?share path] loads the image in [path] and returns a
+    ?key:string ->
+    ?verify:bool ->
+    ?trusted:bool ->
+    ?share:bool ->
+    ?threads:int ->
+    string ->
+    'a handle
+  (** [load ?key ?verify ?trusted ?share ?threads path] loads the image in [path] and returns a
       handle to its value, used like one from {!Offheap.copy}: {!Offheap.get} reads it,
       and {!Offheap.free} releases it (on OCaml 5 once the running major cycle has
       ended, as for every copy).
@@ -96,6 +105,14 @@ module type S = sig
       on a relocated payload). With both, a shared load costs a few system calls
       whatever the size of the image, and a damaged file is undefined behaviour.
 
+      The checks and the relocation run on [~threads] threads (default [0]: one per
+      core), chunk by chunk (the image holds a checksum and the first block of every
+      MiB of payload), without the runtime lock: other OCaml threads run meanwhile.
+      The result and the error reported are the same whatever the number of threads; a
+      damaged chunk is named ("payload checksum: chunk 3 (bytes 3145728 to 4194304) is
+      damaged"). Images of an older format version are refused, naming both versions
+      (write them again).
+
       What is guaranteed for a file that is damaged or forged, without [~trusted:true]:
       [load] either refuses it with [Invalid_image] or returns a well-formed value, so
       that the loader, the GC, polymorphic compare, [Hashtbl.hash] and [Marshal] never
@@ -120,11 +137,13 @@ module type S = sig
 
       @raise Invalid_image when the file fails a check.
       @raise Sys_error when the file cannot be opened or read, or is not a regular file.
-      @raise Out_of_memory when there is no memory for the payload. *)
+      @raise Out_of_memory when there is no memory for the payload.
+      @raise Invalid_argument when [threads] is negative. *)
 
   (**/**)
 
-  val load_relocated : ?key:string -> ?verify:bool -> ?share:bool -> string -> 'a handle
+  val load_relocated :
+    ?key:string -> ?verify:bool -> ?share:bool -> ?threads:int -> string -> 'a handle
   (** [load] that never loads at the recorded address (tests and benchmarks). *)
 
   val relocated : 'a handle -> bool

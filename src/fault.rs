@@ -3,8 +3,9 @@
 //!
 //! [`point`] marks a place where a panic is injected when the environment variable
 //! `OFFHEAP_INJECT_PANIC` names it. Without the feature it is an empty inline function.
-//! Points: `measure`, `write`, `restore` (the traversal's passes), `image-write` and
-//! `image-load` (the image stubs, while the runtime lock is released).
+//! Points: `measure`, `write`, `restore` (the traversal's passes), `image-write` (the
+//! image write stub, which holds the runtime: the copy goes to the file as it is made)
+//! and `image-load` (the image load stub, while the runtime lock is released).
 
 /// Panics if `OFFHEAP_INJECT_PANIC` is `name` (read once per process).
 #[cfg(feature = "fault-injection")]

@@ -13,6 +13,7 @@ use ocaml::{Raw, Value};
 use ocaml_sys::{caml_alloc_small, caml_copy_string};
 
 use crate::alloc::{offheap_alloc, offheap_free, Allocator, CAllocator};
+use crate::copy;
 use crate::handle::{self, WithRecord};
 use crate::layout::{val_int, Word, ABSTRACT_TAG};
 use crate::release::{self, Outcome};
@@ -222,8 +223,6 @@ pub fn offheap_stub_pending_frees(_unit: Raw) -> Value {
 // Invalid_argument, `M` Out_of_memory) and whose rest is the message.
 // ---------------------------------------------------------------------------------------
 
-use crate::alloc::Malloc;
-use crate::copy;
 use crate::image::{self, file, LoadError, WriteError};
 
 /// The bytes of the OCaml string `s`.
@@ -296,41 +295,38 @@ pub fn offheap_stub_image_write(path: Raw, key: Raw, flat_float_array: Raw, v: R
     image_write(path, key, flat_float_array, v)
 }
 
-/// The body of [`offheap_stub_image_write`].
+/// The body of [`offheap_stub_image_write`]: the value is copied straight into the file
+/// (the traversal's write pass feeds the image writer), with the runtime held: the
+/// traversal reads the heap.
 fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
     let path = string_bytes(path);
     let key = string_bytes(key);
     let process = image_process(word(flat_float_array) != val_int(0));
-    // SAFETY: we hold the runtime and allocate nothing on the OCaml heap until the copy
-    // returns; Malloc does not call into OCaml.
-    let copied = match unsafe { runtime::copy_value(word(v), true, &mut Malloc) } {
-        Ok(copied) => copied,
-        Err(e) if e.is_out_of_memory() => return image_failure(b'M', ""),
-        Err(e) => {
-            let what = e.to_string();
-            let what = what.strip_prefix("Offheap.copy: ").unwrap_or(&what);
-            return image_failure(b'A', &format!("Offheap.Image.write: {what}"));
+    crate::fault::point("image-write");
+    let written = image::write_with(&path_of(&path), &key, &process, |out| {
+        // SAFETY: we hold the runtime and allocate nothing on the OCaml heap until the
+        // copy returns; the writer does not call into OCaml.
+        match unsafe { runtime::copy_value_into(word(v), true, out) } {
+            Ok(written) => Ok(written.root),
+            Err(e) if e.is_out_of_memory() => Err(WriteError::OutOfMemory),
+            Err(e) => {
+                let what = e.to_string();
+                let what = what.strip_prefix("Offheap.copy: ").unwrap_or(&what);
+                Err(WriteError::Unsupported(what.to_string()))
+            }
         }
-    };
-    let written = unlocked(|| {
-        crate::fault::point("image-write");
-        // SAFETY: the copy just made, ours alone; freed right after.
-        let r = unsafe { image::write_file(&path_of(&path), &copied, &key, &process) };
-        if !copied.base.is_null() {
-            // SAFETY: from Malloc with this size, no longer used.
-            unsafe { Malloc.free(copied.base, copied.bytes) };
-        }
-        r
     });
     match written {
         Ok(()) => value(val_int(0)),
         Err(WriteError::Io(e)) => image_failure(b'S', &sys_error(&path, &e)),
+        Err(WriteError::OutOfMemory) => image_failure(b'M', ""),
         Err(e) => image_failure(b'A', &e.to_string()),
     }
 }
 
 /// `Image.load`: loads and checks the image at `path`. `flags`: 1 verify, 2 trusted, 4
-/// never at the recorded address, 8 flat float arrays, 16 map the file (shared). On
+/// never at the recorded address, 8 flat float arrays, 16 map the file (shared); the
+/// bits from 5 up: the threads the checks may use (0: one per core). On
 /// success the fresh handle `h` (allocator: the owner of payloads at their recorded
 /// address) owns the payload and the word past it, registered with the runtime; its
 /// allocator becomes `relocated_owner` when the payload was relocated; returns 0.
@@ -356,6 +352,7 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
         trusted: flags & 2 != 0,
         relocate: flags & 4 != 0,
         share: flags & 16 != 0,
+        threads: (flags >> 5) as usize,
     };
     let process = image_process(flags & 8 != 0);
     let loaded = match unlocked(|| {

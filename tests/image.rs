@@ -236,6 +236,14 @@ fn key_too_long_is_refused() {
 // Files: the recorded address and relocation.
 // ---------------------------------------------------------------------------------------
 
+/// A `write_atomically` filler writing `parts` one after the other.
+fn parts<'a>(parts: &'a [&'a [u8]]) -> impl FnMut(&mut std::fs::File) -> std::io::Result<()> + 'a {
+    move |f| {
+        use std::io::Write;
+        parts.iter().try_for_each(|p| f.write_all(p))
+    }
+}
+
 fn temp_path(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("offheap-image-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -386,18 +394,33 @@ fn forge_word(bytes: &[u8], i: usize, w: Word) -> Vec<u8> {
     reseal(&out, |_| {})
 }
 
-/// Recomputes both checksums after `edit` changed header fields.
+/// Recomputes every checksum (chunks, tables, header) after `edit` changed header
+/// fields.
 fn reseal(bytes: &[u8], edit: impl FnOnce(&mut format::Header)) -> Vec<u8> {
-    let mut out = bytes.to_vec();
+    reseal_tables(bytes, |_| {}, edit)
+}
+
+/// Recomputes every checksum after `tables` changed the fix-up table or the chunk index
+/// (before the chunk checksums are recomputed) and `edit` header fields.
+fn reseal_tables(
+    bytes: &[u8],
+    tables: impl FnOnce(&mut (Vec<u64>, Vec<format::Chunk>)),
+    edit: impl FnOnce(&mut format::Header),
+) -> Vec<u8> {
     let mut h = header(bytes);
     let payload_end = format::HEADER_BYTES + h.payload_bytes as usize;
-    let table: Vec<u64> = out[payload_end..]
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    h.checksum = format::payload_checksum(&out[format::HEADER_BYTES..payload_end], &table);
+    let mut t = format::decode_tables(&h, &bytes[payload_end..]);
+    tables(&mut t);
+    let payload = &bytes[format::HEADER_BYTES..payload_end];
+    for (k, c) in payload.chunks(h.chunk_bytes as usize).enumerate() {
+        t.1[k].checksum = format::chunk_checksum(c);
+    }
+    let table_bytes = format::encode_tables(&t.0, &t.1);
+    h.checksum = format::tables_checksum(&table_bytes);
     edit(&mut h);
-    out[..format::HEADER_BYTES].copy_from_slice(&h.encode());
+    let mut out = h.encode();
+    out.extend_from_slice(payload);
+    out.extend_from_slice(&table_bytes);
     out
 }
 
@@ -420,7 +443,45 @@ fn corpus() -> Vec<Vec<u8>> {
     let mut heap = FakeHeap::new(64);
     let f = heap.float(1.5);
     images.push(image_of(&mut heap, f, b"").unwrap());
+    let mut heap = FakeHeap::new(1 << 16);
+    let root = chunky(&mut heap);
+    images.push(chunked_image_of(&mut heap, root, SMALL_CHUNK));
     images
+}
+
+/// The smallest chunk: images of a few KiB span several chunks.
+const SMALL_CHUNK: u64 = format::MIN_CHUNK;
+
+/// A value whose image spans several small chunks, with blocks across chunk boundaries:
+/// a long string, a long array of pointers, boxed integers, lists, a forward.
+fn chunky(heap: &mut FakeHeap) -> Word {
+    let long = heap.string(&vec![b'x'; 9000]);
+    let mut fields = Vec::new();
+    let mut list = layout::val_int(0);
+    for k in 0..300 {
+        let n = heap.int64(k);
+        let s = heap.string(format!("s{k}").as_bytes());
+        list = heap.block(0, &[n, list]);
+        fields.push(s);
+        fields.push(list);
+    }
+    let arr = heap.block(0, &fields);
+    let fwd = heap.block(layout::FORWARD_TAG, &[arr]);
+    let floats = heap.float_array(&[0.5; 700]);
+    heap.block(0, &[long, arr, fwd, floats, list])
+}
+
+/// [`image_of`] with chunks of `chunk_bytes`.
+fn chunked_image_of(heap: &mut FakeHeap, root: Word, chunk_bytes: u64) -> Vec<u8> {
+    heap.copy_static = true;
+    // SAFETY: a well-formed fake graph.
+    let copied = unsafe { copy::copy(root, heap, SideTable::with_capacity(0), &mut Malloc) }
+        .expect("the fake values copy");
+    // SAFETY: the copy just made, ours alone.
+    let image = unsafe { image::encode_chunked(&copied, b"", ADDRESS, chunk_bytes, &process()) };
+    // SAFETY: from Malloc with this size.
+    unsafe { Malloc.free(copied.base, copied.bytes) };
+    image.expect("encodes")
 }
 
 fn load(bytes: &[u8], verify: bool) -> Result<image::Decoded, LoadError> {
@@ -469,8 +530,14 @@ fn wrong_fields_are_named() {
     m[0] ^= 1;
     assert_eq!(check_of(load(&m, true)), "magic");
     let mut m = image.clone();
-    m[8] = 2;
-    assert_eq!(check_of(load(&m, true)), "format version");
+    m[8] = 1; // the previous format: refused, naming both versions
+    let e = load(&m, true).unwrap_err();
+    assert_eq!(e.check(), Some("format version"));
+    assert!(
+        e.to_string()
+            .contains("version 1, this library reads version 2"),
+        "{e}"
+    );
     let mut m = image.clone();
     m[12] = 4;
     assert_eq!(check_of(load(&m, true)), "word size");
@@ -501,9 +568,12 @@ fn wrong_fields_are_named() {
     m[40] ^= 0x10; // a header field without its checksum
     assert_eq!(check_of(load(&m, true)), "header checksum");
     let mut m = image.clone();
-    let last = m.len() - 9;
-    m[last] ^= 0x10; // in the payload or the table
+    m[format::HEADER_BYTES + 20] ^= 0x10; // in the payload
     assert_eq!(check_of(load(&m, true)), "payload checksum");
+    let mut m = image.clone();
+    let last = m.len() - 9;
+    m[last] ^= 0x10; // in the chunk index
+    assert_eq!(check_of(load(&m, true)), "table checksum");
 }
 
 #[test]
@@ -619,7 +689,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: fuzz_cases(), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn fuzzed_images_never_crash(which in 0usize..4, m in mutation()) {
+    fn fuzzed_images_never_crash(which in 0usize..5, m in mutation()) {
         let images = corpus_cached();
         let image = &images[which % images.len()];
         let bad = apply(image, &m);
@@ -841,7 +911,7 @@ fn writes_work_for_the_longest_names_and_leave_nothing() {
         let dir = fresh_dir(&format!("long-{how:?}"));
         let name = "n".repeat(255);
         let path = dir.join(&name);
-        file::write_atomically(&path, &[b"one", b"two"], how).unwrap();
+        file::write_atomically(&path, how, parts(&[b"one", b"two"])).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"onetwo");
         // A leftover of a killed writer, named as the old scheme named it, is no obstacle.
         let short = dir.join("x.img");
@@ -850,7 +920,7 @@ fn writes_work_for_the_longest_names_and_leave_nothing() {
             b"leftover",
         )
         .unwrap();
-        file::write_atomically(&short, &[b"x"], how).unwrap();
+        file::write_atomically(&short, how, parts(&[b"x"])).unwrap();
         let mut expected = vec![name, "x.img".to_string()];
         expected.push(format!("x.img.tmp.{}.0", std::process::id()));
         expected.sort();
@@ -867,7 +937,7 @@ fn failed_writes_leave_no_temporary_file() {
         let target = dir.join("target");
         std::fs::create_dir(&target).unwrap();
         std::fs::write(target.join("inside"), b"i").unwrap();
-        let e = file::write_atomically(&target, &[b"data"], how).unwrap_err();
+        let e = file::write_atomically(&target, how, parts(&[b"data"])).unwrap_err();
         assert!(e.raw_os_error().is_some(), "{e}");
         assert_eq!(names_in(&dir), ["target"], "{how:?}");
         let _ = std::fs::remove_dir_all(&dir);
@@ -883,7 +953,7 @@ fn replaced_files_keep_their_mode() {
             let path = dir.join(format!("m{mode:o}"));
             std::fs::write(&path, b"old").unwrap();
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-            file::write_atomically(&path, &[b"new"], how).unwrap();
+            file::write_atomically(&path, how, parts(&[b"new"])).unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), b"new");
             let got = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
             assert_eq!(got, mode, "{how:?}");
@@ -904,7 +974,7 @@ fn writes_through_symbolic_links_write_their_target() {
         std::os::unix::fs::symlink("real/index.img", &link).unwrap();
         let link2 = dir.join("link2.img");
         std::os::unix::fs::symlink(&link, &link2).unwrap();
-        file::write_atomically(&link2, &[b"new"], how).unwrap();
+        file::write_atomically(&link2, how, parts(&[b"new"])).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"new");
         for l in [&link, &link2] {
             assert!(std::fs::symlink_metadata(l)
@@ -916,15 +986,199 @@ fn writes_through_symbolic_links_write_their_target() {
         // A dangling link: its target is created.
         let dangling = dir.join("dangling.img");
         std::os::unix::fs::symlink("real/created.img", &dangling).unwrap();
-        file::write_atomically(&dangling, &[b"c"], how).unwrap();
+        file::write_atomically(&dangling, how, parts(&[b"c"])).unwrap();
         assert_eq!(std::fs::read(dir.join("real/created.img")).unwrap(), b"c");
         // A loop of links is an error, not a hang.
         let a = dir.join("a");
         let b = dir.join("b");
         std::os::unix::fs::symlink(&b, &a).unwrap();
         std::os::unix::fs::symlink(&a, &b).unwrap();
-        let e = file::write_atomically(&a, &[b"x"], how).unwrap_err();
+        let e = file::write_atomically(&a, how, parts(&[b"x"])).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ELOOP));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Chunks: the index, damage located, any number of threads.
+// ---------------------------------------------------------------------------------------
+
+/// The multi-chunk image of the corpus, with its header.
+fn chunky_image() -> (Vec<u8>, format::Header) {
+    let mut heap = FakeHeap::new(1 << 16);
+    let root = chunky(&mut heap);
+    let image = chunked_image_of(&mut heap, root, SMALL_CHUNK);
+    let h = header(&image);
+    (image, h)
+}
+
+fn load_threads(bytes: &[u8], verify: bool, threads: usize) -> Result<image::Decoded, LoadError> {
+    let opts = Options {
+        verify,
+        threads,
+        ..Options::default()
+    };
+    image::load_bytes(bytes, &opts, &process())
+}
+
+#[test]
+fn chunky_images_round_trip_on_any_number_of_threads() {
+    let mut heap = FakeHeap::new(1 << 16);
+    let root = chunky(&mut heap);
+    let image = chunked_image_of(&mut heap, root, SMALL_CHUNK);
+    let h = header(&image);
+    assert!(h.chunks >= 8, "{} chunks", h.chunks);
+    let t = format::decode_tables(
+        &h,
+        &image[format::HEADER_BYTES + h.payload_bytes as usize..],
+    );
+    assert!(
+        t.1.iter().any(|c| c.first == format::NO_BLOCK),
+        "a chunk covered by one block"
+    );
+    for threads in [1, 2, 3, 16] {
+        let d = load_threads(&image, true, threads).unwrap();
+        let base = d.words.as_ptr() as Word;
+        assert_isomorphic(
+            &mut heap,
+            root,
+            d.root,
+            base,
+            d.words.len() * WORD_BYTES + file::TAIL_BYTES,
+        );
+    }
+}
+
+#[test]
+fn damaged_chunks_are_named() {
+    let (image, h) = chunky_image();
+    for k in 0..h.chunks as usize {
+        let start = k * h.chunk_bytes as usize;
+        let end = (start + h.chunk_bytes as usize).min(h.payload_bytes as usize);
+        for at in [start, (start + end) / 2 + 3, end - 1] {
+            let mut m = image.clone();
+            m[format::HEADER_BYTES + at] ^= 0x04;
+            for threads in [1, 4] {
+                let e = load_threads(&m, true, threads).unwrap_err();
+                assert_eq!(e.check(), Some("payload checksum"));
+                let named = format!("chunk {k} (bytes {start} to {end}) is damaged");
+                assert!(e.to_string().contains(&named), "{e}, expected {named}");
+            }
+        }
+    }
+    // Two damaged chunks: the first is named, whatever the threads.
+    let mut m = image.clone();
+    let last = h.payload_bytes as usize - 1;
+    m[format::HEADER_BYTES + last] ^= 1;
+    m[format::HEADER_BYTES + h.chunk_bytes as usize + 5] ^= 1;
+    for threads in [1, 2, 5] {
+        let e = load_threads(&m, true, threads).unwrap_err();
+        assert!(e.to_string().contains("chunk 1 "), "{e}");
+    }
+}
+
+#[test]
+fn chunk_index_damage_is_refused() {
+    let (image, h) = chunky_image();
+    let payload_end = format::HEADER_BYTES + h.payload_bytes as usize;
+    let index_at = payload_end + 8 * h.customs as usize;
+    // Damage without resealing: the table checksum, and with it off, the structure.
+    for entry in 0..h.chunks as usize {
+        for (byte, bit) in [(0, 3), (1, 0), (7, 7)] {
+            let mut m = image.clone();
+            m[index_at + 16 * entry + byte] ^= 1 << bit;
+            assert_eq!(check_of(load(&m, true)), "table checksum");
+            let e = load(&m, false).unwrap_err();
+            assert!(e.check().is_some(), "{e}");
+        }
+    }
+    // Forged entries, checksums recomputed: every lie about the first block is caught.
+    let t = format::decode_tables(&h, &image[payload_end..]);
+    let words = payload_words(&image);
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        starts.push(i * 8);
+        i += Header(words[i]).whsize();
+    }
+    for k in 0..t.1.len() {
+        let chunk = k * h.chunk_bytes as usize..(k + 1) * h.chunk_bytes as usize;
+        let truth = t.1[k].first;
+        let mut lies = vec![
+            format::NO_BLOCK,
+            chunk.start as u64,
+            chunk.end as u64,
+            truth + 8,
+        ];
+        // Another real block start in the chunk (tiles, but not as the blocks before).
+        lies.extend(
+            starts
+                .iter()
+                .filter(|&&s| chunk.contains(&s) && s as u64 != truth)
+                .take(2)
+                .map(|&s| s as u64),
+        );
+        for lie in lies {
+            if lie == truth {
+                continue;
+            }
+            let m = reseal_tables(&image, |t| t.1[k].first = lie, |_| {});
+            for threads in [1, 3] {
+                let e = load_threads(&m, true, threads).unwrap_err();
+                assert!(e.check().is_some(), "{e}");
+                let again = load_threads(&m, true, 1).unwrap_err();
+                assert_eq!(e.to_string(), again.to_string());
+            }
+        }
+    }
+    // An index of the wrong length, resealed: the header's chunk count disagrees.
+    let m = reseal(&image, |h| h.chunks += 1);
+    assert_eq!(check_of(load(&m, true)), "header");
+    let m = reseal(&image, |h| h.chunk_bytes = 3000);
+    assert_eq!(check_of(load(&m, true)), "header");
+}
+
+/// A decoded payload with its pointers made relative to its start: equal for equal
+/// loads wherever they are.
+fn normalized(d: &image::Decoded) -> (Vec<Word>, Word) {
+    let base = d.words.as_ptr() as Word;
+    let mut words = d.words.clone();
+    let mut i = 0;
+    while i < words.len() {
+        let hd = Header(words[i]);
+        if hd.is_scannable() {
+            for f in &mut words[i + 1..i + hd.whsize()] {
+                if !layout::is_immediate(*f) {
+                    *f -= base;
+                }
+            }
+        }
+        i += hd.whsize();
+    }
+    let root = if layout::is_immediate(d.root) {
+        d.root
+    } else {
+        d.root - base
+    };
+    (words, root)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: fuzz_cases() / 20, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// One thread and many give the same value or the same error, on good and bad images.
+    #[test]
+    fn threads_do_not_change_results(m in mutation(), threads in 2usize..9) {
+        let images = corpus_cached();
+        let bad = apply(&images[4], &m);
+        for verify in [true, false] {
+            let one = load_threads(&bad, verify, 1);
+            let many = load_threads(&bad, verify, threads);
+            match (one, many) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(normalized(&a), normalized(&b)),
+                (Err(a), Err(b)) => prop_assert_eq!(a.to_string(), b.to_string()),
+                (a, b) => prop_assert!(false, "1 thread: {:?}, {} threads: {:?}", a.map(|_| ()), threads, b.map(|_| ())),
+            }
+        }
     }
 }

@@ -7,8 +7,9 @@
 //!    block), the visited set and, for a shared source, the snapshot (below). All of it
 //!    is allocated fallibly: running out is [`CopyError::OutOfMemory`], like a NULL
 //!    from the allocator.
-//! 2. **write**: one allocation of exactly the measured size; the queue is walked front to
-//!    back, which writes the copy sequentially. Headers get the color no GC ever marks;
+//! 2. **write**: the queue is walked front to back, which hands the copy to an [`Output`]
+//!    sequentially, in runs of words: one allocation of exactly the measured size for
+//!    [`copy`], a file written as it goes for images ([`copy_into`]). Headers get the color no GC ever marks;
 //!    pointer fields to copied blocks are translated to the copy, infix offsets kept.
 //! 3. **restore**: the visited set gives back whatever it changed in the source.
 //!
@@ -177,10 +178,113 @@ pub unsafe fn copy<H: Heap, V: VisitedSet, A: Allocator>(
     visited: V,
     alloc: &mut A,
 ) -> Result<Copied, CopyError> {
+    let mut out = Contiguous {
+        alloc,
+        base: std::ptr::null_mut(),
+        next: std::ptr::null_mut(),
+    };
+    // SAFETY: forwarded.
+    let written = unsafe { copy_into(root, heap, visited, &mut out)? };
+    Ok(Copied {
+        root: written.root,
+        base: out.base,
+        bytes: written.bytes,
+        blocks: written.blocks,
+        transient_bytes: written.transient_bytes,
+    })
+}
+
+/// What [`copy_into`] wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The copy of the root value: an immediate or a shared pointer when nothing was
+    /// copied, else a pointer for the address [`Output::begin`] returned.
+    pub root: Word,
+    /// Bytes written to the output; 0 when nothing was copied (then `begin` was not
+    /// called).
+    pub bytes: usize,
+    /// Number of blocks copied.
+    pub blocks: usize,
+    /// Peak memory the traversal held besides the output, in bytes (as
+    /// [`Copied::transient_bytes`]).
+    pub transient_bytes: usize,
+}
+
+/// Where pass 2 puts a copy: its words arrive in offset order, front to back, in runs of
+/// at most [`MAX_RUN`] words (a block's header is a run of its own; a block's fields
+/// are one run, or several when it has more than [`MAX_RUN`]). One allocation
+/// ([`copy`]) is one output; an image file written as the copy is made is another.
+pub trait Output {
+    /// Called once, after pass 1 and before any [`Output::next`], with the size of the
+    /// copy in bytes. Returns the address the copy is made for: pointers in the copy are
+    /// written as if its first word (the first block's header) were at that address.
+    ///
+    /// # Errors
+    /// A [`CopyError`] when the output cannot take the copy; nothing was written then.
+    fn begin(&mut self, bytes: usize) -> Result<Word, CopyError>;
+
+    /// Room for the next `words` words of the copy (`1 <= words <= MAX_RUN`): valid,
+    /// word aligned and writable for `words` words, written in full before the next
+    /// call. Pass 2 cannot fail: an output that meets an error (a full disk) records it
+    /// and keeps giving room.
+    fn next(&mut self, words: usize) -> *mut Word;
+}
+
+/// The longest run of words pass 2 asks an [`Output`] for at once.
+pub const MAX_RUN: usize = 1 << 16;
+
+/// The [`Output`] of [`copy`]: one allocation of exactly the measured size.
+struct Contiguous<'a, A> {
+    alloc: &'a mut A,
+    /// The allocation; null until [`Output::begin`].
+    base: *mut u8,
+    /// Where the next run goes.
+    next: *mut Word,
+}
+
+impl<A: Allocator> Output for Contiguous<'_, A> {
+    fn begin(&mut self, bytes: usize) -> Result<Word, CopyError> {
+        let base = self.alloc.alloc(bytes);
+        if base.is_null() {
+            return Err(CopyError::OutOfMemory(bytes));
+        }
+        if !(base as usize).is_multiple_of(WORD_BYTES) {
+            // SAFETY: `base` came from this allocator with this size and is unused.
+            unsafe { self.alloc.free(base, bytes) };
+            return Err(CopyError::Misaligned);
+        }
+        self.base = base;
+        self.next = base as *mut Word;
+        Ok(base as Word)
+    }
+
+    #[inline(always)]
+    fn next(&mut self, words: usize) -> *mut Word {
+        let run = self.next;
+        // SAFETY: pass 1 measured the copy; the runs pass 2 asks for add up to it, so
+        // this stays inside the allocation (or one past its end).
+        self.next = unsafe { run.add(words) };
+        run
+    }
+}
+
+/// [`copy`] into any [`Output`]: passes 1 and 2 as [`copy`] does, the words of the copy
+/// handed to `out` in offset order.
+///
+/// # Errors
+/// As [`copy`]; [`Output::begin`]'s error. The source is then as it was.
+///
+/// # Safety
+/// As [`copy`]; `out` gives memory that nothing else uses.
+pub unsafe fn copy_into<H: Heap, V: VisitedSet, O: Output>(
+    root: Word,
+    heap: &mut H,
+    visited: V,
+    out: &mut O,
+) -> Result<Written, CopyError> {
     if layout::is_immediate(root) || !heap.should_copy(root) {
-        let kept = Copied {
+        let kept = Written {
             root,
-            base: std::ptr::null_mut(),
             bytes: 0,
             blocks: 0,
             transient_bytes: 0,
@@ -198,7 +302,7 @@ pub unsafe fn copy<H: Heap, V: VisitedSet, A: Allocator>(
         jumps: 0,
     };
     // SAFETY: the caller's contract on `root` and its graph is the traversal's.
-    let outcome = unsafe { traversal.run(root, alloc) };
+    let outcome = unsafe { traversal.run(root, out) };
     crate::fault::point("restore");
     // SAFETY: the queue lists exactly the blocks the visited set marked.
     unsafe { traversal.visited.restore(&traversal.queue) };
@@ -231,35 +335,26 @@ struct Traversal<'a, H, V> {
 
 impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     /// Passes 1 and 2; the caller restores.
-    unsafe fn run<A: Allocator>(&mut self, root: Word, alloc: &mut A) -> Result<Copied, CopyError> {
-        // SAFETY: forwarded from `copy`.
+    unsafe fn run<O: Output>(&mut self, root: Word, out: &mut O) -> Result<Written, CopyError> {
+        // SAFETY: forwarded from `copy_into`.
         unsafe { self.measure(root)? };
         let transient_bytes = self.queue.allocated_bytes()
             + self.visited.allocated_bytes()
             + self.snapshot.capacity() * WORD_BYTES;
         let bytes = self.words * WORD_BYTES;
-        let base = alloc.alloc(bytes);
-        if base.is_null() {
-            return Err(CopyError::OutOfMemory(bytes));
-        }
-        if !(base as usize).is_multiple_of(WORD_BYTES) {
-            // SAFETY: `base` came from this allocator with this size and is unused.
-            unsafe { alloc.free(base, bytes) };
-            return Err(CopyError::Misaligned);
-        }
-        // SAFETY: `base` holds `bytes` bytes, exactly what pass 1 measured.
+        let base = out.begin(bytes)?;
+        // SAFETY: `out` takes the `bytes` bytes pass 1 measured.
         unsafe {
             if V::SOURCE_SHARED {
-                self.write_from_snapshot(base as *mut Word)
+                self.write_from_snapshot(base, out)
             } else {
-                self.write(base as *mut Word)
+                self.write(base, out)
             }
         };
         // The root's block was discovered first: it is at offset 0.
-        let root = base as Word + WORD_BYTES + self.root_in_block;
-        Ok(Copied {
+        let root = base + WORD_BYTES + self.root_in_block;
+        Ok(Written {
             root,
-            base,
             bytes,
             blocks: self.queue.len(),
             transient_bytes,
@@ -489,12 +584,12 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         }
     }
 
-    /// Pass 2: writes every queued block at its offset from `base`, reading the source
-    /// again.
-    unsafe fn write(&mut self, base: *mut Word) {
+    /// Pass 2: hands every queued block to `out`, in offset order, reading the source
+    /// again; pointers are made for a copy at `base`.
+    unsafe fn write<O: Output>(&mut self, base: Word, out: &mut O) {
         crate::fault::point("write");
-        let mut dst_header = base;
         let prefetching = self.jumps * 8 > self.queue.len();
+        let mut written = 0;
         for k in 0..self.queue.len() {
             if prefetching {
                 self.prefetch_ahead(k);
@@ -503,97 +598,100 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             let hd = entry.header;
             let n = hd.wosize();
             let src = entry.block as *const Word;
-            // SAFETY: pass 1 measured this block at this offset, inside the allocation.
-            let dst = unsafe {
-                dst_header.write(hd.with_color(Color::Unmarkable).0);
-                dst_header.add(1)
-            };
-            if hd.is_scannable() {
+            // SAFETY: room for one word, the header.
+            unsafe { out.next(1).write(hd.with_color(Color::Unmarkable).0) };
+            let first_value = if hd.is_scannable() {
                 // SAFETY: queued entries are blocks of the source.
-                let first_value = unsafe { first_value_field(entry) };
-                // SAFETY: fields below `first_value` are raw words of the same block.
-                unsafe { std::ptr::copy_nonoverlapping(src, dst, first_value) };
-                let mut i = first_value;
+                unsafe { first_value_field(entry) }
+            } else {
+                n // raw blocks are copied whole
+            };
+            let mut start = 0;
+            while start < n {
+                let end = n.min(start + MAX_RUN);
+                let dst = out.next(end - start);
+                let raw_end = first_value.clamp(start, end);
+                // SAFETY: words `start..raw_end` of the block: raw words (a raw block,
+                // or a closure's code pointers and info), `dst` has room for them.
+                unsafe { std::ptr::copy_nonoverlapping(src.add(start), dst, raw_end - start) };
+                let mut i = raw_end;
                 // Large blocks (arrays, hash-table buckets): the target of a field a few
                 // places on is fetched while this one is translated.
-                while i + PREFETCH_DISTANCE < n {
-                    // SAFETY: `i + PREFETCH_DISTANCE < n`, in bounds of both blocks.
+                while i + PREFETCH_DISTANCE < end {
+                    // SAFETY: `i + PREFETCH_DISTANCE < end <= n`, in bounds of the block
+                    // and of the run.
                     unsafe {
                         prefetch((*src.add(i + PREFETCH_DISTANCE)).wrapping_sub(WORD_BYTES));
-                        *dst.add(i) = self.translate(*src.add(i), base);
+                        *dst.add(i - start) = self.translate(*src.add(i), base);
                     }
                     i += 1;
                 }
-                for i in i..n {
-                    // SAFETY: `i < n`, in bounds of both blocks.
-                    unsafe { *dst.add(i) = self.translate(*src.add(i), base) };
+                for i in i..end {
+                    // SAFETY: `i < end <= n`, in bounds of the block and of the run.
+                    unsafe { *dst.add(i - start) = self.translate(*src.add(i), base) };
                 }
-            } else {
-                // SAFETY: raw blocks are copied whole, both sides `n` words.
-                unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
+                start = end;
             }
-            // SAFETY: the next block starts right after this one (or at the end).
-            dst_header = unsafe { dst.add(n) };
+            written += 1 + n;
         }
-        debug_assert_eq!(
-            dst_header as usize - base as usize,
-            self.words * WORD_BYTES,
-            "measured size != written size"
-        );
+        debug_assert_eq!(written, self.words, "measured size != written size");
     }
 
-    /// Pass 2 with a [`VisitedSet::SOURCE_SHARED`] set: writes every queued block at its
-    /// offset from `base`, scannable ones from the snapshot (which holds their fields
+    /// Pass 2 with a [`VisitedSet::SOURCE_SHARED`] set: hands every queued block to
+    /// `out`, in offset order, scannable ones from the snapshot (which holds their fields
     /// already translated, but for the base), raw ones from the source, read once here.
-    unsafe fn write_from_snapshot(&mut self, base: *mut Word) {
+    unsafe fn write_from_snapshot<O: Output>(&mut self, base: Word, out: &mut O) {
         crate::fault::point("write");
-        let mut dst_header = base;
         let mut fields = self.snapshot.as_slice();
+        let mut written = 0;
         for k in 0..self.queue.len() {
             let entry = self.queue.get(k).expect("k < len");
             let hd = entry.header;
             let n = hd.wosize();
-            // SAFETY: pass 1 measured this block at this offset, inside the allocation.
-            let dst = unsafe {
-                dst_header.write(hd.with_color(Color::Unmarkable).0);
-                dst_header.add(1)
-            };
+            // SAFETY: room for one word, the header.
+            unsafe { out.next(1).write(hd.with_color(Color::Unmarkable).0) };
             if hd.is_scannable() {
                 let (block, rest) = fields.split_at(n);
                 fields = rest;
                 let first_value = first_value_of(hd, block);
-                for (i, &field) in block.iter().enumerate() {
-                    let word = if i >= first_value && field & RELOCATED_MASK == RELOCATED {
-                        base as Word + (field - RELOCATED)
-                    } else {
-                        field
-                    };
-                    // SAFETY: `i < n`, inside the block's room in the allocation.
-                    unsafe { dst.add(i).write(word) };
+                for (start, run) in block.chunks(MAX_RUN).enumerate() {
+                    let start = start * MAX_RUN;
+                    let dst = out.next(run.len());
+                    for (j, &field) in run.iter().enumerate() {
+                        let word =
+                            if start + j >= first_value && field & RELOCATED_MASK == RELOCATED {
+                                base + (field - RELOCATED)
+                            } else {
+                                field
+                            };
+                        // SAFETY: `j < run.len()`, inside the run.
+                        unsafe { dst.add(j).write(word) };
+                    }
                 }
             } else {
-                // SAFETY: raw blocks are copied whole, both sides `n` words: their size
-                // is fixed and they hold no pointers, so one read now is as good as one
-                // in pass 1. Bytes may be written meanwhile (`Bytes.set` in another
-                // domain): each byte copied is one the block held, as for any
-                // unsynchronised OCaml read of it.
-                unsafe { std::ptr::copy_nonoverlapping(entry.block as *const Word, dst, n) };
+                let src = entry.block as *const Word;
+                let mut start = 0;
+                while start < n {
+                    let len = (n - start).min(MAX_RUN);
+                    // SAFETY: raw blocks are copied whole, `len` words at a time: their
+                    // size is fixed and they hold no pointers, so one read now is as good
+                    // as one in pass 1. Bytes may be written meanwhile (`Bytes.set` in
+                    // another domain): each byte copied is one the block held, as for
+                    // any unsynchronised OCaml read of it.
+                    unsafe { std::ptr::copy_nonoverlapping(src.add(start), out.next(len), len) };
+                    start += len;
+                }
             }
-            // SAFETY: the next block starts right after this one (or at the end).
-            dst_header = unsafe { dst.add(n) };
+            written += 1 + n;
         }
         debug_assert!(fields.is_empty(), "snapshot not used up");
-        debug_assert_eq!(
-            dst_header as usize - base as usize,
-            self.words * WORD_BYTES,
-            "measured size != written size"
-        );
+        debug_assert_eq!(written, self.words, "measured size != written size");
     }
 
     /// The value that stands in the copy for the source value `v` (pass 2 without a
     /// snapshot).
     #[inline(always)]
-    unsafe fn translate(&mut self, v: Word, base: *mut Word) -> Word {
+    unsafe fn translate(&mut self, v: Word, base: Word) -> Word {
         if layout::is_immediate(v) || !self.heap.should_copy(v) {
             return v;
         }
@@ -601,9 +699,8 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         let (block, hd) = unsafe { block_of(v) };
         // SAFETY: `block` is a block start and `hd` its current header.
         match unsafe { self.visited.lookup(block, hd) } {
-            // SAFETY: pointer arithmetic inside the allocation; `v - block` is the infix
-            // offset, 0 for an ordinary block.
-            Seen::At(offset) => unsafe { base.add(offset + 1) as Word + (v - block) },
+            // `v - block` is the infix offset, 0 for an ordinary block.
+            Seen::At(offset) => base + (offset + 1) * WORD_BYTES + (v - block),
             // Pass 1 discovered every block: without a snapshot nothing else writes to
             // the source (`copy`'s contract), so this cannot happen. Were the contract
             // broken, an immediate keeps the copy well formed.

@@ -146,11 +146,13 @@ fn temporary_name(dir: &Path) -> PathBuf {
     dir.join(format!(".offheap-{}.tmp", random_hex()))
 }
 
-/// Writes `parts` and gives the file `mode` (when the target existed).
-fn fill(f: &mut File, parts: &[&[u8]], mode: Option<u32>) -> std::io::Result<()> {
-    for part in parts {
-        f.write_all(part)?;
-    }
+/// Fills the file with `fill`, then gives it `mode` (when the target existed).
+fn fill_file<E: From<std::io::Error>>(
+    f: &mut File,
+    fill: &mut impl FnMut(&mut File) -> Result<(), E>,
+    mode: Option<u32>,
+) -> Result<(), E> {
+    fill(f)?;
     f.flush()?;
     if let Some(mode) = mode {
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
@@ -168,12 +170,12 @@ fn rename_or_remove(tmp: &Path, target: &Path) -> std::io::Result<()> {
 }
 
 /// The `Named` way: `Ok(())` when written.
-fn write_named(
+fn write_named<E: From<std::io::Error>>(
     dir: &Path,
     target: &Path,
-    parts: &[&[u8]],
+    fill: &mut impl FnMut(&mut File) -> Result<(), E>,
     mode: Option<u32>,
-) -> std::io::Result<()> {
+) -> Result<(), E> {
     let (mut f, tmp) = loop {
         let tmp = temporary_name(dir);
         match std::fs::OpenOptions::new()
@@ -184,26 +186,30 @@ fn write_named(
         {
             Ok(f) => break (f, tmp),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     };
-    if let Err(e) = fill(&mut f, parts, mode) {
+    if let Err(e) = fill_file(&mut f, fill, mode) {
         drop(f);
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
     drop(f);
-    rename_or_remove(&tmp, target)
+    Ok(rename_or_remove(&tmp, target)?)
 }
 
 /// The `Unnamed` way: `Ok(None)` when done, `Ok(Some(()))` when this kernel or file
-/// system has no `O_TMPFILE` (or no `/proc` to link it through).
-fn write_unnamed(
+/// system has no `O_TMPFILE` (or no `/proc` to link it through), found before `fill` is
+/// called.
+fn write_unnamed<E: From<std::io::Error>>(
     dir: &Path,
     target: &Path,
-    parts: &[&[u8]],
+    fill: &mut impl FnMut(&mut File) -> Result<(), E>,
     mode: Option<u32>,
-) -> std::io::Result<Option<()>> {
+) -> Result<Option<()>, E> {
+    if !Path::new("/proc/self/fd").is_dir() {
+        return Ok(Some(()));
+    }
     let cdir = c_path(dir)?;
     // SAFETY: a NUL-terminated path; the descriptor returned is ours (wrapped below).
     let fd = unsafe {
@@ -217,12 +223,12 @@ fn write_unnamed(
         let e = std::io::Error::last_os_error();
         return match e.raw_os_error() {
             Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL) => Ok(Some(())),
-            _ => Err(e),
+            _ => Err(e.into()),
         };
     }
     // SAFETY: `fd` was just opened and nothing else owns it.
     let mut f = unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
-    fill(&mut f, parts, mode)?;
+    fill_file(&mut f, fill, mode)?;
     let proc_path = CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number");
     let tmp = loop {
         let tmp = temporary_name(dir);
@@ -243,23 +249,27 @@ fn write_unnamed(
         let e = std::io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EEXIST) => continue,
-            // No /proc: the unnamed file cannot be linked.
-            Some(libc::ENOENT) => return Ok(Some(())),
-            _ => return Err(e),
+            _ => return Err(e.into()),
         }
     };
     drop(f);
-    rename_or_remove(&tmp, target).map(|()| None)
+    rename_or_remove(&tmp, target)?;
+    Ok(None)
 }
 
-/// Writes `parts` one after the other to `path` (its final target when it is a symbolic
-/// link, see [`final_path`]): to a temporary file in the same directory (made as `how`
-/// says), renamed over the target when complete. A replaced file's permissions are kept.
-/// On any error no temporary file is left and the target is as it was.
+/// Writes `path` (its final target when it is a symbolic link, see [`final_path`]) with
+/// `fill`, called once with a new empty file opened for writing: to a temporary file in
+/// the same directory (made as `how` says), renamed over the target when complete. A
+/// replaced file's permissions are kept. On any error no temporary file is left and the
+/// target is as it was.
 ///
 /// # Errors
-/// The first I/O error.
-pub fn write_atomically(path: &Path, parts: &[&[u8]], how: Temporary) -> std::io::Result<()> {
+/// `fill`'s error, or the first I/O error.
+pub fn write_atomically<E: From<std::io::Error>>(
+    path: &Path,
+    how: Temporary,
+    mut fill: impl FnMut(&mut File) -> Result<(), E>,
+) -> Result<(), E> {
     let target = final_path(path)?;
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -268,12 +278,12 @@ pub fn write_atomically(path: &Path, parts: &[&[u8]], how: Temporary) -> std::io
     let mode = match std::fs::metadata(&target) {
         Ok(m) => Some(m.permissions().mode() & 0o7777),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
-    if how == Temporary::Unnamed && write_unnamed(&dir, &target, parts, mode)?.is_none() {
+    if how == Temporary::Unnamed && write_unnamed(&dir, &target, &mut fill, mode)?.is_none() {
         return Ok(());
     }
-    write_named(&dir, &target, parts, mode)
+    write_named(&dir, &target, &mut fill, mode)
 }
 
 /// A reservation of `bytes` bytes of anonymous, readable and writable memory at `address`,
@@ -303,6 +313,46 @@ fn reserve_at(bytes: usize, address: Word) -> Option<*mut u8> {
     Some(p as *mut u8)
 }
 
+/// Address space kept free (`PROT_NONE`, nothing committed) until dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    base: *mut libc::c_void,
+    bytes: usize,
+}
+
+impl Reservation {
+    /// `bytes` bytes at `address`, or `None` when something is there.
+    pub fn at(address: Word, bytes: usize) -> Option<Reservation> {
+        // SAFETY: a new mapping of nothing; MAP_FIXED_NOREPLACE never replaces one.
+        let p = unsafe {
+            libc::mmap(
+                address as *mut libc::c_void,
+                bytes,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_NORESERVE
+                    | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        let r = Reservation { base: p, bytes };
+        // Kernels before 4.17 take the flag as a hint: elsewhere is no reservation.
+        (p as Word == address).then_some(r)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, which nothing uses.
+        unsafe { libc::munmap(self.base, self.bytes) };
+    }
+}
+
 /// A reservation of `bytes` bytes of anonymous, readable and writable memory where the
 /// kernel finds room.
 fn reserve_anywhere(bytes: usize) -> Result<*mut u8, LoadError> {
@@ -327,10 +377,27 @@ fn reserve_anywhere(bytes: usize) -> Result<*mut u8, LoadError> {
     Ok(p as *mut u8)
 }
 
+/// How [`load_payload`] loads.
+#[derive(Clone, Copy, Debug)]
+pub struct How {
+    /// Never at the recorded address.
+    pub relocate: bool,
+    /// Map the file (else read it).
+    pub share: bool,
+    /// The checks will read every page: a mapping is populated at once (one system call
+    /// instead of a fault per page). Relocation always reads every page.
+    pub reads_all: bool,
+    /// Threads to read with.
+    pub threads: usize,
+}
+
+/// Bytes each thread reads at a time.
+const READ_PIECE: usize = 8 << 20;
+
 /// Loads the payload of `f` (`bytes` bytes after the header page) into a reservation of
-/// `bytes + TAIL_BYTES` bytes: at `address` unless `relocate` or the address is taken,
-/// else where the kernel finds room. Read into it (private), or the file mapped over it
-/// (`share`).
+/// `bytes + TAIL_BYTES` bytes: at `address` unless `how.relocate` or the address is
+/// taken, else where the kernel finds room. Read into it (private, on `how.threads`
+/// threads), or the file mapped over it (`how.share`).
 ///
 /// # Errors
 /// [`LoadError::OutOfMemory`] when there is no room; [`LoadError::Io`] when the file
@@ -339,11 +406,10 @@ pub fn load_payload(
     f: &File,
     bytes: usize,
     address: Word,
-    relocate: bool,
-    share: bool,
+    how: &How,
 ) -> Result<(*mut u8, Mapping), LoadError> {
     let held = bytes + TAIL_BYTES;
-    let at_recorded = if relocate {
+    let at_recorded = if how.relocate {
         None
     } else {
         reserve_at(held, address)
@@ -352,23 +418,13 @@ pub fn load_payload(
         Some(p) => (p, Mapping::Recorded),
         None => (reserve_anywhere(held)?, Mapping::Relocated),
     };
-    let filled = if share {
-        // SAFETY: maps the file over the first `bytes` bytes of our own reservation.
-        let p = unsafe {
-            libc::mmap(
-                base as *mut libc::c_void,
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_FIXED,
-                f.as_raw_fd(),
-                HEADER_BYTES as libc::off_t,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+    let filled = if how.share {
+        map_file(
+            f,
+            base,
+            bytes,
+            how.reads_all || mapping == Mapping::Relocated,
+        )
     } else {
         // Huge pages where the system gives them on request: a read into fresh memory
         // costs mostly its page faults, and a 2 MiB page takes one fault, not 512.
@@ -377,7 +433,13 @@ pub fn load_payload(
         unsafe { libc::madvise(base as *mut libc::c_void, held, libc::MADV_HUGEPAGE) };
         // SAFETY: the reservation: `held >= bytes` writable bytes, ours alone.
         let buf = unsafe { std::slice::from_raw_parts_mut(base, bytes) };
-        read_exact_at(f, buf, HEADER_BYTES as u64)
+        let pieces: Vec<&mut [u8]> = buf.chunks_mut(READ_PIECE).collect();
+        super::parallel::parallel(pieces, how.threads, |k, piece| {
+            read_exact_at(f, piece, (HEADER_BYTES + k * READ_PIECE) as u64)
+        })
+        .into_iter()
+        .collect::<std::io::Result<Vec<()>>>()
+        .map(|_| ())
     };
     match filled {
         Ok(()) => Ok((base, mapping)),
@@ -387,6 +449,41 @@ pub fn load_payload(
             Err(LoadError::Io(e))
         }
     }
+}
+
+/// Maps the payload of `f` (private, writable) over the first `bytes` bytes of the
+/// reservation at `base`. With `populate`, the page-cache pages are mapped at once,
+/// read-only first so that none is copied (a populated writable private mapping would
+/// copy them all), then the mapping made writable: writes still copy only the pages
+/// they touch.
+fn map_file(f: &File, base: *mut u8, bytes: usize, populate: bool) -> std::io::Result<()> {
+    let (prot, flags) = if populate {
+        (libc::PROT_READ, libc::MAP_POPULATE)
+    } else {
+        (libc::PROT_READ | libc::PROT_WRITE, 0)
+    };
+    // SAFETY: maps the file over the first `bytes` bytes of our own reservation.
+    let p = unsafe {
+        libc::mmap(
+            base as *mut libc::c_void,
+            bytes,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | flags,
+            f.as_raw_fd(),
+            HEADER_BYTES as libc::off_t,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    if populate {
+        // SAFETY: our own mapping, just made.
+        let r = unsafe { libc::mprotect(p, bytes, libc::PROT_READ | libc::PROT_WRITE) };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Releases a payload.

@@ -1,4 +1,5 @@
-//! The image file format: one header page, the payload, the fix-up table.
+//! The image file format: one header page, the payload, the fix-up table, the chunk
+//! index.
 //!
 //! ```text
 //! offset 0              the header page (HEADER_BYTES): fields below, then the key,
@@ -10,7 +11,19 @@
 //! after the payload     the fix-up table: `customs` little-endian words, the byte offset
 //!                       in the payload of the first field of each custom block, in
 //!                       increasing order
+//! after the table       the chunk index: `chunks` entries of two little-endian words,
+//!                       one per `chunk_bytes` of payload (the last chunk may be
+//!                       shorter): the byte offset in the payload of the first block
+//!                       header inside the chunk ([`NO_BLOCK`] when a block that starts
+//!                       in an earlier chunk covers all of it), and the xxh3-64 checksum
+//!                       of the chunk's bytes
 //! ```
+//!
+//! The chunk index lets every chunk be checked on its own, in parallel: its checksum,
+//! the blocks whose headers lie in it (walked from the first), the pointers in its
+//! words; a damaged chunk is named. The index itself is checked: its checksum (with the
+//! fix-up table's, in the header) and its consistency (each chunk's first block is where
+//! the blocks of the chunks before it end).
 //!
 //! Custom blocks (only Int32, Int64 and Nativeint are allowed) store a [`CustomKind`]
 //! identifier where the running program stores its `struct custom_operations *`; the
@@ -33,10 +46,15 @@
 //! | 40 | 8 | the root: an immediate (odd), or the byte offset in the payload of the root block's first field (even) |
 //! | 48 | 8 | blocks in the payload |
 //! | 56 | 8 | custom blocks (entries of the fix-up table) |
-//! | 64 | 8 | checksum (xxh3-64) of the payload followed by the fix-up table |
+//! | 64 | 8 | checksum (xxh3-64) of the fix-up table followed by the chunk index |
 //! | 72 | 8 | key length |
 //! | 80 | 8 | checksum (xxh3-64) of the header page with this field zeroed |
-//! | 88 | key length | the user key (bytes) |
+//! | 88 | 8 | chunk bytes (a power of two, [`MIN_CHUNK`] to [`MAX_CHUNK`]) |
+//! | 96 | 8 | chunks (entries of the chunk index) |
+//! | 104 | key length | the user key (bytes) |
+//!
+//! Version history: 1 had one checksum of the payload and table and no chunk index;
+//! version 1 images are refused ("format version"), naming both versions.
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
@@ -45,11 +63,20 @@ use super::LoadError;
 /// The magic at the start of every image.
 pub const MAGIC: [u8; 8] = *b"OFFHEAP\x1a";
 /// The format version this code writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The header page; the payload starts at this file offset.
 pub const HEADER_BYTES: usize = 4096;
 /// Where the key starts in the header.
-const KEY_AT: usize = 88;
+const KEY_AT: usize = 104;
+/// The chunk size the writer uses.
+pub const CHUNK_BYTES: u64 = 1 << 20;
+/// The smallest chunk a loader accepts (a multiple of 64 words, so that the bitmaps of
+/// chunks checked in parallel never share a word).
+pub const MIN_CHUNK: u64 = 4096;
+/// The largest chunk a loader accepts.
+pub const MAX_CHUNK: u64 = 1 << 30;
+/// A chunk-index entry's first-block offset when no block header lies in the chunk.
+pub const NO_BLOCK: u64 = u64::MAX;
 /// The longest key.
 pub const MAX_KEY: usize = HEADER_BYTES - KEY_AT;
 /// Byte order codes.
@@ -117,8 +144,12 @@ pub struct Header {
     pub blocks: u64,
     /// Custom blocks (fix-up table entries).
     pub customs: u64,
-    /// Checksum of the payload and the fix-up table.
+    /// Checksum of the fix-up table and the chunk index.
     pub checksum: u64,
+    /// Payload bytes per chunk.
+    pub chunk_bytes: u64,
+    /// Chunk-index entries.
+    pub chunks: u64,
     /// The user key.
     pub key: Vec<u8>,
 }
@@ -161,6 +192,8 @@ impl Header {
             self.checksum,
             self.key.len() as u64,
         ];
+        page[88..96].copy_from_slice(&self.chunk_bytes.to_le_bytes());
+        page[96..104].copy_from_slice(&self.chunks.to_le_bytes());
         for (i, w) in words.into_iter().enumerate() {
             page[16 + 8 * i..24 + 8 * i].copy_from_slice(&w.to_le_bytes());
         }
@@ -193,7 +226,9 @@ impl Header {
         if version != VERSION {
             return Err(bad(
                 "format version",
-                format!("version {version}, this library reads version {VERSION}"),
+                format!(
+                    "version {version}, this library reads version {VERSION} only (write the image again)"
+                ),
             ));
         }
         let word_bytes = page[12];
@@ -234,6 +269,8 @@ impl Header {
             blocks: u64_at(page, 48),
             customs: u64_at(page, 56),
             checksum: u64_at(page, 64),
+            chunk_bytes: u64_at(page, 88),
+            chunks: u64_at(page, 96),
             key: page[KEY_AT..KEY_AT + key_len as usize].to_vec(),
         };
         h.check_sizes()?;
@@ -280,6 +317,18 @@ impl Header {
                 ),
             ));
         }
+        let chunk_ok = self.chunk_bytes.is_power_of_two()
+            && (MIN_CHUNK..=MAX_CHUNK).contains(&self.chunk_bytes)
+            && self.chunks == self.payload_bytes.div_ceil(self.chunk_bytes);
+        if !chunk_ok {
+            return Err(bad(
+                "header",
+                format!(
+                    "{} chunks of {} bytes for {} bytes",
+                    self.chunks, self.chunk_bytes, self.payload_bytes
+                ),
+            ));
+        }
         let root_ok = self.root % 2 == 1
             || (self.root >= 8 && self.root <= self.payload_bytes && self.root.is_multiple_of(8));
         if !root_ok {
@@ -290,19 +339,62 @@ impl Header {
 
     /// The size of the whole file this header describes.
     pub fn file_bytes(&self) -> u64 {
-        self.header_bytes + self.payload_bytes + 8 * self.customs
+        self.header_bytes + self.payload_bytes + self.tables_bytes()
+    }
+
+    /// The size of the fix-up table and the chunk index.
+    pub fn tables_bytes(&self) -> u64 {
+        8 * self.customs + CHUNK_ENTRY_BYTES * self.chunks
     }
 }
 
-/// The checksum of a payload and its fix-up table.
-pub fn payload_checksum(payload: &[u8], table: &[u64]) -> u64 {
-    if table.is_empty() {
-        return xxh3_64(payload);
+/// Bytes of one chunk-index entry.
+pub const CHUNK_ENTRY_BYTES: u64 = 16;
+
+/// One chunk-index entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// Byte offset in the payload of the first block header in the chunk, or
+    /// [`NO_BLOCK`].
+    pub first: u64,
+    /// xxh3-64 of the chunk's bytes.
+    pub checksum: u64,
+}
+
+/// The fix-up table and the chunk index as stored after the payload.
+pub fn encode_tables(customs: &[u64], chunks: &[Chunk]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 * customs.len() + 16 * chunks.len());
+    for c in customs {
+        out.extend_from_slice(&c.to_le_bytes());
     }
-    let mut h = Xxh3::new();
-    h.update(payload);
-    for entry in table {
-        h.update(&entry.to_le_bytes());
+    for c in chunks {
+        out.extend_from_slice(&c.first.to_le_bytes());
+        out.extend_from_slice(&c.checksum.to_le_bytes());
     }
-    h.digest()
+    out
+}
+
+/// The fix-up table and the chunk index from `bytes` (exactly [`Header::tables_bytes`]).
+pub fn decode_tables(h: &Header, bytes: &[u8]) -> (Vec<u64>, Vec<Chunk>) {
+    let (table, index) = bytes.split_at(8 * h.customs as usize);
+    let word = |c: &[u8]| u64::from_le_bytes(c.try_into().expect("8 bytes"));
+    let customs = table.chunks_exact(8).map(word).collect();
+    let chunks = index
+        .chunks_exact(16)
+        .map(|e| Chunk {
+            first: word(&e[..8]),
+            checksum: word(&e[8..]),
+        })
+        .collect();
+    (customs, chunks)
+}
+
+/// The checksum of the tables after the payload (as [`encode_tables`] stores them).
+pub fn tables_checksum(tables: &[u8]) -> u64 {
+    xxh3_64(tables)
+}
+
+/// The checksum of one chunk of payload.
+pub fn chunk_checksum(chunk: &[u8]) -> u64 {
+    xxh3_64(chunk)
 }

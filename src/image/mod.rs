@@ -25,14 +25,16 @@
 
 pub mod file;
 pub mod format;
+pub mod parallel;
 pub mod validate;
+pub mod writer;
 
 use std::fmt;
 use std::path::Path;
 
 use crate::copy::Copied;
-use crate::layout::{self, Header, Word, WORD_BYTES};
-use format::{CustomKind, HEADER_BYTES};
+use crate::layout::{self, Word, WORD_BYTES};
+use format::HEADER_BYTES;
 
 /// What the running program is, as far as images care.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +63,8 @@ pub enum WriteError {
     KeyTooLong(usize),
     /// The file could not be written.
     Io(std::io::Error),
+    /// No memory for the writer's buffer or the traversal's tables.
+    OutOfMemory,
 }
 
 impl fmt::Display for WriteError {
@@ -73,11 +77,18 @@ impl fmt::Display for WriteError {
                 format::MAX_KEY
             ),
             WriteError::Io(e) => write!(f, "{e}"),
+            WriteError::OutOfMemory => f.write_str("Offheap.Image.write: out of memory"),
         }
     }
 }
 
 impl std::error::Error for WriteError {}
+
+impl From<std::io::Error> for WriteError {
+    fn from(e: std::io::Error) -> WriteError {
+        WriteError::Io(e)
+    }
+}
 
 /// Why an image could not be loaded.
 #[derive(Debug)]
@@ -121,104 +132,6 @@ fn bad(check: &'static str, detail: String) -> LoadError {
     LoadError::Bad { check, detail }
 }
 
-/// A payload ready to be written: the copy's buffer, rewritten in place.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Prepared {
-    /// The root as the header stores it.
-    pub root: u64,
-    /// The address the payload is written for.
-    pub address: Word,
-    /// Blocks in the payload.
-    pub blocks: u64,
-    /// The fix-up table.
-    pub customs: Vec<u64>,
-}
-
-/// Rewrites the copy in `[base, base + bytes)` (made with `copy_static`) into a payload
-/// for `address`: pointer fields and the root made absolute for `address`, custom
-/// operations replaced by their [`CustomKind`].
-///
-/// # Errors
-/// [`WriteError::Unsupported`] for a closure, a custom block other than the three boxed
-/// integers, or a pointer that leads out of the copy (memory outside the OCaml heap);
-/// the buffer is then half rewritten and only good to be freed.
-///
-/// # Safety
-/// `copied` describes a finished copy whose buffer nothing else uses.
-pub unsafe fn prepare(
-    copied: &Copied,
-    address: Word,
-    process: &Process,
-) -> Result<Prepared, WriteError> {
-    let words: &mut [Word] = if copied.base.is_null() {
-        &mut []
-    } else {
-        // SAFETY: the copy's buffer: `bytes` bytes, word aligned, ours alone.
-        unsafe {
-            std::slice::from_raw_parts_mut(copied.base as *mut Word, copied.bytes / WORD_BYTES)
-        }
-    };
-    let base = words.as_ptr() as Word;
-    let end = base + words.len() * WORD_BYTES;
-    let inside = |v: Word| v > base && v <= end && (v - base).is_multiple_of(WORD_BYTES);
-    let outside = |v: Word| {
-        WriteError::Unsupported(format!(
-            "pointer to {v:#x}, outside the OCaml heap (C memory cannot be saved)"
-        ))
-    };
-    let mut customs = Vec::new();
-    let mut blocks = 0;
-    let mut i = 0;
-    while i < words.len() {
-        let hd = Header(words[i]);
-        let n = hd.wosize();
-        match hd.tag() {
-            layout::CLOSURE_TAG => return Err(WriteError::Unsupported(
-                "closure (functions cannot be saved: their code belongs to the running program)"
-                    .into(),
-            )),
-            layout::CUSTOM_TAG => {
-                let ops = words[i + 1];
-                let Some(k) = process.custom_ops.iter().position(|&o| o == ops) else {
-                    return Err(WriteError::Unsupported(
-                        "custom block (only Int32, Int64 and Nativeint custom blocks can be saved)"
-                            .into(),
-                    ));
-                };
-                words[i + 1] = CustomKind::ALL[k] as Word;
-                customs.push(((i + 1) * WORD_BYTES) as u64);
-            }
-            tag if tag < layout::NO_SCAN_TAG => {
-                for field in &mut words[i + 1..i + 1 + n] {
-                    let v = *field;
-                    if !layout::is_immediate(v) {
-                        if !inside(v) {
-                            return Err(outside(v));
-                        }
-                        *field = v - base + address;
-                    }
-                }
-            }
-            _ => {}
-        }
-        blocks += 1;
-        i += 1 + n;
-    }
-    let root = if layout::is_immediate(copied.root) {
-        copied.root as u64
-    } else if inside(copied.root) {
-        (copied.root - base) as u64
-    } else {
-        return Err(outside(copied.root));
-    };
-    Ok(Prepared {
-        root,
-        address,
-        blocks,
-        customs,
-    })
-}
-
 /// An address for a payload of `bytes` bytes, 2 MiB aligned, at random in
 /// [`format::ADDRESS_RANGE`] (the payload ends in it too).
 pub fn choose_address(bytes: usize) -> Word {
@@ -240,59 +153,107 @@ pub fn choose_address(bytes: usize) -> Word {
     (LOW + (z % span.max(1)) * ALIGN) as Word
 }
 
-/// The header of a prepared payload.
+/// The header page of a written payload.
 fn header(
-    prepared: &Prepared,
-    payload: &[u8],
+    payload: &writer::Payload,
+    root: u64,
+    address: Word,
+    tables: &[u8],
     key: &[u8],
     process: &Process,
-) -> Result<Vec<u8>, WriteError> {
-    if key.len() > format::MAX_KEY {
-        return Err(WriteError::KeyTooLong(key.len()));
-    }
-    Ok(format::Header {
+    chunk_bytes: u64,
+) -> Vec<u8> {
+    format::Header {
         version: format::VERSION,
         word_bytes: WORD_BYTES as u8,
         endian: format::NATIVE_ENDIAN,
         ocaml_family: process.ocaml_family,
         flat_float_array: process.flat_float_array,
         header_bytes: HEADER_BYTES as u64,
-        address: prepared.address as u64,
-        payload_bytes: payload.len() as u64,
-        root: prepared.root,
-        blocks: prepared.blocks,
-        customs: prepared.customs.len() as u64,
-        checksum: format::payload_checksum(payload, &prepared.customs),
+        address: address as u64,
+        payload_bytes: payload.bytes,
+        root,
+        blocks: payload.blocks,
+        customs: payload.customs.len() as u64,
+        checksum: format::tables_checksum(tables),
+        chunk_bytes,
+        chunks: payload.chunks.len() as u64,
         key: key.to_vec(),
     }
-    .encode())
+    .encode()
 }
 
-/// The payload bytes of a copy.
-///
-/// # Safety
-/// `copied` describes a finished copy whose buffer stays alive while the slice is used.
-unsafe fn payload_bytes(copied: &Copied) -> &[u8] {
-    if copied.base.is_null() {
-        &[]
-    } else {
-        // SAFETY: the copy's buffer, `bytes` bytes.
-        unsafe { std::slice::from_raw_parts(copied.base, copied.bytes) }
+/// The root as the header stores it: an immediate, or the offset of a pointer into a
+/// payload of `bytes` bytes that is (or will be) at `address`.
+fn stored_root(root: Word, address: Word, bytes: u64) -> Result<u64, WriteError> {
+    if layout::is_immediate(root) {
+        return Ok(root as u64);
     }
+    let off = root.wrapping_sub(address) as u64;
+    if off == 0 || off > bytes || !off.is_multiple_of(WORD_BYTES as u64) {
+        return Err(WriteError::Unsupported(format!(
+            "pointer to {root:#x}, outside the OCaml heap (C memory cannot be saved)"
+        )));
+    }
+    Ok(off)
 }
 
-fn table_bytes(customs: &[u64]) -> Vec<u8> {
-    customs.iter().flat_map(|e| e.to_le_bytes()).collect()
+/// Checks the key's length.
+fn check_key(key: &[u8]) -> Result<(), WriteError> {
+    if key.len() > format::MAX_KEY {
+        return Err(WriteError::KeyTooLong(key.len()));
+    }
+    Ok(())
 }
 
-/// The whole image of a copy, in memory (tests and fuzzing). The copy's buffer is
-/// rewritten ([`prepare`]).
+/// The whole image of a copy, in memory (tests and fuzzing), for `address`, with chunks
+/// of `chunk_bytes`. The copy is left as it is.
 ///
 /// # Errors
-/// As [`prepare`], and [`WriteError::KeyTooLong`].
+/// [`WriteError::Unsupported`] for a closure, a custom block other than the three boxed
+/// integers, or a pointer that leads out of the copy (memory outside the OCaml heap);
+/// [`WriteError::KeyTooLong`].
 ///
 /// # Safety
-/// As [`prepare`].
+/// `copied` describes a finished copy whose buffer stays alive during the call.
+pub unsafe fn encode_chunked(
+    copied: &Copied,
+    key: &[u8],
+    address: Word,
+    chunk_bytes: u64,
+    process: &Process,
+) -> Result<Vec<u8>, WriteError> {
+    check_key(key)?;
+    // SAFETY: forwarded.
+    let words = unsafe { copy_words(copied) };
+    let mut image = vec![0u8; HEADER_BYTES];
+    let mut w =
+        writer::PayloadWriter::new(&mut image, Some(address), &process.custom_ops, chunk_bytes)?;
+    w.feed(words);
+    let (payload, _) = w.finish()?;
+    let root = if layout::is_immediate(copied.root) || copied.base.is_null() {
+        stored_root(copied.root, address, payload.bytes)?
+    } else {
+        stored_root(
+            copied.root.wrapping_sub(copied.base as Word) + address,
+            address,
+            payload.bytes,
+        )?
+    };
+    let tables = format::encode_tables(&payload.customs, &payload.chunks);
+    let head = header(&payload, root, address, &tables, key, process, chunk_bytes);
+    image[..HEADER_BYTES].copy_from_slice(&head);
+    image.extend_from_slice(&tables);
+    Ok(image)
+}
+
+/// [`encode_chunked`] with the writer's chunk size ([`format::CHUNK_BYTES`]).
+///
+/// # Errors
+/// As [`encode_chunked`].
+///
+/// # Safety
+/// As [`encode_chunked`].
 pub unsafe fn encode(
     copied: &Copied,
     key: &[u8],
@@ -300,44 +261,93 @@ pub unsafe fn encode(
     process: &Process,
 ) -> Result<Vec<u8>, WriteError> {
     // SAFETY: forwarded.
-    let prepared = unsafe { prepare(copied, address, process)? };
-    // SAFETY: forwarded.
-    let payload = unsafe { payload_bytes(copied) };
-    let mut image = header(&prepared, payload, key, process)?;
-    image.extend_from_slice(payload);
-    image.extend_from_slice(&table_bytes(&prepared.customs));
-    Ok(image)
+    unsafe { encode_chunked(copied, key, address, format::CHUNK_BYTES, process) }
 }
 
-/// Writes the image of a copy to `path` (its target when it is a symbolic link): to a
-/// temporary file in the same directory, renamed over it once complete, so that `path`
-/// is never a partial image and a failure leaves no file behind; a replaced file keeps
-/// its permissions ([`file::write_atomically`]). The copy's buffer is rewritten
-/// ([`prepare`]).
-///
-/// # Errors
-/// As [`prepare`]; [`WriteError::Io`] when the file cannot be written.
+/// The words of a copy.
 ///
 /// # Safety
-/// As [`prepare`].
+/// `copied` describes a finished copy whose buffer stays alive while the slice is used.
+unsafe fn copy_words(copied: &Copied) -> &[Word] {
+    if copied.base.is_null() {
+        &[]
+    } else {
+        // SAFETY: the copy's buffer: `bytes` bytes, word aligned.
+        unsafe { std::slice::from_raw_parts(copied.base as *const Word, copied.bytes / WORD_BYTES) }
+    }
+}
+
+/// Writes an image to `path` (its target when it is a symbolic link) whose payload
+/// `fill` hands to the [`writer::PayloadWriter`] it is given (the traversal, as an
+/// [`crate::copy::Output`], or [`writer::PayloadWriter::feed`]), returning the root as
+/// a value for the payload at the writer's address. The file is written as the payload
+/// comes, to a temporary file in the same directory, renamed over `path` once complete
+/// ([`file::write_atomically`]); a failure leaves no file behind.
+///
+/// # Errors
+/// `fill`'s error; [`WriteError::Unsupported`] for what an image cannot hold;
+/// [`WriteError::KeyTooLong`]; [`WriteError::Io`] when the file cannot be written.
+pub fn write_with(
+    path: &Path,
+    key: &[u8],
+    process: &Process,
+    fill: impl FnOnce(&mut writer::PayloadWriter<&mut std::fs::File>) -> Result<Word, WriteError>,
+) -> Result<(), WriteError> {
+    check_key(key)?;
+    let mut fill = Some(fill);
+    file::write_atomically(path, file::Temporary::Unnamed, |f: &mut std::fs::File| {
+        use std::io::{Seek, SeekFrom, Write};
+        use std::os::unix::fs::FileExt;
+        let fill = fill.take().expect("the file is filled once");
+        f.seek(SeekFrom::Start(HEADER_BYTES as u64))
+            .map_err(WriteError::Io)?;
+        let mut w =
+            writer::PayloadWriter::new(&mut *f, None, &process.custom_ops, format::CHUNK_BYTES)?;
+        let root = fill(&mut w)?;
+        let (payload, _) = w.finish()?;
+        let address = payload.address;
+        let root = stored_root(root, address, payload.bytes)?;
+        let tables = format::encode_tables(&payload.customs, &payload.chunks);
+        f.write_all(&tables).map_err(WriteError::Io)?;
+        let head = header(
+            &payload,
+            root,
+            address,
+            &tables,
+            key,
+            process,
+            format::CHUNK_BYTES,
+        );
+        f.write_all_at(&head, 0).map_err(WriteError::Io)
+    })
+}
+
+/// Writes the image of a copy already made to `path`, as [`write_with`] does. The copy
+/// is left as it is.
+///
+/// # Errors
+/// As [`write_with`].
+///
+/// # Safety
+/// `copied` describes a finished copy whose buffer stays alive during the call.
 pub unsafe fn write_file(
     path: &Path,
     copied: &Copied,
     key: &[u8],
     process: &Process,
 ) -> Result<(), WriteError> {
-    let address = choose_address(copied.bytes);
     // SAFETY: forwarded.
-    let prepared = unsafe { prepare(copied, address, process)? };
-    // SAFETY: forwarded.
-    let payload = unsafe { payload_bytes(copied) };
-    let head = header(&prepared, payload, key, process)?;
-    file::write_atomically(
-        path,
-        &[&head, payload, &table_bytes(&prepared.customs)],
-        file::Temporary::Unnamed,
-    )
-    .map_err(WriteError::Io)
+    let words = unsafe { copy_words(copied) };
+    write_with(path, key, process, |w| {
+        w.feed(words);
+        Ok(
+            if layout::is_immediate(copied.root) || copied.base.is_null() {
+                copied.root
+            } else {
+                copied.root.wrapping_sub(copied.base as Word) + w.address()
+            },
+        )
+    })
 }
 
 /// How to load.
@@ -354,6 +364,19 @@ pub struct Options {
     /// Map the file instead of reading it (see [`file`]): pages shared with other
     /// processes, and the file must not change while the payload is loaded.
     pub share: bool,
+    /// Threads the checks may use: 0 for one per core
+    /// (`std::thread::available_parallelism`).
+    pub threads: usize,
+}
+
+impl Options {
+    /// The threads to use: [`Options::threads`], or one per core.
+    fn threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 /// The checks of a decoded header against the process, the options and the file size.
@@ -412,45 +435,57 @@ fn check_header(
     Ok(())
 }
 
-/// The fix-up table from its bytes.
-fn decode_table(bytes: &[u8]) -> Vec<u64> {
-    bytes
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-        .collect()
+/// The fix-up table and the chunk index from their bytes, checked against the header's
+/// checksum when `verify`.
+fn decode_tables(
+    h: &format::Header,
+    bytes: &[u8],
+    verify: bool,
+) -> Result<(Vec<u64>, Vec<format::Chunk>), LoadError> {
+    if verify && format::tables_checksum(bytes) != h.checksum {
+        return Err(bad(
+            "table checksum",
+            "the fix-up table or the chunk index is damaged".into(),
+        ));
+    }
+    Ok(format::decode_tables(h, bytes))
 }
 
 /// The checks and fix-ups of a payload now at `payload.as_ptr()`; returns the root.
 fn finish(
     payload: &mut [Word],
     h: &format::Header,
-    table: &[u64],
+    (customs, chunks): &(Vec<u64>, Vec<format::Chunk>),
     at_recorded: bool,
     opts: &Options,
     process: &Process,
 ) -> Result<Word, LoadError> {
-    if opts.verify {
-        // SAFETY: the same memory as `payload`, read as bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(payload.as_ptr() as *const u8, payload.len() * WORD_BYTES)
-        };
-        if format::payload_checksum(bytes, table) != h.checksum {
-            return Err(bad("payload checksum", "the payload is damaged".into()));
+    let trusted = opts.trusted && at_recorded;
+    let expected = validate::Expected {
+        address: h.address as Word,
+        root: h.root,
+        customs,
+        chunks,
+        chunk_bytes: h.chunk_bytes as usize,
+        blocks: h.blocks,
+        ocaml5: process.ocaml5(),
+        verify: opts.verify,
+        // Asking the system for its cores costs system calls: not for a trusted load.
+        threads: if trusted && !opts.verify {
+            1
+        } else {
+            opts.threads()
+        },
+    };
+    let root = if trusted {
+        if opts.verify {
+            validate::verify_chunks(payload, &expected)?;
         }
-    }
-    let root = if opts.trusted && at_recorded {
         validate::trusted_root(payload, h.root)?
     } else {
-        validate::check(
-            payload,
-            h.address as Word,
-            h.root,
-            table,
-            h.blocks,
-            process.ocaml5(),
-        )?
+        validate::check(payload, &expected)?
     };
-    validate::fix_customs(payload, table, &process.custom_ops)?;
+    validate::fix_customs(payload, customs, &process.custom_ops)?;
     Ok(root)
 }
 
@@ -476,13 +511,27 @@ pub fn load_bytes(bytes: &[u8], opts: &Options, process: &Process) -> Result<Dec
         .chunks_exact(WORD_BYTES)
         .map(|c| Word::from_ne_bytes(c.try_into().expect("one word")))
         .collect();
-    let table = decode_table(&bytes[payload_end..]);
+    let tables = decode_tables(&h, &bytes[payload_end..], opts.verify)?;
+    if words.is_empty() {
+        return Ok(Decoded {
+            words,
+            root: empty_root(&h)?,
+        });
+    }
     let opts = Options {
         trusted: false,
         ..opts.clone()
     };
-    let root = finish(&mut words, &h, &table, false, &opts, process)?;
+    let root = finish(&mut words, &h, &tables, false, &opts, process)?;
     Ok(Decoded { words, root })
+}
+
+/// The root of an image with an empty payload: an immediate.
+fn empty_root(h: &format::Header) -> Result<Word, LoadError> {
+    if !layout::is_immediate(h.root as Word) {
+        return Err(bad("root", "a pointer into an empty payload".into()));
+    }
+    Ok(h.root as Word)
 }
 
 /// A loaded image.
@@ -525,30 +574,40 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
     file::read_exact_at(&f, &mut page, 0).map_err(LoadError::Io)?;
     let h = format::Header::decode(&page)?;
     check_header(&h, file_bytes, opts, process)?;
-    let mut table_raw = vec![0u8; 8 * h.customs as usize];
-    file::read_exact_at(&f, &mut table_raw, HEADER_BYTES as u64 + h.payload_bytes)
+    let mut tables_raw = Vec::new();
+    tables_raw
+        .try_reserve_exact(h.tables_bytes() as usize)
+        .map_err(|_| LoadError::OutOfMemory(h.tables_bytes() as usize))?;
+    tables_raw.resize(h.tables_bytes() as usize, 0);
+    file::read_exact_at(&f, &mut tables_raw, HEADER_BYTES as u64 + h.payload_bytes)
         .map_err(LoadError::Io)?;
-    let table = decode_table(&table_raw);
+    let tables = decode_tables(&h, &tables_raw, opts.verify)?;
     let bytes = h.payload_bytes as usize;
     if bytes == 0 {
-        if !layout::is_immediate(h.root as Word) {
-            return Err(bad("root", "a pointer into an empty payload".into()));
-        }
         return Ok(Loaded {
-            root: h.root as Word,
+            root: empty_root(&h)?,
             base: std::ptr::null_mut(),
             bytes: 0,
             blocks: 0,
             mapping: file::Mapping::None,
         });
     }
-    let (base, mapping) =
-        file::load_payload(&f, bytes, h.address as Word, opts.relocate, opts.share)?;
+    let (base, mapping) = file::load_payload(
+        &f,
+        bytes,
+        h.address as Word,
+        &file::How {
+            relocate: opts.relocate,
+            share: opts.share,
+            reads_all: opts.verify || !opts.trusted,
+            threads: if opts.share { 1 } else { opts.threads() },
+        },
+    )?;
     let at_recorded = mapping == file::Mapping::Recorded;
     // SAFETY: `load_payload` gave `bytes` bytes at `base`, word aligned, readable and
     // writable, private to this process, not yet shared with anything.
     let payload = unsafe { std::slice::from_raw_parts_mut(base as *mut Word, bytes / WORD_BYTES) };
-    match finish(payload, &h, &table, at_recorded, opts, process) {
+    match finish(payload, &h, &tables, at_recorded, opts, process) {
         Ok(root) => Ok(Loaded {
             root,
             base,

@@ -1,4 +1,5 @@
-//! The checks a payload passes before its root is handed out, and its relocation.
+//! The checks a payload passes before its root is handed out, and its relocation, split
+//! by chunk over threads.
 //!
 //! Everything here works on a payload as a slice of words at the place it will be used
 //! from: no `unsafe`, no assumption about the bytes. A payload that passes [`check`] is a
@@ -10,8 +11,32 @@
 //! string padding is consistent, and the fix-up table lists exactly its custom blocks.
 //! What it does not and cannot check is the OCaml type: as with `Marshal`, that is the
 //! caller's promise.
+//!
+//! The work is split by the chunks of the chunk index ([`format::Chunk`]), each checked
+//! on its own by whichever thread takes it:
+//! 1. **tile** (parallel): the chunk's checksum; then its blocks, walked from the first
+//!    header the index gives for it to the first block that ends past it: headers,
+//!    sizes, tags, string padding, custom blocks against the fix-up table. Raw blocks
+//!    (strings, floats, boxed integers) cost their header and, for a string, its last
+//!    word: their contents are never read. Block starts go into a bitmap, each chunk
+//!    writing its own words of it.
+//! 2. **join** (one thread, a few words per chunk): the index is consistent (every chunk's
+//!    first block is where the blocks of the chunks before it end, the last ends at the
+//!    payload's end), so the blocks of all chunks tile the payload exactly; block and
+//!    custom counts.
+//! 3. **pointers** (parallel): every word of the chunk that is a field of a scannable
+//!    block (the block that covers the chunk's start included) is checked against the
+//!    bitmap and relocated.
+//! 4. forward chains and the root (one thread, forward blocks only).
+//!
+//! Errors are deterministic whatever the number of threads: a damaged checksum is
+//! reported before anything else, for the first damaged chunk; else the first chunk's
+//! first structural error.
 
-use super::format::CustomKind;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::format::{self, Chunk, CustomKind, NO_BLOCK};
+use super::parallel::parallel;
 use super::LoadError;
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 
@@ -19,29 +44,42 @@ fn bad(check: &'static str, detail: String) -> LoadError {
     LoadError::Bad { check, detail }
 }
 
-/// One bit per word of the payload (and one past its end): set where a block's first
-/// field is.
-struct Starts {
-    bits: Vec<u64>,
+/// What [`check`] checks a payload against: the header's fields and the tables.
+#[derive(Clone, Copy, Debug)]
+pub struct Expected<'a> {
+    /// The address the payload was written for.
+    pub address: Word,
+    /// The root as the header stores it.
+    pub root: u64,
+    /// The fix-up table.
+    pub customs: &'a [u64],
+    /// The chunk index.
+    pub chunks: &'a [Chunk],
+    /// Payload bytes per chunk.
+    pub chunk_bytes: usize,
+    /// Blocks in the payload.
+    pub blocks: u64,
+    /// Whether the payload is checked for OCaml 5 (tags 244 and 245 refused).
+    pub ocaml5: bool,
+    /// Whether chunk checksums are verified.
+    pub verify: bool,
+    /// Threads to use, at least 1.
+    pub threads: usize,
 }
 
-impl Starts {
-    fn new(words: usize) -> Starts {
-        Starts {
-            bits: vec![0; (words + 1).div_ceil(64)],
-        }
-    }
+/// The smallest index whose work failed, shared by the threads so that chunks after a
+/// failure skip their structural work (their result cannot be the one reported).
+struct FirstFailure(AtomicUsize);
 
-    #[inline(always)]
-    fn set(&mut self, word: usize) {
-        self.bits[word / 64] |= 1 << (word % 64);
+impl FirstFailure {
+    fn new() -> FirstFailure {
+        FirstFailure(AtomicUsize::new(usize::MAX))
     }
-
-    #[inline(always)]
-    fn get(&self, word: usize) -> bool {
-        self.bits
-            .get(word / 64)
-            .is_some_and(|b| b & (1 << (word % 64)) != 0)
+    fn record(&self, k: usize) {
+        self.0.fetch_min(k, Ordering::Relaxed);
+    }
+    fn before(&self, k: usize) -> bool {
+        self.0.load(Ordering::Relaxed) < k
     }
 }
 
@@ -69,15 +107,63 @@ fn string_padding_ok(fields: &[Word]) -> bool {
             .all(|&b| b == 0)
 }
 
-/// Pass 1: the blocks tile the payload; headers, sizes, tags, string padding, custom
-/// blocks against the fix-up table. Returns the block starts.
-fn tile(payload: &[Word], customs: &[u64], blocks: u64, ocaml5: bool) -> Result<Starts, LoadError> {
+/// What tiling one chunk found.
+#[derive(Debug, Default)]
+struct Tiled {
+    /// Blocks whose header lies in the chunk.
+    blocks: u64,
+    /// Custom blocks among them.
+    customs: usize,
+    /// The word after the last block walked (the first past the chunk, or the payload's
+    /// end); unused when the chunk holds no header.
+    end: usize,
+    /// The header word of the last block walked.
+    last_header: usize,
+    /// The header words of the forward blocks.
+    forwards: Vec<usize>,
+}
+
+/// The words of chunk `k` of `chunk_words` words in a payload of `n` words.
+fn chunk_range(k: usize, chunk_words: usize, n: usize) -> std::ops::Range<usize> {
+    k * chunk_words..((k + 1) * chunk_words).min(n)
+}
+
+/// Phase 1 for chunk `k`: its blocks from its first header. `bits` is the chunk's part
+/// of the block-start bitmap (one bit per word, set at headers).
+fn tile_chunk(
+    payload: &[Word],
+    k: usize,
+    e: &Expected,
+    bits: &mut [u64],
+) -> Result<Tiled, LoadError> {
     let n = payload.len();
-    let mut starts = Starts::new(n);
-    let mut i = 0;
-    let mut found = 0u64;
-    let mut next_custom = 0;
-    while i < n {
+    let chunk_words = e.chunk_bytes / WORD_BYTES;
+    let range = chunk_range(k, chunk_words, n);
+    let first = e.chunks[k].first;
+    let mut tiled = Tiled::default();
+    if first == NO_BLOCK {
+        return Ok(tiled);
+    }
+    let in_chunk = first.is_multiple_of(WORD_BYTES as u64)
+        && first >= (range.start * WORD_BYTES) as u64
+        && first < (range.end * WORD_BYTES) as u64;
+    if !in_chunk {
+        return Err(bad(
+            "chunk index",
+            format!("chunk {k}: first block at byte {first}, outside the chunk"),
+        ));
+    }
+    let start_byte = range.start * WORD_BYTES;
+    // The fix-up entries of the custom blocks whose headers lie in this chunk.
+    let lo = e
+        .customs
+        .partition_point(|&c| c < start_byte as u64 + WORD_BYTES as u64);
+    let hi = e
+        .customs
+        .partition_point(|&c| c < (range.end * WORD_BYTES) as u64 + WORD_BYTES as u64);
+    let mut next_custom = lo;
+    let mut i = first as usize / WORD_BYTES;
+    while i < range.end {
         let hd = Header(payload[i]);
         let at = i * WORD_BYTES;
         if hd.color() != Color::Unmarkable {
@@ -99,9 +185,8 @@ fn tile(payload: &[Word], customs: &[u64], blocks: u64, ocaml5: bool) -> Result<
                 ),
             ));
         }
-        let fields = &payload[i + 1..i + 1 + wosize];
         let tag = hd.tag();
-        if let Some(what) = refused_tag(tag, ocaml5) {
+        if let Some(what) = refused_tag(tag, e.ocaml5) {
             return Err(bad("tag", format!("{what} (tag {tag}) at byte {at}")));
         }
         // At least what compare, hash and Marshal read ([`layout::min_wosize`]); a boxed
@@ -117,126 +202,373 @@ fn tile(payload: &[Word], customs: &[u64], blocks: u64, ocaml5: bool) -> Result<
                 format!("a block of tag {tag} with {wosize} fields at byte {at}"),
             ));
         }
-        if tag == layout::STRING_TAG && !string_padding_ok(fields) {
-            return Err(bad("string padding", format!("the string at byte {at}")));
-        }
-        if tag == layout::CUSTOM_TAG {
-            if CustomKind::from_id(fields[0] as u64).is_none() {
-                return Err(bad(
-                    "custom block",
-                    format!("unknown custom block {:#x} at byte {at}", fields[0]),
-                ));
+        match tag {
+            layout::STRING_TAG if !string_padding_ok(&payload[i + 1..i + 1 + wosize]) => {
+                return Err(bad("string padding", format!("the string at byte {at}")));
             }
-            if customs.get(next_custom) != Some(&(at as u64 + 8)) {
-                return Err(bad(
-                    "fix-up table",
-                    format!("the custom block at byte {at} is not entry {next_custom}"),
-                ));
-            }
-            next_custom += 1;
-        }
-        starts.set(i + 1);
-        found += 1;
-        i += 1 + wosize;
-    }
-    if next_custom != customs.len() {
-        return Err(bad(
-            "fix-up table",
-            format!("{} entries for {next_custom} custom blocks", customs.len()),
-        ));
-    }
-    if found != blocks {
-        return Err(bad(
-            "block count",
-            format!("the header says {blocks} blocks, the payload holds {found}"),
-        ));
-    }
-    Ok(starts)
-}
-
-/// Where the value `v` of a payload written for `address` points, in words from the
-/// payload's start; `None` unless it is the first field of a block.
-#[inline(always)]
-fn target(v: Word, address: Word, starts: &Starts) -> Option<usize> {
-    let off = v.wrapping_sub(address);
-    (off.is_multiple_of(WORD_BYTES) && starts.get(off / WORD_BYTES) && off != 0)
-        .then_some(off / WORD_BYTES)
-}
-
-/// Checks `payload` (written for `address`, now at `payload.as_ptr()`) and relocates its
-/// pointers to where it is. Returns the root.
-///
-/// # Errors
-/// [`LoadError::Bad`] naming the first check that failed; the payload may then be half
-/// relocated and must be dropped.
-pub fn check(
-    payload: &mut [Word],
-    address: Word,
-    root: u64,
-    customs: &[u64],
-    blocks: u64,
-    ocaml5: bool,
-) -> Result<Word, LoadError> {
-    let starts = tile(payload, customs, blocks, ocaml5)?;
-    let base = payload.as_ptr() as Word;
-    let delta = base.wrapping_sub(address);
-    let n = payload.len();
-    let mut i = 0;
-    while i < n {
-        let hd = Header(payload[i]);
-        let wosize = hd.wosize();
-        if hd.is_scannable() {
-            for (k, field) in payload[i + 1..i + 1 + wosize].iter_mut().enumerate() {
-                let v = *field;
-                if layout::is_immediate(v) {
-                    continue;
-                }
-                if target(v, address, &starts).is_none() {
+            layout::CUSTOM_TAG => {
+                let id = payload[i + 1];
+                if CustomKind::from_id(id as u64).is_none() {
                     return Err(bad(
-                        "pointer",
-                        format!(
-                            "field {k} of the block at byte {} holds {v:#x}, not a block of the payload",
-                            i * WORD_BYTES
-                        ),
+                        "custom block",
+                        format!("unknown custom block {id:#x} at byte {at}"),
                     ));
                 }
-                if delta != 0 {
-                    // Never written at the recorded address: the page stays shared.
-                    *field = v.wrapping_add(delta);
+                if next_custom >= hi || e.customs[next_custom] != at as u64 + 8 {
+                    return Err(bad(
+                        "fix-up table",
+                        format!("the custom block at byte {at} is not entry {next_custom}"),
+                    ));
                 }
+                next_custom += 1;
             }
+            layout::FORWARD_TAG => tiled.forwards.push(i),
+            _ => {}
         }
+        let bit = i - range.start;
+        bits[bit / 64] |= 1 << (bit % 64);
+        tiled.blocks += 1;
+        tiled.last_header = i;
         i += 1 + wosize;
     }
-    check_forward_chains(payload)?;
-    let root = root as Word;
+    if next_custom != hi {
+        return Err(bad(
+            "fix-up table",
+            format!(
+                "entry {next_custom} (byte {}) is not a custom block",
+                e.customs[next_custom]
+            ),
+        ));
+    }
+    tiled.customs = hi - lo;
+    tiled.end = i;
+    Ok(tiled)
+}
+
+/// Why phase 1 gave up on a chunk.
+#[derive(Debug)]
+enum ChunkFailure {
+    /// Its checksum does not match.
+    Damaged,
+    /// A chunk before it failed: its structure was not checked.
+    Skipped,
+    /// Its structure is bad.
+    Bad(LoadError),
+}
+
+/// The block-start bitmap: one bit per payload word, set at block headers.
+struct Starts<'a> {
+    bits: &'a [u64],
+}
+
+impl Starts<'_> {
+    /// Where the value `v` of a payload of `n` words written for `address` points, in
+    /// words from the payload's start; `None` unless it is the first field of a block.
+    #[inline(always)]
+    fn target(&self, v: Word, address: Word, n: usize) -> Option<usize> {
+        let off = v.wrapping_sub(address);
+        if !off.is_multiple_of(WORD_BYTES) || off == 0 || off / WORD_BYTES > n {
+            return None;
+        }
+        let header = off / WORD_BYTES - 1;
+        (self.bits[header / 64] & (1 << (header % 64)) != 0).then_some(header + 1)
+    }
+}
+
+/// The block that covers the start of a chunk, from an earlier chunk: its header word and
+/// header.
+#[derive(Clone, Copy, Debug)]
+struct Cover {
+    at: usize,
+    header: Header,
+}
+
+/// Phase 3 for one chunk (`words`, starting at word `start` of a payload of `n` words):
+/// checks and relocates every pointer field in it.
+#[allow(clippy::too_many_arguments)]
+fn pointers_chunk(
+    words: &mut [Word],
+    start: usize,
+    n: usize,
+    first: u64,
+    cover: Option<Cover>,
+    starts: &Starts,
+    address: Word,
+    delta: Word,
+) -> Result<(), LoadError> {
+    let end = start + words.len();
+    let check = |words: &mut [Word], i: usize, header_at: usize| -> Result<(), LoadError> {
+        let field = &mut words[i - start];
+        let v = *field;
+        if layout::is_immediate(v) {
+            return Ok(());
+        }
+        if starts.target(v, address, n).is_none() {
+            return Err(bad(
+                "pointer",
+                format!(
+                    "field {} of the block at byte {} holds {v:#x}, not a block of the payload",
+                    i - header_at - 1,
+                    header_at * WORD_BYTES
+                ),
+            ));
+        }
+        if delta != 0 {
+            // Never written at the recorded address: the page stays shared.
+            *field = v.wrapping_add(delta);
+        }
+        Ok(())
+    };
+    let first_header = if first == NO_BLOCK {
+        end
+    } else {
+        first as usize / WORD_BYTES
+    };
+    if let Some(c) = cover {
+        if c.header.is_scannable() {
+            for i in start..first_header.min(c.at + 1 + c.header.wosize()) {
+                check(words, i, c.at)?;
+            }
+        }
+    }
+    let mut i = first_header;
+    while i < end {
+        // A header phase 1 checked; its fields may run past the chunk.
+        let hd = Header(words[i - start]);
+        let block_end = i + 1 + hd.wosize();
+        if hd.is_scannable() {
+            for f in i + 1..block_end.min(end) {
+                check(words, f, i)?;
+            }
+        }
+        i = block_end;
+    }
+    Ok(())
+}
+
+/// Checks `payload` (written for `e.address`, now at `payload.as_ptr()`) and relocates
+/// its pointers to where it is, on up to `e.threads` threads. Returns the root.
+///
+/// # Errors
+/// [`LoadError::Bad`] naming the first check that failed (see the module's
+/// documentation for which is first); [`LoadError::OutOfMemory`] when the bitmap cannot
+/// be had. The payload may then be half relocated and must be dropped.
+pub fn check(payload: &mut [Word], e: &Expected) -> Result<Word, LoadError> {
+    let n = payload.len();
+    let chunk_words = e.chunk_bytes / WORD_BYTES;
+    let chunks = n.div_ceil(chunk_words);
+    if e.chunks.len() != chunks {
+        return Err(bad(
+            "chunk index",
+            format!("{} entries for {chunks} chunks", e.chunks.len()),
+        ));
+    }
+    let bits_per_chunk = chunk_words / 64;
+    let mut bits: Vec<u64> = Vec::new();
+    bits.try_reserve_exact(chunks * bits_per_chunk)
+        .map_err(|_| LoadError::OutOfMemory(chunks * bits_per_chunk * 8))?;
+    bits.resize(chunks * bits_per_chunk, 0);
+
+    // Phase 1: checksums and tiling, per chunk.
+    let failed = FirstFailure::new();
+    let shared: &[Word] = payload;
+    let tiled = parallel(
+        bits.chunks_mut(bits_per_chunk).collect(),
+        e.threads,
+        |k, bits: &mut [u64]| {
+            let range = chunk_range(k, chunk_words, n);
+            if e.verify && format::chunk_checksum(as_bytes(&shared[range])) != e.chunks[k].checksum
+            {
+                return Err(ChunkFailure::Damaged);
+            }
+            if failed.before(k) {
+                return Err(ChunkFailure::Skipped);
+            }
+            tile_chunk(shared, k, e, bits).map_err(|err| {
+                failed.record(k);
+                ChunkFailure::Bad(err)
+            })
+        },
+    );
+    if let Some(k) = tiled
+        .iter()
+        .position(|t| matches!(t, Err(ChunkFailure::Damaged)))
+    {
+        return Err(damaged_chunk(k, chunk_words, n));
+    }
+    let mut ok = Vec::with_capacity(chunks);
+    for t in tiled {
+        match t {
+            Ok(t) => ok.push(t),
+            Err(ChunkFailure::Bad(err)) => return Err(err),
+            Err(_) => unreachable!("a chunk is skipped only after a failed one"),
+        }
+    }
+    let tiled = ok;
+
+    // Phase 2: the chunks' walks join up.
+    let mut covers = Vec::with_capacity(chunks);
+    let mut next_block = 0;
+    let mut cover: Option<Cover> = None;
+    let (mut blocks, mut customs) = (0u64, 0usize);
+    for (k, t) in tiled.iter().enumerate() {
+        let range = chunk_range(k, chunk_words, n);
+        let first = e.chunks[k].first;
+        let expected = if next_block < range.end {
+            next_block as u64 * WORD_BYTES as u64
+        } else {
+            NO_BLOCK
+        };
+        if first != expected {
+            let expected = if expected == NO_BLOCK {
+                "none (a block covers the chunk)".to_string()
+            } else {
+                format!("byte {expected}")
+            };
+            return Err(bad(
+                "chunk index",
+                format!(
+                    "chunk {k}: first block at {}, the blocks before it give {expected}",
+                    if first == NO_BLOCK {
+                        "none".to_string()
+                    } else {
+                        format!("byte {first}")
+                    }
+                ),
+            ));
+        }
+        covers.push(cover.filter(|_| first != range.start as u64 * WORD_BYTES as u64));
+        if first != NO_BLOCK {
+            next_block = t.end;
+            cover = Some(Cover {
+                at: t.last_header,
+                header: Header(payload[t.last_header]),
+            });
+        }
+        blocks += t.blocks;
+        customs += t.customs;
+    }
+    if next_block != n {
+        return Err(bad(
+            "chunk index",
+            format!(
+                "the blocks end at byte {}, the payload at {}",
+                next_block * WORD_BYTES,
+                n * WORD_BYTES
+            ),
+        ));
+    }
+    if customs != e.customs.len() {
+        return Err(bad(
+            "fix-up table",
+            format!("{} entries for {customs} custom blocks", e.customs.len()),
+        ));
+    }
+    if blocks != e.blocks {
+        return Err(bad(
+            "block count",
+            format!(
+                "the header says {} blocks, the payload holds {blocks}",
+                e.blocks
+            ),
+        ));
+    }
+
+    // Phase 3: pointers, per chunk.
+    let base = payload.as_ptr() as Word;
+    let delta = base.wrapping_sub(e.address);
+    let starts = Starts { bits: &bits };
+    let work: Vec<(&mut [Word], Option<Cover>)> =
+        payload.chunks_mut(chunk_words).zip(covers).collect();
+    let checked = parallel(work, e.threads, |k, (words, cover)| {
+        pointers_chunk(
+            words,
+            k * chunk_words,
+            n,
+            e.chunks[k].first,
+            cover,
+            &starts,
+            e.address,
+            delta,
+        )
+    });
+    if let Some(err) = checked.into_iter().find_map(Result::err) {
+        return Err(err);
+    }
+
+    // Phase 4: forward chains and the root.
+    let forwards: Vec<usize> = tiled.into_iter().flat_map(|t| t.forwards).collect();
+    check_forward_chains(payload, &forwards)?;
+    let root = e.root as Word;
     if layout::is_immediate(root) {
         return Ok(root);
     }
-    if !starts.get(root / WORD_BYTES) || !root.is_multiple_of(WORD_BYTES) {
+    if starts.target(e.address + root, e.address, n).is_none() {
         return Err(bad("root", format!("offset {root} is not a block")));
     }
     Ok(base + root)
 }
 
+/// Verifies the chunk checksums of `payload` only (a trusted load), on up to
+/// `e.threads` threads.
+///
+/// # Errors
+/// [`LoadError::Bad`] ("payload checksum") naming the first damaged chunk.
+pub fn verify_chunks(payload: &[Word], e: &Expected) -> Result<(), LoadError> {
+    let n = payload.len();
+    let chunk_words = e.chunk_bytes / WORD_BYTES;
+    if e.chunks.len() != n.div_ceil(chunk_words) {
+        return Err(bad(
+            "chunk index",
+            format!(
+                "{} entries for {} chunks",
+                e.chunks.len(),
+                n.div_ceil(chunk_words)
+            ),
+        ));
+    }
+    let damaged = parallel(
+        payload.chunks(chunk_words).collect(),
+        e.threads,
+        |k, words| format::chunk_checksum(as_bytes(words)) != e.chunks[k].checksum,
+    );
+    match damaged.iter().position(|&d| d) {
+        Some(k) => Err(damaged_chunk(k, chunk_words, n)),
+        None => Ok(()),
+    }
+}
+
+/// The error for a damaged chunk `k`.
+fn damaged_chunk(k: usize, chunk_words: usize, n: usize) -> LoadError {
+    let range = chunk_range(k, chunk_words, n);
+    bad(
+        "payload checksum",
+        format!(
+            "chunk {k} (bytes {} to {}) is damaged",
+            range.start * WORD_BYTES,
+            range.end * WORD_BYTES
+        ),
+    )
+}
+
+/// The bytes of `words`.
+fn as_bytes(words: &[Word]) -> &[u8] {
+    // SAFETY: the same memory, read as bytes (any byte pattern is a valid u8, and u8's
+    // alignment is 1).
+    unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, std::mem::size_of_val(words)) }
+}
+
 /// Refuses a cycle of forward blocks (each the only field of the one before): compare
 /// follows `Forward_val` without end on one (OCaml 4.13 and 5.3, `runtime/compare.c`),
 /// where a genuine value has chains, never cycles. `payload` is checked and relocated:
-/// every pointer field leads to a block of it.
-fn check_forward_chains(payload: &[Word]) -> Result<(), LoadError> {
+/// every pointer field leads to a block of it; `forwards` lists the header words of its
+/// forward blocks.
+fn check_forward_chains(payload: &[Word], forwards: &[usize]) -> Result<(), LoadError> {
     let base = payload.as_ptr() as Word;
     // The forward blocks by the word of their header; 0 unseen, else the walk that saw it.
-    let mut seen: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
-    let mut i = 0;
-    while i < payload.len() {
-        let hd = Header(payload[i]);
-        if hd.tag() == layout::FORWARD_TAG {
-            seen.insert(i, 0);
-        }
-        i += 1 + hd.wosize();
-    }
-    let starts: Vec<usize> = seen.keys().copied().collect();
-    for (walk, start) in starts.into_iter().enumerate() {
+    let mut seen: std::collections::HashMap<usize, usize> =
+        forwards.iter().map(|&i| (i, 0)).collect();
+    for (walk, &start) in forwards.iter().enumerate() {
         let walk = walk + 1;
         let mut at = start;
         loop {

@@ -71,6 +71,28 @@ fn custom_identifier(ops: Word) -> String {
     }
 }
 
+/// Copies `v` with the runtime's classifier and visited set into `out` (an image written
+/// as it is copied).
+///
+/// # Safety
+/// As [`copy_value`]; `out` does not call into OCaml.
+pub unsafe fn copy_value_into<O: copy::Output>(
+    v: Word,
+    copy_static: bool,
+    out: &mut O,
+) -> Result<copy::Written, CopyError> {
+    let mut heap = backend::RuntimeHeap::new(copy_static);
+    // SAFETY: as in `copy_value`.
+    unsafe {
+        #[allow(irrefutable_let_patterns)]
+        match backend::visited_set(copy_static) {
+            backend::Visited::Marks(marks) => copy::copy_into(v, &mut heap, marks, out),
+            #[cfg(ocaml5)]
+            backend::Visited::Table(table) => copy::copy_into(v, &mut heap, table, out),
+        }
+    }
+}
+
 /// Copies `v` with the runtime's classifier and visited set.
 ///
 /// # Safety

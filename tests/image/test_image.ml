@@ -257,7 +257,14 @@ let test_bad_files _ =
     assert_invalid ?verify check bad
   in
   patched (fun s -> Bytes.set s 0 'X') "magic" ();
-  patched (fun s -> Bytes.set s 8 '\002') "format version" ();
+  (* The previous format: refused, naming both versions. *)
+  patched (fun s -> Bytes.set s 8 '\001') "format version" ();
+  write good;
+  set_bytes bad (fun s -> Bytes.set s 8 '\001');
+  (match Image.load bad with
+  | _ -> assert_failure "a version 1 image loaded"
+  | exception Image.Invalid_image m ->
+      assert_bool m (contains m "version 1, this library reads version 2"));
   patched (fun s -> Bytes.set s 12 '\004') "word size" ();
   let root = Int64.to_int (Bytes.get_int64_le (Bytes.of_string good) 40) in
   let address = Int64.to_int (Bytes.get_int64_le (Bytes.of_string good) 24) in
