@@ -22,6 +22,7 @@ module type S = sig
 
   val create : ?alloc:alloc -> ?chunk_bytes:int -> unit -> t
   val add : t -> 'a -> 'a
+  val add_deep : t -> 'a -> 'a
   val mem : t -> 'a -> bool
   val free : t -> unit
   val stats : t -> stats
@@ -52,7 +53,7 @@ module Make (B : BASE) = struct
   external stub_cell : int -> cell = "offheap_region_cell"
 
   (* The copy, or the third argument (the error is then kept for [stub_error]). *)
-  external stub_add : t -> 'a -> Obj.t -> Obj.t = "offheap_region_add" [@@noalloc]
+  external stub_add : t -> 'a -> Obj.t -> bool -> Obj.t = "offheap_region_add" [@@noalloc]
 
   (* This thread's last add error: 0 freed, 1 out of memory, else a message. *)
   external stub_error : unit -> Obj.t = "offheap_region_error"
@@ -83,7 +84,11 @@ module Make (B : BASE) = struct
     else invalid_arg (Obj.obj e : string)
 
   let add r v =
-    let c = stub_add r v failed in
+    let c = stub_add r v failed false in
+    if c == failed then fail () else Obj.obj c
+
+  let add_deep r v =
+    let c = stub_add r v failed true in
     if c == failed then fail () else Obj.obj c
 
   let mem r v = stub_mem r v

@@ -72,8 +72,8 @@ module type S = sig
 
       Old versions stay: adding [Map.add k v m] for an [m] taken from [r] copies the
       new path from the root to [k]; the old path stays in [r], dead, until [r] is
-      freed. To compact, add the live value to a new region and free the old one (or
-      write it with {!write_image}, which keeps only what the roots reach).
+      freed. To compact, {!add_deep} the live value to a new region and free the old
+      one (or write it with {!write_image}, which keeps only what the roots reach).
 
       Adds to one region from several domains (OCaml 5) or threads are safe: they take
       the region's lock in turn. The rules of {!Offheap.copy} hold for the copy (no
@@ -86,6 +86,27 @@ module type S = sig
       @raise Out_of_memory when the allocator returns [NULL] or the traversal has no
       memory. On every error, [r] is exactly as it was before the add (its stats and
       contents, no chunk taken) and [v] is unchanged. *)
+
+  val add_deep : t -> 'a -> 'a
+  (** [add_deep r v] is {!add}, except that every block [v] reaches is copied,
+      outside the heap too: blocks of other regions and copies, and static data. Into a
+      fresh region, it copies the live part of a region (sharing kept) so that the old
+      one can be freed: compaction. Pass several roots as one tuple to keep the sharing
+      between them.
+
+      {[
+        let old = Offheap.Region.create () in
+        let m = ref (Offheap.Region.add old [ 0 ]) in
+        for i = 1 to 100 do m := Offheap.Region.add old (List.map (( + ) i) !m) done;
+        let fresh = Offheap.Region.create () in
+        let live = Offheap.Region.add_deep fresh !m in
+        Offheap.Region.free old;
+        assert (live = [ 5050 ] && (Offheap.Region.stats fresh).blocks = 1);
+        Offheap.Region.free fresh
+      ]}
+
+      @raise Invalid_argument and [Out_of_memory] as {!add} does, with [r] and [v]
+      unchanged. *)
 
   val mem : t -> 'a -> bool
   (** [mem r v] tells whether [v] is a block inside one of the chunks of [r]: false for

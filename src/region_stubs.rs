@@ -156,11 +156,11 @@ pub extern "C" fn offheap_region_cell(chunk_bytes: Value) -> Value {
     block
 }
 
-/// Adds `v` to the region `r`: returns its copy (or `v` itself when nothing was
-/// copied), or `failed` and keeps the error for [`offheap_region_error`]. Allocates
-/// nothing on the OCaml heap.
+/// Adds `v` to the region `r` (copying blocks outside the heap too when `deep`):
+/// returns its copy (or `v` itself when nothing was copied), or `failed` and keeps the
+/// error for [`offheap_region_error`]. Allocates nothing on the OCaml heap.
 #[no_mangle]
-pub extern "C" fn offheap_region_add(r: Value, v: Value, failed: Value) -> Value {
+pub extern "C" fn offheap_region_add(r: Value, v: Value, failed: Value, deep: Value) -> Value {
     let Some(mut cell) = lock(r) else {
         return failure(AddError::Freed, failed);
     };
@@ -172,7 +172,7 @@ pub extern "C" fn offheap_region_add(r: Value, v: Value, failed: Value) -> Value
     let added = cell.region.add(&mut alloc, &mut RuntimeRegistry, |bump| {
         // SAFETY: we hold the runtime and allocate nothing on the OCaml heap until the
         // copy returns; the allocator's contract forbids calls into OCaml.
-        unsafe { runtime::copy_value(v as Word, false, bump) }
+        unsafe { runtime::copy_value(v as Word, deep as Word != val_int(0), bump) }
     });
     match added {
         Ok(copied) => copied.root as Value,
