@@ -117,12 +117,6 @@ module Make (B : BASE) = struct
 
   let write_image ?(key = "") path r roots =
     if freed r then invalid_arg "Offheap.Region.write_image: freed";
-    List.iter
-      (fun (name, v) ->
-        if not (Obj.is_int v || mem r v) then
-          invalid_arg
-            (Printf.sprintf "Offheap.Region.write_image: root %S is not in the region" name))
-      roots;
     B.image_write ~key:(region_key key) path (Array.of_list roots)
 
   (* The named roots in the root block of a region image, if it has their shape: an

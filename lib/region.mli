@@ -9,12 +9,19 @@ module type BASE = sig
   type 'a handle
 
   val malloc : alloc
+  (** The default allocator of chunks. *)
+
   val finish_cycle : unit -> unit
   (** Finishes the major cycle and releases the frees waiting for it (OCaml 5). *)
 
   val free_handle : 'a handle -> unit
+  (** {!Offheap.free}. *)
+
   val image_write : ?key:string -> string -> 'a -> unit
+  (** {!Offheap.Image.write}. *)
+
   val image_load : ?key:string -> ?verify:bool -> ?share:bool -> string -> 'a handle
+  (** {!Offheap.Image.load}. *)
 
   exception Invalid_image of string
 end
@@ -56,15 +63,16 @@ module type S = sig
   (** [add r v] copies into [r] the blocks of [v] that are on the GC heap and returns
       the copy of [v], valid until [r] is freed. Blocks outside the heap are pointed to,
       not copied: those already in [r] (so a structure grown step by step from values
-      taken from [r] costs only its new blocks), in other copies, and static data. The
-      copy keeps sharing and cycles as {!Offheap.copy} does. Nothing already in [r]
-      ever moves. An immediate, or a value wholly outside the heap, is returned as it
-      is.
+      taken from [r] costs only its new blocks), in other copies, and static data
+      (in native code on OCaml 4, constants written in the program, such as
+      [[ 1; 2 ]], are static data). The copy keeps sharing and cycles as
+      {!Offheap.copy} does. Nothing already in [r] ever moves. An immediate, or a
+      value wholly outside the heap, is returned as it is.
 
       {[
         let r = Offheap.Region.create () in
-        let l = Offheap.Region.add r [ 2; 3 ] in
-        let l' = Offheap.Region.add r (1 :: l) in
+        let l = Offheap.Region.add r (List.init 2 succ) in
+        let l' = Offheap.Region.add r (0 :: l) in
         (* only the new cons cell was copied: [l'] points to [l] *)
         assert (List.tl l' == l && (Offheap.Region.stats r).blocks = 3);
         Offheap.Region.free r
@@ -145,7 +153,7 @@ module type S = sig
 
       {[
         let r = Offheap.Region.create () in
-        ignore (Offheap.Region.add r (1, 2));
+        ignore (Offheap.Region.add r (List.init 1 succ));
         assert ((Offheap.Region.stats r).bytes = 24);
         Offheap.Region.free r
       ]}
@@ -164,23 +172,23 @@ module type S = sig
   val write_image : ?key:string -> string -> t -> (string * Obj.t) list -> unit
   (** [write_image ?key path r roots] saves the values [roots] of [r], each under its
       name, in one image file (as {!Offheap.Image.write} does, with the same guarantees
-      on [path]). Every root must be an immediate or a block of [r]. What the roots
-      reach is written, sharing between roots kept, once each; what no root reaches
-      (the dead old versions of a persistent structure) is left out, so that writing
-      compacts. [key] is that of {!Offheap.Image.write}; a region image only loads with
+      on [path]). The roots are normally values of [r]; what they reach is written
+      whatever it is (static data, other copies, even values on the heap), sharing
+      between roots kept, once each. What no root reaches (the dead old versions of a
+      persistent structure) is left out, so that writing compacts. [key] is that of {!Offheap.Image.write}; a region image only loads with
       {!load_image}, and a plain image never does.
 
       {[
         let r = Offheap.Region.create () in
-        let names = Offheap.Region.add r [| "a"; "b" |] in
+        let names = Offheap.Region.add r (Array.init 2 (fun i -> String.make 1 "ab".[i])) in
         let count = Offheap.Region.add r (ref 2) in
         Offheap.Region.write_image ~key:"v1" "names.img" r
           [ ("names", Obj.repr names); ("count", Obj.repr count) ];
         Offheap.Region.free r
       ]}
 
-      @raise Invalid_argument when [r] was freed, when a root is not in [r] (naming
-      it), or as {!Offheap.Image.write} (a closure, an abstract block...).
+      @raise Invalid_argument when [r] was freed, or as {!Offheap.Image.write} (a
+      closure, an abstract block...).
       @raise Sys_error when the file cannot be written.
       @raise Out_of_memory when there is no memory for the copy. *)
 

@@ -349,7 +349,10 @@ mod tests {
     use crate::alloc::Malloc;
 
     /// A stand-in for the traversal: allocates `bytes`, fails after when `fail`.
-    fn fake_copy<A: Allocator>(bytes: usize, fail: bool) -> impl FnOnce(&mut A) -> Result<Copied, CopyError> {
+    fn fake_copy<A: Allocator>(
+        bytes: usize,
+        fail: bool,
+    ) -> impl FnOnce(&mut A) -> Result<Copied, CopyError> {
         move |alloc: &mut A| {
             let base = alloc.alloc(bytes);
             if base.is_null() {
@@ -380,8 +383,12 @@ mod tests {
     #[test]
     fn small_adds_bump_in_one_chunk() {
         let mut r = Region::new(4096);
-        let a = r.add(&mut Malloc, &mut NoRegistry, |b| fake_copy(24, false)(b)).unwrap();
-        let b = r.add(&mut Malloc, &mut NoRegistry, |b| fake_copy(32, false)(b)).unwrap();
+        let a = r
+            .add(&mut Malloc, &mut NoRegistry, |b| fake_copy(24, false)(b))
+            .unwrap();
+        let b = r
+            .add(&mut Malloc, &mut NoRegistry, |b| fake_copy(32, false)(b))
+            .unwrap();
         assert_eq!(b.base as usize, a.base as usize + 24);
         assert!(r.contains(a.root) && r.contains(b.root));
         assert_eq!(r.stats().chunks, 1);
@@ -395,16 +402,24 @@ mod tests {
         let small = r.own_chunk_threshold();
         let mut bases = Vec::new();
         for _ in 0..40 {
-            let c = r.add(&mut Malloc, &mut NoRegistry, |b| fake_copy(small, false)(b)).unwrap();
+            let c = r
+                .add(&mut Malloc, &mut NoRegistry, |b| fake_copy(small, false)(b))
+                .unwrap();
             bases.push(c.base as usize);
         }
         // 4096 - 8 bytes hold 31 adds of 128 bytes.
         assert_eq!(r.stats().chunks, 2);
-        let big = r.add(&mut Malloc, &mut NoRegistry, |b| fake_copy(10_000, false)(b)).unwrap();
+        let big = r
+            .add(&mut Malloc, &mut NoRegistry, |b| {
+                fake_copy(10_000, false)(b)
+            })
+            .unwrap();
         assert_eq!(r.stats().chunks, 3);
         assert_eq!(r.stats().reserved, 2 * 4096 + 10_008);
         // The current chunk is still the second one.
-        let next = r.add(&mut Malloc, &mut NoRegistry, |b| fake_copy(8, false)(b)).unwrap();
+        let next = r
+            .add(&mut Malloc, &mut NoRegistry, |b| fake_copy(8, false)(b))
+            .unwrap();
         assert_eq!(next.base as usize, bases[39] + small);
         assert!(r.contains(big.base as usize) && !r.contains(big.base as usize + 10_008));
         release_all(&mut r);
@@ -413,12 +428,16 @@ mod tests {
     #[test]
     fn a_failed_add_leaves_the_region_as_it_was() {
         let mut r = Region::new(4096);
-        r.add(&mut Malloc, &mut NoRegistry, |b| fake_copy(4000, false)(b)).unwrap();
+        r.add(&mut Malloc, &mut NoRegistry, |b| fake_copy(4000, false)(b))
+            .unwrap();
         let before = (r.stats(), r.range.cursor, r.range.limit, r.chunks.clone());
         for bytes in [16, 200, 5000] {
             let e = r.add(&mut Malloc, &mut NoRegistry, |b| fake_copy(bytes, true)(b));
             assert_eq!(e, Err(CopyError::Misaligned));
-            assert_eq!((r.stats(), r.range.cursor, r.range.limit, r.chunks.clone()), before);
+            assert_eq!(
+                (r.stats(), r.range.cursor, r.range.limit, r.chunks.clone()),
+                before
+            );
         }
         release_all(&mut r);
     }

@@ -126,15 +126,14 @@ static CELL_OPS: Ops = Ops(ocaml_sys::custom_operations {
 pub extern "C" fn offheap_region_cell(chunk_bytes: Value) -> Value {
     // SAFETY: called from OCaml holding the runtime.
     unsafe { release::drain_due() };
-    let chunk_bytes = match chunk_bytes as isize >> 1 {
+    let chunk_bytes = match chunk_bytes >> 1 {
         n if n <= 0 => DEFAULT_CHUNK_BYTES,
         n => n as usize,
     };
     // SAFETY: a custom block with one word of data, zeroed below before anything else
     // can see it; allocating it may run a minor GC, which holds no pointer of ours.
-    let block = unsafe {
-        ocaml_sys::caml_alloc_custom(&CELL_OPS.0, std::mem::size_of::<Word>(), 0, 1)
-    };
+    let block =
+        unsafe { ocaml_sys::caml_alloc_custom(&CELL_OPS.0, std::mem::size_of::<Word>(), 0, 1) };
     // SAFETY: field 1 of the fresh custom block is its data word.
     unsafe { *(block as *mut *mut Mutex<Cell>).add(1) = std::ptr::null_mut() };
     let cell = Mutex::new(Cell {
@@ -224,7 +223,7 @@ pub extern "C" fn offheap_region_stat(r: Value, i: Value) -> Value {
         return val_int(0) as Value;
     };
     let s = cell.region.stats();
-    let n = match i as isize >> 1 {
+    let n = match i >> 1 {
         0 => s.bytes,
         1 => s.reserved,
         2 => s.blocks,
@@ -301,11 +300,6 @@ pub extern "C" fn offheap_region_adopt(r: Value, h: Value, failed: Value) -> Val
     };
     debug_assert!(adopted.is_ok(), "room reserved above");
     // SAFETY: a field of the live record, written with the runtime's write barrier.
-    unsafe {
-        ocaml_sys::caml_modify(
-            (r as *mut Value).add(IMAGE_OWNER),
-            owned.alloc as Value,
-        )
-    };
+    unsafe { ocaml_sys::caml_modify((r as *mut Value).add(IMAGE_OWNER), owned.alloc as Value) };
     root as Value
 }

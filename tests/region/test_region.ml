@@ -438,10 +438,18 @@ let test_image_round_trips _ =
     on_loaded p3 (fun r rs ->
         assert_bool "step 2 loaded" (check 2 (of_roots rs));
         assert_bool "writing dropped the dead paths" ((R.stats r).bytes < old_bytes);
-        raises_invalid ~sub:"not in the region" (fun () ->
-            R.write_image p1 r [ ("heap", Obj.repr (ref 1)) ]))
+        (* Roots outside the region are written too. *)
+        R.write_image ~key:"k" p1 r [ ("heap", Obj.repr (ref (str "h"))); ("n", Obj.repr 7) ])
   in
   R.free r;
+  let r, () =
+    on_loaded p1 (fun r rs ->
+        assert_equal ~msg:"roots from the heap" (str "h") !(Obj.obj (List.assoc "heap" rs) : string ref);
+        assert_equal ~msg:"immediate root" 7 (Obj.obj (List.assoc "n" rs));
+        assert_bool "in the loaded region" (R.mem r (List.assoc "heap" rs)))
+  in
+  R.free r;
+  raises_invalid ~sub:"freed" (fun () -> R.write_image p1 r []);
   (* Bad files: the checks of Image apply. *)
   let invalid what f =
     match f () with
