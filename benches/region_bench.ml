@@ -83,7 +83,7 @@ let in_child f =
           seconds = t;
           major_words = s1.major_words -. s0.major_words;
           major_collections = s1.major_collections - s0.major_collections;
-          top_heap_mb = float (s1.top_heap_words * (Sys.word_size / 8)) *. 8. /. 1e6;
+          top_heap_mb = float (s1.top_heap_words * (Sys.word_size / 8)) /. 1e6;
         }
       in
       let oc = Unix.out_channel_of_descr wr in
