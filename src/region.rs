@@ -179,7 +179,6 @@ impl Region {
             chunk_bytes: self.chunk_bytes,
             own_threshold: self.own_chunk_threshold(),
             range: &mut self.range,
-            saved,
             alloc,
             registry,
             taken: None,
@@ -276,8 +275,6 @@ pub struct Bump<'a, A, R> {
     own_threshold: usize,
     /// The region's bump range, moved forward by [`Allocator::alloc`].
     range: &'a mut Range,
-    /// The range before the add, restored by [`Allocator::free`].
-    saved: Range,
     alloc: &'a mut A,
     registry: &'a mut R,
     /// A chunk taken during this add (at most one: the traversal allocates once).
@@ -333,8 +330,10 @@ impl<A: Allocator, R: Registry> Allocator for Bump<'_, A, R> {
         base
     }
 
+    /// Gives back the add's only allocation (the traversal does so when it fails after
+    /// allocating): a chunk taken for it is released now; memory bumped in the current
+    /// chunk is reclaimed by [`Region::add`], which restores the range on failure.
     unsafe fn free(&mut self, ptr: *mut u8, _bytes: usize) {
-        *self.range = self.saved;
         if let Some(chunk) = self.taken.filter(|c| c.base == ptr) {
             self.taken = None;
             // SAFETY: the chunk taken by this add, whose only allocation is given back.

@@ -70,17 +70,35 @@ static void budget_free_fn(value a, void *ptr, size_t size) {
   offheap_free(a, p, size + PREFIX);
 }
 
-/* A new allocator with [budget] allocations (negative: unlimited). */
-value test_region_budget_alloc(value budget) {
+/* The same, 4 bytes off word alignment (the region must give such memory back). */
+static void *misaligned_alloc_fn(value a, size_t size) {
+  char *p = budget_alloc_fn(a, size + 8);
+  return p == NULL ? NULL : p + 4;
+}
+
+static void misaligned_free_fn(value a, void *ptr, size_t size) {
+  budget_free_fn(a, (char *)ptr - 4, size + 8);
+}
+
+static value make(value budget, void *alloc_fn, void *free_fn) {
   if (slots_used >= SLOTS) caml_failwith("budget_alloc: out of slots");
   long slot = slots_used++;
   memset(&slots[slot], 0, sizeof(struct counts));
   slots[slot].budget = Long_val(budget);
   value a = caml_alloc_small(3, Abstract_tag);
-  Field(a, 0) = (value)budget_alloc_fn;
-  Field(a, 1) = (value)budget_free_fn;
+  Field(a, 0) = (value)alloc_fn;
+  Field(a, 1) = (value)free_fn;
   Field(a, 2) = Val_long(slot);
   return a;
+}
+
+value test_region_misaligned_alloc(value budget) {
+  return make(budget, (void *)misaligned_alloc_fn, (void *)misaligned_free_fn);
+}
+
+/* A new allocator with [budget] allocations (negative: unlimited). */
+value test_region_budget_alloc(value budget) {
+  return make(budget, (void *)budget_alloc_fn, (void *)budget_free_fn);
 }
 
 value test_region_set_budget(value a, value budget) {

@@ -5,6 +5,9 @@ external budget_alloc : int -> Offheap.alloc = "test_region_budget_alloc"
 (** [budget_alloc n]: an allocator that returns NULL after [n] allocations (negative:
     never), counting and checking what it hands out. *)
 
+external misaligned_alloc : int -> Offheap.alloc = "test_region_misaligned_alloc"
+(** [budget_alloc], handing out memory 4 bytes off word alignment. *)
+
 external set_budget : Offheap.alloc -> int -> unit = "test_region_set_budget"
 
 type counts = { allocs : int; nulls : int; frees : int; outstanding : int; bad_frees : int }

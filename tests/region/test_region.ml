@@ -321,6 +321,22 @@ let test_failure_null _ =
   R.free r;
   assert_freed_all ~msg:"null" a
 
+(* Memory off word alignment: the traversal gives it back at once, after the region
+   took it as a chunk; the region forgets the chunk and its bump range. *)
+let test_misaligned _ =
+  let a = misaligned_alloc (-1) in
+  let r = R.create ~alloc:a ~chunk_bytes:65536 () in
+  for _ = 1 to 3 do
+    raises_invalid ~sub:"aligned" (fun () -> R.add r (List.init 3 string_of_int));
+    raises_invalid ~sub:"aligned" (fun () -> R.add r (Array.make 10_000 (str "x")))
+  done;
+  assert_equal ~msg:"empty" { R.bytes = 0; reserved = 0; blocks = 0; chunks = 0; values = 0 }
+    (R.stats r);
+  assert_equal ~msg:"every chunk given back" ~printer:pint 0 (counts a).outstanding;
+  assert_equal ~msg:"one allocation per add" ~printer:pint 6 (counts a).allocs;
+  R.free r;
+  assert_freed_all ~msg:"misaligned" a
+
 let test_null_first _ =
   let a = budget_alloc 0 in
   let r = R.create ~alloc:a () in
@@ -497,6 +513,7 @@ let () =
            "failure_abstract" >:: test_failure_abstract;
            "failure_null" >:: test_failure_null;
            "null_first" >:: test_null_first;
+           "misaligned" >:: test_misaligned;
            "signals" >:: test_signals;
            "image_round_trips" >:: test_image_round_trips;
          ])
