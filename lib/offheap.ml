@@ -99,6 +99,7 @@ module Region = Region.Make (struct
     stub_drain ()
 
   let free_handle = free
+  let handle_blocks h = (stats h).blocks
   let image_write ?key path v = Image.write ?key path v
   let image_load ?key ?verify ?share path = Image.load ?key ?verify ?share path
 

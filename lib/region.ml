@@ -9,6 +9,7 @@ module type BASE = sig
   val malloc : alloc
   val finish_cycle : unit -> unit
   val free_handle : 'a handle -> unit
+  val handle_blocks : 'a handle -> int
   val image_write : ?key:string -> string -> 'a -> unit
   val image_load : ?key:string -> ?verify:bool -> ?share:bool -> string -> 'a handle
 
@@ -67,6 +68,9 @@ module Make (B : BASE) = struct
   (* Takes the payload of a loaded image's handle into an empty region: its root, or
      the third argument when out of memory (the handle still owns the payload). *)
   external stub_adopt : t -> 'a B.handle -> Obj.t -> Obj.t = "offheap_region_adopt"
+
+  (* Adds the blocks of the adopted image to the stats (read from the freed handle). *)
+  external stub_count_loaded : t -> int -> unit = "offheap_region_count_loaded" [@@noalloc]
 
   (* A block no copy can be: what a failed add returns. *)
   let failed = Obj.repr (ref ())
@@ -143,6 +147,7 @@ module Make (B : BASE) = struct
     if root == failed then (
       B.free_handle h;
       raise Out_of_memory);
+    stub_count_loaded r (B.handle_blocks h);
     match roots_of root with
     | Some roots -> (r, roots)
     | None ->

@@ -17,6 +17,9 @@ module type BASE = sig
   val free_handle : 'a handle -> unit
   (** {!Offheap.free}. *)
 
+  val handle_blocks : 'a handle -> int
+  (** The [blocks] of {!Offheap.stats}, also after the handle was freed. *)
+
   val image_write : ?key:string -> string -> 'a -> unit
   (** {!Offheap.Image.write}. *)
 

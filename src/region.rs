@@ -222,12 +222,13 @@ impl Region {
     }
 
     /// Adopts `[base, base + bytes)`, a loaded image's payload (registered with the
-    /// runtime already), as a full chunk owned by the image. `blocks` is its block count.
+    /// runtime already), as a full chunk owned by the image. Its blocks are counted by
+    /// [`Region::count_loaded`].
     ///
     /// # Errors
     /// [`NoMemory`] when the chunk list cannot grow (never right after a successful
     /// [`Region::reserve_chunk`]); the region is then unchanged.
-    pub fn adopt(&mut self, base: *mut u8, bytes: usize, blocks: usize) -> Result<(), NoMemory> {
+    pub fn adopt(&mut self, base: *mut u8, bytes: usize) -> Result<(), NoMemory> {
         self.reserve_chunk()?;
         let chunk = Chunk {
             base,
@@ -238,9 +239,13 @@ impl Region {
         self.chunks.insert(i, chunk);
         self.stats.bytes += bytes;
         self.stats.reserved += bytes;
-        self.stats.blocks += blocks;
         self.stats.chunks += 1;
         Ok(())
+    }
+
+    /// Counts `blocks` blocks of an adopted image in the stats.
+    pub fn count_loaded(&mut self, blocks: usize) {
+        self.stats.blocks += blocks;
     }
 
     /// The chunks, for freeing them all; the region is left empty (its stats kept).

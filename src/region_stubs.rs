@@ -33,8 +33,6 @@ use crate::runtime;
 const CELL: usize = 0;
 const ALLOC: usize = 1;
 const IMAGE_OWNER: usize = 2;
-/// Field of a handle's block count (`BLOCKS` in handle.rs).
-const HANDLE_BLOCKS: usize = 4;
 
 /// What the mutex guards.
 struct Cell {
@@ -277,7 +275,8 @@ pub extern "C" fn offheap_region_free(r: Value) -> Value {
 /// Moves the payload of the freshly loaded image handle `h` into the empty region `r`
 /// as its first chunk, owned by the image (`r.image_owner` becomes the handle's
 /// allocator block). Returns the payload's root, or `failed` when out of memory (then
-/// `h` still owns the payload).
+/// `h` still owns the payload). The payload's blocks are counted by
+/// [`offheap_region_count_loaded`].
 #[no_mangle]
 pub extern "C" fn offheap_region_adopt(r: Value, h: Value, failed: Value) -> Value {
     let Some(mut cell) = lock(r) else {
@@ -288,7 +287,6 @@ pub extern "C" fn offheap_region_adopt(r: Value, h: Value, failed: Value) -> Val
     }
     // SAFETY: `h` is a handle, `failed` never a root; nothing allocates meanwhile.
     let root = unsafe { handle::root_if_live(h as Word, failed as Word) };
-    let blocks = field(h, HANDLE_BLOCKS) as isize >> 1;
     // SAFETY: as above.
     let Some(owned) = (unsafe { handle::take(h as Word) }) else {
         return failed;
@@ -296,10 +294,19 @@ pub extern "C" fn offheap_region_adopt(r: Value, h: Value, failed: Value) -> Val
     let adopted: Result<(), NoMemory> = if owned.base.is_null() {
         Ok(())
     } else {
-        cell.region.adopt(owned.base, owned.bytes, blocks as usize)
+        cell.region.adopt(owned.base, owned.bytes)
     };
     debug_assert!(adopted.is_ok(), "room reserved above");
     // SAFETY: a field of the live record, written with the runtime's write barrier.
     unsafe { ocaml_sys::caml_modify((r as *mut Value).add(IMAGE_OWNER), owned.alloc as Value) };
     root as Value
+}
+
+/// Counts `blocks` loaded blocks (those of the image adopted by `r`) in its stats.
+#[no_mangle]
+pub extern "C" fn offheap_region_count_loaded(r: Value, blocks: Value) -> Value {
+    if let Some(mut cell) = lock(r) {
+        cell.region.count_loaded(blocks as usize >> 1);
+    }
+    val_int(0) as Value
 }

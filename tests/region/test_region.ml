@@ -453,6 +453,9 @@ let test_image_round_trips _ =
   let r, () =
     on_loaded p3 (fun r rs ->
         assert_bool "step 2 loaded" (check 2 (of_roots rs));
+        let st = R.stats r in
+        assert_bool "stats of a loaded region: one chunk, its blocks"
+          (st.chunks = 1 && st.blocks > 3 * 53 && st.bytes = st.reserved && st.values = 0);
         assert_bool "writing dropped the dead paths" ((R.stats r).bytes < old_bytes);
         (* Roots outside the region are written too. *)
         R.write_image ~key:"k" p1 r [ ("heap", Obj.repr (ref (str "h"))); ("n", Obj.repr 7) ])
