@@ -402,6 +402,37 @@ let test_signals _ =
   List.iter (fun r -> try R.free r with Invalid_argument _ -> ()) regions;
   assert_freed_all ~msg:"signals" a
 
+(* {1 Threads} *)
+
+(* Threads adding to one region, each failing in its own way now and then: every add
+   lands, and every failure reports its own cause (errors are kept per thread). *)
+let test_threads _ =
+  let r = R.create ~chunk_bytes:8192 () in
+  let per = 3000 in
+  let worker k =
+    let bad =
+      if k mod 2 = 0 then (Obj.new_block Obj.abstract_tag 1, "abstract")
+      else (Obj.repr (lazy (print_endline "never")), "lazy")
+    in
+    let ok = ref 0 in
+    for i = 1 to per do
+      if i mod 7 = 0 then raises_invalid ~sub:(snd bad) (fun () -> R.add r [ Obj.repr i; fst bad ])
+      else (
+        let v = R.add r (k, i, str (string_of_int i)) in
+        assert (v = (k, i, string_of_int i) && R.mem r v);
+        incr ok);
+      if i mod 100 = 0 then Thread.yield ()
+    done;
+    !ok
+  in
+  let results = Array.make 4 0 in
+  let threads = List.init 4 (fun k -> Thread.create (fun () -> results.(k) <- worker k) ()) in
+  List.iter Thread.join threads;
+  let ok = Array.fold_left ( + ) 0 results in
+  assert_equal ~msg:"every add counted" ~printer:pint ok (R.stats r).values;
+  assert_equal ~msg:"adds" ~printer:pint (4 * (per - (per / 7))) ok;
+  R.free r
+
 (* {1 Images} *)
 
 let child () =
@@ -518,5 +549,6 @@ let () =
            "null_first" >:: test_null_first;
            "misaligned" >:: test_misaligned;
            "signals" >:: test_signals;
+           "threads" >:: test_threads;
            "image_round_trips" >:: test_image_round_trips;
          ])
