@@ -139,6 +139,7 @@ test-install-ocaml5:
 
 bench: build
 	dune exec --no-print-directory -- ./benches/bench.exe
+	dune exec --no-print-directory -- ./benches/region_bench.exe
 	cargo bench --bench traversal
 
 bench-quick: build
@@ -178,3 +179,9 @@ bench-image: build
 .PHONY: test-image-large
 test-image-large: build
 	OFFHEAP_LARGE_TESTS=1 dune exec --no-print-directory -- ./tests/image/test_image_large.exe
+
+# Regions: small adds, incremental building against building on the heap, a map updated
+# in batches (benches/region_bench.ml; also part of make bench).
+.PHONY: bench-region
+bench-region: build
+	dune exec --no-print-directory -- ./benches/region_bench.exe $(if $(REGION_BENCH_FLAGS),-- $(REGION_BENCH_FLAGS))

@@ -88,3 +88,18 @@ module Image = Image.Make (struct
   let fresh = fresh
   let alloc_of h = h.alloc
 end)
+
+(* Regions (region.ml): chunks freed through the same queue as copies. *)
+module Region = Region.Make (struct
+  type nonrec alloc = alloc
+  type nonrec 'a handle = 'a t
+
+  let malloc = malloc
+
+  let free_handle = free
+  let handle_blocks h = (stats h).blocks
+  let image_write ?key path v = Image.write ?key path v
+  let image_load ?key ?verify ?share path = Image.load ?key ?verify ?share path
+
+  exception Invalid_image = Image.Invalid_image
+end)

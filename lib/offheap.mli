@@ -194,3 +194,25 @@ val pending_frees : unit -> int
     ]} *)
 
 module Image : Image.S with type 'a handle := 'a t
+
+(** {1 Regions}
+
+    A region is one off-heap area that values are added to one at a time, each add
+    copying only what is on the GC heap: a large structure can be built off the heap
+    batch by batch, without ever being whole on the heap. The region grows in chunks
+    that never move, shares what it holds already, is freed all at once, and saves as
+    one image with named roots.
+
+    {[
+      let r = Offheap.Region.create () in
+      let index = ref (Offheap.Region.add r StringMap.empty) in
+      List.iter (fun batch ->
+          (* only the new paths of the map are copied *)
+          index := Offheap.Region.add r (add_batch batch !index))
+        batches;
+      Offheap.Region.write_image ~key:"index v1" "index.img" r
+        [ ("index", Obj.repr !index) ];
+      Offheap.Region.free r
+    ]} *)
+
+module Region : Region.S with type alloc := alloc

@@ -10,6 +10,9 @@
 //! - [`alloc`]: the allocator trait, the C allocator block, the default allocator.
 //! - [`image`]: images: a copy saved to a file and mapped back (format, writer, validator,
 //!   relocation).
+//! - [`region`]: regions: chunks that values are added to by bump allocation, rolled
+//!   back when an add fails.
+//! - `region_stubs` (feature `stubs`): the externals of `lib/region.ml`.
 //! - `runtime` (feature `stubs`): what differs between OCaml 4 and OCaml 5: which
 //!   addresses to copy, the visited set, page-table registration, deferred frees.
 //! - `handle` (feature `stubs`): the OCaml record that owns a copy; freeing it once.
@@ -24,11 +27,14 @@ pub mod copy;
 pub mod fault;
 pub mod image;
 pub mod layout;
+pub mod region;
 
 #[cfg(feature = "stubs")]
 mod capi;
 #[cfg(feature = "stubs")]
 mod handle;
+#[cfg(feature = "stubs")]
+mod region_stubs;
 #[cfg(feature = "stubs")]
 mod release;
 #[cfg(feature = "stubs")]

@@ -163,16 +163,23 @@ pub unsafe fn free(h: Word) -> Outcome {
     queue.push_back(entry); // capacity reserved above
     PENDING_COUNT.fetch_add(1, Ordering::Relaxed);
     let waiting = PENDING_BYTES.fetch_add(owned.bytes, Ordering::Relaxed) + owned.bytes;
+    Outcome::Done(slice_work(waiting, owned.bytes))
+}
+
+/// The major-slice work (in words) that a free of `bytes`, leaving `waiting` bytes in the
+/// queue, asks of the OCaml side: 0 up to [`PENDING_LIMIT`], then [`SLICE_WORK`] words
+/// per word freed, every [`SLICE_BYTES`].
+fn slice_work(waiting: usize, bytes: usize) -> usize {
     if waiting <= PENDING_LIMIT {
-        return Outcome::Done(0);
+        return 0;
     }
-    let since = SINCE_SLICE.fetch_add(owned.bytes, Ordering::Relaxed) + owned.bytes;
+    let since = SINCE_SLICE.fetch_add(bytes, Ordering::Relaxed) + bytes;
     if since < SLICE_BYTES {
-        return Outcome::Done(0);
+        return 0;
     }
     // Whoever takes the count from here pays for it.
     let taken = SINCE_SLICE.swap(0, Ordering::Relaxed);
-    Outcome::Done(taken / crate::layout::WORD_BYTES * SLICE_WORK)
+    taken / crate::layout::WORD_BYTES * SLICE_WORK
 }
 
 /// Gives `owned` back to its allocator now.
@@ -238,4 +245,51 @@ pub unsafe fn drain_due() {
 /// Copies waiting in the queue.
 pub fn pending() -> usize {
     PENDING_COUNT.load(Ordering::Relaxed)
+}
+
+/// Frees several allocations at once, each as [`free`] frees a copy (at once on OCaml 4,
+/// after the running major cycle on OCaml 5): a region's chunks. `take` is called once
+/// the queue has room for `count` entries and returns them (at most `count`), or `None`
+/// when they were freed already. Their allocator blocks must be alive for the call.
+///
+/// # Safety
+/// Called from a stub holding the runtime, which allocates nothing on the OCaml heap
+/// until this returns; what `take` returns is unused by anything but the GC's marker.
+pub unsafe fn free_all(count: usize, take: impl FnOnce() -> Option<Vec<Owned>>) -> Outcome {
+    if !runtime::DEFERS_FREE {
+        let Some(owned) = take() else {
+            return Outcome::AlreadyFreed;
+        };
+        for owned in owned {
+            // SAFETY: the caller's contract; OCaml 4's marker skips unregistered memory.
+            unsafe { release_now(owned) };
+        }
+        return Outcome::Done(0);
+    }
+    let mut queue = queue();
+    if queue.try_reserve(count).is_err() {
+        return Outcome::OutOfMemory;
+    }
+    let Some(owned) = take() else {
+        return Outcome::AlreadyFreed;
+    };
+    debug_assert!(owned.len() <= count, "room reserved for {count} entries");
+    let after_cycle = runtime::major_cycles_completed();
+    let mut bytes = 0;
+    for owned in owned.into_iter().filter(|o| !o.base.is_null()) {
+        // SAFETY: an allocator block, alive for the call (the caller's contract).
+        let free = unsafe { CAllocator::new(owned.alloc) }.free_fn();
+        queue.push_back(Pending {
+            after_cycle,
+            base: owned.base,
+            bytes: owned.bytes,
+            free,
+            // SAFETY: as above; we hold the runtime.
+            alloc: unsafe { Rooted::new(owned.alloc, free) },
+        }); // room reserved above
+        PENDING_COUNT.fetch_add(1, Ordering::Relaxed);
+        bytes += owned.bytes;
+    }
+    let waiting = PENDING_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    Outcome::Done(slice_work(waiting, bytes))
 }

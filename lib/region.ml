@@ -1,0 +1,160 @@
+(* Regions: the OCaml half. Chunks, bump allocation and rollback are in Rust
+   (src/region.rs), the externals in src/region_stubs.rs; see region.mli and
+   offheap.mli. *)
+
+module type BASE = sig
+  type alloc
+  type 'a handle
+
+  val malloc : alloc
+  val free_handle : 'a handle -> unit
+  val handle_blocks : 'a handle -> int
+  val image_write : ?key:string -> string -> 'a -> unit
+  val image_load : ?key:string -> ?verify:bool -> ?share:bool -> string -> 'a handle
+
+  exception Invalid_image of string
+end
+
+module type S = sig
+  type alloc
+  type t
+  type stats = { bytes : int; reserved : int; blocks : int; chunks : int; values : int }
+
+  val create : ?alloc:alloc -> ?chunk_bytes:int -> unit -> t
+  val add : t -> 'a -> 'a
+  val add_deep : t -> 'a -> 'a
+  val mem : t -> 'a -> bool
+  val free : t -> unit
+  val stats : t -> stats
+  val chunk_bytes : t -> int
+  val write_image : ?key:string -> string -> t -> (string * Obj.t) list -> unit
+
+  val load_image :
+    ?key:string ->
+    ?alloc:alloc ->
+    ?chunk_bytes:int ->
+    ?verify:bool ->
+    ?share:bool ->
+    string ->
+    t * (string * Obj.t) list
+end
+
+module Make (B : BASE) = struct
+  type alloc = B.alloc
+  type cell
+
+  (* The record that src/region_stubs.rs reads: [cell] holds the Rust region (finalised
+     with the record), [alloc] the allocator of its chunks, [image_owner] the allocator
+     block that unmaps the loaded image it was made from (set by the adopt stub). *)
+  type t = { cell : cell; alloc : alloc; mutable image_owner : alloc }
+  type stats = { bytes : int; reserved : int; blocks : int; chunks : int; values : int }
+
+  (* The cell, or the integer 1 when out of memory. *)
+  external stub_cell : int -> cell = "offheap_region_cell"
+
+  (* The copy, or the third argument (the error is then kept for [stub_error]). *)
+  external stub_add : t -> 'a -> Obj.t -> bool -> Obj.t = "offheap_region_add" [@@noalloc]
+
+  (* This thread's last add error: 0 freed, 1 out of memory, else a message. *)
+  external stub_error : unit -> Obj.t = "offheap_region_error"
+  external stub_mem : t -> 'a -> bool = "offheap_region_mem" [@@noalloc]
+  external stub_stat : t -> int -> int = "offheap_region_stat" [@@noalloc]
+
+  (* 0 freed; 1 freed, and the major cycle should be finished; 2 freed already; 3 out
+     of memory (still live). *)
+  external stub_free : t -> int = "offheap_region_free"
+
+  (* Takes the payload of a loaded image's handle into an empty region: its root, or
+     the third argument when out of memory (the handle still owns the payload). *)
+  external stub_adopt : t -> 'a B.handle -> Obj.t -> Obj.t = "offheap_region_adopt"
+
+  (* Adds the blocks of the adopted image to the stats (read from the freed handle). *)
+  external stub_count_loaded : t -> int -> unit = "offheap_region_count_loaded" [@@noalloc]
+
+  (* A block no copy can be: what a failed add returns. *)
+  let failed = Obj.repr (ref ())
+
+  let create ?(alloc = B.malloc) ?(chunk_bytes = 0) () =
+    if chunk_bytes < 0 then invalid_arg "Offheap.Region.create: negative chunk_bytes";
+    let cell = stub_cell chunk_bytes in
+    if Obj.is_int (Obj.repr cell) then raise Out_of_memory;
+    { cell; alloc; image_owner = alloc }
+
+  let fail () =
+    let e = stub_error () in
+    if e == Obj.repr 0 then invalid_arg "Offheap.Region.add: freed"
+    else if e == Obj.repr 1 then raise Out_of_memory
+    else invalid_arg (Obj.obj e : string)
+
+  let add r v =
+    let c = stub_add r v failed false in
+    if c == failed then fail () else Obj.obj c
+
+  let add_deep r v =
+    let c = stub_add r v failed true in
+    if c == failed then fail () else Obj.obj c
+
+  let mem r v = stub_mem r v
+  let freed r = stub_stat r 6 <> 0
+  let chunk_bytes r = stub_stat r 5
+
+  let stats r =
+    {
+      bytes = stub_stat r 0;
+      reserved = stub_stat r 1;
+      blocks = stub_stat r 2;
+      chunks = stub_stat r 3;
+      values = stub_stat r 4;
+    }
+
+  let free r =
+    let code = stub_free r in
+    if code = 0 then ()
+    else if code > 0 then
+      (* Freed already: an exception from here on loses nothing. Bounded work, as for
+         Offheap.free (src/release.rs). *)
+      ignore (Gc.major_slice code : int)
+    else if code = -1 then invalid_arg "Offheap.Region.free: freed"
+    else raise Out_of_memory
+
+  (* Region images are images whose key is this prefix and the user's: a plain image
+     does not load as a region, nor a region image as a plain one. *)
+  let region_key key = "offheap.region:" ^ key
+
+  let write_image ?(key = "") path r roots =
+    if freed r then invalid_arg "Offheap.Region.write_image: freed";
+    B.image_write ~key:(region_key key) path (Array.of_list roots)
+
+  (* The named roots in the root block of a region image, if it has their shape: an
+     array of pairs of a string and a value. *)
+  let roots_of root =
+    let is_pair p =
+      Obj.is_block p && Obj.tag p = 0 && Obj.size p = 2
+      && Obj.is_block (Obj.field p 0)
+      && Obj.tag (Obj.field p 0) = Obj.string_tag
+    in
+    if Obj.is_int root || Obj.tag root <> 0 then None
+    else
+      let pairs = List.init (Obj.size root) (Obj.field root) in
+      if List.for_all is_pair pairs then
+        Some (List.map (fun p -> ((Obj.obj (Obj.field p 0) : string), Obj.field p 1)) pairs)
+      else None
+
+  let load_image ?(key = "") ?alloc ?chunk_bytes ?verify ?share path =
+    let r = create ?alloc ?chunk_bytes () in
+    let h = B.image_load ~key:(region_key key) ?verify ?share path in
+    (* No function call between the load and the adopt stub: a signal handler's
+       exception there would leave the payload to a handle nobody frees. *)
+    let root = stub_adopt r h failed in
+    if root == failed then (
+      B.free_handle h;
+      raise Out_of_memory);
+    stub_count_loaded r (B.handle_blocks h);
+    match roots_of root with
+    | Some roots -> (r, roots)
+    | None ->
+        free r;
+        raise
+          (B.Invalid_image
+             (Printf.sprintf "Offheap.Region.load_image: %s: not a region image" path))
+end

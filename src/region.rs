@@ -1,0 +1,448 @@
+//! Regions: one off-heap area that values are added to, in chunks that never move.
+//!
+//! A [`Region`] owns chunks of memory taken from an allocator (the C allocator block of
+//! `Offheap.Region.create`) and bump-allocates the copies of added values inside them.
+//! An add is an ordinary copy ([`crate::copy::copy`]) whose allocator is a [`Bump`]
+//! over the region: blocks already in the region are outside the GC heap, so the
+//! traversal shares them instead of copying them, and only what is new costs.
+//!
+//! Placement of one add of `n` bytes (the traversal asks for all of them at once, after
+//! measuring):
+//! - it fits in what is left of the current chunk: bumped there;
+//! - `n` is more than [`Region::own_chunk_threshold`] (a 32nd of the chunk size): a chunk
+//!   of exactly `n` bytes (plus a tail word) of its own, and the current chunk stays
+//!   current. So a chunk shared by small adds loses less than a 32nd of itself to the
+//!   add that did not fit, and large adds lose nothing;
+//! - else a new chunk of the chunk size becomes the current one.
+//!
+//! The last word of every chunk is never handed out: a block of no fields at a chunk's
+//! very end would have its pointer one past the chunk, in memory the region does not own.
+//!
+//! **Failure atomicity**: the traversal allocates once, after measuring, and may still
+//! fail after that (memory that is not word aligned, which it frees at once). An add
+//! that fails leaves the bump range and the chunk list as they were before it, and gives
+//! back a chunk taken during it. The chunk list reserves room for one more chunk before
+//! the copy starts, so committing a new chunk cannot fail after the copy is made.
+//!
+//! The region knows nothing of the OCaml runtime: a [`Registry`] makes chunks known to
+//! it (OCaml 4's page table) and the allocator frees them.
+
+use crate::alloc::{Allocator, NoMemory};
+use crate::copy::{Copied, CopyError};
+use crate::layout::WORD_BYTES;
+
+/// Makes a chunk known to the runtime while it holds values, and forgets it.
+pub trait Registry {
+    /// Registers `[base, base + bytes)`; false when the runtime has no memory for it.
+    fn register(&mut self, base: *mut u8, bytes: usize) -> bool;
+    /// Unregisters `[base, base + bytes)`, registered before.
+    fn unregister(&mut self, base: *mut u8, bytes: usize);
+    /// Called after the allocator freed `[base, base + bytes)`: registers again what
+    /// other memory still needs (see `runtime::reregister_shared`).
+    fn after_free(&mut self, base: *mut u8, bytes: usize);
+}
+
+/// A registry that records nothing (the fake heap of the tests; OCaml 5).
+pub struct NoRegistry;
+
+impl Registry for NoRegistry {
+    fn register(&mut self, _base: *mut u8, _bytes: usize) -> bool {
+        true
+    }
+    fn unregister(&mut self, _base: *mut u8, _bytes: usize) {}
+    fn after_free(&mut self, _base: *mut u8, _bytes: usize) {}
+}
+
+/// Who gives a chunk's memory back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owner {
+    /// The region's allocator.
+    Region,
+    /// The loaded image the region was made from (its payload's owner unmaps it).
+    Image,
+}
+
+/// One chunk of a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// Start of the memory.
+    pub base: *mut u8,
+    /// Its size in bytes, as given to the allocator.
+    pub bytes: usize,
+    /// Who frees it.
+    pub owner: Owner,
+}
+
+impl Chunk {
+    fn end(&self) -> usize {
+        self.base as usize + self.bytes
+    }
+}
+
+/// What a region holds, for `Offheap.Region.stats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes of the blocks copied into the region (headers included).
+    pub bytes: usize,
+    /// Bytes of its chunks.
+    pub reserved: usize,
+    /// Blocks copied into the region.
+    pub blocks: usize,
+    /// Chunks.
+    pub chunks: usize,
+    /// Successful adds.
+    pub values: usize,
+}
+
+/// The bump range of the current chunk: `cursor <= limit`, both inside one chunk.
+#[derive(Clone, Copy, Debug)]
+struct Range {
+    /// Next free byte (word aligned when the chunk is).
+    cursor: usize,
+    /// The end of what may be handed out (the chunk's end less its tail word).
+    limit: usize,
+}
+
+/// A region: its chunks and the bump range of the current one.
+pub struct Region {
+    /// Size of the chunks taken for small adds; at least [`MIN_CHUNK_BYTES`].
+    chunk_bytes: usize,
+    /// Every chunk, sorted by `base` (for [`Region::contains`]).
+    chunks: Vec<Chunk>,
+    /// Where small adds go; empty (`cursor == limit == 0`) before the first.
+    range: Range,
+    /// Sizes and counts of what was added.
+    stats: Stats,
+}
+
+/// The smallest chunk size: below it, the own-chunk threshold would be a few words.
+pub const MIN_CHUNK_BYTES: usize = 4096;
+
+/// The chunk size when the caller gives none: 1 MiB.
+pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
+
+impl Region {
+    /// An empty region whose small adds go into chunks of `chunk_bytes` (raised to
+    /// [`MIN_CHUNK_BYTES`], rounded up to a word); it holds no memory yet.
+    pub fn new(chunk_bytes: usize) -> Region {
+        let chunk_bytes = chunk_bytes
+            .max(MIN_CHUNK_BYTES)
+            .next_multiple_of(WORD_BYTES);
+        Region {
+            chunk_bytes,
+            chunks: Vec::new(),
+            range: Range {
+                cursor: 0,
+                limit: 0,
+            },
+            stats: Stats::default(),
+        }
+    }
+
+    /// Adds larger than this get a chunk of their own.
+    pub fn own_chunk_threshold(&self) -> usize {
+        self.chunk_bytes / 32
+    }
+
+    /// The chunk size of small adds.
+    pub fn chunk_bytes(&self) -> usize {
+        self.chunk_bytes
+    }
+
+    /// What the region holds.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Whether `addr` lies inside one of the chunks.
+    pub fn contains(&self, addr: usize) -> bool {
+        let i = self.chunks.partition_point(|c| c.base as usize <= addr);
+        i.checked_sub(1)
+            .is_some_and(|i| addr < self.chunks[i].end())
+    }
+
+    /// Adds one value: `copy` runs the traversal with the [`Bump`] it is given. On
+    /// success the copy's blocks belong to the region; on failure the region is as it
+    /// was and the error is `copy`'s (or [`CopyError::OutOfMemory`] when the chunk list
+    /// cannot grow).
+    pub fn add<A: Allocator, R: Registry>(
+        &mut self,
+        alloc: &mut A,
+        registry: &mut R,
+        copy: impl FnOnce(&mut Bump<'_, A, R>) -> Result<Copied, CopyError>,
+    ) -> Result<Copied, CopyError> {
+        self.chunks
+            .try_reserve(1)
+            .map_err(|_| CopyError::OutOfMemory(std::mem::size_of::<Chunk>()))?;
+        let saved = self.range;
+        let mut bump = Bump {
+            chunk_bytes: self.chunk_bytes,
+            own_threshold: self.own_chunk_threshold(),
+            range: &mut self.range,
+            alloc,
+            registry,
+            taken: None,
+        };
+        let outcome = copy(&mut bump);
+        let taken = bump.taken;
+        match outcome {
+            Ok(copied) => {
+                if let Some(chunk) = taken {
+                    let i = self.chunks.partition_point(|c| c.base < chunk.base);
+                    self.chunks.insert(i, chunk); // room reserved above
+                    self.stats.reserved += chunk.bytes;
+                    self.stats.chunks += 1;
+                }
+                self.stats.bytes += copied.bytes;
+                self.stats.blocks += copied.blocks;
+                self.stats.values += 1;
+                Ok(copied)
+            }
+            Err(e) => {
+                if let Some(chunk) = taken {
+                    // SAFETY: taken during this add, never handed out: the traversal
+                    // failed before returning anything that points into it.
+                    unsafe { release_chunk(alloc, registry, chunk) };
+                }
+                self.range = saved;
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes room in the chunk list for one more chunk, so that the next [`Region::adopt`]
+    /// cannot fail.
+    ///
+    /// # Errors
+    /// [`NoMemory`] when the list cannot grow; the region is then unchanged.
+    pub fn reserve_chunk(&mut self) -> Result<(), NoMemory> {
+        self.chunks
+            .try_reserve(1)
+            .map_err(|_| NoMemory(std::mem::size_of::<Chunk>()))
+    }
+
+    /// Adopts `[base, base + bytes)`, a loaded image's payload (registered with the
+    /// runtime already), as a full chunk owned by the image. Its blocks are counted by
+    /// [`Region::count_loaded`].
+    ///
+    /// # Errors
+    /// [`NoMemory`] when the chunk list cannot grow (never right after a successful
+    /// [`Region::reserve_chunk`]); the region is then unchanged.
+    pub fn adopt(&mut self, base: *mut u8, bytes: usize) -> Result<(), NoMemory> {
+        self.reserve_chunk()?;
+        let chunk = Chunk {
+            base,
+            bytes,
+            owner: Owner::Image,
+        };
+        let i = self.chunks.partition_point(|c| c.base < base);
+        self.chunks.insert(i, chunk);
+        self.stats.bytes += bytes;
+        self.stats.reserved += bytes;
+        self.stats.chunks += 1;
+        Ok(())
+    }
+
+    /// Counts `blocks` blocks of an adopted image in the stats.
+    pub fn count_loaded(&mut self, blocks: usize) {
+        self.stats.blocks += blocks;
+    }
+
+    /// The chunks, for freeing them all; the region is left empty (its stats kept).
+    pub fn take_chunks(&mut self) -> Vec<Chunk> {
+        self.range = Range {
+            cursor: 0,
+            limit: 0,
+        };
+        std::mem::take(&mut self.chunks)
+    }
+
+    /// Number of chunks.
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+}
+
+/// Gives a chunk back: unregister, free, let the registry fix what it shares.
+///
+/// # Safety
+/// `chunk` came from `alloc` and `registry` (registered), and nothing uses it.
+unsafe fn release_chunk<A: Allocator, R: Registry>(alloc: &mut A, registry: &mut R, chunk: Chunk) {
+    registry.unregister(chunk.base, chunk.bytes);
+    // SAFETY: the caller's contract.
+    unsafe { alloc.free(chunk.base, chunk.bytes) };
+    registry.after_free(chunk.base, chunk.bytes);
+}
+
+/// The allocator of one add: bumps inside the region's current chunk, or takes a chunk.
+pub struct Bump<'a, A, R> {
+    chunk_bytes: usize,
+    own_threshold: usize,
+    /// The region's bump range, moved forward by [`Allocator::alloc`].
+    range: &'a mut Range,
+    alloc: &'a mut A,
+    registry: &'a mut R,
+    /// A chunk taken during this add (at most one: the traversal allocates once).
+    taken: Option<Chunk>,
+}
+
+impl<A: Allocator, R: Registry> Bump<'_, A, R> {
+    /// A fresh registered chunk of `bytes` bytes, remembered as taken; null when the
+    /// allocator or the registry has no memory.
+    #[cold]
+    #[inline(never)]
+    fn take_chunk(&mut self, bytes: usize) -> *mut u8 {
+        debug_assert!(self.taken.is_none(), "one allocation per add");
+        let base = self.alloc.alloc(bytes);
+        if base.is_null() {
+            return base;
+        }
+        if !self.registry.register(base, bytes) {
+            // SAFETY: just allocated with this size; nothing refers to it.
+            unsafe { self.alloc.free(base, bytes) };
+            return std::ptr::null_mut();
+        }
+        self.taken = Some(Chunk {
+            base,
+            bytes,
+            owner: Owner::Region,
+        });
+        base
+    }
+}
+
+impl<A: Allocator, R: Registry> Allocator for Bump<'_, A, R> {
+    #[inline]
+    fn alloc(&mut self, bytes: usize) -> *mut u8 {
+        if bytes <= self.range.limit - self.range.cursor {
+            let p = self.range.cursor;
+            self.range.cursor += bytes;
+            return p as *mut u8;
+        }
+        let Some(with_tail) = bytes.checked_add(WORD_BYTES) else {
+            return std::ptr::null_mut();
+        };
+        if bytes > self.own_threshold {
+            return self.take_chunk(with_tail);
+        }
+        let base = self.take_chunk(self.chunk_bytes);
+        if !base.is_null() {
+            *self.range = Range {
+                cursor: base as usize + bytes,
+                limit: base as usize + self.chunk_bytes - WORD_BYTES,
+            };
+        }
+        base
+    }
+
+    /// Gives back the add's only allocation (the traversal does so when it fails after
+    /// allocating): a chunk taken for it is released now; memory bumped in the current
+    /// chunk is reclaimed by [`Region::add`], which restores the range on failure.
+    unsafe fn free(&mut self, ptr: *mut u8, _bytes: usize) {
+        if let Some(chunk) = self.taken.filter(|c| c.base == ptr) {
+            self.taken = None;
+            // SAFETY: the chunk taken by this add, whose only allocation is given back.
+            unsafe { release_chunk(self.alloc, self.registry, chunk) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alloc::Malloc;
+
+    /// A stand-in for the traversal: allocates `bytes`, fails after when `fail`.
+    fn fake_copy<A: Allocator>(
+        bytes: usize,
+        fail: bool,
+    ) -> impl FnOnce(&mut A) -> Result<Copied, CopyError> {
+        move |alloc: &mut A| {
+            let base = alloc.alloc(bytes);
+            if base.is_null() {
+                return Err(CopyError::OutOfMemory(bytes));
+            }
+            if fail {
+                // SAFETY: just allocated.
+                unsafe { alloc.free(base, bytes) };
+                return Err(CopyError::Misaligned);
+            }
+            Ok(Copied {
+                root: base as usize + WORD_BYTES,
+                base,
+                bytes,
+                blocks: 1,
+                transient_bytes: 0,
+            })
+        }
+    }
+
+    fn release_all(r: &mut Region) {
+        for c in r.take_chunks() {
+            // SAFETY: chunks of Malloc, unused.
+            unsafe { Malloc.free(c.base, c.bytes) };
+        }
+    }
+
+    #[test]
+    fn small_adds_bump_in_one_chunk() {
+        let mut r = Region::new(4096);
+        let a = r
+            .add(&mut Malloc, &mut NoRegistry, |b| fake_copy(24, false)(b))
+            .unwrap();
+        let b = r
+            .add(&mut Malloc, &mut NoRegistry, |b| fake_copy(32, false)(b))
+            .unwrap();
+        assert_eq!(b.base as usize, a.base as usize + 24);
+        assert!(r.contains(a.root) && r.contains(b.root));
+        assert_eq!(r.stats().chunks, 1);
+        assert_eq!(r.stats().bytes, 56);
+        release_all(&mut r);
+    }
+
+    #[test]
+    fn a_full_chunk_takes_a_new_one_and_large_adds_their_own() {
+        let mut r = Region::new(4096);
+        let small = r.own_chunk_threshold();
+        let mut bases = Vec::new();
+        for _ in 0..40 {
+            let c = r
+                .add(&mut Malloc, &mut NoRegistry, |b| fake_copy(small, false)(b))
+                .unwrap();
+            bases.push(c.base as usize);
+        }
+        // 4096 - 8 bytes hold 31 adds of 128 bytes.
+        assert_eq!(r.stats().chunks, 2);
+        let big = r
+            .add(&mut Malloc, &mut NoRegistry, |b| {
+                fake_copy(10_000, false)(b)
+            })
+            .unwrap();
+        assert_eq!(r.stats().chunks, 3);
+        assert_eq!(r.stats().reserved, 2 * 4096 + 10_008);
+        // The current chunk is still the second one.
+        let next = r
+            .add(&mut Malloc, &mut NoRegistry, |b| fake_copy(8, false)(b))
+            .unwrap();
+        assert_eq!(next.base as usize, bases[39] + small);
+        assert!(r.contains(big.base as usize) && !r.contains(big.base as usize + 10_008));
+        release_all(&mut r);
+    }
+
+    #[test]
+    fn a_failed_add_leaves_the_region_as_it_was() {
+        let mut r = Region::new(4096);
+        r.add(&mut Malloc, &mut NoRegistry, |b| fake_copy(4000, false)(b))
+            .unwrap();
+        let before = (r.stats(), r.range.cursor, r.range.limit, r.chunks.clone());
+        for bytes in [16, 200, 5000] {
+            let e = r.add(&mut Malloc, &mut NoRegistry, |b| fake_copy(bytes, true)(b));
+            assert_eq!(e, Err(CopyError::Misaligned));
+            assert_eq!(
+                (r.stats(), r.range.cursor, r.range.limit, r.chunks.clone()),
+                before
+            );
+        }
+        release_all(&mut r);
+    }
+}

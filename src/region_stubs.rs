@@ -1,0 +1,312 @@
+//! The OCaml externals of `lib/region.ml`: regions on the real runtime.
+//!
+//! A region is the OCaml record `{ cell; alloc; mutable image_owner }` of
+//! `lib/region.ml`. `cell` is a custom block holding a pointer to a [`Cell`]: the
+//! [`Region`] behind a mutex, so that adds from several domains serialize, and its
+//! freed flag. The custom block's finaliser drops the `Cell` once the record is
+//! unreachable: a stub working on a region always holds the record, so the `Cell` is
+//! alive for the call whatever other domains do (a concurrent `free` only sets the
+//! flag and takes the chunks, under the mutex). The finaliser does not free the chunks:
+//! values taken from the region may outlive the record (as a copy outlives a lost
+//! handle), so an unfreed region's chunks stay allocated.
+//!
+//! The stubs are plain `extern "C"` functions on raw values (at most five arguments, so
+//! the same function serves bytecode): no ocaml-rs glue runs per call. `add` and `mem`
+//! allocate nothing on the OCaml heap and are `[@@noalloc]`. Errors of `add` are kept
+//! in a thread-local slot that `offheap_region_error` turns into a value: the failed
+//! add returns the marker it was given.
+
+use std::cell::RefCell;
+use std::sync::{Mutex, MutexGuard};
+
+use ocaml_sys::Value;
+
+use crate::alloc::{CAllocator, NoMemory};
+use crate::copy::CopyError;
+use crate::handle::{self, Owned};
+use crate::layout::{is_immediate, val_int, Word};
+use crate::region::{Owner, Region, Registry, DEFAULT_CHUNK_BYTES};
+use crate::release::{self, Outcome};
+use crate::runtime;
+
+/// Fields of the region record.
+const CELL: usize = 0;
+const ALLOC: usize = 1;
+const IMAGE_OWNER: usize = 2;
+
+/// What the mutex guards.
+struct Cell {
+    /// Set by `free`; an add or adopt then fails, and the chunks are gone.
+    freed: bool,
+    region: Region,
+}
+
+/// Why an add failed, until the OCaml side asks.
+enum AddError {
+    Freed,
+    Copy(CopyError),
+}
+
+thread_local! {
+    /// The error of this thread's last failed add.
+    static LAST_ERROR: RefCell<Option<AddError>> = const { RefCell::new(None) };
+}
+
+/// The runtime's registry: OCaml 4's page table, nothing on OCaml 5.
+struct RuntimeRegistry;
+
+impl Registry for RuntimeRegistry {
+    fn register(&mut self, base: *mut u8, bytes: usize) -> bool {
+        runtime::register(base, bytes)
+    }
+    fn unregister(&mut self, base: *mut u8, bytes: usize) {
+        runtime::unregister(base, bytes)
+    }
+    fn after_free(&mut self, base: *mut u8, bytes: usize) {
+        runtime::reregister_shared(base, bytes)
+    }
+}
+
+fn field(block: Value, i: usize) -> Word {
+    // SAFETY: callers pass the region record (three fields) or a handle, alive for the
+    // stub; nothing allocates on the OCaml heap while the word is used.
+    unsafe { *(block as *const Word).add(i) }
+}
+
+/// The `Cell` pointer inside the custom block `cell` (null when creating it failed).
+fn cell_ptr(cell: Word) -> *mut Mutex<Cell> {
+    // SAFETY: a custom block of ours: field 0 the operations, field 1 the pointer.
+    unsafe { *(cell as *const *mut Mutex<Cell>).add(1) }
+}
+
+/// The locked cell of the region record `r`; `None` for a record whose creation ran
+/// out of memory (never handed out by `create`).
+fn lock<'a>(r: Value) -> Option<MutexGuard<'a, Cell>> {
+    let ptr = cell_ptr(field(r, CELL));
+    // SAFETY: the cell lives until the custom block is finalised, which cannot happen
+    // while `r` (which points to it) is an argument of the running stub.
+    let mutex = unsafe { ptr.as_ref()? };
+    // Panics abort, so a poisoned mutex still guards a consistent region.
+    Some(mutex.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// The finaliser of the custom block: drops the cell (chunks of an unfreed region leak).
+unsafe extern "C" fn finalize(cell: Value) {
+    let ptr = cell_ptr(cell as Word);
+    if !ptr.is_null() {
+        // SAFETY: made by `Box::into_raw` in `offheap_region_cell`, dropped once here.
+        drop(unsafe { Box::from_raw(ptr) });
+    }
+}
+
+/// Custom operations, shareable between threads.
+struct Ops(ocaml_sys::custom_operations);
+
+// SAFETY: never written; its pointers lead to static data and functions.
+unsafe impl Sync for Ops {}
+
+/// The custom operations of cells: finalised, not comparable, hashable, nor
+/// serializable (the defaults).
+static CELL_OPS: Ops = Ops(ocaml_sys::custom_operations {
+    identifier: c"offheap.region".as_ptr(),
+    finalize: Some(finalize),
+    compare: None,
+    hash: None,
+    serialize: None,
+    deserialize: None,
+    compare_ext: None,
+    fixed_length: std::ptr::null(),
+});
+
+/// A new cell for a region whose small adds take chunks of `chunk_bytes` (0: the
+/// default). Returns the custom block, or the integer 1 when out of memory.
+#[no_mangle]
+pub extern "C" fn offheap_region_cell(chunk_bytes: Value) -> Value {
+    // SAFETY: called from OCaml holding the runtime.
+    unsafe { release::drain_due() };
+    let chunk_bytes = match chunk_bytes >> 1 {
+        n if n <= 0 => DEFAULT_CHUNK_BYTES,
+        n => n as usize,
+    };
+    // SAFETY: a custom block with one word of data, zeroed below before anything else
+    // can see it; allocating it may run a minor GC, which holds no pointer of ours.
+    let block =
+        unsafe { ocaml_sys::caml_alloc_custom(&CELL_OPS.0, std::mem::size_of::<Word>(), 0, 1) };
+    // SAFETY: field 1 of the fresh custom block is its data word.
+    unsafe { *(block as *mut *mut Mutex<Cell>).add(1) = std::ptr::null_mut() };
+    let cell = Mutex::new(Cell {
+        freed: false,
+        region: Region::new(chunk_bytes),
+    });
+    let layout = std::alloc::Layout::new::<Mutex<Cell>>();
+    // SAFETY: a non-zero-sized layout.
+    let ptr = unsafe { std::alloc::alloc(layout) } as *mut Mutex<Cell>;
+    if ptr.is_null() {
+        return val_int(1) as Value;
+    }
+    // SAFETY: fresh memory of the right layout, then handed to the block, which
+    // frees it with `Box::from_raw` (the global allocator, this layout).
+    unsafe {
+        ptr.write(cell);
+        *(block as *mut *mut Mutex<Cell>).add(1) = ptr;
+    }
+    block
+}
+
+/// Adds `v` to the region `r` (copying blocks outside the heap too when `deep`):
+/// returns its copy (or `v` itself when nothing was copied), or `failed` and keeps the
+/// error for [`offheap_region_error`]. Allocates nothing on the OCaml heap.
+#[no_mangle]
+pub extern "C" fn offheap_region_add(r: Value, v: Value, failed: Value, deep: Value) -> Value {
+    let Some(mut cell) = lock(r) else {
+        return failure(AddError::Freed, failed);
+    };
+    if cell.freed {
+        return failure(AddError::Freed, failed);
+    }
+    // SAFETY: field 1 of the record is its allocator block, alive (the record holds it).
+    let mut alloc = unsafe { CAllocator::new(field(r, ALLOC)) };
+    let added = cell.region.add(&mut alloc, &mut RuntimeRegistry, |bump| {
+        // SAFETY: we hold the runtime and allocate nothing on the OCaml heap until the
+        // copy returns; the allocator's contract forbids calls into OCaml.
+        unsafe { runtime::copy_value(v as Word, deep as Word != val_int(0), bump) }
+    });
+    match added {
+        Ok(copied) => copied.root as Value,
+        Err(e) => failure(AddError::Copy(e), failed),
+    }
+}
+
+#[cold]
+fn failure(e: AddError, failed: Value) -> Value {
+    LAST_ERROR.with(|slot| *slot.borrow_mut() = Some(e));
+    failed
+}
+
+/// The error of this thread's last failed add: 0 the region was freed, 1 out of
+/// memory, else the message of the `Invalid_argument` to raise.
+#[no_mangle]
+pub extern "C" fn offheap_region_error(_unit: Value) -> Value {
+    let e = LAST_ERROR.with(|slot| slot.borrow_mut().take());
+    match e {
+        None | Some(AddError::Freed) => val_int(0) as Value,
+        Some(AddError::Copy(e)) if e.is_out_of_memory() => val_int(1) as Value,
+        Some(AddError::Copy(e)) => {
+            let message = e.to_string();
+            let message = message.strip_prefix("Offheap.copy: ").unwrap_or(&message);
+            let mut bytes: Vec<u8> = format!("Offheap.Region.add: {message}")
+                .bytes()
+                .map(|b| if b == 0 { b'?' } else { b })
+                .collect();
+            bytes.push(0);
+            // SAFETY: a NUL-terminated string; one allocation, no other value held.
+            unsafe { ocaml_sys::caml_copy_string(bytes.as_ptr() as *const ocaml_sys::Char) }
+        }
+    }
+}
+
+/// Whether `v` is a block inside one of the chunks of `r` (false once freed).
+#[no_mangle]
+pub extern "C" fn offheap_region_mem(r: Value, v: Value) -> Value {
+    let inside = !is_immediate(v as Word)
+        && lock(r).is_some_and(|cell| !cell.freed && cell.region.contains(v as Word));
+    val_int(inside as isize) as Value
+}
+
+/// Statistic `i` of `r`: 0 bytes, 1 reserved, 2 blocks, 3 chunks (now), 4 values, 5
+/// chunk size, 6 whether freed.
+#[no_mangle]
+pub extern "C" fn offheap_region_stat(r: Value, i: Value) -> Value {
+    let Some(cell) = lock(r) else {
+        return val_int(0) as Value;
+    };
+    let s = cell.region.stats();
+    let n = match i >> 1 {
+        0 => s.bytes,
+        1 => s.reserved,
+        2 => s.blocks,
+        3 => cell.region.chunk_count(),
+        4 => s.values,
+        5 => cell.region.chunk_bytes(),
+        _ => cell.freed as usize,
+    };
+    val_int(n as isize) as Value
+}
+
+/// Frees every chunk of `r`. Returns, as `offheap_stub_free`: n >= 0 done, the OCaml
+/// side should run a major slice of n words when n > 0 (OCaml 5, much waiting); -1
+/// freed already; -2 out of memory (nothing changed).
+#[no_mangle]
+pub extern "C" fn offheap_region_free(r: Value) -> Value {
+    // SAFETY: called from OCaml holding the runtime.
+    unsafe { release::drain_due() };
+    let Some(mut cell) = lock(r) else {
+        return val_int(-1) as Value;
+    };
+    if cell.freed {
+        return val_int(-1) as Value;
+    }
+    let (alloc, image_owner) = (field(r, ALLOC), field(r, IMAGE_OWNER));
+    let count = cell.region.chunk_count();
+    // SAFETY: we hold the runtime and allocate nothing on the OCaml heap; the chunks'
+    // allocator blocks are fields of `r`, alive for the call.
+    let outcome = unsafe {
+        release::free_all(count, || {
+            cell.freed = true;
+            let chunks = cell.region.take_chunks().into_iter().map(|c| Owned {
+                base: c.base,
+                bytes: c.bytes,
+                alloc: match c.owner {
+                    Owner::Region => alloc,
+                    Owner::Image => image_owner,
+                },
+            });
+            Some(chunks.collect())
+        })
+    };
+    let code = match outcome {
+        Outcome::Done(slice_words) => slice_words as isize,
+        Outcome::AlreadyFreed => -1,
+        Outcome::OutOfMemory => -2,
+    };
+    val_int(code) as Value
+}
+
+/// Moves the payload of the freshly loaded image handle `h` into the empty region `r`
+/// as its first chunk, owned by the image (`r.image_owner` becomes the handle's
+/// allocator block). Returns the payload's root, or `failed` when out of memory (then
+/// `h` still owns the payload). The payload's blocks are counted by
+/// [`offheap_region_count_loaded`].
+#[no_mangle]
+pub extern "C" fn offheap_region_adopt(r: Value, h: Value, failed: Value) -> Value {
+    let Some(mut cell) = lock(r) else {
+        return failed;
+    };
+    if cell.freed || cell.region.reserve_chunk().is_err() {
+        return failed;
+    }
+    // SAFETY: `h` is a handle, `failed` never a root; nothing allocates meanwhile.
+    let root = unsafe { handle::root_if_live(h as Word, failed as Word) };
+    // SAFETY: as above.
+    let Some(owned) = (unsafe { handle::take(h as Word) }) else {
+        return failed;
+    };
+    let adopted: Result<(), NoMemory> = if owned.base.is_null() {
+        Ok(())
+    } else {
+        cell.region.adopt(owned.base, owned.bytes)
+    };
+    debug_assert!(adopted.is_ok(), "room reserved above");
+    // SAFETY: a field of the live record, written with the runtime's write barrier.
+    unsafe { ocaml_sys::caml_modify((r as *mut Value).add(IMAGE_OWNER), owned.alloc as Value) };
+    root as Value
+}
+
+/// Counts `blocks` loaded blocks (those of the image adopted by `r`) in its stats.
+#[no_mangle]
+pub extern "C" fn offheap_region_count_loaded(r: Value, blocks: Value) -> Value {
+    if let Some(mut cell) = lock(r) {
+        cell.region.count_loaded(blocks as usize >> 1);
+    }
+    val_int(0) as Value
+}
