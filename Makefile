@@ -75,6 +75,8 @@ test-ocaml: deps
 	dune build @runtest --force
 	OCAMLRUNPARAM=s=4k dune build @runtest --force
 
+# Debian ships no odoc files for the standard library, so odoc cannot resolve Stdlib
+# types that a signature shows (Obj.t in Offheap.Region): that one warning is expected.
 # Every value of offheap.mli documented with an example and its exceptions, no stray
 # doc comment (warning 50); then odoc, which must not warn (a broken {!reference}...).
 # _doc is removed first so that odoc runs, and warns, again.
@@ -82,8 +84,12 @@ test-doc: deps
 	ocaml tests/packaging/check_doc.ml lib/offheap.mli
 	@rm -rf _build/default/_doc
 	@out=$$(dune build @doc 2>&1) || { echo "$$out"; exit 1; }; \
+	out=$$(printf '%s\n' "$$out" | awk '/^File .*offheap\.odoc":$$/ { f = $$0; next } \
+	  /^Warning: Couldn.t find the following modules:$$/ { w = $$0; next } \
+	  w != "" && /^  Stdlib$$/ { f = ""; w = ""; next } \
+	  { if (f != "") print f; if (w != "") print w; f = ""; w = ""; print }'); \
 	if [ -n "$$out" ]; then echo "$$out"; echo "dune build @doc: odoc warns"; exit 1; fi; \
-	echo "dune build @doc: no warnings"
+	echo "dune build @doc: no warnings (but that Debian ships no odoc files for Stdlib)"
 
 # A panic inside a stub aborts the process with its message (tests/faults/): the stubs
 # built with the cargo feature fault-injection, in a build directory of their own.
