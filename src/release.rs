@@ -275,6 +275,9 @@ pub unsafe fn free_all(count: usize, take: impl FnOnce() -> Option<Vec<Owned>>) 
     };
     debug_assert!(owned.len() <= count, "room reserved for {count} entries");
     let after_cycle = runtime::major_cycles_completed();
+    if queue.is_empty() {
+        OLDEST_CYCLE.store(after_cycle, Ordering::Relaxed);
+    }
     let mut bytes = 0;
     for owned in owned.into_iter().filter(|o| !o.base.is_null()) {
         // SAFETY: an allocator block, alive for the call (the caller's contract).
