@@ -42,6 +42,7 @@
 //! addresses are to be copied, an [`Allocator`] gives memory, a [`VisitedSet`] remembers
 //! what was seen. The same code runs on OCaml 4, OCaml 5 and the fake heap of the tests.
 
+pub mod data;
 pub mod queue;
 pub mod visited;
 
@@ -49,6 +50,7 @@ use std::fmt;
 
 use crate::alloc::{Allocator, NoMemory};
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
+use data::DataTable;
 use queue::{Entry, Queue};
 use visited::{Seen, VisitedSet};
 
@@ -69,6 +71,15 @@ pub trait Heap {
     /// Whether tags 244 and 245 are OCaml 5's lazy-being-forced and continuation tags
     /// (on OCaml 4 they are ordinary constructor tags).
     fn has_ocaml5_tags(&self) -> bool;
+
+    /// When `ops` are the operations of a Bigarray laid out as the runtime's
+    /// `struct caml_ba_array` (see [`crate::bigarray`]), the operations its copy gets;
+    /// `None` for any other custom block. The copy of a Bigarray holds its data in the
+    /// same allocation ([`data`]).
+    fn bigarray_ops(&self, ops: Word) -> Option<Word> {
+        let _ = ops;
+        None
+    }
 }
 
 /// Why a value could not be copied.
@@ -89,6 +100,8 @@ pub enum CopyError {
     OutOfMemory(usize),
     /// The allocator returned memory that is not word aligned.
     Misaligned,
+    /// A Bigarray whose custom block is not what the runtime makes; what was found.
+    Bigarray(String),
 }
 
 impl From<NoMemory> for CopyError {
@@ -118,6 +131,7 @@ impl fmt::Display for CopyError {
             CopyError::Continuation => f.write_str("continuation"),
             CopyError::OutOfMemory(bytes) => write!(f, "no memory for {bytes} bytes"),
             CopyError::Misaligned => f.write_str("the allocator returned memory that is not word aligned"),
+            CopyError::Bigarray(what) => write!(f, "Bigarray that cannot be copied: {what}"),
         }
     }
 }
@@ -191,6 +205,7 @@ pub unsafe fn copy<H: Heap, V: VisitedSet, A: Allocator>(
         heap,
         visited,
         queue: Queue::new(),
+        data: DataTable::new(),
         snapshot: Vec::new(),
         words: 0,
         root_in_block: 0,
@@ -211,6 +226,8 @@ struct Traversal<'a, H, V> {
     visited: V,
     /// Every block given an offset, in offset order.
     queue: Queue,
+    /// The Bigarrays queued and their data, laid out after the blocks.
+    data: DataTable,
     /// With a [`VisitedSet::SOURCE_SHARED`] set: the fields of every scannable queued
     /// block, in queue order, as pass 1 read them, pointers to copied blocks stored as
     /// `RELOCATED` offsets. Empty otherwise.
@@ -234,10 +251,12 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     unsafe fn run<A: Allocator>(&mut self, root: Word, alloc: &mut A) -> Result<Copied, CopyError> {
         // SAFETY: forwarded from `copy`.
         unsafe { self.measure(root)? };
+        let data_words = self.data.lay_out(self.words)?;
         let transient_bytes = self.queue.allocated_bytes()
             + self.visited.allocated_bytes()
-            + self.snapshot.capacity() * WORD_BYTES;
-        let bytes = self.words * WORD_BYTES;
+            + self.snapshot.capacity() * WORD_BYTES
+            + self.data.allocated_bytes();
+        let bytes = (self.words + data_words) * WORD_BYTES;
         let base = alloc.alloc(bytes);
         if base.is_null() {
             return Err(CopyError::OutOfMemory(bytes));
@@ -254,6 +273,8 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             } else {
                 self.write(base as *mut Word)
             }
+            // SAFETY: the blocks are written; the noted data is the source's.
+            self.data.write(base as *mut Word);
         };
         // The root's block was discovered first: it is at offset 0.
         let root = base as Word + WORD_BYTES + self.root_in_block;
@@ -261,7 +282,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             root,
             base,
             bytes,
-            blocks: self.queue.len(),
+            blocks: self.queue.len() + self.data.blocks(),
             transient_bytes,
         })
     }
@@ -457,7 +478,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
 
     /// Rejects the blocks that cannot be copied.
     #[inline(always)]
-    unsafe fn check_copyable(&self, block: Word, hd: Header) -> Result<(), CopyError> {
+    unsafe fn check_copyable(&mut self, block: Word, hd: Header) -> Result<(), CopyError> {
         match hd.tag() {
             layout::FORCING_TAG..=layout::LAZY_TAG | layout::ABSTRACT_TAG | layout::CUSTOM_TAG => {
                 // SAFETY: forwarded from the caller.
@@ -470,7 +491,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     /// [`Self::check_copyable`] for the few tags that may be refused.
     #[cold]
     #[inline(never)]
-    unsafe fn check_special(&self, block: Word, hd: Header) -> Result<(), CopyError> {
+    unsafe fn check_special(&mut self, block: Word, hd: Header) -> Result<(), CopyError> {
         match hd.tag() {
             layout::ABSTRACT_TAG => Err(CopyError::Abstract),
             layout::CUSTOM_TAG => {
@@ -478,6 +499,9 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 let ops = unsafe { *(block as *const Word) };
                 if self.heap.is_copyable_custom(ops) {
                     Ok(())
+                } else if let Some(copy_ops) = self.heap.bigarray_ops(ops) {
+                    // SAFETY: a custom block of the source with this header.
+                    unsafe { self.note_bigarray(block, hd, copy_ops) }
                 } else {
                     Err(CopyError::Custom(self.heap.custom_name(ops)))
                 }
@@ -487,6 +511,20 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             layout::CONT_TAG if self.heap.has_ocaml5_tags() => Err(CopyError::Continuation),
             _ => Ok(()),
         }
+    }
+
+    /// Notes the Bigarray `block` (header `hd`), about to be queued at `self.words`,
+    /// whose copy gets the operations `copy_ops`.
+    ///
+    /// # Safety
+    /// `block` is a custom block of the source with header `hd`.
+    unsafe fn note_bigarray(&mut self, block: Word, hd: Header, copy_ops: Word) -> Result<(), CopyError> {
+        // SAFETY: the block has `wosize` readable fields. A Bigarray's fields never change
+        // once it is made, so a read racing another domain sees what pass 2 will copy.
+        let fields = unsafe { std::slice::from_raw_parts(block as *const Word, hd.wosize()) };
+        let data = crate::bigarray::read(fields, self.heap.has_ocaml5_tags())
+            .map_err(CopyError::Bigarray)?;
+        self.data.note(self.words, data, copy_ops)
     }
 
     /// Pass 2: writes every queued block at its offset from `base`, reading the source

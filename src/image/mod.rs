@@ -30,6 +30,7 @@ pub mod validate;
 use std::fmt;
 use std::path::Path;
 
+use crate::bigarray;
 use crate::copy::Copied;
 use crate::layout::{self, Header, Word, WORD_BYTES};
 use format::{CustomKind, HEADER_BYTES};
@@ -41,9 +42,9 @@ pub struct Process {
     pub ocaml_family: u8,
     /// Whether float arrays are flat.
     pub flat_float_array: bool,
-    /// The `struct custom_operations *` of Int32, Int64 and Nativeint, in
+    /// The `struct custom_operations *` of Int32, Int64, Nativeint and Bigarray, in
     /// [`CustomKind`] order.
-    pub custom_ops: [Word; 3],
+    pub custom_ops: [Word; 4],
 }
 
 impl Process {
@@ -181,12 +182,20 @@ pub unsafe fn prepare(
                 let ops = words[i + 1];
                 let Some(k) = process.custom_ops.iter().position(|&o| o == ops) else {
                     return Err(WriteError::Unsupported(
-                        "custom block (only Int32, Int64 and Nativeint custom blocks can be saved)"
+                        "custom block (only Int32, Int64, Nativeint and Bigarray custom blocks can be saved)"
                             .into(),
                     ));
                 };
                 words[i + 1] = CustomKind::ALL[k] as Word;
                 customs.push(((i + 1) * WORD_BYTES) as u64);
+                if CustomKind::ALL[k] == CustomKind::Bigarray {
+                    // The copy put the data in a data block of the copy.
+                    let data = &mut words[i + 1 + bigarray::DATA_FIELD];
+                    if *data < base || *data > end {
+                        return Err(outside(*data));
+                    }
+                    *data = *data - base + address;
+                }
             }
             tag if tag < layout::NO_SCAN_TAG => {
                 for field in &mut words[i + 1..i + 1 + n] {

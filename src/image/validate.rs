@@ -7,12 +7,17 @@
 //! what the runtime's compare, hash and Marshal read for its tag
 //! ([`layout::min_wosize`]), every pointer field points to the first field of a block of
 //! the payload (relocated to where the payload is now), no chain of forward blocks loops,
-//! string padding is consistent, and the fix-up table lists exactly its custom blocks.
+//! string padding is consistent, the fix-up table lists exactly its custom blocks, and
+//! every Bigarray is one the runtime could have made (kind, layout, dimensions, flags
+//! `CAML_BA_EXTERNAL`, no proxy) whose data lies inside one data block: an
+//! `Abstract_tag` block that no pointer field may point to ([`crate::copy::data`]).
 //! What it does not and cannot check is the OCaml type: as with `Marshal`, that is the
 //! caller's promise.
 
 use super::format::CustomKind;
 use super::LoadError;
+use crate::bigarray;
+use crate::copy::data::data_wosize;
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 
 fn bad(check: &'static str, detail: String) -> LoadError {
@@ -53,7 +58,6 @@ fn refused_tag(tag: u8, ocaml5: bool) -> Option<&'static str> {
         layout::LAZY_TAG => Some("unforced lazy value"),
         layout::CLOSURE_TAG => Some("closure"),
         layout::INFIX_TAG => Some("infix header outside a closure"),
-        layout::ABSTRACT_TAG => Some("abstract block"),
         _ => None,
     }
 }
@@ -69,11 +73,38 @@ fn string_padding_ok(fields: &[Word]) -> bool {
             .all(|&b| b == 0)
 }
 
+/// What pass 1 found besides the block starts.
+struct Tiled {
+    /// The first field of every block that a pointer field may point to: every block
+    /// but the data blocks.
+    starts: Starts,
+    /// The data blocks, as word ranges of their fields, in increasing order.
+    data_blocks: Vec<std::ops::Range<usize>>,
+    /// The Bigarrays: the word of their first field (the operations) and their bytes.
+    bigarrays: Vec<(usize, usize)>,
+}
+
+/// A Bigarray's custom block `fields` (operations first) at byte `at`, as an image may
+/// hold it; returns its data's bytes.
+fn check_bigarray(fields: &[Word], at: usize, ocaml5: bool) -> Result<usize, LoadError> {
+    let data = bigarray::read(fields, ocaml5)
+        .map_err(|what| bad("Bigarray", format!("{what} at byte {at}")))?;
+    if data.flags & bigarray::MANAGED_MASK != 0 || fields[bigarray::PROXY_FIELD] != 0 {
+        return Err(bad(
+            "Bigarray",
+            format!("the Bigarray at byte {at} has data managed elsewhere"),
+        ));
+    }
+    Ok(data.bytes)
+}
+
 /// Pass 1: the blocks tile the payload; headers, sizes, tags, string padding, custom
-/// blocks against the fix-up table. Returns the block starts.
-fn tile(payload: &[Word], customs: &[u64], blocks: u64, ocaml5: bool) -> Result<Starts, LoadError> {
+/// blocks against the fix-up table. Returns the block starts, data blocks and Bigarrays.
+fn tile(payload: &[Word], customs: &[u64], blocks: u64, ocaml5: bool) -> Result<Tiled, LoadError> {
     let n = payload.len();
     let mut starts = Starts::new(n);
+    let mut data_blocks: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut bigarrays = Vec::new();
     let mut i = 0;
     let mut found = 0u64;
     let mut next_custom = 0;
@@ -104,11 +135,29 @@ fn tile(payload: &[Word], customs: &[u64], blocks: u64, ocaml5: bool) -> Result<
         if let Some(what) = refused_tag(tag, ocaml5) {
             return Err(bad("tag", format!("{what} (tag {tag}) at byte {at}")));
         }
+        // Data blocks: each with its slack, all after every other block (as the writer
+        // lays them out).
+        let misplaced_data = match data_blocks.first() {
+            Some(r) if tag != layout::ABSTRACT_TAG => Some(r.start - 1),
+            _ if tag == layout::ABSTRACT_TAG && wosize < data_wosize(0) => Some(i),
+            _ => None,
+        };
+        if let Some(data_at) = misplaced_data {
+            return Err(bad(
+                "tag",
+                format!(
+                    "abstract block (tag {}) at byte {}: abstract blocks hold Bigarray data, after every other block",
+                    layout::ABSTRACT_TAG,
+                    data_at * WORD_BYTES
+                ),
+            ));
+        }
         // At least what compare, hash and Marshal read ([`layout::min_wosize`]); a boxed
         // float and a boxed integer exactly one word of payload, a forward one field.
         let size_ok = match tag {
             layout::FORWARD_TAG | layout::DOUBLE_TAG => wosize == 1,
-            layout::CUSTOM_TAG => wosize == 2,
+            // A Bigarray's size is checked with its dimensions below.
+            layout::CUSTOM_TAG => wosize == 2 || fields.first() == Some(&(CustomKind::Bigarray as Word)),
             _ => layout::min_wosize(tag).is_none_or(|min| wosize >= min),
         };
         if !size_ok {
@@ -121,11 +170,17 @@ fn tile(payload: &[Word], customs: &[u64], blocks: u64, ocaml5: bool) -> Result<
             return Err(bad("string padding", format!("the string at byte {at}")));
         }
         if tag == layout::CUSTOM_TAG {
-            if CustomKind::from_id(fields[0] as u64).is_none() {
-                return Err(bad(
-                    "custom block",
-                    format!("unknown custom block {:#x} at byte {at}", fields[0]),
-                ));
+            match CustomKind::from_id(fields[0] as u64) {
+                None => {
+                    return Err(bad(
+                        "custom block",
+                        format!("unknown custom block {:#x} at byte {at}", fields[0]),
+                    ))
+                }
+                Some(CustomKind::Bigarray) => {
+                    bigarrays.push((i + 1, check_bigarray(fields, at, ocaml5)?));
+                }
+                Some(_) => {}
             }
             if customs.get(next_custom) != Some(&(at as u64 + 8)) {
                 return Err(bad(
@@ -135,7 +190,11 @@ fn tile(payload: &[Word], customs: &[u64], blocks: u64, ocaml5: bool) -> Result<
             }
             next_custom += 1;
         }
-        starts.set(i + 1);
+        if tag == layout::ABSTRACT_TAG {
+            data_blocks.push(i + 1..i + 1 + wosize);
+        } else {
+            starts.set(i + 1);
+        }
         found += 1;
         i += 1 + wosize;
     }
@@ -151,7 +210,46 @@ fn tile(payload: &[Word], customs: &[u64], blocks: u64, ocaml5: bool) -> Result<
             format!("the header says {blocks} blocks, the payload holds {found}"),
         ));
     }
-    Ok(starts)
+    Ok(Tiled {
+        starts,
+        data_blocks,
+        bigarrays,
+    })
+}
+
+/// Checks that the data of each Bigarray lies inside one data block, and relocates its
+/// data pointer by `delta`.
+fn check_bigarray_data(
+    payload: &mut [Word],
+    tiled: &Tiled,
+    address: Word,
+    delta: Word,
+) -> Result<(), LoadError> {
+    for &(field, bytes) in &tiled.bigarrays {
+        let slot = field + bigarray::DATA_FIELD;
+        let data = payload[slot];
+        let off = data.wrapping_sub(address);
+        // The data block whose fields start at or before `off`, if `off` is in the payload.
+        let k = tiled
+            .data_blocks
+            .partition_point(|r| r.start * WORD_BYTES <= off);
+        let inside = k.checked_sub(1).is_some_and(|k| {
+            let r = &tiled.data_blocks[k];
+            off.checked_add(bytes)
+                .is_some_and(|end| end <= r.end * WORD_BYTES)
+        });
+        if !inside {
+            return Err(bad(
+                "Bigarray",
+                format!(
+                    "the data of the Bigarray at byte {} ({bytes} bytes at {data:#x}) is not inside a data block",
+                    (field - 1) * WORD_BYTES
+                ),
+            ));
+        }
+        payload[slot] = data.wrapping_add(delta);
+    }
+    Ok(())
 }
 
 /// Where the value `v` of a payload written for `address` points, in words from the
@@ -177,7 +275,8 @@ pub fn check(
     blocks: u64,
     ocaml5: bool,
 ) -> Result<Word, LoadError> {
-    let starts = tile(payload, customs, blocks, ocaml5)?;
+    let tiled = tile(payload, customs, blocks, ocaml5)?;
+    let starts = &tiled.starts;
     let base = payload.as_ptr() as Word;
     let delta = base.wrapping_sub(address);
     let n = payload.len();
@@ -191,7 +290,7 @@ pub fn check(
                 if layout::is_immediate(v) {
                     continue;
                 }
-                if target(v, address, &starts).is_none() {
+                if target(v, address, starts).is_none() {
                     return Err(bad(
                         "pointer",
                         format!(
@@ -208,6 +307,7 @@ pub fn check(
         }
         i += 1 + wosize;
     }
+    check_bigarray_data(payload, &tiled, address, delta)?;
     check_forward_chains(payload)?;
     let root = root as Word;
     if layout::is_immediate(root) {
@@ -284,32 +384,38 @@ pub fn trusted_root(payload: &[Word], root: u64) -> Result<Word, LoadError> {
 
 /// Puts the running program's custom operations (`ops`, indexed by [`CustomKind`] - 1)
 /// into the custom blocks that `customs` lists. Each entry is checked on its own (inside
-/// the payload, increasing, a custom block of two fields with a known identifier), so
-/// this is safe on a trusted payload too.
+/// the payload, increasing, a custom block with a known identifier and the size of its
+/// kind), so this is safe on a trusted payload too.
 ///
 /// # Errors
 /// [`LoadError::Bad`] ("fix-up table") on a bad entry; entries before it were applied.
 pub fn fix_customs(
     payload: &mut [Word],
     customs: &[u64],
-    ops: &[Word; 3],
+    ops: &[Word; 4],
 ) -> Result<(), LoadError> {
     let n = payload.len();
     let mut previous = 0u64;
     for (k, &entry) in customs.iter().enumerate() {
         let field = (entry / WORD_BYTES as u64) as usize;
-        let ok =
-            entry > previous && entry % WORD_BYTES as u64 == 0 && field >= 1 && field + 1 < n && {
-                let hd = Header(payload[field - 1]);
-                hd.tag() == layout::CUSTOM_TAG
-                    && hd.wosize() == 2
-                    && hd.color() == Color::Unmarkable
+        let wosize =
+            (entry > previous && entry % WORD_BYTES as u64 == 0 && field >= 1 && field + 1 < n)
+                .then(|| Header(payload[field - 1]))
+                .filter(|hd| hd.tag() == layout::CUSTOM_TAG && hd.color() == Color::Unmarkable)
+                .map(|hd| hd.wosize())
+                .filter(|&w| w <= n - field);
+        let kind = wosize.and_then(|w| {
+            let kind = CustomKind::from_id(payload[field] as u64)?;
+            let size_ok = match kind {
+                CustomKind::Bigarray => {
+                    w > bigarray::NUM_DIMS_FIELD
+                        && payload[field + bigarray::NUM_DIMS_FIELD] <= bigarray::MAX_NUM_DIMS
+                        && w == bigarray::wosize(payload[field + bigarray::NUM_DIMS_FIELD])
+                }
+                _ => w == 2,
             };
-        let kind = if ok {
-            CustomKind::from_id(payload[field] as u64)
-        } else {
-            None
-        };
+            size_ok.then_some(kind)
+        });
         let Some(kind) = kind else {
             return Err(bad(
                 "fix-up table",
