@@ -53,7 +53,7 @@ module type S = sig
       @raise Invalid_argument when [v] reaches something an image cannot hold, with a
       message naming it: a closure (code pointers belong to one running program, and
       objects hold closures), an abstract block, a custom block other than [Int32],
-      [Int64] and [Nativeint] (a [Bigarray], a channel, a mutex), an unforced lazy
+      [Int64], [Nativeint] and Bigarrays (a channel, a mutex), an unforced lazy
       value, a pointer outside the OCaml heap; or when [key] is too long.
       @raise Sys_error when the file cannot be written.
       @raise Out_of_memory when there is no memory for the copy. *)

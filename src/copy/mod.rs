@@ -124,7 +124,7 @@ impl fmt::Display for CopyError {
             CopyError::Abstract => f.write_str("abstract block"),
             CopyError::Custom(name) => write!(
                 f,
-                "custom block \"{name}\" (only Int32, Int64 and Nativeint custom blocks can be copied)"
+                "custom block \"{name}\" (only Int32, Int64, Nativeint and Bigarray custom blocks can be copied)"
             ),
             CopyError::UnforcedLazy => f.write_str("unforced lazy value (force it before copying)"),
             CopyError::ForcingLazy => f.write_str("lazy value being forced"),

@@ -31,7 +31,7 @@ use std::fmt;
 use std::path::Path;
 
 use crate::bigarray;
-use crate::copy::Copied;
+use crate::copy::{data, Copied};
 use crate::layout::{self, Header, Word, WORD_BYTES};
 use format::{CustomKind, HEADER_BYTES};
 
@@ -168,6 +168,7 @@ pub unsafe fn prepare(
         ))
     };
     let mut customs = Vec::new();
+    let mut bigarrays = Vec::new();
     let mut blocks = 0;
     let mut i = 0;
     while i < words.len() {
@@ -195,6 +196,7 @@ pub unsafe fn prepare(
                         return Err(outside(*data));
                     }
                     *data = *data - base + address;
+                    bigarrays.push(i + 1 + bigarray::DATA_FIELD);
                 }
             }
             tag if tag < layout::NO_SCAN_TAG => {
@@ -213,6 +215,7 @@ pub unsafe fn prepare(
         blocks += 1;
         i += 1 + n;
     }
+    align_data(words, &bigarrays, address);
     let root = if layout::is_immediate(copied.root) {
         copied.root as u64
     } else if inside(copied.root) {
@@ -226,6 +229,56 @@ pub unsafe fn prepare(
         blocks,
         customs,
     })
+}
+
+/// Moves the bytes of each data block of a payload for `address` (page aligned) so that
+/// they start at a multiple of [`data::DATA_ALIGN`] from the payload's start, as the
+/// copy placed them from its own address, and the Bigarray data pointers (the words
+/// `bigarrays`, already made absolute for `address`) with them. Copies of the default
+/// allocator's size for large values are page aligned: nothing moves.
+fn align_data(words: &mut [Word], bigarrays: &[usize], address: Word) {
+    let base = words.as_ptr() as usize;
+    let mut shifts: Vec<(std::ops::Range<usize>, isize)> = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        let hd = Header(words[i]);
+        let n = hd.wosize();
+        if hd.tag() == layout::ABSTRACT_TAG {
+            let fields = (i + 1) * WORD_BYTES;
+            let old = (base + fields).next_multiple_of(data::DATA_ALIGN) - base;
+            let new = fields.next_multiple_of(data::DATA_ALIGN);
+            if old != new {
+                // Both starts lie within the slack: the run of `len` bytes from either
+                // stays inside the block and holds every byte of data.
+                let len = n * WORD_BYTES - data::SLACK_BYTES;
+                let bytes = words_as_bytes(words);
+                bytes.copy_within(old..old + len, new);
+                let (stale, stale_end) = if new > old {
+                    (old, new)
+                } else {
+                    (new + len, old + len)
+                };
+                bytes[stale..stale_end].fill(0);
+                shifts.push((fields..fields + n * WORD_BYTES, new as isize - old as isize));
+            }
+        }
+        i += 1 + n;
+    }
+    if shifts.is_empty() {
+        return;
+    }
+    for &slot in bigarrays {
+        let at = words[slot] - address;
+        if let Some((_, shift)) = shifts.iter().find(|(r, _)| (r.start..=r.end).contains(&at)) {
+            words[slot] = words[slot].wrapping_add_signed(*shift);
+        }
+    }
+}
+
+/// The bytes of `words`.
+fn words_as_bytes(words: &mut [Word]) -> &mut [u8] {
+    // SAFETY: the same memory, any byte pattern is a valid `u8`, the borrow is unique.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, words.len() * WORD_BYTES) }
 }
 
 /// An address for a payload of `bytes` bytes, 2 MiB aligned, at random in
