@@ -518,7 +518,12 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     ///
     /// # Safety
     /// `block` is a custom block of the source with header `hd`.
-    unsafe fn note_bigarray(&mut self, block: Word, hd: Header, copy_ops: Word) -> Result<(), CopyError> {
+    unsafe fn note_bigarray(
+        &mut self,
+        block: Word,
+        hd: Header,
+        copy_ops: Word,
+    ) -> Result<(), CopyError> {
         // SAFETY: the block has `wosize` readable fields. A Bigarray's fields never change
         // once it is made, so a read racing another domain sees what pass 2 will copy.
         let fields = unsafe { std::slice::from_raw_parts(block as *const Word, hd.wosize()) };

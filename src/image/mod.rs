@@ -278,7 +278,9 @@ fn align_data(words: &mut [Word], bigarrays: &[usize], address: Word) {
 /// The bytes of `words`.
 fn words_as_bytes(words: &mut [Word]) -> &mut [u8] {
     // SAFETY: the same memory, any byte pattern is a valid `u8`, the borrow is unique.
-    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, words.len() * WORD_BYTES) }
+    unsafe {
+        std::slice::from_raw_parts_mut(words.as_mut_ptr() as *mut u8, words.len() * WORD_BYTES)
+    }
 }
 
 /// An address for a payload of `bytes` bytes, 2 MiB aligned, at random in

@@ -157,7 +157,9 @@ fn tile(payload: &[Word], customs: &[u64], blocks: u64, ocaml5: bool) -> Result<
         let size_ok = match tag {
             layout::FORWARD_TAG | layout::DOUBLE_TAG => wosize == 1,
             // A Bigarray's size is checked with its dimensions below.
-            layout::CUSTOM_TAG => wosize == 2 || fields.first() == Some(&(CustomKind::Bigarray as Word)),
+            layout::CUSTOM_TAG => {
+                wosize == 2 || fields.first() == Some(&(CustomKind::Bigarray as Word))
+            }
             _ => layout::min_wosize(tag).is_none_or(|min| wosize >= min),
         };
         if !size_ok {

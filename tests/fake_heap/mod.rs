@@ -151,7 +151,14 @@ impl FakeHeap {
 
     /// A Bigarray custom block laid out as `struct caml_ba_array`: operations `ops`,
     /// data at `data`, flags `flags`, proxy `proxy`, dimensions `dims`.
-    pub fn bigarray_block(&mut self, ops: Word, data: Word, flags: Word, proxy: Word, dims: &[usize]) -> Word {
+    pub fn bigarray_block(
+        &mut self,
+        ops: Word,
+        data: Word,
+        flags: Word,
+        proxy: Word,
+        dims: &[usize],
+    ) -> Word {
         let mut fields = vec![ops, data, dims.len(), flags, proxy];
         fields.extend_from_slice(dims);
         self.block(layout::CUSTOM_TAG, &fields)
@@ -264,18 +271,29 @@ fn assert_bigarray_copied(heap: &FakeHeap, src: Word, dst: Word, base: Word, byt
         let f = offheap::bigarray::DIM_FIELD + i;
         assert_eq!(heap.field(src, f), heap.field(dst, f), "dimension {i}");
     }
-    assert_eq!(heap.field(dst, 0), BIGARRAY_OPS.as_ptr() as Word, "the copy's operations");
+    assert_eq!(
+        heap.field(dst, 0),
+        BIGARRAY_OPS.as_ptr() as Word,
+        "the copy's operations"
+    );
     let flags = heap.field(src, offheap::bigarray::FLAGS_FIELD);
     assert_eq!(
         heap.field(dst, offheap::bigarray::FLAGS_FIELD),
         flags & !offheap::bigarray::MANAGED_MASK,
         "kind and layout kept, data external"
     );
-    assert_eq!(heap.field(dst, offheap::bigarray::PROXY_FIELD), 0, "no proxy");
+    assert_eq!(
+        heap.field(dst, offheap::bigarray::PROXY_FIELD),
+        0,
+        "no proxy"
+    );
     let (s, len) = heap.bigarray_bytes(src, heap.ocaml5_tags);
     let (d, dlen) = heap.bigarray_bytes(dst, heap.ocaml5_tags);
     assert_eq!(len, dlen);
-    assert!(d >= base && d + len <= base + bytes, "the data is inside the copy");
+    assert!(
+        d >= base && d + len <= base + bytes,
+        "the data is inside the copy"
+    );
     // SAFETY: both ranges are readable (source buffer, copy).
     let (a, b) = unsafe {
         (
