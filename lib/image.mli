@@ -90,7 +90,10 @@ module type S = sig
       [key]), the checksum of its payload, and its structure: blocks tile the payload
       exactly, every pointer leads to a block of the payload, tags are ones an image
       holds and each block is at least as large as its tag requires, string padding is
-      consistent, no forward block leads back to itself. [~verify:false] (default
+      consistent, no forward block leads back to itself, every Bigarray has a kind,
+      layout, dimensions and flags the runtime makes and its data lies inside a data
+      block of the payload (Bigarrays are usable at once, their data used in place).
+      [~verify:false] (default
       [true]) skips the checksum only; [~trusted:true] (default [false]) also skips the
       structural checks when the payload is at its recorded address (they always run
       on a relocated payload). With both, a shared load costs a few system calls
