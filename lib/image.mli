@@ -93,8 +93,7 @@ module type S = sig
       consistent, no forward block leads back to itself, every Bigarray has a kind,
       layout, dimensions and flags the runtime makes and its data lies inside a data
       block of the payload (Bigarrays are usable at once, their data used in place).
-      [~verify:false] (default
-      [true]) skips the checksum only; [~trusted:true] (default [false]) also skips the
+      [~verify:false] (default [true]) skips the checksum only; [~trusted:true] (default [false]) also skips the
       structural checks when the payload is at its recorded address (they always run
       on a relocated payload). With both, a shared load costs a few system calls
       whatever the size of the image, and a damaged file is undefined behaviour.
