@@ -168,7 +168,7 @@ val delete : 'a t -> unit
 
 type stats = {
   bytes : int;  (** size of the copy's allocation; 0 when nothing was copied *)
-  blocks : int;  (** blocks copied *)
+  blocks : int;  (** blocks copied, and one data block per run of Bigarray data *)
   transient_bytes : int;
       (** peak memory the traversal used besides the copy (its queue and tables) *)
 }
