@@ -3,7 +3,9 @@
    and sub-arrays of some of them).
 
    - copy: [Offheap.copy] of the value, against a warm [Bigarray.Array1.blit] of the same
-     bytes (a memmove between two buffers already faulted in: the floor);
+     bytes (a memmove between two buffers already faulted in: the floor), and against a
+     blit into a freshly made Bigarray (the same bytes into fresh memory, whose pages the
+     kernel must zero on first touch, as it must for the copy's);
    - image load: fresh processes loading the image with [~share:true ~verify:false]
      (structure checked, data untouched) at two sizes of data: the time does not grow
      with the data; minor page faults of the load call show that no page of data is
@@ -137,6 +139,19 @@ let main () =
   let warm = Array1.create float64 c_layout (Array1.dim v.data) in
   Array1.blit v.data warm;
   let floor = median (List.init !runs (fun _ -> fst (time (fun () -> Array1.blit v.data warm)))) in
+  let fresh =
+    median
+      (List.init !runs (fun _ ->
+           let t, b =
+             time (fun () ->
+                 let b = Array1.create float64 c_layout (Array1.dim v.data) in
+                 Array1.blit v.data b;
+                 b)
+           in
+           ignore (Sys.opaque_identity b);
+           Gc.full_major ();
+           t))
+  in
   let copies =
     List.init !runs (fun _ ->
         let t, h = time (fun () -> Offheap.copy v) in
@@ -161,6 +176,8 @@ let main () =
     (bytes lsr 20) (Array.length v.index) (Array.length v.views) !runs;
   Printf.printf "| | time | ratio to the warm memmove |\n|---|---:|---:|\n";
   Printf.printf "| warm `Array1.blit` of the data (floor) | %s | 1.00 |\n" (seconds floor);
+  Printf.printf "| `Array1.create` and `blit`: the same bytes into fresh memory | %s | %.2f |\n"
+    (seconds fresh) (fresh /. floor);
   Printf.printf "| `Offheap.copy` of the Bigarray alone | %s | %.2f |\n" (seconds t_alone)
     (t_alone /. floor);
   Printf.printf "| `Offheap.copy` of the value (%d MB copy) | %s | %.2f |\n%!" (copy_bytes lsr 20)
