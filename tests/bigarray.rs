@@ -658,3 +658,67 @@ fn fix_customs_checks_bigarray_sizes_on_trusted_payloads() {
         Some("fix-up table")
     );
 }
+
+/// The payload of `root` streamed by the traversal into the image writer (as
+/// `Image.write` does), for [`ADDRESS`], and the fix-up table and chunk index.
+fn streamed(h: &mut FakeHeap, root: Word, table: bool) -> (Vec<u8>, image::writer::Payload) {
+    h.copy_static = true;
+    let ops = process().custom_ops;
+    let mut out = Vec::new();
+    let mut w =
+        image::writer::PayloadWriter::new(&mut out, Some(ADDRESS), &ops, format::CHUNK_BYTES)
+            .unwrap();
+    // SAFETY: the fake heap's value, nothing else touching it.
+    let written = unsafe {
+        if table {
+            copy::copy_into(root, h, SideTable::with_capacity(0), &mut w)
+        } else {
+            copy::copy_into(root, h, HeaderMarks::new(Color::C2), &mut w)
+        }
+    }
+    .unwrap();
+    let (payload, _) = w.finish().unwrap();
+    assert_eq!(written.bytes as u64, payload.bytes);
+    (out, payload)
+}
+
+#[test]
+fn streamed_images_equal_images_of_copies() {
+    // A Bigarray of several runs of `copy::MAX_RUN` words and more than the writer's
+    // buffer, views of it, and the sample (small arrays sharing data, an Int64): the
+    // payload the traversal streams to the writer (Bigarrays pointed at their data as
+    // their blocks go by, data blocks written run by run) is the one made from a copy
+    // in memory (whose data moves to be aligned at the image's address).
+    let mut h = FakeHeap::new(1 << 16);
+    let mut rng = Rng(17);
+    let elements = image::writer::BUFFER_WORDS + 3 * copy::MAX_RUN + 5;
+    let big = h.data(elements * 8, &mut rng);
+    let parent = h.bigarray_block(ba_ops(), big, 1, 0, &[elements]);
+    let view = h.bigarray_block(ba_ops(), big + 8 * 1000, 1, 0, &[copy::MAX_RUN]);
+    let small = sample(&mut h);
+    let root = h.block(0, &[parent, view, small]);
+    let image = image_of(&mut h, root);
+    let hd = header(&image);
+    let end = format::HEADER_BYTES + hd.payload_bytes as usize;
+    let (customs, chunks) = format::decode_tables(&hd, &image[end..]);
+    for table in [false, true] {
+        let (payload, p) = streamed(&mut h, root, table);
+        assert!(payload == image[format::HEADER_BYTES..end], "table {table}");
+        assert_eq!(p.customs, customs);
+        assert_eq!(p.chunks, chunks);
+    }
+    // And it loads, at its address or elsewhere, as a copy of the source.
+    // The data of a region (the large array's) starts aligned in the payload.
+    let words = payload_words(&image);
+    let f = bigarrays_in(&words)[0];
+    assert_eq!((words[f + DATA_FIELD] - ADDRESS) % DATA_ALIGN, 0);
+    let d = load(&image, true).unwrap();
+    h.copy_static = false;
+    assert_isomorphic(
+        &mut h,
+        root,
+        d.root,
+        d.words.as_ptr() as Word,
+        d.words.len() * WORD_BYTES,
+    );
+}
