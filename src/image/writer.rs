@@ -433,7 +433,7 @@ fn data_moves(
     while i < words.len() {
         let hd = Header(words[i]);
         let end = (i + 1 + hd.wosize()).min(words.len());
-        if hd.tag() == layout::ABSTRACT_TAG && end - i - 1 >= data::data_wosize(0) {
+        if hd.tag() == layout::ABSTRACT_TAG && end - i > data::data_wosize(0) {
             let fields = (i + 1) * WORD_BYTES;
             let old = (source + fields).next_multiple_of(data::DATA_ALIGN) - source;
             let new = (address + fields).next_multiple_of(data::DATA_ALIGN) - address;
