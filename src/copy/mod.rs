@@ -88,7 +88,8 @@ pub trait Heap {
 pub enum CopyError {
     /// An `Abstract_tag` block (C data the runtime cannot look into).
     Abstract,
-    /// A custom block other than Int32, Int64 and Nativeint; the operations' identifier.
+    /// A custom block other than Int32, Int64, Nativeint and Bigarray; the operations'
+    /// identifier.
     Custom(String),
     /// A lazy value not forced yet.
     UnforcedLazy,

@@ -211,8 +211,8 @@ fn check_key(key: &[u8]) -> Result<(), WriteError> {
 ///
 /// # Errors
 /// [`WriteError::Unsupported`] for a closure, a custom block other than the three boxed
-/// integers, or a pointer that leads out of the copy (memory outside the OCaml heap);
-/// [`WriteError::KeyTooLong`].
+/// integers and Bigarrays, or a pointer that leads out of the copy (memory outside the
+/// OCaml heap); [`WriteError::KeyTooLong`]; [`WriteError::OutOfMemory`].
 ///
 /// # Safety
 /// `copied` describes a finished copy whose buffer stays alive during the call.
