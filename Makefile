@@ -191,3 +191,9 @@ test-image-large: build
 .PHONY: bench-region
 bench-region: build
 	dune exec --no-print-directory -- ./benches/region_bench.exe $(if $(REGION_BENCH_FLAGS),-- $(REGION_BENCH_FLAGS))
+
+# Bigarrays: a 1 GB float64 Bigarray and an index copied (against a warm memmove), its
+# image loaded in fresh processes, 4 processes' Pss. BIGARRAY_BENCH_FLAGS=-quick: 64 MB.
+.PHONY: bench-bigarray
+bench-bigarray: build
+	dune exec --no-print-directory -- ./benches/bigarray_bench.exe $(BIGARRAY_BENCH_FLAGS)

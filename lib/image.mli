@@ -56,7 +56,7 @@ module type S = sig
       @raise Invalid_argument when [v] reaches something an image cannot hold, with a
       message naming it: a closure (code pointers belong to one running program, and
       objects hold closures), an abstract block, a custom block other than [Int32],
-      [Int64] and [Nativeint] (a [Bigarray], a channel, a mutex), an unforced lazy
+      [Int64], [Nativeint] and Bigarrays (a channel, a mutex), an unforced lazy
       value, a pointer outside the OCaml heap; or when [key] is too long.
       @raise Sys_error when the file cannot be written.
       @raise Out_of_memory when there is no memory for the copy. *)
@@ -99,8 +99,10 @@ module type S = sig
       [key]), the checksum of its payload, and its structure: blocks tile the payload
       exactly, every pointer leads to a block of the payload, tags are ones an image
       holds and each block is at least as large as its tag requires, string padding is
-      consistent, no forward block leads back to itself. [~verify:false] (default
-      [true]) skips the checksum only; [~trusted:true] (default [false]) also skips the
+      consistent, no forward block leads back to itself, every Bigarray has a kind,
+      layout, dimensions and flags the runtime makes and its data lies inside a data
+      block of the payload (Bigarrays are usable at once, their data used in place).
+      [~verify:false] (default [true]) skips the checksum only; [~trusted:true] (default [false]) also skips the
       structural checks when the payload is at its recorded address (they always run
       on a relocated payload). With both, a shared load costs a few system calls
       whatever the size of the image, and a damaged file is undefined behaviour.

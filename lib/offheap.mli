@@ -98,8 +98,9 @@ val copy : ?alloc:alloc -> 'a -> 'a t
 
     @raise Invalid_argument when a block that cannot be copied is reachable from [v],
     with a message naming it: an abstract block, a custom block other than [Int32],
-    [Int64] and [Nativeint] (for example a [Bigarray] or a channel), an unforced lazy
-    value (force it first), or on OCaml 5 a continuation. [v] is left exactly as it was
+    [Int64], [Nativeint] and Bigarrays (for example a channel), an unforced lazy
+    value (force it first), or on OCaml 5 a continuation. A Bigarray is copied with its
+    data (see {!section-bigarrays}). [v] is left exactly as it was
     and nothing is allocated.
     @raise Out_of_memory when the allocator returns [NULL], or the traversal cannot get
     memory for its own queue and tables; [v] is left as it was and nothing stays
@@ -143,9 +144,33 @@ val delete : 'a t -> unit
 
     @raise Invalid_argument ["Offheap.free: deleted"] when the copy was freed already. *)
 
+(** {1:bigarrays Bigarrays}
+
+    A Bigarray is copied with its data, into the same allocation as the rest of the
+    copy: the data after the blocks, starting on a 64-byte boundary. Every kind and
+    layout, 0 to 16 dimensions, arrays made by [Unix.map_file] and sub-arrays and slices
+    are copied; Bigarrays that share data in the source ([sub], [slice], [reshape],
+    [change_layout], the same array twice) share it in the copy, so a [set] through one
+    is seen through the others. The copy's data is unmanaged ([CAML_BA_EXTERNAL], no
+    proxy): only {!free} releases it, with the rest of the copy. The source is untouched
+    and stays its owner's. [get], [set], [blit], [sub], [slice], [dim], [kind],
+    [layout], compare, [Hashtbl.hash], [Marshal] and the C API ([Caml_ba_data_val]) work
+    on the copy; a sub-array or slice made from the copy shares its data and must not
+    be used after {!free}, like any value read from it. {!stats} counts the data. Images
+    hold Bigarrays too, their data inside the file, used in place when loaded.
+
+    {[
+      let a = Bigarray.Array1.init Bigarray.float64 Bigarray.c_layout 4 float_of_int in
+      let h = Offheap.copy (a, Bigarray.Array1.sub a 1 2) in
+      let c, s = Offheap.get h in
+      Bigarray.Array1.set s 0 10.;
+      assert (Bigarray.Array1.get c 1 = 10. && Bigarray.Array1.get a 1 = 1.);
+      Offheap.free h
+    ]} *)
+
 type stats = {
   bytes : int;  (** size of the copy's allocation; 0 when nothing was copied *)
-  blocks : int;  (** blocks copied *)
+  blocks : int;  (** blocks copied, and one data block per run of Bigarray data *)
   transient_bytes : int;
       (** peak memory the traversal used besides the copy (its queue and tables) *)
 }

@@ -7,6 +7,7 @@
 //! - [`copy`]: the traversal that copies a graph of blocks into one allocation; generic
 //!   over a [`copy::Heap`] (which addresses to copy), an [`alloc::Allocator`] and a
 //!   [`copy::visited::VisitedSet`], so it runs on the real runtime and on a fake heap.
+//! - [`bigarray`]: the layout of the runtime's Bigarrays (`struct caml_ba_array`).
 //! - [`alloc`]: the allocator trait, the C allocator block, the default allocator.
 //! - [`image`]: images: a copy saved to a file and mapped back (format, writer, validator,
 //!   relocation).
@@ -23,6 +24,7 @@
 //! - [`fault`]: panic injection for tests (feature `fault-injection`).
 
 pub mod alloc;
+pub mod bigarray;
 pub mod copy;
 pub mod fault;
 pub mod image;

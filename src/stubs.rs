@@ -265,7 +265,7 @@ fn image_process(flat_float_array: bool) -> image::Process {
     image::Process {
         ocaml_family: if cfg!(ocaml5) { 5 } else { 4 },
         flat_float_array,
-        custom_ops: runtime::boxed_integer_ops(),
+        custom_ops: runtime::image_custom_ops(),
     }
 }
 

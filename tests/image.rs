@@ -11,7 +11,7 @@ mod fake_heap;
 
 use std::collections::HashSet;
 
-use fake_heap::{assert_isomorphic, FakeHeap, INT64_OPS};
+use fake_heap::{assert_isomorphic, FakeHeap, BIGARRAY_OPS, INT64_OPS};
 use offheap::alloc::{Allocator, Malloc};
 use offheap::copy::{self, visited::SideTable};
 use offheap::image::{self, file, format, LoadError, Options, Process, WriteError};
@@ -22,7 +22,12 @@ fn process() -> Process {
     Process {
         ocaml_family: 4,
         flat_float_array: true,
-        custom_ops: [0x1111_0000, INT64_OPS.as_ptr() as Word, 0x3333_0000],
+        custom_ops: [
+            0x1111_0000,
+            INT64_OPS.as_ptr() as Word,
+            0x3333_0000,
+            BIGARRAY_OPS.as_ptr() as Word,
+        ],
     }
 }
 

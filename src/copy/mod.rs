@@ -43,6 +43,7 @@
 //! addresses are to be copied, an [`Allocator`] gives memory, a [`VisitedSet`] remembers
 //! what was seen. The same code runs on OCaml 4, OCaml 5 and the fake heap of the tests.
 
+pub mod data;
 pub mod queue;
 pub mod visited;
 
@@ -50,6 +51,7 @@ use std::fmt;
 
 use crate::alloc::{Allocator, NoMemory};
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
+use data::DataTable;
 use queue::{Entry, Queue};
 use visited::{Seen, VisitedSet};
 
@@ -70,6 +72,15 @@ pub trait Heap {
     /// Whether tags 244 and 245 are OCaml 5's lazy-being-forced and continuation tags
     /// (on OCaml 4 they are ordinary constructor tags).
     fn has_ocaml5_tags(&self) -> bool;
+
+    /// When `ops` are the operations of a Bigarray laid out as the runtime's
+    /// `struct caml_ba_array` (see [`crate::bigarray`]), the operations its copy gets;
+    /// `None` for any other custom block. The copy of a Bigarray holds its data in the
+    /// same allocation ([`data`]).
+    fn bigarray_ops(&self, ops: Word) -> Option<Word> {
+        let _ = ops;
+        None
+    }
 }
 
 /// Why a value could not be copied.
@@ -77,7 +88,8 @@ pub trait Heap {
 pub enum CopyError {
     /// An `Abstract_tag` block (C data the runtime cannot look into).
     Abstract,
-    /// A custom block other than Int32, Int64 and Nativeint; the operations' identifier.
+    /// A custom block other than Int32, Int64, Nativeint and Bigarray; the operations'
+    /// identifier.
     Custom(String),
     /// A lazy value not forced yet.
     UnforcedLazy,
@@ -90,6 +102,8 @@ pub enum CopyError {
     OutOfMemory(usize),
     /// The allocator returned memory that is not word aligned.
     Misaligned,
+    /// A Bigarray whose custom block is not what the runtime makes; what was found.
+    Bigarray(String),
 }
 
 impl From<NoMemory> for CopyError {
@@ -112,13 +126,14 @@ impl fmt::Display for CopyError {
             CopyError::Abstract => f.write_str("abstract block"),
             CopyError::Custom(name) => write!(
                 f,
-                "custom block \"{name}\" (only Int32, Int64 and Nativeint custom blocks can be copied)"
+                "custom block \"{name}\" (only Int32, Int64, Nativeint and Bigarray custom blocks can be copied)"
             ),
             CopyError::UnforcedLazy => f.write_str("unforced lazy value (force it before copying)"),
             CopyError::ForcingLazy => f.write_str("lazy value being forced"),
             CopyError::Continuation => f.write_str("continuation"),
             CopyError::OutOfMemory(bytes) => write!(f, "no memory for {bytes} bytes"),
             CopyError::Misaligned => f.write_str("the allocator returned memory that is not word aligned"),
+            CopyError::Bigarray(what) => write!(f, "Bigarray that cannot be copied: {what}"),
         }
     }
 }
@@ -295,6 +310,7 @@ pub unsafe fn copy_into<H: Heap, V: VisitedSet, O: Output>(
         heap,
         visited,
         queue: Queue::new(),
+        data: DataTable::new(),
         snapshot: Vec::new(),
         words: 0,
         root_in_block: 0,
@@ -315,6 +331,8 @@ struct Traversal<'a, H, V> {
     visited: V,
     /// Every block given an offset, in offset order.
     queue: Queue,
+    /// The Bigarrays queued and their data, laid out after the blocks.
+    data: DataTable,
     /// With a [`VisitedSet::SOURCE_SHARED`] set: the fields of every scannable queued
     /// block, in queue order, as pass 1 read them, pointers to copied blocks stored as
     /// `RELOCATED` offsets. Empty otherwise.
@@ -338,25 +356,29 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     unsafe fn run<O: Output>(&mut self, root: Word, out: &mut O) -> Result<Written, CopyError> {
         // SAFETY: forwarded from `copy_into`.
         unsafe { self.measure(root)? };
+        let data_words = self.data.lay_out(self.words)?;
         let transient_bytes = self.queue.allocated_bytes()
             + self.visited.allocated_bytes()
-            + self.snapshot.capacity() * WORD_BYTES;
-        let bytes = self.words * WORD_BYTES;
+            + self.snapshot.capacity() * WORD_BYTES
+            + self.data.allocated_bytes();
+        let bytes = (self.words + data_words) * WORD_BYTES;
         let base = out.begin(bytes)?;
-        // SAFETY: `out` takes the `bytes` bytes pass 1 measured.
+        // SAFETY: `out` takes the `bytes` bytes pass 1 measured and the data laid out:
+        // the blocks first, then the data blocks; the noted data is the source's.
         unsafe {
             if V::SOURCE_SHARED {
                 self.write_from_snapshot(base, out)
             } else {
                 self.write(base, out)
             }
+            self.data.write(base, out);
         };
         // The root's block was discovered first: it is at offset 0.
         let root = base + WORD_BYTES + self.root_in_block;
         Ok(Written {
             root,
             bytes,
-            blocks: self.queue.len(),
+            blocks: self.queue.len() + self.data.blocks(),
             transient_bytes,
         })
     }
@@ -552,7 +574,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
 
     /// Rejects the blocks that cannot be copied.
     #[inline(always)]
-    unsafe fn check_copyable(&self, block: Word, hd: Header) -> Result<(), CopyError> {
+    unsafe fn check_copyable(&mut self, block: Word, hd: Header) -> Result<(), CopyError> {
         match hd.tag() {
             layout::FORCING_TAG..=layout::LAZY_TAG | layout::ABSTRACT_TAG | layout::CUSTOM_TAG => {
                 // SAFETY: forwarded from the caller.
@@ -565,7 +587,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     /// [`Self::check_copyable`] for the few tags that may be refused.
     #[cold]
     #[inline(never)]
-    unsafe fn check_special(&self, block: Word, hd: Header) -> Result<(), CopyError> {
+    unsafe fn check_special(&mut self, block: Word, hd: Header) -> Result<(), CopyError> {
         match hd.tag() {
             layout::ABSTRACT_TAG => Err(CopyError::Abstract),
             layout::CUSTOM_TAG => {
@@ -573,6 +595,9 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 let ops = unsafe { *(block as *const Word) };
                 if self.heap.is_copyable_custom(ops) {
                     Ok(())
+                } else if let Some(copy_ops) = self.heap.bigarray_ops(ops) {
+                    // SAFETY: a custom block of the source with this header.
+                    unsafe { self.note_bigarray(block, hd, copy_ops) }
                 } else {
                     Err(CopyError::Custom(self.heap.custom_name(ops)))
                 }
@@ -582,6 +607,25 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             layout::CONT_TAG if self.heap.has_ocaml5_tags() => Err(CopyError::Continuation),
             _ => Ok(()),
         }
+    }
+
+    /// Notes the Bigarray `block` (header `hd`), about to be queued at `self.words`,
+    /// whose copy gets the operations `copy_ops`.
+    ///
+    /// # Safety
+    /// `block` is a custom block of the source with header `hd`.
+    unsafe fn note_bigarray(
+        &mut self,
+        block: Word,
+        hd: Header,
+        copy_ops: Word,
+    ) -> Result<(), CopyError> {
+        // SAFETY: the block has `wosize` readable fields. A Bigarray's fields never change
+        // once it is made, so a read racing another domain sees what pass 2 will copy.
+        let fields = unsafe { std::slice::from_raw_parts(block as *const Word, hd.wosize()) };
+        let data = crate::bigarray::read(fields, self.heap.has_ocaml5_tags())
+            .map_err(CopyError::Bigarray)?;
+        self.data.note(self.words, data, copy_ops)
     }
 
     /// Pass 2: hands every queued block to `out`, in offset order, reading the source
@@ -630,6 +674,11 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                     // SAFETY: `i < end <= n`, in bounds of the block and of the run.
                     unsafe { *dst.add(i - start) = self.translate(*src.add(i), base) };
                 }
+                if start == 0 && hd.tag() == layout::CUSTOM_TAG {
+                    // SAFETY: `dst` holds the block's first run, written; a Bigarray's
+                    // block is one run.
+                    unsafe { self.data.patch(written, dst, base) };
+                }
                 start = end;
             }
             written += 1 + n;
@@ -673,12 +722,18 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 let mut start = 0;
                 while start < n {
                     let len = (n - start).min(MAX_RUN);
+                    let dst = out.next(len);
                     // SAFETY: raw blocks are copied whole, `len` words at a time: their
                     // size is fixed and they hold no pointers, so one read now is as good
                     // as one in pass 1. Bytes may be written meanwhile (`Bytes.set` in
                     // another domain): each byte copied is one the block held, as for
                     // any unsynchronised OCaml read of it.
-                    unsafe { std::ptr::copy_nonoverlapping(src.add(start), out.next(len), len) };
+                    unsafe { std::ptr::copy_nonoverlapping(src.add(start), dst, len) };
+                    if start == 0 && hd.tag() == layout::CUSTOM_TAG {
+                        // SAFETY: `dst` holds the block's first run, written; a
+                        // Bigarray's block is one run.
+                        unsafe { self.data.patch(written, dst, base) };
+                    }
                     start += len;
                 }
             }

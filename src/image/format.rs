@@ -25,10 +25,17 @@
 //! fix-up table's, in the header) and its consistency (each chunk's first block is where
 //! the blocks of the chunks before it end).
 //!
-//! Custom blocks (only Int32, Int64 and Nativeint are allowed) store a [`CustomKind`]
-//! identifier where the running program stores its `struct custom_operations *`; the
-//! loader puts the current process's pointers back, using the table to find them without
-//! walking the payload.
+//! Custom blocks (only Int32, Int64, Nativeint and Bigarray are allowed) store a
+//! [`CustomKind`] identifier where the running program stores its
+//! `struct custom_operations *`; the loader puts the current process's pointers back,
+//! using the table to find them without walking the payload.
+//!
+//! A Bigarray's custom block (`5 + num_dims` fields, see [`crate::bigarray`]) has flags
+//! `CAML_BA_EXTERNAL`, no proxy, and a data pointer, absolute like every pointer, into a
+//! data block: a block of tag `Abstract_tag` that nothing points to, after the other
+//! blocks, holding the bytes of one or more Bigarrays (those that share data), starting
+//! 64 bytes aligned ([`crate::copy::data`]). Abstract blocks appear in images only as
+//! data blocks.
 //!
 //! Header fields, little-endian, at fixed offsets (the magic and version never move):
 //!
@@ -98,7 +105,7 @@ pub const ADDRESS_RANGE: std::ops::Range<u64> = 0x1000_0000_0000..0x5000_0000_00
 /// Payload addresses are aligned to this.
 pub const PAGE_BYTES: u64 = 4096;
 
-/// The three custom blocks an image may hold, by the identifier stored in field 0.
+/// The custom blocks an image may hold, by the identifier stored in field 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CustomKind {
     /// `Int32`.
@@ -107,11 +114,18 @@ pub enum CustomKind {
     Int64 = 2,
     /// `Nativeint`.
     Nativeint = 3,
+    /// A Bigarray (`caml_ba_ops`).
+    Bigarray = 4,
 }
 
 impl CustomKind {
     /// Every kind, in identifier order.
-    pub const ALL: [CustomKind; 3] = [CustomKind::Int32, CustomKind::Int64, CustomKind::Nativeint];
+    pub const ALL: [CustomKind; 4] = [
+        CustomKind::Int32,
+        CustomKind::Int64,
+        CustomKind::Nativeint,
+        CustomKind::Bigarray,
+    ];
 
     /// The kind stored as `id`.
     pub fn from_id(id: u64) -> Option<CustomKind> {

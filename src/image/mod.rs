@@ -43,9 +43,9 @@ pub struct Process {
     pub ocaml_family: u8,
     /// Whether float arrays are flat.
     pub flat_float_array: bool,
-    /// The `struct custom_operations *` of Int32, Int64 and Nativeint, in
+    /// The `struct custom_operations *` of Int32, Int64, Nativeint and Bigarray, in
     /// [`CustomKind`] order.
-    pub custom_ops: [Word; 3],
+    pub custom_ops: [Word; 4],
 }
 
 impl Process {
@@ -211,8 +211,8 @@ fn check_key(key: &[u8]) -> Result<(), WriteError> {
 ///
 /// # Errors
 /// [`WriteError::Unsupported`] for a closure, a custom block other than the three boxed
-/// integers, or a pointer that leads out of the copy (memory outside the OCaml heap);
-/// [`WriteError::KeyTooLong`].
+/// integers and Bigarrays, or a pointer that leads out of the copy (memory outside the
+/// OCaml heap); [`WriteError::KeyTooLong`]; [`WriteError::OutOfMemory`].
 ///
 /// # Safety
 /// `copied` describes a finished copy whose buffer stays alive during the call.
@@ -229,7 +229,7 @@ pub unsafe fn encode_chunked(
     let mut image = vec![0u8; HEADER_BYTES];
     let mut w =
         writer::PayloadWriter::new(&mut image, Some(address), &process.custom_ops, chunk_bytes)?;
-    w.feed(words);
+    w.feed(words)?;
     let (payload, _) = w.finish()?;
     let root = if layout::is_immediate(copied.root) || copied.base.is_null() {
         stored_root(copied.root, address, payload.bytes)?
@@ -339,7 +339,7 @@ pub unsafe fn write_file(
     // SAFETY: forwarded.
     let words = unsafe { copy_words(copied) };
     write_with(path, key, process, |w| {
-        w.feed(words);
+        w.feed(words)?;
         Ok(
             if layout::is_immediate(copied.root) || copied.base.is_null() {
                 copied.root

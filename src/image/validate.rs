@@ -8,7 +8,10 @@
 //! what the runtime's compare, hash and Marshal read for its tag
 //! ([`layout::min_wosize`]), every pointer field points to the first field of a block of
 //! the payload (relocated to where the payload is now), no chain of forward blocks loops,
-//! string padding is consistent, and the fix-up table lists exactly its custom blocks.
+//! string padding is consistent, the fix-up table lists exactly its custom blocks, and
+//! every Bigarray is one the runtime could have made (kind, layout, dimensions, flags
+//! `CAML_BA_EXTERNAL`, no proxy) whose data lies inside one data block: an
+//! `Abstract_tag` block that no pointer field may point to ([`crate::copy::data`]).
 //! What it does not and cannot check is the OCaml type: as with `Marshal`, that is the
 //! caller's promise.
 //!
@@ -16,18 +19,21 @@
 //! on its own by whichever thread takes it:
 //! 1. **tile** (parallel): the chunk's checksum; then its blocks, walked from the first
 //!    header the index gives for it to the first block that ends past it: headers,
-//!    sizes, tags, string padding, custom blocks against the fix-up table. Raw blocks
+//!    sizes, tags, string padding, custom blocks against the fix-up table, Bigarray
+//!    blocks (kind, layout, dimensions, flags), data blocks after the others. Raw blocks
 //!    (strings, floats, boxed integers) cost their header and, for a string, its last
 //!    word: their contents are never read. Block starts go into a bitmap, each chunk
 //!    writing its own words of it.
 //! 2. **join** (one thread, a few words per chunk): the index is consistent (every chunk's
 //!    first block is where the blocks of the chunks before it end, the last ends at the
 //!    payload's end), so the blocks of all chunks tile the payload exactly; block and
-//!    custom counts.
+//!    custom counts; no data block before a block of a later chunk.
 //! 3. **pointers** (parallel): every word of the chunk that is a field of a scannable
 //!    block (the block that covers the chunk's start included) is checked against the
 //!    bitmap and relocated.
-//! 4. forward chains and the root (one thread, forward blocks only).
+//! 4. Bigarray data (each Bigarray's data inside one data block, of any chunk; its
+//!    pointer relocated), forward chains and the root (one thread, Bigarrays and
+//!    forward blocks only).
 //!
 //! Errors are deterministic whatever the number of threads: a damaged checksum is
 //! reported before anything else, for the first damaged chunk; else the first chunk's
@@ -38,6 +44,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::format::{self, Chunk, CustomKind, NO_BLOCK};
 use super::parallel::parallel;
 use super::LoadError;
+use crate::bigarray;
+use crate::copy::data::data_wosize;
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 
 fn bad(check: &'static str, detail: String) -> LoadError {
@@ -91,7 +99,6 @@ fn refused_tag(tag: u8, ocaml5: bool) -> Option<&'static str> {
         layout::LAZY_TAG => Some("unforced lazy value"),
         layout::CLOSURE_TAG => Some("closure"),
         layout::INFIX_TAG => Some("infix header outside a closure"),
-        layout::ABSTRACT_TAG => Some("abstract block"),
         _ => None,
     }
 }
@@ -121,6 +128,40 @@ struct Tiled {
     last_header: usize,
     /// The header words of the forward blocks.
     forwards: Vec<usize>,
+    /// The data blocks whose headers lie in the chunk, as word ranges of their fields.
+    data_blocks: Vec<std::ops::Range<usize>>,
+    /// The header word of the last block that is not a data block.
+    last_other: Option<usize>,
+    /// The Bigarrays whose headers lie in the chunk: the word of their first field (the
+    /// operations) and their data's bytes.
+    bigarrays: Vec<(usize, usize)>,
+}
+
+/// A Bigarray's custom block `fields` (operations first) at byte `at`, as an image may
+/// hold it; returns its data's bytes.
+fn check_bigarray(fields: &[Word], at: usize, ocaml5: bool) -> Result<usize, LoadError> {
+    let data = bigarray::read(fields, ocaml5)
+        .map_err(|what| bad("Bigarray", format!("{what} at byte {at}")))?;
+    if data.flags & bigarray::MANAGED_MASK != 0 || fields[bigarray::PROXY_FIELD] != 0 {
+        return Err(bad(
+            "Bigarray",
+            format!("the Bigarray at byte {at} has data managed elsewhere"),
+        ));
+    }
+    Ok(data.bytes)
+}
+
+/// The error for a data block at word `data_at` that is not after every other block, or
+/// too small for its slack.
+fn misplaced_data(data_at: usize) -> LoadError {
+    bad(
+        "tag",
+        format!(
+            "abstract block (tag {}) at byte {}: abstract blocks hold Bigarray data, after every other block",
+            layout::ABSTRACT_TAG,
+            data_at * WORD_BYTES
+        ),
+    )
 }
 
 /// The words of chunk `k` of `chunk_words` words in a payload of `n` words.
@@ -185,15 +226,29 @@ fn tile_chunk(
                 ),
             ));
         }
+        let fields = &payload[i + 1..i + 1 + wosize];
         let tag = hd.tag();
         if let Some(what) = refused_tag(tag, e.ocaml5) {
             return Err(bad("tag", format!("{what} (tag {tag}) at byte {at}")));
+        }
+        // Data blocks: each with its slack, all after every other block (as the writer
+        // lays them out); across chunks, checked when they join.
+        let misplaced = match tiled.data_blocks.first() {
+            Some(r) if tag != layout::ABSTRACT_TAG => Some(r.start - 1),
+            _ if tag == layout::ABSTRACT_TAG && wosize < data_wosize(0) => Some(i),
+            _ => None,
+        };
+        if let Some(data_at) = misplaced {
+            return Err(misplaced_data(data_at));
         }
         // At least what compare, hash and Marshal read ([`layout::min_wosize`]); a boxed
         // float and a boxed integer exactly one word of payload, a forward one field.
         let size_ok = match tag {
             layout::FORWARD_TAG | layout::DOUBLE_TAG => wosize == 1,
-            layout::CUSTOM_TAG => wosize == 2,
+            // A Bigarray's size is checked with its dimensions below.
+            layout::CUSTOM_TAG => {
+                wosize == 2 || fields.first() == Some(&(CustomKind::Bigarray as Word))
+            }
             _ => layout::min_wosize(tag).is_none_or(|min| wosize >= min),
         };
         if !size_ok {
@@ -203,16 +258,23 @@ fn tile_chunk(
             ));
         }
         match tag {
-            layout::STRING_TAG if !string_padding_ok(&payload[i + 1..i + 1 + wosize]) => {
+            layout::STRING_TAG if !string_padding_ok(fields) => {
                 return Err(bad("string padding", format!("the string at byte {at}")));
             }
             layout::CUSTOM_TAG => {
-                let id = payload[i + 1];
-                if CustomKind::from_id(id as u64).is_none() {
-                    return Err(bad(
-                        "custom block",
-                        format!("unknown custom block {id:#x} at byte {at}"),
-                    ));
+                let id = fields[0];
+                match CustomKind::from_id(id as u64) {
+                    None => {
+                        return Err(bad(
+                            "custom block",
+                            format!("unknown custom block {id:#x} at byte {at}"),
+                        ))
+                    }
+                    Some(CustomKind::Bigarray) => {
+                        let bytes = check_bigarray(fields, at, e.ocaml5)?;
+                        tiled.bigarrays.push((i + 1, bytes));
+                    }
+                    Some(_) => {}
                 }
                 if next_custom >= hi || e.customs[next_custom] != at as u64 + 8 {
                     return Err(bad(
@@ -225,8 +287,14 @@ fn tile_chunk(
             layout::FORWARD_TAG => tiled.forwards.push(i),
             _ => {}
         }
-        let bit = i - range.start;
-        bits[bit / 64] |= 1 << (bit % 64);
+        if tag == layout::ABSTRACT_TAG {
+            // Not in the bitmap: no pointer field may point to a data block.
+            tiled.data_blocks.push(i + 1..i + 1 + wosize);
+        } else {
+            let bit = i - range.start;
+            bits[bit / 64] |= 1 << (bit % 64);
+            tiled.last_other = Some(i);
+        }
         tiled.blocks += 1;
         tiled.last_header = i;
         i += 1 + wosize;
@@ -243,6 +311,43 @@ fn tile_chunk(
     tiled.customs = hi - lo;
     tiled.end = i;
     Ok(tiled)
+}
+
+/// Phase 4 (one thread, a few words per Bigarray): the data of each Bigarray lies inside
+/// one data block (the blocks of every chunk, which may be another than the Bigarray's);
+/// its data pointer is relocated by `delta`.
+fn check_bigarray_data(
+    payload: &mut [Word],
+    tiled: &[Tiled],
+    address: Word,
+    delta: Word,
+) -> Result<(), LoadError> {
+    let data_blocks: Vec<&std::ops::Range<usize>> =
+        tiled.iter().flat_map(|t| &t.data_blocks).collect();
+    for &(field, bytes) in tiled.iter().flat_map(|t| &t.bigarrays) {
+        let slot = field + bigarray::DATA_FIELD;
+        let data = payload[slot];
+        let off = data.wrapping_sub(address);
+        // The data block whose fields start at or before `off`, if `off` is in the payload.
+        let k = data_blocks.partition_point(|r| r.start * WORD_BYTES <= off);
+        let inside = k.checked_sub(1).is_some_and(|k| {
+            off.checked_add(bytes)
+                .is_some_and(|end| end <= data_blocks[k].end * WORD_BYTES)
+        });
+        if !inside {
+            return Err(bad(
+                "Bigarray",
+                format!(
+                    "the data of the Bigarray at byte {} ({bytes} bytes at {data:#x}) is not inside a data block",
+                    (field - 1) * WORD_BYTES
+                ),
+            ));
+        }
+        if delta != 0 {
+            payload[slot] = data.wrapping_add(delta);
+        }
+    }
+    Ok(())
 }
 
 /// Why phase 1 gave up on a chunk.
@@ -411,6 +516,7 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Word, LoadError> {
     let mut next_block = 0;
     let mut cover: Option<Cover> = None;
     let (mut blocks, mut customs) = (0u64, 0usize);
+    let mut first_data: Option<usize> = None;
     for (k, t) in tiled.iter().enumerate() {
         let range = chunk_range(k, chunk_words, n);
         let first = e.chunks[k].first;
@@ -447,6 +553,11 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Word, LoadError> {
         }
         blocks += t.blocks;
         customs += t.customs;
+        // Data blocks after every other block, across chunks (within one: phase 1).
+        if let (Some(d), Some(_)) = (first_data, t.last_other) {
+            return Err(misplaced_data(d));
+        }
+        first_data = first_data.or(t.data_blocks.first().map(|r| r.start - 1));
     }
     if next_block != n {
         return Err(bad(
@@ -496,7 +607,8 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Word, LoadError> {
         return Err(err);
     }
 
-    // Phase 4: forward chains and the root.
+    // Phase 4: Bigarray data, forward chains and the root.
+    check_bigarray_data(payload, &tiled, e.address, delta)?;
     let forwards: Vec<usize> = tiled.into_iter().flat_map(|t| t.forwards).collect();
     check_forward_chains(payload, &forwards)?;
     let root = e.root as Word;
@@ -616,32 +728,38 @@ pub fn trusted_root(payload: &[Word], root: u64) -> Result<Word, LoadError> {
 
 /// Puts the running program's custom operations (`ops`, indexed by [`CustomKind`] - 1)
 /// into the custom blocks that `customs` lists. Each entry is checked on its own (inside
-/// the payload, increasing, a custom block of two fields with a known identifier), so
-/// this is safe on a trusted payload too.
+/// the payload, increasing, a custom block with a known identifier and the size of its
+/// kind), so this is safe on a trusted payload too.
 ///
 /// # Errors
 /// [`LoadError::Bad`] ("fix-up table") on a bad entry; entries before it were applied.
 pub fn fix_customs(
     payload: &mut [Word],
     customs: &[u64],
-    ops: &[Word; 3],
+    ops: &[Word; 4],
 ) -> Result<(), LoadError> {
     let n = payload.len();
     let mut previous = 0u64;
     for (k, &entry) in customs.iter().enumerate() {
         let field = (entry / WORD_BYTES as u64) as usize;
-        let ok =
-            entry > previous && entry % WORD_BYTES as u64 == 0 && field >= 1 && field + 1 < n && {
-                let hd = Header(payload[field - 1]);
-                hd.tag() == layout::CUSTOM_TAG
-                    && hd.wosize() == 2
-                    && hd.color() == Color::Unmarkable
+        let wosize =
+            (entry > previous && entry % WORD_BYTES as u64 == 0 && field >= 1 && field + 1 < n)
+                .then(|| Header(payload[field - 1]))
+                .filter(|hd| hd.tag() == layout::CUSTOM_TAG && hd.color() == Color::Unmarkable)
+                .map(|hd| hd.wosize())
+                .filter(|&w| w <= n - field);
+        let kind = wosize.and_then(|w| {
+            let kind = CustomKind::from_id(payload[field] as u64)?;
+            let size_ok = match kind {
+                CustomKind::Bigarray => {
+                    w > bigarray::NUM_DIMS_FIELD
+                        && payload[field + bigarray::NUM_DIMS_FIELD] <= bigarray::MAX_NUM_DIMS
+                        && w == bigarray::wosize(payload[field + bigarray::NUM_DIMS_FIELD])
+                }
+                _ => w == 2,
             };
-        let kind = if ok {
-            CustomKind::from_id(payload[field] as u64)
-        } else {
-            None
-        };
+            size_ok.then_some(kind)
+        });
         let Some(kind) = kind else {
             return Err(bad(
                 "fix-up table",

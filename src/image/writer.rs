@@ -19,7 +19,8 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::format::{Chunk, CustomKind, NO_BLOCK};
 use super::{file, WriteError};
-use crate::copy::{CopyError, Output, MAX_RUN};
+use crate::bigarray;
+use crate::copy::{data, CopyError, Output, MAX_RUN};
 use crate::layout::{self, Header, Word, WORD_BYTES};
 
 /// Words of the buffer: 8 MiB.
@@ -63,7 +64,13 @@ pub struct PayloadWriter<'a, W> {
     header: Header,
     /// The current block's header word.
     header_at: usize,
-    custom_ops: &'a [Word; 3],
+    custom_ops: &'a [Word; 4],
+    /// The payload word of the data pointer of the Bigarray being walked, until it is
+    /// made absolute.
+    bigarray_data: Option<usize>,
+    /// [`PayloadWriter::feed`]: the data blocks whose data moves to stay 64-byte aligned
+    /// at the image's address, as (byte range of their fields in the copy, shift).
+    moved: Vec<(std::ops::Range<usize>, isize)>,
     chunk_words: usize,
     hasher: Xxh3,
     /// Words hashed into the current chunk.
@@ -77,14 +84,14 @@ pub struct PayloadWriter<'a, W> {
 impl<'a, W: Write> PayloadWriter<'a, W> {
     /// A writer of a payload for `address` (chosen by [`super::choose_address`] when
     /// `None`) to `out`, custom blocks recognised by `custom_ops` (Int32, Int64,
-    /// Nativeint), chunks of `chunk_bytes`.
+    /// Nativeint, Bigarray), chunks of `chunk_bytes`.
     ///
     /// # Errors
     /// [`WriteError::OutOfMemory`] when the buffer cannot be had.
     pub fn new(
         out: W,
         address: Option<Word>,
-        custom_ops: &'a [Word; 3],
+        custom_ops: &'a [Word; 4],
         chunk_bytes: u64,
     ) -> Result<Self, WriteError> {
         let mut buf = Vec::new();
@@ -104,6 +111,8 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
             header: Header(0),
             header_at: 0,
             custom_ops,
+            bigarray_data: None,
+            moved: Vec::new(),
             chunk_words: chunk_bytes as usize / WORD_BYTES,
             hasher: Xxh3::new(),
             hashed: 0,
@@ -147,15 +156,80 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
         self.address = super::choose_address(bytes);
     }
 
-    /// Feeds a copy already made: the `words` of a copy at `words.as_ptr()`.
-    pub fn feed(&mut self, words: &[Word]) {
+    /// Feeds a copy already made: the `words` of a copy at `words.as_ptr()`. The data of
+    /// its Bigarrays, 64-byte aligned at the copy's address, is moved within its data
+    /// block to be so at the image's address (the Bigarrays' pointers with it).
+    ///
+    /// # Errors
+    /// [`WriteError::OutOfMemory`] when the table of moved data blocks cannot be had.
+    pub fn feed(&mut self, words: &[Word]) -> Result<(), WriteError> {
         self.settle(words.len() * WORD_BYTES);
         self.source = words.as_ptr() as Word;
+        self.moved = data_moves(words, self.source, self.address)?;
+        let mut at = 0;
+        for k in 0..self.moved.len() {
+            let (fields, shift) = self.moved[k].clone();
+            let (first, end) = (fields.start / WORD_BYTES, fields.end / WORD_BYTES);
+            self.feed_words(&words[at..first]);
+            // SAFETY: the data block's fields, inside `words`.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(words[first..end].as_ptr() as *const u8, fields.len())
+            };
+            // The data's first possible byte: the end of the slack, wherever it starts.
+            let old = (self.source + fields.start).next_multiple_of(data::DATA_ALIGN)
+                - self.source
+                - fields.start;
+            let new = old.wrapping_add_signed(shift);
+            let len = fields.len() - data::SLACK_BYTES;
+            let mut start = first;
+            while start < end {
+                let n = (end - start).min(MAX_RUN);
+                let run = (start - first) * WORD_BYTES..(start - first + n) * WORD_BYTES;
+                let dst = self.next(n) as *mut u8;
+                let copy = run.start.max(new)..run.end.min(new + len);
+                // SAFETY: `dst` has room for the run's bytes; `copy` lies in the run and,
+                // shifted back, in the block's fields.
+                unsafe {
+                    std::ptr::write_bytes(dst, 0, run.len());
+                    if copy.start < copy.end {
+                        std::ptr::copy_nonoverlapping(
+                            bytes[copy.start - new + old..].as_ptr(),
+                            dst.add(copy.start - run.start),
+                            copy.len(),
+                        );
+                    }
+                }
+                start += n;
+            }
+            at = end;
+        }
+        self.feed_words(&words[at..]);
+        Ok(())
+    }
+
+    /// Hands `words` on as they are.
+    fn feed_words(&mut self, words: &[Word]) {
         for run in words.chunks(MAX_RUN) {
             let dst = self.next(run.len());
             // SAFETY: `next` gave room for `run.len()` words.
             unsafe { std::ptr::copy_nonoverlapping(run.as_ptr(), dst, run.len()) };
         }
+    }
+
+    /// The payload address of the Bigarray data pointer `v` of a copy at `self.source`.
+    fn data_pointer(&self, v: Word, source_end: Word) -> Result<Word, WriteError> {
+        if v < self.source || v > source_end {
+            return Err(WriteError::Unsupported(format!(
+                "Bigarray data at {v:#x}, outside the copy"
+            )));
+        }
+        let off = v - self.source;
+        let k = self.moved.partition_point(|(r, _)| r.start <= off);
+        let shift = match k.checked_sub(1).map(|k| &self.moved[k]) {
+            Some((r, shift)) if off <= r.end => *shift,
+            _ => 0,
+        };
+        Ok(off.wrapping_add_signed(shift) + self.address)
     }
 
     /// Processes and writes out what the buffer holds.
@@ -218,7 +292,7 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
                 let ops = words[i];
                 let Some(k) = self.custom_ops.iter().position(|&o| o == ops) else {
                     return Err(WriteError::Unsupported(
-                        "custom block (only Int32, Int64 and Nativeint custom blocks can be saved)"
+                        "custom block (only Int32, Int64, Nativeint and Bigarray custom blocks can be saved)"
                             .into(),
                     ));
                 };
@@ -226,8 +300,19 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
                 self.payload
                     .customs
                     .push(((self.done + i) * WORD_BYTES) as u64);
+                if CustomKind::ALL[k] == CustomKind::Bigarray {
+                    // `bigarray::read` checked, when it was copied, that it has the field.
+                    self.bigarray_data = Some(self.header_at + 1 + bigarray::DATA_FIELD);
+                }
             }
             let run = self.remaining.min(words.len() - i);
+            if let Some(at) = self.bigarray_data {
+                if at < self.done + i + run {
+                    let slot = &mut words[at - self.done];
+                    *slot = self.data_pointer(*slot, source_end)?;
+                    self.bigarray_data = None;
+                }
+            }
             if tag < layout::NO_SCAN_TAG {
                 for field in &mut words[i..i + run] {
                     let v = *field;
@@ -323,4 +408,39 @@ impl<W: Write> Output for PayloadWriter<'_, W> {
         self.filled += words;
         run
     }
+}
+
+/// The data blocks of the copy `words` at `source` whose data must move within the block
+/// to start 64-byte aligned at `address` rather than at `source`: the byte ranges of
+/// their fields in the copy and the shift, in increasing order. Empty when both
+/// addresses agree modulo [`data::DATA_ALIGN`] (the blocks are then not walked).
+///
+/// # Errors
+/// [`WriteError::OutOfMemory`] when the table cannot grow.
+fn data_moves(
+    words: &[Word],
+    source: Word,
+    address: Word,
+) -> Result<Vec<(std::ops::Range<usize>, isize)>, WriteError> {
+    let mut moved = Vec::new();
+    if source
+        .wrapping_sub(address)
+        .is_multiple_of(data::DATA_ALIGN)
+    {
+        return Ok(moved);
+    }
+    let mut i = 0;
+    while i < words.len() {
+        let hd = Header(words[i]);
+        let end = (i + 1 + hd.wosize()).min(words.len());
+        if hd.tag() == layout::ABSTRACT_TAG && end - i > data::data_wosize(0) {
+            let fields = (i + 1) * WORD_BYTES;
+            let old = (source + fields).next_multiple_of(data::DATA_ALIGN) - source;
+            let new = (address + fields).next_multiple_of(data::DATA_ALIGN) - address;
+            moved.try_reserve(1).map_err(|_| WriteError::OutOfMemory)?;
+            moved.push((fields..end * WORD_BYTES, new as isize - old as isize));
+        }
+        i = end;
+    }
+    Ok(moved)
 }

@@ -30,6 +30,10 @@ mod custom_ops {
         pub static caml_int32_ops: u8;
         pub static caml_int64_ops: u8;
         pub static caml_nativeint_ops: u8;
+        pub static caml_ba_ops: u8;
+        pub fn caml_ba_compare();
+        pub fn caml_ba_hash();
+        pub fn caml_ba_serialize();
     }
 }
 
@@ -46,14 +50,42 @@ fn is_boxed_integer(ops: Word) -> bool {
     known.contains(&ops)
 }
 
-/// The operations of Int32, Int64 and Nativeint, in that order (the order of
+/// The operations of Int32, Int64, Nativeint and Bigarray, in that order (the order of
 /// [`crate::image::format::CustomKind`]).
-pub fn boxed_integer_ops() -> [Word; 3] {
+pub fn image_custom_ops() -> [Word; 4] {
     [
         std::ptr::addr_of!(custom_ops::caml_int32_ops) as Word,
         std::ptr::addr_of!(custom_ops::caml_int64_ops) as Word,
         std::ptr::addr_of!(custom_ops::caml_nativeint_ops) as Word,
+        bigarray_ops(),
     ]
+}
+
+/// The runtime's `caml_ba_ops`: the operations of every Bigarray's copy.
+fn bigarray_ops() -> Word {
+    std::ptr::addr_of!(custom_ops::caml_ba_ops) as Word
+}
+
+/// The operations a Bigarray's copy gets when `ops` are a Bigarray's: `caml_ba_ops`
+/// itself, or a table with its comparison, hash and serialisation (the unix library's
+/// for mapped files; see [`crate::bigarray`]), whatever its finaliser.
+fn copy_ops_of_bigarray(ops: Word) -> Option<Word> {
+    let runtime = bigarray_ops();
+    if ops == runtime {
+        return Some(runtime);
+    }
+    // `struct custom_operations`: identifier, finalize, compare, hash, serialize, ...
+    // (caml/custom.h, 4.13 and 5.3).
+    // SAFETY: `ops` is field 0 of a custom block of the running program: a pointer to a
+    // `struct custom_operations`, whose first five members are pointers.
+    let [compare, hash, serialize] = unsafe {
+        let table = ops as *const Word;
+        [*table.add(2), *table.add(3), *table.add(4)]
+    };
+    let same = compare == custom_ops::caml_ba_compare as *const () as Word
+        && hash == custom_ops::caml_ba_hash as *const () as Word
+        && serialize == custom_ops::caml_ba_serialize as *const () as Word;
+    same.then_some(runtime)
 }
 
 /// The `identifier` of custom operations (their first field, a C string).

@@ -80,6 +80,10 @@ impl Heap for RuntimeHeap {
         super::custom_identifier(ops)
     }
 
+    fn bigarray_ops(&self, ops: Word) -> Option<Word> {
+        super::copy_ops_of_bigarray(ops)
+    }
+
     fn has_ocaml5_tags(&self) -> bool {
         true
     }

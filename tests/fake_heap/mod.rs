@@ -14,6 +14,10 @@ use offheap::layout::{self, Color, Header, Word, WORD_BYTES};
 pub static INT64_OPS: [u8; 16] = *b"_j\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
 /// Stands for a custom block that cannot be copied (a bigarray, say).
 pub static FOREIGN_OPS: [u8; 16] = *b"_bigarr02\0\0\0\0\0\0\0";
+/// The fake `caml_ba_ops`: what every Bigarray's copy gets.
+pub static BIGARRAY_OPS: [u8; 16] = *b"_bigarr02\0fake\0\0";
+/// Stands for the unix library's operations of mapped Bigarrays (another finaliser).
+pub static MAPPED_OPS: [u8; 16] = *b"_bigarray\0fake\0\0";
 
 /// One arena of words; blocks are bump-allocated and never move.
 pub struct Arena {
@@ -60,6 +64,8 @@ pub struct FakeHeap {
     pub copy_static: bool,
     /// Whether tags 244/245 are OCaml 5 special tags.
     pub ocaml5_tags: bool,
+    /// Data of the Bigarrays made by [`FakeHeap::data`]: C memory, outside both arenas.
+    pub buffers: Vec<Box<[u64]>>,
 }
 
 impl FakeHeap {
@@ -70,6 +76,7 @@ impl FakeHeap {
             statics: Arena::new(4096),
             copy_static: false,
             ocaml5_tags: false,
+            buffers: Vec::new(),
         }
     }
 
@@ -128,6 +135,43 @@ impl FakeHeap {
     /// A boxed Int64 (custom block with the copyable fake ops).
     pub fn int64(&mut self, n: i64) -> Word {
         self.block(layout::CUSTOM_TAG, &[INT64_OPS.as_ptr() as Word, n as Word])
+    }
+
+    /// `bytes` bytes of Bigarray data outside the heap, every byte from `rng`; returns
+    /// its address (16-byte aligned, as malloc's).
+    pub fn data(&mut self, bytes: usize, rng: &mut Rng) -> Word {
+        let mut buffer = vec![0u64; bytes.div_ceil(8).max(1)].into_boxed_slice();
+        for w in buffer.iter_mut() {
+            *w = rng.next();
+        }
+        let at = buffer.as_ptr() as Word;
+        self.buffers.push(buffer);
+        at
+    }
+
+    /// A Bigarray custom block laid out as `struct caml_ba_array`: operations `ops`,
+    /// data at `data`, flags `flags`, proxy `proxy`, dimensions `dims`.
+    pub fn bigarray_block(
+        &mut self,
+        ops: Word,
+        data: Word,
+        flags: Word,
+        proxy: Word,
+        dims: &[usize],
+    ) -> Word {
+        let mut fields = vec![ops, data, dims.len(), flags, proxy];
+        fields.extend_from_slice(dims);
+        self.block(layout::CUSTOM_TAG, &fields)
+    }
+
+    /// The bytes of a Bigarray: its data pointer and length (by [`offheap::bigarray::read`]).
+    pub fn bigarray_bytes(&self, v: Word, ocaml5: bool) -> (Word, usize) {
+        // SAFETY: `v` is a custom block with its header before it.
+        let n = unsafe { layout::read_header(v) }.wosize();
+        // SAFETY: `n` readable fields.
+        let fields = unsafe { std::slice::from_raw_parts(v as *const Word, n) };
+        let d = offheap::bigarray::read(fields, ocaml5).expect("a well-formed Bigarray");
+        (d.start, d.bytes)
     }
 
     /// A custom block that cannot be copied.
@@ -204,6 +248,60 @@ impl Heap for FakeHeap {
     fn has_ocaml5_tags(&self) -> bool {
         self.ocaml5_tags
     }
+
+    fn bigarray_ops(&self, ops: Word) -> Option<Word> {
+        let ba = BIGARRAY_OPS.as_ptr() as Word;
+        (ops == ba || ops == MAPPED_OPS.as_ptr() as Word).then_some(ba)
+    }
+}
+
+/// Whether `v` (a block) is a fake Bigarray.
+fn is_bigarray(heap: &FakeHeap, v: Word) -> bool {
+    // SAFETY: `v` is a block with its header before it.
+    let hd = unsafe { layout::read_header(v) };
+    hd.tag() == layout::CUSTOM_TAG && heap.bigarray_ops(heap.field(v, 0)).is_some()
+}
+
+/// The Bigarray `dst` is a copy of `src`: same dimensions, kind and layout, data
+/// `EXTERNAL` with no proxy, the copy's operations, and equal bytes of data inside the
+/// copy `[base, base + bytes)`.
+fn assert_bigarray_copied(heap: &FakeHeap, src: Word, dst: Word, base: Word, bytes: usize) {
+    let n = heap.field(src, offheap::bigarray::NUM_DIMS_FIELD);
+    for i in 0..n {
+        let f = offheap::bigarray::DIM_FIELD + i;
+        assert_eq!(heap.field(src, f), heap.field(dst, f), "dimension {i}");
+    }
+    assert_eq!(
+        heap.field(dst, 0),
+        BIGARRAY_OPS.as_ptr() as Word,
+        "the copy's operations"
+    );
+    let flags = heap.field(src, offheap::bigarray::FLAGS_FIELD);
+    assert_eq!(
+        heap.field(dst, offheap::bigarray::FLAGS_FIELD),
+        flags & !offheap::bigarray::MANAGED_MASK,
+        "kind and layout kept, data external"
+    );
+    assert_eq!(
+        heap.field(dst, offheap::bigarray::PROXY_FIELD),
+        0,
+        "no proxy"
+    );
+    let (s, len) = heap.bigarray_bytes(src, heap.ocaml5_tags);
+    let (d, dlen) = heap.bigarray_bytes(dst, heap.ocaml5_tags);
+    assert_eq!(len, dlen);
+    assert!(
+        d >= base && d + len <= base + bytes,
+        "the data is inside the copy"
+    );
+    // SAFETY: both ranges are readable (source buffer, copy).
+    let (a, b) = unsafe {
+        (
+            std::slice::from_raw_parts(s as *const u8, len),
+            std::slice::from_raw_parts(d as *const u8, len),
+        )
+    };
+    assert!(a == b, "the data is copied");
 }
 
 /// Checks that the copy rooted at `dst` (inside `[base, base + bytes)`) is isomorphic to
@@ -261,6 +359,10 @@ pub fn assert_isomorphic(
         } else {
             n
         };
+        if is_bigarray(heap, sb) {
+            assert_bigarray_copied(heap, sb, db, base, bytes);
+            continue;
+        }
         for i in 0..n {
             let (sf, df) = (heap.field(sb, i), heap.field(db, i));
             if i < first_value {

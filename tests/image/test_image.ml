@@ -131,8 +131,7 @@ let test_refused _ =
   assert_refused "closure" (1, f);
   assert_refused "closure" (object method m = 1 end);
   assert_refused "_chan" [ stdout ];
-  assert_refused "_bigarr"
-    (Bigarray.Array1.create Bigarray.int Bigarray.c_layout 3);
+  assert_refused "_chan" (Bigarray.Array1.create Bigarray.int Bigarray.c_layout 3, stdin);
   assert_refused "unforced lazy" (lazy (print_endline "no"));
   (* A failed write leaves an earlier file as it was. *)
   let path = fresh_path () in
