@@ -1,17 +1,33 @@
-//! The OCaml externals of `lib/offheap.ml`: thin glue between OCaml values and the core.
+//! The OCaml externals of `lib/offheap.ml` and `lib/image.ml`: thin glue between OCaml
+//! values and the core.
 //!
 //! They are `#[ocaml::native_func]`s on raw values. `#[ocaml::func]` would root every
 //! argument with boxroot, which the stubs do not need (nothing is allocated on the OCaml
 //! heap while a raw value is in use) and which broke copies in bytecode programs linked
-//! with systhreads on OCaml 4. No exception is raised across Rust frames: errors come
-//! back as values and the OCaml side raises.
+//! with systhreads on OCaml 4.
+//!
+//! **Declarations.** Each stub carries its OCaml type in `#[ocaml::sig("...")]` (trailing
+//! attributes such as `[@@noalloc]` included). `lib/stubs.ml`, which declares every
+//! `external`, is generated from these by `tests/externals.rs`, which fails when the
+//! checked-in file differs (`OFFHEAP_BLESS=1 cargo test --test externals` rewrites it):
+//! names and arities cannot drift. Types: `'a handle` and `alloc` (the functor
+//! parameters of `lib/stubs.ml`), `Outcome.t`, and the standard ones.
+//!
+//! **Errors.** No exception is raised across Rust frames. Every stub that can fail
+//! returns an `Outcome.t` built by [`StubOutcome::into_value`] (`src/outcome.rs`): the
+//! immediate `Done` on success (its results written into values OCaml allocated before
+//! the call: a handle, an info buffer), or an error, which one OCaml function
+//! (`Outcome.fail`) raises as its exception. Success and `No_memory` allocate nothing on
+//! the OCaml heap, and the OCaml code between a successful stub and the return of the
+//! handle makes no call and no allocation (bytecode checks signals at calls).
 
 use ocaml::{Raw, Value};
-use ocaml_sys::{caml_alloc_small, caml_copy_string};
+use ocaml_sys::caml_alloc_small;
 
 use crate::alloc::{offheap_alloc, offheap_free, Allocator, CAllocator};
 use crate::handle;
 use crate::layout::{val_int, Word, ABSTRACT_TAG};
+use crate::outcome::{Reason, StubOutcome};
 use crate::release::{self, Outcome};
 use crate::runtime;
 
@@ -29,6 +45,7 @@ fn value(w: Word) -> Value {
 /// The default allocator block: `Abstract_tag`, field 0 `offheap_alloc`, field 1
 /// `offheap_free`.
 #[ocaml::native_func]
+#[ocaml::sig("unit -> alloc")]
 pub fn offheap_stub_malloc(_unit: Raw) -> Value {
     // SAFETY: a fresh abstract block of two fields; the GC never scans its fields, so
     // raw words are stored with plain writes.
@@ -42,16 +59,16 @@ pub fn offheap_stub_malloc(_unit: Raw) -> Value {
 }
 
 /// Copies `v` (static data too when `copy_static`) with the allocator block of the fresh
-/// handle `h` (see `handle.rs`) and makes `h` own the copy. Returns 0; or 1 when the
-/// allocator ran out of memory, or the message of the `Invalid_argument` to raise, and
-/// `h` stays freed.
+/// handle `h` (see `handle.rs`) and makes `h` own the copy. Returns `Done`, or an error
+/// and `h` stays freed.
 #[ocaml::native_func]
+#[ocaml::sig("'a handle -> bool -> 'a -> Outcome.t")]
 pub fn offheap_stub_copy(h: Raw, copy_static: Raw, v: Raw) -> Value {
-    copy(word(h), word(copy_static) != val_int(0), word(v))
+    value(copy(word(h), word(copy_static) != val_int(0), word(v)).into_value())
 }
 
 /// The body of [`offheap_stub_copy`].
-fn copy(h: Word, copy_static: bool, v: Word) -> Value {
+fn copy(h: Word, copy_static: bool, v: Word) -> StubOutcome {
     // SAFETY: called from a stub, holding the runtime.
     unsafe { release::drain_due() };
     // SAFETY: field 1 of a handle is its allocator block (the OCaml type `alloc` only
@@ -61,56 +78,75 @@ fn copy(h: Word, copy_static: bool, v: Word) -> Value {
     // returns; the allocator's contract forbids calls into OCaml.
     let copied = match unsafe { runtime::copy_value(v, copy_static, &mut allocator) } {
         Ok(copied) => copied,
-        Err(e) if e.is_out_of_memory() => return value(val_int(1)),
-        // SAFETY: the message is a NUL-free Rust string; one allocation, nothing else
-        // held.
-        Err(e) => {
-            return unsafe {
-                value(caml_copy_string(
-                    nul_terminated(&e.to_string()).as_ptr() as *const ocaml_sys::Char
-                ) as Word)
-            }
-        }
+        Err(e) => return e.into(),
     };
     if !copied.base.is_null() && !runtime::register(copied.base, copied.bytes) {
         // SAFETY: the copy was just allocated by this allocator and nothing refers to it.
         unsafe { allocator.free(copied.base, copied.bytes) };
-        return value(val_int(1));
+        return StubOutcome::NoMemory;
     }
     // SAFETY: `h` is the fresh handle of this call; the root is an immediate or outside
     // the heap.
     unsafe { handle::fill(h, &copied) };
-    value(val_int(0))
+    StubOutcome::Done
 }
 
-/// `s` with a NUL at the end, any NUL inside it replaced.
-fn nul_terminated(s: &str) -> Vec<u8> {
-    let mut bytes: Vec<u8> = s.bytes().map(|b| if b == 0 { b'?' } else { b }).collect();
-    bytes.push(0);
-    bytes
-}
-
-/// Frees the handle `h`. Returns 0 when done, 1 when done and so many bytes wait for
-/// the end of the major cycle (OCaml 5) that the OCaml side should finish it, 2 when
-/// `h` was freed already, 3 when there was no memory to queue the free (`h` is still
-/// live).
+/// What a copy of `v` would take, without making it: writes its bytes, blocks and
+/// transient bytes into the int array `stats` (3 fields). Returns `Done` or the error
+/// `copy` would give.
 #[ocaml::native_func]
+#[ocaml::sig("'a -> int array -> Outcome.t")]
+pub fn offheap_stub_measure(v: Raw, stats: Raw) -> Value {
+    // SAFETY: called from a stub holding the runtime; nothing is allocated on the OCaml
+    // heap until the traversal returns.
+    let outcome = match unsafe { runtime::measure_value(word(v), false) } {
+        Ok(m) => {
+            let fields = word(stats) as *mut Word;
+            // SAFETY: `stats` is an int array of 3 fields; immediates need no barrier.
+            unsafe {
+                *fields = val_int(m.bytes as isize);
+                *fields.add(1) = val_int(m.blocks as isize);
+                *fields.add(2) = val_int(m.transient_bytes as isize);
+            }
+            StubOutcome::Done
+        }
+        Err(e) => e.into(),
+    };
+    value(outcome.into_value())
+}
+
+/// Whether `v` is a block outside the GC heap. Allocates nothing.
+#[ocaml::native_func]
+#[ocaml::sig("'a -> bool [@@noalloc]")]
+pub fn offheap_stub_is_offheap(v: Raw) -> Value {
+    // SAFETY: `v` is a value; we hold the runtime.
+    value(val_int(isize::from(unsafe { runtime::is_offheap(word(v)) })))
+}
+
+/// Frees the handle `h`. Returns `Done`, or `Done_collect` when so many bytes wait for
+/// the end of the major cycle (OCaml 5) that the OCaml side should finish it; the
+/// misuse error when `h` was freed already, `No_memory` when there was no memory to
+/// queue the free (`h` is still live).
+#[ocaml::native_func]
+#[ocaml::sig("'a handle -> Outcome.t")]
 pub fn offheap_stub_free(h: Raw) -> Value {
     // SAFETY: called from a stub holding the runtime; `h` is a handle; nothing is
-    // allocated on the OCaml heap here.
-    let code = unsafe {
+    // allocated on the OCaml heap until the outcome is built.
+    let outcome = unsafe {
         release::drain_due();
         match release::free(word(h)) {
-            Outcome::Done(hurry) => isize::from(hurry),
-            Outcome::AlreadyFreed => 2,
-            Outcome::OutOfMemory => 3,
+            Outcome::Done(false) => StubOutcome::Done,
+            Outcome::Done(true) => StubOutcome::DoneCollect,
+            Outcome::AlreadyFreed => StubOutcome::Misuse("Offheap.free: deleted".into()),
+            Outcome::OutOfMemory => StubOutcome::NoMemory,
         }
     };
-    value(val_int(code))
+    value(outcome.into_value())
 }
 
 /// The root of the handle `h` while it is live, else `freed`. Allocates nothing.
 #[ocaml::native_func]
+#[ocaml::sig("'a handle -> Obj.t -> Obj.t [@@noalloc]")]
 pub fn offheap_stub_get(h: Raw, freed: Raw) -> Value {
     // SAFETY: `h` is a handle; nothing is allocated here.
     value(unsafe { handle::root_if_live(word(h), word(freed)) })
@@ -118,6 +154,7 @@ pub fn offheap_stub_get(h: Raw, freed: Raw) -> Value {
 
 /// Releases the freed copies whose major cycle has ended (OCaml 5).
 #[ocaml::native_func]
+#[ocaml::sig("unit -> unit")]
 pub fn offheap_stub_drain(_unit: Raw) -> Value {
     // SAFETY: called from a stub holding the runtime.
     unsafe { release::drain_due() };
@@ -126,12 +163,14 @@ pub fn offheap_stub_drain(_unit: Raw) -> Value {
 
 /// Whether `free` waits for the running major cycle to end (OCaml 5).
 #[ocaml::native_func]
+#[ocaml::sig("unit -> bool")]
 pub fn offheap_stub_defers_free(_unit: Raw) -> Value {
     value(val_int(runtime::DEFERS_FREE as isize))
 }
 
 /// Freed copies waiting for the end of a major cycle.
 #[ocaml::native_func]
+#[ocaml::sig("unit -> int")]
 pub fn offheap_stub_pending_frees(_unit: Raw) -> Value {
     value(val_int(release::pending() as isize))
 }
@@ -139,13 +178,11 @@ pub fn offheap_stub_pending_frees(_unit: Raw) -> Value {
 // ---------------------------------------------------------------------------------------
 // Images (lib/image.ml). The file work runs with the runtime lock released, so these
 // stubs keep no OCaml value across it: arguments are copied into Rust first, results
-// are allocated afterwards. A failure returns a string whose first byte says which
-// exception to raise (`S` Sys_error, `I` Offheap.Image.Invalid_image, `A`
-// Invalid_argument, `M` Out_of_memory) and whose rest is the message.
+// are written or allocated afterwards.
 // ---------------------------------------------------------------------------------------
 
 use crate::alloc::Malloc;
-use crate::image::{self, file, LoadError, WriteError};
+use crate::image::{self, file, CheckKind, LoadError, WriteError};
 
 /// The bytes of the OCaml string `s`.
 fn string_bytes(s: Raw) -> Vec<u8> {
@@ -174,13 +211,19 @@ fn sys_error(path: &[u8], e: &std::io::Error) -> String {
     format!("{}: {reason}", String::from_utf8_lossy(path))
 }
 
-/// A failure string: `code` then `message`.
-fn image_failure(code: u8, message: &str) -> Value {
-    let mut s = vec![code];
-    s.extend_from_slice(message.as_bytes());
-    let s = nul_terminated(&String::from_utf8_lossy(&s));
-    // SAFETY: one allocation of a fresh string; no other OCaml value is held.
-    unsafe { value(caml_copy_string(s.as_ptr() as *const ocaml_sys::Char) as Word) }
+/// The outcome of a failed load of `path` (`op`: "load" or "info").
+fn load_failure(op: &str, path: &[u8], e: LoadError) -> StubOutcome {
+    match e {
+        LoadError::Io(e) => StubOutcome::System(sys_error(path, &e)),
+        LoadError::OutOfMemory(_) => StubOutcome::NoMemory,
+        e => StubOutcome::BadImage(
+            e.check_kind().unwrap_or(CheckKind::BadStructure),
+            format!(
+                "Offheap.Image.{op}: {}: {e}",
+                String::from_utf8_lossy(path)
+            ),
+        ),
+    }
 }
 
 fn image_process(flat_float_array: bool) -> image::Process {
@@ -211,14 +254,15 @@ fn unlocked<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// `Image.write`: copies `v` (static data too) and writes its image to `path` with `key`.
-/// Returns unit, or a failure string.
+/// Returns `Done` or an error.
 #[ocaml::native_func]
+#[ocaml::sig("string -> string -> bool -> 'a -> Outcome.t")]
 pub fn offheap_stub_image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
-    image_write(path, key, flat_float_array, v)
+    value(image_write(path, key, flat_float_array, v).into_value())
 }
 
 /// The body of [`offheap_stub_image_write`].
-fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
+fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> StubOutcome {
     let path = string_bytes(path);
     let key = string_bytes(key);
     let process = image_process(word(flat_float_array) != val_int(0));
@@ -226,12 +270,7 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
     // returns; Malloc does not call into OCaml.
     let copied = match unsafe { runtime::copy_value(word(v), true, &mut Malloc) } {
         Ok(copied) => copied,
-        Err(e) if e.is_out_of_memory() => return image_failure(b'M', ""),
-        Err(e) => {
-            let what = e.to_string();
-            let what = what.strip_prefix("Offheap.copy: ").unwrap_or(&what);
-            return image_failure(b'A', &format!("Offheap.Image.write: {what}"));
-        }
+        Err(e) => return e.into(),
     };
     let written = unlocked(|| {
         crate::fault::point("image-write");
@@ -244,9 +283,14 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
         r
     });
     match written {
-        Ok(()) => value(val_int(0)),
-        Err(WriteError::Io(e)) => image_failure(b'S', &sys_error(&path, &e)),
-        Err(e) => image_failure(b'A', &e.to_string()),
+        Ok(()) => StubOutcome::Done,
+        Err(WriteError::Io(e)) => StubOutcome::System(sys_error(&path, &e)),
+        Err(WriteError::Closure) => StubOutcome::CannotCopy(Reason::Closure),
+        Err(WriteError::OutsideHeap(_)) => StubOutcome::CannotCopy(Reason::OutsideHeap),
+        Err(WriteError::Custom(ops)) => {
+            StubOutcome::CannotCopy(Reason::Custom(runtime::custom_identifier(ops)))
+        }
+        Err(e @ WriteError::KeyTooLong(_)) => StubOutcome::Misuse(e.to_string()),
     }
 }
 
@@ -254,9 +298,10 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
 /// never at the recorded address, 8 flat float arrays, 16 map the file (shared). On
 /// success the fresh handle `h` (allocator: the owner of payloads at their recorded
 /// address) owns the payload and the word past it, registered with the runtime; its
-/// allocator becomes `relocated_owner` when the payload was relocated; returns 0.
-/// Else returns a failure string and `h` stays freed.
+/// allocator becomes `relocated_owner` when the payload was relocated; returns `Done`.
+/// Else returns an error and `h` stays freed.
 #[ocaml::native_func]
+#[ocaml::sig("'a handle -> alloc -> string -> string -> int -> Outcome.t")]
 pub fn offheap_stub_image_load(
     h: Raw,
     relocated_owner: Raw,
@@ -264,11 +309,11 @@ pub fn offheap_stub_image_load(
     key: Raw,
     flags: Raw,
 ) -> Value {
-    image_load(h, relocated_owner, path, key, flags)
+    value(image_load(h, relocated_owner, path, key, flags).into_value())
 }
 
 /// The body of [`offheap_stub_image_load`].
-fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> Value {
+fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> StubOutcome {
     let path = string_bytes(path);
     let flags = word(flags) as isize >> 1;
     let opts = image::Options {
@@ -284,22 +329,14 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
         image::load_file(&path_of(&path), &opts, &process)
     }) {
         Ok(loaded) => loaded,
-        Err(LoadError::Io(e)) => return image_failure(b'S', &sys_error(&path, &e)),
-        Err(LoadError::OutOfMemory(_)) => return image_failure(b'M', ""),
-        Err(e) => {
-            let message = format!(
-                "Offheap.Image.load: {}: {e}",
-                String::from_utf8_lossy(&path)
-            );
-            return image_failure(b'I', &message);
-        }
+        Err(e) => return load_failure("load", &path, e),
     };
     // The payload and the word past it: a pointer to a last block of no fields lies in
     // registered memory too.
     if !loaded.base.is_null() && !runtime::register(loaded.base, loaded.held()) {
         // SAFETY: just loaded; nothing refers to it.
         unsafe { file::unmap(loaded.base, loaded.held(), loaded.mapping) };
-        return image_failure(b'M', "");
+        return StubOutcome::NoMemory;
     }
     // SAFETY: `h` is the fresh handle of this call, `relocated_owner` an allocator
     // block; the root lies outside the heap (registered on OCaml 4, NOT_MARKABLE
@@ -317,12 +354,53 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
             0,
         );
     }
-    value(val_int(0))
+    StubOutcome::Done
+}
+
+/// `Image.info`: the header of the image at `path`, decoded and checked on its own.
+/// Writes into the int array `fields` (9 fields): format version, OCaml family, flat
+/// float arrays (0 or 1), word bytes, recorded address, payload bytes, blocks, custom
+/// blocks, key length; and the key into `key` (at least the longest key's bytes). Returns `Done` or
+/// an error.
+#[ocaml::native_func]
+#[ocaml::sig("string -> int array -> bytes -> Outcome.t")]
+pub fn offheap_stub_image_info(path: Raw, fields: Raw, key: Raw) -> Value {
+    let path = string_bytes(path);
+    let header = unlocked(|| image::read_header(&path_of(&path)));
+    let outcome = match header {
+        Ok(h) => {
+            let ints = [
+                h.version as usize,
+                h.ocaml_family as usize,
+                usize::from(h.flat_float_array),
+                h.word_bytes as usize,
+                h.address as usize,
+                h.payload_bytes as usize,
+                h.blocks as usize,
+                h.customs as usize,
+                h.key.len(),
+            ];
+            // SAFETY: `fields` is an int array of 9 fields and `key` a byte sequence of
+            // at least `format::MAX_KEY` bytes (lib/image.ml); both are only written
+            // with immediates and bytes, which need no barrier.
+            unsafe {
+                let out = word(fields) as *mut Word;
+                for (i, n) in ints.into_iter().enumerate() {
+                    *out.add(i) = val_int(n as isize);
+                }
+                std::ptr::copy_nonoverlapping(h.key.as_ptr(), word(key) as *mut u8, h.key.len());
+            }
+            StubOutcome::Done
+        }
+        Err(e) => load_failure("info", &path, e),
+    };
+    value(outcome.into_value())
 }
 
 /// The allocator block that owns loaded payloads of mapping `kind` (1 at the recorded
 /// address, 2 relocated): it never allocates, and its free unmaps.
 #[ocaml::native_func]
+#[ocaml::sig("int -> alloc")]
 pub fn offheap_stub_image_owner(kind: Raw) -> Value {
     let unmap: file::FreeFn = if word(kind) == val_int(1) {
         file::offheap_image_unmap_recorded
@@ -337,4 +415,20 @@ pub fn offheap_stub_image_owner(kind: Raw) -> Value {
         *fields.add(1) = unmap as *const () as usize;
         value(block as Word)
     }
+}
+
+/// Recomputes the header checksum of the image held in `image` (at least a header page;
+/// shorter: nothing done). For tests that forge headers.
+#[ocaml::native_func]
+#[ocaml::sig("bytes -> unit")]
+pub fn offheap_stub_image_reseal(image: Raw) -> Value {
+    // SAFETY: `image` is an OCaml byte sequence, alive and not moved during the call
+    // (nothing is allocated); its length comes from its header.
+    unsafe {
+        let len = ocaml_sys::caml_string_length(image.0);
+        if len >= image::format::HEADER_BYTES {
+            image::format::reseal(std::slice::from_raw_parts_mut(word(image) as *mut u8, len));
+        }
+    }
+    value(val_int(0))
 }

@@ -55,8 +55,13 @@ impl Process {
 /// Why a value could not be written.
 #[derive(Debug)]
 pub enum WriteError {
-    /// The value holds something an image cannot hold; what was found.
-    Unsupported(String),
+    /// The value holds a closure (code pointers belong to one running program).
+    Closure,
+    /// The value holds a custom block other than Int32, Int64 and Nativeint, whose
+    /// operations are at this address.
+    Custom(Word),
+    /// The value holds a pointer outside the OCaml heap (C memory), to this address.
+    OutsideHeap(Word),
     /// The key is longer than [`format::MAX_KEY`].
     KeyTooLong(usize),
     /// The file could not be written.
@@ -66,7 +71,16 @@ pub enum WriteError {
 impl fmt::Display for WriteError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            WriteError::Unsupported(what) => write!(f, "Offheap.Image.write: {what}"),
+            WriteError::Closure => f.write_str(
+                "Offheap.Image.write: closure (functions cannot be saved: their code belongs to the running program)",
+            ),
+            WriteError::Custom(_) => f.write_str(
+                "Offheap.Image.write: custom block (only Int32, Int64 and Nativeint custom blocks can be saved)",
+            ),
+            WriteError::OutsideHeap(v) => write!(
+                f,
+                "Offheap.Image.write: pointer to {v:#x}, outside the OCaml heap (C memory cannot be saved)"
+            ),
             WriteError::KeyTooLong(n) => write!(
                 f,
                 "Offheap.Image.write: key of {n} bytes (at most {})",
@@ -101,6 +115,62 @@ impl LoadError {
         match self {
             LoadError::Bad { check, .. } => Some(check),
             _ => None,
+        }
+    }
+
+    /// The kind of check that failed, for a bad image: what the OCaml side's
+    /// `Offheap.Image.check` tells programs.
+    pub fn check_kind(&self) -> Option<CheckKind> {
+        self.check().map(CheckKind::of)
+    }
+}
+
+/// The kinds of checks an image can fail, in the order of the constructors of
+/// `Offheap.Image.check` (`lib/image.mli`), whose doc says what each means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    /// "magic": not an image at all.
+    NotAnImage,
+    /// "format version".
+    FormatVersion,
+    /// "word size".
+    WordSize,
+    /// "byte order".
+    ByteOrder,
+    /// "OCaml version": written by the other OCaml family.
+    OcamlFamily,
+    /// "flat float arrays".
+    FlatFloatArrays,
+    /// "key": written with another key.
+    KeyMismatch,
+    /// "file size": the file is shorter or longer than its header says.
+    Truncated,
+    /// "header checksum".
+    DamagedHeader,
+    /// "header", "root": header fields that contradict each other.
+    BadHeader,
+    /// "payload checksum".
+    DamagedPayload,
+    /// Every structural check of the payload ("block header", "pointer", "tag", ...).
+    BadStructure,
+}
+
+impl CheckKind {
+    /// The kind of the check named `check` (as [`LoadError::Bad`] names it).
+    pub fn of(check: &str) -> CheckKind {
+        match check {
+            "magic" => CheckKind::NotAnImage,
+            "format version" => CheckKind::FormatVersion,
+            "word size" => CheckKind::WordSize,
+            "byte order" => CheckKind::ByteOrder,
+            "OCaml version" => CheckKind::OcamlFamily,
+            "flat float arrays" => CheckKind::FlatFloatArrays,
+            "key" => CheckKind::KeyMismatch,
+            "file size" => CheckKind::Truncated,
+            "header checksum" => CheckKind::DamagedHeader,
+            "header" | "root" => CheckKind::BadHeader,
+            "payload checksum" => CheckKind::DamagedPayload,
+            _ => CheckKind::BadStructure,
         }
     }
 }
@@ -161,11 +231,7 @@ pub unsafe fn prepare(
     let base = words.as_ptr() as Word;
     let end = base + words.len() * WORD_BYTES;
     let inside = |v: Word| v > base && v <= end && (v - base).is_multiple_of(WORD_BYTES);
-    let outside = |v: Word| {
-        WriteError::Unsupported(format!(
-            "pointer to {v:#x}, outside the OCaml heap (C memory cannot be saved)"
-        ))
-    };
+    let outside = WriteError::OutsideHeap;
     let mut customs = Vec::new();
     let mut blocks = 0;
     let mut i = 0;
@@ -173,17 +239,11 @@ pub unsafe fn prepare(
         let hd = Header(words[i]);
         let n = hd.wosize();
         match hd.tag() {
-            layout::CLOSURE_TAG => return Err(WriteError::Unsupported(
-                "closure (functions cannot be saved: their code belongs to the running program)"
-                    .into(),
-            )),
+            layout::CLOSURE_TAG => return Err(WriteError::Closure),
             layout::CUSTOM_TAG => {
                 let ops = words[i + 1];
                 let Some(k) = process.custom_ops.iter().position(|&o| o == ops) else {
-                    return Err(WriteError::Unsupported(
-                        "custom block (only Int32, Int64 and Nativeint custom blocks can be saved)"
-                            .into(),
-                    ));
+                    return Err(WriteError::Custom(ops));
                 };
                 words[i + 1] = CustomKind::ALL[k] as Word;
                 customs.push(((i + 1) * WORD_BYTES) as u64);
@@ -483,6 +543,21 @@ pub fn load_bytes(bytes: &[u8], opts: &Options, process: &Process) -> Result<Dec
     };
     let root = finish(&mut words, &h, &table, false, &opts, process)?;
     Ok(Decoded { words, root })
+}
+
+/// The header of the image at `path`, decoded and checked on its own
+/// ([`format::Header::decode`]); nothing past the header page is read, and nothing is
+/// mapped.
+///
+/// # Errors
+/// [`LoadError::Io`] when the file cannot be opened or read or is not a regular file,
+/// [`LoadError::Bad`] naming the first check that failed.
+pub fn read_header(path: &Path) -> Result<format::Header, LoadError> {
+    let f = file::open_image(path).map_err(LoadError::Io)?;
+    let file_bytes = f.metadata().map_err(LoadError::Io)?.len();
+    let mut page = vec![0u8; HEADER_BYTES.min(file_bytes as usize)];
+    file::read_exact_at(&f, &mut page, 0).map_err(LoadError::Io)?;
+    format::Header::decode(&page)
 }
 
 /// A loaded image.
