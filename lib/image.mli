@@ -4,7 +4,7 @@
     the handle type lives in [Offheap], which exposes this module. *)
 
 (** Which check an image failed: see {!S.check}. *)
-type check = Outcome.check =
+type check =
   | Not_an_image
   | Format_version
   | Word_size
@@ -22,7 +22,7 @@ exception Invalid_image of check * string
 (** Raised for a file that is not a sound image for this program: see
     {!S.Invalid_image}. *)
 
-(** The header of an image: see {!S.info}. *)
+(** The header of an image: see {!S.val-info}. *)
 type info = {
   format_version : int;
   ocaml_family : int;
@@ -90,7 +90,7 @@ module type S = sig
             rebuild_index ()
       ]} *)
 
-  (** What {!info} reads from an image's header. *)
+  (** What {!val-info} reads from an image's header. *)
   type nonrec info = info = {
     format_version : int;  (** the image format's version *)
     ocaml_family : int;  (** the OCaml major version that wrote it: 4 or 5 *)

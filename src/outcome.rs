@@ -131,7 +131,8 @@ unsafe fn build(node: &Node) -> Word {
             // The children are allocated first and kept in registered roots, since each
             // allocation may move the ones before it; the slots never move (the vector
             // is not grown while they are registered).
-            let mut slots: Vec<ocaml_sys::Value> = vec![val_int(0) as ocaml_sys::Value; children.len()];
+            let mut slots: Vec<ocaml_sys::Value> =
+                vec![val_int(0) as ocaml_sys::Value; children.len()];
             for (slot, child) in slots.iter_mut().zip(children) {
                 // SAFETY: the slot holds an immediate until the child is stored; the GC
                 // updates it while registered.

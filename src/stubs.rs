@@ -120,7 +120,9 @@ pub fn offheap_stub_measure(v: Raw, stats: Raw) -> Value {
 #[ocaml::sig("'a -> bool [@@noalloc]")]
 pub fn offheap_stub_is_offheap(v: Raw) -> Value {
     // SAFETY: `v` is a value; we hold the runtime.
-    value(val_int(isize::from(unsafe { runtime::is_offheap(word(v)) })))
+    value(val_int(isize::from(unsafe {
+        runtime::is_offheap(word(v))
+    })))
 }
 
 /// Frees the handle `h`. Returns `Done`, or `Done_collect` when so many bytes wait for
@@ -218,10 +220,7 @@ fn load_failure(op: &str, path: &[u8], e: LoadError) -> StubOutcome {
         LoadError::OutOfMemory(_) => StubOutcome::NoMemory,
         e => StubOutcome::BadImage(
             e.check_kind().unwrap_or(CheckKind::BadStructure),
-            format!(
-                "Offheap.Image.{op}: {}: {e}",
-                String::from_utf8_lossy(path)
-            ),
+            format!("Offheap.Image.{op}: {}: {e}", String::from_utf8_lossy(path)),
         ),
     }
 }

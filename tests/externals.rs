@@ -89,7 +89,11 @@ fn stubs() -> (Vec<Stub>, Vec<String>) {
     for path in rust_files(&src) {
         let text = std::fs::read_to_string(&path).expect("read a source file");
         let file: syn::File = syn::parse_file(&text).expect("parse a source file");
-        let rel = path.strip_prefix(root()).expect("under the root").display().to_string();
+        let rel = path
+            .strip_prefix(root())
+            .expect("under the root")
+            .display()
+            .to_string();
         for item in file.items {
             let syn::Item::Fn(f) = item else { continue };
             let name = f.sig.ident.to_string();
@@ -112,9 +116,17 @@ fn stubs() -> (Vec<Stub>, Vec<String>) {
                 ));
             }
             if args > 5 {
-                problems.push(format!("{rel}: {name}: more than 5 arguments needs a bytecode twin"));
+                problems.push(format!(
+                    "{rel}: {name}: more than 5 arguments needs a bytecode twin"
+                ));
             }
-            stubs.push(Stub { name, ty, attrs, file: rel.clone(), bytecode_twin: false });
+            stubs.push(Stub {
+                name,
+                ty,
+                attrs,
+                file: rel.clone(),
+                bytecode_twin: false,
+            });
         }
     }
     for s in &mut stubs {
@@ -143,7 +155,11 @@ fn generate(stubs: &[Stub]) -> String {
         } else {
             format!("\"{}\"", s.name)
         };
-        let attrs = if s.attrs.is_empty() { String::new() } else { format!(" {}", s.attrs) };
+        let attrs = if s.attrs.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", s.attrs)
+        };
         let _ = writeln!(out, "  external {} : {} = {names}{attrs}", s.name, s.ty);
     }
     out.push_str("end\n");
@@ -180,8 +196,14 @@ fn no_external_is_declared_by_hand_in_lib() {
             continue;
         }
         let text = std::fs::read_to_string(&path).expect("read an OCaml file");
-        let by_hand = text.lines().any(|l| l.trim_start().starts_with("external "));
-        assert!(!by_hand, "{}: declare externals with #[ocaml::sig] in src/", path.display());
+        let by_hand = text
+            .lines()
+            .any(|l| l.trim_start().starts_with("external "));
+        assert!(
+            !by_hand,
+            "{}: declare externals with #[ocaml::sig] in src/",
+            path.display()
+        );
     }
 }
 
