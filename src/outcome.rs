@@ -109,7 +109,21 @@ impl StubOutcome {
     /// The OCaml value. Successes and [`StubOutcome::NoMemory`] allocate nothing; an
     /// error allocates its blocks on the OCaml heap, so call this last, holding no
     /// other OCaml value and nothing that must be released.
+    #[inline(always)]
     pub fn into_value(self) -> Word {
+        match self {
+            // The immediates, without building a tree: the path of every success.
+            StubOutcome::Done => val_int(0),
+            StubOutcome::DoneCollect => val_int(1),
+            StubOutcome::NoMemory => val_int(2),
+            error => error.into_block(),
+        }
+    }
+
+    /// [`StubOutcome::into_value`] for the errors that are blocks.
+    #[cold]
+    #[inline(never)]
+    fn into_block(self) -> Word {
         // SAFETY: called from a stub holding the runtime, with no raw OCaml value kept
         // across the call.
         unsafe { build(&self.node()) }
