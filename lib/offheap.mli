@@ -39,7 +39,7 @@
       the blocks that roots point to, and the freed memory may be in other hands by
       then. Native code drops dead local variables, but bytecode keeps a local in its
       stack frame until the function returns, used or not: there, read [get h] in a
-      function that returns before [free h]. (On OCaml 4 the page table makes the GC
+      function that returns before [free h], or use {!with_copy}. (On OCaml 4 the page table makes the GC
       skip such pointers.)
     - A copied exception value carries a copy of its constructor, so it no longer matches
       the original constructor in a [try ... with] (as with [Marshal]).

@@ -111,7 +111,7 @@ fn stubs() -> (Vec<Stub>, Vec<String>) {
             let args = f.sig.inputs.len();
             if arity(&ty) != args {
                 problems.push(format!(
-                    "{rel}: {name} takes {args} arguments, its sig {ty:?} {}",
+                    "{rel}: {name} takes {args} arguments, its sig {ty:?} gives {}",
                     arity(&ty)
                 ));
             }
