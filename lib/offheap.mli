@@ -197,9 +197,10 @@ val measure : 'a -> stats
     fits, or to size an allocator (an arena) before copying.
 
     {[
-      let s = Offheap.measure [ 1; 2; 3 ] in
+      let l = List.init 3 Fun.id in
+      let s = Offheap.measure l in
       assert (s.bytes = 3 * 3 * (Sys.word_size / 8) && s.blocks = 3);
-      let h = Offheap.copy [ 1; 2; 3 ] in
+      let h = Offheap.copy l in
       assert ((Offheap.stats h).bytes = s.bytes);
       Offheap.free h
     ]}
