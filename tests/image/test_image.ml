@@ -280,7 +280,8 @@ let test_bad_files _ =
   set_bytes bad (fun s -> Bytes.set s 8 '\001');
   (match Image.load bad with
   | _ -> assert_failure "a version 1 image loaded"
-  | exception Image.Invalid_image m ->
+  | exception Image.Invalid_image (kind, m) ->
+      assert_bool m (kind = Format_version);
       assert_bool m (contains m "version 1, this library reads version 2"));
   patched (fun s -> Bytes.set s 12 '\004') "word size" ();
   let root = Int64.to_int (Bytes.get_int64_le (Bytes.of_string good) 40) in
