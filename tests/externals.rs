@@ -89,8 +89,8 @@ fn stubs() -> (Vec<Stub>, Vec<String>) {
     let mut names = Vec::new();
     for path in rust_files(&src) {
         let text = std::fs::read_to_string(&path).expect("read a source file");
-        let file: syn::File = syn::parse_file(&text)
-            .unwrap_or_else(|e| panic!("parse {}: {e}", path.display()));
+        let file: syn::File =
+            syn::parse_file(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()));
         let rel = path
             .strip_prefix(root())
             .expect("under the root")
@@ -103,7 +103,9 @@ fn stubs() -> (Vec<Stub>, Vec<String>) {
             let sig = f.attrs.iter().find(|a| attr_name(a) == "ocaml::sig");
             let native = f.attrs.iter().any(|a| attr_name(a) == "ocaml::native_func");
             let Some(sig) = sig else {
-                if native || name.starts_with("offheap_stub_") || name.starts_with("offheap_region_")
+                if native
+                    || name.starts_with("offheap_stub_")
+                    || name.starts_with("offheap_region_")
                 {
                     problems.push(format!("{rel}: {name} has no #[ocaml::sig(\"...\")]"));
                 }

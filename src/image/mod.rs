@@ -32,7 +32,7 @@ pub mod writer;
 use std::fmt;
 use std::path::Path;
 
-use crate::copy::{CopyError, Copied};
+use crate::copy::{Copied, CopyError};
 use crate::layout::{self, Word, WORD_BYTES};
 use format::HEADER_BYTES;
 
