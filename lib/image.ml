@@ -1,12 +1,34 @@
 (* Images: the OCaml half. The format, the writer, the checks and the relocation are in
    Rust (src/image); see image.mli and offheap.mli. *)
 
-exception Invalid_image of string
+type check = Outcome.check =
+  | Not_an_image
+  | Format_version
+  | Word_size
+  | Byte_order
+  | Ocaml_family
+  | Flat_float_arrays
+  | Key_mismatch
+  | Truncated
+  | Damaged_header
+  | Bad_header
+  | Damaged_payload
+  | Bad_structure
 
-let () =
-  Printexc.register_printer (function
-    | Invalid_image m -> Some (Printf.sprintf "Offheap.Image.Invalid_image(%S)" m)
-    | _ -> None)
+exception Invalid_image = Outcome.Invalid_image
+
+type info = {
+  format_version : int;
+  ocaml_family : int;
+  flat_float_array : bool;
+  word_bytes : int;
+  address : int;
+  payload_bytes : int;
+  blocks : int;
+  custom_blocks : int;
+  file_bytes : int;
+  key : string;
+}
 
 module type HANDLE = sig
   type 'a t
@@ -19,7 +41,34 @@ end
 module type S = sig
   type 'a handle
 
-  exception Invalid_image of string
+  type nonrec check = check =
+    | Not_an_image
+    | Format_version
+    | Word_size
+    | Byte_order
+    | Ocaml_family
+    | Flat_float_arrays
+    | Key_mismatch
+    | Truncated
+    | Damaged_header
+    | Bad_header
+    | Damaged_payload
+    | Bad_structure
+
+  exception Invalid_image of check * string
+
+  type nonrec info = info = {
+    format_version : int;
+    ocaml_family : int;
+    flat_float_array : bool;
+    word_bytes : int;
+    address : int;
+    payload_bytes : int;
+    blocks : int;
+    custom_blocks : int;
+    file_bytes : int;
+    key : string;
+  }
 
   val write : ?key:string -> string -> 'a -> unit
   val load :
@@ -31,49 +80,66 @@ module type S = sig
     string ->
     'a handle
 
+  val info : string -> info
+
   val load_relocated :
     ?key:string -> ?verify:bool -> ?share:bool -> ?threads:int -> string -> 'a handle
 
   val relocated : 'a handle -> bool
+  val reseal_header : bytes -> unit
 end
 
-(* Both return a string on failure: its first byte says which exception, the rest is
-   the message. *)
-external stub_write : string -> string -> bool -> 'a -> Obj.t = "offheap_stub_image_write"
-
 let flat_float_array = Obj.tag (Obj.repr (Array.make 1 0.0)) = Obj.double_array_tag
-let is_failure r = Obj.is_block r && Obj.tag r = Obj.string_tag
-
-let fail r =
-  let s : string = Obj.obj r in
-  let message = String.sub s 1 (String.length s - 1) in
-  match s.[0] with
-  | 'S' -> raise (Sys_error message)
-  | 'I' -> raise (Invalid_image message)
-  | 'A' -> invalid_arg message
-  | _ -> raise Out_of_memory
 
 module Make (H : HANDLE) = struct
   type 'a handle = 'a H.t
+  type nonrec check = check =
+    | Not_an_image
+    | Format_version
+    | Word_size
+    | Byte_order
+    | Ocaml_family
+    | Flat_float_arrays
+    | Key_mismatch
+    | Truncated
+    | Damaged_header
+    | Bad_header
+    | Damaged_payload
+    | Bad_structure
 
   exception Invalid_image = Invalid_image
 
+  type nonrec info = info = {
+    format_version : int;
+    ocaml_family : int;
+    flat_float_array : bool;
+    word_bytes : int;
+    address : int;
+    payload_bytes : int;
+    blocks : int;
+    custom_blocks : int;
+    file_bytes : int;
+    key : string;
+  }
+
+  (* The externals' types; the region types are not used here. *)
+  module Types = struct
+    type 'a handle = 'a H.t
+    type alloc = H.alloc
+    type region
+    type region_cell
+  end
+
+  module Ext = Stubs.Make (Types)
+
   (* The allocator blocks that own loaded payloads: their free unmaps. *)
-  external stub_owner : int -> H.alloc = "offheap_stub_image_owner"
-
-  (* Fills the fresh handle (whose allocator is [recorded_owner]) and returns 0, its
-     allocator set to the second argument when the payload was relocated; or returns a
-     failure string. The handle exists before the payload is loaded: no exception can
-     come between the two. *)
-  external stub_load : 'a handle -> H.alloc -> string -> string -> int -> Obj.t
-    = "offheap_stub_image_load"
-
-  let recorded_owner = stub_owner 1
-  let relocated_owner = stub_owner 2
+  let recorded_owner = Ext.offheap_stub_image_owner 1
+  let relocated_owner = Ext.offheap_stub_image_owner 2
 
   let write ?(key = "") path v =
-    let r = stub_write path key flat_float_array v in
-    if is_failure r then fail r
+    match Ext.offheap_stub_image_write path key flat_float_array v with
+    | Outcome.Done -> ()
+    | e -> Outcome.fail e
 
   let load_with ~relocate ?(key = "") ?(verify = true) ?(trusted = false) ?(share = false)
       ?(threads = 0) path =
@@ -84,16 +150,42 @@ module Make (H : HANDLE) = struct
       lor flag share 16
       lor (min threads 0xffff lsl 5)
     in
+    (* The handle exists before the payload is loaded: no exception can come between
+       the two. *)
     let h = H.fresh recorded_owner in
-    let r = stub_load h relocated_owner path key flags in
     (* No function call between the stub and the return: bytecode checks for signals
        at every call, and a handler's exception there would lose the loaded payload. *)
-    if r == Obj.repr 0 then h else fail r
+    match Ext.offheap_stub_image_load h relocated_owner path key flags with
+    | Outcome.Done -> h
+    | e -> Outcome.fail e
 
   let load ?key ?verify ?trusted ?share ?threads path =
     load_with ~relocate:false ?key ?verify ?trusted ?share ?threads path
 
   let load_relocated ?key ?verify ?share ?threads path =
     load_with ~relocate:true ?key ?verify ?share ?threads path
+
   let relocated h = H.alloc_of h == relocated_owner
+  let reseal_header b = Ext.offheap_stub_image_reseal b
+
+  (* The longest key (src/image/format.rs): the size of [info]'s key buffer. *)
+  let max_key = Ext.offheap_stub_image_max_key ()
+
+  let info path =
+    let f = Array.make 10 0 and key = Bytes.create max_key in
+    match Ext.offheap_stub_image_info path f key with
+    | Outcome.Done ->
+        {
+          format_version = f.(0);
+          ocaml_family = f.(1);
+          flat_float_array = f.(2) = 1;
+          word_bytes = f.(3);
+          address = f.(4);
+          payload_bytes = f.(5);
+          blocks = f.(6);
+          custom_blocks = f.(7);
+          file_bytes = f.(9);
+          key = Bytes.sub_string key 0 f.(8);
+        }
+    | e -> Outcome.fail e
 end

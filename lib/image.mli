@@ -3,10 +3,38 @@
     This module is exposed as {!Offheap.Image}; see there. It is a functor only because
     the handle type lives in [Offheap], which exposes this module. *)
 
-exception Invalid_image of string
-(** Raised by [load] for a file that is not a sound image for this program. The
-    message names the file and the check that failed, for example
-    ["Offheap.Image.load: index.img: bad image: payload checksum: the payload is damaged"]. *)
+(** Which check an image failed: see {!S.check}. *)
+type check =
+  | Not_an_image
+  | Format_version
+  | Word_size
+  | Byte_order
+  | Ocaml_family
+  | Flat_float_arrays
+  | Key_mismatch
+  | Truncated
+  | Damaged_header
+  | Bad_header
+  | Damaged_payload
+  | Bad_structure
+
+exception Invalid_image of check * string
+(** Raised for a file that is not a sound image for this program: see
+    {!S.Invalid_image}. *)
+
+(** The header of an image: see {!S.val-info}. *)
+type info = {
+  format_version : int;
+  ocaml_family : int;
+  flat_float_array : bool;
+  word_bytes : int;
+  address : int;
+  payload_bytes : int;
+  blocks : int;
+  custom_blocks : int;
+  file_bytes : int;
+  key : string;
+}
 
 (** What [Offheap] gives the functor. *)
 module type HANDLE = sig
@@ -23,13 +51,60 @@ end
 module type S = sig
   type 'a handle
 
-  exception Invalid_image of string
+  (** Which check a file failed, so that a program can tell "rebuild the image" (the
+      program changed: [Key_mismatch], [Ocaml_family], [Flat_float_arrays],
+      [Format_version]) from "the file is corrupt" ([Truncated], [Damaged_header],
+      [Damaged_payload], [Bad_header], [Bad_structure]) with one match. *)
+  type nonrec check = check =
+    | Not_an_image  (** no image magic: not written by {!write} *)
+    | Format_version  (** written by a version of offheap with another image format *)
+    | Word_size  (** written on a machine with another word size *)
+    | Byte_order  (** written on a machine with another byte order *)
+    | Ocaml_family  (** written by OCaml 4 and loaded by OCaml 5, or the reverse *)
+    | Flat_float_arrays
+        (** written by a program whose float arrays are flat and loaded by one whose are
+            not ([-no-flat-float-array]), or the reverse *)
+    | Key_mismatch  (** written with another [~key] than the one [load] was given *)
+    | Truncated  (** the file is shorter (or longer) than its header says *)
+    | Damaged_header
+        (** the checksum of the header page, or of the tables that follow the payload
+            (fix-up table, chunk index), does not match: a damaged header or tables *)
+    | Bad_header
+        (** header fields that contradict each other (sizes, address, root), with a
+            valid checksum: a forged header *)
+    | Damaged_payload  (** the payload's checksum does not match: a damaged payload *)
+    | Bad_structure
+        (** the payload's blocks are not well formed (block headers and sizes, tags,
+            string padding, pointers, the custom blocks' table, the chunk index, a
+            forward cycle): a forged file, or one damaged with [~verify:false] *)
+
+  exception Invalid_image of check * string
   (** The same as {!Image.Invalid_image}: a file that is not a sound image for this
-      program. The message names the file and the check that failed ([magic],
-      [format version], [word size], [byte order], [OCaml version], [flat float arrays],
-      [header checksum], [header], [root], [key], [file size], [payload checksum],
-      [block header], [block size], [tag], [string padding], [custom block], [pointer],
-      [fix-up table], [block count], [forward cycle]). *)
+      program: which check failed, and a message naming the file and the check, for
+      example
+      ["Offheap.Image.load: index.img: bad image: payload checksum: the payload is damaged"].
+
+      {[
+        match Offheap.Image.load ~key:"index v3" "index.img" with
+        | h -> use h
+        | exception Offheap.Image.Invalid_image
+            ((Key_mismatch | Ocaml_family | Flat_float_arrays | Format_version), _) ->
+            rebuild_index ()
+      ]} *)
+
+  (** What {!val-info} reads from an image's header. *)
+  type nonrec info = info = {
+    format_version : int;  (** the image format's version *)
+    ocaml_family : int;  (** the OCaml major version that wrote it: 4 or 5 *)
+    flat_float_array : bool;  (** whether the writer had flat float arrays *)
+    word_bytes : int;  (** the writer's word size in bytes *)
+    address : int;  (** the address the payload was written for *)
+    payload_bytes : int;  (** the payload's size: what a load holds in memory *)
+    blocks : int;  (** blocks in the payload *)
+    custom_blocks : int;  (** [Int32], [Int64] and [Nativeint] blocks in the payload *)
+    file_bytes : int;  (** the size of the whole file the header describes *)
+    key : string;  (** the key the image was written with *)
+  }
 
   val write : ?key:string -> string -> 'a -> unit
   (** [write ?key path v] saves a deep copy of [v] in the file [path]: everything [v]
@@ -53,11 +128,13 @@ module type S = sig
         Offheap.Image.write ~key:"index v3" "index.img" index
       ]}
 
-      @raise Invalid_argument when [v] reaches something an image cannot hold, with a
-      message naming it: a closure (code pointers belong to one running program, and
-      objects hold closures), an abstract block, a custom block other than [Int32],
-      [Int64], [Nativeint] and Bigarrays (a channel, a mutex), an unforced lazy
-      value, a pointer outside the OCaml heap; or when [key] is too long.
+      @raise Offheap.Not_copyable when [v] reaches something an image cannot hold:
+      [Closure] (code pointers belong to one running program, and objects hold
+      closures), [Abstract], [Custom id] for a custom block other than [Int32], [Int64],
+      [Nativeint] and Bigarrays (a channel, a mutex), [Unforced_lazy], [Outside_heap]
+      for a pointer outside the OCaml heap (OCaml 4); or any other reason
+      {!Offheap.copy} gives.
+      @raise Invalid_argument when [key] is too long.
       @raise Sys_error when the file cannot be written.
       @raise Out_of_memory when there is no memory for the copy. *)
 
@@ -142,6 +219,24 @@ module type S = sig
       @raise Out_of_memory when there is no memory for the payload.
       @raise Invalid_argument when [threads] is negative. *)
 
+  val info : string -> info
+  (** [info path] reads the header of the image in [path], without reading, mapping or
+      checking its payload, and without the checks that depend on the loading program
+      (key, OCaml family, float arrays): only the header's own (magic, format version,
+      word size, byte order, header checksum, consistent sizes). It costs one read of
+      one page.
+
+      {[
+        let i = Offheap.Image.info "index.img" in
+        if i.key <> "index v3" then rebuild_index ()
+        else Printf.printf "%d bytes in %d blocks\n" i.payload_bytes i.blocks
+      ]}
+
+      @raise Invalid_image when the header fails one of its checks ([Not_an_image],
+      [Format_version], [Word_size], [Byte_order], [Damaged_header], [Bad_header],
+      [Truncated] for a file shorter than a header).
+      @raise Sys_error when the file cannot be opened or read, or is not a regular file. *)
+
   (**/**)
 
   val load_relocated :
@@ -150,6 +245,10 @@ module type S = sig
 
   val relocated : 'a handle -> bool
   (** Whether the payload behind the handle was relocated. *)
+
+  val reseal_header : bytes -> unit
+  (** Recomputes the header checksum of an image held in memory (tests that forge
+      headers). *)
 end
 
 module Make (H : HANDLE) : S with type 'a handle = 'a H.t

@@ -20,24 +20,37 @@ type 'a t = {
 
 let fresh_state = -1
 
-external stub_malloc : unit -> alloc = "offheap_stub_malloc"
+type reason = Outcome.reason =
+  | Abstract
+  | Unforced_lazy
+  | Forcing_lazy
+  | Continuation
+  | Closure
+  | Outside_heap
+  | Custom of string
+  | Bad_bigarray of string
 
-(* 0 when [h] now owns the copy; 1 out of memory; else the message of an
-   Invalid_argument. *)
-external stub_copy : 'a t -> bool -> 'a -> Obj.t = "offheap_stub_copy"
+exception Not_copyable = Outcome.Not_copyable
 
-(* 0 freed; n > 0 freed, and so much waits for the end of the major cycle that a major
-   slice of n words should be run; -1 freed already; -2 out of memory (still live). *)
-external stub_free : 'a t -> int = "offheap_stub_free"
+(* The externals, generated from the Rust stubs (lib/stubs.ml). Every fallible one
+   returns an [Outcome.t]: [Done] (an immediate) on success, else an error that
+   [Outcome.fail] raises. *)
+module Types = struct
+  type nonrec 'a handle = 'a t
+  type nonrec alloc = alloc
 
-(* The root of a live handle, else its second argument. *)
-external stub_get : 'a t -> Obj.t -> Obj.t = "offheap_stub_get" [@@noalloc]
+  (* Not used here: regions have their own (region.ml). *)
+  type region
+  type region_cell
+end
 
-(* Statistic 0 bytes, 1 blocks, 2 transient bytes of a live or freed handle. *)
-external stub_stat : 'a t -> int -> int = "offheap_stub_stat" [@@noalloc]
-external stub_drain : unit -> unit = "offheap_stub_drain"
-external stub_defers_free : unit -> bool = "offheap_stub_defers_free"
-external stub_pending_frees : unit -> int = "offheap_stub_pending_frees"
+module Ext = Stubs.Make (Types)
+
+let stub_malloc = Ext.offheap_stub_malloc
+let stub_stat = Ext.offheap_stub_stat
+let stub_drain = Ext.offheap_stub_drain
+let stub_defers_free = Ext.offheap_stub_defers_free
+let stub_pending_frees = Ext.offheap_stub_pending_frees
 
 let malloc = stub_malloc ()
 
@@ -51,33 +64,52 @@ let fresh alloc = { root = Obj.repr 0; alloc; state = fresh_state }
 
 let copy ?(alloc = malloc) v =
   let h = fresh alloc in
-  let status = stub_copy h false v in
-  if status == Obj.repr 0 then h
-  else if status == Obj.repr 1 then raise Out_of_memory
-  else invalid_arg (Obj.obj status : string)
+  (* No function call between the stub and the return: bytecode checks for signals at
+     every call, and a handler's exception there would lose the copy. *)
+  match Ext.offheap_stub_copy h false v with Outcome.Done -> h | e -> Outcome.fail e
 
 (* A block no handle's root can be: what [stub_get] returns for a freed handle. *)
 let freed_marker = Obj.repr (ref ())
 
 let get h =
-  let r = stub_get h freed_marker in
+  let r = Ext.offheap_stub_get h freed_marker in
   if r == freed_marker then invalid_arg "Offheap.get: deleted" else Obj.obj r
 
 let stats (h : _ t) =
   { bytes = stub_stat h 0; blocks = stub_stat h 1; transient_bytes = stub_stat h 2 }
 
 let free h =
-  let r = stub_free h in
-  if r = 0 then ()
-  else if r > 0 then
-    (* The handle is freed already: an exception from here on loses nothing. Bounded
-       work, never a whole cycle: the frees of a program that allocates little pay for
-       the cycles after which their memory goes back (src/release.rs). *)
-    ignore (Gc.major_slice r : int)
-  else if r = -1 then invalid_arg "Offheap.free: deleted"
-  else raise Out_of_memory
+  match Ext.offheap_stub_free h with
+  | Outcome.Done -> ()
+  | Done_slice words ->
+      (* The handle is freed already: an exception from here on loses nothing. Bounded
+         work, never a whole cycle: the frees of a program that allocates little pay for
+         the cycles after which their memory goes back (src/release.rs). *)
+      ignore (Gc.major_slice words : int)
+  | e -> Outcome.fail e
 
 let delete = free
+
+let measure v =
+  let fields = Array.make 3 0 in
+  match Ext.offheap_stub_measure v fields with
+  | Outcome.Done -> { bytes = fields.(0); blocks = fields.(1); transient_bytes = fields.(2) }
+  | e -> Outcome.fail e
+
+let is_offheap v = Ext.offheap_stub_is_offheap v
+
+let with_copy ?alloc v f =
+  let h = copy ?alloc v in
+  (* [get h] goes straight to [f]: no local of this frame holds the copy once [f] has
+     returned (OCaml 5 bytecode keeps locals until the function returns). *)
+  match f (get h) with
+  | r ->
+      free h;
+      r
+  | exception e ->
+      let backtrace = Printexc.get_raw_backtrace () in
+      free h;
+      Printexc.raise_with_backtrace e backtrace
 
 (* Images (image.ml): handles to loaded payloads are ordinary handles whose allocator
    block unmaps; the load stub fills a fresh handle as the copy stub does. *)
@@ -100,6 +132,4 @@ module Region = Region.Make (struct
   let handle_blocks h = (stats h).blocks
   let image_write ?key path v = Image.write ?key path v
   let image_load ?key ?verify ?share path = Image.load ?key ?verify ?share path
-
-  exception Invalid_image = Image.Invalid_image
 end)

@@ -39,7 +39,7 @@
       the blocks that roots point to, and the freed memory may be in other hands by
       then. Native code drops dead local variables, but bytecode keeps a local in its
       stack frame until the function returns, used or not: there, read [get h] in a
-      function that returns before [free h]. (On OCaml 4 the page table makes the GC
+      function that returns before [free h], or use {!with_copy}. (On OCaml 4 the page table makes the GC
       skip such pointers.)
     - A copied exception value carries a copy of its constructor, so it no longer matches
       the original constructor in a [try ... with] (as with [Marshal]).
@@ -59,8 +59,38 @@
     - A panic of the Rust code (a bug) aborts the process with its message; it never
       turns into an OCaml exception. *)
 
-type 'a t
-(** A handle to one off-heap copy of a value of type ['a]. *)
+type +'a t
+(** A handle to one off-heap copy of a value of type ['a]. Covariant, like the value
+    it holds: a [[ `A ] t] is a [[ `A | `B ] t]. *)
+
+(** Why a value cannot be copied (or saved in an image): what {!Not_copyable}
+    carries. *)
+type reason =
+  | Abstract  (** an [Abstract_tag] block: C data the runtime cannot look into *)
+  | Unforced_lazy  (** a lazy value not forced yet: force it before copying *)
+  | Forcing_lazy  (** a lazy value being forced by another domain (OCaml 5) *)
+  | Continuation  (** a continuation, captured by an effect handler (OCaml 5) *)
+  | Closure  (** a closure, in an image (a copy can hold closures, an image cannot) *)
+  | Outside_heap
+      (** a pointer outside the OCaml heap (C memory, OCaml 4), in an image *)
+  | Custom of string
+      (** a custom block other than [Int32], [Int64], [Nativeint] and a [Bigarray], with
+          the identifier of its operations: ["_chan"] for a channel, ["_mutex"] for a
+          [Mutex.t]... *)
+  | Bad_bigarray of string
+      (** a [Bigarray] block the runtime could not have made (from C code): what is
+          wrong with it *)
+
+exception Not_copyable of reason
+(** Raised by {!copy}, {!measure}, {!with_copy} and {!Image.write} when the value
+    reaches a block that cannot be copied; the value is then exactly as it was and
+    nothing is allocated.
+
+    {[
+      match Offheap.copy (stdout, 1) with
+      | _ -> assert false
+      | exception Offheap.Not_copyable (Custom id) -> assert (id = "_chan")
+    ]} *)
 
 type alloc
 (** An allocator: an [Abstract_tag] block whose field 0 is
@@ -96,12 +126,13 @@ val copy : ?alloc:alloc -> 'a -> 'a t
       assert (Offheap.get h = [ 1; 2; 3 ])
     ]}
 
-    @raise Invalid_argument when a block that cannot be copied is reachable from [v],
-    with a message naming it: an abstract block, a custom block other than [Int32],
-    [Int64], [Nativeint] and Bigarrays (for example a channel), an unforced lazy
-    value (force it first), or on OCaml 5 a continuation. A Bigarray is copied with its
-    data (see {!section-bigarrays}). [v] is left exactly as it was
-    and nothing is allocated.
+    @raise Not_copyable when a block that cannot be copied is reachable from [v],
+    with the {!reason}: an abstract block, a custom block other than [Int32], [Int64],
+    [Nativeint] and Bigarrays (for example a channel), an unforced lazy value (force it
+    first), or on OCaml 5 a continuation or a lazy value that another domain is
+    forcing. A Bigarray is copied with its data (see {!section-bigarrays}). [v] is left
+    exactly as it was and nothing is allocated.
+    @raise Invalid_argument when the allocator returns memory that is not word aligned.
     @raise Out_of_memory when the allocator returns [NULL], or the traversal cannot get
     memory for its own queue and tables; [v] is left as it was and nothing stays
     allocated. *)
@@ -187,6 +218,66 @@ val stats : 'a t -> stats
     ]}
 
     Raises nothing, also after {!free}. *)
+
+val measure : 'a -> stats
+(** [measure v] is what [copy v] would take, without copying: the bytes of the copy's
+    allocation, its blocks, and the traversal's peak memory besides the copy. It runs
+    the first pass of {!copy} alone: [v] is left as it was, and nothing is allocated
+    but the traversal's own tables, freed on return. Use it to decide whether a copy
+    fits, or to size an allocator (an arena) before copying.
+
+    {[
+      let l = List.init 3 Fun.id in
+      let s = Offheap.measure l in
+      assert (s.bytes = 3 * 3 * (Sys.word_size / 8) && s.blocks = 3);
+      let h = Offheap.copy l in
+      assert ((Offheap.stats h).bytes = s.bytes);
+      Offheap.free h
+    ]}
+
+    @raise Not_copyable as {!copy} does, for the same values.
+    @raise Out_of_memory when the traversal cannot get memory for its queue and
+    tables. *)
+
+val is_offheap : 'a -> bool
+(** [is_offheap v] tells whether [v] is a block outside the GC heap: a copy (a part of
+    one, or its root), a loaded image's value, or static data (constants the compiler
+    laid out, such as a string literal in native code). Immediates ([int], [char],
+    constant constructors) are not blocks: [false]. Copies and static data cannot be
+    told apart: on OCaml 4 both are registered as static data in the runtime's page
+    table (which also says [true] for a pointer to C memory); on OCaml 5 both have
+    headers of the color the GC never marks ([NOT_MARKABLE]). A freed copy's pointer
+    must not be asked about (its memory may be reused).
+
+    {[
+      let v = Array.make 3 "x" in
+      assert (not (Offheap.is_offheap v));
+      let h = Offheap.copy v in
+      assert (Offheap.is_offheap (Offheap.get h));
+      assert (Offheap.is_offheap (Offheap.get h).(0));
+      Offheap.free h
+    ]}
+
+    Raises nothing. *)
+
+val with_copy : ?alloc:alloc -> 'a -> ('a -> 'b) -> 'b
+(** [with_copy ?alloc v f] copies [v] (as [copy ?alloc v]), calls [f] on the copy and
+    frees it when [f] returns or raises, then returns [f]'s result or re-raises its
+    exception (with its backtrace). The result, and an exception [f] raises, must not
+    hold on to the copy or any part of it: they would dangle after the free. Copy out
+    what must outlive the call (with [String.sub], [Array.copy], a fresh record...).
+
+    This is also the safe pattern for the OCaml 5 bytecode rule of {!free} (see the
+    Rules above): the copy is passed straight to [f] and is in no local variable of
+    [with_copy] when it frees it.
+
+    {[
+      let n = Offheap.with_copy (List.init 100 string_of_int) List.length in
+      assert (n = 100)
+    ]}
+
+    @raise Not_copyable, Invalid_argument and Out_of_memory as {!copy}, before [f] is
+    called; whatever [f] raises, after the copy is freed. *)
 
 (**/**)
 

@@ -11,8 +11,6 @@ module type BASE = sig
   val handle_blocks : 'a handle -> int
   val image_write : ?key:string -> string -> 'a -> unit
   val image_load : ?key:string -> ?verify:bool -> ?share:bool -> string -> 'a handle
-
-  exception Invalid_image of string
 end
 
 module type S = sig
@@ -49,27 +47,29 @@ module Make (B : BASE) = struct
   type t = { cell : cell; alloc : alloc; mutable image_owner : alloc }
   type stats = { bytes : int; reserved : int; blocks : int; chunks : int; values : int }
 
-  (* The cell, or the integer 1 when out of memory. *)
-  external stub_cell : int -> cell = "offheap_region_cell"
+  (* The externals (generated from src/region_stubs.rs into lib/stubs.ml):
+     - [offheap_region_cell]: the cell, or the integer 1 when out of memory;
+     - [offheap_region_add]: the copy, or its third argument (the error is then kept for
+       [offheap_region_error], which returns it as an [Outcome.t]);
+     - [offheap_region_free]: an [Outcome.t], as [Offheap.free]'s stub;
+     - [offheap_region_adopt]: takes the payload of a loaded image's handle into an
+       empty region: its root, or the third argument when out of memory (the handle
+       still owns the payload);
+     - [offheap_region_count_loaded]: adds the blocks of the adopted image to the
+       stats (read from the freed handle). *)
+  module Ext = Stubs.Make (struct
+    type 'a handle = 'a B.handle
+    type nonrec alloc = alloc
+    type region = t
+    type region_cell = cell
+  end)
 
-  (* The copy, or the third argument (the error is then kept for [stub_error]). *)
-  external stub_add : t -> 'a -> Obj.t -> bool -> Obj.t = "offheap_region_add" [@@noalloc]
-
-  (* This thread's last add error: 0 freed, 1 out of memory, else a message. *)
-  external stub_error : unit -> Obj.t = "offheap_region_error"
-  external stub_mem : t -> 'a -> bool = "offheap_region_mem" [@@noalloc]
-  external stub_stat : t -> int -> int = "offheap_region_stat" [@@noalloc]
-
-  (* 0 freed; 1 freed, and the major cycle should be finished; 2 freed already; 3 out
-     of memory (still live). *)
-  external stub_free : t -> int = "offheap_region_free"
-
-  (* Takes the payload of a loaded image's handle into an empty region: its root, or
-     the third argument when out of memory (the handle still owns the payload). *)
-  external stub_adopt : t -> 'a B.handle -> Obj.t -> Obj.t = "offheap_region_adopt"
-
-  (* Adds the blocks of the adopted image to the stats (read from the freed handle). *)
-  external stub_count_loaded : t -> int -> unit = "offheap_region_count_loaded" [@@noalloc]
+  let stub_cell = Ext.offheap_region_cell
+  let stub_add = Ext.offheap_region_add
+  let stub_mem = Ext.offheap_region_mem
+  let stub_stat = Ext.offheap_region_stat
+  let stub_adopt = Ext.offheap_region_adopt
+  let stub_count_loaded = Ext.offheap_region_count_loaded
 
   (* A block no copy can be: what a failed add returns. *)
   let failed = Obj.repr (ref ())
@@ -80,11 +80,7 @@ module Make (B : BASE) = struct
     if Obj.is_int (Obj.repr cell) then raise Out_of_memory;
     { cell; alloc; image_owner = alloc }
 
-  let fail () =
-    let e = stub_error () in
-    if e == Obj.repr 0 then invalid_arg "Offheap.Region.add: freed"
-    else if e == Obj.repr 1 then raise Out_of_memory
-    else invalid_arg (Obj.obj e : string)
+  let fail () = Outcome.fail (Ext.offheap_region_error ())
 
   let add r v =
     let c = stub_add r v failed false in
@@ -108,14 +104,13 @@ module Make (B : BASE) = struct
     }
 
   let free r =
-    let code = stub_free r in
-    if code = 0 then ()
-    else if code > 0 then
-      (* Freed already: an exception from here on loses nothing. Bounded work, as for
-         Offheap.free (src/release.rs). *)
-      ignore (Gc.major_slice code : int)
-    else if code = -1 then invalid_arg "Offheap.Region.free: freed"
-    else raise Out_of_memory
+    match Ext.offheap_region_free r with
+    | Outcome.Done -> ()
+    | Done_slice words ->
+        (* Freed already: an exception from here on loses nothing. Bounded work, as for
+           Offheap.free (src/release.rs). *)
+        ignore (Gc.major_slice words : int)
+    | e -> Outcome.fail e
 
   (* Region images are images whose key is this prefix and the user's: a plain image
      does not load as a region, nor a region image as a plain one. *)
@@ -155,6 +150,7 @@ module Make (B : BASE) = struct
     | None ->
         free r;
         raise
-          (B.Invalid_image
-             (Printf.sprintf "Offheap.Region.load_image: %s: not a region image" path))
+          (Outcome.Invalid_image
+             ( Bad_structure,
+               Printf.sprintf "Offheap.Region.load_image: %s: not a region image" path ))
 end

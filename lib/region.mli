@@ -22,8 +22,6 @@ module type BASE = sig
 
   val image_load : ?key:string -> ?verify:bool -> ?share:bool -> string -> 'a handle
   (** {!Offheap.Image.load}. *)
-
-  exception Invalid_image of string
 end
 
 module type S = sig
@@ -89,8 +87,10 @@ module type S = sig
       it is dangling). A value that points to another copy stays valid only while that
       copy is not freed.
 
-      @raise Invalid_argument when [v] reaches a block that cannot be copied (as for
-      {!Offheap.copy}, the message names it), or when [r] was freed.
+      @raise Offheap.Not_copyable when [v] reaches a block that cannot be copied, with
+      the reason (as for {!Offheap.copy}).
+      @raise Invalid_argument ["Offheap.Region.add: freed"] when [r] was freed, or when
+      the allocator returns misaligned memory.
       @raise Out_of_memory when the allocator returns [NULL] or the traversal has no
       memory. On every error, [r] is exactly as it was before the add (its stats and
       contents, no chunk taken) and [v] is unchanged. *)
@@ -113,8 +113,8 @@ module type S = sig
         Offheap.Region.free fresh
       ]}
 
-      @raise Invalid_argument and [Out_of_memory] as {!add} does, with [r] and [v]
-      unchanged. *)
+      @raise Offheap.Not_copyable, [Invalid_argument] and [Out_of_memory] as {!add}
+      does, with [r] and [v] unchanged. *)
 
   val mem : t -> 'a -> bool
   (** [mem r v] tells whether [v] is a block inside one of the chunks of [r]: false for
@@ -187,8 +187,9 @@ module type S = sig
         Offheap.Region.free r
       ]}
 
-      @raise Invalid_argument when [r] was freed, or as {!Offheap.Image.write} (a
-      closure, an abstract block...).
+      @raise Invalid_argument when [r] was freed.
+      @raise Offheap.Not_copyable as {!Offheap.Image.write} (a closure, an abstract
+      block...).
       @raise Sys_error when the file cannot be written.
       @raise Out_of_memory when there is no memory for the copy. *)
 

@@ -19,7 +19,10 @@
 //! - `handle` (feature `stubs`): the OCaml record that owns a copy; freeing it once.
 //! - `release` (feature `stubs`): giving freed copies back, at once or after the major
 //!   cycle (OCaml 5).
-//! - `stubs` (feature `stubs`): the `#[ocaml::func]` externals of `lib/offheap.ml`.
+//! - `stubs` (feature `stubs`): the `#[ocaml::native_func]` externals of `lib/stubs.ml`
+//!   (generated from their `#[ocaml::sig]`s).
+//! - `outcome` (feature `stubs`): how every stub reports success or an error (the OCaml
+//!   type `Outcome.t`).
 //! - `capi` (feature `stubs`): the C interface of `lib/offheap.h`.
 //! - [`fault`]: panic injection for tests (feature `fault-injection`).
 
@@ -35,6 +38,8 @@ pub mod region;
 mod capi;
 #[cfg(feature = "stubs")]
 mod handle;
+#[cfg(feature = "stubs")]
+mod outcome;
 #[cfg(feature = "stubs")]
 mod region_stubs;
 #[cfg(feature = "stubs")]

@@ -13,8 +13,10 @@
 //! The stubs are plain `extern "C"` functions on raw values (at most five arguments, so
 //! the same function serves bytecode): no ocaml-rs glue runs per call. `add` and `mem`
 //! allocate nothing on the OCaml heap and are `[@@noalloc]`. Errors of `add` are kept
-//! in a thread-local slot that `offheap_region_error` turns into a value: the failed
-//! add returns the marker it was given.
+//! in a thread-local slot that `offheap_region_error` turns into an `Outcome.t`
+//! (`src/outcome.rs`): the failed add returns the marker it was given. `free` returns an
+//! `Outcome.t` as `offheap_stub_free` does. Each stub's OCaml type is in its
+//! `#[ocaml::sig]`, from which `lib/stubs.ml` is generated.
 
 use std::cell::RefCell;
 use std::sync::{Mutex, MutexGuard};
@@ -25,6 +27,7 @@ use crate::alloc::{CAllocator, NoMemory};
 use crate::copy::CopyError;
 use crate::handle::{self, Owned};
 use crate::layout::{is_immediate, val_int, Word};
+use crate::outcome::StubOutcome;
 use crate::region::{Owner, Region, Registry, DEFAULT_CHUNK_BYTES};
 use crate::release::{self, Outcome};
 use crate::runtime;
@@ -121,6 +124,7 @@ static CELL_OPS: Ops = Ops(ocaml_sys::custom_operations {
 /// A new cell for a region whose small adds take chunks of `chunk_bytes` (0: the
 /// default). Returns the custom block, or the integer 1 when out of memory.
 #[no_mangle]
+#[ocaml::sig("int -> region_cell")]
 pub extern "C" fn offheap_region_cell(chunk_bytes: Value) -> Value {
     // SAFETY: called from OCaml holding the runtime.
     unsafe { release::drain_due() };
@@ -157,6 +161,7 @@ pub extern "C" fn offheap_region_cell(chunk_bytes: Value) -> Value {
 /// returns its copy (or `v` itself when nothing was copied), or `failed` and keeps the
 /// error for [`offheap_region_error`]. Allocates nothing on the OCaml heap.
 #[no_mangle]
+#[ocaml::sig("region -> 'a -> Obj.t -> bool -> Obj.t [@@noalloc]")]
 pub extern "C" fn offheap_region_add(r: Value, v: Value, failed: Value, deep: Value) -> Value {
     let Some(mut cell) = lock(r) else {
         return failure(AddError::Freed, failed);
@@ -183,30 +188,29 @@ fn failure(e: AddError, failed: Value) -> Value {
     failed
 }
 
-/// The error of this thread's last failed add: 0 the region was freed, 1 out of
-/// memory, else the message of the `Invalid_argument` to raise.
+/// The error of this thread's last failed add, as an `Outcome.t`: the misuse error
+/// when the region was freed, `No_memory`, `Cannot_copy` with the reason, or the misuse
+/// error of a misaligned allocator.
 #[no_mangle]
+#[ocaml::sig("unit -> Outcome.t")]
 pub extern "C" fn offheap_region_error(_unit: Value) -> Value {
     let e = LAST_ERROR.with(|slot| slot.borrow_mut().take());
-    match e {
-        None | Some(AddError::Freed) => val_int(0) as Value,
-        Some(AddError::Copy(e)) if e.is_out_of_memory() => val_int(1) as Value,
-        Some(AddError::Copy(e)) => {
-            let message = e.to_string();
-            let message = message.strip_prefix("Offheap.copy: ").unwrap_or(&message);
-            let mut bytes: Vec<u8> = format!("Offheap.Region.add: {message}")
-                .bytes()
-                .map(|b| if b == 0 { b'?' } else { b })
-                .collect();
-            bytes.push(0);
-            // SAFETY: a NUL-terminated string; one allocation, no other value held.
-            unsafe { ocaml_sys::caml_copy_string(bytes.as_ptr() as *const ocaml_sys::Char) }
-        }
-    }
+    let outcome = match e {
+        None | Some(AddError::Freed) => StubOutcome::Misuse("Offheap.Region.add: freed".into()),
+        Some(AddError::Copy(e)) => match StubOutcome::from(e) {
+            StubOutcome::Misuse(m) => {
+                let m = m.strip_prefix("Offheap.copy: ").unwrap_or(&m);
+                StubOutcome::Misuse(format!("Offheap.Region.add: {m}"))
+            }
+            outcome => outcome,
+        },
+    };
+    outcome.into_value() as Value
 }
 
 /// Whether `v` is a block inside one of the chunks of `r` (false once freed).
 #[no_mangle]
+#[ocaml::sig("region -> 'a -> bool [@@noalloc]")]
 pub extern "C" fn offheap_region_mem(r: Value, v: Value) -> Value {
     let inside = !is_immediate(v as Word)
         && lock(r).is_some_and(|cell| !cell.freed && cell.region.contains(v as Word));
@@ -216,6 +220,7 @@ pub extern "C" fn offheap_region_mem(r: Value, v: Value) -> Value {
 /// Statistic `i` of `r`: 0 bytes, 1 reserved, 2 blocks, 3 chunks (now), 4 values, 5
 /// chunk size, 6 whether freed.
 #[no_mangle]
+#[ocaml::sig("region -> int -> int [@@noalloc]")]
 pub extern "C" fn offheap_region_stat(r: Value, i: Value) -> Value {
     let Some(cell) = lock(r) else {
         return val_int(0) as Value;
@@ -233,18 +238,19 @@ pub extern "C" fn offheap_region_stat(r: Value, i: Value) -> Value {
     val_int(n as isize) as Value
 }
 
-/// Frees every chunk of `r`. Returns, as `offheap_stub_free`: n >= 0 done, the OCaml
-/// side should run a major slice of n words when n > 0 (OCaml 5, much waiting); -1
-/// freed already; -2 out of memory (nothing changed).
+/// Frees every chunk of `r`. Returns, as `offheap_stub_free`: `Done`; `Done_slice n`
+/// when the OCaml side should run a major slice of n words (OCaml 5, much waiting); the
+/// misuse error when freed already; `No_memory` (nothing changed).
 #[no_mangle]
+#[ocaml::sig("region -> Outcome.t")]
 pub extern "C" fn offheap_region_free(r: Value) -> Value {
     // SAFETY: called from OCaml holding the runtime.
     unsafe { release::drain_due() };
     let Some(mut cell) = lock(r) else {
-        return val_int(-1) as Value;
+        return already_freed().into_value() as Value;
     };
     if cell.freed {
-        return val_int(-1) as Value;
+        return already_freed().into_value() as Value;
     }
     let (alloc, image_owner) = (field(r, ALLOC), field(r, IMAGE_OWNER));
     let count = cell.region.chunk_count();
@@ -264,12 +270,22 @@ pub extern "C" fn offheap_region_free(r: Value) -> Value {
             Some(chunks.collect())
         })
     };
-    let code = match outcome {
-        Outcome::Done(slice_words) => slice_words as isize,
-        Outcome::AlreadyFreed => -1,
-        Outcome::OutOfMemory => -2,
-    };
-    val_int(code) as Value
+    freed(outcome).into_value() as Value
+}
+
+/// The `Outcome.t` of a region's free, as `offheap_stub_free` reports a handle's.
+fn freed(outcome: Outcome) -> StubOutcome {
+    match outcome {
+        Outcome::Done(0) => StubOutcome::Done,
+        Outcome::Done(slice_words) => StubOutcome::DoneSlice(slice_words),
+        Outcome::AlreadyFreed => already_freed(),
+        Outcome::OutOfMemory => StubOutcome::NoMemory,
+    }
+}
+
+/// The error of freeing a region twice.
+fn already_freed() -> StubOutcome {
+    StubOutcome::Misuse("Offheap.Region.free: freed".into())
 }
 
 /// Moves the payload of the freshly loaded image handle `h` into the empty region `r`
@@ -278,6 +294,7 @@ pub extern "C" fn offheap_region_free(r: Value) -> Value {
 /// `h` still owns the payload). The payload's blocks are counted by
 /// [`offheap_region_count_loaded`].
 #[no_mangle]
+#[ocaml::sig("region -> 'a handle -> Obj.t -> Obj.t")]
 pub extern "C" fn offheap_region_adopt(r: Value, h: Value, failed: Value) -> Value {
     let Some(mut cell) = lock(r) else {
         return failed;
@@ -304,6 +321,7 @@ pub extern "C" fn offheap_region_adopt(r: Value, h: Value, failed: Value) -> Val
 
 /// Counts `blocks` loaded blocks (those of the image adopted by `r`) in its stats.
 #[no_mangle]
+#[ocaml::sig("region -> int -> unit [@@noalloc]")]
 pub extern "C" fn offheap_region_count_loaded(r: Value, blocks: Value) -> Value {
     if let Some(mut cell) = lock(r) {
         cell.region.count_loaded(blocks as usize >> 1);

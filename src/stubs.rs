@@ -1,21 +1,37 @@
-//! The OCaml externals of `lib/offheap.ml`: thin glue between OCaml values and the core.
+//! The OCaml externals of `lib/offheap.ml` and `lib/image.ml`: thin glue between OCaml
+//! values and the core.
 //!
 //! They are `#[ocaml::native_func]`s on raw values. `#[ocaml::func]` would root every
 //! argument with boxroot, which the stubs do not need (nothing is allocated on the OCaml
 //! heap while a raw value is in use) and which broke copies in bytecode programs linked
-//! with systhreads on OCaml 4. The per-call stubs (copy, free, get, drain) are plain
-//! `extern "C"` functions instead: `native_func`'s entry reads the environment variable
-//! `NO_CAML_STARTUP` at every call, 3% of a small copy's time (measured with `perf`),
-//! and sets up a panic guard that `panic = "abort"` makes useless. No exception is raised
-//! across Rust frames: errors come back as values and the OCaml side raises.
+//! with systhreads on OCaml 4. The per-call stubs (copy, free, get, stat, drain) are
+//! plain `extern "C"` functions instead: `native_func`'s entry reads the environment
+//! variable `NO_CAML_STARTUP` at every call, 3% of a small copy's time (measured with
+//! `perf`), and sets up a panic guard that `panic = "abort"` makes useless.
+//!
+//! **Declarations.** Each stub carries its OCaml type in `#[ocaml::sig("...")]` (trailing
+//! attributes such as `[@@noalloc]` included). `lib/stubs.ml`, which declares every
+//! `external`, is generated from these by `tests/externals.rs`, which fails when the
+//! checked-in file differs (`OFFHEAP_BLESS=1 cargo test --test externals` rewrites it):
+//! names and arities cannot drift. Types: `'a handle` and `alloc` (the functor
+//! parameters of `lib/stubs.ml`), `Outcome.t`, and the standard ones.
+//!
+//! **Errors.** No exception is raised across Rust frames. Every stub that can fail
+//! returns an `Outcome.t` built by [`StubOutcome::into_value`] (`src/outcome.rs`): the
+//! immediate `Done` on success (its results written into values OCaml allocated before
+//! the call: a handle, an info buffer), or an error, which one OCaml function
+//! (`Outcome.fail`) raises as its exception. Success and `No_memory` allocate nothing on
+//! the OCaml heap, and the OCaml code between a successful stub and the return of the
+//! handle makes no call and no allocation (bytecode checks signals at calls).
 
 use ocaml::{Raw, Value};
-use ocaml_sys::{caml_alloc_small, caml_copy_string};
+use ocaml_sys::caml_alloc_small;
 
 use crate::alloc::{offheap_alloc, offheap_free, Allocator, CAllocator};
 use crate::copy;
 use crate::handle::{self, WithRecord};
 use crate::layout::{val_int, Word, ABSTRACT_TAG};
+use crate::outcome::{Reason, StubOutcome};
 use crate::release::{self, Outcome};
 use crate::runtime;
 
@@ -33,6 +49,7 @@ fn value(w: Word) -> Value {
 /// The default allocator block: `Abstract_tag`, field 0 `offheap_alloc`, field 1
 /// `offheap_free`.
 #[ocaml::native_func]
+#[ocaml::sig("unit -> alloc")]
 pub fn offheap_stub_malloc(_unit: Raw) -> Value {
     // SAFETY: a fresh abstract block of two fields; the GC never scans its fields, so
     // raw words are stored with plain writes.
@@ -46,28 +63,19 @@ pub fn offheap_stub_malloc(_unit: Raw) -> Value {
 }
 
 /// Copies `v` (static data too when `copy_static`) with the allocator block of the fresh
-/// handle `h` (see `handle.rs`) and makes `h` own the copy. Returns 0; or 1 when the
-/// allocator ran out of memory, or the message of the `Invalid_argument` to raise, and
-/// `h` stays freed.
+/// handle `h` (see `handle.rs`) and makes `h` own the copy. Returns `Done`, or an error
+/// and `h` stays freed.
 #[no_mangle]
+#[ocaml::sig("'a handle -> bool -> 'a -> Outcome.t")]
 pub extern "C" fn offheap_stub_copy(h: RawValue, copy_static: RawValue, v: RawValue) -> RawValue {
-    raw(copy(
-        h as Word,
-        copy_static as Word != val_int(0),
-        v as Word,
-    ))
+    copy(h as Word, copy_static as Word != val_int(0), v as Word).into_value() as RawValue
 }
 
 /// An OCaml value as a stub without `native_func` takes and returns it.
 type RawValue = ocaml_sys::Value;
 
-/// The raw word of `v`.
-fn raw(v: Value) -> RawValue {
-    v.raw().0
-}
-
 /// The body of [`offheap_stub_copy`].
-fn copy(h: Word, copy_static: bool, v: Word) -> Value {
+fn copy(h: Word, copy_static: bool, v: Word) -> StubOutcome {
     // SAFETY: called from a stub, holding the runtime.
     unsafe { release::drain_due() };
     // SAFETY: field 1 of a handle is its allocator block (the OCaml type `alloc` only
@@ -120,21 +128,12 @@ fn copy_into<A: Allocator>(
     copy_static: bool,
     mut allocator: A,
     adopt: impl FnOnce(&copy::Copied) -> bool,
-) -> Value {
+) -> StubOutcome {
     // SAFETY: we hold the runtime and allocate nothing on the OCaml heap until the copy
     // returns; the allocator's contract forbids calls into OCaml.
     let copied = match unsafe { runtime::copy_value(v, copy_static, &mut allocator) } {
         Ok(copied) => copied,
-        Err(e) if e.is_out_of_memory() => return value(val_int(1)),
-        // SAFETY: the message is a NUL-free Rust string; one allocation, nothing else
-        // held.
-        Err(e) => {
-            return unsafe {
-                value(caml_copy_string(
-                    nul_terminated(&e.to_string()).as_ptr() as *const ocaml_sys::Char
-                ) as Word)
-            }
-        }
+        Err(e) => return e.into(),
     };
     if copied.base.is_null() {
         // SAFETY: `h` is the fresh handle of this call; the root is an immediate or
@@ -143,39 +142,69 @@ fn copy_into<A: Allocator>(
     } else if !adopt(&copied) {
         // SAFETY: the copy was just allocated by this allocator and nothing refers to it.
         unsafe { allocator.free(copied.base, copied.bytes) };
-        return value(val_int(1));
+        return StubOutcome::NoMemory;
     }
-    value(val_int(0))
+    StubOutcome::Done
 }
 
-/// `s` with a NUL at the end, any NUL inside it replaced.
-fn nul_terminated(s: &str) -> Vec<u8> {
-    let mut bytes: Vec<u8> = s.bytes().map(|b| if b == 0 { b'?' } else { b }).collect();
-    bytes.push(0);
-    bytes
+/// What a copy of `v` would take, without making it: writes its bytes, blocks and
+/// transient bytes into the int array `stats` (3 fields). Returns `Done` or the error
+/// `copy` would give.
+#[ocaml::native_func]
+#[ocaml::sig("'a -> int array -> Outcome.t")]
+pub fn offheap_stub_measure(v: Raw, stats: Raw) -> Value {
+    // SAFETY: called from a stub holding the runtime; nothing is allocated on the OCaml
+    // heap until the traversal returns.
+    let outcome = match unsafe { runtime::measure_value(word(v), false) } {
+        Ok(m) => {
+            let fields = word(stats) as *mut Word;
+            // SAFETY: `stats` is an int array of 3 fields; immediates need no barrier.
+            unsafe {
+                *fields = val_int(m.bytes as isize);
+                *fields.add(1) = val_int(m.blocks as isize);
+                *fields.add(2) = val_int(m.transient_bytes as isize);
+            }
+            StubOutcome::Done
+        }
+        Err(e) => e.into(),
+    };
+    value(outcome.into_value())
 }
 
-/// Frees the handle `h`. Returns 0 when done; n > 0 when done and the OCaml side should
-/// run a major slice of n words (OCaml 5, many bytes waiting: see `release.rs`); -1 when
-/// `h` was freed already; -2 when there was no memory to queue the free (`h` is still
-/// live).
+/// Whether `v` is a block outside the GC heap. Allocates nothing.
+#[ocaml::native_func]
+#[ocaml::sig("'a -> bool [@@noalloc]")]
+pub fn offheap_stub_is_offheap(v: Raw) -> Value {
+    // SAFETY: `v` is a value; we hold the runtime.
+    value(val_int(isize::from(unsafe {
+        runtime::is_offheap(word(v))
+    })))
+}
+
+/// Frees the handle `h`. Returns `Done`; `Done_slice n` when done and the OCaml side
+/// should run a major slice of n words (OCaml 5, many bytes waiting: see `release.rs`);
+/// the misuse error when `h` was freed already; `No_memory` when there was no memory to
+/// queue the free (`h` is still live).
 #[no_mangle]
+#[ocaml::sig("'a handle -> Outcome.t")]
 pub extern "C" fn offheap_stub_free(h: RawValue) -> RawValue {
     // SAFETY: called from a stub holding the runtime; `h` is a handle; nothing is
-    // allocated on the OCaml heap here.
-    let code = unsafe {
+    // allocated on the OCaml heap until the outcome is built.
+    let outcome = unsafe {
         release::drain_due();
         match release::free(h as Word) {
-            Outcome::Done(slice_words) => slice_words as isize,
-            Outcome::AlreadyFreed => -1,
-            Outcome::OutOfMemory => -2,
+            Outcome::Done(0) => StubOutcome::Done,
+            Outcome::Done(slice_words) => StubOutcome::DoneSlice(slice_words),
+            Outcome::AlreadyFreed => StubOutcome::Misuse("Offheap.free: deleted".into()),
+            Outcome::OutOfMemory => StubOutcome::NoMemory,
         }
     };
-    val_int(code) as RawValue
+    outcome.into_value() as RawValue
 }
 
 /// The root of the handle `h` while it is live, else `freed`. Allocates nothing.
 #[no_mangle]
+#[ocaml::sig("'a handle -> Obj.t -> Obj.t [@@noalloc]")]
 pub extern "C" fn offheap_stub_get(h: RawValue, freed: RawValue) -> RawValue {
     // SAFETY: `h` is a handle; nothing is allocated here.
     unsafe { handle::root_if_live(h as Word, freed as Word) as RawValue }
@@ -184,6 +213,7 @@ pub extern "C" fn offheap_stub_get(h: RawValue, freed: RawValue) -> RawValue {
 /// Statistic `which` of the handle `h`, live or freed: 0 bytes, 1 blocks, 2 transient
 /// bytes. Allocates nothing.
 #[no_mangle]
+#[ocaml::sig("'a handle -> int -> int [@@noalloc]")]
 pub extern "C" fn offheap_stub_stat(h: RawValue, which: RawValue) -> RawValue {
     // SAFETY: `h` is a handle; nothing is allocated here.
     let record = unsafe { handle::record(h as Word) };
@@ -197,6 +227,7 @@ pub extern "C" fn offheap_stub_stat(h: RawValue, which: RawValue) -> RawValue {
 
 /// Releases the freed copies whose major cycle has ended (OCaml 5).
 #[no_mangle]
+#[ocaml::sig("unit -> unit")]
 pub extern "C" fn offheap_stub_drain(_unit: RawValue) -> RawValue {
     // SAFETY: called from a stub holding the runtime.
     unsafe { release::drain_due() };
@@ -205,12 +236,14 @@ pub extern "C" fn offheap_stub_drain(_unit: RawValue) -> RawValue {
 
 /// Whether `free` waits for the running major cycle to end (OCaml 5).
 #[ocaml::native_func]
+#[ocaml::sig("unit -> bool")]
 pub fn offheap_stub_defers_free(_unit: Raw) -> Value {
     value(val_int(runtime::DEFERS_FREE as isize))
 }
 
 /// Freed copies waiting for the end of a major cycle.
 #[ocaml::native_func]
+#[ocaml::sig("unit -> int")]
 pub fn offheap_stub_pending_frees(_unit: Raw) -> Value {
     value(val_int(release::pending() as isize))
 }
@@ -218,12 +251,10 @@ pub fn offheap_stub_pending_frees(_unit: Raw) -> Value {
 // ---------------------------------------------------------------------------------------
 // Images (lib/image.ml). The file work runs with the runtime lock released, so these
 // stubs keep no OCaml value across it: arguments are copied into Rust first, results
-// are allocated afterwards. A failure returns a string whose first byte says which
-// exception to raise (`S` Sys_error, `I` Offheap.Image.Invalid_image, `A`
-// Invalid_argument, `M` Out_of_memory) and whose rest is the message.
+// are written or allocated afterwards.
 // ---------------------------------------------------------------------------------------
 
-use crate::image::{self, file, LoadError, WriteError};
+use crate::image::{self, file, CheckKind, LoadError, WriteError};
 
 /// The bytes of the OCaml string `s`.
 fn string_bytes(s: Raw) -> Vec<u8> {
@@ -252,13 +283,16 @@ fn sys_error(path: &[u8], e: &std::io::Error) -> String {
     format!("{}: {reason}", String::from_utf8_lossy(path))
 }
 
-/// A failure string: `code` then `message`.
-fn image_failure(code: u8, message: &str) -> Value {
-    let mut s = vec![code];
-    s.extend_from_slice(message.as_bytes());
-    let s = nul_terminated(&String::from_utf8_lossy(&s));
-    // SAFETY: one allocation of a fresh string; no other OCaml value is held.
-    unsafe { value(caml_copy_string(s.as_ptr() as *const ocaml_sys::Char) as Word) }
+/// The outcome of a failed load of `path` (`op`: "load" or "info").
+fn load_failure(op: &str, path: &[u8], e: LoadError) -> StubOutcome {
+    match e {
+        LoadError::Io(e) => StubOutcome::System(sys_error(path, &e)),
+        LoadError::OutOfMemory(_) => StubOutcome::NoMemory,
+        e => StubOutcome::BadImage(
+            e.check_kind().unwrap_or(CheckKind::BadStructure),
+            format!("Offheap.Image.{op}: {}: {e}", String::from_utf8_lossy(path)),
+        ),
+    }
 }
 
 fn image_process(flat_float_array: bool) -> image::Process {
@@ -289,16 +323,17 @@ fn unlocked<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// `Image.write`: copies `v` (static data too) and writes its image to `path` with `key`.
-/// Returns unit, or a failure string.
+/// Returns `Done` or an error.
 #[ocaml::native_func]
+#[ocaml::sig("string -> string -> bool -> 'a -> Outcome.t")]
 pub fn offheap_stub_image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
-    image_write(path, key, flat_float_array, v)
+    value(image_write(path, key, flat_float_array, v).into_value())
 }
 
 /// The body of [`offheap_stub_image_write`]: the value is copied straight into the file
 /// (the traversal's write pass feeds the image writer), with the runtime held: the
 /// traversal reads the heap.
-fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
+fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> StubOutcome {
     let path = string_bytes(path);
     let key = string_bytes(key);
     let process = image_process(word(flat_float_array) != val_int(0));
@@ -308,19 +343,20 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
         // copy returns; the writer does not call into OCaml.
         match unsafe { runtime::copy_value_into(word(v), true, out) } {
             Ok(written) => Ok(written.root),
-            Err(e) if e.is_out_of_memory() => Err(WriteError::OutOfMemory),
-            Err(e) => {
-                let what = e.to_string();
-                let what = what.strip_prefix("Offheap.copy: ").unwrap_or(&what);
-                Err(WriteError::Unsupported(what.to_string()))
-            }
+            Err(e) => Err(WriteError::NotCopyable(e)),
         }
     });
     match written {
-        Ok(()) => value(val_int(0)),
-        Err(WriteError::Io(e)) => image_failure(b'S', &sys_error(&path, &e)),
-        Err(WriteError::OutOfMemory) => image_failure(b'M', ""),
-        Err(e) => image_failure(b'A', &e.to_string()),
+        Ok(()) => StubOutcome::Done,
+        Err(WriteError::Io(e)) => StubOutcome::System(sys_error(&path, &e)),
+        Err(WriteError::OutOfMemory) => StubOutcome::NoMemory,
+        Err(WriteError::NotCopyable(e)) => e.into(),
+        Err(WriteError::Closure) => StubOutcome::CannotCopy(Reason::Closure),
+        Err(WriteError::OutsideHeap(_)) => StubOutcome::CannotCopy(Reason::OutsideHeap),
+        Err(WriteError::Custom(ops)) => {
+            StubOutcome::CannotCopy(Reason::Custom(runtime::custom_identifier(ops)))
+        }
+        Err(e @ WriteError::KeyTooLong(_)) => StubOutcome::Misuse(e.to_string()),
     }
 }
 
@@ -329,9 +365,10 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> Value {
 /// bits from 5 up: the threads the checks may use (0: one per core). On
 /// success the fresh handle `h` (allocator: the owner of payloads at their recorded
 /// address) owns the payload and the word past it, registered with the runtime; its
-/// allocator becomes `relocated_owner` when the payload was relocated; returns 0.
-/// Else returns a failure string and `h` stays freed.
+/// allocator becomes `relocated_owner` when the payload was relocated; returns `Done`.
+/// Else returns an error and `h` stays freed.
 #[ocaml::native_func]
+#[ocaml::sig("'a handle -> alloc -> string -> string -> int -> Outcome.t")]
 pub fn offheap_stub_image_load(
     h: Raw,
     relocated_owner: Raw,
@@ -339,11 +376,11 @@ pub fn offheap_stub_image_load(
     key: Raw,
     flags: Raw,
 ) -> Value {
-    image_load(h, relocated_owner, path, key, flags)
+    value(image_load(h, relocated_owner, path, key, flags).into_value())
 }
 
 /// The body of [`offheap_stub_image_load`].
-fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> Value {
+fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> StubOutcome {
     let path = string_bytes(path);
     let flags = word(flags) as isize >> 1;
     let opts = image::Options {
@@ -360,22 +397,14 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
         image::load_file(&path_of(&path), &opts, &process)
     }) {
         Ok(loaded) => loaded,
-        Err(LoadError::Io(e)) => return image_failure(b'S', &sys_error(&path, &e)),
-        Err(LoadError::OutOfMemory(_)) => return image_failure(b'M', ""),
-        Err(e) => {
-            let message = format!(
-                "Offheap.Image.load: {}: {e}",
-                String::from_utf8_lossy(&path)
-            );
-            return image_failure(b'I', &message);
-        }
+        Err(e) => return load_failure("load", &path, e),
     };
     // The payload and the word past it: a pointer to a last block of no fields lies in
     // registered memory too.
     if !loaded.base.is_null() && !runtime::register(loaded.base, loaded.held()) {
         // SAFETY: just loaded; nothing refers to it.
         unsafe { file::unmap(loaded.base, loaded.held(), loaded.mapping) };
-        return image_failure(b'M', "");
+        return StubOutcome::NoMemory;
     }
     // SAFETY: `h` is the fresh handle of this call, `relocated_owner` an allocator
     // block; the root lies outside the heap (registered on OCaml 4, NOT_MARKABLE
@@ -397,15 +426,65 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
             runtime::unregister(loaded.base, loaded.held());
             // SAFETY: just loaded; nothing refers to it.
             file::unmap(loaded.base, loaded.held(), loaded.mapping);
-            return image_failure(b'M', "");
+            return StubOutcome::NoMemory;
         }
     }
-    value(val_int(0))
+    StubOutcome::Done
+}
+
+/// `Image.info`: the header of the image at `path`, decoded and checked on its own.
+/// Writes into the int array `fields` (10 fields): format version, OCaml family, flat
+/// float arrays (0 or 1), word bytes, recorded address, payload bytes, blocks, custom
+/// blocks, key length, file bytes; and the key into `key` (at least
+/// [`offheap_stub_image_max_key`] bytes). Returns `Done` or an error.
+#[ocaml::native_func]
+#[ocaml::sig("string -> int array -> bytes -> Outcome.t")]
+pub fn offheap_stub_image_info(path: Raw, fields: Raw, key: Raw) -> Value {
+    let path = string_bytes(path);
+    let header = unlocked(|| image::read_header(&path_of(&path)));
+    let outcome = match header {
+        Ok(h) => {
+            let ints = [
+                h.version as usize,
+                h.ocaml_family as usize,
+                usize::from(h.flat_float_array),
+                h.word_bytes as usize,
+                h.address as usize,
+                h.payload_bytes as usize,
+                h.blocks as usize,
+                h.customs as usize,
+                h.key.len(),
+                h.file_bytes() as usize,
+            ];
+            // SAFETY: `fields` is an int array of 10 fields and `key` a byte sequence of
+            // at least `format::MAX_KEY` bytes (lib/image.ml); both are only written
+            // with immediates and bytes, which need no barrier.
+            unsafe {
+                let out = word(fields) as *mut Word;
+                for (i, n) in ints.into_iter().enumerate() {
+                    *out.add(i) = val_int(n as isize);
+                }
+                std::ptr::copy_nonoverlapping(h.key.as_ptr(), word(key) as *mut u8, h.key.len());
+            }
+            StubOutcome::Done
+        }
+        Err(e) => load_failure("info", &path, e),
+    };
+    value(outcome.into_value())
+}
+
+/// The longest key an image can have (`format::MAX_KEY`): the size of the key buffer
+/// of `Image.info`.
+#[ocaml::native_func]
+#[ocaml::sig("unit -> int")]
+pub fn offheap_stub_image_max_key(_unit: Raw) -> Value {
+    value(val_int(image::format::MAX_KEY as isize))
 }
 
 /// The allocator block that owns loaded payloads of mapping `kind` (1 at the recorded
 /// address, 2 relocated): it never allocates, and its free unmaps.
 #[ocaml::native_func]
+#[ocaml::sig("int -> alloc")]
 pub fn offheap_stub_image_owner(kind: Raw) -> Value {
     let unmap: file::FreeFn = if word(kind) == val_int(1) {
         file::offheap_image_unmap_recorded
@@ -420,4 +499,20 @@ pub fn offheap_stub_image_owner(kind: Raw) -> Value {
         *fields.add(1) = unmap as *const () as usize;
         value(block as Word)
     }
+}
+
+/// Recomputes the header checksum of the image held in `image` (at least a header page;
+/// shorter: nothing done). For tests that forge headers.
+#[ocaml::native_func]
+#[ocaml::sig("bytes -> unit")]
+pub fn offheap_stub_image_reseal(image: Raw) -> Value {
+    // SAFETY: `image` is an OCaml byte sequence, alive and not moved during the call
+    // (nothing is allocated); its length comes from its header.
+    unsafe {
+        let len = ocaml_sys::caml_string_length(image.0);
+        if len >= image::format::HEADER_BYTES {
+            image::format::reseal(std::slice::from_raw_parts_mut(word(image) as *mut u8, len));
+        }
+    }
+    value(val_int(0))
 }

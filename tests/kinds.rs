@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use fake_heap::{assert_isomorphic, Counting, FakeHeap, Rng, INT64_OPS};
 use offheap::alloc::{Allocator, Malloc};
 use offheap::copy::visited::{HeaderMarks, SideTable};
-use offheap::copy::{self, Copied, CopyError, Heap};
+use offheap::copy::{self, Copied, CopyError, Heap, Measured};
 use offheap::layout::{self, Color, Header, Word, WORD_BYTES};
 
 // ---------------------------------------------------------------------------------------
@@ -171,6 +171,31 @@ fn raw_copy<A: Allocator>(
     }
 }
 
+/// `copy::measure` with a fresh visited set of strategy `s`; checks that it leaves the
+/// source as it was and gives back the Rust memory it took.
+fn raw_measure(h: &mut FakeHeap, root: Word, s: Strategy) -> Result<Measured, CopyError> {
+    let before = h.snapshot();
+    let live = thread_live();
+    // SAFETY: as in `raw_copy`.
+    let m = unsafe {
+        match s {
+            Strategy::Marks(mark) => copy::measure(root, h, HeaderMarks::new(mark)),
+            Strategy::Table => copy::measure(root, h, SideTable::with_capacity(0)),
+        }
+    };
+    let held = match &m {
+        Err(CopyError::Custom(name)) => name.capacity() as isize,
+        _ => 0,
+    };
+    assert_eq!(
+        thread_live() - held,
+        live,
+        "{s:?}: measure kept Rust heap memory"
+    );
+    assert_same_source(&before, &h.snapshot(), &format!("{s:?} after a measure"));
+    m
+}
+
 /// Panics at the first word that differs, without printing whole arenas.
 fn assert_same_source(before: &[Word], after: &[Word], what: &str) {
     assert_eq!(before.len(), after.len(), "{what}: arena sizes changed");
@@ -288,10 +313,17 @@ impl Done {
 /// Copies `root`, expecting success with `expect = (blocks, words)`; checks the source is
 /// unchanged, one allocation of the measured size, no Rust memory kept, the copy's layout.
 fn copy_checked(h: &mut FakeHeap, root: Word, s: Strategy, expect: (usize, usize)) -> Done {
+    let measured = raw_measure(h, root, s).unwrap_or_else(|e| panic!("{s:?}: measure: {e}"));
     let before = h.snapshot();
     let mut alloc = Counting::new();
     let live = thread_live();
     let c = raw_copy(h, root, s, &mut alloc).unwrap_or_else(|e| panic!("{s:?}: {e}"));
+    let copied = (c.bytes, c.blocks, c.transient_bytes);
+    let m = (measured.bytes, measured.blocks, measured.transient_bytes);
+    assert_eq!(
+        m, copied,
+        "{s:?}: measure = the copy's bytes, blocks, transient bytes"
+    );
     assert_eq!(
         thread_live(),
         live,
@@ -347,6 +379,16 @@ fn copy_refused<A: Allocator>(
         Ok(c) => panic!("{s:?}: copied {} blocks, expected an error", c.blocks),
         Err(e) => e,
     };
+    // The value's errors are measure's too; the allocator's are not (nothing allocated).
+    match (&err, raw_measure(h, root, s)) {
+        (CopyError::OutOfMemory(_) | CopyError::Misaligned, m) => {
+            assert!(
+                m.is_ok(),
+                "{s:?}: measure failed where only the allocator did"
+            )
+        }
+        (e, m) => assert_eq!(m.as_ref().err(), Some(e), "{s:?}: measure's error"),
+    }
     let held = match &err {
         CopyError::Custom(name) => name.capacity() as isize,
         _ => 0,

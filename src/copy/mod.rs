@@ -306,20 +306,58 @@ pub unsafe fn copy_into<H: Heap, V: VisitedSet, O: Output>(
         };
         return Ok(kept);
     }
-    let mut traversal = Traversal {
-        heap,
-        visited,
-        queue: Queue::new(),
-        data: DataTable::new(),
-        snapshot: Vec::new(),
-        words: 0,
-        root_in_block: 0,
-        last_discovered: 0,
-        jumps: 0,
-    };
+    let mut traversal = Traversal::new(heap, visited);
     // SAFETY: the caller's contract on `root` and its graph is the traversal's.
     let outcome = unsafe { traversal.run(root, out) };
     crate::fault::point("restore");
+    // SAFETY: the queue lists exactly the blocks the visited set marked.
+    unsafe { traversal.visited.restore(&traversal.queue) };
+    outcome
+}
+
+/// What a copy of a value would take, from pass 1 alone ([`measure`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Measured {
+    /// Size the copy's allocation would have, in bytes; 0 when nothing would be copied.
+    pub bytes: usize,
+    /// Blocks that would be copied.
+    pub blocks: usize,
+    /// Peak memory the traversal held besides the copy, as [`Copied::transient_bytes`].
+    pub transient_bytes: usize,
+}
+
+/// Pass 1 of [`copy`] alone: what a copy of `root` would take, with the same errors,
+/// without allocating the copy. The source is restored; the only memory used is the
+/// traversal's own tables, freed on return.
+///
+/// # Errors
+/// As [`copy`], except that the copy's own allocation never fails (it is not made).
+///
+/// # Safety
+/// As [`copy`].
+pub unsafe fn measure<H: Heap, V: VisitedSet>(
+    root: Word,
+    heap: &mut H,
+    visited: V,
+) -> Result<Measured, CopyError> {
+    if layout::is_immediate(root) || !heap.should_copy(root) {
+        let nothing = Measured {
+            bytes: 0,
+            blocks: 0,
+            transient_bytes: 0,
+        };
+        return Ok(nothing);
+    }
+    let mut traversal = Traversal::new(heap, visited);
+    // SAFETY: the caller's contract on `root` and its graph is the traversal's.
+    let outcome = unsafe { traversal.measure(root) }.and_then(|()| {
+        let data_words = traversal.data.lay_out(traversal.words)?;
+        Ok(Measured {
+            bytes: (traversal.words + data_words) * WORD_BYTES,
+            blocks: traversal.queue.len() + traversal.data.blocks(),
+            transient_bytes: traversal.transient_bytes(),
+        })
+    });
     // SAFETY: the queue lists exactly the blocks the visited set marked.
     unsafe { traversal.visited.restore(&traversal.queue) };
     outcome
@@ -352,15 +390,27 @@ struct Traversal<'a, H, V> {
 }
 
 impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
+    /// A traversal that has seen nothing yet.
+    fn new<'a>(heap: &'a mut H, visited: V) -> Traversal<'a, H, V> {
+        Traversal {
+            heap,
+            visited,
+            queue: Queue::new(),
+            data: DataTable::new(),
+            snapshot: Vec::new(),
+            words: 0,
+            root_in_block: 0,
+            last_discovered: 0,
+            jumps: 0,
+        }
+    }
+
     /// Passes 1 and 2; the caller restores.
     unsafe fn run<O: Output>(&mut self, root: Word, out: &mut O) -> Result<Written, CopyError> {
         // SAFETY: forwarded from `copy_into`.
         unsafe { self.measure(root)? };
         let data_words = self.data.lay_out(self.words)?;
-        let transient_bytes = self.queue.allocated_bytes()
-            + self.visited.allocated_bytes()
-            + self.snapshot.capacity() * WORD_BYTES
-            + self.data.allocated_bytes();
+        let transient_bytes = self.transient_bytes();
         let bytes = (self.words + data_words) * WORD_BYTES;
         let base = out.begin(bytes)?;
         // SAFETY: `out` takes the `bytes` bytes pass 1 measured and the data laid out:
@@ -381,6 +431,14 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             blocks: self.queue.len() + self.data.blocks(),
             transient_bytes,
         })
+    }
+
+    /// The memory the traversal holds now besides the copy.
+    fn transient_bytes(&self) -> usize {
+        self.queue.allocated_bytes()
+            + self.visited.allocated_bytes()
+            + self.snapshot.capacity() * WORD_BYTES
+            + self.data.allocated_bytes()
     }
 
     /// Pass 1: gives every block to copy its offset.

@@ -32,7 +32,7 @@ pub mod writer;
 use std::fmt;
 use std::path::Path;
 
-use crate::copy::Copied;
+use crate::copy::{Copied, CopyError};
 use crate::layout::{self, Word, WORD_BYTES};
 use format::HEADER_BYTES;
 
@@ -57,20 +57,36 @@ impl Process {
 /// Why a value could not be written.
 #[derive(Debug)]
 pub enum WriteError {
-    /// The value holds something an image cannot hold; what was found.
-    Unsupported(String),
+    /// The value holds a closure (code pointers belong to one running program).
+    Closure,
+    /// The value holds a custom block other than Int32, Int64, Nativeint and Bigarray,
+    /// whose operations are at this address.
+    Custom(Word),
+    /// The value holds a pointer outside the OCaml heap (C memory), to this address.
+    OutsideHeap(Word),
     /// The key is longer than [`format::MAX_KEY`].
     KeyTooLong(usize),
     /// The file could not be written.
     Io(std::io::Error),
     /// No memory for the writer's buffer or the traversal's tables.
     OutOfMemory,
+    /// The traversal refused the value (an abstract block, an unforced lazy value, ...).
+    NotCopyable(CopyError),
 }
 
 impl fmt::Display for WriteError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            WriteError::Unsupported(what) => write!(f, "Offheap.Image.write: {what}"),
+            WriteError::Closure => f.write_str(
+                "Offheap.Image.write: closure (functions cannot be saved: their code belongs to the running program)",
+            ),
+            WriteError::Custom(_) => f.write_str(
+                "Offheap.Image.write: custom block (only Int32, Int64, Nativeint and Bigarray custom blocks can be saved)",
+            ),
+            WriteError::OutsideHeap(v) => write!(
+                f,
+                "Offheap.Image.write: pointer to {v:#x}, outside the OCaml heap (C memory cannot be saved)"
+            ),
             WriteError::KeyTooLong(n) => write!(
                 f,
                 "Offheap.Image.write: key of {n} bytes (at most {})",
@@ -78,6 +94,11 @@ impl fmt::Display for WriteError {
             ),
             WriteError::Io(e) => write!(f, "{e}"),
             WriteError::OutOfMemory => f.write_str("Offheap.Image.write: out of memory"),
+            WriteError::NotCopyable(e) => {
+                let what = e.to_string();
+                let what = what.strip_prefix("Offheap.copy: ").unwrap_or(&what);
+                write!(f, "Offheap.Image.write: {what}")
+            }
         }
     }
 }
@@ -112,6 +133,65 @@ impl LoadError {
         match self {
             LoadError::Bad { check, .. } => Some(check),
             _ => None,
+        }
+    }
+
+    /// The kind of check that failed, for a bad image: what the OCaml side's
+    /// `Offheap.Image.check` tells programs.
+    pub fn check_kind(&self) -> Option<CheckKind> {
+        self.check().map(CheckKind::of)
+    }
+}
+
+/// The kinds of checks an image can fail, in the order of the constructors of
+/// `Offheap.Image.check` (`lib/image.mli`), whose doc says what each means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckKind {
+    /// "magic": not an image at all.
+    NotAnImage,
+    /// "format version".
+    FormatVersion,
+    /// "word size".
+    WordSize,
+    /// "byte order".
+    ByteOrder,
+    /// "OCaml version": written by the other OCaml family.
+    OcamlFamily,
+    /// "flat float arrays".
+    FlatFloatArrays,
+    /// "key": written with another key.
+    KeyMismatch,
+    /// "file size": the file is shorter or longer than its header says.
+    Truncated,
+    /// "header checksum", "table checksum": the header page or the tables after the
+    /// payload (fix-up table, chunk index) are damaged.
+    DamagedHeader,
+    /// "header", "root": header fields that contradict each other.
+    BadHeader,
+    /// "payload checksum".
+    DamagedPayload,
+    /// Every structural check of the payload ("block header", "pointer", "tag", ...)
+    /// and of the chunk index ("chunk index").
+    BadStructure,
+}
+
+impl CheckKind {
+    /// The kind of the check named `check` (as [`LoadError::Bad`] names it).
+    pub fn of(check: &str) -> CheckKind {
+        match check {
+            "magic" => CheckKind::NotAnImage,
+            "format version" => CheckKind::FormatVersion,
+            "word size" => CheckKind::WordSize,
+            "byte order" => CheckKind::ByteOrder,
+            "OCaml version" => CheckKind::OcamlFamily,
+            "flat float arrays" => CheckKind::FlatFloatArrays,
+            "key" => CheckKind::KeyMismatch,
+            "file size" => CheckKind::Truncated,
+            "header checksum" | "table checksum" => CheckKind::DamagedHeader,
+            "header" | "root" => CheckKind::BadHeader,
+            "payload checksum" => CheckKind::DamagedPayload,
+            // "chunk index" and every check of the payload's blocks.
+            _ => CheckKind::BadStructure,
         }
     }
 }
@@ -191,9 +271,7 @@ fn stored_root(root: Word, address: Word, bytes: u64) -> Result<u64, WriteError>
     }
     let off = root.wrapping_sub(address) as u64;
     if off == 0 || off > bytes || !off.is_multiple_of(WORD_BYTES as u64) {
-        return Err(WriteError::Unsupported(format!(
-            "pointer to {root:#x}, outside the OCaml heap (C memory cannot be saved)"
-        )));
+        return Err(WriteError::OutsideHeap(root));
     }
     Ok(off)
 }
@@ -210,9 +288,10 @@ fn check_key(key: &[u8]) -> Result<(), WriteError> {
 /// of `chunk_bytes`. The copy is left as it is.
 ///
 /// # Errors
-/// [`WriteError::Unsupported`] for a closure, a custom block other than the three boxed
-/// integers and Bigarrays, or a pointer that leads out of the copy (memory outside the
-/// OCaml heap); [`WriteError::KeyTooLong`]; [`WriteError::OutOfMemory`].
+/// [`WriteError::Closure`], [`WriteError::Custom`] (a custom block other than the three
+/// boxed integers and Bigarrays) or [`WriteError::OutsideHeap`] (a pointer that leads out
+/// of the copy: memory outside the OCaml heap); [`WriteError::KeyTooLong`];
+/// [`WriteError::OutOfMemory`].
 ///
 /// # Safety
 /// `copied` describes a finished copy whose buffer stays alive during the call.
@@ -285,7 +364,8 @@ unsafe fn copy_words(copied: &Copied) -> &[Word] {
 /// ([`file::write_atomically`]); a failure leaves no file behind.
 ///
 /// # Errors
-/// `fill`'s error; [`WriteError::Unsupported`] for what an image cannot hold;
+/// `fill`'s error; [`WriteError::Closure`], [`WriteError::Custom`] or
+/// [`WriteError::OutsideHeap`] for what an image cannot hold;
 /// [`WriteError::KeyTooLong`]; [`WriteError::Io`] when the file cannot be written.
 pub fn write_with(
     path: &Path,
@@ -532,6 +612,21 @@ fn empty_root(h: &format::Header) -> Result<Word, LoadError> {
         return Err(bad("root", "a pointer into an empty payload".into()));
     }
     Ok(h.root as Word)
+}
+
+/// The header of the image at `path`, decoded and checked on its own
+/// ([`format::Header::decode`]); nothing past the header page is read, and nothing is
+/// mapped.
+///
+/// # Errors
+/// [`LoadError::Io`] when the file cannot be opened or read or is not a regular file,
+/// [`LoadError::Bad`] naming the first check that failed.
+pub fn read_header(path: &Path) -> Result<format::Header, LoadError> {
+    let f = file::open_image(path).map_err(LoadError::Io)?;
+    let file_bytes = f.metadata().map_err(LoadError::Io)?.len();
+    let mut page = vec![0u8; HEADER_BYTES.min(file_bytes as usize)];
+    file::read_exact_at(&f, &mut page, 0).map_err(LoadError::Io)?;
+    format::Header::decode(&page)
 }
 
 /// A loaded image.

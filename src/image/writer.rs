@@ -219,9 +219,7 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
     /// The payload address of the Bigarray data pointer `v` of a copy at `self.source`.
     fn data_pointer(&self, v: Word, source_end: Word) -> Result<Word, WriteError> {
         if v < self.source || v > source_end {
-            return Err(WriteError::Unsupported(format!(
-                "Bigarray data at {v:#x}, outside the copy"
-            )));
+            return Err(WriteError::OutsideHeap(v));
         }
         let off = v - self.source;
         let k = self.moved.partition_point(|(r, _)| r.start <= off);
@@ -265,10 +263,7 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
                 let at = self.done + i;
                 let hd = Header(words[i]);
                 if hd.tag() == layout::CLOSURE_TAG {
-                    return Err(WriteError::Unsupported(
-                        "closure (functions cannot be saved: their code belongs to the running program)"
-                            .into(),
-                    ));
+                    return Err(WriteError::Closure);
                 }
                 let chunk = at / self.chunk_words;
                 while self.payload.chunks.len() <= chunk {
@@ -291,10 +286,7 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
             if tag == layout::CUSTOM_TAG && self.done + i == self.header_at + 1 {
                 let ops = words[i];
                 let Some(k) = self.custom_ops.iter().position(|&o| o == ops) else {
-                    return Err(WriteError::Unsupported(
-                        "custom block (only Int32, Int64, Nativeint and Bigarray custom blocks can be saved)"
-                            .into(),
-                    ));
+                    return Err(WriteError::Custom(ops));
                 };
                 words[i] = CustomKind::ALL[k] as Word;
                 self.payload
@@ -323,9 +315,7 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
                         && v <= source_end
                         && (v - self.source).is_multiple_of(WORD_BYTES);
                     if !inside {
-                        return Err(WriteError::Unsupported(format!(
-                            "pointer to {v:#x}, outside the OCaml heap (C memory cannot be saved)"
-                        )));
+                        return Err(WriteError::OutsideHeap(v));
                     }
                     *field = v - self.source + self.address;
                 }
@@ -371,7 +361,8 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
     /// Writes out what is left and returns the payload's description and the output.
     ///
     /// # Errors
-    /// The first error met: [`WriteError::Unsupported`] for what an image cannot hold,
+    /// The first error met: [`WriteError::Closure`], [`WriteError::Custom`] or
+    /// [`WriteError::OutsideHeap`] for what an image cannot hold,
     /// [`WriteError::Io`] for the output's.
     pub fn finish(mut self) -> Result<(Payload, W), WriteError> {
         self.flush();

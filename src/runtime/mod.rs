@@ -89,7 +89,7 @@ fn copy_ops_of_bigarray(ops: Word) -> Option<Word> {
 }
 
 /// The `identifier` of custom operations (their first field, a C string).
-fn custom_identifier(ops: Word) -> String {
+pub fn custom_identifier(ops: Word) -> String {
     // SAFETY: `ops` is field 0 of a custom block: a `struct custom_operations *`, whose
     // first member is a NUL-terminated `char *identifier`.
     unsafe {
@@ -146,4 +146,33 @@ pub unsafe fn copy_value<A: Allocator>(
             backend::Visited::Table(table) => copy::copy(v, &mut heap, table, alloc),
         }
     }
+}
+
+/// What a copy of `v` would take ([`copy::measure`]), with the runtime's classifier and
+/// visited set; nothing is allocated but the traversal's tables.
+///
+/// # Safety
+/// The caller holds the runtime (lock or domain) and does not allocate on the OCaml heap
+/// until this returns.
+pub unsafe fn measure_value(v: Word, copy_static: bool) -> Result<copy::Measured, CopyError> {
+    let mut heap = backend::RuntimeHeap::new(copy_static);
+    // SAFETY: as in `copy_value`.
+    unsafe {
+        #[allow(irrefutable_let_patterns)]
+        match backend::visited_set(copy_static) {
+            backend::Visited::Marks(marks) => copy::measure(v, &mut heap, marks),
+            #[cfg(ocaml5)]
+            backend::Visited::Table(table) => copy::measure(v, &mut heap, table),
+        }
+    }
+}
+
+/// Whether `v` is a block outside the GC heap (static data, a copy, a loaded image, C
+/// memory on OCaml 4).
+///
+/// # Safety
+/// `v` is an OCaml value; called holding the runtime.
+pub unsafe fn is_offheap(v: Word) -> bool {
+    // SAFETY: forwarded.
+    !crate::layout::is_immediate(v) && unsafe { backend::outside_gc_heap(v) }
 }

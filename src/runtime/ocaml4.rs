@@ -337,3 +337,14 @@ pub fn reregister_shared(base: *mut u8, bytes: usize) {
         }
     }
 }
+
+/// Whether the block `v` lies outside the major and minor heaps, by the page table:
+/// static data, copies (registered as static data) and naked pointers.
+///
+/// # Safety
+/// Called holding the runtime lock.
+pub unsafe fn outside_gc_heap(v: Word) -> bool {
+    // SAFETY: the page table only hashes the address; it reads no memory there.
+    let kind = unsafe { caml_page_table_lookup(v as *const libc::c_void) };
+    kind & (IN_HEAP | IN_YOUNG) == 0
+}

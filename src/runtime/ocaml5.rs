@@ -125,3 +125,18 @@ pub fn unregister(_base: *mut u8, _bytes: usize) {}
 
 /// Nothing to register again.
 pub fn reregister_shared(_base: *mut u8, _bytes: usize) {}
+
+/// Whether the block `v` lies outside the GC heap: not young, header `NOT_MARKABLE`
+/// (static data, copies and loaded images alike).
+///
+/// # Safety
+/// `v` points to a block (OCaml 5 has no naked pointers); called holding the domain lock.
+pub unsafe fn outside_gc_heap(v: Word) -> bool {
+    // SAFETY: set when the runtime reserves the minor heaps; stable while we run.
+    let young = unsafe { (caml_minor_heaps_start, caml_minor_heaps_end) };
+    if v > young.0 && v < young.1 {
+        return false;
+    }
+    // SAFETY: every pointer in a value leads to a block with a header.
+    unsafe { layout::read_header(v) }.color() == Color::Unmarkable
+}

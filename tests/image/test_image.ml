@@ -120,24 +120,25 @@ let assert_refused what v =
   let path = fresh_path () in
   (match Image.write path v with
   | () -> assert_failure ("accepted " ^ what)
-  | exception Invalid_argument m ->
-      assert_bool (Printf.sprintf "%S names %s" m what) (contains m what));
+  | exception Offheap.Not_copyable r ->
+      let m = Printexc.to_string (Offheap.Not_copyable r) in
+      assert_bool (Printf.sprintf "%s is %s" m what) (contains m what));
   let base = Filename.basename path in
   let left = List.filter (fun f -> contains f base) (files_in_dir ()) in
   assert_equal ~msg:"no file left, temporary or not" [] left
 
 let test_refused _ =
   let f x = x + 1 in
-  assert_refused "closure" (1, f);
-  assert_refused "closure" (object method m = 1 end);
-  assert_refused "_chan" [ stdout ];
-  assert_refused "_chan" (Bigarray.Array1.create Bigarray.int Bigarray.c_layout 3, stdin);
-  assert_refused "unforced lazy" (lazy (print_endline "no"));
+  assert_refused "Closure" (1, f);
+  assert_refused "Closure" (object method m = 1 end);
+  assert_refused "Custom \"_chan\"" [ stdout ];
+  assert_refused "Custom \"_chan\"" (Bigarray.Array1.create Bigarray.int Bigarray.c_layout 3, stdin);
+  assert_refused "Unforced_lazy" (lazy (print_endline "no"));
   (* A failed write leaves an earlier file as it was. *)
   let path = fresh_path () in
   Image.write path [ 1; 2 ];
   let before = read_file path in
-  (try Image.write path (fun x -> x) with Invalid_argument _ -> ());
+  (try Image.write path (fun x -> x) with Offheap.Not_copyable Offheap.Closure -> ());
   assert_equal before (read_file path);
   Sys.remove path;
   match Image.write "/nonexistent-dir/x.img" 1 with
@@ -197,13 +198,29 @@ let test_second_process _ =
   Offheap.free h;
   Sys.remove path
 
+(* The kind of each check the messages name (src/image/validate.rs, format.rs, mod.rs). *)
+let kind_of_check : string -> Image.check = function
+  | "magic" -> Not_an_image
+  | "format version" -> Format_version
+  | "word size" -> Word_size
+  | "byte order" -> Byte_order
+  | "OCaml version" -> Ocaml_family
+  | "flat float arrays" -> Flat_float_arrays
+  | "key" -> Key_mismatch
+  | "file size" -> Truncated
+  | "header checksum" -> Damaged_header
+  | "header" | "root" -> Bad_header
+  | "payload checksum" -> Damaged_payload
+  | _ -> Bad_structure
+
 let assert_invalid ?verify ?key check path =
   match Image.load ?verify ?key path with
   | h ->
       Offheap.free h;
       assert_failure ("accepted, expected " ^ check)
-  | exception Image.Invalid_image m ->
-      assert_bool (Printf.sprintf "%S names %s" m check) (contains m (": " ^ check ^ ":"))
+  | exception (Image.Invalid_image (kind, m) as e) ->
+      assert_bool (Printf.sprintf "%S names %s" m check) (contains m (": " ^ check ^ ":"));
+      assert_bool (Printexc.to_string e) (kind = kind_of_check check)
 
 let test_key _ =
   let path = fresh_path () in
@@ -262,7 +279,8 @@ let test_bad_files _ =
   set_bytes bad (fun s -> Bytes.set s 8 '\001');
   (match Image.load bad with
   | _ -> assert_failure "a version 1 image loaded"
-  | exception Image.Invalid_image m ->
+  | exception Image.Invalid_image (kind, m) ->
+      assert_bool m (kind = Format_version);
       assert_bool m (contains m "version 1, this library reads version 2"));
   patched (fun s -> Bytes.set s 12 '\004') "word size" ();
   let root = Int64.to_int (Bytes.get_int64_le (Bytes.of_string good) 40) in

@@ -92,8 +92,9 @@ let () =
   Unix.close fd;
   (match Image.load path with
   | _ -> failwith "a damaged 6 GB image loaded"
-  | exception Image.Invalid_image m ->
+  | exception Image.Invalid_image (kind, m) ->
       print_endline m;
+      if kind <> Image.Damaged_payload then failwith ("damage not classified: " ^ m);
       if not (contains m "payload checksum: chunk") then
         failwith ("damage not located: " ^ m));
   Sys.remove path;

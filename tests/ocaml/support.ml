@@ -119,6 +119,12 @@ let raises_invalid ~sub f =
         assert_failure (Printf.sprintf "Invalid_argument %S does not name %S" msg sub);
       msg
 
+(** [f ()] raises [Offheap.Not_copyable]; returns its reason. *)
+let not_copyable f =
+  match f () with
+  | _ -> assert_failure "no Offheap.Not_copyable"
+  | exception Offheap.Not_copyable r -> r
+
 (** [h] was freed: [get] and [free] raise the documented messages. *)
 let assert_freed h =
   assert_equal ~printer:Fun.id "Offheap.get: deleted"

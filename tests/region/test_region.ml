@@ -35,6 +35,12 @@ let raises_invalid ~sub f =
       if not (contains msg sub) then
         assert_failure (Printf.sprintf "Invalid_argument %S does not name %S" msg sub)
 
+let raises_not_copyable reason f =
+  match f () with
+  | _ -> assert_failure "no Not_copyable"
+  | exception Offheap.Not_copyable r ->
+      assert_equal ~printer:(fun r -> Printexc.to_string (Offheap.Not_copyable r)) reason r
+
 let raises_oom f =
   match f () with
   | _ -> assert_failure "no Out_of_memory"
@@ -269,9 +275,9 @@ let test_failure_abstract _ =
   let before = R.stats r and allocs = (counts a).allocs in
   let bad = Obj.new_block Obj.abstract_tag 2 in
   let v = with_bad 1000 900 bad in
-  raises_invalid ~sub:"abstract" (fun () -> R.add r v);
+  raises_not_copyable Offheap.Abstract (fun () -> R.add r v);
   let lazy_v = [ Obj.repr (lazy (print_endline "never")) ] in
-  raises_invalid ~sub:"lazy" (fun () -> R.add r lazy_v);
+  raises_not_copyable Offheap.Unforced_lazy (fun () -> R.add r lazy_v);
   assert_equal ~msg:"stats unchanged" before (R.stats r);
   assert_equal ~msg:"no allocation" ~printer:pint allocs (counts a).allocs;
   List.iteri (fun i x -> assert_equal ~msg:"kept values" (i, string_of_int i) x) kept;
@@ -411,12 +417,12 @@ let test_threads _ =
   let per = 3000 in
   let worker k =
     let bad =
-      if k mod 2 = 0 then (Obj.new_block Obj.abstract_tag 1, "abstract")
-      else (Obj.repr (lazy (print_endline "never")), "lazy")
+      if k mod 2 = 0 then (Obj.new_block Obj.abstract_tag 1, Offheap.Abstract)
+      else (Obj.repr (lazy (print_endline "never")), Offheap.Unforced_lazy)
     in
     let ok = ref 0 in
     for i = 1 to per do
-      if i mod 7 = 0 then raises_invalid ~sub:(snd bad) (fun () -> R.add r [ Obj.repr i; fst bad ])
+      if i mod 7 = 0 then raises_not_copyable (snd bad) (fun () -> R.add r [ Obj.repr i; fst bad ])
       else (
         let v = R.add r (k, i, str (string_of_int i)) in
         assert (v = (k, i, string_of_int i) && R.mem r v);

@@ -1,0 +1,177 @@
+//! The one way every stub reports how it went: a value of the OCaml type
+//! `Outcome.t` (`lib/outcome.ml`), built by [`StubOutcome::into_value`].
+//!
+//! Successes and the out-of-memory error are immediates, so that they allocate nothing
+//! on the OCaml heap: `Done` (0), `No_memory` (1). Other errors are blocks that carry
+//! what the OCaml side needs to raise the right exception: `Cannot_copy of reason` (tag
+//! 0, `Not_copyable`), `Misuse of string` (tag 1, `Invalid_argument`), `System of
+//! string` (tag 2, `Sys_error`), `Bad_image of check * string` (tag 3,
+//! `Invalid_image`). The one success that is a block, `Done_slice of int` (tag 4: freed,
+//! and the OCaml side should run a major slice of so many words), comes only from a
+//! free that left many bytes waiting for the end of the major cycle (OCaml 5). One
+//! OCaml function, `Outcome.fail`, turns an error into its exception. A stub whose
+//! results are more than success (a copy, a loaded image, a header's fields) writes
+//! them into values the OCaml side allocated before the call.
+
+use ocaml_sys::{caml_alloc_initialized_string, caml_alloc_small};
+
+use crate::copy::CopyError;
+use crate::image::CheckKind;
+use crate::layout::{val_int, Word};
+
+/// Why a value cannot be copied or saved: the OCaml type `Outcome.reason`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// `Abstract` (0).
+    Abstract,
+    /// `Unforced_lazy` (1).
+    UnforcedLazy,
+    /// `Forcing_lazy` (2).
+    ForcingLazy,
+    /// `Continuation` (3).
+    Continuation,
+    /// `Closure` (4): images only.
+    Closure,
+    /// `Outside_heap` (5): images only.
+    OutsideHeap,
+    /// `Custom of string` (tag 0): the custom operations' identifier.
+    Custom(String),
+    /// `Bad_bigarray of string` (tag 1): a Bigarray block the runtime could not have
+    /// made; what is wrong with it.
+    BadBigarray(String),
+}
+
+/// How a stub went: the OCaml type `Outcome.t`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StubOutcome {
+    /// `Done`.
+    Done,
+    /// `Done_slice`: freed, and so much waits for the end of the major cycle that the
+    /// OCaml side should run a major slice of this many words (OCaml 5).
+    DoneSlice(usize),
+    /// `No_memory`: raise `Out_of_memory`.
+    NoMemory,
+    /// `Cannot_copy`: raise `Offheap.Not_copyable`.
+    CannotCopy(Reason),
+    /// `Misuse`: raise `Invalid_argument` with this message.
+    Misuse(String),
+    /// `System`: raise `Sys_error` with this message.
+    System(String),
+    /// `Bad_image`: raise `Offheap.Image.Invalid_image` with the check and message.
+    BadImage(CheckKind, String),
+}
+
+impl From<CopyError> for StubOutcome {
+    fn from(e: CopyError) -> StubOutcome {
+        match e {
+            CopyError::Abstract => StubOutcome::CannotCopy(Reason::Abstract),
+            CopyError::Custom(name) => StubOutcome::CannotCopy(Reason::Custom(name)),
+            CopyError::Bigarray(what) => StubOutcome::CannotCopy(Reason::BadBigarray(what)),
+            CopyError::UnforcedLazy => StubOutcome::CannotCopy(Reason::UnforcedLazy),
+            CopyError::ForcingLazy => StubOutcome::CannotCopy(Reason::ForcingLazy),
+            CopyError::Continuation => StubOutcome::CannotCopy(Reason::Continuation),
+            CopyError::OutOfMemory(_) => StubOutcome::NoMemory,
+            e @ CopyError::Misaligned => StubOutcome::Misuse(e.to_string()),
+        }
+    }
+}
+
+/// A tree of OCaml values to allocate: what an error block is made of.
+enum Node<'a> {
+    Int(isize),
+    Str(&'a str),
+    Block(u8, Vec<Node<'a>>),
+}
+
+impl Reason {
+    fn node(&self) -> Node<'_> {
+        match self {
+            Reason::Abstract => Node::Int(0),
+            Reason::UnforcedLazy => Node::Int(1),
+            Reason::ForcingLazy => Node::Int(2),
+            Reason::Continuation => Node::Int(3),
+            Reason::Closure => Node::Int(4),
+            Reason::OutsideHeap => Node::Int(5),
+            Reason::Custom(name) => Node::Block(0, vec![Node::Str(name)]),
+            Reason::BadBigarray(what) => Node::Block(1, vec![Node::Str(what)]),
+        }
+    }
+}
+
+impl StubOutcome {
+    fn node(&self) -> Node<'_> {
+        match self {
+            StubOutcome::Done => Node::Int(0),
+            StubOutcome::NoMemory => Node::Int(1),
+            StubOutcome::CannotCopy(reason) => Node::Block(0, vec![reason.node()]),
+            StubOutcome::Misuse(m) => Node::Block(1, vec![Node::Str(m)]),
+            StubOutcome::System(m) => Node::Block(2, vec![Node::Str(m)]),
+            StubOutcome::BadImage(check, m) => {
+                Node::Block(3, vec![Node::Int(*check as isize), Node::Str(m)])
+            }
+            StubOutcome::DoneSlice(words) => Node::Block(4, vec![Node::Int(*words as isize)]),
+        }
+    }
+
+    /// The OCaml value. `Done` and [`StubOutcome::NoMemory`] allocate nothing; a slice or an
+    /// error allocates its blocks on the OCaml heap, so call this last, holding no
+    /// other OCaml value and nothing that must be released.
+    #[inline(always)]
+    pub fn into_value(self) -> Word {
+        match self {
+            // The immediates, without building a tree: the path of every success.
+            StubOutcome::Done => val_int(0),
+            StubOutcome::NoMemory => val_int(1),
+            error => error.into_block(),
+        }
+    }
+
+    /// [`StubOutcome::into_value`] for the outcomes that are blocks.
+    #[cold]
+    #[inline(never)]
+    fn into_block(self) -> Word {
+        // SAFETY: called from a stub holding the runtime, with no raw OCaml value kept
+        // across the call.
+        unsafe { build(&self.node()) }
+    }
+}
+
+/// Allocates `node`.
+///
+/// # Safety
+/// Called holding the runtime; no raw OCaml value of the caller lives across it.
+unsafe fn build(node: &Node) -> Word {
+    match node {
+        Node::Int(i) => val_int(*i),
+        // SAFETY: copies `s.len()` bytes into a fresh OCaml string.
+        Node::Str(s) => unsafe {
+            caml_alloc_initialized_string(s.len(), s.as_ptr() as *const ocaml_sys::Char) as Word
+        },
+        Node::Block(tag, children) => {
+            // The children are allocated first and kept in registered roots, since each
+            // allocation may move the ones before it; the slots never move (the vector
+            // is not grown while they are registered).
+            let mut slots: Vec<ocaml_sys::Value> =
+                vec![val_int(0) as ocaml_sys::Value; children.len()];
+            for (slot, child) in slots.iter_mut().zip(children) {
+                // SAFETY: the slot holds an immediate until the child is stored; the GC
+                // updates it while registered.
+                unsafe {
+                    ocaml_sys::caml_register_global_root(slot);
+                    *slot = build(child) as ocaml_sys::Value;
+                }
+            }
+            // SAFETY: a fresh small block of `children.len()` (1 or 2) fields, each
+            // initialised with a plain store before anything else is allocated.
+            unsafe {
+                let block = caml_alloc_small(children.len(), *tag);
+                let fields = block as *mut ocaml_sys::Value;
+                for (i, slot) in slots.iter_mut().enumerate() {
+                    *fields.add(i) = *slot;
+                    ocaml_sys::caml_remove_global_root(slot);
+                }
+                block as Word
+            }
+        }
+    }
+}
