@@ -187,7 +187,7 @@ val delete : 'a t -> unit
     and stays its owner's. [get], [set], [blit], [sub], [slice], [dim], [kind],
     [layout], compare, [Hashtbl.hash], [Marshal] and the C API ([Caml_ba_data_val]) work
     on the copy; a sub-array or slice made from the copy shares its data and must not
-    be used after {!free}, like any value read from it. {!stats} counts the data. Images
+    be used after {!free}, like any value read from it. {!val-stats} and {!val-measure} count the data. Images
     hold Bigarrays too, their data inside the file, used in place when loaded.
 
     {[
