@@ -76,7 +76,8 @@ test-ocaml: deps
 	OCAMLRUNPARAM=s=4k dune build @runtest --force
 
 # Debian ships no odoc files for the standard library, so odoc cannot resolve Stdlib
-# types that a signature shows (Obj.t in Offheap.Region): that one warning is expected.
+# types that a signature shows (Obj.t in Offheap.Region): that one warning is expected
+# (and dune's line naming the odoc step that printed it).
 # Every value of offheap.mli documented with an example and its exceptions, no stray
 # doc comment (warning 50); then odoc, which must not warn (a broken {!reference}...).
 # _doc is removed first so that odoc runs, and warns, again.
@@ -86,7 +87,7 @@ test-doc: deps
 	@out=$$(dune build @doc 2>&1) || { echo "$$out"; exit 1; }; \
 	out=$$(printf '%s\n' "$$out" | awk '/^File .*offheap\.odoc":$$/ { f = $$0; next } \
 	  /^Warning: Couldn.t find the following modules:$$/ { w = $$0; next } \
-	  w != "" && /^  Stdlib$$/ { f = ""; w = ""; next } \
+	  w != "" && /^  Stdlib$$/ { f = ""; w = ""; next } /^ +odoc / { next } \
 	  { if (f != "") print f; if (w != "") print w; f = ""; w = ""; print }'); \
 	if [ -n "$$out" ]; then echo "$$out"; echo "dune build @doc: odoc warns"; exit 1; fi; \
 	echo "dune build @doc: no warnings (but that Debian ships no odoc files for Stdlib)"
