@@ -16,9 +16,10 @@
 # * Everything is mounted in a private mount namespace (unshare -m), so no mount
 #   outlives the command, even if it is killed.
 # * The project is bind-mounted at the SAME absolute path, read-write. The directories
-#   named in OCAML5_SHADOW (default "_build target") are replaced, inside the chroot
-#   only, by per-project directories kept in the chroot, so host (OCaml 4.13) and chroot
-#   (OCaml 5.3) builds never share dune or cargo outputs. This matters: ocaml-sys's
+#   named in OCAML5_SHADOW (default "_build _build_faults target": every dune build
+#   directory the Makefile uses, and cargo's) are replaced, inside the chroot only, by
+#   per-project directories kept in the chroot, so host (OCaml 4.13) and chroot (OCaml
+#   5.3) builds never share dune or cargo outputs. This matters: ocaml-sys's
 #   build.rs only re-runs when OCAMLOPT/OCAML_VERSION/OCAML_WHERE_PATH change, so a
 #   cargo target directory built against 4.13 would silently be reused (without the
 #   `ocaml5` cfg). A missing one is created on the host (it is the mount point), owned
@@ -38,8 +39,8 @@
 #   OCAML5_BASE_PACKAGES  the chroot's packages (default: OCaml, dune, findlib, OUnit2,
 #                   gcc, make; see PACKAGES below)
 #   OCAML5_PACKAGES extra packages to install in the chroot (space separated)
-#   OCAML5_SHADOW   project subdirs private to the chroot (default "_build target";
-#                   "none" for none)
+#   OCAML5_SHADOW   project subdirs private to the chroot (default
+#                   "_build _build_faults target"; "none" for none)
 #   OCAML5_MODE     bind (default) or copy (copy the project into the chroot; results
 #                   are NOT copied back)
 #   OCAML5_EPHEMERAL 1: run COMMAND on a throw-away overlay of the chroot, so that what
@@ -70,7 +71,7 @@ CMD="$*"
 ROOT=${OCAML5_CHROOT:-/var/cache/ocaml5-chroot}
 MIRROR=${OCAML5_MIRROR:-http://deb.debian.org/debian}
 SUITE=${OCAML5_SUITE:-trixie}
-SHADOW=${OCAML5_SHADOW:-_build target}
+SHADOW=${OCAML5_SHADOW:-_build _build_faults target}
 if [ "$SHADOW" = none ]; then SHADOW=; fi
 MODE=${OCAML5_MODE:-bind}
 HOST_CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
