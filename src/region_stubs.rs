@@ -84,6 +84,12 @@ fn cell_ptr(cell: Word) -> *mut Mutex<Cell> {
 
 /// The locked cell of the region record `r`; `None` for a record whose creation ran
 /// out of memory (never handed out by `create`).
+///
+/// While the guard lives, nothing may allocate on the OCaml heap, call into OCaml or
+/// otherwise reach a safepoint (OCaml 5): a domain blocked on this lock inside a stub
+/// does not answer the runtime's stop-the-world requests, so a holder that joins one
+/// (an allocation that starts a minor collection) waits for it forever. Stubs therefore
+/// drop the guard before building their OCaml result.
 fn lock<'a>(r: Value) -> Option<MutexGuard<'a, Cell>> {
     let ptr = cell_ptr(field(r, CELL));
     // SAFETY: the cell lives until the custom block is finalised, which cannot happen
@@ -246,17 +252,23 @@ pub extern "C" fn offheap_region_stat(r: Value, i: Value) -> Value {
 pub extern "C" fn offheap_region_free(r: Value) -> Value {
     // SAFETY: called from OCaml holding the runtime.
     unsafe { release::drain_due() };
+    // The outcome is built on the OCaml heap once the lock is released (see `lock`).
+    freed(free_chunks(r)).into_value() as Value
+}
+
+/// Frees every chunk of `r` under its lock, allocating nothing on the OCaml heap.
+fn free_chunks(r: Value) -> Outcome {
     let Some(mut cell) = lock(r) else {
-        return already_freed().into_value() as Value;
+        return Outcome::AlreadyFreed;
     };
     if cell.freed {
-        return already_freed().into_value() as Value;
+        return Outcome::AlreadyFreed;
     }
     let (alloc, image_owner) = (field(r, ALLOC), field(r, IMAGE_OWNER));
     let count = cell.region.chunk_count();
     // SAFETY: we hold the runtime and allocate nothing on the OCaml heap; the chunks'
     // allocator blocks are fields of `r`, alive for the call.
-    let outcome = unsafe {
+    unsafe {
         release::free_all(count, || {
             cell.freed = true;
             let chunks = cell.region.take_chunks().into_iter().map(|c| Owned {
@@ -269,8 +281,7 @@ pub extern "C" fn offheap_region_free(r: Value) -> Value {
             });
             Some(chunks.collect())
         })
-    };
-    freed(outcome).into_value() as Value
+    }
 }
 
 /// The `Outcome.t` of a region's free, as `offheap_stub_free` reports a handle's.
@@ -296,24 +307,28 @@ fn already_freed() -> StubOutcome {
 #[no_mangle]
 #[ocaml::sig("region -> 'a handle -> Obj.t -> Obj.t")]
 pub extern "C" fn offheap_region_adopt(r: Value, h: Value, failed: Value) -> Value {
-    let Some(mut cell) = lock(r) else {
-        return failed;
+    let (root, owned) = {
+        let Some(mut cell) = lock(r) else {
+            return failed;
+        };
+        if cell.freed || cell.region.reserve_chunk().is_err() {
+            return failed;
+        }
+        // SAFETY: `h` is a handle, `failed` never a root; nothing allocates meanwhile.
+        let root = unsafe { handle::root_if_live(h as Word, failed as Word) };
+        // SAFETY: as above.
+        let Some(owned) = (unsafe { handle::take(h as Word) }) else {
+            return failed;
+        };
+        let adopted: Result<(), NoMemory> = if owned.base.is_null() {
+            Ok(())
+        } else {
+            cell.region.adopt(owned.base, owned.bytes)
+        };
+        debug_assert!(adopted.is_ok(), "room reserved above");
+        (root, owned)
     };
-    if cell.freed || cell.region.reserve_chunk().is_err() {
-        return failed;
-    }
-    // SAFETY: `h` is a handle, `failed` never a root; nothing allocates meanwhile.
-    let root = unsafe { handle::root_if_live(h as Word, failed as Word) };
-    // SAFETY: as above.
-    let Some(owned) = (unsafe { handle::take(h as Word) }) else {
-        return failed;
-    };
-    let adopted: Result<(), NoMemory> = if owned.base.is_null() {
-        Ok(())
-    } else {
-        cell.region.adopt(owned.base, owned.bytes)
-    };
-    debug_assert!(adopted.is_ok(), "room reserved above");
+    // The lock is released before the write barrier runs (see `lock`).
     // SAFETY: a field of the live record, written with the runtime's write barrier.
     unsafe { ocaml_sys::caml_modify((r as *mut Value).add(IMAGE_OWNER), owned.alloc as Value) };
     root as Value
