@@ -4,6 +4,11 @@
 //! `CopyError::OutOfMemory`, leave the source byte-identical, ask the copy's allocator
 //! for nothing or give it all back, and keep no Rust memory; with no failure the copy
 //! succeeds. (Failures of the huge-page mappings are tested in `address_space.rs`.)
+//!
+//! The queue's first vector may come from the thread's spare (`copy::queue`), which a
+//! thread keeps between copies: the memory kept is counted as the thread's live Rust
+//! heap minus its spare, and both ways of getting that vector (taken from the spare, or
+//! allocated when the thread has none) are made to fail.
 
 mod fake_heap;
 
@@ -11,6 +16,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use fake_heap::{assert_isomorphic, Counting, FakeHeap, Rng};
+use offheap::copy::queue::{thread_spare_bytes, SPARE_BYTES};
 use offheap::copy::visited::{HeaderMarks, MarksOutside, SideTable};
 use offheap::copy::{self, Copied, CopyError};
 use offheap::layout::{self, Color, Word};
@@ -40,6 +46,11 @@ fn may_allocate() -> bool {
 
 fn bump(delta: isize) {
     let _ = LIVE.try_with(|l| l.set(l.get() + delta));
+}
+
+/// Bytes of Rust heap this thread holds, its spare queue vector not counted.
+fn live_but_spare() -> isize {
+    LIVE.with(Cell::get) - thread_spare_bytes() as isize
 }
 
 // SAFETY: forwards to `System`, or returns null (a valid answer of any allocator).
@@ -154,10 +165,10 @@ fn every_failing_traversal_allocation_is_out_of_memory_with_the_source_intact() 
         let mut allowed = 0;
         loop {
             let mut alloc = Counting::new();
-            let live = LIVE.with(Cell::get);
+            let live = live_but_spare();
             let outcome = copy_failing(&mut h, root, s, &mut alloc, allowed);
             assert_eq!(
-                LIVE.with(Cell::get),
+                live_but_spare(),
                 live,
                 "{s:?}, allocation {allowed} failing: Rust memory kept"
             );
@@ -197,4 +208,171 @@ fn every_failing_traversal_allocation_is_out_of_memory_with_the_source_intact() 
             "{s:?}: only {failures} allocations could fail"
         );
     }
+}
+
+/// A value of three blocks: a record with a string and a boxed float (issue 9's small
+/// values).
+fn small(h: &mut FakeHeap) -> Word {
+    let s = h.string(b"name-0000000042");
+    let f = h.float(42.0);
+    h.block(
+        0,
+        &[
+            layout::val_int(42),
+            s,
+            f,
+            layout::val_int(1),
+            layout::val_int(-1),
+        ],
+    )
+}
+
+#[test]
+fn a_small_copy_allocates_nothing_once_the_thread_has_a_spare_and_fails_cleanly_before() {
+    // A thread of its own: it starts without a spare.
+    std::thread::spawn(|| {
+        let mut h = FakeHeap::new(1 << 12);
+        let root = small(&mut h);
+        let before = h.snapshot();
+        let s = Strategy::Marks;
+        for _round in 0..2 {
+            // No spare yet (the first round), or one (the second): with no Rust
+            // allocation allowed, the first copy has no queue and the next one does.
+            let mut alloc = Counting::new();
+            let had_spare = thread_spare_bytes();
+            let live = live_but_spare();
+            let outcome = copy_failing(&mut h, root, s, &mut alloc, 0);
+            assert!(h.snapshot() == before, "{s:?}: source changed");
+            assert_eq!(live_but_spare(), live, "{s:?}: Rust memory kept");
+            assert_eq!(thread_spare_bytes(), had_spare, "{s:?}: spare lost or made");
+            match outcome {
+                Err(CopyError::OutOfMemory(bytes)) => {
+                    assert_eq!(had_spare, 0, "{s:?}: the spare was not used");
+                    assert_eq!(bytes, SPARE_BYTES);
+                    assert!(alloc.allocs.is_empty());
+                }
+                Ok(c) => {
+                    assert_eq!(had_spare, SPARE_BYTES, "{s:?}: allocated without a spare");
+                    assert_eq!(
+                        assert_isomorphic(&mut h, root, c.root, c.base as Word, c.bytes),
+                        3
+                    );
+                    // SAFETY: from this allocator; not used after.
+                    unsafe { offheap::alloc::Allocator::free(&mut alloc, c.base, c.bytes) };
+                }
+                Err(e) => panic!("{s:?}: {e}"),
+            }
+            // Any copy leaves the spare behind.
+            let c = copy_failing(&mut h, root, s, &mut alloc, usize::MAX).unwrap();
+            // SAFETY: as above.
+            unsafe { offheap::alloc::Allocator::free(&mut alloc, c.base, c.bytes) };
+            assert_eq!(thread_spare_bytes(), SPARE_BYTES);
+            // A copy that grows its queue past the spare's size gives back no spare of
+            // another size, and takes the spare again next time.
+            let mut big = FakeHeap::new(1 << 16);
+            let big_root = value(&mut big, 1000);
+            let c = copy_failing(&mut big, big_root, s, &mut alloc, usize::MAX).unwrap();
+            // SAFETY: as above.
+            unsafe { offheap::alloc::Allocator::free(&mut alloc, c.base, c.bytes) };
+            assert_eq!(thread_spare_bytes(), 0, "{s:?}: a grown vector kept");
+            assert!(alloc.live.is_empty());
+            let c = copy_failing(&mut h, root, s, &mut alloc, usize::MAX).unwrap();
+            // SAFETY: as above.
+            unsafe { offheap::alloc::Allocator::free(&mut alloc, c.base, c.bytes) };
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// An allocator that makes another copy (of `inner`, in `heap`) inside its `alloc`, as a
+/// copy nested in a copy of the same thread would: the outer queue holds the spare then.
+struct Nesting<'a> {
+    heap: &'a mut FakeHeap,
+    inner: Word,
+    made: Option<Copied>,
+    alloc: Counting,
+}
+
+impl offheap::alloc::Allocator for Nesting<'_> {
+    fn alloc(&mut self, bytes: usize) -> *mut u8 {
+        // SAFETY: `inner` is a well-formed value of its own heap, which nothing else
+        // touches.
+        let c = unsafe {
+            copy::copy(
+                self.inner,
+                self.heap,
+                HeaderMarks::new(Color::C2),
+                &mut self.alloc,
+            )
+        };
+        self.made = Some(c.unwrap());
+        self.alloc.alloc(bytes)
+    }
+
+    unsafe fn free(&mut self, ptr: *mut u8, bytes: usize) {
+        // SAFETY: forwarded.
+        unsafe { self.alloc.free(ptr, bytes) }
+    }
+}
+
+#[test]
+fn a_copy_nested_in_a_copy_gets_a_queue_of_its_own() {
+    std::thread::spawn(|| {
+        let mut outer_heap = FakeHeap::new(1 << 12);
+        let mut inner_heap = FakeHeap::new(1 << 12);
+        let outer = small(&mut outer_heap);
+        let inner = small(&mut inner_heap);
+        let (outer_before, inner_before) = (outer_heap.snapshot(), inner_heap.snapshot());
+        for round in 0..3 {
+            let live = live_but_spare();
+            let mut nesting = Nesting {
+                heap: &mut inner_heap,
+                inner,
+                made: None,
+                alloc: Counting::new(),
+            };
+            // SAFETY: `outer` is a well-formed value of its heap; nothing else touches it.
+            let c = unsafe {
+                copy::copy(
+                    outer,
+                    &mut outer_heap,
+                    HeaderMarks::new(Color::C2),
+                    &mut nesting,
+                )
+            }
+            .unwrap();
+            let made = nesting.made.take().expect("the nested copy ran");
+            assert_eq!(
+                assert_isomorphic(&mut outer_heap, outer, c.root, c.base as Word, c.bytes),
+                3
+            );
+            assert_eq!(
+                assert_isomorphic(
+                    nesting.heap,
+                    inner,
+                    made.root,
+                    made.base as Word,
+                    made.bytes
+                ),
+                3
+            );
+            // SAFETY: both from the nesting allocator's `Counting`; not used after.
+            unsafe {
+                offheap::alloc::Allocator::free(&mut nesting.alloc, c.base, c.bytes);
+                offheap::alloc::Allocator::free(&mut nesting.alloc, made.base, made.bytes);
+            }
+            assert!(nesting.alloc.live.is_empty());
+            drop(nesting);
+            assert!(outer_heap.snapshot() == outer_before && inner_heap.snapshot() == inner_before);
+            assert_eq!(live_but_spare(), live, "round {round}: Rust memory kept");
+            assert_eq!(
+                thread_spare_bytes(),
+                SPARE_BYTES,
+                "round {round}: one spare kept"
+            );
+        }
+    })
+    .join()
+    .unwrap();
 }
