@@ -42,6 +42,7 @@
 //! addresses are to be copied, an [`Allocator`] gives memory, a [`VisitedSet`] remembers
 //! what was seen. The same code runs on OCaml 4, OCaml 5 and the fake heap of the tests.
 
+pub mod pending;
 pub mod queue;
 pub mod visited;
 
@@ -49,6 +50,7 @@ use std::fmt;
 
 use crate::alloc::{Allocator, NoMemory};
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
+use pending::{Pending, Run};
 use queue::{Entry, Queue};
 use visited::{Seen, VisitedSet};
 
@@ -196,6 +198,7 @@ pub unsafe fn copy<H: Heap, V: VisitedSet, A: Allocator>(
         root_in_block: 0,
         last_discovered: 0,
         jumps: 0,
+        pending_bytes: 0,
     };
     // SAFETY: the caller's contract on `root` and its graph is the traversal's.
     let outcome = unsafe { traversal.run(root, alloc) };
@@ -227,6 +230,8 @@ struct Traversal<'a, H, V> {
     /// boxed numbers) the hardware prefetcher does better than software prefetching,
     /// which pass 2 then skips.
     jumps: usize,
+    /// Peak bytes of pass 1's [`Pending`] stack (freed when pass 1 ends).
+    pending_bytes: usize,
 }
 
 impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
@@ -236,7 +241,8 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         unsafe { self.measure(root)? };
         let transient_bytes = self.queue.allocated_bytes()
             + self.visited.allocated_bytes()
-            + self.snapshot.capacity() * WORD_BYTES;
+            + self.snapshot.capacity() * WORD_BYTES
+            + self.pending_bytes;
         let bytes = self.words * WORD_BYTES;
         let base = alloc.alloc(bytes);
         if base.is_null() {
@@ -267,37 +273,89 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     }
 
     /// Pass 1: gives every block to copy its offset.
+    ///
+    /// Depth first by groups ([`Pending`]): scanning a block queues its unseen children
+    /// together, and they are scanned next, before the rest. A tree is thus read and
+    /// laid out close to the depth-first order in which programs usually build it, and a
+    /// block's children follow it in the copy, so that pass 2 finds the targets of the
+    /// fields it translates among the blocks it has just read.
     unsafe fn measure(&mut self, root: Word) -> Result<(), CopyError> {
         // SAFETY: `root` is a pointer to a block to copy.
         let (_, root_in_block) = unsafe { self.discover(root)? };
         self.root_in_block = root_in_block;
         crate::fault::point("measure");
-        let mut next = 0;
-        while let Some(entry) = self.queue.get(next) {
-            self.prefetch_ahead(next);
-            next += 1;
-            if V::SOURCE_SHARED {
-                // SAFETY: queued entries are blocks of the source.
-                unsafe { self.snapshot_block(entry)? };
+        let mut pending = Pending::new();
+        let first = Run {
+            next: 0,
+            end: 1,
+            snapshot_at: 0,
+        };
+        let outcome = pending.push(first).map_err(CopyError::from).and_then(|()| {
+            // SAFETY: forwarded.
+            unsafe { self.scan_pending(&mut pending) }
+        });
+        self.pending_bytes = pending.allocated_bytes();
+        outcome
+    }
+
+    /// Scans the blocks of `pending` and those they lead to, until none is left.
+    unsafe fn scan_pending(&mut self, pending: &mut Pending) -> Result<(), CopyError> {
+        while let Some(run) = pending.top() {
+            let k = run.next;
+            // SAFETY: `k` is below the queue's length: runs hold queued indices.
+            let entry = unsafe { self.queue.get(k).unwrap_unchecked() };
+            let snapshot_words = if V::SOURCE_SHARED && entry.header.is_scannable() {
+                entry.header.wosize()
+            } else {
+                0
+            };
+            pending.take(snapshot_words);
+            if !entry.header.is_scannable() {
                 continue;
             }
-            let fields = entry.block as *const Word;
-            // SAFETY: queued entries are blocks of the source.
-            let scanned = unsafe { scanned_fields(entry) };
-            let mut i = scanned.start;
-            // Large blocks (arrays, hash-table buckets): the target of a field a few
-            // places on is fetched while this one is handled.
-            while i + PREFETCH_DISTANCE < scanned.end {
-                // SAFETY: `i + PREFETCH_DISTANCE` is below the block's wosize.
-                prefetch(unsafe { *fields.add(i + PREFETCH_DISTANCE) }.wrapping_sub(WORD_BYTES));
-                // SAFETY: `i` is below the block's wosize.
-                unsafe { self.measure_field(entry.block, *fields.add(i))? };
-                i += 1;
+            self.prefetch_ahead_in(k, run.end);
+            let children = self.queue.len();
+            let children_snapshot = self.snapshot.len();
+            if V::SOURCE_SHARED {
+                // SAFETY: queued entries are blocks of the source; the snapshot of
+                // block `k` starts at `run.snapshot_at`.
+                unsafe { self.scan_snapshot(entry, run.snapshot_at)? };
+            } else {
+                // SAFETY: queued entries are blocks of the source.
+                unsafe { self.scan_block(entry)? };
             }
-            for i in i..scanned.end {
-                // SAFETY: `i` is below the block's wosize.
-                unsafe { self.measure_field(entry.block, *fields.add(i))? };
-            }
+            pending.push(Run {
+                next: children,
+                end: self.queue.len(),
+                snapshot_at: children_snapshot,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Pass 1 for one queued block read from the source: discovers what its fields
+    /// point to.
+    ///
+    /// # Safety
+    /// `entry` is a queued block of the source.
+    #[inline(always)]
+    unsafe fn scan_block(&mut self, entry: Entry) -> Result<(), CopyError> {
+        let fields = entry.block as *const Word;
+        // SAFETY: queued entries are blocks of the source.
+        let scanned = unsafe { scanned_fields(entry) };
+        let mut i = scanned.start;
+        // Large blocks (arrays, hash-table buckets): the target of a field a few
+        // places on is fetched while this one is handled.
+        while i + PREFETCH_DISTANCE < scanned.end {
+            // SAFETY: `i + PREFETCH_DISTANCE` is below the block's wosize.
+            prefetch(unsafe { *fields.add(i + PREFETCH_DISTANCE) }.wrapping_sub(WORD_BYTES));
+            // SAFETY: `i` is below the block's wosize.
+            unsafe { self.measure_field(entry.block, *fields.add(i))? };
+            i += 1;
+        }
+        for i in i..scanned.end {
+            // SAFETY: `i` is below the block's wosize.
+            unsafe { self.measure_field(entry.block, *fields.add(i))? };
         }
         Ok(())
     }
@@ -309,8 +367,20 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     /// fields that are not pointers cost nothing but the hint.
     #[inline(always)]
     fn prefetch_ahead(&self, k: usize) {
-        if let Some(far) = self.queue.get(k + 2 * PREFETCH_DISTANCE) {
-            prefetch(far.block - WORD_BYTES);
+        self.prefetch_ahead_in(k, usize::MAX);
+    }
+
+    /// [`Self::prefetch_ahead`] for pass 1, where only the blocks of the current run,
+    /// below `end`, are known to come next.
+    #[inline(always)]
+    fn prefetch_ahead_in(&self, k: usize, end: usize) {
+        if k + 2 * PREFETCH_DISTANCE < end {
+            if let Some(far) = self.queue.get(k + 2 * PREFETCH_DISTANCE) {
+                prefetch(far.block - WORD_BYTES);
+            }
+        }
+        if k + PREFETCH_DISTANCE >= end {
+            return;
         }
         let Some(near) = self.queue.get(k + PREFETCH_DISTANCE) else {
             return;
@@ -344,19 +414,15 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         Ok(())
     }
 
-    /// Pass 1 with a [`VisitedSet::SOURCE_SHARED`] set, for one queued block: reads its
-    /// fields once into the snapshot, then discovers what they point to and replaces
-    /// each pointer to a copied block with its `RELOCATED` offset in the copy.
+    /// Pass 1 with a [`VisitedSet::SOURCE_SHARED`] set, when a scannable block is
+    /// queued: reads its fields once, appending them to the snapshot (which is thus in
+    /// queue order, as pass 2 reads it).
     ///
     /// # Safety
-    /// `entry` is a queued block of the source.
-    unsafe fn snapshot_block(&mut self, entry: Entry) -> Result<(), CopyError> {
-        if !entry.header.is_scannable() {
-            return Ok(());
-        }
+    /// `entry` is a block of the source, just queued.
+    unsafe fn snapshot_fields(&mut self, entry: Entry) -> Result<(), CopyError> {
         let n = entry.header.wosize();
-        let start = self.snapshot.len();
-        if self.snapshot.capacity() - start < n {
+        if self.snapshot.capacity() - self.snapshot.len() < n {
             self.grow_snapshot(n)?;
         }
         let src = entry.block as *const Word;
@@ -366,8 +432,19 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             // Within the capacity reserved above: never reallocates.
             self.snapshot.push(field);
         }
-        let first_value = first_value_of(entry.header, &self.snapshot[start..]);
-        for i in start + first_value..start + n {
+        Ok(())
+    }
+
+    /// Pass 1 with a [`VisitedSet::SOURCE_SHARED`] set, for one queued block whose
+    /// fields are in the snapshot from word `at`: discovers what they point to and
+    /// replaces each pointer to a copied block with its `RELOCATED` offset in the copy.
+    ///
+    /// # Safety
+    /// `entry` is a queued scannable block of the source, snapshotted at `at`.
+    unsafe fn scan_snapshot(&mut self, entry: Entry, at: usize) -> Result<(), CopyError> {
+        let n = entry.header.wosize();
+        let first_value = first_value_of(entry.header, &self.snapshot[at..at + n]);
+        for i in at + first_value..at + n {
             let field = self.snapshot[i];
             if !layout::is_immediate(field) && self.heap.should_copy(field) {
                 self.jumps += usize::from(field.abs_diff(entry.block) > JUMP_BYTES);
@@ -443,10 +520,15 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 unsafe { self.check_copyable(block, hd)? };
                 // Queue first: a failed mark leaves the entry to be restored, harmlessly
                 // (restoring an unmarked header rewrites the header it has).
-                self.queue.push(Entry { block, header: hd })?;
+                let entry = Entry { block, header: hd };
+                self.queue.push(entry)?;
                 let offset = self.words;
                 // SAFETY: `block` is a block start of the source graph not yet marked.
                 unsafe { self.visited.mark(block, hd, offset)? };
+                if V::SOURCE_SHARED && hd.is_scannable() {
+                    // SAFETY: `block` is a block of the source with header `hd`.
+                    unsafe { self.snapshot_fields(entry)? };
+                }
                 self.words += hd.whsize();
                 self.jumps += usize::from(block.abs_diff(self.last_discovered) > JUMP_BYTES);
                 self.last_discovered = block;
