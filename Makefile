@@ -144,6 +144,16 @@ bench: build
 bench-quick: build
 	dune exec --no-print-directory -- ./benches/bench.exe -- -quick
 
+# The same tables on OCaml 5.3 (one domain), in the chroot of test-ocaml5; then the copy
+# with a second domain running (side table), and how long it keeps that domain waiting.
+# BENCH_FLAGS (e.g. -quick, -only ast) go to every run.
+.PHONY: bench-ocaml5 bench-ocaml5-domains
+bench-ocaml5:
+	$(call in_chroot,,dune exec --no-print-directory -- ./benches/bench.exe -- $(BENCH_FLAGS))
+
+bench-ocaml5-domains:
+	$(call in_chroot,,dune exec --no-print-directory -- ./benches/bench.exe -- -domains $(BENCH_FLAGS))
+
 # Formatting; clippy on every target and feature set, any warning an error; the claim
 # rust-version makes (clippy's incompatible_msrv for offheap's own code, msrv.sh for the
 # crates it builds with).

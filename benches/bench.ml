@@ -2,7 +2,10 @@
    warm memcpy of the same bytes (the floor), on the eight workloads of issue 3, plus the
    copy's effect on the major GC and the traversal's transient memory.
 
-   bench.exe [-quick] [-scale F] [-runs N] [-only NAME[,NAME...]]
+   bench.exe [-quick] [-domains] [-scale F] [-runs N] [-only NAME[,NAME...]]
+
+   -domains (OCaml 5): the copy with one domain and with a second domain running,
+   which makes it use the side table, and how long it keeps the other domain waiting.
 
    Markdown tables go to stdout, preceded by a line describing the machine; progress goes
    to stderr. Each workload's data is built once, measured, and dropped before the next
@@ -787,6 +790,97 @@ let print_results cfg machine empty results =
       Printf.printf "WARNING: original still reachable when measured off-heap: %s\n\n"
         (String.concat ", " (List.map (fun r -> r.name) l))
 
+(* {1 With a second domain (OCaml 5)} *)
+
+type domains_result = {
+  d_label : string;
+  one : sample;  (** copy, one domain: header marks *)
+  first : float;  (** the first copy once the second domain runs *)
+  two : sample;  (** copy, two domains: side table *)
+  copy_wait : sample;  (** the other domain's longest wait during a copy *)
+  marshal_two : sample;
+  marshal_wait : sample;
+}
+
+(* The copy with one domain, then with a second domain allocating meanwhile (so the copy
+   uses the side table): times, and how long the copy kept the other domain waiting,
+   against a Marshal round trip's. *)
+let run_domains cfg (W w) =
+  let n = max 1 (truncate ((cfg.scale *. float w.size) +. 0.5)) in
+  let label = w.label n in
+  progress "%s: building %s" w.name label;
+  let v = w.build n in
+  let copy_free () = Offheap.free (Offheap.copy v) in
+  let one =
+    ignore (timed copy_free);
+    summarize (List.init cfg.runs (fun _ -> snd (timed copy_free)))
+  in
+  progress "%s: with a second domain" w.name;
+  match Other_domain.start () with
+  | None ->
+      prerr_endline "bench.exe -domains needs OCaml 5";
+      exit 2
+  | Some d ->
+      let waited f = Other_domain.longest_wait d (fun () -> snd (timed f)) in
+      let first, _ = waited copy_free in
+      let h = Offheap.copy v in
+      if not (w.same v (Offheap.get h)) then failwith "the copy differs from the original";
+      Offheap.free h;
+      let copies = List.init cfg.runs (fun _ -> waited copy_free) in
+      let marshals =
+        List.init cfg.runs (fun _ ->
+            waited (fun () ->
+                let s = Marshal.to_string v w.marshal_flags in
+                ignore (Sys.opaque_identity (Marshal.from_string s 0 : 'a))))
+      in
+      Other_domain.stop d;
+      {
+        d_label = label;
+        one;
+        first;
+        two = summarize (List.map fst copies);
+        copy_wait = summarize (List.map snd copies);
+        marshal_two = summarize (List.map fst marshals);
+        marshal_wait = summarize (List.map snd marshals);
+      }
+
+let print_domains cfg machine results =
+  Printf.printf "Machine: %s. Scale %g: median (min-max) of %d runs; MB = 10^6 bytes.\n\n"
+    machine cfg.scale cfg.runs;
+  print_endline
+    "The copy with one domain (visited set: header marks) and with a second domain \
+     running, which allocates without pause (visited set: side table); first: the \
+     first copy once the second domain runs (in the first workload, the first \
+     side-table copy of the process). Wait: the longest time the second domain stood \
+     still during one copy or one Marshal round trip (its minor collections wait for \
+     every domain), in ms:";
+  print_newline ();
+  table
+    [
+      "workload";
+      "one domain";
+      "two domains, first";
+      "two domains";
+      "two/one";
+      "other domain's wait, copy";
+      "Marshal, two domains";
+      "other domain's wait, Marshal";
+    ]
+    [ `L; `R; `R; `R; `R; `R; `R; `R ]
+    (List.map
+       (fun r ->
+         [
+           r.d_label;
+           ms_range r.one;
+           ms r.first;
+           ms_range r.two;
+           Printf.sprintf "%.2f" (r.two.median /. r.one.median);
+           ms_range r.copy_wait;
+           ms_range r.marshal_two;
+           ms_range r.marshal_wait;
+         ])
+       results)
+
 (* {1 Main} *)
 
 let () =
@@ -794,6 +888,7 @@ let () =
   let scale = ref None in
   let runs = ref None in
   let only = ref [] in
+  let domains = ref false in
   let names = List.map workload_name workloads in
   let spec =
     Arg.align
@@ -805,6 +900,9 @@ let () =
         ( "-runs",
           Arg.Int (fun n -> runs := Some n),
           "N Timed runs per measurement, after one warm-up (default 7, quick 3)" );
+        ( "-domains",
+          Arg.Set domains,
+          " OCaml 5: the copy with one domain and with a second one running (side table)" );
         ( "-only",
           Arg.String (fun s -> only := !only @ String.split_on_char ',' s),
           "NAME Run only this workload (comma-separated list), one of: "
@@ -813,7 +911,7 @@ let () =
   in
   Arg.parse spec
     (fun a -> raise (Arg.Bad ("unexpected argument " ^ a)))
-    "bench.exe [-quick] [-scale F] [-runs N] [-only NAME[,NAME...]]";
+    "bench.exe [-quick] [-domains] [-scale F] [-runs N] [-only NAME[,NAME...]]";
   List.iter
     (fun n ->
       if not (List.mem n names) then begin
@@ -833,6 +931,12 @@ let () =
   in
   let machine = machine () in
   let t0 = Unix.gettimeofday () in
+  if !domains then begin
+    let results = List.map (run_domains cfg) selected in
+    progress "done in %.0f s" (Unix.gettimeofday () -. t0);
+    print_domains cfg machine results;
+    exit 0
+  end;
   progress "empty heap: full major GC";
   let empty = gc_cost cfg in
   let results = List.map (run_workload cfg) selected in
