@@ -149,10 +149,10 @@ bench-quick: build
 # BENCH_FLAGS (e.g. -quick, -only ast) go to every run.
 .PHONY: bench-ocaml5 bench-ocaml5-domains
 bench-ocaml5:
-	$(call in_chroot,,dune exec --no-print-directory -- ./benches/bench.exe -- $(BENCH_FLAGS))
+	$(call in_chroot,,dune build ./benches/bench.exe && ./_build/default/benches/bench.exe $(BENCH_FLAGS))
 
 bench-ocaml5-domains:
-	$(call in_chroot,,dune exec --no-print-directory -- ./benches/bench.exe -- -domains $(BENCH_FLAGS))
+	$(call in_chroot,,dune build ./benches/bench.exe && ./_build/default/benches/bench.exe -domains $(BENCH_FLAGS))
 
 # Formatting; clippy on every target and feature set, any warning an error; the claim
 # rust-version makes (clippy's incompatible_msrv for offheap's own code, msrv.sh for the

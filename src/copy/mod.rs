@@ -1,12 +1,16 @@
 //! The traversal: a deep copy of a graph of OCaml blocks into one allocation.
 //!
 //! Three passes, named after what they do:
-//! 1. **measure**: a breadth-first walk from the root gives every reachable block that
-//!    must be copied an offset in the copy, in the order it is first seen, and records it
-//!    in the [`Queue`]. The walk is iterative: its only memory is the queue (16 bytes a
-//!    block), the visited set and, for a shared source, the snapshot (below). All of it
-//!    is allocated fallibly: running out is [`CopyError::OutOfMemory`], like a NULL
-//!    from the allocator.
+//! 1. **measure**: a walk from the root gives every reachable block that must be copied
+//!    an offset in the copy, in the order it is first seen, and records it in the
+//!    [`Queue`]. The walk goes depth first by groups ([`pending`]): the unseen children
+//!    of the block being scanned are queued together and scanned next, so trees built
+//!    depth first (maps, sets, ASTs) are read close to their allocation order and each
+//!    block's children follow it in the copy. The walk is iterative: its only memory is
+//!    the queue (16 bytes a block), the stack of [`pending`] runs (24 bytes per level of
+//!    the source's depth, none for a list), the visited set and, for a shared source,
+//!    the snapshot (below). All of it is allocated fallibly: running out is
+//!    [`CopyError::OutOfMemory`], like a NULL from the allocator.
 //! 2. **write**: one allocation of exactly the measured size; the queue is walked front to
 //!    back, which writes the copy sequentially. Headers get the color no GC ever marks;
 //!    pointer fields to copied blocks are translated to the copy, infix offsets kept.
@@ -20,8 +24,9 @@
 //! **A source that other domains write to** (OCaml 5, [`VisitedSet::SOURCE_SHARED`]):
 //! reading a block in pass 1 and again in pass 2 would let a write in between give pass 2
 //! a pointer to a block pass 1 never saw, or a field the measure did not follow. So with
-//! such a visited set pass 1 reads each scannable block once, into a snapshot (a growing
-//! buffer laid out like the copy's scannable blocks), following what it read, and stores
+//! such a visited set pass 1 reads each scannable block once, when it queues it, into a
+//! snapshot (a growing buffer laid out like the copy's scannable blocks), then follows
+//! what it read when it scans the block, and stores
 //! each pointer to a copied block already translated: its byte offset in the copy, tagged
 //! `RELOCATED`. Pass 2 then writes scannable blocks from the snapshot (adding the base
 //! to tagged words) and never reads them again; raw blocks (strings, floats, boxed

@@ -23,7 +23,7 @@ pub struct Run {
     pub snapshot_at: usize,
 }
 
-/// A stack of [`Run`]s; [`Pending::take`] gives the next block to scan.
+/// A stack of [`Run`]s; [`Pending::top`] is the next block to scan.
 pub struct Pending {
     runs: Vec<Run>,
 }
