@@ -24,14 +24,27 @@ pub struct Run {
 }
 
 /// A stack of [`Run`]s; [`Pending::top`] is the next block to scan.
+///
+/// The top run is kept apart from the others: a block with one unseen child (a list
+/// cell) replaces the spent top run with its child's, and the vector is never touched.
 pub struct Pending {
-    runs: Vec<Run>,
+    /// The top run; spent (`next == end`) when the next one is in `below`.
+    top: Run,
+    /// The runs under it, the nearest last.
+    below: Vec<Run>,
 }
 
 impl Pending {
-    /// An empty stack; allocates nothing until the first [`Pending::push`].
+    /// An empty stack; allocates nothing until a run is pushed onto a live one.
     pub fn new() -> Pending {
-        Pending { runs: Vec::new() }
+        Pending {
+            top: Run {
+                next: 0,
+                end: 0,
+                snapshot_at: 0,
+            },
+            below: Vec::new(),
+        }
     }
 
     /// Puts a run on top (an empty run is not kept); [`NoMemory`], the stack unchanged,
@@ -41,45 +54,47 @@ impl Pending {
         if run.next == run.end {
             return Ok(());
         }
-        if self.runs.len() == self.runs.capacity() {
-            self.grow()?;
+        if self.top.next != self.top.end {
+            if self.below.len() == self.below.capacity() {
+                self.grow()?;
+            }
+            self.below.push(self.top);
         }
-        self.runs.push(run);
+        self.top = run;
         Ok(())
     }
 
     #[cold]
     #[inline(never)]
     fn grow(&mut self) -> Result<(), NoMemory> {
-        let more = self.runs.capacity().max(FIRST_RUNS);
-        self.runs
+        let more = self.below.capacity().max(FIRST_RUNS);
+        self.below
             .try_reserve_exact(more)
             .map_err(|_| NoMemory(more * std::mem::size_of::<Run>()))
     }
 
     /// The top run: its `next` block is the one to scan next, and blocks `next..end`
-    /// follow it in order.
+    /// follow it in order. `None` when no block is left.
     #[inline(always)]
-    pub fn top(&self) -> Option<Run> {
-        self.runs.last().copied()
+    pub fn top(&mut self) -> Option<Run> {
+        if self.top.next == self.top.end {
+            self.top = self.below.pop()?;
+        }
+        Some(self.top)
     }
 
     /// Takes the top run's first block, which holds `snapshot_words` words of the
-    /// snapshot (0 without one); the run is dropped when that was its last block.
+    /// snapshot (0 without one). Call after [`Pending::top`] returned a run.
     #[inline(always)]
     pub fn take(&mut self, snapshot_words: usize) {
-        if let Some(top) = self.runs.last_mut() {
-            top.next += 1;
-            top.snapshot_at += snapshot_words;
-            if top.next == top.end {
-                self.runs.pop();
-            }
-        }
+        debug_assert!(self.top.next < self.top.end, "take without a block");
+        self.top.next += 1;
+        self.top.snapshot_at += snapshot_words;
     }
 
     /// Bytes of memory the stack holds now.
     pub fn allocated_bytes(&self) -> usize {
-        self.runs.capacity() * std::mem::size_of::<Run>()
+        self.below.capacity() * std::mem::size_of::<Run>()
     }
 }
 
@@ -165,8 +180,8 @@ mod tests {
                 snapshot_at: 0,
             })
             .unwrap();
-            assert_eq!(p.runs.len(), 1);
+            assert!(p.below.is_empty());
         }
-        assert!(p.allocated_bytes() <= FIRST_RUNS * std::mem::size_of::<Run>());
+        assert_eq!(p.allocated_bytes(), 0);
     }
 }
