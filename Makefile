@@ -150,12 +150,22 @@ bench: build
 	cargo bench --bench traversal
 
 bench-quick: build
-	dune exec --no-print-directory -- ./benches/bench.exe -- -quick
+	dune exec --no-print-directory -- ./benches/bench.exe -quick
 
 # Only the small values' per-call table (issue 9), on OCaml 4 and in the OCaml 5.3 chroot.
 bench-small: build
-	dune exec --no-print-directory -- ./benches/bench.exe -- -small
-	$(call in_chroot,,dune exec --no-print-directory -- ./benches/bench.exe -- -small)
+	dune exec --no-print-directory -- ./benches/bench.exe -small
+	$(call in_chroot,,dune exec --no-print-directory -- ./benches/bench.exe -small)
+
+# make bench's tables on OCaml 5.3 (one domain), in the chroot of test-ocaml5; then the copy
+# with a second domain running (side table), and how long it keeps that domain waiting.
+# BENCH_FLAGS (e.g. -quick, -only ast) go to every run.
+.PHONY: bench-ocaml5 bench-ocaml5-domains
+bench-ocaml5:
+	$(call in_chroot,,dune build ./benches/bench.exe && ./_build/default/benches/bench.exe $(BENCH_FLAGS))
+
+bench-ocaml5-domains:
+	$(call in_chroot,,dune build ./benches/bench.exe && ./_build/default/benches/bench.exe -domains $(BENCH_FLAGS))
 
 # Formatting; clippy on every target and feature set, any warning an error; the claim
 # rust-version makes (clippy's incompatible_msrv for offheap's own code, msrv.sh for the
@@ -179,7 +189,7 @@ clean:
 # memory of 4 processes holding it. IMAGE_BENCH_FLAGS=-quick for a 50 MB run.
 .PHONY: bench-image
 bench-image: build
-	dune exec --no-print-directory -- ./benches/image_bench.exe -- $(IMAGE_BENCH_FLAGS)
+	dune exec --no-print-directory -- ./benches/image_bench.exe $(IMAGE_BENCH_FLAGS)
 
 # A 6 GB image written and loaded every way (tests/image/test_image_large.ml): about 13 GB
 # of memory and 6 GB of disk in $TMPDIR (or OFFHEAP_LARGE_DIR).
@@ -191,7 +201,7 @@ test-image-large: build
 # in batches (benches/region_bench.ml; also part of make bench).
 .PHONY: bench-region
 bench-region: build
-	dune exec --no-print-directory -- ./benches/region_bench.exe $(if $(REGION_BENCH_FLAGS),-- $(REGION_BENCH_FLAGS))
+	dune exec --no-print-directory -- ./benches/region_bench.exe $(REGION_BENCH_FLAGS)
 
 # Bigarrays: a 1 GB float64 Bigarray and an index copied (against a warm memmove), its
 # image loaded in fresh processes, 4 processes' Pss. BIGARRAY_BENCH_FLAGS=-quick: 64 MB.

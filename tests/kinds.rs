@@ -1183,6 +1183,99 @@ fn million_deep_nested_tuples() {
     }
 }
 
+/// A random tree whose node `k` is a block of `children` pointers, then its label `k`.
+fn labelled_tree(h: &mut FakeHeap, rng: &mut Rng, nodes: usize) -> Word {
+    let mut made = 0;
+    fn node(h: &mut FakeHeap, rng: &mut Rng, budget: usize, made: &mut usize) -> Word {
+        let label = *made;
+        *made += 1;
+        let mut left = budget - 1;
+        let mut fields = Vec::new();
+        while left > 0 && fields.len() < 3 {
+            let size = if fields.len() == 2 {
+                left
+            } else {
+                1 + rng.below(left)
+            };
+            fields.push(node(h, rng, size, made));
+            left -= size;
+        }
+        fields.push(layout::val_int(label as isize));
+        h.block(0, &fields)
+    }
+    node(h, rng, nodes, &mut made)
+}
+
+/// The labels of a [`labelled_tree`] in the order the copy lays its blocks out, by the
+/// definition of depth first by groups: the root, then `expand(root)`, where `expand(b)`
+/// is the children of `b`, then `expand` of each child in turn.
+fn grouped_depth_first(h: &FakeHeap, root: Word) -> Vec<isize> {
+    let label = |b: Word| h.field(b, header(b).wosize() - 1) as isize >> 1;
+    let children =
+        |b: Word| -> Vec<Word> { (0..header(b).wosize() - 1).map(|i| h.field(b, i)).collect() };
+    fn expand(
+        b: Word,
+        out: &mut Vec<isize>,
+        label: &dyn Fn(Word) -> isize,
+        children: &dyn Fn(Word) -> Vec<Word>,
+    ) {
+        let cs = children(b);
+        out.extend(cs.iter().map(|&c| label(c)));
+        for c in cs {
+            expand(c, out, label, children);
+        }
+    }
+    let mut out = vec![label(root)];
+    expand(root, &mut out, &label, &children);
+    out
+}
+
+#[test]
+fn trees_are_laid_out_depth_first_by_groups() {
+    let mut rng = Rng(41);
+    for nodes in [1, 2, 3, 10, 100, 5_000] {
+        let mut h = FakeHeap::new(5 * nodes + 16);
+        let root = labelled_tree(&mut h, &mut rng, nodes);
+        let expected = grouped_depth_first(&h, root);
+        assert_eq!(expected.len(), nodes);
+        for s in BOTH {
+            let done = copy_ok(&mut h, root, s);
+            let mut at = 0;
+            let mut labels = Vec::new();
+            while at < done.c.bytes / WORD_BYTES {
+                let block = done.c.base as Word + (at + 1) * WORD_BYTES;
+                let n = header(block).wosize();
+                labels.push(word_at(block, n - 1) as isize >> 1);
+                at += n + 1;
+            }
+            assert_eq!(labels, expected, "{s:?}: {nodes} nodes");
+            done.free();
+        }
+    }
+}
+
+#[test]
+fn million_deep_tree_with_a_pending_sibling_at_every_level() {
+    // Every level leaves a sibling to scan after the deep branch: pass 1 then holds one
+    // pending run per level, and must hold them in its own (fallible) memory.
+    let n = 1_000_000;
+    let mut h = FakeHeap::new(6 * n + 64);
+    let mut t = h.string(b"bottom");
+    for k in 0..n {
+        let sibling = h.float(k as f64);
+        t = h.block(0, &[t, sibling]);
+    }
+    for s in BOTH {
+        let done = copy_ok(&mut h, t, s);
+        assert!(
+            done.c.transient_bytes >= 16 * 2 * n + 16 * n,
+            "{s:?}: the queue and one pending run per level are counted: {}",
+            done.c.transient_bytes
+        );
+        done.free();
+    }
+}
+
 #[test]
 fn transient_memory_is_16_bytes_a_block_with_header_marks() {
     let n = 1_000_000;

@@ -1,16 +1,21 @@
 //! The traversal: a deep copy of a graph of OCaml blocks into one allocation.
 //!
 //! Three passes, named after what they do:
-//! 1. **measure**: a breadth-first walk from the root gives every reachable block that
-//!    must be copied an offset in the copy, in the order it is first seen, and records it
-//!    in the [`Queue`]. The walk is iterative: its only memory is the queue (16 bytes a
-//!    block), the visited set and, for a shared source, the snapshot (below). All of it
-//!    is allocated fallibly: running out is [`CopyError::OutOfMemory`], like a NULL
-//!    from the allocator.
-//! 2. **write**: the queue is walked front to back, which hands the copy to an [`Output`]
-//!    sequentially, in runs of words: one allocation of exactly the measured size for
-//!    [`copy`], a file written as it goes for images ([`copy_into`]). Headers get the color no GC ever marks;
-//!    pointer fields to copied blocks are translated to the copy, infix offsets kept.
+//! 1. **measure**: a walk from the root gives every reachable block that must be copied
+//!    an offset in the copy, in the order it is first seen, and records it in the
+//!    [`Queue`]. The walk goes depth first by groups ([`pending`]): the unseen children
+//!    of the block being scanned are queued together and scanned next, so trees built
+//!    depth first (maps, sets, ASTs) are read close to their allocation order and each
+//!    block's children follow it in the copy. The walk is iterative: its only memory is
+//!    the queue (16 bytes a block), the stack of [`pending`] runs (24 bytes per level of
+//!    the source's depth, none for a list), the visited set and, for a shared source,
+//!    the snapshot (below). All of it is allocated fallibly: running out is
+//!    [`CopyError::OutOfMemory`], like a NULL from the allocator.
+//! 2. **write**: the queue is walked front to back, which hands the copy to an
+//!    [`Output`] sequentially, in runs of words: one allocation of exactly the measured
+//!    size for [`copy`], a file written as it goes for images ([`copy_into`]). Headers
+//!    get the color no GC ever marks; pointer fields to copied blocks are translated to
+//!    the copy, infix offsets kept.
 //! 3. **restore**: the visited set gives back whatever it changed in the source.
 //!
 //! Every error (a block that cannot be copied, an allocator that fails, including the
@@ -21,8 +26,9 @@
 //! **A source that other domains write to** (OCaml 5, [`VisitedSet::SOURCE_SHARED`]):
 //! reading a block in pass 1 and again in pass 2 would let a write in between give pass 2
 //! a pointer to a block pass 1 never saw, or a field the measure did not follow. So with
-//! such a visited set pass 1 reads each scannable block once, into a snapshot (a growing
-//! buffer laid out like the copy's scannable blocks), following what it read, and stores
+//! such a visited set pass 1 reads each scannable block once, when it queues it, into a
+//! snapshot (a growing buffer laid out like the copy's scannable blocks), then follows
+//! what it read when it scans the block, and stores
 //! each pointer to a copied block already translated: its byte offset in the copy, tagged
 //! `RELOCATED`. Pass 2 then writes scannable blocks from the snapshot (adding the base
 //! to tagged words) and never reads them again; raw blocks (strings, floats, boxed
@@ -44,6 +50,7 @@
 //! what was seen. The same code runs on OCaml 4, OCaml 5 and the fake heap of the tests.
 
 pub mod data;
+pub mod pending;
 pub mod queue;
 pub mod visited;
 
@@ -52,6 +59,7 @@ use std::fmt;
 use crate::alloc::{Allocator, NoMemory};
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 use data::DataTable;
+use pending::{Pending, Run};
 use queue::{Entry, Queue};
 use visited::{Seen, VisitedSet};
 
@@ -387,6 +395,8 @@ struct Traversal<'a, H, V> {
     /// boxed numbers) the hardware prefetcher does better than software prefetching,
     /// which pass 2 then skips.
     jumps: usize,
+    /// Peak bytes of pass 1's [`Pending`] stack (freed when pass 1 ends).
+    pending_bytes: usize,
 }
 
 impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
@@ -402,6 +412,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             root_in_block: 0,
             last_discovered: 0,
             jumps: 0,
+            pending_bytes: 0,
         }
     }
 
@@ -439,40 +450,93 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             + self.visited.allocated_bytes()
             + self.snapshot.capacity() * WORD_BYTES
             + self.data.allocated_bytes()
+            + self.pending_bytes
     }
 
     /// Pass 1: gives every block to copy its offset.
+    ///
+    /// Depth first by groups ([`Pending`]): scanning a block queues its unseen children
+    /// together, and they are scanned next, before the rest. A tree is thus read and
+    /// laid out close to the depth-first order in which programs usually build it, and a
+    /// block's children follow it in the copy, so that pass 2 finds the targets of the
+    /// fields it translates among the blocks it has just read.
     unsafe fn measure(&mut self, root: Word) -> Result<(), CopyError> {
         // SAFETY: `root` is a pointer to a block to copy.
         let (_, root_in_block) = unsafe { self.discover(root)? };
         self.root_in_block = root_in_block;
         crate::fault::point("measure");
-        let mut next = 0;
-        while let Some(entry) = self.queue.get(next) {
-            self.prefetch_ahead(next);
-            next += 1;
-            if V::SOURCE_SHARED {
-                // SAFETY: queued entries are blocks of the source.
-                unsafe { self.snapshot_block(entry)? };
+        let mut pending = Pending::new();
+        let first = Run {
+            next: 0,
+            end: 1,
+            snapshot_at: 0,
+        };
+        let outcome = pending.push(first).map_err(CopyError::from).and_then(|()| {
+            // SAFETY: forwarded.
+            unsafe { self.scan_pending(&mut pending) }
+        });
+        self.pending_bytes = pending.allocated_bytes();
+        outcome
+    }
+
+    /// Scans the blocks of `pending` and those they lead to, until none is left.
+    unsafe fn scan_pending(&mut self, pending: &mut Pending) -> Result<(), CopyError> {
+        while let Some(run) = pending.top() {
+            let k = run.next;
+            // SAFETY: `k` is below the queue's length: runs hold queued indices.
+            let entry = unsafe { self.queue.get(k).unwrap_unchecked() };
+            let snapshot_words = if V::SOURCE_SHARED && entry.header.is_scannable() {
+                entry.header.wosize()
+            } else {
+                0
+            };
+            pending.take(snapshot_words);
+            if !entry.header.is_scannable() {
                 continue;
             }
-            let fields = entry.block as *const Word;
-            // SAFETY: queued entries are blocks of the source.
-            let scanned = unsafe { scanned_fields(entry) };
-            let mut i = scanned.start;
-            // Large blocks (arrays, hash-table buckets): the target of a field a few
-            // places on is fetched while this one is handled.
-            while i + PREFETCH_DISTANCE < scanned.end {
-                // SAFETY: `i + PREFETCH_DISTANCE` is below the block's wosize.
-                prefetch(unsafe { *fields.add(i + PREFETCH_DISTANCE) }.wrapping_sub(WORD_BYTES));
-                // SAFETY: `i` is below the block's wosize.
-                unsafe { self.measure_field(entry.block, *fields.add(i))? };
-                i += 1;
+            self.prefetch_ahead_in(k, run.end);
+            let children = self.queue.len();
+            let children_snapshot = self.snapshot.len();
+            if V::SOURCE_SHARED {
+                // SAFETY: queued entries are blocks of the source; the snapshot of
+                // block `k` starts at `run.snapshot_at`.
+                unsafe { self.scan_snapshot(entry, run.snapshot_at)? };
+            } else {
+                // SAFETY: queued entries are blocks of the source.
+                unsafe { self.scan_block(entry)? };
             }
-            for i in i..scanned.end {
-                // SAFETY: `i` is below the block's wosize.
-                unsafe { self.measure_field(entry.block, *fields.add(i))? };
-            }
+            pending.push(Run {
+                next: children,
+                end: self.queue.len(),
+                snapshot_at: children_snapshot,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Pass 1 for one queued block read from the source: discovers what its fields
+    /// point to.
+    ///
+    /// # Safety
+    /// `entry` is a queued block of the source.
+    #[inline(always)]
+    unsafe fn scan_block(&mut self, entry: Entry) -> Result<(), CopyError> {
+        let fields = entry.block as *const Word;
+        // SAFETY: queued entries are blocks of the source.
+        let scanned = unsafe { scanned_fields(entry) };
+        let mut i = scanned.start;
+        // Large blocks (arrays, hash-table buckets): the target of a field a few
+        // places on is fetched while this one is handled.
+        while i + PREFETCH_DISTANCE < scanned.end {
+            // SAFETY: `i + PREFETCH_DISTANCE` is below the block's wosize.
+            prefetch(unsafe { *fields.add(i + PREFETCH_DISTANCE) }.wrapping_sub(WORD_BYTES));
+            // SAFETY: `i` is below the block's wosize.
+            unsafe { self.measure_field(entry.block, *fields.add(i))? };
+            i += 1;
+        }
+        for i in i..scanned.end {
+            // SAFETY: `i` is below the block's wosize.
+            unsafe { self.measure_field(entry.block, *fields.add(i))? };
         }
         Ok(())
     }
@@ -484,8 +548,20 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     /// fields that are not pointers cost nothing but the hint.
     #[inline(always)]
     fn prefetch_ahead(&self, k: usize) {
-        if let Some(far) = self.queue.get(k + 2 * PREFETCH_DISTANCE) {
-            prefetch(far.block - WORD_BYTES);
+        self.prefetch_ahead_in(k, usize::MAX);
+    }
+
+    /// [`Self::prefetch_ahead`] for pass 1, where only the blocks of the current run,
+    /// below `end`, are known to come next.
+    #[inline(always)]
+    fn prefetch_ahead_in(&self, k: usize, end: usize) {
+        if k + 2 * PREFETCH_DISTANCE < end {
+            if let Some(far) = self.queue.get(k + 2 * PREFETCH_DISTANCE) {
+                prefetch(far.block - WORD_BYTES);
+            }
+        }
+        if k + PREFETCH_DISTANCE >= end {
+            return;
         }
         let Some(near) = self.queue.get(k + PREFETCH_DISTANCE) else {
             return;
@@ -519,19 +595,15 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         Ok(())
     }
 
-    /// Pass 1 with a [`VisitedSet::SOURCE_SHARED`] set, for one queued block: reads its
-    /// fields once into the snapshot, then discovers what they point to and replaces
-    /// each pointer to a copied block with its `RELOCATED` offset in the copy.
+    /// Pass 1 with a [`VisitedSet::SOURCE_SHARED`] set, when a scannable block is
+    /// queued: reads its fields once, appending them to the snapshot (which is thus in
+    /// queue order, as pass 2 reads it).
     ///
     /// # Safety
-    /// `entry` is a queued block of the source.
-    unsafe fn snapshot_block(&mut self, entry: Entry) -> Result<(), CopyError> {
-        if !entry.header.is_scannable() {
-            return Ok(());
-        }
+    /// `entry` is a block of the source, just queued.
+    unsafe fn snapshot_fields(&mut self, entry: Entry) -> Result<(), CopyError> {
         let n = entry.header.wosize();
-        let start = self.snapshot.len();
-        if self.snapshot.capacity() - start < n {
+        if self.snapshot.capacity() - self.snapshot.len() < n {
             self.grow_snapshot(n)?;
         }
         let src = entry.block as *const Word;
@@ -541,8 +613,19 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             // Within the capacity reserved above: never reallocates.
             self.snapshot.push(field);
         }
-        let first_value = first_value_of(entry.header, &self.snapshot[start..]);
-        for i in start + first_value..start + n {
+        Ok(())
+    }
+
+    /// Pass 1 with a [`VisitedSet::SOURCE_SHARED`] set, for one queued block whose
+    /// fields are in the snapshot from word `at`: discovers what they point to and
+    /// replaces each pointer to a copied block with its `RELOCATED` offset in the copy.
+    ///
+    /// # Safety
+    /// `entry` is a queued scannable block of the source, snapshotted at `at`.
+    unsafe fn scan_snapshot(&mut self, entry: Entry, at: usize) -> Result<(), CopyError> {
+        let n = entry.header.wosize();
+        let first_value = first_value_of(entry.header, &self.snapshot[at..at + n]);
+        for i in at + first_value..at + n {
             let field = self.snapshot[i];
             if !layout::is_immediate(field) && self.heap.should_copy(field) {
                 self.jumps += usize::from(field.abs_diff(entry.block) > JUMP_BYTES);
@@ -618,10 +701,15 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 unsafe { self.check_copyable(block, hd)? };
                 // Queue first: a failed mark leaves the entry to be restored, harmlessly
                 // (restoring an unmarked header rewrites the header it has).
-                self.queue.push(Entry { block, header: hd })?;
+                let entry = Entry { block, header: hd };
+                self.queue.push(entry)?;
                 let offset = self.words;
                 // SAFETY: `block` is a block start of the source graph not yet marked.
                 unsafe { self.visited.mark(block, hd, offset)? };
+                if V::SOURCE_SHARED && hd.is_scannable() {
+                    // SAFETY: `block` is a block of the source with header `hd`.
+                    unsafe { self.snapshot_fields(entry)? };
+                }
                 self.words += hd.whsize();
                 self.jumps += usize::from(block.abs_diff(self.last_discovered) > JUMP_BYTES);
                 self.last_discovered = block;

@@ -1,8 +1,8 @@
 //! The traversal queue: every block the copy will hold, in the order of its offsets.
 //!
-//! Pass 1 appends each block when it is first seen and reads the queue from the front
-//! (breadth first), so the queue doubles as the list that pass 2 (write) and the restore
-//! pass walk again, front to back. Storage: a vector for the first `CHUNK` (128 Ki) entries,
+//! Pass 1 appends each block when it is first seen (and scans the queued blocks in the
+//! order of [`super::pending`]), so the queue is the list of the copy's blocks in offset
+//! order, which pass 2 (write) and the restore pass walk front to back. Storage: a vector for the first `CHUNK` (128 Ki) entries,
 //! then huge-page chunks of `CHUNK` entries that never move, so a long copy holds at most
 //! one partly used chunk beyond 16 bytes a block.
 
@@ -54,8 +54,7 @@ impl Drop for Chunk {
     }
 }
 
-/// A FIFO of [`Entry`], indexed from its front, that can be walked again after it was
-/// drained.
+/// An append-only list of [`Entry`], indexed from its front.
 pub struct Queue {
     /// Entries `0..CHUNK`: a vector that doubles from [`FIRST_CHUNK`] (small copies stay
     /// small), up to exactly [`CHUNK`].

@@ -1,12 +1,13 @@
 //! Images: a deep copy of a value saved to a file, mapped back without deserializing.
 //!
 //! Three verbs, three passes:
-//! - **prepare** ([`prepare`]): a copy made by the traversal with `copy_static` (so the
-//!   image holds everything its value reaches) is rewritten in place into a payload:
+//! - **write** ([`write_with`], [`write_file`]): the traversal copies the value (with
+//!   `copy_static`, so the image holds everything its value reaches) straight into a
+//!   [`writer::PayloadWriter`], which turns the words into a payload as they come:
 //!   pointers made absolute for the address the image is written for, custom operations
-//!   replaced by a [`format::CustomKind`], closures and pointers that lead out of the copy
-//!   refused. [`write_file`] then writes header, payload and fix-up table to a
-//!   temporary file and renames it over the target ([`file::write_atomically`]).
+//!   replaced by a [`format::CustomKind`], closures and pointers that lead out of the
+//!   copy refused, a chunk index with checksums. The file is written through a bounded
+//!   buffer to a temporary file renamed over the target ([`file::write_atomically`]).
 //! - **check** ([`validate::check`]): before a loaded payload is handed out, its structure
 //!   is checked (and its checksum, unless told not to), and its pointers relocated when it
 //!   is not at its recorded address.
@@ -17,7 +18,7 @@
 //! else otherwise (then relocated): read into private memory by default, so that nothing
 //! done to the file afterwards reaches the loaded value, or mapped from the file when
 //! asked ([`Options::share`]: pages shared with other processes through the page cache,
-//! and the file must then stay as it is). See [`file`].
+//! and the file must then stay as it is). See [`mod@file`].
 //! [`load_bytes`] runs the same checks on an image held in memory (tests, fuzzing).
 //!
 //! Nothing here knows ocaml-rs: the stubs give a [`Process`] (what the running program
@@ -44,7 +45,7 @@ pub struct Process {
     /// Whether float arrays are flat.
     pub flat_float_array: bool,
     /// The `struct custom_operations *` of Int32, Int64, Nativeint and Bigarray, in
-    /// [`CustomKind`] order.
+    /// [`format::CustomKind`] order.
     pub custom_ops: [Word; 4],
 }
 
@@ -441,7 +442,7 @@ pub struct Options {
     pub trusted: bool,
     /// Never load at the recorded address (tests and benchmarks of relocation).
     pub relocate: bool,
-    /// Map the file instead of reading it (see [`file`]): pages shared with other
+    /// Map the file instead of reading it (see [`mod@file`]): pages shared with other
     /// processes, and the file must not change while the payload is loaded.
     pub share: bool,
     /// Threads the checks may use: 0 for one per core
