@@ -2,7 +2,9 @@
    [small_profile.exe MODE N] makes N calls of MODE on records of 5 fields with a string
    (issue 9's small values, 88 bytes off the heap). MODE: base (the loop alone), copy
    (copies kept), copyfree (copies kept, then all freed), interleaved (copy then free),
-   marshal (a round trip), region (Region.add to one region). The cost of one call is the
+   marshal (a round trip), region (Region.add to one region); interleaved1 and
+   interleaved10 copy and free a fresh ref or a fresh list of 10 immediates instead, whose
+   making base1 and base10 measure alone. The cost of one call is the
    difference of two runs' instruction counts (N and 2N) divided by N, less base's; e.g.
    valgrind --tool=callgrind ./_build/default/benches/small_profile.exe copy 20000 *)
 
@@ -24,6 +26,14 @@ let () =
       Array.iteri (fun i v -> handles.(i) <- Offheap.copy v) values;
       Array.iter Offheap.free handles
   | "interleaved" -> Array.iter (fun v -> Offheap.free (Offheap.copy v)) values
+  | "interleaved1" ->
+      (* One block: the fixed cost of a copy and a free. *)
+      Array.iter (fun v -> Offheap.free (Offheap.copy (ref v.sa))) values
+  | "interleaved10" ->
+      (* A list of 10 immediates: 10 blocks, for the cost of one more block. *)
+      Array.iter (fun v -> Offheap.free (Offheap.copy (List.init 10 (fun i -> i + v.sa)))) values
+  | "base10" -> Array.iter (fun v -> ignore (Sys.opaque_identity (List.init 10 (fun i -> i + v.sa)))) values
+  | "base1" -> Array.iter (fun v -> ignore (Sys.opaque_identity (ref v.sa))) values
   | "region" ->
       let r = Offheap.Region.create () in
       Array.iter (fun v -> ignore (Sys.opaque_identity (Offheap.Region.add r v))) values
