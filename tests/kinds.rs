@@ -36,9 +36,10 @@ fn bump(delta: isize) {
     let _ = THREAD_LIVE.try_with(|live| live.set(live.get() + delta));
 }
 
-/// Bytes of Rust heap this thread holds now (allocated here minus freed here).
+/// Bytes of Rust heap this thread holds now (allocated here minus freed here), less the
+/// spare queue vector the thread keeps between copies (`copy::queue`).
 fn thread_live() -> isize {
-    THREAD_LIVE.with(Cell::get)
+    THREAD_LIVE.with(Cell::get) - offheap::copy::queue::thread_spare_bytes() as isize
 }
 
 // SAFETY: forwards every call to `System` unchanged and only counts sizes on the side.
