@@ -107,10 +107,18 @@ impl DataTable {
     ///
     /// # Errors
     /// [`CopyError::OutOfMemory`] when the table cannot get memory for the regions.
+    #[inline(always)]
     pub fn lay_out(&mut self, first: usize) -> Result<usize, CopyError> {
         if self.noted.is_empty() {
             return Ok(0);
         }
+        self.lay_out_noted(first)
+    }
+
+    /// [`DataTable::lay_out`] when some Bigarray was noted (a call of its own, so that a
+    /// copy without Bigarrays pays one test).
+    #[inline(never)]
+    fn lay_out_noted(&mut self, first: usize) -> Result<usize, CopyError> {
         let oom = |n: usize| CopyError::OutOfMemory(n);
         let mut order: Vec<usize> = Vec::new();
         order
