@@ -280,6 +280,23 @@ fn a_small_copy_allocates_nothing_once_the_thread_has_a_spare_and_fails_cleanly_
             // SAFETY: as above.
             unsafe { offheap::alloc::Allocator::free(&mut alloc, c.base, c.bytes) };
         }
+        // With the spare, header marks allocate nothing for three blocks, with or
+        // without a side table for the first blocks of the heap: it holds them inline.
+        // (A shared source's snapshot is allocated whatever the size.)
+        for s in [Strategy::Marks, Strategy::Outside] {
+            let mut alloc = Counting::new();
+            let live = live_but_spare();
+            let c = copy_failing(&mut h, root, s, &mut alloc, 0)
+                .unwrap_or_else(|e| panic!("{s:?}: {e}"));
+            assert_eq!(
+                assert_isomorphic(&mut h, root, c.root, c.base as Word, c.bytes),
+                3
+            );
+            // SAFETY: as above.
+            unsafe { offheap::alloc::Allocator::free(&mut alloc, c.base, c.bytes) };
+            assert!(h.snapshot() == before, "{s:?}: source changed");
+            assert_eq!(live_but_spare(), live, "{s:?}: Rust memory kept");
+        }
     })
     .join()
     .unwrap();

@@ -121,8 +121,11 @@ const WINDOW: usize = 4096 / WORD_BYTES;
 /// doubles when it is half full, which keeps probe sequences short; keys and offsets sit
 /// side by side so that a hit costs one cache line.
 ///
-/// A new table holds no memory: the first insertion allocates, and like every growth it
-/// may fail with [`NoMemory`].
+/// A new table holds no memory. Its first [`INLINE`] blocks are kept in a small array
+/// inside the table, searched in order, and the first insertion past them allocates
+/// (like every growth, it may fail with [`NoMemory`]): a copy of a few young blocks on
+/// OCaml 5 (the side table of [`MarksOutside`]) allocated and zeroed 1 KiB, and freed
+/// it, a quarter of its instructions.
 ///
 /// The hash keeps neighbours together: the blocks of one 4 KiB page of the source land
 /// in one window of `WINDOW` slots, in address order, and only the page number is
@@ -132,14 +135,19 @@ pub struct SideTable {
     /// `(block, offset)` pairs; `block == 0` is an empty slot. Length a power of two,
     /// or 0 before the first insertion.
     slots: ZeroedArray<(Word, usize)>,
-    /// Occupied slots.
+    /// Occupied slots; before the first allocation, used entries of `inline`.
     len: usize,
+    /// The pairs held before the first allocation: `inline[..len]` while `slots` is
+    /// empty, unused after.
+    inline: [(Word, usize); INLINE],
     /// Slots of the first allocation.
     first_slots: usize,
 }
 
 /// Slots of a table's first allocation, at least.
 const FIRST_SLOTS: usize = 64;
+/// Pairs a table holds before its first allocation.
+pub const INLINE: usize = 8;
 
 impl SideTable {
     /// An empty table; allocates nothing.
@@ -153,6 +161,7 @@ impl SideTable {
         SideTable {
             slots: ZeroedArray::empty(),
             len: 0,
+            inline: [(0, 0); INLINE],
             first_slots: expected
                 .saturating_mul(2)
                 .checked_next_power_of_two()
@@ -175,8 +184,11 @@ impl SideTable {
     #[inline(always)]
     fn get(&self, block: Word) -> Option<usize> {
         let slots = &self.slots;
-        if self.len == 0 {
-            return None;
+        if slots.is_empty() {
+            return self.inline[..self.len]
+                .iter()
+                .find(|&&(key, _)| key == block)
+                .map(|&(_, offset)| offset);
         }
         let mask = slots.len() - 1;
         let mut i = Self::slot_of(slots.len(), block);
@@ -193,6 +205,11 @@ impl SideTable {
     }
 
     fn insert(&mut self, block: Word, offset: usize) -> Result<(), NoMemory> {
+        if self.slots.is_empty() && self.len < INLINE {
+            self.inline[self.len] = (block, offset);
+            self.len += 1;
+            return Ok(());
+        }
         if (self.len + 1) * 2 > self.slots.len() {
             self.grow()?;
         }
@@ -221,7 +238,12 @@ impl SideTable {
         let size = (self.slots.len() * 2).max(self.first_slots);
         // SAFETY: zero words are an empty slot.
         let mut doubled = unsafe { ZeroedArray::new(size)? };
-        for &(block, offset) in self.slots.iter() {
+        let held = if self.slots.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.slots[..]
+        };
+        for &(block, offset) in held {
             if block != 0 {
                 Self::put(&mut doubled, block, offset);
             }
@@ -339,6 +361,10 @@ mod tests {
         for i in 1..10_000usize {
             // SAFETY: the side table never dereferences the addresses.
             unsafe { t.mark(i * 8, Header(0), i * 3) }.unwrap();
+            // The first INLINE pairs live in the table itself.
+            assert_eq!(t.allocated_bytes() == 0, i <= INLINE, "{i} pairs");
+            assert_eq!(t.get(i * 8), Some(i * 3));
+            assert_eq!(t.get(i * 8 + 8), None);
         }
         for i in 1..10_000usize {
             assert_eq!(t.get(i * 8), Some(i * 3));
