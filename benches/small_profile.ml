@@ -4,9 +4,10 @@
    (copies kept), copyfree (copies kept, then all freed), interleaved (copy then free),
    marshal (a round trip), region (Region.add to one region); interleaved1 and
    interleaved10 copy and free a fresh ref or a fresh list of 10 immediates instead, whose
-   making base1 and base10 measure alone. The cost of one call is the
-   difference of two runs' instruction counts (N and 2N) divided by N, less base's; e.g.
-   valgrind --tool=callgrind ./_build/default/benches/small_profile.exe copy 20000 *)
+   making base1 and base10 measure alone. The cost of one call is the difference of two
+   runs' instruction counts (N and 2N) divided by N, less the matching base's; e.g.
+   valgrind --tool=callgrind ./_build/default/benches/small_profile.exe copy 20000
+   (the machine's wall times are too noisy for per-call differences of 10%). *)
 
 type small = { sa : int; sb : string; sc : float; sd : int; se : int }
 
@@ -20,7 +21,12 @@ let () =
   Offheap.free h0;
   let handles = Array.make n h0 in
   (match mode with
-  | "base" -> Array.iteri (fun i v -> handles.(i) <- Sys.opaque_identity h0; ignore (Sys.opaque_identity v)) values
+  | "base" ->
+      Array.iteri
+        (fun i v ->
+          handles.(i) <- Sys.opaque_identity h0;
+          ignore (Sys.opaque_identity v))
+        values
   | "copy" -> Array.iteri (fun i v -> handles.(i) <- Offheap.copy v) values
   | "copyfree" ->
       Array.iteri (fun i v -> handles.(i) <- Offheap.copy v) values;
@@ -31,14 +37,21 @@ let () =
       Array.iter (fun v -> Offheap.free (Offheap.copy (ref v.sa))) values
   | "interleaved10" ->
       (* A list of 10 immediates: 10 blocks, for the cost of one more block. *)
-      Array.iter (fun v -> Offheap.free (Offheap.copy (List.init 10 (fun i -> i + v.sa)))) values
-  | "base10" -> Array.iter (fun v -> ignore (Sys.opaque_identity (List.init 10 (fun i -> i + v.sa)))) values
+      Array.iter
+        (fun v -> Offheap.free (Offheap.copy (List.init 10 (fun i -> i + v.sa))))
+        values
+  | "base10" ->
+      Array.iter
+        (fun v -> ignore (Sys.opaque_identity (List.init 10 (fun i -> i + v.sa))))
+        values
   | "base1" -> Array.iter (fun v -> ignore (Sys.opaque_identity (ref v.sa))) values
   | "region" ->
       let r = Offheap.Region.create () in
       Array.iter (fun v -> ignore (Sys.opaque_identity (Offheap.Region.add r v))) values
   | "marshal" ->
       Array.iter
-        (fun v -> ignore (Sys.opaque_identity (Marshal.from_string (Marshal.to_string v []) 0 : small)))
+        (fun v ->
+          ignore
+            (Sys.opaque_identity (Marshal.from_string (Marshal.to_string v []) 0 : small)))
         values
   | _ -> failwith "mode")
