@@ -167,14 +167,15 @@ bench-ocaml5:
 bench-ocaml5-domains:
 	$(call in_chroot,,dune build ./benches/bench.exe && ./_build/default/benches/bench.exe -domains $(BENCH_FLAGS))
 
-# Formatting; clippy on every target and feature set, any warning an error; the claim
-# rust-version makes (clippy's incompatible_msrv for offheap's own code, msrv.sh for the
-# crates it builds with).
+# Formatting; clippy on every target and feature set, any warning an error; rustdoc
+# (broken links); the claim rust-version makes (clippy's incompatible_msrv for offheap's
+# own code, msrv.sh for the crates it builds with).
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --all-targets --features stubs -- -D warnings
 	cargo clippy --all-targets --all-features -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --features stubs --quiet
 	bash tests/packaging/msrv.sh
 
 fmt:
@@ -208,3 +209,12 @@ bench-region: build
 .PHONY: bench-bigarray
 bench-bigarray: build
 	dune exec --no-print-directory -- ./benches/bigarray_bench.exe $(BIGARRAY_BENCH_FLAGS)
+
+# What fresh memory costs here: the first touch of 4 KiB and huge pages, right after a
+# free and after a pause (benches/fresh_pages.c; the README's "Fresh memory").
+# PAGES_FLAGS: MB, pause in seconds, rounds (default 512 6 3).
+.PHONY: bench-pages
+bench-pages:
+	@mkdir -p _build
+	cc -O2 -Wall -o _build/fresh_pages benches/fresh_pages.c
+	_build/fresh_pages $(PAGES_FLAGS)

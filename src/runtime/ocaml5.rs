@@ -27,7 +27,8 @@ struct GlobalHeapState {
 
 extern "C" {
     static caml_global_heap_state: GlobalHeapState;
-    fn caml_domain_is_multicore() -> isize;
+    /// Domains running now (domain.h); `caml_domain_alone` is this being 1.
+    static caml_num_domains_running: std::sync::atomic::AtomicUsize;
     static caml_minor_heaps_start: Word;
     static caml_minor_heaps_end: Word;
     static caml_major_cycles_completed: Word;
@@ -105,8 +106,17 @@ pub enum Visited {
 pub unsafe fn visited_set(copy_static: bool) -> Visited {
     // SAFETY: plain runtime queries. While this domain holds its lock and is the only
     // one, no other domain can start, so the choice holds for the whole copy.
+    //
+    // Alone is the runtime's own test (`caml_domain_alone`, which its shared heap's
+    // lock-free fast paths rely on: a domain counts itself before it first touches the
+    // heap, and uncounts itself as the very last thing it does when it terminates), not
+    // `caml_domain_is_multicore`: that one also says yes once this domain's backup
+    // thread runs, which the first `Domain.spawn` starts for good, so every copy after
+    // any domain had ever run would take the side table. The backup thread only acts
+    // for this domain while it is in a blocking section, never during a copy.
     unsafe {
-        if copy_static || caml_domain_is_multicore() != 0 {
+        let alone = caml_num_domains_running.load(std::sync::atomic::Ordering::Acquire) == 1;
+        if copy_static || !alone {
             return Visited::Table(SideTable::new());
         }
         let garbage = std::ptr::read_volatile(std::ptr::addr_of!(caml_global_heap_state.garbage));
