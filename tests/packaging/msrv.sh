@@ -37,7 +37,9 @@ crates() {
 needs() {
   local n v m r
   while read -r n v; do
-    m=$(printf '%s\n' "$manifests" | grep -m1 "/$n-$v/Cargo.toml$") || fail "no manifest for $n $v"
+    # A here-string, not a pipe: grep -m1 exits at the first match, and under pipefail a
+    # printf still writing into the pipe would die of SIGPIPE and fail the lookup.
+    m=$(grep -m1 "/$n-$v/Cargo.toml$" <<<"$manifests") || fail "no manifest for $n $v"
     r=$(rust_version "$m")
     printf '%s %s-%s\n' "${r:-0}" "$n" "$v"
   done | sort -V
