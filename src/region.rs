@@ -372,6 +372,7 @@ mod tests {
                 base,
                 bytes,
                 blocks: 1,
+                data_bytes: 0,
                 transient_bytes: 0,
             })
         }

@@ -1,0 +1,186 @@
+(* OCaml 4's page table and Bigarray data (issue 13): a copy or an image registers the
+   pages of its blocks, not those of its Bigarray data; free gives back exactly what was
+   registered (4.13's caml_page_table_remove of a page it never saw inserts an entry, so
+   the table would grow with every cycle); everything still works on the copy. On OCaml
+   5 (no page table) the same values are copied, used and freed. *)
+
+open OUnit2
+open Bigarray
+
+external page_kind : nativeint -> int = "test_page_kind"
+external address : Obj.t -> nativeint = "test_address"
+external occupancy : unit -> int = "test_page_table_occupancy"
+
+let ocaml5 = Scanf.sscanf Sys.ocaml_version "%d." (fun major -> major >= 5)
+let in_static_data = 4
+let page = 4096n
+
+(* A value of blocks around Bigarrays: [pages] pages of float64 data, a sub-array and a
+   slice of it, a small int Bigarray, and blocks after them in the traversal. *)
+let make pages =
+  let n = pages * 512 in
+  let data = Array1.init float64 c_layout n float_of_int in
+  let small = Array1.init int c_layout 10 (fun i -> i * i) in
+  let m = reshape_2 (genarray_of_array1 data) (n / 8) 8 in
+  (List.init 50 string_of_int, data, Array1.sub data 1000 500, Array2.slice_left m 3, small,
+   Array.init 100 (fun i -> (i, float_of_int i)))
+
+let data_of a = Ba_support.data (genarray_of_array1 a)
+
+(* The page-aligned addresses inside [data, data + bytes) that lie past the page of
+   [blocks_end]: pages holding data only. *)
+let data_pages data bytes =
+  let first = Nativeint.(mul (add (div data page) 1n) page) in
+  let last = Nativeint.(add data (of_int bytes)) in
+  let rec go a acc = if a >= last then List.rev acc else go (Nativeint.add a page) (a :: acc) in
+  go first []
+
+(* The addresses of the copy's blocks that [check] probes: the root, the string list's
+   last cell, the Bigarrays' custom blocks, the array's last pair. *)
+let block_addresses c =
+  let (l, d, s, r, sm, a) = c in
+  List.map address
+    [ Obj.repr c; Obj.repr (List.nth l 49); Obj.repr d; Obj.repr s; Obj.repr r; Obj.repr sm;
+      Obj.repr a.(99) ]
+
+(* Checks the copy [c] of [v] in place: equal, usable, its blocks registered, its data
+   not. Returns the probed addresses (blocks, data pages) for checking after free. *)
+let check ~msg v c =
+  let (l, d, s, r, sm, a) = c in
+  let (_, vd, _, vr, vsm, _) = v in
+  assert_bool (msg ^ ": compare") (compare v c = 0);
+  assert_equal ~msg:(msg ^ ": hash") (Hashtbl.hash v) (Hashtbl.hash c);
+  assert_bool (msg ^ ": Marshal") (compare v (Marshal.from_string (Marshal.to_string c []) 0) = 0);
+  assert_equal ~msg:(msg ^ ": C API") (Ba_support.byte_sum (genarray_of_array1 vsm))
+    (Ba_support.byte_sum (genarray_of_array1 sm));
+  assert_equal ~msg:(msg ^ ": list") "49" (List.nth l 49);
+  assert_equal ~msg:(msg ^ ": array") (99, 99.) a.(99);
+  (* get, set, blit, sub through the copy and its aliases *)
+  assert_equal ~msg:(msg ^ ": get") vd.{Array1.dim vd - 1} d.{Array1.dim d - 1};
+  s.{0} <- -1.;
+  assert_equal ~msg:(msg ^ ": set through a sub-array") (-1.) d.{1000};
+  r.{0} <- -2.;
+  assert_equal ~msg:(msg ^ ": set through a slice") (-2.) d.{24};
+  let part = Array1.sub d 1500 100 in
+  Array1.blit (Array1.sub vd 0 100) part;
+  assert_equal ~msg:(msg ^ ": blit") 99. d.{1599};
+  d.{1000} <- vd.{1000};
+  d.{24} <- vd.{24};
+  Array1.blit (Array1.sub vd 1500 100) part;
+  ignore vr;
+  assert_bool (msg ^ ": equal again") (compare v c = 0);
+  let blocks = block_addresses c in
+  let pages = data_pages (data_of d) (Array1.size_in_bytes d) in
+  if not ocaml5 then begin
+    List.iter
+      (fun b ->
+        assert_equal ~msg:(Printf.sprintf "%s: block at %nx registered" msg b) ~printer:string_of_int
+          in_static_data (page_kind b land in_static_data))
+      blocks;
+    List.iter
+      (fun p ->
+        assert_equal ~msg:(Printf.sprintf "%s: data page %nx not registered" msg p)
+          ~printer:string_of_int 0 (page_kind p))
+      pages
+  end;
+  (blocks, pages)
+
+(* After free: nothing of the copy is left in the page table. *)
+let check_freed ~msg (blocks, pages) =
+  if not ocaml5 then
+    List.iter
+      (fun a ->
+        assert_equal ~msg:(Printf.sprintf "%s: %nx unregistered after free" msg a)
+          ~printer:string_of_int 0 (page_kind a))
+      (blocks @ pages)
+
+let copy_check ?alloc ~msg v =
+  let h = Offheap.copy ?alloc v in
+  let probed = check ~msg v (Offheap.get h) in
+  Offheap.free h;
+  check_freed ~msg probed
+
+let counting () = Support.counting_alloc (Support.fresh_id ())
+
+let test_copy _ =
+  let v = make 300 in
+  copy_check ~msg:"default allocator" v;
+  copy_check ~alloc:(counting ()) ~msg:"another allocator" v;
+  (* little data: a few pages, the first shared with the blocks *)
+  copy_check ~msg:"four pages of data" (make 4);
+  copy_check ~alloc:(counting ()) ~msg:"four pages, another allocator" (make 4)
+
+let with_image v f =
+  let path = Filename.temp_file "offheap_ba_pages" ".img" in
+  Offheap.Image.write path v;
+  Fun.protect ~finally:(fun () -> Sys.remove path) (fun () -> f path)
+
+let loads =
+  [
+    ("trusted mapped", fun p -> Offheap.Image.load ~share:true ~verify:false ~trusted:true p);
+    ("mapped", fun p -> Offheap.Image.load ~share:true p);
+    ("read, verified", fun p -> Offheap.Image.load ~verify:true p);
+    ("relocated", fun p -> Offheap.Image.load_relocated p);
+  ]
+
+let test_image _ =
+  let v = make 300 in
+  with_image v (fun path ->
+      List.iter
+        (fun (name, load) ->
+          let h = load path in
+          let probed = check ~msg:name v (Offheap.get h) in
+          Offheap.free h;
+          check_freed ~msg:name probed)
+        loads)
+
+(* The table's entries do not grow over copy and free cycles of values with data
+   (each cycle's pages are the last one's, or stay few), nor over image loads. A
+   removal of a never-registered data page would add an entry per page per place the
+   data ever lay. *)
+let test_occupancy _ =
+  let v = make 64 in
+  let alloc = counting () in
+  let churn = ref [] in
+  let cycle i =
+    (* vary where the next copies land: keep a few small copies alive for a while *)
+    if i mod 10 = 0 then begin
+      List.iter Offheap.free !churn;
+      churn := List.init (i mod 7) (fun k -> Offheap.copy (Array.make (100 * k) k))
+    end;
+    let h = Offheap.copy v in
+    Offheap.free h;
+    let h = Offheap.copy ~alloc v in
+    Offheap.free h
+  in
+  for i = 0 to 99 do cycle i done;
+  Printf.eprintf "DEBUG heap %d chunks %d\n%!" (Gc.quick_stat ()).heap_words (Gc.quick_stat ()).heap_chunks;
+  let before = occupancy () in
+  for i = 0 to 999 do cycle i done;
+  let after = occupancy () in
+  Printf.eprintf "DEBUG occ %d -> %d heap %d chunks %d top %d\n%!" before after (Gc.quick_stat ()).heap_words (Gc.quick_stat ()).heap_chunks (Gc.quick_stat ()).top_heap_words;
+  for i = 0 to 999 do cycle i done;
+  Printf.eprintf "DEBUG occ %d heap %d chunks %d\n%!" (occupancy ()) (Gc.quick_stat ()).heap_words (Gc.quick_stat ()).heap_chunks;
+  List.iter Offheap.free !churn;
+  if not ocaml5 then
+    (* blocks of ~3 pages a copy at a handful of places *)
+    assert_bool (Printf.sprintf "occupancy %d -> %d over 1000 cycles" before after)
+      (after - before < 64);
+  with_image v (fun path ->
+      let load = snd (List.hd loads) in
+      Offheap.free (load path);
+      let before = occupancy () in
+      for _ = 1 to 200 do Offheap.free (load path) done;
+      let after = occupancy () in
+      if not ocaml5 then
+        assert_bool (Printf.sprintf "occupancy %d -> %d over 200 image loads" before after)
+          (after - before < 16))
+
+let () =
+  run_test_tt_main
+    ("bigarray pages"
+    >::: [
+           "copies register blocks, not data" >:: test_copy;
+           "images register blocks, not data" >:: test_image;
+           "occupancy flat over cycles" >:: test_occupancy;
+         ])
