@@ -8,12 +8,14 @@
 
 #define _GNU_SOURCE
 #include <caml/alloc.h>
+#include <caml/fail.h>
 #include <caml/address_class.h>
 #include <caml/mlvalues.h>
 #include <caml/version.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 /* The kind of the page holding the address [addr] (a nativeint): a bit set of In_heap
@@ -112,4 +114,45 @@ value test_page_table_occupancy(value unit)
   if (table == NULL) caml_failwith("test_page_table_occupancy: page table not found");
   return Val_long(table->occupancy);
 #endif
+}
+
+/* An allocator that never gives the same page twice: it bumps through one reservation
+   of ARENA_BYTES, each allocation starting on a fresh page one page after the last
+   one's end; free gives the memory back to the kernel (MADV_DONTNEED) and keeps the
+   addresses. Copies made with it land where no copy was before. */
+#define ARENA_BYTES ((size_t)1 << 30)
+static char *arena, *arena_next;
+
+static void *arena_alloc(value a, size_t size)
+{
+  (void)a;
+  size_t pages = (size + 4095) / 4096 + 1;
+  if (arena_next == NULL || (size_t)(arena + ARENA_BYTES - arena_next) < pages * 4096)
+    return NULL;
+  char *p = arena_next;
+  arena_next += pages * 4096;
+  return p;
+}
+
+static void arena_free(value a, void *ptr, size_t size)
+{
+  (void)a;
+  madvise(ptr, (size + 4095) / 4096 * 4096, MADV_DONTNEED);
+}
+
+/* The arena allocator's block (Offheap.alloc); raises Failure when the reservation
+   fails. */
+value test_arena_alloc(value unit)
+{
+  (void)unit;
+  if (arena == NULL) {
+    void *p = mmap(NULL, ARENA_BYTES, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) caml_failwith("test_arena_alloc: mmap");
+    arena = arena_next = p;
+  }
+  value block = caml_alloc_small(2, Abstract_tag);
+  Field(block, 0) = (value)arena_alloc;
+  Field(block, 1) = (value)arena_free;
+  return block;
 }
