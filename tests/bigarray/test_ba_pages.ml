@@ -134,6 +134,23 @@ let test_image _ =
           check_freed ~msg:name probed)
         loads)
 
+(* A region image holding the value: loaded as a region, its payload (the region's
+   first chunk) registers blocks only, and the region's free gives them back. *)
+let test_region_image _ =
+  let v = make 300 in
+  let path = Filename.temp_file "offheap_ba_pages" ".rimg" in
+  Fun.protect ~finally:(fun () -> Sys.remove path) (fun () ->
+      let r = Offheap.Region.create () in
+      Offheap.Region.write_image path r [ ("v", Obj.repr v) ];
+      Offheap.Region.free r;
+      List.iter
+        (fun (name, share) ->
+          let r, roots = Offheap.Region.load_image ~share path in
+          let probed = check ~msg:name v (Obj.obj (List.assoc "v" roots)) in
+          Offheap.Region.free r;
+          check_freed ~msg:name probed)
+        [ ("region image, mapped", true); ("region image, read", false) ])
+
 (* Pages of the major heap: entries the runtime itself adds to the table as the heap
    grows (compaction is off in the tests below, so the heap never gives a chunk back). *)
 let heap_pages () =
@@ -192,6 +209,7 @@ let () =
     >::: [
            "copies register blocks, not data" >:: test_copy;
            "images register blocks, not data" >:: test_image;
+           "region images register blocks, not data" >:: test_region_image;
            "occupancy flat over cycles" >:: test_occupancy_flat;
            "occupancy over copies at fresh places" >:: test_occupancy_fresh_places;
          ])
