@@ -10,8 +10,11 @@
 //! - Visited set: header marks in blue, the color of free-list blocks, which no reachable
 //!   block has. The runtime lock keeps every other thread out while headers are marked.
 //! - Registration: a copy's pages are registered as static data so that compare, hash
-//!   and Marshal treat it as OCaml values. The table works in whole pages and two copies
-//!   can share a page at their ends, so the end pages are reference-counted.
+//!   and Marshal treat it as OCaml values: the pages of its blocks, not those of the
+//!   Bigarray data after them, which only custom blocks point to (a gigabyte of data
+//!   would take a quarter of a million entries, never removed: the table only marks
+//!   them as kind 0). The table works in whole pages and two copies can share a page at
+//!   their ends, so the end pages are reference-counted.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
