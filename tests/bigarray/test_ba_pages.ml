@@ -134,6 +134,22 @@ let test_image _ =
           check_freed ~msg:name probed)
         loads)
 
+(* Adds to a region: a value with much data gets a chunk of its own, registered once
+   the copy is made (its blocks only); small adds share a chunk registered whole. *)
+let test_region_add _ =
+  let v = make 300 in
+  let r = Offheap.Region.create () in
+  let small = Offheap.Region.add r (List.init 10 string_of_int) in
+  let probed = check ~msg:"region add" v (Offheap.Region.add r v) in
+  assert_equal ~msg:"small add" (List.init 10 string_of_int) small;
+  if not ocaml5 then
+    assert_equal ~msg:"small add's chunk registered" ~printer:string_of_int in_static_data
+      (page_kind (address (Obj.repr small)));
+  let probed' = check ~msg:"region add, again" v (Offheap.Region.add r v) in
+  Offheap.Region.free r;
+  check_freed ~msg:"region add" probed;
+  check_freed ~msg:"region add, again" probed'
+
 (* A region image holding the value: loaded as a region, its payload (the region's
    first chunk) registers blocks only, and the region's free gives them back. *)
 let test_region_image _ =
@@ -150,6 +166,8 @@ let test_region_image _ =
           Offheap.Region.free r;
           check_freed ~msg:name probed)
         [ ("region image, mapped", true); ("region image, read", false) ])
+
+external arena_alloc : unit -> Offheap.alloc = "test_arena_alloc"
 
 (* Pages of the major heap: entries the runtime itself adds to the table as the heap
    grows (compaction is off in the tests below, so the heap never gives a chunk back). *)
@@ -188,7 +206,6 @@ let test_occupancy_flat _ =
           assert_growth ~msg:"image load and free" ~cycles:200 ~per_cycle:0 (fun _ ->
               Offheap.free (load path))))
 
-external arena_alloc : unit -> Offheap.alloc = "test_arena_alloc"
 
 (* Copies where no copy was before: each cycle adds the entries of the blocks' one or
    two pages (removed pages stay in the table as entries of kind 0), never one per page
@@ -201,7 +218,11 @@ let test_occupancy_fresh_places _ =
       assert_growth ~msg:"copies at fresh places" ~cycles:1000 ~per_cycle:2 (fun _ ->
           let h = Offheap.copy ~alloc v in
           assert_bool "copied" (compare v (Offheap.get h) = 0);
-          Offheap.free h))
+          Offheap.free h);
+      assert_growth ~msg:"region adds at fresh places" ~cycles:300 ~per_cycle:2 (fun _ ->
+          let r = Offheap.Region.create ~alloc ~chunk_bytes:4096 () in
+          assert_bool "added" (compare v (Offheap.Region.add r v) = 0);
+          Offheap.Region.free r))
 
 let () =
   run_test_tt_main
@@ -209,6 +230,7 @@ let () =
     >::: [
            "copies register blocks, not data" >:: test_copy;
            "images register blocks, not data" >:: test_image;
+           "region adds register blocks, not data" >:: test_region_add;
            "region images register blocks, not data" >:: test_region_image;
            "occupancy flat over cycles" >:: test_occupancy_flat;
            "occupancy over copies at fresh places" >:: test_occupancy_fresh_places;
