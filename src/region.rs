@@ -35,6 +35,10 @@ use crate::layout::WORD_BYTES;
 pub trait Registry {
     /// Registers `[base, base + bytes)`; false when the runtime has no memory for it.
     fn register(&mut self, base: *mut u8, bytes: usize) -> bool;
+    /// Registers the first `blocks` bytes of `[base, base + bytes)` (an add's own chunk:
+    /// its blocks, not the Bigarray data after them, see `runtime::register_blocks`);
+    /// [`Registry::unregister`] of the chunk removes what was registered.
+    fn register_blocks(&mut self, base: *mut u8, bytes: usize, blocks: usize) -> bool;
     /// Unregisters `[base, base + bytes)`, registered before.
     fn unregister(&mut self, base: *mut u8, bytes: usize);
     /// Called after the allocator freed `[base, base + bytes)`: registers again what
@@ -47,6 +51,9 @@ pub struct NoRegistry;
 
 impl Registry for NoRegistry {
     fn register(&mut self, _base: *mut u8, _bytes: usize) -> bool {
+        true
+    }
+    fn register_blocks(&mut self, _base: *mut u8, _bytes: usize, _blocks: usize) -> bool {
         true
     }
     fn unregister(&mut self, _base: *mut u8, _bytes: usize) {}
@@ -182,12 +189,26 @@ impl Region {
             alloc,
             registry,
             taken: None,
+            own: false,
         };
         let outcome = copy(&mut bump);
-        let taken = bump.taken;
+        let (taken, own) = (bump.taken, bump.own);
         match outcome {
             Ok(copied) => {
                 if let Some(chunk) = taken {
+                    // An own chunk holds this copy alone (at its start): registered now,
+                    // its blocks only.
+                    let blocks = if copied.data_bytes == 0 {
+                        chunk.bytes
+                    } else {
+                        copied.blocks_bytes()
+                    };
+                    if own && !registry.register_blocks(chunk.base, chunk.bytes, blocks) {
+                        // SAFETY: taken during this add; the copy in it is dropped here.
+                        unsafe { alloc.free(chunk.base, chunk.bytes) };
+                        self.range = saved;
+                        return Err(CopyError::OutOfMemory(chunk.bytes));
+                    }
                     let i = self.chunks.partition_point(|c| c.base < chunk.base);
                     self.chunks.insert(i, chunk); // room reserved above
                     self.stats.reserved += chunk.bytes;
@@ -202,7 +223,7 @@ impl Region {
                 if let Some(chunk) = taken {
                     // SAFETY: taken during this add, never handed out: the traversal
                     // failed before returning anything that points into it.
-                    unsafe { release_chunk(alloc, registry, chunk) };
+                    unsafe { release_taken(alloc, registry, chunk, own) };
                 }
                 self.range = saved;
                 Err(e)
@@ -274,6 +295,27 @@ unsafe fn release_chunk<A: Allocator, R: Registry>(alloc: &mut A, registry: &mut
     registry.after_free(chunk.base, chunk.bytes);
 }
 
+/// Gives back a chunk taken by an add: as [`release_chunk`] when `own` is false, else
+/// (an own chunk, registered only once the add succeeds) to the allocator alone.
+///
+/// # Safety
+/// As [`release_chunk`].
+unsafe fn release_taken<A: Allocator, R: Registry>(
+    alloc: &mut A,
+    registry: &mut R,
+    chunk: Chunk,
+    own: bool,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if own {
+            alloc.free(chunk.base, chunk.bytes);
+        } else {
+            release_chunk(alloc, registry, chunk);
+        }
+    }
+}
+
 /// The allocator of one add: bumps inside the region's current chunk, or takes a chunk.
 pub struct Bump<'a, A, R> {
     chunk_bytes: usize,
@@ -284,20 +326,23 @@ pub struct Bump<'a, A, R> {
     registry: &'a mut R,
     /// A chunk taken during this add (at most one: the traversal allocates once).
     taken: Option<Chunk>,
+    /// Whether `taken` is the add's own chunk, registered by [`Region::add`] once the
+    /// copy is made (only its blocks then), not when taken.
+    own: bool,
 }
 
 impl<A: Allocator, R: Registry> Bump<'_, A, R> {
-    /// A fresh registered chunk of `bytes` bytes, remembered as taken; null when the
-    /// allocator or the registry has no memory.
+    /// A fresh chunk of `bytes` bytes, remembered as taken, registered unless `own`;
+    /// null when the allocator or the registry has no memory.
     #[cold]
     #[inline(never)]
-    fn take_chunk(&mut self, bytes: usize) -> *mut u8 {
+    fn take_chunk(&mut self, bytes: usize, own: bool) -> *mut u8 {
         debug_assert!(self.taken.is_none(), "one allocation per add");
         let base = self.alloc.alloc(bytes);
         if base.is_null() {
             return base;
         }
-        if !self.registry.register(base, bytes) {
+        if !own && !self.registry.register(base, bytes) {
             // SAFETY: just allocated with this size; nothing refers to it.
             unsafe { self.alloc.free(base, bytes) };
             return std::ptr::null_mut();
@@ -307,6 +352,7 @@ impl<A: Allocator, R: Registry> Bump<'_, A, R> {
             bytes,
             owner: Owner::Region,
         });
+        self.own = own;
         base
     }
 }
@@ -323,9 +369,9 @@ impl<A: Allocator, R: Registry> Allocator for Bump<'_, A, R> {
             return std::ptr::null_mut();
         };
         if bytes > self.own_threshold {
-            return self.take_chunk(with_tail);
+            return self.take_chunk(with_tail, true);
         }
-        let base = self.take_chunk(self.chunk_bytes);
+        let base = self.take_chunk(self.chunk_bytes, false);
         if !base.is_null() {
             *self.range = Range {
                 cursor: base as usize + bytes,
@@ -342,7 +388,7 @@ impl<A: Allocator, R: Registry> Allocator for Bump<'_, A, R> {
         if let Some(chunk) = self.taken.filter(|c| c.base == ptr) {
             self.taken = None;
             // SAFETY: the chunk taken by this add, whose only allocation is given back.
-            unsafe { release_chunk(self.alloc, self.registry, chunk) };
+            unsafe { release_taken(self.alloc, self.registry, chunk, self.own) };
         }
     }
 }
@@ -372,9 +418,91 @@ mod tests {
                 base,
                 bytes,
                 blocks: 1,
+                data_bytes: 0,
                 transient_bytes: 0,
             })
         }
+    }
+
+    /// A registry that records its calls and refuses `register_blocks` when `refuse`.
+    #[derive(Default)]
+    struct Recording {
+        calls: Vec<(&'static str, usize, usize)>,
+        refuse: bool,
+    }
+
+    impl Registry for Recording {
+        fn register(&mut self, base: *mut u8, bytes: usize) -> bool {
+            self.calls.push(("register", base as usize, bytes));
+            true
+        }
+        fn register_blocks(&mut self, base: *mut u8, bytes: usize, blocks: usize) -> bool {
+            self.calls.push(("register_blocks", base as usize, blocks));
+            assert!(blocks <= bytes);
+            !self.refuse
+        }
+        fn unregister(&mut self, base: *mut u8, bytes: usize) {
+            self.calls.push(("unregister", base as usize, bytes));
+        }
+        fn after_free(&mut self, _base: *mut u8, _bytes: usize) {}
+    }
+
+    /// [`fake_copy`] of `bytes` whose last `data_bytes` are Bigarray data.
+    fn fake_copy_with_data<A: Allocator>(
+        bytes: usize,
+        data_bytes: usize,
+    ) -> impl FnOnce(&mut A) -> Result<Copied, CopyError> {
+        move |alloc: &mut A| fake_copy(bytes, false)(alloc).map(|c| Copied { data_bytes, ..c })
+    }
+
+    #[test]
+    fn an_own_chunk_is_registered_after_the_copy_its_blocks_only() {
+        let mut r = Region::new(4096);
+        let mut reg = Recording::default();
+        let small = r
+            .add(&mut Malloc, &mut reg, |b| fake_copy(64, false)(b))
+            .unwrap();
+        assert_eq!(reg.calls, [("register", small.base as usize, 4096)]);
+        reg.calls.clear();
+        // 10 000 bytes: 3000 of blocks (and the data block's header word), then data.
+        let big = r
+            .add(&mut Malloc, &mut reg, |b| {
+                fake_copy_with_data(10_000, 7000)(b)
+            })
+            .unwrap();
+        assert_eq!(
+            reg.calls,
+            [("register_blocks", big.base as usize, 3000 + WORD_BYTES)]
+        );
+        reg.calls.clear();
+        // Without data: the whole chunk, its tail word included.
+        let plain = r
+            .add(&mut Malloc, &mut reg, |b| fake_copy(10_000, false)(b))
+            .unwrap();
+        assert_eq!(
+            reg.calls,
+            [("register_blocks", plain.base as usize, 10_000 + WORD_BYTES)]
+        );
+        // A refused registration: the add fails, nothing unregistered, region unchanged.
+        let before = (r.stats(), r.range.cursor, r.range.limit, r.chunks.clone());
+        reg.calls.clear();
+        reg.refuse = true;
+        let e = r.add(&mut Malloc, &mut reg, |b| {
+            fake_copy_with_data(10_000, 7000)(b)
+        });
+        assert!(matches!(e, Err(CopyError::OutOfMemory(_))), "{e:?}");
+        assert_eq!(reg.calls.len(), 1, "{:?}", reg.calls);
+        assert_eq!(reg.calls[0].0, "register_blocks");
+        assert_eq!(
+            (r.stats(), r.range.cursor, r.range.limit, r.chunks.clone()),
+            before
+        );
+        // A copy that fails after taking its own chunk: freed, never unregistered.
+        reg.calls.clear();
+        let e = r.add(&mut Malloc, &mut reg, |b| fake_copy(10_000, true)(b));
+        assert_eq!(e, Err(CopyError::Misaligned));
+        assert!(reg.calls.is_empty(), "{:?}", reg.calls);
+        release_all(&mut r);
     }
 
     fn release_all(r: &mut Region) {

@@ -62,6 +62,9 @@ impl Registry for RuntimeRegistry {
     fn register(&mut self, base: *mut u8, bytes: usize) -> bool {
         runtime::register(base, bytes)
     }
+    fn register_blocks(&mut self, base: *mut u8, bytes: usize, blocks: usize) -> bool {
+        runtime::register_blocks(base, bytes, blocks)
+    }
     fn unregister(&mut self, base: *mut u8, bytes: usize) {
         runtime::unregister(base, bytes)
     }

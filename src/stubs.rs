@@ -91,8 +91,10 @@ fn copy(h: Word, copy_static: bool, v: Word) -> StubOutcome {
             WithRecord(runtime::slab::DefaultAllocator),
             |copied| {
                 let (start, total) = WithRecord::<()>::allocation(copied);
+                // The record and the blocks: not the Bigarray data.
+                let blocks = total - copied.bytes + copied.blocks_bytes();
                 if !runtime::slab::is_slab_copy(&allocator, total)
-                    && !runtime::register(start, total)
+                    && !runtime::register_blocks(start, total, blocks)
                 {
                     return false;
                 }
@@ -105,7 +107,7 @@ fn copy(h: Word, copy_static: bool, v: Word) -> StubOutcome {
     } else {
         // Another allocator is asked for the copy's exact size; the record is apart.
         copy_into(h, v, copy_static, allocator, |copied| {
-            if !runtime::register(copied.base, copied.bytes) {
+            if !runtime::register_blocks(copied.base, copied.bytes, copied.blocks_bytes()) {
                 return false;
             }
             // SAFETY: as above.
@@ -399,9 +401,11 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
         Ok(loaded) => loaded,
         Err(e) => return load_failure("load", &path, e),
     };
-    // The payload and the word past it: a pointer to a last block of no fields lies in
-    // registered memory too.
-    if !loaded.base.is_null() && !runtime::register(loaded.base, loaded.held()) {
+    // The payload and the word past it (a pointer to a last block of no fields lies in
+    // registered memory too), or its blocks only when Bigarray data follows them.
+    if !loaded.base.is_null()
+        && !runtime::register_blocks(loaded.base, loaded.held(), loaded.blocks_bytes)
+    {
         // SAFETY: just loaded; nothing refers to it.
         unsafe { file::unmap(loaded.base, loaded.held(), loaded.mapping) };
         return StubOutcome::NoMemory;
@@ -418,6 +422,8 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
             base: loaded.base,
             bytes: loaded.held(),
             blocks: loaded.blocks,
+            // Registered above already; the handle keeps no more than the size.
+            data_bytes: 0,
             transient_bytes: 0,
         };
         if loaded.base.is_null() {

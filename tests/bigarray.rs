@@ -67,18 +67,26 @@ fn assert_tiled(c: &Copied) {
     let mut i = 0;
     let mut blocks = 0;
     let mut data_seen = false;
+    let mut first_data = None;
     while i < words {
         // SAFETY: inside the copy.
         let hd = Header(unsafe { *(c.base as *const Word).add(i) });
         assert_eq!(hd.color(), Color::Unmarkable);
         let is_data = hd.tag() == layout::ABSTRACT_TAG;
         assert!(is_data || !data_seen, "data blocks come last");
+        if is_data && !data_seen {
+            first_data = Some(i);
+        }
         data_seen |= is_data;
         blocks += 1;
         i += hd.whsize();
     }
     assert_eq!(i, words, "blocks tile the copy");
     assert_eq!(blocks, c.blocks, "Copied.blocks counts the data blocks");
+    // Copied.data_bytes: the data blocks, from the first one's header to the end.
+    let expected = first_data.map_or(0, |at| c.bytes - at * WORD_BYTES);
+    assert_eq!(c.data_bytes, expected, "Copied.data_bytes");
+    assert!(c.blocks_bytes() <= c.bytes);
 }
 
 fn dims_of(h: &FakeHeap, v: Word) -> Vec<usize> {
@@ -648,8 +656,37 @@ fn fix_customs_checks_bigarray_sizes_on_trusted_payloads() {
     let parent = bigarrays_in(&words)[0];
     let ops = process().custom_ops;
     let mut good = words.clone();
-    image::validate::fix_customs(&mut good, &table, &ops).unwrap();
+    // The data pointers as a load relocates them, to where `good` is.
+    let address = header(&image).address as Word;
+    let here = good.as_ptr() as Word;
+    for b in bigarrays_in(&words) {
+        good[b + DATA_FIELD] = good[b + DATA_FIELD] - address + here;
+    }
+    let data_at = image::validate::fix_customs(&mut good, &table, &ops).unwrap();
     assert_eq!(good[parent], ba_ops());
+    // The offset returned: inside the first data block, past its header, within the
+    // alignment slack; every block before that block is another kind.
+    let first_data = {
+        let mut i = 0;
+        while Header(good[i]).tag() != layout::ABSTRACT_TAG {
+            i += Header(good[i]).whsize();
+        }
+        i * WORD_BYTES
+    };
+    assert!(
+        first_data < data_at && data_at <= first_data + 64,
+        "data at {data_at}, first data block at {first_data}"
+    );
+    let mut plain = FakeHeap::new(64);
+    let n = plain.int64(7);
+    let plain_root = plain.block(0, &[n, n]);
+    let plain_image = image_of(&mut plain, plain_root);
+    let mut plain_words = payload_words(&plain_image);
+    assert_eq!(
+        image::validate::fix_customs(&mut plain_words, &fix_up_table(&plain_image), &ops).unwrap(),
+        plain_words.len() * WORD_BYTES,
+        "no Bigarray: the whole payload"
+    );
     words[parent + NUM_DIMS_FIELD] = 1000;
     assert_eq!(
         image::validate::fix_customs(&mut words, &table, &ops)

@@ -161,9 +161,25 @@ pub struct Copied {
     pub bytes: usize,
     /// Number of blocks copied.
     pub blocks: usize,
+    /// Bytes of the data blocks (Bigarray data) at the end of the allocation, after
+    /// every other block; 0 when there are none.
+    pub data_bytes: usize,
     /// Peak memory the traversal held besides the copy (queue, visited set and, when the
     /// source is shared, the snapshot), in bytes.
     pub transient_bytes: usize,
+}
+
+impl Copied {
+    /// Bytes from `base` to the end of the blocks and the word after them: all of the
+    /// copy but its Bigarray data, and what a pointer to a last block of no fields
+    /// (one past the blocks) needs. Of at most `bytes`.
+    pub fn blocks_bytes(&self) -> usize {
+        if self.data_bytes == 0 {
+            self.bytes
+        } else {
+            self.bytes - self.data_bytes + WORD_BYTES
+        }
+    }
 }
 
 /// Copies the graph reachable from `root` into one allocation from `alloc`.
@@ -213,6 +229,7 @@ pub unsafe fn copy<H: Heap, V: VisitedSet, A: Allocator>(
         base: out.base,
         bytes: written.bytes,
         blocks: written.blocks,
+        data_bytes: written.data_bytes,
         transient_bytes: written.transient_bytes,
     })
 }
@@ -228,6 +245,8 @@ pub struct Written {
     pub bytes: usize,
     /// Number of blocks copied.
     pub blocks: usize,
+    /// Bytes of the data blocks at the end (as [`Copied::data_bytes`]).
+    pub data_bytes: usize,
     /// Peak memory the traversal held besides the output, in bytes (as
     /// [`Copied::transient_bytes`]).
     pub transient_bytes: usize,
@@ -310,6 +329,7 @@ pub unsafe fn copy_into<H: Heap, V: VisitedSet, O: Output>(
             root,
             bytes: 0,
             blocks: 0,
+            data_bytes: 0,
             transient_bytes: 0,
         };
         return Ok(kept);
@@ -440,6 +460,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             root,
             bytes,
             blocks: self.queue.len() + self.data.blocks(),
+            data_bytes: data_words * WORD_BYTES,
             transient_bytes,
         })
     }

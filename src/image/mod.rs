@@ -532,7 +532,8 @@ fn decode_tables(
     Ok(format::decode_tables(h, bytes))
 }
 
-/// The checks and fix-ups of a payload now at `payload.as_ptr()`; returns the root.
+/// The checks and fix-ups of a payload now at `payload.as_ptr()`; returns the root and
+/// the offset of its first Bigarray data (see [`validate::fix_customs`]).
 fn finish(
     payload: &mut [Word],
     h: &format::Header,
@@ -540,7 +541,7 @@ fn finish(
     at_recorded: bool,
     opts: &Options,
     process: &Process,
-) -> Result<Word, LoadError> {
+) -> Result<(Word, usize), LoadError> {
     let trusted = opts.trusted && at_recorded;
     let expected = validate::Expected {
         address: h.address as Word,
@@ -566,8 +567,8 @@ fn finish(
     } else {
         validate::check(payload, &expected)?
     };
-    validate::fix_customs(payload, customs, &process.custom_ops)?;
-    Ok(root)
+    let data_at = validate::fix_customs(payload, customs, &process.custom_ops)?;
+    Ok((root, data_at))
 }
 
 /// An image checked and relocated in memory of its own.
@@ -603,7 +604,7 @@ pub fn load_bytes(bytes: &[u8], opts: &Options, process: &Process) -> Result<Dec
         trusted: false,
         ..opts.clone()
     };
-    let root = finish(&mut words, &h, &tables, false, &opts, process)?;
+    let (root, _) = finish(&mut words, &h, &tables, false, &opts, process)?;
     Ok(Decoded { words, root })
 }
 
@@ -641,6 +642,9 @@ pub struct Loaded {
     pub bytes: usize,
     /// Blocks in the payload.
     pub blocks: usize,
+    /// Bytes from `base` that the runtime registers (OCaml 4's page table): the payload
+    /// up to its first Bigarray data, or all [`Loaded::held`] when it holds none.
+    pub blocks_bytes: usize,
     /// How the payload is held; release it with [`file::unmap`] and [`Loaded::held`].
     pub mapping: file::Mapping,
 }
@@ -685,6 +689,7 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
             base: std::ptr::null_mut(),
             bytes: 0,
             blocks: 0,
+            blocks_bytes: 0,
             mapping: file::Mapping::None,
         });
     }
@@ -704,11 +709,16 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
     // writable, private to this process, not yet shared with anything.
     let payload = unsafe { std::slice::from_raw_parts_mut(base as *mut Word, bytes / WORD_BYTES) };
     match finish(payload, &h, &tables, at_recorded, opts, process) {
-        Ok(root) => Ok(Loaded {
+        Ok((root, data_at)) => Ok(Loaded {
             root,
             base,
             bytes,
             blocks: h.blocks as usize,
+            blocks_bytes: if data_at < bytes {
+                data_at
+            } else {
+                bytes + file::TAIL_BYTES
+            },
             mapping,
         }),
         Err(e) => {

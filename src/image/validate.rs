@@ -731,14 +731,21 @@ pub fn trusted_root(payload: &[Word], root: u64) -> Result<Word, LoadError> {
 /// the payload, increasing, a custom block with a known identifier and the size of its
 /// kind), so this is safe on a trusted payload too.
 ///
+/// Returns the bytes of the payload before the lowest Bigarray data pointer into it
+/// (the blocks, then the first data block's header and slack: data blocks follow every
+/// other block), or the payload's bytes when no Bigarray points into it. On a trusted
+/// payload that offset is as trusted as the rest.
+///
 /// # Errors
 /// [`LoadError::Bad`] ("fix-up table") on a bad entry; entries before it were applied.
 pub fn fix_customs(
     payload: &mut [Word],
     customs: &[u64],
     ops: &[Word; 4],
-) -> Result<(), LoadError> {
+) -> Result<usize, LoadError> {
     let n = payload.len();
+    let base = payload.as_ptr() as Word;
+    let mut data_at = n * WORD_BYTES;
     let mut previous = 0u64;
     for (k, &entry) in customs.iter().enumerate() {
         let field = (entry / WORD_BYTES as u64) as usize;
@@ -767,7 +774,11 @@ pub fn fix_customs(
             ));
         };
         payload[field] = ops[kind as usize - 1];
+        if kind == CustomKind::Bigarray {
+            let offset = payload[field + bigarray::DATA_FIELD].wrapping_sub(base);
+            data_at = data_at.min(offset);
+        }
         previous = entry;
     }
-    Ok(())
+    Ok(data_at)
 }

@@ -5,7 +5,8 @@
 //! - `RuntimeHeap`: the [`Heap`] classifier (which pointers lead to blocks to copy);
 //! - `visited_set(copy_static)`: the visited set the copy uses on that runtime
 //!   (`Visited`);
-//! - `register` / `unregister` / `reregister_shared`: making a copy known to the
+//! - `register` / `register_blocks` / `unregister` / `reregister_shared`: making a copy
+//!   (its blocks; `register_blocks` leaves its Bigarray data out) known to the
 //!   runtime's polymorphic operations (OCaml 4's page table; nothing on OCaml 5);
 //! - `DEFERS_FREE` and `major_cycles_completed()`: whether freeing must wait for the
 //!   running major cycle to end (OCaml 5), and the counter to wait on.
@@ -18,7 +19,9 @@
 mod backend;
 pub mod slab;
 
-pub use backend::{major_cycles_completed, register, reregister_shared, unregister, DEFERS_FREE};
+pub use backend::{
+    major_cycles_completed, register, register_blocks, reregister_shared, unregister, DEFERS_FREE,
+};
 
 use crate::alloc::Allocator;
 use crate::copy::{self, Copied, CopyError};

@@ -10,8 +10,11 @@
 //! - Visited set: header marks in blue, the color of free-list blocks, which no reachable
 //!   block has. The runtime lock keeps every other thread out while headers are marked.
 //! - Registration: a copy's pages are registered as static data so that compare, hash
-//!   and Marshal treat it as OCaml values. The table works in whole pages and two copies
-//!   can share a page at their ends, so the end pages are reference-counted.
+//!   and Marshal treat it as OCaml values: the pages of its blocks, not those of the
+//!   Bigarray data after them, which only custom blocks point to (a gigabyte of data
+//!   would take a quarter of a million entries, never removed: the table only marks
+//!   them as kind 0). The table works in whole pages and two copies can share a page at
+//!   their ends, so the end pages are reference-counted.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -234,8 +237,17 @@ pub unsafe fn visited_set(_copy_static: bool) -> Visited {
     Visited::Marks(HeaderMarks::new(Color::C2))
 }
 
-/// Live copies per page, for the pages a copy shares only partly (its first and last).
-static SHARED_PAGES: Mutex<Option<HashMap<usize, usize>>> = Mutex::new(None);
+/// What is registered beyond the page table's own records.
+struct Registrations {
+    /// Live registrations per page, for the pages a registration covers only partly
+    /// (its first and last): the only ones another registration can occupy too.
+    shared: HashMap<usize, usize>,
+    /// Allocations registered only in part, by their start: the bytes registered (the
+    /// blocks; the Bigarray data after them is not, see [`register_blocks`]).
+    partial: HashMap<usize, usize>,
+}
+
+static REGISTRATIONS: Mutex<Option<Registrations>> = Mutex::new(None);
 
 /// The pages of `[base, base + bytes)`, first and last.
 fn page_span(base: *mut u8, bytes: usize) -> (usize, usize) {
@@ -276,8 +288,8 @@ fn set_pages(add: bool, from: usize, to: usize) -> bool {
     }
 }
 
-fn shared_pages() -> std::sync::MutexGuard<'static, Option<HashMap<usize, usize>>> {
-    SHARED_PAGES
+fn registrations() -> std::sync::MutexGuard<'static, Option<Registrations>> {
+    REGISTRATIONS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -285,30 +297,66 @@ fn shared_pages() -> std::sync::MutexGuard<'static, Option<HashMap<usize, usize>
 /// Registers the copy `[base, base + bytes)` as static data. False when the page table
 /// could not grow.
 pub fn register(base: *mut u8, bytes: usize) -> bool {
-    let (first, last) = page_span(base, bytes);
-    let mut guard = shared_pages();
+    register_blocks(base, bytes, bytes)
+}
+
+/// Registers the first `blocks` bytes of the allocation `[base, base + bytes)` as static
+/// data: its blocks, not the Bigarray data after them. Nothing in the runtime looks up an
+/// address in the data (only a Bigarray's data pointer, in a custom block that no GC
+/// scans, points there), and the page table takes one entry per page: registering a
+/// gigabyte of data costs a quarter of a million entries. [`unregister`] of the
+/// allocation removes what was registered. False when the page table could not grow or
+/// there was no memory to remember the registration.
+pub fn register_blocks(base: *mut u8, bytes: usize, blocks: usize) -> bool {
+    let blocks = blocks.min(bytes);
+    let mut guard = registrations();
+    let regs = guard.get_or_insert_with(|| Registrations {
+        shared: HashMap::new(),
+        partial: HashMap::new(),
+    });
+    let partial = blocks < bytes;
+    if partial && regs.partial.try_reserve(1).is_err() {
+        return false;
+    }
+    let ends = end_pages(base, blocks);
+    if regs.shared.try_reserve(ends.len()).is_err() {
+        return false;
+    }
+    let (first, last) = page_span(base, blocks);
     if !set_pages(true, first, last) {
         return false;
     }
-    let shared = guard.get_or_insert_with(HashMap::new);
-    for page in end_pages(base, bytes) {
-        *shared.entry(page).or_insert(0) += 1;
+    for page in ends {
+        *regs.shared.entry(page).or_insert(0) += 1;
+    }
+    if partial {
+        regs.partial.insert(base as usize, blocks);
     }
     true
 }
 
-/// Unregisters the copy `[base, base + bytes)`, keeping the end pages that another live
-/// copy still occupies.
+/// Unregisters the allocation `[base, base + bytes)` (what [`register`] or
+/// [`register_blocks`] registered of it), keeping the end pages that another live
+/// registration still occupies. Never removes a page it did not register: OCaml 4's
+/// `caml_page_table_remove` inserts an entry for a page it does not know.
 pub fn unregister(base: *mut u8, bytes: usize) {
+    let mut guard = registrations();
+    let regs = guard.get_or_insert_with(|| Registrations {
+        shared: HashMap::new(),
+        partial: HashMap::new(),
+    });
+    let bytes = if regs.partial.is_empty() {
+        bytes
+    } else {
+        regs.partial.remove(&(base as usize)).unwrap_or(bytes)
+    };
     let (mut first, mut last) = page_span(base, bytes);
-    let mut guard = shared_pages();
-    let shared = guard.get_or_insert_with(HashMap::new);
     let mut kept = Vec::with_capacity(2);
     for page in end_pages(base, bytes) {
-        let count = shared.entry(page).or_insert(1);
+        let count = regs.shared.entry(page).or_insert(1);
         *count -= 1;
         if *count == 0 {
-            shared.remove(&page);
+            regs.shared.remove(&page);
         } else {
             kept.push(page);
         }
@@ -328,10 +376,10 @@ pub fn unregister(base: *mut u8, bytes: usize) {
 /// `[base, base + bytes)` that other live copies occupy, in case the allocator removed
 /// them itself (allocators written for the original C library do).
 pub fn reregister_shared(base: *mut u8, bytes: usize) {
-    let guard = shared_pages();
-    if let Some(shared) = guard.as_ref() {
+    let guard = registrations();
+    if let Some(regs) = guard.as_ref() {
         for page in end_pages(base, bytes) {
-            if shared.contains_key(&page) {
+            if regs.shared.contains_key(&page) {
                 set_pages(true, page, page);
             }
         }

@@ -130,6 +130,11 @@ pub fn register(_base: *mut u8, _bytes: usize) -> bool {
     true
 }
 
+/// Nothing to register: OCaml 5 has no page table.
+pub fn register_blocks(_base: *mut u8, _bytes: usize, _blocks: usize) -> bool {
+    true
+}
+
 /// Nothing to unregister.
 pub fn unregister(_base: *mut u8, _bytes: usize) {}
 
