@@ -18,6 +18,7 @@
    -hold. *)
 
 open Bigarray
+open Child
 
 type entry = { name : string; off : int; len : int }
 
@@ -60,19 +61,6 @@ let minor_faults () =
   let after = String.sub line (String.rindex line ')' + 2) (String.length line - String.rindex line ')' - 2) in
   int_of_string (List.nth (String.split_on_char ' ' after) 7)
 
-let pss_kb () =
-  let ic = open_in "/proc/self/smaps_rollup" in
-  let rec find () =
-    match input_line ic with
-    | line when String.length line > 4 && String.sub line 0 4 = "Pss:" ->
-        Scanf.sscanf line "Pss: %d kB" Fun.id
-    | _ -> find ()
-    | exception End_of_file -> 0
-  in
-  let kb = find () in
-  close_in ic;
-  kb
-
 let load ?(trusted = false) path : value Offheap.t =
   Offheap.Image.load ~share:true ~verify:false ~trusted path
 
@@ -98,26 +86,11 @@ let hold path =
   ignore (input_line stdin);
   Printf.printf "%d\n%!" (pss_kb ())
 
-let spawn args =
-  let out_r, out_w = Unix.pipe () in
-  let in_r, in_w = Unix.pipe () in
-  let pid = Unix.create_process Sys.executable_name args in_r out_w Unix.stderr in
-  Unix.close out_w;
-  Unix.close in_r;
-  (pid, Unix.in_channel_of_descr out_r, Unix.out_channel_of_descr in_w)
-
-let finish (pid, ic, oc) =
-  close_in ic;
-  close_out oc;
-  ignore (Unix.waitpid [] pid)
-
 let load_in_child mode path =
   let ((_, ic, _) as c) = spawn [| "bigarray_bench"; "-child"; mode; path |] in
   let line = input_line ic in
   finish c;
   Scanf.sscanf line "%f %d" (fun t f -> (t, f))
-
-let seconds t = if t < 0.01 then Printf.sprintf "%.2f ms" (t *. 1e3) else Printf.sprintf "%.3f s" t
 
 let main () =
   let quick = ref false and scale = ref 1.0 and runs = ref 5 and dir = ref (Filename.get_temp_dir_name ()) in

@@ -17,6 +17,8 @@ module IM = Map.Make (Int)
 
 type value = string array * string IM.t
 
+open Child
+
 let build gb =
   (* A string block of 16 to 112 bytes takes 32 to 128 bytes; 88 on average with its
      array slot; a map entry 48 bytes plus a fifth of the strings. *)
@@ -40,19 +42,6 @@ let touch ((strings, m) : value) =
   Array.iter (fun s -> total := !total + Char.code s.[String.length s - 1]) strings;
   IM.iter (fun k s -> total := !total + k + String.length s) m;
   !total
-
-let pss_kb () =
-  let ic = open_in "/proc/self/smaps_rollup" in
-  let rec find () =
-    match input_line ic with
-    | line when String.length line > 4 && String.sub line 0 4 = "Pss:" ->
-        Scanf.sscanf line "Pss: %d kB" Fun.id
-    | _ -> find ()
-    | exception End_of_file -> 0
-  in
-  let kb = find () in
-  close_in ic;
-  kb
 
 (* How each child mode makes the value usable. *)
 let load mode path : value =
@@ -94,19 +83,6 @@ let hold mode path =
   Printf.printf "%d\n%!" (pss_kb ());
   ignore (Sys.opaque_identity v)
 
-let vm_hwm_kb () =
-  let ic = open_in "/proc/self/status" in
-  let rec find () =
-    match input_line ic with
-    | line when String.length line > 6 && String.sub line 0 6 = "VmHWM:" ->
-        Scanf.sscanf line "VmHWM: %d kB" Fun.id
-    | _ -> find ()
-    | exception End_of_file -> 0
-  in
-  let kb = find () in
-  close_in ic;
-  kb
-
 (* -write MODE PATH GB: builds the value, writes it with Marshal or as an image, prints
    the seconds the write took and the peak memory it added (VmHWM after the write less
    VmHWM before it, in kB). *)
@@ -125,19 +101,6 @@ let write_child build mode path gb =
   let t = Unix.gettimeofday () -. t0 in
   Printf.printf "%.6f\n%d\n%!" t (vm_hwm_kb () - before);
   ignore (Sys.opaque_identity v)
-
-let spawn args =
-  let out_r, out_w = Unix.pipe () in
-  let in_r, in_w = Unix.pipe () in
-  let pid = Unix.create_process Sys.executable_name args in_r out_w Unix.stderr in
-  Unix.close out_w;
-  Unix.close in_r;
-  (pid, Unix.in_channel_of_descr out_r, Unix.out_channel_of_descr in_w)
-
-let finish (pid, ic, oc) =
-  close_in ic;
-  close_out oc;
-  ignore (Unix.waitpid [] pid)
 
 let time_child mode path =
   let (_, ic, _) as c = spawn [| "image_bench"; "-child"; mode; path |] in
@@ -166,7 +129,6 @@ let cores =
   ignore (Unix.close_process_in ic);
   n
 
-let seconds t = if t < 0.01 then Printf.sprintf "%.2f ms" (t *. 1e3) else Printf.sprintf "%.3f s" t
 let mb kb = Printf.sprintf "%.0f MB" (float kb /. 1024.)
 
 let main () =
