@@ -130,7 +130,8 @@ fn value(h: &mut FakeHeap, n: usize) -> Word {
     h.block(0, &[list, f[1]])
 }
 
-/// Copies `root` with `s`, the `allowed`-th Rust allocation of the thread failing
+/// Copies `root` by the general traversal with `s` (the path of small values, which
+/// allocates nothing, has a test of its own), the `allowed`-th Rust allocation of the thread failing
 /// (`usize::MAX`: none).
 fn copy_failing(
     h: &mut FakeHeap,
@@ -146,9 +147,11 @@ fn copy_failing(
     unsafe {
         ALLOWED.with(|a| a.set(allowed));
         let r = match s {
-            Strategy::Marks => copy::copy(root, h, HeaderMarks::new(Color::C2), alloc),
-            Strategy::Table => copy::copy(root, h, SideTable::new(), alloc),
-            Strategy::Outside => copy::copy(root, h, MarksOutside::new(Color::C2, range), alloc),
+            Strategy::Marks => copy::traverse(root, h, HeaderMarks::new(Color::C2), alloc),
+            Strategy::Table => copy::traverse(root, h, SideTable::new(), alloc),
+            Strategy::Outside => {
+                copy::traverse(root, h, MarksOutside::new(Color::C2, range), alloc)
+            }
         };
         ALLOWED.with(|a| a.set(usize::MAX));
         r
@@ -225,6 +228,69 @@ fn small(h: &mut FakeHeap) -> Word {
             layout::val_int(-1),
         ],
     )
+}
+
+#[test]
+fn the_path_of_small_values_takes_no_rust_memory() {
+    let mut h = FakeHeap::new(1 << 12);
+    let root = small(&mut h);
+    let before = h.snapshot();
+    // SAFETY: `root` is a well-formed value of `h`; nothing else touches it.
+    let copy = |h: &mut FakeHeap, alloc: &mut dyn offheap::alloc::Allocator| unsafe {
+        ALLOWED.with(|a| a.set(0));
+        let r = copy::copy(root, h, HeaderMarks::new(Color::C2), &mut DynAlloc(alloc));
+        ALLOWED.with(|a| a.set(usize::MAX));
+        r
+    };
+    let live = live_but_spare();
+    let spare = thread_spare_bytes();
+    let mut alloc = Counting::new();
+    let c = copy(&mut h, &mut alloc).expect("no Rust allocation needed");
+    assert_eq!(
+        assert_isomorphic(&mut h, root, c.root, c.base as Word, c.bytes),
+        3
+    );
+    assert_eq!(c.transient_bytes, 0);
+    // SAFETY: from this allocator; not used after.
+    unsafe { offheap::alloc::Allocator::free(&mut alloc, c.base, c.bytes) };
+    drop(alloc);
+    assert_eq!((live_but_spare(), thread_spare_bytes()), (live, spare));
+    // The allocator failing: out of memory, nothing kept, the source as it was.
+    let mut null = NullAlloc;
+    let outcome = copy(&mut h, &mut null);
+    assert!(
+        matches!(outcome, Err(CopyError::OutOfMemory(88))),
+        "{outcome:?}"
+    );
+    assert!(h.snapshot() == before, "source changed");
+    assert_eq!(live_but_spare(), live);
+}
+
+/// An allocator that always fails.
+struct NullAlloc;
+
+impl offheap::alloc::Allocator for NullAlloc {
+    fn alloc(&mut self, _bytes: usize) -> *mut u8 {
+        std::ptr::null_mut()
+    }
+
+    unsafe fn free(&mut self, _ptr: *mut u8, _bytes: usize) {
+        unreachable!("nothing was allocated")
+    }
+}
+
+/// An allocator behind a `dyn` reference.
+struct DynAlloc<'a>(&'a mut dyn offheap::alloc::Allocator);
+
+impl offheap::alloc::Allocator for DynAlloc<'_> {
+    fn alloc(&mut self, bytes: usize) -> *mut u8 {
+        self.0.alloc(bytes)
+    }
+
+    unsafe fn free(&mut self, ptr: *mut u8, bytes: usize) {
+        // SAFETY: forwarded.
+        unsafe { self.0.free(ptr, bytes) }
+    }
 }
 
 #[test]
@@ -316,7 +382,7 @@ impl offheap::alloc::Allocator for Nesting<'_> {
         // SAFETY: `inner` is a well-formed value of its own heap, which nothing else
         // touches.
         let c = unsafe {
-            copy::copy(
+            copy::traverse(
                 self.inner,
                 self.heap,
                 HeaderMarks::new(Color::C2),
@@ -351,7 +417,7 @@ fn a_copy_nested_in_a_copy_gets_a_queue_of_its_own() {
             };
             // SAFETY: `outer` is a well-formed value of its heap; nothing else touches it.
             let c = unsafe {
-                copy::copy(
+                copy::traverse(
                     outer,
                     &mut outer_heap,
                     HeaderMarks::new(Color::C2),

@@ -147,13 +147,17 @@ impl Allocator for MisalignedAlloc {
 
 #[derive(Clone, Copy, Debug)]
 enum Strategy {
-    /// `HeaderMarks` with this mark color.
+    /// The general traversal with `HeaderMarks` of this mark color.
     Marks(Color),
+    /// The general traversal with a `SideTable`.
     Table,
+    /// `copy::copy` as the runtime calls it: the path of small values when it applies,
+    /// else the general traversal with `HeaderMarks`.
+    Copy,
 }
 
 const MARKS: Strategy = Strategy::Marks(Color::C2);
-const BOTH: [Strategy; 2] = [MARKS, Strategy::Table];
+const ALL: [Strategy; 3] = [MARKS, Strategy::Table, Strategy::Copy];
 
 /// `copy::copy` with a fresh visited set of strategy `s`.
 fn raw_copy<A: Allocator>(
@@ -166,8 +170,9 @@ fn raw_copy<A: Allocator>(
     // by `FakeHeap`), and nothing else touches the fake heap during the call.
     unsafe {
         match s {
-            Strategy::Marks(mark) => copy::copy(root, h, HeaderMarks::new(mark), alloc),
-            Strategy::Table => copy::copy(root, h, SideTable::with_capacity(0), alloc),
+            Strategy::Marks(mark) => copy::traverse(root, h, HeaderMarks::new(mark), alloc),
+            Strategy::Table => copy::traverse(root, h, SideTable::with_capacity(0), alloc),
+            Strategy::Copy => copy::copy(root, h, HeaderMarks::new(Color::C2), alloc),
         }
     }
 }
@@ -182,6 +187,7 @@ fn raw_measure(h: &mut FakeHeap, root: Word, s: Strategy) -> Result<Measured, Co
         match s {
             Strategy::Marks(mark) => copy::measure(root, h, HeaderMarks::new(mark)),
             Strategy::Table => copy::measure(root, h, SideTable::with_capacity(0)),
+            Strategy::Copy => copy::measure(root, h, HeaderMarks::new(Color::C2)),
         }
     };
     let held = match &m {
@@ -321,10 +327,20 @@ fn copy_checked(h: &mut FakeHeap, root: Word, s: Strategy, expect: (usize, usize
     let c = raw_copy(h, root, s, &mut alloc).unwrap_or_else(|e| panic!("{s:?}: {e}"));
     let copied = (c.bytes, c.blocks, c.transient_bytes);
     let m = (measured.bytes, measured.blocks, measured.transient_bytes);
-    assert_eq!(
-        m, copied,
-        "{s:?}: measure = the copy's bytes, blocks, transient bytes"
-    );
+    match s {
+        // `measure` takes the path `copy` takes.
+        Strategy::Copy => assert_eq!(
+            m, copied,
+            "{s:?}: measure = the copy's bytes, blocks, transient bytes"
+        ),
+        // The general traversal: the same copy; its tables may differ from the path
+        // of small values that `measure` may take.
+        _ => assert_eq!(
+            (m.0, m.1),
+            (copied.0, copied.1),
+            "{s:?}: measure = the copy's bytes, blocks"
+        ),
+    }
     assert_eq!(
         thread_live(),
         live,
@@ -437,7 +453,7 @@ fn int_list(h: &mut FakeHeap, from: isize, to: isize) -> Word {
 fn immediate_root_copies_nothing() {
     let mut h = FakeHeap::new(1 << 10);
     let _unrelated = int_list(&mut h, 0, 10);
-    for s in BOTH {
+    for s in ALL {
         for n in [0, 1, -1, 42, isize::MAX >> 1, isize::MIN >> 1] {
             let v = layout::val_int(n);
             let done = copy_checked(&mut h, v, s, (0, 0));
@@ -454,7 +470,7 @@ fn static_root_is_shared_unless_copy_static() {
     let inner = h.static_block(3, &[layout::val_int(5)]);
     let root = h.static_block(0, &[inner, heap_str, layout::val_int(1)]);
     let from_heap = h.block(1, &[root, heap_str]);
-    for s in BOTH {
+    for s in ALL {
         h.copy_static = false;
         // A static root is returned as it is, nothing allocated.
         copy_checked(&mut h, root, s, (0, 0)).free();
@@ -517,7 +533,7 @@ fn tuples_records_and_variants_with_various_tags() {
     }
     let record = h.block(0, &variants);
     let root = h.block(5, &[record, variants[3], layout::val_int(-7)]);
-    for s in BOTH {
+    for s in ALL {
         let done = copy_ok(&mut h, root, s);
         assert_eq!(header(done.c.root), Header::new(3, Color::Unmarkable, 5));
         let rec = done.root_field(0);
@@ -540,7 +556,7 @@ fn empty_and_nearly_empty_blocks() {
     let trailer = h.block(1, &[one]);
     // Breadth first, the empty blocks come before `trailer`, so none is last in the copy.
     let root = h.block(0, &[e0, e5, empty_floats, e0, no_env, trailer]);
-    for s in BOTH {
+    for s in ALL {
         let done = copy_ok(&mut h, root, s);
         assert_eq!(done.c.blocks, 7);
         assert_eq!(
@@ -585,7 +601,7 @@ fn blocks_with_more_than_256_fields() {
             })
             .collect();
         let root = h.block(0, &fields);
-        for s in BOTH {
+        for s in ALL {
             let done = copy_ok(&mut h, root, s);
             assert_eq!(header(done.c.root).wosize(), n);
             assert_eq!(
@@ -618,7 +634,7 @@ fn strings_of_every_length_keep_bytes_and_padding() {
         strings.push((bytes.clone(), h.string(&bytes)));
     }
     let all = h.block(0, &strings.iter().map(|&(_, v)| v).collect::<Vec<_>>());
-    for s in BOTH {
+    for s in ALL {
         for (bytes, v) in &strings {
             let len = bytes.len();
             let done = copy_ok(&mut h, *v, s);
@@ -685,7 +701,7 @@ fn boxed_floats_and_float_arrays_are_bit_exact() {
     let mut fields = boxed.clone();
     fields.push(array);
     let root = h.block(0, &fields);
-    for s in BOTH {
+    for s in ALL {
         let done = copy_ok(&mut h, root, s);
         assert_eq!(
             done.c.blocks,
@@ -720,7 +736,7 @@ fn int64_custom_blocks_copy() {
         .map(|&n| h.int64(n))
         .collect();
     let root = h.block(0, &values);
-    for s in BOTH {
+    for s in ALL {
         let done = copy_ok(&mut h, root, s);
         assert_eq!(done.c.blocks, 7, "the decoy in the payload is not followed");
         for (i, &v) in values.iter().enumerate() {
@@ -749,7 +765,7 @@ fn foreign_custom_block_is_refused() {
     let list = int_list(&mut h, 0, 50);
     let inner = h.block(0, &[list, big]);
     let root = h.block(0, &[ok, inner]);
-    for s in BOTH {
+    for s in ALL {
         for v in [big, root] {
             assert_eq!(
                 copy_err(&mut h, v, s),
@@ -763,7 +779,7 @@ fn foreign_custom_block_is_refused() {
 fn abstract_block_is_refused_even_deep_in_a_big_graph() {
     let mut h = FakeHeap::new(1 << 21);
     let abs = h.block(layout::ABSTRACT_TAG, &[0x1234, 0x5678]);
-    for s in BOTH {
+    for s in ALL {
         assert_eq!(copy_err(&mut h, abs, s), CopyError::Abstract);
     }
     // 100k records with two edges each; the abstract block hangs off the last one of a
@@ -780,14 +796,14 @@ fn abstract_block_is_refused_even_deep_in_a_big_graph() {
         h.set(nodes[i], 1, other);
         h.set(nodes[i], 2, layout::val_int(i as isize));
     }
-    for s in BOTH {
+    for s in ALL {
         assert_eq!(copy_err(&mut h, nodes[0], s), CopyError::Abstract);
         assert_eq!(copy_err(&mut h, nodes[n / 2], s), CopyError::Abstract);
     }
     // Without the abstract block the same graph copies.
     let last = nodes[n - 1];
     h.set(last, 0, layout::val_int(0));
-    for s in BOTH {
+    for s in ALL {
         let done = copy_ok(&mut h, nodes[0], s);
         assert_eq!(done.c.blocks, n);
         done.free();
@@ -807,7 +823,7 @@ fn closure_with_one_function() {
     let f = h.closure(&[2], &[s1, layout::val_int(7), t])[0];
     // The code pointer is raw: make it look like a heap pointer; it must not be followed.
     h.set(f, 0, decoy);
-    for s in BOTH {
+    for s in ALL {
         let done = copy_ok(&mut h, f, s);
         assert_eq!(done.c.blocks, 3, "closure, string, tuple; not the decoy");
         assert_eq!(done.root_field(0), decoy, "code pointer copied as is");
@@ -828,7 +844,7 @@ fn closure_with_several_functions_and_infix_roots() {
     let fns = h.closure(&[1, 2, 3], &[s1, layout::val_int(5)]);
     assert_eq!(fns.len(), 3);
     let record = h.block(0, &[fns[2], fns[0], fns[1], fns[2]]);
-    for s in BOTH {
+    for s in ALL {
         for (k, &f) in fns.iter().enumerate() {
             let done = copy_ok(&mut h, f, s);
             assert_eq!(done.c.blocks, 2, "function {k}: the closure and the string");
@@ -880,7 +896,7 @@ fn mutually_recursive_closures_through_infix_pointers() {
     // A closure whose environment points to its own second function.
     let own = h.closure(&[1, 1], &[placeholder]);
     h.set(own[0], env, own[1]);
-    for s in BOTH {
+    for s in ALL {
         for root in [record, a[1], b[0]] {
             let done = copy_ok(&mut h, root, s);
             assert_eq!(done.c.blocks, if root == record { 3 } else { 2 });
@@ -922,7 +938,7 @@ fn forced_lazy_forward_block_copies() {
     let value = h.string(b"forced");
     let fwd = h.block(layout::FORWARD_TAG, &[value]);
     let root = h.block(0, &[fwd, fwd, value]);
-    for s in BOTH {
+    for s in ALL {
         let done = copy_ok(&mut h, root, s);
         assert_eq!(done.c.blocks, 3);
         assert_eq!(header(done.root_field(0)).tag(), layout::FORWARD_TAG);
@@ -940,7 +956,7 @@ fn unforced_lazy_is_refused() {
     let deep = h.block(0, &[layout::val_int(1), lazy]);
     let list = int_list(&mut h, 0, 20);
     let root = h.block(0, &[list, deep]);
-    for s in BOTH {
+    for s in ALL {
         for v in [lazy, root] {
             assert_eq!(copy_err(&mut h, v, s), CopyError::UnforcedLazy);
         }
@@ -954,7 +970,7 @@ fn ocaml5_tags_are_refused_only_on_ocaml5() {
     let forcing = h.block(layout::FORCING_TAG, &[s1]);
     let cont = h.block(layout::CONT_TAG, &[layout::val_int(3), s1]);
     let root = h.block(0, &[forcing, cont]);
-    for s in BOTH {
+    for s in ALL {
         h.ocaml5_tags = true;
         assert_eq!(copy_err(&mut h, forcing, s), CopyError::ForcingLazy);
         assert_eq!(copy_err(&mut h, cont, s), CopyError::Continuation);
@@ -984,7 +1000,7 @@ fn objects_and_exception_constructors_copy() {
     let exn_ctor = h.block(layout::OBJECT_TAG, &[name, layout::val_int(-12)]);
     let exn = h.block(0, &[exn_ctor, layout::val_int(3)]);
     let root = h.block(0, &[obj, obj2, exn]);
-    for s in BOTH {
+    for s in ALL {
         let done = copy_ok(&mut h, root, s);
         assert_eq!(done.c.blocks, 8);
         let (o1, o2) = (done.root_field(0), done.root_field(1));
@@ -1008,7 +1024,7 @@ fn null_allocator_is_out_of_memory_of_the_measured_size() {
     let root = h.block(0, &[list, s1, list]);
     let bytes = reachable(&mut h, root).1 * WORD_BYTES;
     assert_eq!(bytes, (4 + 100 * 3 + 2) * WORD_BYTES);
-    for s in BOTH {
+    for s in ALL {
         let mut alloc = NullAlloc::default();
         let err = copy_refused(&mut h, root, s, &mut alloc);
         assert_eq!(err, CopyError::OutOfMemory(bytes));
@@ -1024,7 +1040,7 @@ fn misaligned_allocator_is_refused_and_freed() {
     let f = h.float(2.5);
     let root = h.block(0, &[list, f]);
     let bytes = reachable(&mut h, root).1 * WORD_BYTES;
-    for s in BOTH {
+    for s in ALL {
         let mut alloc = MisalignedAlloc::default();
         let err = copy_refused(&mut h, root, s, &mut alloc);
         assert_eq!(err, CopyError::Misaligned);
@@ -1057,7 +1073,7 @@ fn one_allocation_of_exactly_the_reachable_size() {
     let by_hand = 3 + 2 + 4 + 3 + 8 + 3 + 3 + 10;
     let _ = unreachable;
     assert_eq!(reachable(&mut h, root), (8, by_hand));
-    for s in BOTH {
+    for s in ALL {
         let done = copy_ok(&mut h, root, s);
         assert_eq!(done.alloc.allocs, [by_hand * WORD_BYTES]);
         assert_eq!(done.c.bytes, by_hand * WORD_BYTES);
@@ -1076,7 +1092,7 @@ fn sharing_is_preserved() {
     let b = h.block(0, &[a, a]);
     let c = h.block(0, &[b, b, a]);
     let root = h.block(0, &[c, b, a, c]);
-    for s in BOTH {
+    for s in ALL {
         let done = copy_ok(&mut h, root, s);
         assert_eq!(done.c.blocks, 4, "a diamond is not unfolded");
         let (cc, cb, ca) = (done.root_field(0), done.root_field(1), done.root_field(2));
@@ -1107,7 +1123,7 @@ fn cycles_are_preserved() {
     }
     let root = h.block(0, &[selfloop, x, ring[500]]);
     h.set(selfloop, 1, root); // back to the root
-    for s in BOTH {
+    for s in ALL {
         let done = copy_ok(&mut h, root, s);
         assert_eq!(done.c.blocks, 1004);
         let cs = done.root_field(0);
@@ -1152,7 +1168,7 @@ fn ten_million_element_list() {
     let n = 10_000_000;
     let mut h = FakeHeap::new(3 * n + 16);
     let list = int_list(&mut h, 0, n as isize);
-    for s in BOTH {
+    for s in ALL {
         let done = copy_checked(&mut h, list, s, (n, 3 * n));
         assert_int_list_copy(&done.c, n);
         done.free();
@@ -1168,7 +1184,7 @@ fn million_deep_nested_tuples() {
     for k in 0..n {
         t = h.block((k % 200) as u8, &[t, layout::val_int(k as isize)]);
     }
-    for s in BOTH {
+    for s in ALL {
         let done = copy_ok(&mut h, t, s);
         let mut cell = done.c.root;
         for k in (0..n).rev() {
@@ -1239,7 +1255,7 @@ fn trees_are_laid_out_depth_first_by_groups() {
         let root = labelled_tree(&mut h, &mut rng, nodes);
         let expected = grouped_depth_first(&h, root);
         assert_eq!(expected.len(), nodes);
-        for s in BOTH {
+        for s in ALL {
             let done = copy_ok(&mut h, root, s);
             let mut at = 0;
             let mut labels = Vec::new();
@@ -1266,7 +1282,7 @@ fn million_deep_tree_with_a_pending_sibling_at_every_level() {
         let sibling = h.float(k as f64);
         t = h.block(0, &[t, sibling]);
     }
-    for s in BOTH {
+    for s in ALL {
         let done = copy_ok(&mut h, t, s);
         assert!(
             done.c.transient_bytes >= 16 * 2 * n + 16 * n,

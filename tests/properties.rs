@@ -258,6 +258,73 @@ fn copy_with(
     }
 }
 
+/// An [`copy::Output`] into a vector, for a copy made as if at [`VecOutput::BASE`].
+struct VecOutput {
+    words: Vec<Word>,
+    next: usize,
+}
+
+impl VecOutput {
+    const BASE: Word = 0x7000_0000_0000;
+}
+
+impl copy::Output for VecOutput {
+    fn begin(&mut self, bytes: usize) -> Result<Word, CopyError> {
+        self.words = vec![0; bytes / WORD_BYTES];
+        Ok(Self::BASE)
+    }
+
+    fn next(&mut self, words: usize) -> *mut Word {
+        let run = self.words[self.next..self.next + words].as_mut_ptr();
+        self.next += words;
+        run
+    }
+}
+
+/// The words of the copy of `root` and what was written, by `copy_into` (which takes
+/// the path of small values when it applies) or by the general traversal alone.
+fn copy_words(
+    h: &mut FakeHeap,
+    root: Word,
+    general: bool,
+) -> Result<(Vec<Word>, copy::Written), CopyError> {
+    let mut out = VecOutput {
+        words: Vec::new(),
+        next: 0,
+    };
+    // SAFETY: as in `copy_with`.
+    let written = unsafe {
+        if general {
+            copy::traverse_into(root, h, HeaderMarks::new(Color::C2), &mut out)
+        } else {
+            copy::copy_into(root, h, HeaderMarks::new(Color::C2), &mut out)
+        }
+    }?;
+    assert_eq!(out.next, out.words.len(), "the whole copy written");
+    Ok((out.words, written))
+}
+
+/// The path of small values and the general traversal give the same bytes, or the same
+/// error.
+fn check_paths_agree(h: &mut FakeHeap, root: Word) -> Result<(), TestCaseError> {
+    let before = h.snapshot();
+    let either = copy_words(h, root, false);
+    let general = copy_words(h, root, true);
+    prop_assert!(before == h.snapshot(), "source changed");
+    match (either, general) {
+        (Ok((a, wa)), Ok((b, wb))) => {
+            prop_assert_eq!(
+                (wa.root, wa.bytes, wa.blocks),
+                (wb.root, wb.bytes, wb.blocks)
+            );
+            prop_assert!(a == b, "the two paths wrote different copies");
+        }
+        (Err(a), Err(b)) => prop_assert_eq!(a, b),
+        (a, b) => prop_assert!(false, "one path failed: {:?} / {:?}", a.err(), b.err()),
+    }
+    Ok(())
+}
+
 /// Copies the root of `g` with both strategies and checks the outcome against `expected`.
 fn check(g: &Graph) -> Result<(), TestCaseError> {
     let e = expected(g);
@@ -330,7 +397,7 @@ fn check(g: &Graph) -> Result<(), TestCaseError> {
         }
         prop_assert!(alloc.live.is_empty(), "{}: leaked {:?}", what, alloc.live);
     }
-    Ok(())
+    check_paths_agree(&mut h, root)
 }
 
 proptest! {
@@ -351,6 +418,7 @@ fn generator_covers_every_outcome() {
     let mut runner = TestRunner::deterministic();
     let (mut ok, mut abs, mut foreign, mut nothing, mut statics, mut infix_roots) =
         (0, 0, 0, 0, 0, 0);
+    let (mut small, mut large) = (0, 0);
     for _ in 0..512 {
         let g = graph().new_tree(&mut runner).unwrap().current();
         let e = expected(&g);
@@ -359,6 +427,14 @@ fn generator_covers_every_outcome() {
             (_, true, _) => abs += 1,
             (_, _, true) => foreign += 1,
             _ => ok += 1,
+        }
+        // Copies within the path of small values, and beyond it.
+        if e.blocks > 0 && !e.abstract_reachable && !e.foreign_reachable {
+            if e.blocks <= copy::small::MAX_BLOCKS && e.words <= copy::small::MAX_WORDS {
+                small += 1;
+            } else {
+                large += 1;
+            }
         }
         statics +=
             (g.copy_static && g.nodes.iter().any(|k| matches!(k, Kind::Static { .. }))) as usize;
@@ -376,6 +452,8 @@ fn generator_covers_every_outcome() {
         ("nothing", nothing),
         ("static", statics),
         ("infix root", infix_roots),
+        ("small", small),
+        ("large", large),
     ] {
         assert!(count >= 5, "only {count} {what} cases in 512");
     }

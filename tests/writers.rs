@@ -143,15 +143,25 @@ impl Pool {
 /// field `t % 3`, and the head of list cell `t % n`, with fresh choices from the pool.
 #[test]
 fn copies_under_a_writer_succeed_and_hold_values_the_fields_held() {
-    const N: usize = 300;
+    copies_under_a_writer(300);
+}
+
+/// The same with one slot and one cell: a value of a few blocks, which the path of small
+/// values copies (it reads each block once, as the general traversal's snapshot does).
+#[test]
+fn small_copies_under_a_writer_succeed_and_hold_values_the_fields_held() {
+    copies_under_a_writer(1);
+}
+
+fn copies_under_a_writer(n: usize) {
     let mut h = FakeHeap::new(1 << 16);
     let pool = Pool::new(&mut h, 37);
-    let slot_init: Vec<Word> = (0..N).map(|i| pool.value(i)).collect();
+    let slot_init: Vec<Word> = (0..n).map(|i| pool.value(i)).collect();
     let slots = h.block(0, &slot_init);
     let record = h.block(0, &[pool.value(1), pool.value(2), pool.value(3)]);
     let mut list = layout::val_int(0);
     let mut cells = Vec::new();
-    for i in (0..N).rev() {
+    for i in (0..n).rev() {
         list = h.block(0, &[pool.value(i + 7), list]);
         cells.push(list);
     }
@@ -160,7 +170,7 @@ fn copies_under_a_writer_succeed_and_hold_values_the_fields_held() {
     let pool_blocks = pool.blocks.clone();
 
     // Every value each mutable field ever held: (block, field) -> values.
-    let mut fields: Vec<(Word, usize)> = (0..N).map(|i| (slots, i)).collect();
+    let mut fields: Vec<(Word, usize)> = (0..n).map(|i| (slots, i)).collect();
     fields.extend((0..3).map(|i| (record, i)));
     fields.extend(cells.iter().map(|&c| (c, 0)));
     for round in 0..8usize {
@@ -181,9 +191,9 @@ fn copies_under_a_writer_succeed_and_hold_values_the_fields_held() {
                 heap.set(b, i, v);
                 writes.borrow_mut().get_mut(&(b, i)).unwrap().push(v);
             };
-            write(slots, t % N, pool_w.value(k));
+            write(slots, t % n, pool_w.value(k));
             write(record, t % 3, pool_w.value(k + 1));
-            write(cells_w[(t * 7) % N], 0, pool_w.value(k + 2));
+            write(cells_w[(t * 7) % n], 0, pool_w.value(k + 2));
         };
         let mut w = Writer {
             heap: std::mem::replace(&mut h, FakeHeap::new(0)),
@@ -199,7 +209,12 @@ fn copies_under_a_writer_succeed_and_hold_values_the_fields_held() {
         };
         let c =
             copy_shared(&mut w, root, &mut alloc).unwrap_or_else(|e| panic!("round {round}: {e}"));
-        assert!(w.calls > N, "the writer ran during the copy");
+        assert!(w.calls > n, "the writer ran during the copy");
+        assert_eq!(
+            c.transient_bytes == 0,
+            n == 1,
+            "the path of small values copies the small value, and only it"
+        );
         h = w.heap;
         assert_tiles(&c);
         let log = log.borrow();
@@ -243,7 +258,7 @@ fn copies_under_a_writer_succeed_and_hold_values_the_fields_held() {
                 }
             }
         };
-        for i in 0..N {
+        for i in 0..n {
             check(slots, i, word_at(cslots, i), &mut h);
         }
         for i in 0..3 {
@@ -253,12 +268,12 @@ fn copies_under_a_writer_succeed_and_hold_values_the_fields_held() {
             check(cell, 0, word_at(ccell, 0), &mut h);
             ccell = word_at(ccell, 1);
         }
-        assert_eq!(ccell, layout::val_int(0), "the list has its {N} cells");
+        assert_eq!(ccell, layout::val_int(0), "the list has its {n} cells");
         // Nothing but these blocks: root, slots, record, the cells, the pool blocks
         // reached and their strings.
         assert_eq!(
             c.blocks,
-            3 + N + 2 * pool_copies.len(),
+            3 + n + 2 * pool_copies.len(),
             "round {round}: blocks in the copy"
         );
         drop(log);
@@ -279,14 +294,15 @@ fn a_lazy_forced_during_the_copy() {
     let thunk = h.closure(&[1], &[layout::val_int(5)])[0];
     let result = h.string(b"the result");
     let lazy = h.block(layout::LAZY_TAG, &[thunk]);
-    // The last of 50 cells holds the lazy: pass 1 reaches it after about 50 calls.
+    // The last of 50 cells holds the lazy: pass 1 reaches it after about 50 calls (and
+    // the path of small values makes 16 before it gives up on 50 cells).
     let mut root = h.block(0, &[lazy, layout::val_int(0)]);
     for i in 0..49 {
         root = h.block(0, &[layout::val_int(i), root]);
     }
     let (mut refused_unforced, mut refused_forcing, mut copied) = (0, 0, 0);
     {
-        for when in 0..60usize {
+        for when in 0..80usize {
             h.set(lazy, 0, thunk);
             // SAFETY: `lazy` is a block of the fake heap.
             unsafe { layout::write_header(lazy, Header::new(1, Color::C0, layout::LAZY_TAG)) };

@@ -37,7 +37,7 @@
 //! domains do: each block is a copy of a block reachable during the copy, each field
 //! holds a value that field held at some moment, sharing and cycles are as pass 1 saw
 //! them. Why reading blocks that another domain writes to is safe on OCaml 5:
-//! `Traversal::read_field`.
+//! `read_field`.
 //!
 //! Most of a copy's time goes to cache misses on a scattered source. Each header is read
 //! once per pass, marks sit in the headers themselves where the runtime allows, and the
@@ -52,6 +52,7 @@
 pub mod data;
 pub mod pending;
 pub mod queue;
+pub mod small;
 pub mod visited;
 
 use std::fmt;
@@ -210,20 +211,47 @@ impl Copied {
 /// is [`VisitedSet::SOURCE_SHARED`] ([`visited::SideTable`]); then others may read them
 /// and write values into fields of scannable blocks, provided every block reachable at
 /// any moment of the call stays allocated and well formed until it returns (OCaml 5,
-/// see `Traversal::read_field` in the source). `alloc` must return memory that nothing else uses.
+/// see `read_field` in the source). `alloc` must return memory that nothing else uses.
 pub unsafe fn copy<H: Heap, V: VisitedSet, A: Allocator>(
     root: Word,
     heap: &mut H,
     visited: V,
     alloc: &mut A,
 ) -> Result<Copied, CopyError> {
+    // SAFETY: forwarded.
+    contiguous(alloc, |out| unsafe { copy_into(root, heap, visited, out) })
+}
+
+/// [`copy`] by the general traversal, whatever the value's size ([`traverse_into`]).
+///
+/// # Errors
+/// As [`copy`].
+///
+/// # Safety
+/// As [`copy`].
+pub unsafe fn traverse<H: Heap, V: VisitedSet, A: Allocator>(
+    root: Word,
+    heap: &mut H,
+    visited: V,
+    alloc: &mut A,
+) -> Result<Copied, CopyError> {
+    // SAFETY: forwarded.
+    contiguous(alloc, |out| unsafe {
+        traverse_into(root, heap, visited, out)
+    })
+}
+
+/// Runs `write` into one allocation from `alloc` ([`Contiguous`]).
+fn contiguous<A: Allocator>(
+    alloc: &mut A,
+    write: impl FnOnce(&mut Contiguous<'_, A>) -> Result<Written, CopyError>,
+) -> Result<Copied, CopyError> {
     let mut out = Contiguous {
         alloc,
         base: std::ptr::null_mut(),
         next: std::ptr::null_mut(),
     };
-    // SAFETY: forwarded.
-    let written = unsafe { copy_into(root, heap, visited, &mut out)? };
+    let written = write(&mut out)?;
     Ok(Copied {
         root: written.root,
         base: out.base,
@@ -250,6 +278,19 @@ pub struct Written {
     /// Peak memory the traversal held besides the output, in bytes (as
     /// [`Copied::transient_bytes`]).
     pub transient_bytes: usize,
+}
+
+impl Written {
+    /// What a copy of `root` is when nothing is copied: `root` itself.
+    fn kept(root: Word) -> Written {
+        Written {
+            root,
+            bytes: 0,
+            blocks: 0,
+            data_bytes: 0,
+            transient_bytes: 0,
+        }
+    }
 }
 
 /// Where pass 2 puts a copy: its words arrive in offset order, front to back, in runs of
@@ -325,14 +366,32 @@ pub unsafe fn copy_into<H: Heap, V: VisitedSet, O: Output>(
     out: &mut O,
 ) -> Result<Written, CopyError> {
     if layout::is_immediate(root) || !heap.should_copy(root) {
-        let kept = Written {
-            root,
-            bytes: 0,
-            blocks: 0,
-            data_bytes: 0,
-            transient_bytes: 0,
-        };
-        return Ok(kept);
+        return Ok(Written::kept(root));
+    }
+    // SAFETY: the caller's contract on `root` and its graph is the walk's.
+    if let Some(written) = unsafe { small::copy_into(root, heap, out) } {
+        return written;
+    }
+    // SAFETY: forwarded.
+    unsafe { traverse_into(root, heap, visited, out) }
+}
+
+/// [`copy_into`] by the general traversal, whatever the value's size: the path of small
+/// values ([`small`]) is not tried. Both give the same bytes; tests compare them.
+///
+/// # Errors
+/// As [`copy_into`].
+///
+/// # Safety
+/// As [`copy_into`].
+pub unsafe fn traverse_into<H: Heap, V: VisitedSet, O: Output>(
+    root: Word,
+    heap: &mut H,
+    visited: V,
+    out: &mut O,
+) -> Result<Written, CopyError> {
+    if layout::is_immediate(root) || !heap.should_copy(root) {
+        return Ok(Written::kept(root));
     }
     let mut traversal = Traversal::new(heap, visited);
     // SAFETY: the caller's contract on `root` and its graph is the traversal's.
@@ -375,6 +434,10 @@ pub unsafe fn measure<H: Heap, V: VisitedSet>(
             transient_bytes: 0,
         };
         return Ok(nothing);
+    }
+    // SAFETY: the caller's contract on `root` and its graph is the walk's.
+    if let Some(measured) = unsafe { small::measure(root, heap) } {
+        return Ok(measured);
     }
     let mut traversal = Traversal::new(heap, visited);
     // SAFETY: the caller's contract on `root` and its graph is the traversal's.
@@ -630,7 +693,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         let src = entry.block as *const Word;
         for i in 0..n {
             // SAFETY: `i` is below the wosize pass 1 read for this block.
-            let field = unsafe { Self::read_field(src.add(i)) };
+            let field = unsafe { read_field(src.add(i)) };
             // Within the capacity reserved above: never reallocates.
             self.snapshot.push(field);
         }
@@ -667,44 +730,6 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         self.snapshot
             .try_reserve_exact(more)
             .map_err(|_| CopyError::OutOfMemory(more.saturating_mul(WORD_BYTES)))
-    }
-
-    /// Reads a field of a source block that other domains may be writing to.
-    ///
-    /// Why this is sound on OCaml 5 (checked against the 5.3 runtime sources):
-    /// - Writes to fields go through `caml_modify` (runtime/memory.c), which ends with
-    ///   `atomic_store_release` of the new value; the loads here are `Acquire`, so the
-    ///   block a loaded pointer leads to is seen initialised (header and fields written
-    ///   before it was published). Other writes (`caml_initialize`, array fills) hit
-    ///   blocks not yet shared or are word-sized stores too: each read returns a value
-    ///   that the field held at some moment, never a torn word.
-    /// - Every block this domain reaches stays allocated until the stub returns. Freeing
-    ///   happens only by sweeping blocks left unmarked at the end of a major cycle, and
-    ///   by emptying minor heaps; both the end of a cycle (`stw_cycle_all_domains` in
-    ///   runtime/major_gc.c, which also empties every minor heap) and a minor collection
-    ///   (runtime/minor_gc.c) run stop-the-world through `caml_try_run_on_all_domains`,
-    ///   which waits for every domain, this one included, to reach a safe point; this
-    ///   domain reaches none inside the copy (no OCaml allocation, no poll, the domain
-    ///   lock held). So no block moves or dies during the copy.
-    /// - A block that was reachable at some moment of the cycle is marked by its end:
-    ///   the minor heaps are empty when a cycle starts, blocks are allocated or promoted
-    ///   already marked, and when a field of a major block is overwritten during marking
-    ///   the write barrier (`caml_darken` of the old value in `write_barrier`,
-    ///   runtime/memory.c) keeps the old target alive to the cycle's end. A pointer read
-    ///   here to a block that was since unlinked still leads to a live block.
-    /// - Headers: only the color bits of a heap block change under us (marking); a tag
-    ///   changes for lazy values (`Lazy_tag` -> `Forcing_tag` -> `Forward_tag`, with
-    ///   field 0 written before the tag). The traversal reads each header once, in
-    ///   pass 1, and uses that header for the size, the tag and the layout of the copy.
-    ///
-    /// # Safety
-    /// `p` is a field of a block of the source graph.
-    #[inline(always)]
-    unsafe fn read_field(p: *const Word) -> Word {
-        // SAFETY: a field is an aligned word, valid for reads (caller's contract); others
-        // write it only with word-sized stores, so an atomic load of it is sound.
-        unsafe { std::sync::atomic::AtomicUsize::from_ptr(p as *mut Word) }
-            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Pass 1 for one pointer: queues its block if it was not seen yet. Returns the
@@ -932,6 +957,44 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             }
         }
     }
+}
+
+/// Reads a field of a source block that other domains may be writing to.
+///
+/// Why this is sound on OCaml 5 (checked against the 5.3 runtime sources):
+/// - Writes to fields go through `caml_modify` (runtime/memory.c), which ends with
+///   `atomic_store_release` of the new value; the loads here are `Acquire`, so the
+///   block a loaded pointer leads to is seen initialised (header and fields written
+///   before it was published). Other writes (`caml_initialize`, array fills) hit
+///   blocks not yet shared or are word-sized stores too: each read returns a value
+///   that the field held at some moment, never a torn word.
+/// - Every block this domain reaches stays allocated until the stub returns. Freeing
+///   happens only by sweeping blocks left unmarked at the end of a major cycle, and
+///   by emptying minor heaps; both the end of a cycle (`stw_cycle_all_domains` in
+///   runtime/major_gc.c, which also empties every minor heap) and a minor collection
+///   (runtime/minor_gc.c) run stop-the-world through `caml_try_run_on_all_domains`,
+///   which waits for every domain, this one included, to reach a safe point; this
+///   domain reaches none inside the copy (no OCaml allocation, no poll, the domain
+///   lock held). So no block moves or dies during the copy.
+/// - A block that was reachable at some moment of the cycle is marked by its end:
+///   the minor heaps are empty when a cycle starts, blocks are allocated or promoted
+///   already marked, and when a field of a major block is overwritten during marking
+///   the write barrier (`caml_darken` of the old value in `write_barrier`,
+///   runtime/memory.c) keeps the old target alive to the cycle's end. A pointer read
+///   here to a block that was since unlinked still leads to a live block.
+/// - Headers: only the color bits of a heap block change under us (marking); a tag
+///   changes for lazy values (`Lazy_tag` -> `Forcing_tag` -> `Forward_tag`, with
+///   field 0 written before the tag). The traversal reads each header once, in
+///   pass 1, and uses that header for the size, the tag and the layout of the copy.
+///
+/// # Safety
+/// `p` is a field of a block of the source graph.
+#[inline(always)]
+pub(crate) unsafe fn read_field(p: *const Word) -> Word {
+    // SAFETY: a field is an aligned word, valid for reads (caller's contract); others
+    // write it only with word-sized stores, so an atomic load of it is sound.
+    unsafe { std::sync::atomic::AtomicUsize::from_ptr(p as *mut Word) }
+        .load(std::sync::atomic::Ordering::Acquire)
 }
 
 /// The tag of a snapshot word that stands for a pointer into the copy: `RELOCATED` plus

@@ -1,8 +1,8 @@
 //! OCaml 4 (4.12 to 4.14, naked pointers allowed): the page table tells heap from not.
 //!
 //! - Classification: a direct-mapped cache of page answers comes first (a value's blocks
-//!   mostly come in runs of a few pages); it belongs to the thread and is reused, empty,
-//!   by each copy. On a miss in a large copy, an address inside one of the major heap's
+//!   mostly come in runs of a few pages); it belongs to the thread and keeps its answers
+//!   from one copy to the next while the heaps keep their pages (`HeapEpoch`). On a miss in a large copy, an address inside one of the major heap's
 //!   chunks is copied: the chunks are few and do not change during a copy, so a sorted
 //!   list of their ranges is searched. Anything else (and every miss of a small copy)
 //!   goes to `caml_page_table_lookup`, which hashes: major or minor heap, static data,
@@ -77,13 +77,17 @@ struct Slot {
 }
 
 /// The page cache of one thread, reused by every copy it makes. A slot answers only for
-/// the copy whose generation it carries, so a new copy starts with an empty cache
-/// without clearing 16 KiB (measured: clearing it and building the chunk list were a
-/// third of a small copy's time).
+/// the generation it carries: a new generation empties the cache without clearing 16
+/// KiB (measured: clearing it and building the chunk list were a third of a small copy's
+/// time). Copies that do not copy static data share a generation for as long as the
+/// [`HeapEpoch`] stays the same (their answers, heap or not, cannot change meanwhile);
+/// every other copy takes a new one.
 struct PageCache {
     slots: [Slot; CACHE_SLOTS],
     /// The generation of the last copy that took this cache.
     generation: u64,
+    /// The heap's layout when that generation began, if it was a shared one.
+    epoch: Option<HeapEpoch>,
 }
 
 thread_local! {
@@ -91,8 +95,46 @@ thread_local! {
         std::cell::UnsafeCell::new(PageCache {
             slots: [Slot { page: 0, tag: 0 }; CACHE_SLOTS],
             generation: 0,
+            epoch: None,
         })
     };
+}
+
+/// Word indices of `Caml_state`'s fields, from the runtime's `domain_state.tbl` (build.rs).
+mod state_fields {
+    include!(concat!(env!("OUT_DIR"), "/domain_state.rs"));
+}
+
+extern "C" {
+    /// The runtime's state (`caml/domain_state.h`): one word per field, in the order of
+    /// `domain_state.tbl`.
+    static Caml_state: *const Word;
+}
+
+/// What the page table says of the heaps: it changes whenever a page enters or leaves the
+/// major or the minor heap. The major heap gains pages only in `caml_add_to_heap`, which
+/// counts the chunk and its words, and loses them only in `caml_shrink_heap`, which only
+/// compaction calls, and compaction is counted; the minor heap is one range, moved only
+/// by `caml_set_minor_heap_size`. Static data can be added at any time (natdynlink,
+/// other libraries), so copies of static data never share a generation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct HeapEpoch([Word; 5]);
+
+impl HeapEpoch {
+    /// The epoch now.
+    fn now() -> HeapEpoch {
+        use state_fields::*;
+        // SAFETY: `Caml_state` points to the runtime's state, valid while the runtime is
+        // held (a copy runs holding it), and these are word-sized fields of it.
+        let field = |i: usize| unsafe { *Caml_state.add(i) };
+        HeapEpoch([
+            field(YOUNG_START),
+            field(YOUNG_END),
+            field(STAT_HEAP_WSZ),
+            field(STAT_COMPACTIONS),
+            field(STAT_HEAP_CHUNKS),
+        ])
+    }
 }
 
 /// The classifier: the page table behind a per-thread cache, and for large copies the
@@ -137,9 +179,14 @@ impl RuntimeHeap {
             let cache = cache.get();
             // SAFETY: this thread's cache; the reference lives for these lines only.
             // A copy nested in this one (none exists: allocators may not call OCaml)
-            // would take a new generation and only turn the outer one's hits into misses.
+            // would at worst take a new generation and turn the outer one's hits into
+            // misses.
             unsafe {
-                (*cache).generation += 1;
+                let epoch = (!copy_static).then(HeapEpoch::now);
+                if epoch.is_none() || (*cache).epoch != epoch {
+                    (*cache).generation += 1;
+                    (*cache).epoch = epoch;
+                }
                 (
                     std::ptr::addr_of_mut!((*cache).slots) as *mut Slot,
                     (*cache).generation << 1,

@@ -1,0 +1,292 @@
+//! The path of small values: a copy of at most [`MAX_BLOCKS`] blocks and [`MAX_WORDS`]
+//! words, made by one walk into a buffer on the stack.
+//!
+//! Most copies that a cache makes one entry at a time, and most region adds, are values
+//! of a few blocks: a record and its strings. For those, the general traversal's fixed
+//! costs (its queue, visited set and pending stack, the prefetch accounting, a second
+//! read of every block, the restore pass) are most of the call. Here each block is read
+//! once, into a buffer laid out as the copy will be (headers, then fields; a pointer to
+//! a copied block stored as its byte offset in the copy); a block seen before is told by
+//! comparing its address with the few blocks found so far, so nothing is written to the
+//! source and nothing needs restoring. The buffer then goes to the [`Output`] block by
+//! block, the copy's address added to the offsets.
+//!
+//! The walk is the general one's, depth first by groups ([`super::pending`]): a value
+//! copies to the same bytes whichever path takes it. It gives up, having written and
+//! allocated nothing, on anything out of its way: more blocks or words than the buffer
+//! holds, an infix pointer, a tag that may be refused (lazy values, abstract blocks,
+//! custom blocks other than the boxed integers, OCaml 5's continuations); the general
+//! traversal then copies the value or says why it cannot.
+//!
+//! Each field and header is read once, so the copy is well formed even when other
+//! domains write to the source, as `read_field` (in `copy`) explains: every field of the
+//! copy holds a value that the field held at some moment.
+
+use std::mem::MaybeUninit;
+
+use super::{first_value_of, read_field, Heap, Measured, Output, Written};
+use crate::copy::CopyError;
+use crate::layout::{self, Color, Header, Word, WORD_BYTES};
+
+/// The most blocks a small copy holds.
+pub const MAX_BLOCKS: usize = 16;
+/// The most words (headers included) a small copy holds: one bit each in a `u64`.
+pub const MAX_WORDS: usize = 64;
+
+/// A block found by the walk.
+#[derive(Clone, Copy)]
+struct Found {
+    /// Its first field, in the source.
+    block: Word,
+    /// Its header, as read when it was found.
+    header: Header,
+    /// Offset of its header in the copy, in words.
+    at: usize,
+}
+
+/// The walk over a small value and the copy it builds.
+struct Walk<'a, H> {
+    heap: &'a mut H,
+    /// The blocks found, in the order of the copy; `found[..count]` are initialised.
+    found: [MaybeUninit<Found>; MAX_BLOCKS],
+    count: usize,
+    /// The copy's words; `words[..len]` are written once the walk is done.
+    words: [MaybeUninit<Word>; MAX_WORDS],
+    len: usize,
+    /// Bit `i` set: word `i` is a pointer into the copy, held as its offset in bytes.
+    pointers: u64,
+}
+
+/// Copies `root`, a pointer to a block that `heap` says to copy, into `out` when the value
+/// is small; `None` when it is not for this path (then nothing was written or allocated,
+/// and the source is as it was).
+///
+/// # Errors
+/// [`Output::begin`]'s; nothing was written then.
+///
+/// # Safety
+/// As [`super::copy_into`]: `root` and the blocks it reaches are well formed; others may
+/// write to fields of its scannable blocks only as `read_field` (in `copy`) allows.
+#[inline]
+pub unsafe fn copy_into<H: Heap, O: Output>(
+    root: Word,
+    heap: &mut H,
+    out: &mut O,
+) -> Option<Result<Written, CopyError>> {
+    let mut walk = Walk::new(heap);
+    // SAFETY: forwarded.
+    unsafe { walk.run(root)? };
+    Some(walk.write(out))
+}
+
+/// What a copy of `root` takes when the value is small ([`super::measure`]'s answer; no
+/// memory besides the stack); `None` when it is not for this path.
+///
+/// # Safety
+/// As [`copy_into`].
+pub unsafe fn measure<H: Heap>(root: Word, heap: &mut H) -> Option<Measured> {
+    let mut walk = Walk::new(heap);
+    // SAFETY: forwarded.
+    unsafe { walk.run(root)? };
+    Some(Measured {
+        bytes: walk.len * WORD_BYTES,
+        blocks: walk.count,
+        transient_bytes: 0,
+    })
+}
+
+impl<'a, H: Heap> Walk<'a, H> {
+    /// A walk that has found nothing yet.
+    #[inline(always)]
+    fn new(heap: &'a mut H) -> Walk<'a, H> {
+        Walk {
+            heap,
+            found: [MaybeUninit::uninit(); MAX_BLOCKS],
+            count: 0,
+            words: [MaybeUninit::uninit(); MAX_WORDS],
+            len: 0,
+            pointers: 0,
+        }
+    }
+
+    /// Hands the copy to `out`.
+    #[inline(always)]
+    fn write<O: Output>(&self, out: &mut O) -> Result<Written, CopyError> {
+        let bytes = self.len * WORD_BYTES;
+        let base = out.begin(bytes)?;
+        crate::fault::point("write");
+        for k in 0..self.count {
+            let f = self.found(k);
+            let n = f.header.wosize();
+            // SAFETY: room for one word; `words[f.at]` was written when the block was found.
+            unsafe { out.next(1).write(self.words[f.at].assume_init()) };
+            if n == 0 {
+                continue;
+            }
+            let dst = out.next(n);
+            if !f.header.is_scannable() {
+                // SAFETY: a raw block of the source has `n` readable words, none a
+                // pointer, read here once (as the general traversal's snapshot does: its
+                // size is fixed, and each byte copied is one the block held); `dst` has
+                // room for them.
+                unsafe { copy_short(f.block as *const Word, dst, n) };
+                continue;
+            }
+            let start = f.at + 1;
+            // SAFETY: the block's fields are `words[start..start + n]`, all written by
+            // the walk; `dst` has room for `n` words.
+            unsafe { copy_short(self.words.as_ptr().add(start).cast::<Word>(), dst, n) };
+            let mut pointers = (self.pointers >> start) & (u64::MAX >> (64 - n));
+            while pointers != 0 {
+                let i = pointers.trailing_zeros() as usize;
+                // SAFETY: `i < n`: the bits of the block's own fields only.
+                unsafe { *dst.add(i) += base };
+                pointers &= pointers - 1;
+            }
+        }
+        Ok(Written {
+            // The root's block is the first one found.
+            root: base + WORD_BYTES,
+            bytes,
+            blocks: self.count,
+            data_bytes: 0,
+            transient_bytes: 0,
+        })
+    }
+
+    /// Block `k` found.
+    #[inline(always)]
+    fn found(&self, k: usize) -> Found {
+        debug_assert!(k < self.count);
+        // SAFETY: callers pass `k < count`: found blocks are initialised.
+        unsafe { self.found[k].assume_init() }
+    }
+
+    /// Finds the root's block and then every block it leads to, depth first by groups:
+    /// the blocks that one block's fields lead to, found together, are scanned next.
+    unsafe fn run(&mut self, root: Word) -> Option<()> {
+        // SAFETY: `root` points to a block of the source.
+        unsafe { self.discover(root)? };
+        crate::fault::point("measure");
+        // Runs of found blocks waiting to be scanned, `(next, end)`; a run is pushed
+        // only when its blocks were just found, so there are at most `MAX_BLOCKS`.
+        let mut runs = [(0u8, 0u8); MAX_BLOCKS];
+        runs[0] = (0, 1);
+        let mut depth = 1;
+        while depth > 0 {
+            let (next, end) = runs[depth - 1];
+            if next == end {
+                depth -= 1;
+                continue;
+            }
+            runs[depth - 1].0 += 1;
+            let children = self.count;
+            // SAFETY: `next < count`: runs hold found blocks.
+            unsafe { self.scan(self.found(next as usize))? };
+            if self.count > children {
+                runs[depth] = (children as u8, self.count as u8);
+                depth += 1;
+            }
+        }
+        Some(())
+    }
+
+    /// Reads the header of the block `v` points to and, when the path can copy it, gives
+    /// it the next place in the copy. Returns its index.
+    #[inline(always)]
+    unsafe fn discover(&mut self, v: Word) -> Option<usize> {
+        // SAFETY: `v` points to a block (or an infix header) of the source.
+        let hd = unsafe { layout::read_header(v) };
+        let n = hd.wosize();
+        if self.count == MAX_BLOCKS || n >= MAX_WORDS - self.len {
+            return None;
+        }
+        match hd.tag() {
+            layout::FORCING_TAG..=layout::LAZY_TAG | layout::INFIX_TAG | layout::ABSTRACT_TAG => {
+                return None
+            }
+            // SAFETY: field 0 of a custom block is its operations pointer.
+            layout::CUSTOM_TAG if !self.heap.is_copyable_custom(unsafe { *(v as *const Word) }) => {
+                return None
+            }
+            _ => {}
+        }
+        let at = self.len;
+        self.words[at].write(hd.with_color(Color::Unmarkable).0);
+        let index = self.count;
+        self.found[index].write(Found {
+            block: v,
+            header: hd,
+            at,
+        });
+        self.count += 1;
+        self.len += 1 + n;
+        Some(index)
+    }
+
+    /// Reads the fields of the found block `f` into the copy, finding the blocks they
+    /// lead to.
+    #[inline(always)]
+    unsafe fn scan(&mut self, f: Found) -> Option<()> {
+        if !f.header.is_scannable() {
+            return Some(());
+        }
+        let n = f.header.wosize();
+        let src = f.block as *const Word;
+        let dst = f.at + 1;
+        let mut first_value = 0;
+        if f.header.tag() == layout::CLOSURE_TAG {
+            // Code pointers, closure information and infix headers, copied as they are.
+            let mut raw = [0; 2];
+            for (i, word) in raw.iter_mut().enumerate().take(n) {
+                // SAFETY: `i < n`, a field of the block.
+                *word = unsafe { read_field(src.add(i)) };
+            }
+            first_value = first_value_of(f.header, &raw[..n.min(2)]);
+            for i in 0..first_value {
+                let word = match raw.get(i) {
+                    Some(&word) => word,
+                    // SAFETY: `i < first_value <= n`, a field of the block.
+                    None => unsafe { read_field(src.add(i)) },
+                };
+                self.words[dst + i].write(word);
+            }
+        }
+        for i in first_value..n {
+            // SAFETY: `i < n`, a field of the block.
+            let v = unsafe { read_field(src.add(i)) };
+            let word = if !layout::is_immediate(v) && self.heap.should_copy(v) {
+                let known = (0..self.count).find(|&j| self.found(j).block == v);
+                let j = match known {
+                    Some(j) => j,
+                    // SAFETY: a pointer read from a block of the source graph.
+                    None => unsafe { self.discover(v)? },
+                };
+                self.pointers |= 1u64 << (dst + i);
+                (self.found(j).at + 1) * WORD_BYTES
+            } else {
+                v
+            };
+            self.words[dst + i].write(word);
+        }
+        Some(())
+    }
+}
+
+/// Copies `n` words from `src` to `dst`: a loop for the few words of most small blocks
+/// (a call to `memcpy` costs more than it copies), `memcpy` beyond.
+///
+/// # Safety
+/// As [`std::ptr::copy_nonoverlapping`] for `n` words.
+#[inline(always)]
+unsafe fn copy_short(src: *const Word, dst: *mut Word, n: usize) {
+    if n > 8 {
+        // SAFETY: the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
+        return;
+    }
+    for i in 0..n {
+        // SAFETY: `i < n`, inside both ranges (the caller's contract).
+        unsafe { dst.add(i).write(src.add(i).read()) };
+    }
+}
