@@ -942,6 +942,21 @@ let small_values cfg =
         let m = per_call marshal in
         (c, f, i, m))
   in
+  (* OCaml 5: the same with a second domain running (allocating without pause), which
+     makes the general traversal use its side table. *)
+  let beside =
+    match Other_domain.start () with
+    | None -> None
+    | Some d ->
+        let runs =
+          List.init cfg.runs (fun _ ->
+              let c = per_call copy_all in
+              free_all ();
+              (c, per_call interleaved))
+        in
+        Other_domain.stop d;
+        Some (summarize (List.map fst runs), summarize (List.map snd runs))
+  in
   let pick g = summarize (List.map g runs) in
   let copy = pick (fun (c, _, _, _) -> c)
   and free = pick (fun (_, f, _, _) -> f)
@@ -966,7 +981,21 @@ let small_values cfg =
       [ "free"; ns free; ratio free; "-" ];
       [ "copy + free, interleaved"; ns inter; ratio inter; "0.37" ];
       [ "Marshal round trip"; ns marshal; "1.00"; "1.00" ];
-    ]
+    ];
+  match beside with
+  | None -> ()
+  | Some (c, i) ->
+      Printf.printf
+        "\nWith a second domain running and allocating (median copy / median with one \
+         domain):\n\n";
+      let vs s one = Printf.sprintf "%.2f" (s.median /. one.median) in
+      table
+        [ "operation"; "ns per call"; "/ one domain" ]
+        [ `L; `R; `R ]
+        [
+          [ "copy, a second domain running"; ns c; vs c copy ];
+          [ "copy + free, interleaved, a second domain running"; ns i; vs i inter ];
+        ]
 
 (* {1 Main} *)
 
