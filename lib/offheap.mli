@@ -203,7 +203,8 @@ type stats = {
   bytes : int;  (** size of the copy's allocation; 0 when nothing was copied *)
   blocks : int;  (** blocks copied, and one data block per run of Bigarray data *)
   transient_bytes : int;
-      (** peak memory the traversal used besides the copy (its queue and tables) *)
+      (** peak memory the traversal used besides the copy (its queue and tables); 0
+          for a value of a few blocks, copied through a buffer on the stack *)
 }
 (** What a copy cost. *)
 

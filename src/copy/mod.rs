@@ -368,12 +368,19 @@ pub unsafe fn copy_into<H: Heap, V: VisitedSet, O: Output>(
     if layout::is_immediate(root) || !heap.should_copy(root) {
         return Ok(Written::kept(root));
     }
-    // SAFETY: the caller's contract on `root` and its graph is the walk's.
-    if let Some(written) = unsafe { small::copy_into(root, heap, out) } {
-        return written;
+    let tried = small::worth_trying();
+    if tried {
+        // SAFETY: the caller's contract on `root` and its graph is the walk's.
+        if let Some(written) = unsafe { small::copy_into(root, heap, out) } {
+            return written;
+        }
     }
     // SAFETY: forwarded.
-    unsafe { traverse_into(root, heap, visited, out) }
+    let written = unsafe { traverse_into(root, heap, visited, out) };
+    if let Ok(w) = &written {
+        small::note_general_copy(tried, w.blocks, w.bytes);
+    }
+    written
 }
 
 /// [`copy_into`] by the general traversal, whatever the value's size: the path of small

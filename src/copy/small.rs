@@ -22,6 +22,7 @@
 //! domains write to the source, as `read_field` (in `copy`) explains: every field of the
 //! copy holds a value that the field held at some moment.
 
+use std::cell::Cell;
 use std::mem::MaybeUninit;
 
 use super::{first_value_of, read_field, Heap, Measured, Output, Written};
@@ -32,6 +33,42 @@ use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 pub const MAX_BLOCKS: usize = 16;
 /// The most words (headers included) a small copy holds: one bit each in a `u64`.
 pub const MAX_WORDS: usize = 64;
+
+/// Copies made by the general traversal, without trying this path, after the walk gave
+/// up on a value: a run of values just beyond its limits (a list of 20 cells copied one
+/// at a time) then pays for a walk that gives up once in `SKIPPED + 1` copies, not at
+/// every copy.
+const SKIPPED: u8 = 8;
+
+thread_local! {
+    /// Copies this thread still makes without trying this path.
+    static SKIP: Cell<u8> = const { Cell::new(0) };
+}
+
+/// Whether the next copy of this thread should try this path: not for the [`SKIPPED`]
+/// copies after the walk gave up, unless one of them turns out small.
+#[inline(always)]
+pub fn worth_trying() -> bool {
+    SKIP.with(|skip| {
+        let left = skip.get();
+        if left == 0 {
+            return true;
+        }
+        skip.set(left - 1);
+        false
+    })
+}
+
+/// Records a copy of `blocks` blocks and `bytes` bytes made by the general traversal,
+/// after the walk gave up on it (`tried`) or without trying: a value small enough for
+/// this path that was not tried ends the skipping at once.
+#[inline(always)]
+pub fn note_general_copy(tried: bool, blocks: usize, bytes: usize) {
+    let small = blocks <= MAX_BLOCKS && bytes <= MAX_WORDS * WORD_BYTES;
+    if tried || small {
+        SKIP.with(|skip| skip.set(if tried { SKIPPED } else { 0 }));
+    }
+}
 
 /// A block found by the walk.
 #[derive(Clone, Copy)]
