@@ -38,11 +38,11 @@ let () =
   | "interleaved10" ->
       (* A list of 10 immediates: 10 blocks, for the cost of one more block. *)
       Array.iter
-        (fun v -> Offheap.free (Offheap.copy (List.init (try int_of_string (Sys.getenv "LEN") with Not_found -> 10) (fun i -> i + v.sa))))
+        (fun v -> Offheap.free (Offheap.copy (List.init 10 (fun i -> i + v.sa))))
         values
   | "base10" ->
       Array.iter
-        (fun v -> ignore (Sys.opaque_identity (List.init (try int_of_string (Sys.getenv "LEN") with Not_found -> 10) (fun i -> i + v.sa))))
+        (fun v -> ignore (Sys.opaque_identity (List.init 10 (fun i -> i + v.sa))))
         values
   | "base1" -> Array.iter (fun v -> ignore (Sys.opaque_identity (ref v.sa))) values
   | "region" ->
