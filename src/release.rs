@@ -22,20 +22,26 @@ use crate::handle::{self, Owned};
 use crate::layout::{val_int, Word};
 use crate::runtime::{self, slab};
 
-/// Above this many bytes waiting, frees drive the major GC: every [`SLICE_BYTES`] freed
-/// beyond it, `free` asks the OCaml side for a major slice of [`SLICE_WORK`] words of
-/// work per word freed (`Gc.major_slice`). A slice is bounded work: `free` never finishes
-/// a cycle itself. A program that frees much and allocates little still gets its
-/// memory back: its frees pay for the cycles, so at most about `1 / SLICE_WORK` of the
-/// major heap waits beyond the limit.
+/// Bytes that may wait in the queue before frees ask for major GC work, at the least.
+/// The limit is the larger of this and the out-of-heap bytes that the runtime lets dead
+/// custom blocks hold before it does a cycle's work for them ([`runtime::gc_allowance`]:
+/// by default 29% of the major heap, `OCAMLRUNPARAM=M` sets it). Past the limit, every
+/// byte freed owes its share of a major cycle's work: freeing the limit's worth owes one
+/// cycle (the rate the runtime applies to custom blocks). The debt is paid by the next
+/// `free`, with `Gc.major_slice`, unless a major cycle has ended meanwhile: that end
+/// released every copy queued before it, so the debt is forgiven. A program that
+/// allocates completes cycles itself and pays nothing; one that frees much and
+/// allocates little pays for the cycles after which its memory comes back, in slices of
+/// at most one cycle's work, never a whole cycle forced at once.
 pub const PENDING_LIMIT: usize = 8 << 20;
-/// Bytes freed between two slices (a slice starts with a minor collection).
-const SLICE_BYTES: usize = 1 << 20;
-/// Words of major GC work per word freed.
-const SLICE_WORK: usize = 4;
+/// The smallest debt (words of work) worth a slice: smaller ones wait for more.
+const SLICE_MIN_WORK: usize = 1 << 17;
 
-/// Bytes freed beyond [`PENDING_LIMIT`] since the last slice.
-static SINCE_SLICE: AtomicUsize = AtomicUsize::new(0);
+/// Words of major GC work owed by frees past the limit, not yet paid.
+static DEBT: AtomicUsize = AtomicUsize::new(0);
+/// The major cycles completed when [`DEBT`] was last checked: once more have completed,
+/// the debt is forgiven.
+static DEBT_CYCLE: AtomicUsize = AtomicUsize::new(0);
 
 /// A freed copy waiting for the end of a major cycle.
 struct Pending {
@@ -162,24 +168,73 @@ pub unsafe fn free(h: Word) -> Outcome {
     }
     queue.push_back(entry); // capacity reserved above
     PENDING_COUNT.fetch_add(1, Ordering::Relaxed);
-    let waiting = PENDING_BYTES.fetch_add(owned.bytes, Ordering::Relaxed) + owned.bytes;
-    Outcome::Done(slice_work(waiting, owned.bytes))
+    // SAFETY: we hold the runtime (the caller's contract).
+    Outcome::Done(unsafe { account(owned.bytes) })
 }
 
-/// The major-slice work (in words) that a free of `bytes`, leaving `waiting` bytes in the
-/// queue, asks of the OCaml side: 0 up to [`PENDING_LIMIT`], then [`SLICE_WORK`] words
-/// per word freed, every [`SLICE_BYTES`].
-fn slice_work(waiting: usize, bytes: usize) -> usize {
+/// The debt that the free now starting pays (words of major-slice work): 0 when a major
+/// cycle has ended since the debt was counted (forgiven), or while it is below
+/// [`SLICE_MIN_WORK`] and below a cycle's work (a small heap's cycle may cost less).
+/// Concurrent frees may each see part of it: the debt only sets how much GC work is
+/// asked, never when a copy is released.
+///
+/// # Safety
+/// Called holding the runtime.
+unsafe fn debt_due() -> usize {
+    let debt = DEBT.load(Ordering::Relaxed);
+    if debt == 0 {
+        return 0;
+    }
+    if DEBT_CYCLE.load(Ordering::Relaxed) != runtime::major_cycles_completed() {
+        DEBT.store(0, Ordering::Relaxed);
+        return 0;
+    }
+    // SAFETY: the caller holds the runtime.
+    let (_, cycle_work) = unsafe { runtime::gc_allowance() };
+    if debt < SLICE_MIN_WORK.min(cycle_work) {
+        return 0;
+    }
+    DEBT.swap(0, Ordering::Relaxed)
+}
+
+/// Counts the work owed by a free of `bytes` that left `waiting` bytes in the queue: the
+/// part past the limit owes its share of a cycle's work (the limit's worth owes one), and
+/// the debt never exceeds one cycle's work (one cycle's end releases everything queued).
+///
+/// # Safety
+/// Called holding the runtime.
+unsafe fn owe(waiting: usize, bytes: usize) {
     if waiting <= PENDING_LIMIT {
-        return 0;
+        return;
     }
-    let since = SINCE_SLICE.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    if since < SLICE_BYTES {
-        return 0;
+    // SAFETY: the caller holds the runtime.
+    let (allowance, cycle_work) = unsafe { runtime::gc_allowance() };
+    let limit = PENDING_LIMIT.max(allowance);
+    if waiting <= limit {
+        return;
     }
-    // Whoever takes the count from here pays for it.
-    let taken = SINCE_SLICE.swap(0, Ordering::Relaxed);
-    taken / crate::layout::WORD_BYTES * SLICE_WORK
+    let beyond = bytes.min(waiting - limit);
+    let owed = (beyond as u128 * cycle_work as u128 / limit as u128) as usize;
+    let debt = DEBT.load(Ordering::Relaxed);
+    if debt == 0 {
+        DEBT_CYCLE.store(runtime::major_cycles_completed(), Ordering::Relaxed);
+    }
+    let cap = cycle_work.max(SLICE_MIN_WORK);
+    DEBT.store(debt.saturating_add(owed).min(cap), Ordering::Relaxed);
+}
+
+/// Counts `bytes` more waiting and returns the work the free pays: the debt of earlier
+/// frees; this free's own is paid by the next one.
+///
+/// # Safety
+/// Called holding the runtime.
+unsafe fn account(bytes: usize) -> usize {
+    // SAFETY: the caller holds the runtime.
+    let due = unsafe { debt_due() };
+    let waiting = PENDING_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    // SAFETY: as above.
+    unsafe { owe(waiting, bytes) };
+    due
 }
 
 /// Gives `owned` back to its allocator now.
@@ -293,6 +348,6 @@ pub unsafe fn free_all(count: usize, take: impl FnOnce() -> Option<Vec<Owned>>) 
         PENDING_COUNT.fetch_add(1, Ordering::Relaxed);
         bytes += owned.bytes;
     }
-    let waiting = PENDING_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    Outcome::Done(slice_work(waiting, bytes))
+    // SAFETY: we hold the runtime (the caller's contract).
+    Outcome::Done(unsafe { account(bytes) })
 }
