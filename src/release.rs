@@ -31,16 +31,18 @@ use crate::runtime::{self, slab};
 /// `free`, with `Gc.major_slice`, unless a major cycle has ended meanwhile: that end
 /// released every copy queued before it, so the debt is forgiven. A program that
 /// allocates completes cycles itself and pays nothing; one that frees much and
-/// allocates little pays for the cycles after which its memory comes back, in slices of
-/// at most one cycle's work, never a whole cycle forced at once.
+/// allocates little pays for the cycles after which its memory comes back. No free does
+/// GC work for its own bytes, and none pays more than one cycle's work (a debt larger
+/// than that is pointless: one cycle's end releases everything queued), as a slice: no
+/// `Gc.major`, no finishing of a cycle regardless of its cost.
 pub const PENDING_LIMIT: usize = 8 << 20;
 /// The smallest debt (words of work) worth a slice: smaller ones wait for more.
 const SLICE_MIN_WORK: usize = 1 << 17;
 
 /// Words of major GC work owed by frees past the limit, not yet paid.
 static DEBT: AtomicUsize = AtomicUsize::new(0);
-/// The major cycles completed when [`DEBT`] was last checked: once more have completed,
-/// the debt is forgiven.
+/// The major cycles completed when the debt began (a free owing from 0): once more have
+/// completed, the debt is forgiven.
 static DEBT_CYCLE: AtomicUsize = AtomicUsize::new(0);
 
 /// A freed copy waiting for the end of a major cycle.
