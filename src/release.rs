@@ -176,13 +176,10 @@ pub unsafe fn free(h: Word) -> Outcome {
 
 /// The debt that the free now starting pays (words of major-slice work): 0 when a major
 /// cycle has ended since the debt was counted (forgiven), or while it is below
-/// [`SLICE_MIN_WORK`] and below a cycle's work (a small heap's cycle may cost less).
-/// Concurrent frees may each see part of it: the debt only sets how much GC work is
-/// asked, never when a copy is released.
-///
-/// # Safety
-/// Called holding the runtime.
-unsafe fn debt_due() -> usize {
+/// [`SLICE_MIN_WORK`] (which it can always reach: see [`owe`]). Concurrent frees may
+/// each see part of it: the debt only sets how much GC work is asked, never when a copy
+/// is released.
+fn debt_due() -> usize {
     let debt = DEBT.load(Ordering::Relaxed);
     if debt == 0 {
         return 0;
@@ -191,9 +188,7 @@ unsafe fn debt_due() -> usize {
         DEBT.store(0, Ordering::Relaxed);
         return 0;
     }
-    // SAFETY: the caller holds the runtime.
-    let (_, cycle_work) = unsafe { runtime::gc_allowance() };
-    if debt < SLICE_MIN_WORK.min(cycle_work) {
+    if debt < SLICE_MIN_WORK {
         return 0;
     }
     DEBT.swap(0, Ordering::Relaxed)
@@ -201,7 +196,8 @@ unsafe fn debt_due() -> usize {
 
 /// Counts the work owed by a free of `bytes` that left `waiting` bytes in the queue: the
 /// part past the limit owes its share of a cycle's work (the limit's worth owes one), and
-/// the debt never exceeds one cycle's work (one cycle's end releases everything queued).
+/// the debt never exceeds one cycle's work (one cycle's end releases everything queued),
+/// or [`SLICE_MIN_WORK`] when a small heap's cycle costs less.
 ///
 /// # Safety
 /// Called holding the runtime.
@@ -231,8 +227,7 @@ unsafe fn owe(waiting: usize, bytes: usize) {
 /// # Safety
 /// Called holding the runtime.
 unsafe fn account(bytes: usize) -> usize {
-    // SAFETY: the caller holds the runtime.
-    let due = unsafe { debt_due() };
+    let due = debt_due();
     let waiting = PENDING_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
     // SAFETY: as above.
     unsafe { owe(waiting, bytes) };
