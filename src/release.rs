@@ -93,9 +93,9 @@ unsafe impl Send for Pending {}
 
 /// The queue, in the order of `after_cycle`.
 static QUEUE: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
-/// Bytes waiting in the queue.
+/// Bytes waiting in the queue. Written only under the queue's lock (see [`count`]).
 static PENDING_BYTES: AtomicUsize = AtomicUsize::new(0);
-/// Entries in the queue.
+/// Entries in the queue. Written only under the queue's lock (see [`count`]).
 static PENDING_COUNT: AtomicUsize = AtomicUsize::new(0);
 /// The `after_cycle` of the oldest entry, `usize::MAX` when the queue is empty: read
 /// without the lock, it lets a drain with nothing due (most of them: a copy or free
@@ -109,6 +109,20 @@ fn queue() -> MutexGuard<'static, VecDeque<Pending>> {
     QUEUE
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Adds `entries` entries and `bytes` bytes to the counts of what waits (or takes them
+/// away, negative), returns the bytes waiting now. The counts change only under the
+/// queue's lock (`_held`), so a load and a store do, without a locked instruction;
+/// readers without the lock see one value or the other.
+fn count(_held: &MutexGuard<'_, VecDeque<Pending>>, entries: isize, bytes: isize) -> usize {
+    let add = |counter: &AtomicUsize, n: isize| {
+        let now = counter.load(Ordering::Relaxed).wrapping_add_signed(n);
+        counter.store(now, Ordering::Relaxed);
+        now
+    };
+    add(&PENDING_COUNT, entries);
+    add(&PENDING_BYTES, bytes)
 }
 
 /// What [`free`] did.
@@ -169,9 +183,8 @@ pub unsafe fn free(h: Word) -> Outcome {
         OLDEST_CYCLE.store(entry.after_cycle, Ordering::Relaxed);
     }
     queue.push_back(entry); // capacity reserved above
-    PENDING_COUNT.fetch_add(1, Ordering::Relaxed);
-    // SAFETY: we hold the runtime (the caller's contract).
-    Outcome::Done(unsafe { account(owned.bytes) })
+                            // SAFETY: we hold the runtime (the caller's contract).
+    Outcome::Done(unsafe { account(&queue, 1, owned.bytes) })
 }
 
 /// The debt that the free now starting pays (words of major-slice work): 0 when a major
@@ -221,14 +234,14 @@ unsafe fn owe(waiting: usize, bytes: usize) {
     DEBT.store(debt.saturating_add(owed).min(cap), Ordering::Relaxed);
 }
 
-/// Counts `bytes` more waiting and returns the work the free pays: the debt of earlier
-/// frees; this free's own is paid by the next one.
+/// Counts `entries` more waiting, of `bytes` in all, and returns the work the free pays:
+/// the debt of earlier frees; this free's own is paid by the next one.
 ///
 /// # Safety
 /// Called holding the runtime.
-unsafe fn account(bytes: usize) -> usize {
+unsafe fn account(held: &MutexGuard<'_, VecDeque<Pending>>, entries: usize, bytes: usize) -> usize {
     let due = debt_due();
-    let waiting = PENDING_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    let waiting = count(held, entries as isize, bytes as isize);
     // SAFETY: as above.
     unsafe { owe(waiting, bytes) };
     due
@@ -276,11 +289,12 @@ pub unsafe fn drain_due() {
             };
             let oldest = queue.front().map_or(usize::MAX, |first| first.after_cycle);
             OLDEST_CYCLE.store(oldest, Ordering::Relaxed);
+            if let Some(entry) = &entry {
+                count(&queue, -1, -(entry.bytes as isize));
+            }
             entry
         };
         let Some(entry) = entry else { return };
-        PENDING_COUNT.fetch_sub(1, Ordering::Relaxed);
-        PENDING_BYTES.fetch_sub(entry.bytes, Ordering::Relaxed);
         // SAFETY: the cycle running at its `free` has completed: no marker reads the copy
         // any more. `free` is the function of the block passed with it (kept alive by
         // its root), or the default allocator's, which ignores its block.
@@ -330,7 +344,7 @@ pub unsafe fn free_all(count: usize, take: impl FnOnce() -> Option<Vec<Owned>>) 
     if queue.is_empty() {
         OLDEST_CYCLE.store(after_cycle, Ordering::Relaxed);
     }
-    let mut bytes = 0;
+    let (mut entries, mut bytes) = (0, 0);
     for owned in owned.into_iter().filter(|o| !o.base.is_null()) {
         // SAFETY: an allocator block, alive for the call (the caller's contract).
         let free = unsafe { CAllocator::new(owned.alloc) }.free_fn();
@@ -342,9 +356,9 @@ pub unsafe fn free_all(count: usize, take: impl FnOnce() -> Option<Vec<Owned>>) 
             // SAFETY: as above; we hold the runtime.
             alloc: unsafe { Rooted::new(owned.alloc, free) },
         }); // room reserved above
-        PENDING_COUNT.fetch_add(1, Ordering::Relaxed);
+        entries += 1;
         bytes += owned.bytes;
     }
     // SAFETY: we hold the runtime (the caller's contract).
-    Outcome::Done(unsafe { account(bytes) })
+    Outcome::Done(unsafe { account(&queue, entries, bytes) })
 }
