@@ -93,9 +93,9 @@ unsafe impl Send for Pending {}
 
 /// The queue, in the order of `after_cycle`.
 static QUEUE: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
-/// Bytes waiting in the queue. Written only under the queue's lock (see [`count`]).
+/// Bytes waiting in the queue. Written only under the queue's lock (see [`add_waiting`]).
 static PENDING_BYTES: AtomicUsize = AtomicUsize::new(0);
-/// Entries in the queue. Written only under the queue's lock (see [`count`]).
+/// Entries in the queue. Written only under the queue's lock (see [`add_waiting`]).
 static PENDING_COUNT: AtomicUsize = AtomicUsize::new(0);
 /// The `after_cycle` of the oldest entry, `usize::MAX` when the queue is empty: read
 /// without the lock, it lets a drain with nothing due (most of them: a copy or free
@@ -115,7 +115,7 @@ fn queue() -> MutexGuard<'static, VecDeque<Pending>> {
 /// away, negative), returns the bytes waiting now. The counts change only under the
 /// queue's lock (`_held`), so a load and a store do, without a locked instruction;
 /// readers without the lock see one value or the other.
-fn count(_held: &MutexGuard<'_, VecDeque<Pending>>, entries: isize, bytes: isize) -> usize {
+fn add_waiting(_held: &MutexGuard<'_, VecDeque<Pending>>, entries: isize, bytes: isize) -> usize {
     let add = |counter: &AtomicUsize, n: isize| {
         let now = counter.load(Ordering::Relaxed).wrapping_add_signed(n);
         counter.store(now, Ordering::Relaxed);
@@ -182,8 +182,9 @@ pub unsafe fn free(h: Word) -> Outcome {
     if queue.is_empty() {
         OLDEST_CYCLE.store(entry.after_cycle, Ordering::Relaxed);
     }
-    queue.push_back(entry); // capacity reserved above
-                            // SAFETY: we hold the runtime (the caller's contract).
+    // Capacity reserved above.
+    queue.push_back(entry);
+    // SAFETY: we hold the runtime (the caller's contract).
     Outcome::Done(unsafe { account(&queue, 1, owned.bytes) })
 }
 
@@ -241,7 +242,7 @@ unsafe fn owe(waiting: usize, bytes: usize) {
 /// Called holding the runtime.
 unsafe fn account(held: &MutexGuard<'_, VecDeque<Pending>>, entries: usize, bytes: usize) -> usize {
     let due = debt_due();
-    let waiting = count(held, entries as isize, bytes as isize);
+    let waiting = add_waiting(held, entries as isize, bytes as isize);
     // SAFETY: as above.
     unsafe { owe(waiting, bytes) };
     due
@@ -290,7 +291,7 @@ pub unsafe fn drain_due() {
             let oldest = queue.front().map_or(usize::MAX, |first| first.after_cycle);
             OLDEST_CYCLE.store(oldest, Ordering::Relaxed);
             if let Some(entry) = &entry {
-                count(&queue, -1, -(entry.bytes as isize));
+                add_waiting(&queue, -1, -(entry.bytes as isize));
             }
             entry
         };
