@@ -82,10 +82,13 @@ let free h =
   match Ext.offheap_stub_free h with
   | Outcome.Done -> ()
   | Done_slice words ->
-      (* The handle is freed already: an exception from here on loses nothing. Bounded
-         work, never a whole cycle: the frees of a program that allocates little pay for
-         the cycles after which their memory goes back (src/release.rs). *)
-      ignore (Gc.major_slice words : int)
+      (* The handle is freed already: an exception from here on loses nothing. The GC
+         work owed by earlier frees past the limit, when no cycle has ended since (at
+         most one cycle's work, never [Gc.major]): a program that allocates little pays
+         for the cycles after which its memory goes back (src/release.rs). What the
+         end of a cycle made due goes back at once (the alarm may have run before). *)
+      ignore (Gc.major_slice words : int);
+      stub_drain ()
   | e -> Outcome.fail e
 
 let delete = free

@@ -30,8 +30,8 @@ exception Not_copyable of reason
 exception Invalid_image of check * string
 
 (* The constructors' order is the encoding (src/outcome.rs): [Done] and [No_memory] are
-   immediates, errors are blocks, and so is [Done_slice] (a free that left so many bytes
-   waiting for the end of the major cycle that a major slice of n words should run). *)
+   immediates, errors are blocks, and so is [Done_slice] (a free after which a major
+   slice of n words should run: the GC work owed by earlier frees, src/release.rs). *)
 type t =
   | Done
   | No_memory

@@ -46,8 +46,8 @@ pub enum Reason {
 pub enum StubOutcome {
     /// `Done`.
     Done,
-    /// `Done_slice`: freed, and so much waits for the end of the major cycle that the
-    /// OCaml side should run a major slice of this many words (OCaml 5).
+    /// `Done_slice`: freed, and earlier frees owe so much GC work that the OCaml side
+    /// should run a major slice of this many words (OCaml 5: see `release.rs`).
     DoneSlice(usize),
     /// `No_memory`: raise `Out_of_memory`.
     NoMemory,

@@ -22,20 +22,28 @@ use crate::handle::{self, Owned};
 use crate::layout::{val_int, Word};
 use crate::runtime::{self, slab};
 
-/// Above this many bytes waiting, frees drive the major GC: every [`SLICE_BYTES`] freed
-/// beyond it, `free` asks the OCaml side for a major slice of [`SLICE_WORK`] words of
-/// work per word freed (`Gc.major_slice`). A slice is bounded work: `free` never finishes
-/// a cycle itself. A program that frees much and allocates little still gets its
-/// memory back: its frees pay for the cycles, so at most about `1 / SLICE_WORK` of the
-/// major heap waits beyond the limit.
+/// Bytes that may wait in the queue before frees ask for major GC work, at the least.
+/// The limit is the larger of this and the out-of-heap bytes that the runtime lets dead
+/// custom blocks hold before it does a cycle's work for them ([`runtime::gc_allowance`]:
+/// by default 29% of the major heap, `OCAMLRUNPARAM=M` sets it). Past the limit, every
+/// byte freed owes its share of a major cycle's work: freeing the limit's worth owes one
+/// cycle (the rate the runtime applies to custom blocks). The debt is paid by the next
+/// `free`, with `Gc.major_slice`, unless a major cycle has ended meanwhile: that end
+/// released every copy queued before it, so the debt is forgiven. A program that
+/// allocates completes cycles itself and pays nothing; one that frees much and
+/// allocates little pays for the cycles after which its memory comes back. No free does
+/// GC work for its own bytes, and none pays more than one cycle's work (a debt larger
+/// than that is pointless: one cycle's end releases everything queued), as a slice: no
+/// `Gc.major`, no finishing of a cycle regardless of its cost.
 pub const PENDING_LIMIT: usize = 8 << 20;
-/// Bytes freed between two slices (a slice starts with a minor collection).
-const SLICE_BYTES: usize = 1 << 20;
-/// Words of major GC work per word freed.
-const SLICE_WORK: usize = 4;
+/// The smallest debt (words of work) worth a slice: smaller ones wait for more.
+const SLICE_MIN_WORK: usize = 1 << 17;
 
-/// Bytes freed beyond [`PENDING_LIMIT`] since the last slice.
-static SINCE_SLICE: AtomicUsize = AtomicUsize::new(0);
+/// Words of major GC work owed by frees past the limit, not yet paid.
+static DEBT: AtomicUsize = AtomicUsize::new(0);
+/// The major cycles completed when the debt began (a free owing from 0): once more have
+/// completed, the debt is forgiven.
+static DEBT_CYCLE: AtomicUsize = AtomicUsize::new(0);
 
 /// A freed copy waiting for the end of a major cycle.
 struct Pending {
@@ -85,9 +93,9 @@ unsafe impl Send for Pending {}
 
 /// The queue, in the order of `after_cycle`.
 static QUEUE: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
-/// Bytes waiting in the queue.
+/// Bytes waiting in the queue. Written only under the queue's lock (see [`add_waiting`]).
 static PENDING_BYTES: AtomicUsize = AtomicUsize::new(0);
-/// Entries in the queue.
+/// Entries in the queue. Written only under the queue's lock (see [`add_waiting`]).
 static PENDING_COUNT: AtomicUsize = AtomicUsize::new(0);
 /// The `after_cycle` of the oldest entry, `usize::MAX` when the queue is empty: read
 /// without the lock, it lets a drain with nothing due (most of them: a copy or free
@@ -101,6 +109,20 @@ fn queue() -> MutexGuard<'static, VecDeque<Pending>> {
     QUEUE
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Adds `entries` entries and `bytes` bytes to the counts of what waits (or takes them
+/// away, negative), returns the bytes waiting now. The counts change only under the
+/// queue's lock (`_held`), so a load and a store do, without a locked instruction;
+/// readers without the lock see one value or the other.
+fn add_waiting(_held: &MutexGuard<'_, VecDeque<Pending>>, entries: isize, bytes: isize) -> usize {
+    let add = |counter: &AtomicUsize, n: isize| {
+        let now = counter.load(Ordering::Relaxed).wrapping_add_signed(n);
+        counter.store(now, Ordering::Relaxed);
+        now
+    };
+    add(&PENDING_COUNT, entries);
+    add(&PENDING_BYTES, bytes)
 }
 
 /// What [`free`] did.
@@ -160,26 +182,70 @@ pub unsafe fn free(h: Word) -> Outcome {
     if queue.is_empty() {
         OLDEST_CYCLE.store(entry.after_cycle, Ordering::Relaxed);
     }
-    queue.push_back(entry); // capacity reserved above
-    PENDING_COUNT.fetch_add(1, Ordering::Relaxed);
-    let waiting = PENDING_BYTES.fetch_add(owned.bytes, Ordering::Relaxed) + owned.bytes;
-    Outcome::Done(slice_work(waiting, owned.bytes))
+    // Capacity reserved above.
+    queue.push_back(entry);
+    // SAFETY: we hold the runtime (the caller's contract).
+    Outcome::Done(unsafe { account(&queue, 1, owned.bytes) })
 }
 
-/// The major-slice work (in words) that a free of `bytes`, leaving `waiting` bytes in the
-/// queue, asks of the OCaml side: 0 up to [`PENDING_LIMIT`], then [`SLICE_WORK`] words
-/// per word freed, every [`SLICE_BYTES`].
-fn slice_work(waiting: usize, bytes: usize) -> usize {
+/// The debt that the free now starting pays (words of major-slice work): 0 when a major
+/// cycle has ended since the debt was counted (forgiven), or while it is below
+/// [`SLICE_MIN_WORK`] (which it can always reach: see [`owe`]). Concurrent frees may
+/// each see part of it: the debt only sets how much GC work is asked, never when a copy
+/// is released.
+fn debt_due() -> usize {
+    let debt = DEBT.load(Ordering::Relaxed);
+    if debt == 0 {
+        return 0;
+    }
+    if DEBT_CYCLE.load(Ordering::Relaxed) != runtime::major_cycles_completed() {
+        DEBT.store(0, Ordering::Relaxed);
+        return 0;
+    }
+    if debt < SLICE_MIN_WORK {
+        return 0;
+    }
+    DEBT.swap(0, Ordering::Relaxed)
+}
+
+/// Counts the work owed by a free of `bytes` that left `waiting` bytes in the queue: the
+/// part past the limit owes its share of a cycle's work (the limit's worth owes one), and
+/// the debt never exceeds one cycle's work (one cycle's end releases everything queued),
+/// or [`SLICE_MIN_WORK`] when a small heap's cycle costs less.
+///
+/// # Safety
+/// Called holding the runtime.
+unsafe fn owe(waiting: usize, bytes: usize) {
     if waiting <= PENDING_LIMIT {
-        return 0;
+        return;
     }
-    let since = SINCE_SLICE.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    if since < SLICE_BYTES {
-        return 0;
+    // SAFETY: the caller holds the runtime.
+    let (allowance, cycle_work) = unsafe { runtime::gc_allowance() };
+    let limit = PENDING_LIMIT.max(allowance);
+    if waiting <= limit {
+        return;
     }
-    // Whoever takes the count from here pays for it.
-    let taken = SINCE_SLICE.swap(0, Ordering::Relaxed);
-    taken / crate::layout::WORD_BYTES * SLICE_WORK
+    let beyond = bytes.min(waiting - limit);
+    let owed = (beyond as u128 * cycle_work as u128 / limit as u128) as usize;
+    let debt = DEBT.load(Ordering::Relaxed);
+    if debt == 0 {
+        DEBT_CYCLE.store(runtime::major_cycles_completed(), Ordering::Relaxed);
+    }
+    let cap = cycle_work.max(SLICE_MIN_WORK);
+    DEBT.store(debt.saturating_add(owed).min(cap), Ordering::Relaxed);
+}
+
+/// Counts `entries` more waiting, of `bytes` in all, and returns the work the free pays:
+/// the debt of earlier frees; this free's own is paid by the next one.
+///
+/// # Safety
+/// Called holding the runtime.
+unsafe fn account(held: &MutexGuard<'_, VecDeque<Pending>>, entries: usize, bytes: usize) -> usize {
+    let due = debt_due();
+    let waiting = add_waiting(held, entries as isize, bytes as isize);
+    // SAFETY: as above.
+    unsafe { owe(waiting, bytes) };
+    due
 }
 
 /// Gives `owned` back to its allocator now.
@@ -224,11 +290,12 @@ pub unsafe fn drain_due() {
             };
             let oldest = queue.front().map_or(usize::MAX, |first| first.after_cycle);
             OLDEST_CYCLE.store(oldest, Ordering::Relaxed);
+            if let Some(entry) = &entry {
+                add_waiting(&queue, -1, -(entry.bytes as isize));
+            }
             entry
         };
         let Some(entry) = entry else { return };
-        PENDING_COUNT.fetch_sub(1, Ordering::Relaxed);
-        PENDING_BYTES.fetch_sub(entry.bytes, Ordering::Relaxed);
         // SAFETY: the cycle running at its `free` has completed: no marker reads the copy
         // any more. `free` is the function of the block passed with it (kept alive by
         // its root), or the default allocator's, which ignores its block.
@@ -278,7 +345,7 @@ pub unsafe fn free_all(count: usize, take: impl FnOnce() -> Option<Vec<Owned>>) 
     if queue.is_empty() {
         OLDEST_CYCLE.store(after_cycle, Ordering::Relaxed);
     }
-    let mut bytes = 0;
+    let (mut entries, mut bytes) = (0, 0);
     for owned in owned.into_iter().filter(|o| !o.base.is_null()) {
         // SAFETY: an allocator block, alive for the call (the caller's contract).
         let free = unsafe { CAllocator::new(owned.alloc) }.free_fn();
@@ -290,9 +357,9 @@ pub unsafe fn free_all(count: usize, take: impl FnOnce() -> Option<Vec<Owned>>) 
             // SAFETY: as above; we hold the runtime.
             alloc: unsafe { Rooted::new(owned.alloc, free) },
         }); // room reserved above
-        PENDING_COUNT.fetch_add(1, Ordering::Relaxed);
+        entries += 1;
         bytes += owned.bytes;
     }
-    let waiting = PENDING_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    Outcome::Done(slice_work(waiting, bytes))
+    // SAFETY: we hold the runtime (the caller's contract).
+    Outcome::Done(unsafe { account(&queue, entries, bytes) })
 }

@@ -20,7 +20,8 @@ mod backend;
 pub mod slab;
 
 pub use backend::{
-    major_cycles_completed, register, register_blocks, reregister_shared, unregister, DEFERS_FREE,
+    gc_allowance, major_cycles_completed, register, register_blocks, reregister_shared, unregister,
+    DEFERS_FREE,
 };
 
 use crate::alloc::Allocator;

@@ -60,6 +60,14 @@ pub fn major_cycles_completed() -> usize {
     0
 }
 
+/// Not used on OCaml 4 (frees are not deferred).
+///
+/// # Safety
+/// None; `unsafe` as on OCaml 5.
+pub unsafe fn gc_allowance() -> (usize, usize) {
+    (0, 0)
+}
+
 /// Cache slots; a power of two.
 const CACHE_SLOTS: usize = 1024;
 

@@ -32,6 +32,13 @@ extern "C" {
     static caml_minor_heaps_start: Word;
     static caml_minor_heaps_end: Word;
     static caml_major_cycles_completed: Word;
+    /// The out-of-heap bytes that dead custom blocks may hold before the GC has done a
+    /// cycle's work for them (custom.h): the major heap's size times
+    /// `custom_major_ratio` (OCAMLRUNPARAM `M`, default 44) / 150. Reads this domain's
+    /// state.
+    fn caml_custom_get_max_major() -> usize;
+    /// `custom_major_ratio` (custom.h).
+    static caml_custom_major_ratio: usize;
 }
 
 /// Frees wait for the running major cycle.
@@ -42,6 +49,21 @@ pub fn major_cycles_completed() -> usize {
     // SAFETY: a word-sized counter the runtime only ever increments; a stale read only
     // delays a free.
     unsafe { std::ptr::read_volatile(std::ptr::addr_of!(caml_major_cycles_completed)) }
+}
+
+/// The out-of-heap bytes that may wait for the GC before it has done a cycle's work for
+/// them, and the words of work that cycle costs, as the runtime reckons both for custom
+/// blocks (`caml_adjust_gc_speed`): `custom_major_ratio`% of two thirds of the major
+/// heap's size, and twice the heap's words (a cycle marks at most the heap and sweeps it).
+///
+/// # Safety
+/// Called holding the runtime (it reads this domain's state).
+pub unsafe fn gc_allowance() -> (usize, usize) {
+    // SAFETY: the caller holds the runtime; both only read the domain's heap statistics
+    // and a global set at startup.
+    let (allowance, ratio) = unsafe { (caml_custom_get_max_major(), caml_custom_major_ratio) };
+    let heap_bytes = allowance / ratio.max(1) * 150;
+    (allowance, 2 * heap_bytes / layout::WORD_BYTES)
 }
 
 /// The header classifier.
