@@ -92,6 +92,16 @@ struct Walk<'a, H> {
     len: usize,
     /// Bit `i` set: word `i` is a pointer into the copy, held as its offset in bytes.
     pointers: u64,
+    /// A filter of the blocks found: bit [`filter_bit`] of each is set, so a block whose
+    /// bit is clear was not found, and is not looked for.
+    filter: u64,
+}
+
+/// The bit of [`Walk::filter`] for the block at `v`: blocks are mostly two words long or
+/// more, so neighbouring blocks differ in the address bits from 4 on.
+#[inline(always)]
+fn filter_bit(v: Word) -> u64 {
+    1 << ((v >> 4) & 63)
 }
 
 /// Copies `root`, a pointer to a block that `heap` says to copy, into `out` when the value
@@ -149,6 +159,7 @@ impl<'a, H: Heap> Walk<'a, H> {
             std::ptr::addr_of_mut!((*p).count).write(0);
             std::ptr::addr_of_mut!((*p).len).write(0);
             std::ptr::addr_of_mut!((*p).pointers).write(0);
+            std::ptr::addr_of_mut!((*p).filter).write(0);
             slot.assume_init_mut()
         }
     }
@@ -258,6 +269,7 @@ impl<'a, H: Heap> Walk<'a, H> {
         let at = self.len;
         self.words[at].write(hd.with_color(Color::Unmarkable).0);
         let index = self.count;
+        self.filter |= filter_bit(v);
         self.found[index].write(Found {
             block: v,
             header: hd,
@@ -300,7 +312,11 @@ impl<'a, H: Heap> Walk<'a, H> {
             // SAFETY: `i < n`, a field of the block.
             let v = unsafe { read_field(src.add(i)) };
             let word = if !layout::is_immediate(v) && self.heap.should_copy(v) {
-                let known = (0..self.count).find(|&j| self.found(j).block == v);
+                let known = if self.filter & filter_bit(v) == 0 {
+                    None
+                } else {
+                    (0..self.count).find(|&j| self.found(j).block == v)
+                };
                 let j = match known {
                     Some(j) => j,
                     // SAFETY: a pointer read from a block of the source graph.
