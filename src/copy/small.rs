@@ -45,7 +45,7 @@ thread_local! {
     static SKIP: Cell<u8> = const { Cell::new(0) };
 }
 
-/// Whether the next copy of this thread should try this path: not for the [`SKIPPED`]
+/// Whether the next copy of this thread should try this path: not for the `SKIPPED` (8)
 /// copies after the walk gave up, unless one of them turns out small.
 #[inline(always)]
 pub fn worth_trying() -> bool {
