@@ -125,8 +125,21 @@ extern "C" {
 /// compaction calls, and compaction is counted; the minor heap is one range, moved only
 /// by `caml_set_minor_heap_size`. Static data can be added at any time (natdynlink,
 /// other libraries), so copies of static data never share a generation.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Eq)]
 struct HeapEpoch([Word; 5]);
+
+impl PartialEq for HeapEpoch {
+    /// Inline (the derived comparison of five words calls `bcmp`, once per copy).
+    #[inline(always)]
+    fn eq(&self, other: &HeapEpoch) -> bool {
+        let differ = self
+            .0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0, |acc, (a, b)| acc | (a ^ b));
+        differ == 0
+    }
+}
 
 impl HeapEpoch {
     /// The epoch now.
