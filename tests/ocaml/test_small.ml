@@ -122,6 +122,76 @@ let test_frees_come_back _ =
     (Printf.sprintf "at most 1024 copies waited at once (%d did)" !waiting_max)
     (!waiting_max <= 1024)
 
+(* The path of small values (at most 16 blocks and 64 words: src/copy/small.rs) and the
+   general traversal around its limits, with what it gives up on (infix pointers) and
+   what it copies as raw or scannable blocks: every copy equal to its source for compare,
+   hash and Marshal, sharing and cycles kept, closures callable, the source unchanged. *)
+type tree = Leaf | Node of tree * int * tree
+
+let rec tree d = if d = 0 then Leaf else Node (tree (d - 1), d, tree (d - 1))
+
+let test_small_path_shapes _ =
+  let shared = String.make 5 's' in
+  (* Built at run time: constants are static data, shared by copies, not copied. *)
+  let n = Sys.opaque_identity 7 in
+  let record n =
+    Obj.repr (Array.init n (fun i -> if i mod 3 = 0 then Obj.repr shared else Obj.repr i))
+  in
+  let plain =
+    [
+      ("a ref", Obj.repr (ref 1));
+      ("a record and its string and float", Obj.repr (value_of_size 9));
+      ("shared string", Obj.repr (shared, shared, [ shared ]));
+      ( "boxed integers",
+        Obj.repr (Int32.of_int n, Int64.of_int (-n), Nativeint.of_int n, float n) );
+      ("float array", Obj.repr (Array.make 3 (float n)));
+      ( "forced lazy",
+        Obj.repr
+          (let l = lazy (String.make 3 'l') in
+           ignore (Lazy.force l);
+           l) );
+      ("list of 16 (16 blocks)", Obj.repr (List.init 16 Fun.id));
+      ("list of 17 (17 blocks)", Obj.repr (List.init 17 Fun.id));
+      ("block of 63 words", record 62);
+      ("block of 64 words", record 63);
+      ("block of 65 words", record 64);
+      ("tree of 15 nodes", Obj.repr (tree 4));
+      ("tree of 31 nodes", Obj.repr (tree 5));
+    ]
+  in
+  List.iter
+    (fun (what, v) ->
+      let before = Marshal.to_string v [] in
+      let h = Offheap.copy v in
+      let c = Offheap.get h in
+      assert_equal ~msg:(what ^ ": source unchanged") before (Marshal.to_string v []);
+      assert_bool (what ^ ": a copy") (c != v);
+      assert_equal ~msg:(what ^ ": compare") 0 (compare c v);
+      assert_equal ~msg:(what ^ ": hash") (Hashtbl.hash v) (Hashtbl.hash c);
+      assert_equal ~msg:(what ^ ": Marshal") before (Marshal.to_string c []);
+      Offheap.free h)
+    plain;
+  (* Sharing and a cycle. *)
+  let h = Offheap.copy (shared, shared) in
+  let a, b = Offheap.get h in
+  assert_bool "sharing kept" (a == b && a != shared && a = shared);
+  Offheap.free h;
+  let rec cycle = 1 :: 2 :: cycle in
+  let h = Offheap.copy cycle in
+  let c = Offheap.get h in
+  assert_bool "cycle kept"
+    (List.tl (List.tl c) == c && List.hd c = 1 && List.hd (List.tl c) = 2);
+  Offheap.free h;
+  (* Closures: one (copied by the walk) and two mutually recursive (infix pointers: the
+     general traversal). *)
+  let greet = let s = String.make 2 'h' in fun x -> s ^ x in
+  let rec even n = n = 0 || odd (n - 1) and odd n = n <> 0 && even (n - 1) in
+  let h = Offheap.copy (greet, even, odd) in
+  let g, e, o = Offheap.get h in
+  assert_equal ~msg:"closure" "hhi" (g "i");
+  assert_bool "mutually recursive closures" (e 10 && o 7 && not (e 3));
+  Offheap.free h
+
 let () =
   run_test_tt_main
     ("small copies"
@@ -131,4 +201,5 @@ let () =
            "slab: every size, slots reused, registered" >:: test_slab_sizes;
            "slab: churn under the GC" >:: test_slab_churn;
            "frees come back without Gc.major" >:: test_frees_come_back;
+           "the path of small values, around its limits" >:: test_small_path_shapes;
          ])
