@@ -5,11 +5,13 @@
 //! of a few blocks: a record and its strings. For those, the general traversal's fixed
 //! costs (its queue, visited set and pending stack, the prefetch accounting, a second
 //! read of every block, the restore pass) are most of the call. Here each block is read
-//! once, into a buffer laid out as the copy will be (headers, then fields; a pointer to
-//! a copied block stored as its byte offset in the copy); a block seen before is told by
-//! comparing its address with the few blocks found so far, so nothing is written to the
-//! source and nothing needs restoring. The buffer then goes to the [`Output`] block by
-//! block, the copy's address added to the offsets.
+//! once: the header and the fields of a scannable block into a buffer laid out as the
+//! copy will be (a pointer to a copied block stored as its byte offset in the copy), a
+//! raw block (string, float, boxed integer) straight from the source when the copy is
+//! written. A block seen before is told by comparing its address with the few blocks
+//! found so far, so nothing is written to the source and nothing needs restoring. The
+//! buffer then goes to the [`Output`] block by block, the copy's address added to the
+//! offsets.
 //!
 //! The walk is the general one's, depth first by groups ([`super::pending`]): a value
 //! copies to the same bytes whichever path takes it. It gives up, having written and
