@@ -37,6 +37,15 @@ impl Heap for Asking {
     }
 }
 
+impl Asking {
+    fn new() -> Asking {
+        Asking {
+            heap: FakeHeap::new(1 << 12),
+            asked: 0,
+        }
+    }
+}
+
 /// A list of `n` immediates.
 fn list(h: &mut FakeHeap, n: usize) -> Word {
     let mut l = layout::val_int(0);
@@ -65,10 +74,7 @@ fn copy_counted(a: &mut Asking, root: Word, blocks: usize) -> (Copied, usize) {
 #[test]
 fn values_within_the_limits_take_the_path_and_those_beyond_do_not() {
     std::thread::spawn(|| {
-        let mut a = Asking {
-            heap: FakeHeap::new(1 << 12),
-            asked: 0,
-        };
+        let mut a = Asking::new();
         let n = small::MAX_BLOCKS;
         let within = list(&mut a.heap, n);
         let beyond = list(&mut a.heap, n + 1);
@@ -86,10 +92,7 @@ fn values_within_the_limits_take_the_path_and_those_beyond_do_not() {
 #[test]
 fn a_run_of_values_beyond_the_limits_walks_once_in_a_while() {
     std::thread::spawn(|| {
-        let mut a = Asking {
-            heap: FakeHeap::new(1 << 12),
-            asked: 0,
-        };
+        let mut a = Asking::new();
         let n = small::MAX_BLOCKS + 4;
         let beyond = list(&mut a.heap, n);
         let asked: Vec<usize> = (0..20).map(|_| copy_counted(&mut a, beyond, n).1).collect();

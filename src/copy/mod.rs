@@ -375,8 +375,8 @@ pub unsafe fn copy_into<H: Heap, V: VisitedSet, O: Output>(
             return written;
         }
     }
-    // SAFETY: forwarded.
-    let written = unsafe { traverse_into(root, heap, visited, out) };
+    // SAFETY: forwarded; `root` is a block to copy.
+    let written = unsafe { traverse_block(root, heap, visited, out) };
     if let Ok(w) = &written {
         small::note_general_copy(tried, w.blocks, w.bytes);
     }
@@ -400,6 +400,20 @@ pub unsafe fn traverse_into<H: Heap, V: VisitedSet, O: Output>(
     if layout::is_immediate(root) || !heap.should_copy(root) {
         return Ok(Written::kept(root));
     }
+    // SAFETY: forwarded; `root` is a block to copy.
+    unsafe { traverse_block(root, heap, visited, out) }
+}
+
+/// [`traverse_into`] for a `root` already known to point to a block to copy.
+///
+/// # Safety
+/// As [`copy_into`]; `heap` says to copy the block `root` points to.
+unsafe fn traverse_block<H: Heap, V: VisitedSet, O: Output>(
+    root: Word,
+    heap: &mut H,
+    visited: V,
+    out: &mut O,
+) -> Result<Written, CopyError> {
     let mut traversal = Traversal::new(heap, visited);
     // SAFETY: the caller's contract on `root` and its graph is the traversal's.
     let outcome = unsafe { traversal.run(root, out) };
