@@ -4,9 +4,10 @@
 
    bench.exe [-quick] [-small] [-domains] [-scale F] [-runs N] [-only NAME[,NAME...]]
 
-   -small: only the small values' per-call table.
-   -domains (OCaml 5): the copy with one domain and with a second domain running,
-   which makes it use the side table, and how long it keeps the other domain waiting.
+   -small: only the per-call tables (small values, then values of every size).
+   -domains (OCaml 5): the copy with one domain and with a second domain running (beyond
+   1024 blocks the copy then stops it for the time of the copy), and how long it keeps
+   the other domain waiting.
 
    Markdown tables go to stdout, preceded by a line describing the machine; progress goes
    to stderr. Each workload's data is built once, measured, and dropped before the next
@@ -824,8 +825,8 @@ type domains_result = {
 }
 
 (* The copy with one domain, then with a second domain allocating meanwhile (so the copy
-   uses the side table): times, and how long the copy kept the other domain waiting,
-   against a Marshal round trip's. *)
+   stops it: these values have more than 1024 blocks, or are flat): times, and how long
+   the copy kept the other domain waiting, against a Marshal round trip's. *)
 let run_domains cfg (W w) =
   let n = max 1 (truncate ((cfg.scale *. float w.size) +. 0.5)) in
   let label = w.label n in
@@ -884,11 +885,11 @@ let print_domains cfg machine results =
     machine cfg.scale cfg.runs;
   print_endline
     "The copy with one domain (visited set: header marks) and with a second domain \
-     running, which allocates without pause (visited set: side table); first: the \
-     first copy once the second domain runs (in the first workload, the first \
-     side-table copy of the process). Wait: the longest time the second domain stood \
-     still during one copy or one Marshal round trip (its minor collections wait for \
-     every domain), in ms:";
+     running, which allocates without pause (values beyond 1024 blocks: the second \
+     domain stopped for the copy, header marks); first: the first copy once the \
+     second domain runs. Wait: the longest time the second domain stood still during \
+     one copy or one Marshal round trip (its minor collections wait for every domain), \
+     in ms:";
   print_newline ();
   table
     [
@@ -1017,6 +1018,77 @@ let small_values cfg =
           [ "copy + free, interleaved, a second domain running"; ns i; vs i inter ];
         ]
 
+(* {1 Values of every size, one at a time}
+
+   Lists of [n] pairs (2n blocks: n cells, n pairs), copied and freed one at a time: the per-call cost from the path of small values (up to 16 blocks) to the
+   general traversal. On OCaml 5 the same with a second domain running and allocating:
+   beyond the path of small values a copy then stops the other domains (a
+   stop-the-world section) and marks headers as if alone. *)
+
+let sizes_table cfg =
+  let sizes = [ 4; 8; 12; 50; 500; 5000 ] in
+  let per_call n f =
+    let calls = max 20 (2_000_000 / (n * 2)) in
+    let calls = max 10 (int_of_float (float calls *. max cfg.scale 0.1)) in
+    let t0 = Unix.gettimeofday () in
+    for _ = 1 to calls do
+      f ()
+    done;
+    (Unix.gettimeofday () -. t0) *. 1e9 /. float calls
+  in
+  let measure () =
+    List.map
+      (fun n ->
+        let v = List.init n (fun i -> (i, i)) in
+        let copy_free () = Offheap.free (Offheap.copy v) in
+        let marshal () =
+          let back : (int * int) list = Marshal.from_string (Marshal.to_string v []) 0 in
+          ignore (Sys.opaque_identity back)
+        in
+        copy_free ();
+        let runs =
+          List.init cfg.runs (fun _ -> (per_call n copy_free, per_call n marshal))
+        in
+        (n, summarize (List.map fst runs), summarize (List.map snd runs)))
+      sizes
+  in
+  progress "values of every size, one domain";
+  let one = measure () in
+  let two =
+    match Other_domain.start () with
+    | None -> None
+    | Some d ->
+        progress "values of every size, a second domain running";
+        let two = measure () in
+        Other_domain.stop d;
+        Some two
+  in
+  let ns s = Printf.sprintf "%.0f (%.0f-%.0f)" s.median s.min s.max in
+  Printf.printf
+    "\n### Values of every size, one at a time (OCaml %s)\n\nA list of n pairs (2n \
+     blocks) copied and freed, per call in ns, median (min-max) of %d runs; a Marshal \
+     round trip of the same list%s.\n\n"
+    Sys.ocaml_version cfg.runs
+    (if two = None then ""
+     else "; then the same with a second domain running and allocating");
+  let header =
+    [ "pairs"; "blocks"; "copy + free"; "Marshal"; "copy / Marshal" ]
+    @ if two = None then [] else [ "copy + free, two domains"; "two / one" ]
+  in
+  table header
+    (List.map (fun _ -> `R) header)
+    (List.mapi
+       (fun k (n, c, m) ->
+         [ string_of_int n; string_of_int (2 * n); ns c; ns m;
+           Printf.sprintf "%.2f" (c.median /. m.median) ]
+         @
+         match two with
+         | None -> []
+         | Some two ->
+             let _, c2, _ = List.nth two k in
+             [ ns c2; Printf.sprintf "%.2f" (c2.median /. c.median) ])
+       one)
+
 (* {1 Main} *)
 
 let () =
@@ -1070,6 +1142,7 @@ let () =
   if !small_only then begin
     print_endline (machine ());
     small_values cfg;
+    sizes_table cfg;
     exit 0
   end;
   let machine = machine () in

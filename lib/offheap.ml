@@ -78,17 +78,24 @@ let get h =
 let stats (h : _ t) =
   { bytes = stub_stat h 0; blocks = stub_stat h 1; transient_bytes = stub_stat h 2 }
 
+(* The major GC work a free asks for (src/release.rs): a slice of [words], or the end of
+   the cycle when [words] is [max_int]; then what became due goes back. *)
+let pay_gc_work words =
+  if words = max_int then Gc.major () else ignore (Gc.major_slice words : int);
+  stub_drain ()
+
 let free h =
   match Ext.offheap_stub_free h with
   | Outcome.Done -> ()
   | Done_slice words ->
       (* The handle is freed already: an exception from here on loses nothing. The GC
          work owed by earlier frees past the limit, when no cycle has ended since (at
-         most one cycle's work, never [Gc.major]): a program that allocates little pays
-         for the cycles after which its memory goes back (src/release.rs). What the
+         most one cycle's work): a program that allocates little pays for the cycles
+         after which its memory goes back (src/release.rs). [max_int] when frees wait
+         at four times the limit because no cycle ends (another domain that allocates
+         only short-lived blocks does no major work): the cycle is finished. What the
          end of a cycle made due goes back at once (the alarm may have run before). *)
-      ignore (Gc.major_slice words : int);
-      stub_drain ()
+      pay_gc_work words
   | e -> Outcome.fail e
 
 let delete = free
@@ -135,4 +142,5 @@ module Region = Region.Make (struct
   let handle_blocks h = (stats h).blocks
   let image_write ?key path v = Image.write ?key path v
   let image_load ?key ?verify ?share path = Image.load ?key ?verify ?share path
+  let pay_gc_work = pay_gc_work
 end)

@@ -11,6 +11,8 @@ module type BASE = sig
   val handle_blocks : 'a handle -> int
   val image_write : ?key:string -> string -> 'a -> unit
   val image_load : ?key:string -> ?verify:bool -> ?share:bool -> string -> 'a handle
+
+  val pay_gc_work : int -> unit
 end
 
 module type S = sig
@@ -107,9 +109,9 @@ module Make (B : BASE) = struct
     match Ext.offheap_region_free r with
     | Outcome.Done -> ()
     | Done_slice words ->
-        (* Freed already: an exception from here on loses nothing. Bounded work, as for
+        (* Freed already: an exception from here on loses nothing. The work of
            Offheap.free (src/release.rs). *)
-        ignore (Gc.major_slice words : int)
+        B.pay_gc_work words
     | e -> Outcome.fail e
 
   (* Region images are images whose key is this prefix and the user's: a plain image

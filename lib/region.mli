@@ -22,6 +22,10 @@ module type BASE = sig
 
   val image_load : ?key:string -> ?verify:bool -> ?share:bool -> string -> 'a handle
   (** {!Offheap.Image.load}. *)
+
+  val pay_gc_work : int -> unit
+  (** The major GC work a free asks for: a slice of that many words, or the end of the
+      cycle for [max_int]. *)
 end
 
 module type S = sig

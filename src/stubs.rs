@@ -74,10 +74,32 @@ pub extern "C" fn offheap_stub_copy(h: RawValue, copy_static: RawValue, v: RawVa
 /// An OCaml value as a stub without `native_func` takes and returns it.
 type RawValue = ocaml_sys::Value;
 
-/// The body of [`offheap_stub_copy`].
+/// The body of [`offheap_stub_copy`]. On OCaml 5, while other domains run, a value of
+/// more than `STOP_BEYOND_BLOCKS` blocks is copied with them stopped
+/// (`runtime::try_without_stopping`).
 fn copy(h: Word, copy_static: bool, v: Word) -> StubOutcome {
     // SAFETY: called from a stub, holding the runtime.
     unsafe { release::drain_due() };
+    #[cfg(ocaml5)]
+    if runtime::may_stop_world(copy_static) {
+        if let Some(outcome) = runtime::try_without_stopping(|| copy_now(h, copy_static, v)) {
+            return outcome;
+        }
+        // SAFETY: no Rust lock is held here; the copy neither allocates on the OCaml heap
+        // nor calls into OCaml (the allocator's contract). `h` and `v` are rooted for the
+        // wait and read afresh by the task.
+        let stopped = unsafe {
+            runtime::with_world_stopped(&mut [h, v], |&[h, v]| copy_now(h, copy_static, v))
+        };
+        return stopped.unwrap_or_else(|| {
+            StubOutcome::Misuse("Offheap.copy: the runtime ran no stop-the-world section".into())
+        });
+    }
+    copy_now(h, copy_static, v)
+}
+
+/// [`copy`] once the way of copying is settled.
+fn copy_now(h: Word, copy_static: bool, v: Word) -> StubOutcome {
     // SAFETY: field 1 of a handle is its allocator block (the OCaml type `alloc` only
     // comes from `malloc` or from C code that builds one), alive for the call.
     let allocator = unsafe { CAllocator::new(*(h as *const Word).add(1)) };

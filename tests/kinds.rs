@@ -16,7 +16,7 @@ use std::collections::HashSet;
 
 use fake_heap::{assert_isomorphic, Counting, FakeHeap, Rng, INT64_OPS};
 use offheap::alloc::{Allocator, Malloc};
-use offheap::copy::visited::{HeaderMarks, SideTable};
+use offheap::copy::visited::{Budgeted, HeaderMarks, SideTable};
 use offheap::copy::{self, Copied, CopyError, Heap, Measured};
 use offheap::layout::{self, Color, Header, Word, WORD_BYTES};
 
@@ -1351,5 +1351,97 @@ fn header_marks_with_any_color_the_source_does_not_carry() {
         let done = copy_ok(&mut h, root, Strategy::Marks(mark));
         assert_eq!(done.c.blocks, 4, "source {source:?}, mark {mark:?}");
         done.free();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A visited set with a budget of blocks (OCaml 5's side table before a copy stops the
+// other domains).
+// ---------------------------------------------------------------------------------------
+
+thread_local! {
+    static EXCEEDED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn note_exceeded() {
+    EXCEEDED.with(|e| e.set(e.get() + 1));
+}
+
+/// A general traversal with `Budgeted<SideTable>` of `blocks` blocks.
+fn budgeted_copy<A: Allocator>(
+    h: &mut FakeHeap,
+    root: Word,
+    blocks: usize,
+    alloc: &mut A,
+) -> Result<Copied, CopyError> {
+    let set = Budgeted::new(SideTable::with_capacity(0), blocks, note_exceeded);
+    // SAFETY: as in `raw_copy`.
+    unsafe { copy::traverse(root, h, set, alloc) }
+}
+
+#[test]
+fn a_budget_of_blocks_refuses_larger_values_having_changed_nothing() {
+    for (n, shared) in [(20usize, false), (300, false), (300, true), (5000, true)] {
+        let mut h = FakeHeap::new(4 * n + 64);
+        let list = int_list(&mut h, 0, n as isize);
+        // Sharing and a cycle: a block seen again costs no budget.
+        let root = if shared {
+            let pair = h.block(0, &[list, list]);
+            let cell = h.block(0, &[pair, layout::val_int(0)]);
+            // SAFETY: field 1 of the fresh cell, written to make a cycle.
+            unsafe { *(cell as *mut Word).add(1) = cell };
+            cell
+        } else {
+            list
+        };
+        let blocks = n + if shared { 2 } else { 0 };
+        let before = h.snapshot();
+        // Within the budget (exactly): the same copy as without one.
+        let mut alloc = Counting::new();
+        EXCEEDED.with(|e| e.set(0));
+        let c = budgeted_copy(&mut h, root, blocks, &mut alloc).expect("within the budget");
+        assert_eq!(c.blocks, blocks, "{n}: blocks copied");
+        assert_eq!(EXCEEDED.with(|e| e.get()), 0, "{n}: not exceeded");
+        let mut plain = Counting::new();
+        // SAFETY: as in `raw_copy`.
+        let p = unsafe { copy::traverse(root, &mut h, SideTable::with_capacity(0), &mut plain) }
+            .unwrap();
+        // SAFETY: both copies hold `bytes` bytes.
+        let (a, b) = unsafe {
+            (
+                std::slice::from_raw_parts(c.base, c.bytes),
+                std::slice::from_raw_parts(p.base, p.bytes),
+            )
+        };
+        let rebase = |bytes: &[u8], base: *mut u8| -> Vec<Word> {
+            bytes
+                .chunks(WORD_BYTES)
+                .map(|w| Word::from_ne_bytes(w.try_into().unwrap()))
+                .map(|w| {
+                    let base = base as Word;
+                    if w >= base && w < base + bytes.len() {
+                        w - base
+                    } else {
+                        w
+                    }
+                })
+                .collect()
+        };
+        assert_eq!(rebase(a, c.base), rebase(b, p.base), "{n}: same layout");
+        // SAFETY: the copies were made by these allocators.
+        unsafe {
+            alloc.free(c.base, c.bytes);
+            plain.free(p.base, p.bytes);
+        }
+        // One block short: refused before anything is allocated, the source unchanged,
+        // the traversal's memory given back, and the caller told why.
+        let mut alloc = Counting::new();
+        let live = thread_live();
+        let err = budgeted_copy(&mut h, root, blocks - 1, &mut alloc).unwrap_err();
+        assert!(err.is_out_of_memory(), "{n}: {err}");
+        assert_eq!(EXCEEDED.with(|e| e.get()), 1, "{n}: the caller is told");
+        assert!(alloc.allocs.is_empty(), "{n}: allocated {:?}", alloc.allocs);
+        assert_eq!(thread_live(), live, "{n}: Rust memory kept");
+        assert_same_source(&before, &h.snapshot(), "after an exceeded budget");
     }
 }

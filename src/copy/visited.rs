@@ -350,6 +350,62 @@ unsafe impl VisitedSet for MarksOutside {
     }
 }
 
+/// A visited set that takes at most a given number of blocks: past them, [`mark`] fails
+/// as if out of memory (the traversal then restores the source and reports, having
+/// written nothing) and `on_exceeded` is called first, so the caller can tell a value
+/// too large for this way of copying from one the allocator could not hold, and copy it
+/// another way.
+///
+/// [`mark`]: VisitedSet::mark
+pub struct Budgeted<V> {
+    inner: V,
+    /// Blocks that may still be marked.
+    left: usize,
+    on_exceeded: fn(),
+}
+
+impl<V: VisitedSet> Budgeted<V> {
+    /// `inner`, for at most `blocks` blocks.
+    pub fn new(inner: V, blocks: usize, on_exceeded: fn()) -> Budgeted<V> {
+        Budgeted {
+            inner,
+            left: blocks,
+            on_exceeded,
+        }
+    }
+}
+
+// SAFETY: forwards to `inner`, marking no more than it would.
+unsafe impl<V: VisitedSet> VisitedSet for Budgeted<V> {
+    const SOURCE_SHARED: bool = V::SOURCE_SHARED;
+
+    #[inline(always)]
+    unsafe fn lookup(&self, block: Word, hd: Header) -> Seen {
+        // SAFETY: forwarded.
+        unsafe { self.inner.lookup(block, hd) }
+    }
+
+    #[inline(always)]
+    unsafe fn mark(&mut self, block: Word, hd: Header, offset: usize) -> Result<(), NoMemory> {
+        if self.left == 0 {
+            (self.on_exceeded)();
+            return Err(NoMemory(0));
+        }
+        self.left -= 1;
+        // SAFETY: forwarded.
+        unsafe { self.inner.mark(block, hd, offset) }
+    }
+
+    unsafe fn restore(&mut self, queue: &Queue) {
+        // SAFETY: forwarded.
+        unsafe { self.inner.restore(queue) }
+    }
+
+    fn allocated_bytes(&self) -> usize {
+        self.inner.allocated_bytes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

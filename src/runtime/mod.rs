@@ -23,6 +23,8 @@ pub use backend::{
     gc_allowance, major_cycles_completed, register, register_blocks, reregister_shared, unregister,
     DEFERS_FREE,
 };
+#[cfg(ocaml5)]
+pub use backend::{try_without_stopping, with_world_stopped};
 
 use crate::alloc::Allocator;
 use crate::copy::{self, Copied, CopyError};
@@ -125,6 +127,8 @@ pub unsafe fn copy_value_into<O: copy::Output>(
             backend::Visited::Marks(marks) => copy::copy_into(v, &mut heap, marks, out),
             #[cfg(ocaml5)]
             backend::Visited::Table(table) => copy::copy_into(v, &mut heap, table, out),
+            #[cfg(ocaml5)]
+            backend::Visited::Budgeted(table) => copy::copy_into(v, &mut heap, table, out),
         }
     }
 }
@@ -148,8 +152,19 @@ pub unsafe fn copy_value<A: Allocator>(
             backend::Visited::Marks(marks) => copy::copy(v, &mut heap, marks, alloc),
             #[cfg(ocaml5)]
             backend::Visited::Table(table) => copy::copy(v, &mut heap, table, alloc),
+            #[cfg(ocaml5)]
+            backend::Visited::Budgeted(table) => copy::copy(v, &mut heap, table, alloc),
         }
     }
+}
+
+/// Whether `Offheap.copy` of `v` may stop the other domains ([`with_world_stopped`]) to
+/// mark headers rather than keep a side table: when other domains run, unless static
+/// data is copied too (some of it is read-only). It stops them only for a value of more
+/// than `STOP_BEYOND_BLOCKS` blocks ([`try_without_stopping`]).
+#[cfg(ocaml5)]
+pub fn may_stop_world(copy_static: bool) -> bool {
+    !copy_static && backend::others_running()
 }
 
 /// What a copy of `v` would take ([`copy::measure`]), with the runtime's classifier and
@@ -167,6 +182,8 @@ pub unsafe fn measure_value(v: Word, copy_static: bool) -> Result<copy::Measured
             backend::Visited::Marks(marks) => copy::measure(v, &mut heap, marks),
             #[cfg(ocaml5)]
             backend::Visited::Table(table) => copy::measure(v, &mut heap, table),
+            #[cfg(ocaml5)]
+            backend::Visited::Budgeted(table) => copy::measure(v, &mut heap, table),
         }
     }
 }

@@ -4,16 +4,22 @@
 //!   major heap unless its header has the `NOT_MARKABLE` color, which static data and
 //!   copies already off the heap carry. Those are kept as they are (or, with
 //!   `copy_static`, copied: static data and earlier copies cannot be told apart).
-//! - Visited set: while other domains run, a side table: their collectors read the
-//!   headers of shared blocks at any time, so the copy never writes to the source. With
-//!   one domain, header marks in the color the GC calls `GARBAGE` this cycle: no
-//!   reachable major block has it (it marks the blocks found dead last cycle). Young
-//!   blocks all have color 0, which may be that color, so they go to a side table.
+//! - Visited set: with one domain, header marks in the color the GC calls `GARBAGE` this
+//!   cycle: no reachable major block has it (it marks the blocks found dead last cycle).
+//!   Young blocks all have color 0, which may be that color, so they go to a side table.
+//!   While other domains run, their collectors read the headers of shared blocks at any
+//!   time: a copy that cannot stop them (a region's add, the C API, static data) keeps a
+//!   side table and never writes to the source; `Offheap.copy` stops them instead
+//!   ([`with_world_stopped`]) and marks headers as if alone.
 //! - Registration: none; compare, hash and Marshal accept any well-formed block.
 //! - Freeing waits for the major cycle running at `free` time to end: its marker may
 //!   still reach the copy through blocks that were alive when the cycle began.
 
-use crate::copy::visited::{MarksOutside, SideTable};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use crate::copy::visited::{Budgeted, MarksOutside, SideTable};
 use crate::copy::Heap;
 use crate::layout::{self, Color, Word};
 
@@ -39,7 +45,21 @@ extern "C" {
     fn caml_custom_get_max_major() -> usize;
     /// `custom_major_ratio` (custom.h).
     static caml_custom_major_ratio: usize;
+    /// Runs `handler` on every domain in a stop-the-world section (domain.h): returns 0,
+    /// having run nothing of ours, when another domain leads a section (this domain has
+    /// then taken part in that one, which may have run a minor collection).
+    fn caml_try_run_on_all_domains(
+        handler: StwHandler,
+        data: *mut libc::c_void,
+        leader_setup: Option<unsafe extern "C" fn(*mut libc::c_void)>,
+    ) -> libc::c_int;
+    fn caml_register_generational_global_root(root: *mut Word);
+    fn caml_remove_generational_global_root(root: *mut Word);
 }
+
+/// A stop-the-world callback: `(domain state, data, participants, their states)`.
+type StwHandler =
+    unsafe extern "C" fn(*mut libc::c_void, *mut libc::c_void, libc::c_int, *mut *mut libc::c_void);
 
 /// Frees wait for the running major cycle.
 pub const DEFERS_FREE: bool = true;
@@ -114,10 +134,162 @@ impl Heap for RuntimeHeap {
 
 /// How this copy remembers what it has seen.
 pub enum Visited {
-    /// One domain: header marks, young blocks in a side table.
+    /// One domain, or the others stopped: header marks, young blocks in a side table.
     Marks(MarksOutside),
     /// Several domains: a side table; the source is never written.
     Table(SideTable),
+    /// Several domains, for a copy that may stop them: a side table for at most
+    /// [`STOP_BEYOND_BLOCKS`] blocks ([`try_without_stopping`]).
+    Budgeted(Budgeted<SideTable>),
+}
+
+/// The most blocks a copy that may stop the other domains copies with a side table: a
+/// stop-the-world section costs some tens of microseconds (the other domains must reach
+/// a safe point and wake up again), which is what the side table's hash lookups cost on
+/// about a thousand blocks; beyond, header marks with the world stopped win, and the
+/// side table's work thrown away is bounded by this.
+pub const STOP_BEYOND_BLOCKS: usize = 1024;
+
+thread_local! {
+    /// Whether this thread's copy now may stop the other domains (its visited set is then
+    /// a [`Budgeted`] side table), and whether that budget was exceeded.
+    static BUDGET: Cell<(bool, bool)> = const { Cell::new((false, false)) };
+}
+
+/// The [`Budgeted`] side table's note that the value is larger than its budget.
+fn note_exceeded() {
+    BUDGET.with(|b| b.set((b.get().0, true)));
+}
+
+/// Runs `copy` (a copy through this backend's [`visited_set`]) in the way of a copy that
+/// may stop the other domains: with a side table for at most [`STOP_BEYOND_BLOCKS`]
+/// blocks. Returns `None` when the value has more: the copy then failed having allocated
+/// and changed nothing, and is to be made with the world stopped ([`with_world_stopped`]).
+pub fn try_without_stopping<R>(copy: impl FnOnce() -> R) -> Option<R> {
+    BUDGET.with(|b| b.set((true, false)));
+    let r = copy();
+    let (_, exceeded) = BUDGET.with(|b| b.replace((false, false)));
+    (!exceeded).then_some(r)
+}
+
+/// Whether another domain runs now (the runtime's own test, `caml_domain_alone`, negated).
+pub fn others_running() -> bool {
+    // SAFETY: an atomic counter of the runtime.
+    unsafe { caml_num_domains_running.load(Ordering::Acquire) != 1 }
+}
+
+thread_local! {
+    /// Whether this thread runs a task of [`with_world_stopped`] now.
+    static WORLD_STOPPED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// One stop-the-world section of [`with_world_stopped`], shared with the other domains'
+/// handlers through the section's data pointer.
+struct Section<'a> {
+    /// The thread that leads it (the one calling [`with_world_stopped`]).
+    leader: libc::pthread_t,
+    /// The work, run by the leader while the others wait; taken when it runs.
+    task: Cell<Option<&'a mut dyn FnMut()>>,
+    /// Set by the leader when the task is over.
+    done: Mutex<bool>,
+    finished: Condvar,
+    /// The other participants that have stopped using the section: the leader waits for
+    /// all of them before the section (on its stack) goes away.
+    left: AtomicUsize,
+}
+
+/// The stop-the-world callback of [`with_world_stopped`]: the leader runs the task, the
+/// others wait for it to end. Every participant runs it after the runtime's entry
+/// barrier, so while the task runs no other domain runs OCaml code or GC work (a domain
+/// in a blocking section takes part through its backup thread, which waits here too).
+unsafe extern "C" fn run_section(
+    _domain: *mut libc::c_void,
+    data: *mut libc::c_void,
+    participants: libc::c_int,
+    _states: *mut *mut libc::c_void,
+) {
+    // SAFETY: `data` is the `Section` of `with_world_stopped`, which lives until every
+    // other participant has counted itself in `left` (below).
+    let section = unsafe { &*(data as *const Section) };
+    // SAFETY: plain thread identity queries.
+    if unsafe { libc::pthread_equal(libc::pthread_self(), section.leader) } != 0 {
+        if let Some(task) = section.task.take() {
+            WORLD_STOPPED.with(|stopped| stopped.set(true));
+            task();
+            WORLD_STOPPED.with(|stopped| stopped.set(false));
+        }
+        *section.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        section.finished.notify_all();
+        let others = (participants.max(1) - 1) as usize;
+        while section.left.load(Ordering::Acquire) < others {
+            std::hint::spin_loop();
+        }
+    } else {
+        let mut done = section.done.lock().unwrap_or_else(|e| e.into_inner());
+        while !*done {
+            done = section
+                .finished
+                .wait(done)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        drop(done);
+        // The last use of the section.
+        section.left.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Runs `task` while every other domain waits in a stop-the-world section, so that it
+/// may mark headers as if this domain were alone ([`visited_set`] then chooses header
+/// marks). `roots` are OCaml values the task needs: getting the section may first take
+/// part in another domain's section, which may move young blocks, so they are
+/// registered as roots for the call and the task reads them afresh (`task(roots)`).
+///
+/// The other domains wait for the whole task, as they would for a minor collection
+/// requested during it (a copy reaches no safe point). Returns the task's result; `None`
+/// only if the runtime ran a section without calling its callback on this thread, which
+/// it never does.
+///
+/// # Safety
+/// Called from a stub holding the domain lock, with no Rust lock held that another
+/// domain may be waiting for outside a safe point; `task` must not allocate on the OCaml
+/// heap or call into OCaml.
+pub unsafe fn with_world_stopped<const N: usize, R>(
+    roots: &mut [Word; N],
+    task: impl FnOnce(&[Word; N]) -> R,
+) -> Option<R> {
+    for root in roots.iter_mut() {
+        // SAFETY: `root` holds a value and stays in place (the caller's frame) until it
+        // is removed below.
+        unsafe { caml_register_generational_global_root(root) };
+    }
+    let mut task = Some(task);
+    let mut result = None;
+    let roots_at = roots as *const [Word; N];
+    let mut run = || {
+        if let Some(task) = task.take() {
+            // SAFETY: the registered roots, read now that no collection can run.
+            result = Some(task(unsafe { &*roots_at }));
+        }
+    };
+    let section = Section {
+        // SAFETY: a plain thread identity query.
+        leader: unsafe { libc::pthread_self() },
+        task: Cell::new(Some(&mut run)),
+        done: Mutex::new(false),
+        finished: Condvar::new(),
+        left: AtomicUsize::new(0),
+    };
+    // SAFETY: `run_section` is a stop-the-world callback that takes `section` as its
+    // data; a failed try took part in another section and is tried again.
+    while unsafe {
+        caml_try_run_on_all_domains(run_section, &section as *const Section as *mut _, None)
+    } == 0
+    {}
+    for root in roots.iter_mut() {
+        // SAFETY: registered above.
+        unsafe { caml_remove_generational_global_root(root) };
+    }
+    result
 }
 
 /// Chooses the visited set for a copy starting now. Copying static data means visiting
@@ -137,7 +309,11 @@ pub unsafe fn visited_set(copy_static: bool) -> Visited {
     // any domain had ever run would take the side table. The backup thread only acts
     // for this domain while it is in a blocking section, never during a copy.
     unsafe {
-        let alone = caml_num_domains_running.load(std::sync::atomic::Ordering::Acquire) == 1;
+        let alone = !others_running() || WORLD_STOPPED.with(Cell::get);
+        if !copy_static && !alone && BUDGET.with(Cell::get).0 {
+            let table = SideTable::new();
+            return Visited::Budgeted(Budgeted::new(table, STOP_BEYOND_BLOCKS, note_exceeded));
+        }
         if copy_static || !alone {
             return Visited::Table(SideTable::new());
         }
