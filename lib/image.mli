@@ -117,7 +117,7 @@ module type S = sig
       [path] is a symbolic link, its target is written (created if the link dangles),
       the link stays. The file is not synced to disk. The file is written as the copy
       is made, through a buffer of 8 MiB: writing needs no copy of [v] in memory (the
-      traversal's own tables, 16 bytes a block and a visited set, are all it holds).
+      traversal's own tables, 8 bytes a block and a visited set, are all it holds).
       Other OCaml threads wait meanwhile (the copy reads the heap).
 
       [key] (default [""], at most 3992 bytes) is stored in the image; [load] refuses

@@ -1285,7 +1285,7 @@ fn million_deep_tree_with_a_pending_sibling_at_every_level() {
     for s in ALL {
         let done = copy_ok(&mut h, t, s);
         assert!(
-            done.c.transient_bytes >= 16 * 2 * n + 16 * n,
+            done.c.transient_bytes >= 8 * 2 * n + 24 * n,
             "{s:?}: the queue and one pending run per level are counted: {}",
             done.c.transient_bytes
         );
@@ -1294,29 +1294,29 @@ fn million_deep_tree_with_a_pending_sibling_at_every_level() {
 }
 
 #[test]
-fn transient_memory_is_16_bytes_a_block_with_header_marks() {
+fn transient_memory_is_8_bytes_a_block_with_header_marks() {
     let n = 1_000_000;
     let mut h = FakeHeap::new(3 * n + 16);
     let list = int_list(&mut h, 0, n as isize);
     let marks = copy_checked(&mut h, list, MARKS, (n, 3 * n));
     let t = marks.c.transient_bytes;
     assert!(
-        t <= 16 * n + (2 << 20),
+        t <= 8 * n + (2 << 20),
         "HeaderMarks held {t} bytes for {n} blocks"
     );
     assert!(
-        t >= 16 * n,
-        "the queue alone is 16 bytes a block; reported {t}"
+        t >= 8 * n,
+        "the queue alone is 8 bytes a block; reported {t}"
     );
     marks.free();
     let table = copy_checked(&mut h, list, Strategy::Table, (n, 3 * n));
     let t = table.c.transient_bytes;
     assert!(
-        t > 16 * n + (2 << 20),
+        t > 8 * n + (2 << 20),
         "the table's memory is counted too; reported {t}"
     );
     assert!(
-        t <= 16 * n + (2 << 20) + 16 * 4 * n,
+        t <= 8 * n + (2 << 20) + 16 * 4 * n,
         "SideTable held {t} bytes for {n} blocks"
     );
     table.free();

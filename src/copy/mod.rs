@@ -7,7 +7,7 @@
 //!    of the block being scanned are queued together and scanned next, so trees built
 //!    depth first (maps, sets, ASTs) are read close to their allocation order and each
 //!    block's children follow it in the copy. The walk is iterative: its only memory is
-//!    the queue (16 bytes a block), the stack of [`pending`] runs (24 bytes per level of
+//!    the queue (8 bytes a block), the stack of [`pending`] runs (24 bytes per level of
 //!    the source's depth, none for a list), the visited set and, for a shared source,
 //!    the snapshot (below). All of it is allocated fallibly: running out is
 //!    [`CopyError::OutOfMemory`], like a NULL from the allocator.
@@ -661,8 +661,8 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     #[inline(always)]
     fn prefetch_ahead_in(&self, k: usize, end: usize) {
         if k + 2 * PREFETCH_DISTANCE < end {
-            if let Some(far) = self.queue.get(k + 2 * PREFETCH_DISTANCE) {
-                prefetch(far.block - WORD_BYTES);
+            if let Some(far) = self.queue.block_hint(k + 2 * PREFETCH_DISTANCE) {
+                prefetch(far.wrapping_sub(WORD_BYTES));
             }
         }
         if k + PREFETCH_DISTANCE >= end {

@@ -2,9 +2,14 @@
 //!
 //! Pass 1 appends each block when it is first seen (and scans the queued blocks in the
 //! order of [`super::pending`]), so the queue is the list of the copy's blocks in offset
-//! order, which pass 2 (write) and the restore pass walk front to back. Storage: a vector for the first `CHUNK` (128 Ki) entries,
-//! then huge-page chunks of `CHUNK` entries that never move, so a long copy holds at most
-//! one partly used chunk beyond 16 bytes a block.
+//! order, which pass 2 (write) and the restore pass walk front to back.
+//!
+//! Each entry is stored in one word ([`Packed`]): the block's address and, of its
+//! header, the tag, the color and a size below 511 words; the few entries that do not fit
+//! (larger blocks, addresses from 2^48 on) are kept whole in a sorted side list. Storage:
+//! a vector for the first `CHUNK` (256 Ki) entries, then huge-page chunks of `CHUNK`
+//! entries that never move, so a long copy holds at most one partly used chunk beyond 8
+//! bytes a block.
 
 use crate::alloc::{self, NoMemory, HUGE_PAGE};
 use crate::layout::{Header, Word};
@@ -18,30 +23,80 @@ pub struct Entry {
     pub header: Header,
 }
 
+/// An [`Entry`] in one word: the block's address shifted right by 3 (it is word aligned)
+/// in the high 45 bits, then the header's low 10 bits (color and tag), then its size in
+/// the low [`SIZE_BITS`] bits. [`Packed::WHOLE`] (a size field of all ones) stands for an
+/// entry kept whole in the side list.
+#[derive(Clone, Copy, Debug)]
+struct Packed(u64);
+
+/// Bits of a packed entry's size field.
+const SIZE_BITS: u32 = 9;
+/// Bits of the header below its size: color and tag.
+const LOW_HEADER_BITS: u32 = 10;
+
+impl Packed {
+    /// The size field of an entry kept whole.
+    const WHOLE: Packed = Packed((1 << SIZE_BITS) - 1);
+
+    /// `entry` packed, if it fits.
+    #[inline(always)]
+    fn pack(entry: Entry) -> Option<Packed> {
+        let (block, header) = (entry.block as u64, entry.header.0 as u64);
+        let size = header >> LOW_HEADER_BITS;
+        let packed = Packed(
+            (block >> 3) << (LOW_HEADER_BITS + SIZE_BITS)
+                | (header & ((1 << LOW_HEADER_BITS) - 1)) << SIZE_BITS
+                | size,
+        );
+        // The address has 48 bits, the low 3 of them zero, and the size fits its field:
+        // then the entry unpacks to itself.
+        (size < Self::WHOLE.0 && (block >> 48 == 0) & (block & 7 == 0)).then_some(packed)
+    }
+
+    /// Whether the entry is kept whole in the side list.
+    #[inline(always)]
+    fn is_whole(self) -> bool {
+        self.0 & Self::WHOLE.0 == Self::WHOLE.0
+    }
+
+    /// The entry (not for [`Packed::WHOLE`]).
+    #[inline(always)]
+    fn unpack(self) -> Entry {
+        let w = self.0;
+        let size = w & ((1 << SIZE_BITS) - 1);
+        let low = (w >> SIZE_BITS) & ((1 << LOW_HEADER_BITS) - 1);
+        Entry {
+            block: ((w >> (LOW_HEADER_BITS + SIZE_BITS)) << 3) as Word,
+            header: Header((size << LOW_HEADER_BITS | low) as Word),
+        }
+    }
+}
+
 const FIRST_CHUNK: usize = 64;
-/// Entries per chunk: 128 Ki entries, 2 MiB, one huge page.
-const CHUNK: usize = HUGE_PAGE / std::mem::size_of::<Entry>();
+/// Entries per chunk: 256 Ki entries, 2 MiB, one huge page.
+const CHUNK: usize = HUGE_PAGE / std::mem::size_of::<Packed>();
 
 /// Storage for [`CHUNK`] entries in a huge-page mapping: a long copy touches fresh
 /// memory at every entry, and one page fault per 2 MiB instead of per 4 KiB is most of
 /// the queue's cost.
 struct Chunk {
     /// Start of the mapping; `len <= CHUNK` entries are initialised.
-    ptr: *mut Entry,
+    ptr: *mut Packed,
     len: usize,
 }
 
 impl Chunk {
     fn new() -> Result<Chunk, NoMemory> {
-        let bytes = CHUNK * std::mem::size_of::<Entry>();
-        let ptr = alloc::map_huge(bytes) as *mut Entry;
+        let bytes = CHUNK * std::mem::size_of::<Packed>();
+        let ptr = alloc::map_huge(bytes) as *mut Packed;
         if ptr.is_null() {
             return Err(NoMemory(bytes));
         }
         Ok(Chunk { ptr, len: 0 })
     }
 
-    fn entries(&self) -> &[Entry] {
+    fn entries(&self) -> &[Packed] {
         // SAFETY: entries below `len` are initialised.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
@@ -50,7 +105,7 @@ impl Chunk {
 impl Drop for Chunk {
     fn drop(&mut self) {
         // SAFETY: the mapping was made in `new` with this size, and dies with the chunk.
-        unsafe { alloc::unmap_huge(self.ptr as *mut u8, CHUNK * std::mem::size_of::<Entry>()) }
+        unsafe { alloc::unmap_huge(self.ptr as *mut u8, CHUNK * std::mem::size_of::<Packed>()) }
     }
 }
 
@@ -58,9 +113,11 @@ impl Drop for Chunk {
 pub struct Queue {
     /// Entries `0..CHUNK`: a vector that doubles from [`FIRST_CHUNK`] (small copies stay
     /// small), up to exactly [`CHUNK`].
-    first: Vec<Entry>,
+    first: Vec<Packed>,
     /// Entries from `CHUNK` on, `CHUNK` a chunk; all full but the last.
     chunks: Vec<Chunk>,
+    /// The entries that do not pack, whole, with their indices, in index order.
+    whole: Vec<(usize, Entry)>,
     /// Entries pushed so far.
     len: usize,
 }
@@ -71,6 +128,7 @@ impl Queue {
         Queue {
             first: Vec::new(),
             chunks: Vec::new(),
+            whole: Vec::new(),
             len: 0,
         }
     }
@@ -89,6 +147,33 @@ impl Queue {
     /// that cannot be had.
     #[inline(always)]
     pub fn push(&mut self, entry: Entry) -> Result<(), NoMemory> {
+        let packed = match Packed::pack(entry) {
+            Some(packed) => packed,
+            None => self.keep_whole(entry)?,
+        };
+        if let Err(e) = self.push_packed(packed) {
+            if packed.is_whole() {
+                self.whole.pop();
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Keeps `entry`, which does not pack, in the side list; its stand-in.
+    #[cold]
+    #[inline(never)]
+    fn keep_whole(&mut self, entry: Entry) -> Result<Packed, NoMemory> {
+        self.whole.try_reserve(1).map_err(|_| {
+            NoMemory(std::mem::size_of::<(usize, Entry)>() * (self.whole.len() + 1))
+        })?;
+        self.whole.push((self.len, entry));
+        Ok(Packed::WHOLE)
+    }
+
+    /// Appends a packed entry.
+    #[inline(always)]
+    fn push_packed(&mut self, entry: Packed) -> Result<(), NoMemory> {
         if self.len < CHUNK {
             if self.first.len() == self.first.capacity() {
                 self.grow_first()?;
@@ -132,7 +217,7 @@ impl Queue {
             .clamp(FIRST_CHUNK, CHUNK - self.first.capacity());
         self.first
             .try_reserve_exact(more)
-            .map_err(|_| NoMemory(more * std::mem::size_of::<Entry>()))
+            .map_err(|_| NoMemory(more * std::mem::size_of::<Packed>()))
     }
 
     /// Maps one more chunk and makes room for its descriptor.
@@ -153,26 +238,64 @@ impl Queue {
         if i >= self.len {
             return None;
         }
-        if i < CHUNK {
-            return Some(self.first[i]);
+        let packed = if i < CHUNK {
+            self.first[i]
+        } else {
+            let j = i - CHUNK;
+            // SAFETY: `i < len`, so chunk `j / CHUNK` exists and holds entry `j % CHUNK`.
+            unsafe { *self.chunks.get_unchecked(j / CHUNK).ptr.add(j % CHUNK) }
+        };
+        Some(self.entry(i, packed))
+    }
+
+    /// The block of entry `i`, if pushed, for a prefetch: 0 for an entry kept whole.
+    #[inline(always)]
+    pub fn block_hint(&self, i: usize) -> Option<Word> {
+        if i >= self.len {
+            return None;
         }
-        let j = i - CHUNK;
-        // SAFETY: `i < len`, so chunk `j / CHUNK` exists and holds entry `j % CHUNK`.
-        Some(unsafe { *self.chunks.get_unchecked(j / CHUNK).ptr.add(j % CHUNK) })
+        let packed = if i < CHUNK {
+            self.first[i]
+        } else {
+            let j = i - CHUNK;
+            // SAFETY: `i < len`, so chunk `j / CHUNK` exists and holds entry `j % CHUNK`.
+            unsafe { *self.chunks.get_unchecked(j / CHUNK).ptr.add(j % CHUNK) }
+        };
+        Some(((packed.0 >> (LOW_HEADER_BITS + SIZE_BITS)) << 3) as Word)
+    }
+
+    /// The entry that `packed` stores at index `i`.
+    #[inline(always)]
+    fn entry(&self, i: usize, packed: Packed) -> Entry {
+        if packed.is_whole() {
+            return self.whole_entry(i);
+        }
+        packed.unpack()
+    }
+
+    /// Entry `i`, kept whole.
+    #[cold]
+    #[inline(never)]
+    fn whole_entry(&self, i: usize) -> Entry {
+        let k = self.whole.partition_point(|&(j, _)| j < i);
+        self.whole[k].1
     }
 
     /// Every entry, front to back.
-    pub fn iter(&self) -> impl Iterator<Item = &Entry> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = Entry> + '_ {
         self.first
             .iter()
             .chain(self.chunks.iter().flat_map(Chunk::entries))
+            .enumerate()
+            .map(|(i, &packed)| self.entry(i, packed))
     }
 
     /// Bytes of memory the queue holds now.
     pub fn allocated_bytes(&self) -> usize {
         let entries = self.first.capacity() + self.chunks.len() * CHUNK;
-        entries * std::mem::size_of::<Entry>()
+        entries * std::mem::size_of::<Packed>()
             + self.chunks.capacity() * std::mem::size_of::<Chunk>()
+            + self.whole.capacity() * std::mem::size_of::<(usize, Entry)>()
     }
 }
 
@@ -199,14 +322,14 @@ thread_local! {
     /// thread of its own. Only a vector of exactly [`FIRST_CHUNK`] entries is kept, so a
     /// thread holds at most [`SPARE_BYTES`] and a copy reports the same transient memory
     /// whatever ran before it; the spare is freed when its thread ends.
-    static SPARE: std::cell::Cell<Vec<Entry>> = const { std::cell::Cell::new(Vec::new()) };
+    static SPARE: std::cell::Cell<Vec<Packed>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Bytes of the spare first vector a thread may keep between copies.
-pub const SPARE_BYTES: usize = FIRST_CHUNK * std::mem::size_of::<Entry>();
+pub const SPARE_BYTES: usize = FIRST_CHUNK * std::mem::size_of::<Packed>();
 
 /// The thread's spare first vector, if it has one.
-fn take_spare() -> Option<Vec<Entry>> {
+fn take_spare() -> Option<Vec<Packed>> {
     // Fails only while the thread is being torn down: then there is no spare.
     let spare = SPARE.try_with(std::cell::Cell::take).ok()?;
     (spare.capacity() != 0).then_some(spare)
@@ -215,7 +338,7 @@ fn take_spare() -> Option<Vec<Entry>> {
 /// Keeps `first`, emptied, as the thread's spare if it has the spare's size; frees it
 /// otherwise (and frees the spare it replaces, if a nested queue gave one back
 /// meanwhile).
-fn give_spare(mut first: Vec<Entry>) {
+fn give_spare(mut first: Vec<Packed>) {
     if first.capacity() != FIRST_CHUNK {
         return;
     }
@@ -229,7 +352,7 @@ pub fn thread_spare_bytes() -> usize {
     SPARE
         .try_with(|spare| {
             let v = spare.take();
-            let bytes = v.capacity() * std::mem::size_of::<Entry>();
+            let bytes = v.capacity() * std::mem::size_of::<Packed>();
             spare.set(v);
             bytes
         })
@@ -239,44 +362,70 @@ pub fn thread_spare_bytes() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::Color;
 
+    /// Entry `i`: mostly small blocks of every tag and color, and now and then one that
+    /// does not pack (a large block, an address from 2^48 on).
     fn entry(i: usize) -> Entry {
+        let colors = [Color::C0, Color::C1, Color::C2, Color::Unmarkable];
+        let wosize = match i % 1000 {
+            7 => 511,
+            8 => 510,
+            9 => (1 << 40) + i,
+            k => k % 300,
+        };
+        let block = if i % 5000 == 11 {
+            (1 << 48) + i * 8
+        } else {
+            (i + 1) * 8
+        };
         Entry {
-            block: i * 8,
-            header: Header(i),
+            block,
+            header: Header::new(wosize, colors[i % 4], (i % 256) as u8),
         }
+    }
+
+    fn same(a: Entry, b: Entry) -> bool {
+        a.block == b.block && a.header == b.header
     }
 
     #[test]
     fn fifo_across_chunks_while_pushing() {
+        let n = 600_000;
         let mut q = Queue::new();
         q.push(entry(0)).unwrap();
-        let mut seen = Vec::new();
+        let mut seen = 0;
         let mut pushed = 1;
         let mut next = 0;
         while let Some(e) = q.get(next) {
+            assert!(same(e, entry(next)), "entry {next}: {e:?}");
             next += 1;
-            seen.push(e.block / 8);
-            // every entry read pushes two more until 400_000 were pushed
+            seen += 1;
+            // every entry read pushes two more until n were pushed
             for _ in 0..2 {
-                if pushed < 400_000 {
+                if pushed < n {
                     q.push(entry(pushed)).unwrap();
                     pushed += 1;
                 }
             }
         }
-        assert_eq!(seen, (0..400_000).collect::<Vec<_>>());
-        assert_eq!(q.len(), 400_000);
-        assert!(q.iter().map(|e| e.block / 8).eq(0..400_000));
+        assert_eq!(seen, n);
+        assert_eq!(q.len(), n);
+        assert!(q.iter().enumerate().all(|(i, e)| same(e, entry(i))));
+        assert_eq!(q.whole.len(), n / 1000 * 2 + n / 5000);
     }
 
     #[test]
-    fn memory_is_16_bytes_per_entry_plus_one_chunk() {
+    fn memory_is_8_bytes_per_entry_plus_one_chunk() {
         let mut q = Queue::new();
-        for i in 0..1_000_000 {
-            q.push(entry(i)).unwrap();
+        for i in 1..1_000_000 {
+            q.push(Entry {
+                block: i * 24,
+                header: Header::new(2, Color::C0, 0),
+            })
+            .unwrap();
         }
-        assert_eq!(std::mem::size_of::<Entry>(), 16);
-        assert!(q.allocated_bytes() <= 1_000_000 * 16 + CHUNK * 16 + 4096);
+        assert_eq!(std::mem::size_of::<Packed>(), 8);
+        assert!(q.allocated_bytes() <= 1_000_000 * 8 + CHUNK * 8 + 4096);
     }
 }
