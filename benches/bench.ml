@@ -1158,4 +1158,7 @@ let () =
   let results = List.map (run_workload cfg) selected in
   progress "done in %.0f s" (Unix.gettimeofday () -. t0);
   print_results cfg machine empty results;
-  if !only = [] then small_values cfg
+  if !only = [] then begin
+    small_values cfg;
+    sizes_table cfg
+  end
