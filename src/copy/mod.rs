@@ -294,8 +294,9 @@ impl Written {
 }
 
 /// Where pass 2 puts a copy: its words arrive in offset order, front to back, in runs of
-/// at most [`MAX_RUN`] words (a block's header is a run of its own; a block's fields
-/// are one run, or several when it has more than [`MAX_RUN`]). One allocation
+/// at most [`MAX_RUN`] words (in the general traversal a block's header is a run of its
+/// own and its fields one run, or several when it has more than [`MAX_RUN`]; the path of
+/// small values hands over its whole copy as one run). One allocation
 /// ([`copy`]) is one output; an image file written as the copy is made is another.
 pub trait Output {
     /// Called once, after pass 1 and before any [`Output::next`], with the size of the

@@ -10,8 +10,8 @@
 //! raw block (string, float, boxed integer) straight from the source when the copy is
 //! written. A block seen before is told by comparing its address with the few blocks
 //! found so far, so nothing is written to the source and nothing needs restoring. The
-//! buffer then goes to the [`Output`] block by block, the copy's address added to the
-//! offsets.
+//! buffer then goes to the [`Output`] as one run, the raw blocks read into it and the
+//! copy's address added to the offsets.
 //!
 //! The walk is the general one's, depth first by groups ([`super::pending`]): a value
 //! copies to the same bytes whichever path takes it. It gives up, having written and
@@ -172,34 +172,34 @@ impl<'a, H: Heap> Walk<'a, H> {
         let bytes = self.len * WORD_BYTES;
         let base = out.begin(bytes)?;
         crate::fault::point("write");
+        // The whole copy as one run (at most `MAX_WORDS`, far below `MAX_RUN`): first the
+        // walk's words, then the fields of raw blocks over the words the walk left
+        // unwritten, then the base added to every pointer.
+        let dst = out.next(self.len);
+        // SAFETY: `dst` has room for `len` words. `MaybeUninit` words are copied as they
+        // are: those the walk left unwritten (the fields of raw blocks) are overwritten
+        // below, before anyone reads the copy.
+        unsafe {
+            let words = self.words.as_ptr();
+            std::ptr::copy_nonoverlapping(words, dst.cast::<MaybeUninit<Word>>(), self.len)
+        };
         for k in 0..self.count {
             let f = self.found(k);
             let n = f.header.wosize();
-            // SAFETY: room for one word; `words[f.at]` was written when the block was found.
-            unsafe { out.next(1).write(self.words[f.at].assume_init()) };
-            if n == 0 {
-                continue;
-            }
-            let dst = out.next(n);
-            if !f.header.is_scannable() {
+            if n != 0 && !f.header.is_scannable() {
                 // SAFETY: a raw block of the source has `n` readable words, none a
                 // pointer, read here once (as the general traversal's snapshot does: its
-                // size is fixed, and each byte copied is one the block held); `dst` has
-                // room for them.
-                unsafe { copy_short(f.block as *const Word, dst, n) };
-                continue;
+                // size is fixed, and each byte copied is one the block held); its fields
+                // are words `f.at + 1..f.at + 1 + n` of the copy.
+                unsafe { copy_short(f.block as *const Word, dst.add(f.at + 1), n) };
             }
-            let start = f.at + 1;
-            // SAFETY: the block's fields are `words[start..start + n]`, all written by
-            // the walk; `dst` has room for `n` words.
-            unsafe { copy_short(self.words.as_ptr().add(start).cast::<Word>(), dst, n) };
-            let mut pointers = (self.pointers >> start) & (u64::MAX >> (64 - n));
-            while pointers != 0 {
-                let i = pointers.trailing_zeros() as usize;
-                // SAFETY: `i < n`: the bits of the block's own fields only.
-                unsafe { *dst.add(i) += base };
-                pointers &= pointers - 1;
-            }
+        }
+        let mut pointers = self.pointers;
+        while pointers != 0 {
+            let i = pointers.trailing_zeros() as usize;
+            // SAFETY: bits are set only for words below `len`, written above.
+            unsafe { *dst.add(i) += base };
+            pointers &= pointers - 1;
         }
         Ok(Written {
             // The root's block is the first one found.
