@@ -4,7 +4,7 @@
 //! order of [`super::pending`]), so the queue is the list of the copy's blocks in offset
 //! order, which pass 2 (write) and the restore pass walk front to back.
 //!
-//! Each entry is stored in one word ([`Packed`]): the block's address and, of its
+//! Each entry is stored in one word (`Packed`): the block's address and, of its
 //! header, the tag, the color and a size below 511 words; the few entries that do not fit
 //! (larger blocks, addresses from 2^48 on) are kept whole in a sorted side list. Storage:
 //! a vector for the first `CHUNK` (256 Ki) entries, then huge-page chunks of `CHUNK`
