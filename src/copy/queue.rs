@@ -60,6 +60,12 @@ impl Packed {
         self.0 & Self::WHOLE.0 == Self::WHOLE.0
     }
 
+    /// The block's address (0 for [`Packed::WHOLE`]).
+    #[inline(always)]
+    fn block(self) -> Word {
+        ((self.0 >> (LOW_HEADER_BITS + SIZE_BITS)) << 3) as Word
+    }
+
     /// The entry (not for [`Packed::WHOLE`]).
     #[inline(always)]
     fn unpack(self) -> Entry {
@@ -67,7 +73,7 @@ impl Packed {
         let size = w & ((1 << SIZE_BITS) - 1);
         let low = (w >> SIZE_BITS) & ((1 << LOW_HEADER_BITS) - 1);
         Entry {
-            block: ((w >> (LOW_HEADER_BITS + SIZE_BITS)) << 3) as Word,
+            block: self.block(),
             header: Header((size << LOW_HEADER_BITS | low) as Word),
         }
     }
@@ -235,33 +241,27 @@ impl Queue {
     /// Entry `i` from the front, if pushed.
     #[inline(always)]
     pub fn get(&self, i: usize) -> Option<Entry> {
-        if i >= self.len {
-            return None;
-        }
-        let packed = if i < CHUNK {
-            self.first[i]
-        } else {
-            let j = i - CHUNK;
-            // SAFETY: `i < len`, so chunk `j / CHUNK` exists and holds entry `j % CHUNK`.
-            unsafe { *self.chunks.get_unchecked(j / CHUNK).ptr.add(j % CHUNK) }
-        };
-        Some(self.entry(i, packed))
+        self.packed(i).map(|packed| self.entry(i, packed))
     }
 
     /// The block of entry `i`, if pushed, for a prefetch: 0 for an entry kept whole.
     #[inline(always)]
     pub fn block_hint(&self, i: usize) -> Option<Word> {
+        self.packed(i).map(Packed::block)
+    }
+
+    /// Entry `i` as stored, if pushed.
+    #[inline(always)]
+    fn packed(&self, i: usize) -> Option<Packed> {
         if i >= self.len {
             return None;
         }
-        let packed = if i < CHUNK {
-            self.first[i]
-        } else {
-            let j = i - CHUNK;
-            // SAFETY: `i < len`, so chunk `j / CHUNK` exists and holds entry `j % CHUNK`.
-            unsafe { *self.chunks.get_unchecked(j / CHUNK).ptr.add(j % CHUNK) }
-        };
-        Some(((packed.0 >> (LOW_HEADER_BITS + SIZE_BITS)) << 3) as Word)
+        if i < CHUNK {
+            return Some(self.first[i]);
+        }
+        let j = i - CHUNK;
+        // SAFETY: `i < len`, so chunk `j / CHUNK` exists and holds entry `j % CHUNK`.
+        Some(unsafe { *self.chunks.get_unchecked(j / CHUNK).ptr.add(j % CHUNK) })
     }
 
     /// The entry that `packed` stores at index `i`.
