@@ -334,15 +334,29 @@ extern "C" {
     fn caml_enter_blocking_section_no_pending();
 }
 
-/// Runs `f` with the runtime lock released. No signal handler runs on the way in (see
-/// [`caml_enter_blocking_section_no_pending`]), nor on the way out
-/// (`caml_leave_blocking_section` only records pending signals).
-fn unlocked<T>(f: impl FnOnce() -> T) -> T {
-    // SAFETY: the callers hold no OCaml value across `f`, and `f` touches none.
+/// Runs `f` with the runtime lock released, `roots` registered as roots meanwhile.
+///
+/// While `f` runs, other threads (and on OCaml 5 other domains) run OCaml and collect:
+/// a young value held across the call in a local variable would be moved and the stub
+/// would write to its old place. The values a stub needs afterwards are therefore put in
+/// `roots`, which the collector updates, and read from there once `f` has returned. No
+/// signal handler runs on the way in (see [`caml_enter_blocking_section_no_pending`]),
+/// nor on the way out (`caml_leave_blocking_section` only records pending signals).
+fn unlocked<const N: usize, T>(roots: &mut [Word; N], f: impl FnOnce() -> T) -> T {
+    for root in roots.iter_mut() {
+        // SAFETY: we hold the runtime; `root` holds a value and stays in place (the
+        // caller's frame) until it is removed below.
+        unsafe { ocaml_sys::caml_register_generational_global_root(root as *mut Word as *mut _) };
+    }
+    // SAFETY: every OCaml value the caller uses after `f` is in `roots`; `f` touches none.
     unsafe { caml_enter_blocking_section_no_pending() };
     let r = f();
     // SAFETY: pairs with the enter above.
     unsafe { ocaml_sys::caml_leave_blocking_section() };
+    for root in roots.iter_mut() {
+        // SAFETY: registered above; we hold the runtime again.
+        unsafe { ocaml_sys::caml_remove_generational_global_root(root as *mut Word as *mut _) };
+    }
     r
 }
 
@@ -416,10 +430,14 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
         threads: (flags >> 5) as usize,
     };
     let process = image_process(flags & 8 != 0);
-    let loaded = match unlocked(|| {
+    let mut roots = [word(h), word(relocated_owner)];
+    let loaded = unlocked(&mut roots, || {
         crate::fault::point("image-load");
         image::load_file(&path_of(&path), &opts, &process)
-    }) {
+    });
+    // Where the handle and the allocator block are now.
+    let [h, relocated_owner] = roots;
+    let loaded = match loaded {
         Ok(loaded) => loaded,
         Err(e) => return load_failure("load", &path, e),
     };
@@ -437,7 +455,7 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
     // headers on OCaml 5).
     unsafe {
         if loaded.mapping == file::Mapping::Relocated {
-            handle::set_alloc(word(h), word(relocated_owner));
+            handle::set_alloc(h, relocated_owner);
         }
         let copied = copy::Copied {
             root: loaded.root,
@@ -449,8 +467,8 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
             transient_bytes: 0,
         };
         if loaded.base.is_null() {
-            handle::fill(word(h), &copied);
-        } else if !handle::fill_apart(word(h), &copied) {
+            handle::fill(h, &copied);
+        } else if !handle::fill_apart(h, &copied) {
             runtime::unregister(loaded.base, loaded.held());
             // SAFETY: just loaded; nothing refers to it.
             file::unmap(loaded.base, loaded.held(), loaded.mapping);
@@ -469,7 +487,10 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
 #[ocaml::sig("string -> int array -> bytes -> Outcome.t")]
 pub fn offheap_stub_image_info(path: Raw, fields: Raw, key: Raw) -> Value {
     let path = string_bytes(path);
-    let header = unlocked(|| image::read_header(&path_of(&path)));
+    let mut roots = [word(fields), word(key)];
+    let header = unlocked(&mut roots, || image::read_header(&path_of(&path)));
+    // Where the int array and the key buffer are now.
+    let [fields, key] = roots;
     let outcome = match header {
         Ok(h) => {
             let ints = [
@@ -488,11 +509,11 @@ pub fn offheap_stub_image_info(path: Raw, fields: Raw, key: Raw) -> Value {
             // at least `format::MAX_KEY` bytes (lib/image.ml); both are only written
             // with immediates and bytes, which need no barrier.
             unsafe {
-                let out = word(fields) as *mut Word;
+                let out = fields as *mut Word;
                 for (i, n) in ints.into_iter().enumerate() {
                     *out.add(i) = val_int(n as isize);
                 }
-                std::ptr::copy_nonoverlapping(h.key.as_ptr(), word(key) as *mut u8, h.key.len());
+                std::ptr::copy_nonoverlapping(h.key.as_ptr(), key as *mut u8, h.key.len());
             }
             StubOutcome::Done
         }

@@ -473,6 +473,42 @@ let test_forged_sizes _ =
   r := Obj.repr r;
   forge r Obj.forward_tag "forward cycle"
 
+(* [Image.load] and [Image.info] read the file with the runtime released: another thread
+   (or, on OCaml 5, domain) may collect meanwhile and move the young values that they
+   fill afterwards (the fresh handle; the int array and key buffer of [info]). A thread
+   that allocates and collects takes the runtime at each of their reads here. *)
+let test_loads_beside_collections _ =
+  let path = fresh_path () in
+  let v = List.init 20_000 string_of_int in
+  Image.write ~key:"k" path v;
+  let blocks = (Image.info path).Image.blocks in
+  let stop = Atomic.make false and collections = Atomic.make 0 in
+  let collector () =
+    while not (Atomic.get stop) do
+      ignore (Sys.opaque_identity (List.init 1000 (fun i -> ref i)));
+      Gc.minor ();
+      Atomic.incr collections;
+      Thread.yield ()
+    done
+  in
+  let t = Thread.create collector () in
+  let rounds = 300 in
+  Fun.protect
+    ~finally:(fun () ->
+      Atomic.set stop true;
+      Thread.join t;
+      Sys.remove path)
+    (fun () ->
+      for _ = 1 to rounds do
+        let h = Image.load ~key:"k" path in
+        assert_bool "the loaded value" (Offheap.get h = v);
+        Offheap.free h;
+        let info = Image.info path in
+        assert_equal ~msg:"key" ~printer:Fun.id "k" info.Image.key;
+        assert_equal ~msg:"blocks" ~printer:string_of_int blocks info.Image.blocks
+      done);
+  assert_bool "the other thread collected" (Atomic.get collections > 0)
+
 let () =
   at_exit (fun () ->
       if Unix.getpid () = main_pid && Sys.file_exists dir then begin
@@ -494,4 +530,5 @@ let () =
            "not regular files" >:: test_not_regular_files;
            "names, modes, links" >:: test_names_modes_links;
            "forged sizes" >:: test_forged_sizes;
+           "loads beside collections" >:: test_loads_beside_collections;
          ])
