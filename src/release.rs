@@ -270,7 +270,8 @@ unsafe fn account(held: &MutexGuard<'_, VecDeque<Pending>>, entries: usize, byte
     }
 }
 
-/// Gives `owned` back to its allocator now.
+/// Gives the copy `owned` back now: to the slab when it is a slab copy (the test that
+/// `copy` made), else to its allocator.
 ///
 /// # Safety
 /// Nothing refers to the copy any more, or (OCaml 5) no major cycle that began before it
@@ -284,6 +285,20 @@ unsafe fn release_now(owned: Owned) {
     if slab::is_slab_copy(&alloc, owned.bytes) {
         // SAFETY: a slab copy of this size (chosen by the same test at `copy`), unused.
         unsafe { slab::free(owned.base, owned.bytes) };
+        return;
+    }
+    // SAFETY: forwarded; not a slab copy.
+    unsafe { release_to_allocator(owned) };
+}
+
+/// Gives `owned` back to its allocator block now, whatever its size: a region's chunks
+/// come from their allocator, never from the slab (given to the slab, a chunk smaller
+/// than its size class would have been handed out whole to later copies of that class).
+///
+/// # Safety
+/// As [`release_now`]; `owned` was allocated by its allocator block and registered.
+unsafe fn release_to_allocator(owned: Owned) {
+    if owned.base.is_null() {
         return;
     }
     runtime::unregister(owned.base, owned.bytes);
@@ -336,8 +351,9 @@ pub fn pending() -> usize {
     PENDING_COUNT.load(Ordering::Relaxed)
 }
 
-/// Frees several allocations at once, each as [`free`] frees a copy (at once on OCaml 4,
-/// after the running major cycle on OCaml 5): a region's chunks. `take` is called once
+/// Frees several allocations at once (at once on OCaml 4, after the running major cycle
+/// on OCaml 5), each by its allocator block, never by the slab: a region's chunks, which
+/// came from their allocator whatever their size. `take` is called once
 /// the queue has room for `count` entries and returns them (at most `count`), or `None`
 /// when they were freed already. Their allocator blocks must be alive for the call.
 ///
@@ -351,7 +367,7 @@ pub unsafe fn free_all(count: usize, take: impl FnOnce() -> Option<Vec<Owned>>) 
         };
         for owned in owned {
             // SAFETY: the caller's contract; OCaml 4's marker skips unregistered memory.
-            unsafe { release_now(owned) };
+            unsafe { release_to_allocator(owned) };
         }
         return Outcome::Done(0);
     }
