@@ -114,10 +114,16 @@ pub fn read(fields: &[Word], ocaml5: bool) -> Result<Data, String> {
     let Some(mut bytes) = element_bytes(flags & KIND_MASK, ocaml5) else {
         return Err(format!("a Bigarray of kind {}", flags & KIND_MASK));
     };
-    for &dim in &fields[DIM_FIELD..] {
-        if (dim as isize) < 0 {
-            return Err(format!("a Bigarray dimension of {}", dim as isize));
-        }
+    let dims = &fields[DIM_FIELD..];
+    if let Some(&dim) = dims.iter().find(|&&dim| (dim as isize) < 0) {
+        return Err(format!("a Bigarray dimension of {}", dim as isize));
+    }
+    // A dimension of 0 makes an empty array whatever the others are (the runtime makes
+    // `[|1 lsl 60; 0|]`): the product is taken only when none is 0.
+    if dims.contains(&0) {
+        bytes = 0;
+    }
+    for &dim in dims {
         bytes = bytes
             .checked_mul(dim)
             .filter(|&b| b <= isize::MAX as usize)

@@ -94,9 +94,12 @@ fn dims_of(h: &FakeHeap, v: Word) -> Vec<usize> {
     (0..n).map(|i| h.field(v, DIM_FIELD + i)).collect()
 }
 
-/// Every shape of 0 to 16 dimensions the tests use: small, one 3, one 0.
+/// Every shape of 0 to 16 dimensions the tests use: small, one 3, one 0; and empty
+/// arrays whose other dimensions multiply past the address space (the runtime makes
+/// them: `[|1 lsl 60; 0|]`).
 fn shapes() -> Vec<Vec<usize>> {
-    let mut all = Vec::new();
+    let max_int = (isize::MAX >> 1) as usize;
+    let mut all = vec![vec![1 << 60, 0], vec![0, 1 << 60], vec![max_int, 2, 0, 5]];
     for n in 0..=bigarray::MAX_NUM_DIMS {
         all.push((0..n).map(|i| if i < 3 { 2 } else { 1 }).collect());
         if n > 0 {

@@ -28,7 +28,9 @@ type layout_ = L : string * 'c Bigarray.layout -> layout_
 
 let layouts = [ L ("c", c_layout); L ("fortran", fortran_layout) ]
 
-(* Dimension lists of 0 to 16 dimensions: small ones, one with a 3, one with a 0. *)
+(* Dimension lists of 0 to 16 dimensions: small ones, one with a 3, one with a 0; and
+   empty arrays whose other dimensions multiply past the address space, which the
+   runtime makes. *)
 let shapes =
   List.concat_map
     (fun n ->
@@ -37,6 +39,7 @@ let shapes =
       let zero = Array.init n (fun i -> if i = n / 2 then 0 else 2) in
       if n = 0 then [ small ] else [ small; three; zero ])
     (List.init 17 Fun.id)
+  @ [ [| 1 lsl 60; 0 |]; [| 0; 1 lsl 60 |]; [| max_int; 2; 0; 5 |] ]
 
 let elements a = Array.fold_left ( * ) 1 (Genarray.dims a)
 
