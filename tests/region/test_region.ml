@@ -542,8 +542,10 @@ let test_image_round_trips _ =
   invalid "a truncated file" (fun () -> R.load_image ~key:"k" p2);
   List.iter Sys.remove [ p1; p2; p3; plain ]
 
-(* The address of a block, as an int (half the pointer, whatever its tag bit). *)
-let address v : int = Obj.magic (Obj.repr v)
+(* Half the address of a block, plus 1, as an int. [lor 1] sets the tag bit: the result
+   is a genuine integer (a raw address, even, taken as an int and computed with, would
+   be a word the GC reads as a pointer, e.g. into memory freed since). *)
+let address v : int = (Obj.magic (Obj.repr v) : int) lor 1
 
 (* Chunks of their own no larger than 1 KiB (adds of 136 to 1024 bytes into a region of
    4 KiB chunks) come from the allocator. On OCaml 4 their free gave them to the slab
