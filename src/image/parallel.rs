@@ -4,7 +4,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Runs `f` on every item, on up to `threads` threads (the calling one among them);
-/// the results in item order. Items go to whichever thread is free.
+/// the results in item order. Items go to whichever thread is free. Threads that the
+/// system cannot make (a limit on processes or memory) are done without: their items
+/// go to the threads there are, the calling one at least.
 pub fn parallel<I: Send, R: Send>(
     items: Vec<I>,
     threads: usize,
@@ -36,7 +38,10 @@ pub fn parallel<I: Send, R: Send>(
     };
     std::thread::scope(|s| {
         for _ in 1..threads.min(n) {
-            s.spawn(work);
+            // `Scope::spawn` would panic when the system refuses a thread.
+            if std::thread::Builder::new().spawn_scoped(s, work).is_err() {
+                break;
+            }
         }
         work();
     });
