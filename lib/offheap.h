@@ -100,9 +100,9 @@ typedef struct {
  *   caller's allocator (lost to it, unless it can tell); offheap_copy_with_free hands it
  *   to free_fn at once.
  * The buffer is not registered in OCaml 4's page table: register it with
- * caml_page_table_add(In_static_data, ...) before handing it to polymorphic compare,
- * hash or Marshal there. Call with the runtime lock held; alloc_fn follows the allocator
- * contract above. */
+ * offheap_register (below) before handing it to polymorphic compare, hash or Marshal
+ * there. Call with the runtime lock held; alloc_fn follows the allocator contract
+ * above. */
 offheap_buffer_t offheap_copy(value v, void *data, alloc_t alloc_fn, int copy_static);
 
 /* offheap_copy, with free_fn(data, ptr, size) to give back a buffer from alloc_fn that
@@ -112,6 +112,22 @@ offheap_buffer_t offheap_copy(value v, void *data, alloc_t alloc_fn, int copy_st
  * it follows the allocator contract above (no call into OCaml). */
 offheap_buffer_t offheap_copy_with_free(value v, void *data, alloc_t alloc_fn,
                                         free_t free_fn, int copy_static);
+
+/* Registers the buffer [ptr, ptr + size) of a copy from offheap_copy as static data in
+ * OCaml 4's page table, as offheap registers its own copies, counting the pages it shares
+ * with them (a 4 KiB page may hold the end of one allocation and the start of the
+ * next). Registering with caml_page_table_add directly does not count them: freeing a
+ * neighbouring copy (Offheap.free, Region.free) would then unregister a shared page
+ * under the buffer, and a caml_page_table_remove of the buffer would unregister pages
+ * under its neighbours. Returns 1, or 0 when the page table could not grow (nothing is
+ * registered then). On OCaml 5 (no page table) does nothing and returns 1. Call with the
+ * runtime lock held, once per buffer. */
+int offheap_register(void *ptr, size_t size);
+
+/* Undoes offheap_register(ptr, size) once no value in the buffer is used any more,
+ * before the buffer is freed: the pages it shares with other registered memory stay
+ * registered. On OCaml 5 does nothing. Call with the runtime lock held. */
+void offheap_unregister(void *ptr, size_t size);
 
 #ifdef __cplusplus
 }

@@ -103,3 +103,30 @@ pub unsafe extern "C" fn offheap_copy_with_free(
         _ => none,
     }
 }
+
+/// Registers the buffer `[ptr, ptr + size)` (a copy from [`offheap_copy`]) as static data
+/// in OCaml 4's page table, as offheap registers its own copies: with the pages it shares
+/// with other registered memory counted, so that freeing a neighbouring copy (or this
+/// buffer, by [`offheap_unregister`]) leaves the other's pages registered. Returns 1, or
+/// 0 when the page table could not grow (nothing registered then). On OCaml 5, which
+/// has no page table, does nothing and returns 1.
+///
+/// # Safety
+/// Called with the OCaml runtime held; `ptr` is the start of a buffer of `size` bytes
+/// that is not registered yet.
+#[no_mangle]
+pub unsafe extern "C" fn offheap_register(ptr: *mut libc::c_void, size: usize) -> libc::c_int {
+    libc::c_int::from(runtime::register(ptr as *mut u8, size))
+}
+
+/// Undoes [`offheap_register`]`(ptr, size)`, once no value in the buffer is used any more
+/// (and before it is freed): the pages it shares with other registered memory stay
+/// registered. On OCaml 5, does nothing.
+///
+/// # Safety
+/// Called with the OCaml runtime held; `(ptr, size)` was registered by
+/// [`offheap_register`] and not unregistered since.
+#[no_mangle]
+pub unsafe extern "C" fn offheap_unregister(ptr: *mut libc::c_void, size: usize) {
+    runtime::unregister(ptr as *mut u8, size)
+}

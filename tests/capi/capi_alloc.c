@@ -7,6 +7,7 @@
 #include <stdlib.h>
 
 #include <caml/alloc.h>
+#include <caml/fail.h>
 #include <caml/memory.h>
 #include <caml/mlvalues.h>
 
@@ -70,4 +71,36 @@ value capi_test_copy(value v, value mode, value with_free) {
   r = caml_alloc_tuple(6);
   for (int i = 0; i < 6; i++) Store_field(r, i, Val_long(out[i]));
   CAMLreturn(r);
+}
+
+static void *malloc_alloc(void *data, size_t size) {
+  (void)data;
+  return malloc(size);
+}
+
+/* Copies [v] into a malloc'd buffer and registers it with offheap_register: returns
+ * (the copy, the buffer's address, its size), or raises Failure. */
+value capi_test_registered_copy(value v) {
+  CAMLparam1(v);
+  CAMLlocal2(r, address);
+  offheap_buffer_t buf = offheap_copy(v, NULL, malloc_alloc, 0);
+  if (buf.ptr == NULL) caml_failwith("capi_test_registered_copy: not copied");
+  if (!offheap_register(buf.ptr, buf.size)) {
+    free(buf.ptr);
+    caml_failwith("capi_test_registered_copy: not registered");
+  }
+  address = caml_copy_nativeint((intnat)buf.ptr);
+  r = caml_alloc_tuple(3);
+  Store_field(r, 0, (value)((char *)buf.ptr + sizeof(header_t)));
+  Store_field(r, 1, address);
+  Store_field(r, 2, Val_long(buf.size));
+  CAMLreturn(r);
+}
+
+/* Unregisters (offheap_unregister) and frees a buffer of capi_test_registered_copy. */
+value capi_test_release(value address, value size) {
+  void *p = (void *)Nativeint_val(address);
+  offheap_unregister(p, Long_val(size));
+  free(p);
+  return Val_unit;
 }

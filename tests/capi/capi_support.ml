@@ -22,3 +22,10 @@ let copy ~with_free mode v =
       { copied = c = 1; allocs = a; frees = f; bad_frees = b; returned_allocation = r = 1;
         left_with_caller = l = 1 }
   | _ -> assert false
+
+(** [registered_copy v]: [v] copied from C into a malloc'd buffer, registered with
+    offheap_register; the copy, the buffer's address and size (for {!release}). *)
+external registered_copy : 'a -> 'a * nativeint * int = "capi_test_registered_copy"
+
+(** [release address size]: the buffer unregistered (offheap_unregister) and freed. *)
+external release : nativeint -> int -> unit = "capi_test_release"

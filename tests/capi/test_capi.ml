@@ -57,6 +57,33 @@ let test_misaligned _ =
     (outcome ~allocs:1 ~left:true ())
     (copy ~with_free:false Misaligned (value ()))
 
+(* Buffers of offheap_copy registered with offheap_register, each between two copies of
+   2.5-4 KB made by offheap (from malloc, like the buffers: a 4 KiB page holds the end of
+   one and the start of the next). Freeing the copies after them leaves the buffers'
+   pages registered, and unregistering and freeing the buffers leaves the pages of the
+   copies before them registered (OCaml 4; on OCaml 5 nothing is registered and the same
+   holds). *)
+let test_registered_beside_copies _ =
+  let fresh i = (i, string_of_int i, [ float i ]) in
+  let big i = o (Array.init (300 + (i mod 200)) (fun k -> k + i)) in
+  let triples =
+    List.init 200 (fun i ->
+        let before = Offheap.copy (big i) in
+        let buffer = registered_copy (o (fresh i)) in
+        let after = Offheap.copy (big (i + 1)) in
+        (before, buffer, after))
+  in
+  let same ~msg a b =
+    assert_bool (msg ^ ": compare") (compare a b = 0);
+    assert_equal ~msg:(msg ^ ": hash") (Hashtbl.hash a) (Hashtbl.hash b);
+    assert_equal ~msg:(msg ^ ": Marshal") (Marshal.to_string a []) (Marshal.to_string b [])
+  in
+  List.iter (fun (_, _, after) -> Offheap.free after) triples;
+  List.iteri (fun i (_, (c, _, _), _) -> same ~msg:"a buffer" c (fresh i)) triples;
+  List.iter (fun (_, (_, address, size), _) -> release address size) triples;
+  List.iteri (fun i (before, _, _) -> same ~msg:"a copy" (Offheap.get before) (big i)) triples;
+  List.iter (fun (before, _, _) -> Offheap.free before) triples
+
 let () =
   run_test_tt_main
     ("offheap C interface"
@@ -66,4 +93,5 @@ let () =
            "value refused" >:: test_refused_value;
            "allocator returns NULL" >:: test_null;
            "misaligned memory" >:: test_misaligned;
+           "registered beside copies" >:: test_registered_beside_copies;
          ])
