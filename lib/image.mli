@@ -118,7 +118,9 @@ module type S = sig
       the link stays. The file is not synced to disk. The file is written as the copy
       is made, through a buffer of 8 MiB: writing needs no copy of [v] in memory (the
       traversal's own tables, 8 bytes a block and a visited set, are all it holds).
-      Other OCaml threads wait meanwhile (the copy reads the heap).
+      Other OCaml threads wait meanwhile (the copy reads the heap); on OCaml 5, other
+      domains wait for the write of a value of more than 1024 blocks as they wait for
+      a {!Offheap.copy} of it (the world is stopped).
 
       [key] (default [""], at most 3992 bytes) is stored in the image; [load] refuses
       an image whose key differs from the one it is given. Use it to tag the type or

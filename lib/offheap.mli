@@ -49,8 +49,9 @@
       same, never refused: the copy is well formed, every block of it is a copy of a
       block reachable during the copy, read once, and each field holds a value that
       field held at some moment during the copy.
-    - On OCaml 5 with several domains, [copy] of a value of more than 1024 blocks stops
-      the other domains for the time of the copy (a stop-the-world section, as a minor
+    - On OCaml 5 with several domains, [copy] (and [measure], and [Image.write]) of a
+      value of more than 1024 blocks stops the other domains for the time of the copy
+      (a stop-the-world section, as a minor
       collection is; they would wait for the copy anyway at their next minor
       collection) and copies as fast as with one domain; smaller values are copied
       beside them. The [free] of a copy waits for the end of the running major cycle;

@@ -81,7 +81,7 @@ fn copy(h: Word, copy_static: bool, v: Word) -> StubOutcome {
     // SAFETY: called from a stub, holding the runtime.
     unsafe { release::drain_due() };
     #[cfg(ocaml5)]
-    if runtime::may_stop_world(copy_static) {
+    if runtime::may_stop_world() {
         if let Some(outcome) = runtime::try_without_stopping(|| copy_now(h, copy_static, v)) {
             return outcome;
         }
@@ -177,11 +177,38 @@ fn copy_into<A: Allocator>(
 #[ocaml::native_func]
 #[ocaml::sig("'a -> int array -> Outcome.t")]
 pub fn offheap_stub_measure(v: Raw, stats: Raw) -> Value {
+    value(measure(word(v), word(stats)).into_value())
+}
+
+/// The body of [`offheap_stub_measure`]: as [`copy`], on OCaml 5 beside other domains, a
+/// value of more than `STOP_BEYOND_BLOCKS` blocks is measured with them stopped (header
+/// marks: 8 bytes a block, where the side table and snapshot took some 100).
+fn measure(v: Word, stats: Word) -> StubOutcome {
+    #[cfg(ocaml5)]
+    if runtime::may_stop_world() {
+        if let Some(outcome) = runtime::try_without_stopping(|| measure_now(v, stats)) {
+            return outcome;
+        }
+        // SAFETY: as in `copy`: no Rust lock is held, the traversal neither allocates on
+        // the OCaml heap nor calls into OCaml; `v` and `stats` are rooted for the wait
+        // and read afresh by the task.
+        let stopped = unsafe {
+            runtime::with_world_stopped(&mut [v, stats], |&[v, stats]| measure_now(v, stats))
+        };
+        return stopped.unwrap_or_else(|| {
+            StubOutcome::Misuse("Offheap.measure: the runtime ran no stop-the-world section".into())
+        });
+    }
+    measure_now(v, stats)
+}
+
+/// [`measure`] once the way of measuring is settled.
+fn measure_now(v: Word, stats: Word) -> StubOutcome {
     // SAFETY: called from a stub holding the runtime; nothing is allocated on the OCaml
     // heap until the traversal returns.
-    let outcome = match unsafe { runtime::measure_value(word(v), false) } {
+    match unsafe { runtime::measure_value(v, false) } {
         Ok(m) => {
-            let fields = word(stats) as *mut Word;
+            let fields = stats as *mut Word;
             // SAFETY: `stats` is an int array of 3 fields; immediates need no barrier.
             unsafe {
                 *fields = val_int(m.bytes as isize);
@@ -191,8 +218,7 @@ pub fn offheap_stub_measure(v: Raw, stats: Raw) -> Value {
             StubOutcome::Done
         }
         Err(e) => e.into(),
-    };
-    value(outcome.into_value())
+    }
 }
 
 /// Whether `v` is a block outside the GC heap. Allocates nothing.
@@ -376,14 +402,39 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> StubOutcom
     let key = string_bytes(key);
     let process = image_process(word(flat_float_array) != val_int(0));
     crate::fault::point("image-write");
-    let written = image::write_with(&path_of(&path), &key, &process, |out| {
-        // SAFETY: we hold the runtime and allocate nothing on the OCaml heap until the
-        // copy returns; the writer does not call into OCaml.
-        match unsafe { runtime::copy_value_into(word(v), true, out) } {
-            Ok(written) => Ok(written.root),
-            Err(e) => Err(WriteError::NotCopyable(e)),
+    let write = |v: Word| {
+        image::write_with(&path_of(&path), &key, &process, |out| {
+            // SAFETY: we hold the runtime and allocate nothing on the OCaml heap until
+            // the copy returns; the writer does not call into OCaml.
+            match unsafe { runtime::copy_value_into(v, true, out) } {
+                Ok(written) => Ok(written.root),
+                Err(e) => Err(WriteError::NotCopyable(e)),
+            }
+        })
+    };
+    // As [`copy`]: on OCaml 5 beside other domains, a value of more than
+    // `STOP_BEYOND_BLOCKS` blocks is written with them stopped (header marks, 8 bytes a
+    // block, where the side table and snapshot took some 100: as much as the value).
+    // They then wait for the whole write, the file's included.
+    #[cfg(ocaml5)]
+    let written = if runtime::may_stop_world() {
+        match runtime::try_without_stopping(|| write(word(v))) {
+            Some(written) => written,
+            // SAFETY: as in `copy`; `v` is rooted for the wait and read afresh.
+            None => match unsafe { runtime::with_world_stopped(&mut [word(v)], |&[v]| write(v)) } {
+                Some(written) => written,
+                None => {
+                    return StubOutcome::Misuse(
+                        "Offheap.Image.write: the runtime ran no stop-the-world section".into(),
+                    )
+                }
+            },
         }
-    });
+    } else {
+        write(word(v))
+    };
+    #[cfg(not(ocaml5))]
+    let written = write(word(v));
     match written {
         Ok(()) => StubOutcome::Done,
         Err(WriteError::Io(e)) => StubOutcome::System(sys_error(&path, &e)),

@@ -7,9 +7,10 @@
 //!   domain can read those headers (OCaml 4's runtime lock).
 //! - [`SideTable`] keeps an open-addressing hash table from block address to offset and
 //!   never writes to the source (OCaml 5, where other domains' collectors read headers).
-//! - [`MarksOutside`] marks headers except in one address range, whose blocks go to a
-//!   side table (OCaml 5 with one domain: the minor heap, whose blocks' color could be
-//!   the mark color).
+//! - [`MarksOutside`] marks headers except in one address range and of blocks outside
+//!   the GC heap, which go to a side table (OCaml 5 with one domain: the minor heap,
+//!   whose blocks' color could be the mark color, and static data, which may be
+//!   read-only).
 
 use crate::alloc::{NoMemory, ZeroedArray};
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
@@ -284,7 +285,11 @@ unsafe impl VisitedSet for SideTable {
     }
 }
 
-/// Header marks for every block outside `range`, a side table for those inside.
+/// Header marks for every block outside `range` whose header is not
+/// [`Color::Unmarkable`]; a side table for the others: those inside `range`, and those
+/// outside the GC heap (static data, copies, images: on OCaml 5 their headers are
+/// unmarkable, and static data may lie in read-only memory, as the atom table does), of
+/// which a copy of static data visits a few.
 pub struct MarksOutside {
     marks: HeaderMarks,
     table: SideTable,
@@ -303,15 +308,16 @@ impl MarksOutside {
         }
     }
 
+    /// Whether `block`, whose original header is `hd`, is kept in the side table.
     #[inline(always)]
-    fn in_table(&self, block: Word) -> bool {
-        block > self.range.0 && block < self.range.1
+    fn in_table(&self, block: Word, hd: Header) -> bool {
+        (block > self.range.0 && block < self.range.1) || hd.color() == Color::Unmarkable
     }
 }
 
-// SAFETY: each block goes to exactly one of the two sets, always the same one; `restore`
-// writes back every queued header, which for the blocks of the side table is the header
-// they still have.
+// SAFETY: each block goes to exactly one of the two sets, always the same one (a block
+// of the side table keeps its header, so `lookup` sees the same header as `mark` did);
+// `restore` writes back the queued headers of the marked blocks only.
 unsafe impl VisitedSet for MarksOutside {
     /// One domain only: header marks are written.
     const SOURCE_SHARED: bool = false;
@@ -320,7 +326,7 @@ unsafe impl VisitedSet for MarksOutside {
     unsafe fn lookup(&self, block: Word, hd: Header) -> Seen {
         // SAFETY: forwarded.
         unsafe {
-            if self.in_table(block) {
+            if self.in_table(block, hd) {
                 self.table.lookup(block, hd)
             } else {
                 self.marks.lookup(block, hd)
@@ -332,7 +338,7 @@ unsafe impl VisitedSet for MarksOutside {
     unsafe fn mark(&mut self, block: Word, hd: Header, offset: usize) -> Result<(), NoMemory> {
         // SAFETY: forwarded.
         unsafe {
-            if self.in_table(block) {
+            if self.in_table(block, hd) {
                 self.table.mark(block, hd, offset)
             } else {
                 self.marks.mark(block, hd, offset)
@@ -341,8 +347,13 @@ unsafe impl VisitedSet for MarksOutside {
     }
 
     unsafe fn restore(&mut self, queue: &Queue) {
-        // SAFETY: forwarded; rewriting an unmarked header with itself changes nothing.
-        unsafe { self.marks.restore(queue) }
+        for entry in queue.iter() {
+            if !self.in_table(entry.block, entry.header) {
+                // SAFETY: a queued block outside the table was marked: its header is
+                // ours to put back.
+                unsafe { layout::write_header(entry.block, entry.header) }
+            }
+        }
     }
 
     fn allocated_bytes(&self) -> usize {

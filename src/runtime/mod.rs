@@ -3,7 +3,7 @@
 //! Each backend (`ocaml4.rs`, `ocaml5.rs`, chosen by `cfg(ocaml5)` from `build.rs`)
 //! provides:
 //! - `RuntimeHeap`: the [`Heap`] classifier (which pointers lead to blocks to copy);
-//! - `visited_set(copy_static)`: the visited set the copy uses on that runtime
+//! - `visited_set()`: the visited set the copy uses on that runtime
 //!   (`Visited`);
 //! - `register` / `register_blocks` / `unregister` / `reregister_shared`: making a copy
 //!   (its blocks; `register_blocks` leaves its Bigarray data out) known to the
@@ -123,7 +123,7 @@ pub unsafe fn copy_value_into<O: copy::Output>(
     // SAFETY: as in `copy_value`.
     unsafe {
         #[allow(irrefutable_let_patterns)]
-        match backend::visited_set(copy_static) {
+        match backend::visited_set() {
             backend::Visited::Marks(marks) => copy::copy_into(v, &mut heap, marks, out),
             #[cfg(ocaml5)]
             backend::Visited::Table(table) => copy::copy_into(v, &mut heap, table, out),
@@ -148,7 +148,7 @@ pub unsafe fn copy_value<A: Allocator>(
     // concurrency for the whole call.
     unsafe {
         #[allow(irrefutable_let_patterns)]
-        match backend::visited_set(copy_static) {
+        match backend::visited_set() {
             backend::Visited::Marks(marks) => copy::copy(v, &mut heap, marks, alloc),
             #[cfg(ocaml5)]
             backend::Visited::Table(table) => copy::copy(v, &mut heap, table, alloc),
@@ -158,13 +158,14 @@ pub unsafe fn copy_value<A: Allocator>(
     }
 }
 
-/// Whether `Offheap.copy` of `v` may stop the other domains ([`with_world_stopped`]) to
-/// mark headers rather than keep a side table: when other domains run, unless static
-/// data is copied too (some of it is read-only). It stops them only for a value of more
-/// than `STOP_BEYOND_BLOCKS` blocks ([`try_without_stopping`]).
+/// Whether a copy (`Offheap.copy`, `measure`, `Image.write`) may stop the other domains
+/// ([`with_world_stopped`]) to mark headers rather than keep a side table: when other
+/// domains run. It stops them only for a value of more than `STOP_BEYOND_BLOCKS` blocks
+/// ([`try_without_stopping`]). Static data is never marked (it goes to the side table
+/// of the header marks: some of it is read-only).
 #[cfg(ocaml5)]
-pub fn may_stop_world(copy_static: bool) -> bool {
-    !copy_static && backend::others_running()
+pub fn may_stop_world() -> bool {
+    backend::others_running()
 }
 
 /// What a copy of `v` would take ([`copy::measure`]), with the runtime's classifier and
@@ -178,7 +179,7 @@ pub unsafe fn measure_value(v: Word, copy_static: bool) -> Result<copy::Measured
     // SAFETY: as in `copy_value`.
     unsafe {
         #[allow(irrefutable_let_patterns)]
-        match backend::visited_set(copy_static) {
+        match backend::visited_set() {
             backend::Visited::Marks(marks) => copy::measure(v, &mut heap, marks),
             #[cfg(ocaml5)]
             backend::Visited::Table(table) => copy::measure(v, &mut heap, table),

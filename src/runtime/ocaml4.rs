@@ -301,7 +301,7 @@ pub enum Visited {
 ///
 /// # Safety
 /// Always safe on OCaml 4; `unsafe` for the same interface as OCaml 5's.
-pub unsafe fn visited_set(_copy_static: bool) -> Visited {
+pub unsafe fn visited_set() -> Visited {
     Visited::Marks(HeaderMarks::new(Color::C2))
 }
 

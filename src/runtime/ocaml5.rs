@@ -292,12 +292,14 @@ pub unsafe fn with_world_stopped<const N: usize, R>(
     result
 }
 
-/// Chooses the visited set for a copy starting now. Copying static data means visiting
-/// blocks some of which are read-only (the atom table), so that takes the side table too.
+/// Chooses the visited set for a copy starting now: header marks when this domain is
+/// alone (or the world is stopped), except for young blocks and blocks outside the GC
+/// heap, some of which are read-only (the atom table): those go to a side table
+/// ([`MarksOutside`]). With other domains running, a side table for everything.
 ///
 /// # Safety
 /// Called holding the domain lock, which is kept until the copy ends.
-pub unsafe fn visited_set(copy_static: bool) -> Visited {
+pub unsafe fn visited_set() -> Visited {
     // SAFETY: plain runtime queries. While this domain holds its lock and is the only
     // one, no other domain can start, so the choice holds for the whole copy.
     //
@@ -310,11 +312,11 @@ pub unsafe fn visited_set(copy_static: bool) -> Visited {
     // for this domain while it is in a blocking section, never during a copy.
     unsafe {
         let alone = !others_running() || WORLD_STOPPED.with(Cell::get);
-        if !copy_static && !alone && BUDGET.with(Cell::get).0 {
+        if !alone && BUDGET.with(Cell::get).0 {
             let table = SideTable::new();
             return Visited::Budgeted(Budgeted::new(table, STOP_BEYOND_BLOCKS, note_exceeded));
         }
-        if copy_static || !alone {
+        if !alone {
             return Visited::Table(SideTable::new());
         }
         let garbage = std::ptr::read_volatile(std::ptr::addr_of!(caml_global_heap_state.garbage));
