@@ -73,6 +73,8 @@ pub struct Expected<'a> {
     pub verify: bool,
     /// Threads to use, at least 1.
     pub threads: usize,
+    /// Threads to use for the pointer phase (which relocates), at least 1.
+    pub pointer_threads: usize,
 }
 
 /// The smallest index whose work failed, shared by the threads so that chunks after a
@@ -659,7 +661,7 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Word, LoadError> {
     let starts = Starts { bits: &bits };
     let work: Vec<(&mut [Word], Option<Cover>)> =
         payload.chunks_mut(chunk_words).zip(covers).collect();
-    let checked = parallel(work, e.threads, |k, (words, cover)| {
+    let checked = parallel(work, e.pointer_threads, |k, (words, cover)| {
         pointers_chunk(
             words,
             k * chunk_words,
