@@ -64,25 +64,32 @@ let test_misaligned _ =
    copies before them registered (OCaml 4; on OCaml 5 nothing is registered and the same
    holds). *)
 let test_registered_beside_copies _ =
+  let n = 200 in
   let fresh i = (i, string_of_int i, [ float i ]) in
   let big i = o (Array.init (300 + (i mod 200)) (fun k -> k + i)) in
-  let triples =
-    List.init 200 (fun i ->
+  (* The buffers' values are kept in [values] alone, cleared before the buffers are
+     freed: on OCaml 5 nothing may point into freed memory. *)
+  let values = Array.make n (Obj.repr 0) and buffers = Array.make n (0n, 0) in
+  let copies =
+    Array.init n (fun i ->
         let before = Offheap.copy (big i) in
-        let buffer = registered_copy (o (fresh i)) in
+        let c, address, size = registered_copy (o (fresh i)) in
+        values.(i) <- Obj.repr c;
+        buffers.(i) <- (address, size);
         let after = Offheap.copy (big (i + 1)) in
-        (before, buffer, after))
+        (before, after))
   in
   let same ~msg a b =
     assert_bool (msg ^ ": compare") (compare a b = 0);
     assert_equal ~msg:(msg ^ ": hash") (Hashtbl.hash a) (Hashtbl.hash b);
     assert_equal ~msg:(msg ^ ": Marshal") (Marshal.to_string a []) (Marshal.to_string b [])
   in
-  List.iter (fun (_, _, after) -> Offheap.free after) triples;
-  List.iteri (fun i (_, (c, _, _), _) -> same ~msg:"a buffer" c (fresh i)) triples;
-  List.iter (fun (_, (_, address, size), _) -> release address size) triples;
-  List.iteri (fun i (before, _, _) -> same ~msg:"a copy" (Offheap.get before) (big i)) triples;
-  List.iter (fun (before, _, _) -> Offheap.free before) triples
+  Array.iter (fun (_, after) -> Offheap.free after) copies;
+  Array.iteri (fun i c -> same ~msg:"a buffer" (Obj.obj c) (fresh i)) values;
+  Array.fill values 0 n (Obj.repr 0);
+  Array.iter (fun (address, size) -> release address size) buffers;
+  Array.iteri (fun i (before, _) -> same ~msg:"a copy" (Offheap.get before) (big i)) copies;
+  Array.iter (fun (before, _) -> Offheap.free before) copies
 
 let () =
   run_test_tt_main
