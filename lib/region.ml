@@ -84,13 +84,20 @@ module Make (B : BASE) = struct
 
   let fail () = Outcome.fail (Ext.offheap_region_error ())
 
+  (* After a failed [stub_add]: OCaml 5, beside other domains, adds a value too large
+     for a side table with the other domains stopped (src/region_stubs.rs); else, or
+     when that fails too, raises the error. *)
+  let add_failed r v deep =
+    let c = Ext.offheap_region_add_stopped r v failed deep in
+    if c == failed then fail () else Obj.obj c
+
   let add r v =
     let c = stub_add r v failed false in
-    if c == failed then fail () else Obj.obj c
+    if c == failed then add_failed r v false else Obj.obj c
 
   let add_deep r v =
     let c = stub_add r v failed true in
-    if c == failed then fail () else Obj.obj c
+    if c == failed then add_failed r v true else Obj.obj c
 
   let mem r v = stub_mem r v
   let freed r = stub_stat r 6 <> 0

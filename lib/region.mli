@@ -86,7 +86,9 @@ module type S = sig
       one (or write it with {!write_image}, which keeps only what the roots reach).
 
       Adds to one region from several domains (OCaml 5) or threads are safe: they take
-      the region's lock in turn. The rules of {!Offheap.copy} hold for the copy (no
+      the region's lock in turn. With other domains running, an add of a value of more
+      than 1024 blocks stops them for its time, as {!Offheap.copy} does. The rules of
+      {!Offheap.copy} hold for the copy (no
       mutation that makes it point into the heap; after {!free}, every reference into
       it is dangling). A value that points to another copy stays valid only while that
       copy is not freed.

@@ -48,6 +48,10 @@ struct Cell {
 enum AddError {
     Freed,
     Copy(CopyError),
+    /// OCaml 5, other domains running: the value has more blocks than a side table
+    /// takes; [`offheap_region_add_stopped`] adds it with the other domains stopped.
+    #[cfg(ocaml5)]
+    StopTheWorld,
 }
 
 thread_local! {
@@ -169,9 +173,69 @@ pub extern "C" fn offheap_region_cell(chunk_bytes: Value) -> Value {
 /// Adds `v` to the region `r` (copying blocks outside the heap too when `deep`):
 /// returns its copy (or `v` itself when nothing was copied), or `failed` and keeps the
 /// error for [`offheap_region_error`]. Allocates nothing on the OCaml heap.
+///
+/// On OCaml 5 beside other domains, a value of more than `STOP_BEYOND_BLOCKS` blocks
+/// fails here having changed nothing (the error [`AddError::StopTheWorld`]): this
+/// external may not wait for the other domains (it is `noalloc`, and it holds the
+/// region's lock while it copies), so the OCaml side calls
+/// [`offheap_region_add_stopped`], which adds it with them stopped.
 #[no_mangle]
 #[ocaml::sig("region -> 'a -> Obj.t -> bool -> Obj.t [@@noalloc]")]
 pub extern "C" fn offheap_region_add(r: Value, v: Value, failed: Value, deep: Value) -> Value {
+    #[cfg(ocaml5)]
+    if runtime::may_stop_world() {
+        return runtime::try_without_stopping(|| add(r, v, failed, deep))
+            .unwrap_or_else(|| failure(AddError::StopTheWorld, failed));
+    }
+    add(r, v, failed, deep)
+}
+
+/// After [`offheap_region_add`] returned `failed`: when its error is
+/// [`AddError::StopTheWorld`], adds `v` to `r` with the other domains stopped (as
+/// `Offheap.copy` copies a large value beside them: header marks, 8 bytes a block, where
+/// a side table and its snapshot take some 100) and returns what that add returns; else
+/// returns `failed`, the error kept. The region's lock is taken inside the section:
+/// other domains hold it only inside region stubs, which have no safe point, so none
+/// holds it while stopped.
+#[no_mangle]
+#[ocaml::sig("region -> 'a -> Obj.t -> bool -> Obj.t")]
+#[cfg_attr(not(ocaml5), allow(unused_variables))]
+pub extern "C" fn offheap_region_add_stopped(
+    r: Value,
+    v: Value,
+    failed: Value,
+    deep: Value,
+) -> Value {
+    #[cfg(ocaml5)]
+    {
+        let stop = LAST_ERROR.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            let stop = matches!(*slot, Some(AddError::StopTheWorld));
+            if stop {
+                *slot = None;
+            }
+            stop
+        });
+        if stop {
+            let mut roots = [r as Word, v as Word, failed as Word];
+            // SAFETY: no Rust lock is held here (the region's was released by the
+            // failed add); the add neither allocates on the OCaml heap nor calls into
+            // OCaml. `r`, `v` and `failed` are rooted for the wait and read afresh.
+            let added = unsafe {
+                runtime::with_world_stopped(&mut roots, |&[r, v, failed]| {
+                    add(r as Value, v as Value, failed as Value, deep)
+                })
+            };
+            return added.unwrap_or_else(|| {
+                failure(AddError::Copy(CopyError::OutOfMemory(0)), roots[2] as Value)
+            });
+        }
+    }
+    failed
+}
+
+/// [`offheap_region_add`] once the way of copying is settled.
+fn add(r: Value, v: Value, failed: Value, deep: Value) -> Value {
     let Some(mut cell) = lock(r) else {
         return failure(AddError::Freed, failed);
     };
@@ -206,6 +270,10 @@ pub extern "C" fn offheap_region_error(_unit: Value) -> Value {
     let e = LAST_ERROR.with(|slot| slot.borrow_mut().take());
     let outcome = match e {
         None | Some(AddError::Freed) => StubOutcome::Misuse("Offheap.Region.add: freed".into()),
+        #[cfg(ocaml5)]
+        Some(AddError::StopTheWorld) => {
+            StubOutcome::Misuse("Offheap.Region.add: no stop-the-world section".into())
+        }
         Some(AddError::Copy(e)) => match StubOutcome::from(e) {
             StubOutcome::Misuse(m) => {
                 let m = m.strip_prefix("Offheap.copy: ").unwrap_or(&m);
