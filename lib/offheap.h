@@ -126,7 +126,14 @@ int offheap_register(void *ptr, size_t size);
 
 /* Undoes offheap_register(ptr, size) once no value in the buffer is used any more,
  * before the buffer is freed: the pages it shares with other registered memory stay
- * registered. On OCaml 5 does nothing. Call with the runtime lock held. */
+ * registered. On OCaml 5 does nothing. Call with the runtime lock held.
+ *
+ * Freeing a buffer: on OCaml 5 no block of the heap may still point into it, dead or
+ * not, until the major cycle running when it stopped being used has ended: the GC reads
+ * the header of every block that a block it marks points to, and the freed memory may
+ * hold anything by then. Clear such fields first (or free the buffer later, as
+ * Offheap.free does for copies). On OCaml 4 the page table makes the GC skip memory
+ * outside the heap. */
 void offheap_unregister(void *ptr, size_t size);
 
 #ifdef __cplusplus
