@@ -5,6 +5,7 @@
 //!
 //! One test in this binary: the limit is the whole process's.
 
+mod address_limit;
 mod fake_heap;
 
 use fake_heap::{assert_isomorphic, Counting, FakeHeap};
@@ -13,39 +14,9 @@ use offheap::copy::visited::{HeaderMarks, SideTable};
 use offheap::copy::{self, CopyError};
 use offheap::layout::{self, Color, Word};
 
-/// The process's virtual memory size, in bytes (`VmSize` of /proc/self/status).
-fn vm_size() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmSize:"))
-        .expect("a VmSize line");
-    let kb: usize = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .expect("VmSize in kB");
-    kb * 1024
-}
-
-/// Sets the soft limit, keeping the hard limit `old.rlim_max`.
-fn set_limit(bytes: libc::rlim_t, old: &libc::rlimit) {
-    let lim = libc::rlimit {
-        rlim_cur: bytes.min(old.rlim_max),
-        rlim_max: old.rlim_max,
-    };
-    // SAFETY: a plain system call on a valid struct.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) }, 0);
-}
-
 #[test]
 fn copies_under_an_address_space_limit_succeed_or_are_out_of_memory() {
-    // SAFETY: reading the current limit into a valid struct.
-    let mut old = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut old) }, 0);
+    let old = address_limit::current();
     assert_eq!(
         old.rlim_max,
         libc::RLIM_INFINITY,
@@ -62,11 +33,11 @@ fn copies_under_an_address_space_limit_succeed_or_are_out_of_memory() {
     let before = h.snapshot();
     let mut outcomes: Vec<Result<usize, usize>> = Vec::with_capacity(1000);
     let mut copy_bytes = 0;
-    let base = vm_size();
+    let base = address_limit::vm_size();
     for table in [false, true] {
         for extra_mib in (0..80).step_by(2) {
             let mut alloc = Counting::new();
-            set_limit((base + (extra_mib << 20)) as libc::rlim_t, &old);
+            address_limit::set((base + (extra_mib << 20)) as libc::rlim_t, &old);
             // SAFETY: `root` is a well-formed value of `h`; nothing else touches it.
             let outcome = unsafe {
                 if table {
@@ -75,7 +46,7 @@ fn copies_under_an_address_space_limit_succeed_or_are_out_of_memory() {
                     copy::copy(root, &mut h, HeaderMarks::new(Color::C2), &mut alloc)
                 }
             };
-            set_limit(old.rlim_cur, &old);
+            address_limit::set(old.rlim_cur, &old);
             assert!(
                 h.snapshot() == before,
                 "source changed (table: {table}, +{extra_mib} MiB)"
@@ -110,7 +81,7 @@ fn copies_under_an_address_space_limit_succeed_or_are_out_of_memory() {
             .any(|o| matches!(o, Err(b) if *b == copy_bytes)),
         "some failures were the copy's allocation: {outcomes:?}"
     );
-    let grown = vm_size().saturating_sub(base);
+    let grown = address_limit::vm_size().saturating_sub(base);
     assert!(
         grown < 16 << 20,
         "nothing stays mapped: the process grew by {grown} bytes"

@@ -3,39 +3,19 @@
 //! item is done once. In a test binary of its own: it lowers the process's address-space
 //! limit, which would disturb tests running beside it.
 
-use offheap::image::parallel::parallel;
+mod address_limit;
 
-/// The process's address space in use, in bytes (`VmSize`).
-fn address_space_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmSize:"))
-        .expect("a VmSize line");
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .expect("VmSize in kB");
-    kib * 1024
-}
+use offheap::image::parallel::parallel;
 
 #[test]
 fn items_are_all_done_when_threads_are_refused() {
     let items: Vec<usize> = (0..2000).collect();
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: reads the limit into `limit`.
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) }, 0);
+    let limit = address_limit::current();
     // Room for a few thread stacks (2 MiB each), not for the 1999 asked for.
-    let lowered = libc::rlimit {
-        rlim_cur: (address_space_bytes() + (16 << 20)).min(limit.rlim_max),
-        rlim_max: limit.rlim_max,
-    };
-    // SAFETY: sets the soft limit only; it is raised back below.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &lowered) }, 0);
+    address_limit::set(
+        (address_limit::vm_size() + (16 << 20)) as libc::rlim_t,
+        &limit,
+    );
     let spawned = std::sync::Mutex::new(std::collections::HashSet::new());
     let results = parallel(items.clone(), 2000, |k, item| {
         spawned.lock().unwrap().insert(std::thread::current().id());
@@ -43,8 +23,7 @@ fn items_are_all_done_when_threads_are_refused() {
         std::thread::sleep(std::time::Duration::from_micros(50));
         (k, item * 2)
     });
-    // SAFETY: puts the soft limit back.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
+    address_limit::set(limit.rlim_cur, &limit);
     let threads = spawned.lock().unwrap().len();
     assert_eq!(results.len(), items.len());
     for (k, &(at, doubled)) in results.iter().enumerate() {
