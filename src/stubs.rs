@@ -76,26 +76,20 @@ type RawValue = ocaml_sys::Value;
 
 /// The body of [`offheap_stub_copy`]. On OCaml 5, while other domains run, a value of
 /// more than `STOP_BEYOND_BLOCKS` blocks is copied with them stopped
-/// (`runtime::try_without_stopping`).
+/// ([`runtime::among_domains`]).
 fn copy(h: Word, copy_static: bool, v: Word) -> StubOutcome {
     // SAFETY: called from a stub, holding the runtime.
     unsafe { release::drain_due() };
-    #[cfg(ocaml5)]
-    if runtime::may_stop_world() {
-        if let Some(outcome) = runtime::try_without_stopping(|| copy_now(h, copy_static, v)) {
-            return outcome;
-        }
-        // SAFETY: no Rust lock is held here; the copy neither allocates on the OCaml heap
-        // nor calls into OCaml (the allocator's contract). `h` and `v` are rooted for the
-        // wait and read afresh by the task.
-        let stopped = unsafe {
-            runtime::with_world_stopped(&mut [h, v], |&[h, v]| copy_now(h, copy_static, v))
-        };
-        return stopped.unwrap_or_else(|| {
-            StubOutcome::Misuse("Offheap.copy: the runtime ran no stop-the-world section".into())
-        });
-    }
-    copy_now(h, copy_static, v)
+    // SAFETY: no Rust lock is held here; the copy neither allocates on the OCaml heap nor
+    // calls into OCaml (the allocator's contract).
+    unsafe { runtime::among_domains([h, v], |&[h, v]| copy_now(h, copy_static, v)) }
+        .unwrap_or_else(|| no_section("Offheap.copy"))
+}
+
+/// The error of a copy that the runtime gave no stop-the-world section (it never does).
+#[cold]
+fn no_section(what: &str) -> StubOutcome {
+    StubOutcome::Misuse(format!("{what}: the runtime ran no stop-the-world section"))
 }
 
 /// [`copy`] once the way of copying is settled.
@@ -181,25 +175,12 @@ pub fn offheap_stub_measure(v: Raw, stats: Raw) -> Value {
 }
 
 /// The body of [`offheap_stub_measure`]: as [`copy`], on OCaml 5 beside other domains, a
-/// value of more than `STOP_BEYOND_BLOCKS` blocks is measured with them stopped (header
-/// marks: 8 bytes a block, where the side table and snapshot took some 100).
+/// value of more than `STOP_BEYOND_BLOCKS` blocks is measured with them stopped.
 fn measure(v: Word, stats: Word) -> StubOutcome {
-    #[cfg(ocaml5)]
-    if runtime::may_stop_world() {
-        if let Some(outcome) = runtime::try_without_stopping(|| measure_now(v, stats)) {
-            return outcome;
-        }
-        // SAFETY: as in `copy`: no Rust lock is held, the traversal neither allocates on
-        // the OCaml heap nor calls into OCaml; `v` and `stats` are rooted for the wait
-        // and read afresh by the task.
-        let stopped = unsafe {
-            runtime::with_world_stopped(&mut [v, stats], |&[v, stats]| measure_now(v, stats))
-        };
-        return stopped.unwrap_or_else(|| {
-            StubOutcome::Misuse("Offheap.measure: the runtime ran no stop-the-world section".into())
-        });
-    }
-    measure_now(v, stats)
+    // SAFETY: as in `copy`: no Rust lock is held, the traversal neither allocates on the
+    // OCaml heap nor calls into OCaml.
+    unsafe { runtime::among_domains([v, stats], |&[v, stats]| measure_now(v, stats)) }
+        .unwrap_or_else(|| no_section("Offheap.measure"))
 }
 
 /// [`measure`] once the way of measuring is settled.
@@ -413,28 +394,13 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> StubOutcom
         })
     };
     // As [`copy`]: on OCaml 5 beside other domains, a value of more than
-    // `STOP_BEYOND_BLOCKS` blocks is written with them stopped (header marks, 8 bytes a
-    // block, where the side table and snapshot took some 100: as much as the value).
-    // They then wait for the whole write, the file's included.
-    #[cfg(ocaml5)]
-    let written = if runtime::may_stop_world() {
-        match runtime::try_without_stopping(|| write(word(v))) {
-            Some(written) => written,
-            // SAFETY: as in `copy`; `v` is rooted for the wait and read afresh.
-            None => match unsafe { runtime::with_world_stopped(&mut [word(v)], |&[v]| write(v)) } {
-                Some(written) => written,
-                None => {
-                    return StubOutcome::Misuse(
-                        "Offheap.Image.write: the runtime ran no stop-the-world section".into(),
-                    )
-                }
-            },
-        }
-    } else {
-        write(word(v))
+    // `STOP_BEYOND_BLOCKS` blocks is written with them stopped, which then wait for the
+    // whole write, the file's included.
+    // SAFETY: as in `copy`: no Rust lock is held; the write neither allocates on the
+    // OCaml heap nor calls into OCaml.
+    let Some(written) = (unsafe { runtime::among_domains([word(v)], |&[v]| write(v)) }) else {
+        return no_section("Offheap.Image.write");
     };
-    #[cfg(not(ocaml5))]
-    let written = write(word(v));
     match written {
         Ok(()) => StubOutcome::Done,
         Err(WriteError::Io(e)) => StubOutcome::System(sys_error(&path, &e)),

@@ -168,6 +168,34 @@ pub fn may_stop_world() -> bool {
     backend::others_running()
 }
 
+/// Runs `task` (a copy, measure or image write through [`copy_value`],
+/// [`measure_value`] or [`copy_value_into`]) on `values`, in the way the domains allow.
+/// On OCaml 5 with other domains running: first with a side table of at most
+/// `STOP_BEYOND_BLOCKS` blocks (`try_without_stopping`), then, for a larger value,
+/// with the other domains stopped (`with_world_stopped`: header marks, 8 bytes a
+/// block where a side table and its snapshot take some 100); `values` are rooted for
+/// the wait and `task` reads them afresh. Else `task` runs at once. `None` only when the
+/// runtime ran no section, which it never does.
+///
+/// # Safety
+/// Called from a stub holding the runtime, with no Rust lock held that another domain
+/// may be waiting for outside a safe point; `task` neither allocates on the OCaml heap
+/// nor calls into OCaml.
+pub unsafe fn among_domains<const N: usize, R>(
+    #[allow(unused_mut)] mut values: [Word; N],
+    task: impl Fn(&[Word; N]) -> R,
+) -> Option<R> {
+    #[cfg(ocaml5)]
+    if may_stop_world() {
+        if let Some(r) = backend::try_without_stopping(|| task(&values)) {
+            return Some(r);
+        }
+        // SAFETY: the caller's contract.
+        return unsafe { backend::with_world_stopped(&mut values, |values| task(values)) };
+    }
+    Some(task(&values))
+}
+
 /// What a copy of `v` would take ([`copy::measure`]), with the runtime's classifier and
 /// visited set; nothing is allocated but the traversal's tables.
 ///
