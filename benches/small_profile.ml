@@ -3,8 +3,10 @@
    (issue 9's small values, 88 bytes off the heap). MODE: base (the loop alone), copy
    (copies kept), copyfree (copies kept, then all freed), interleaved (copy then free),
    marshal (a round trip), region (Region.add to one region); interleaved1 and
-   interleaved10 copy and free a fresh ref or a fresh list of 10 immediates instead, whose
-   making base1 and base10 measure alone. The cost of one call is the difference of two
+   interleaved10 copy and free a fresh ref or a fresh list of 10 immediates instead, and
+   interleaved100 and interleaved1000 a list of 50 or 500 pairs (100 blocks: the walk's
+   index; 1000: the general traversal), whose making base1, base10, base100 and
+   base1000 measure alone. The cost of one call is the difference of two
    runs' instruction counts (N and 2N) divided by N, less the matching base's; e.g.
    valgrind --tool=callgrind ./_build/default/benches/small_profile.exe copy 20000
    (the machine's wall times are too noisy for per-call differences of 10%). *)
@@ -45,6 +47,24 @@ let () =
         (fun v -> ignore (Sys.opaque_identity (List.init 10 (fun i -> i + v.sa))))
         values
   | "base1" -> Array.iter (fun v -> ignore (Sys.opaque_identity (ref v.sa))) values
+  | "interleaved100" ->
+      (* A list of 50 pairs: 100 blocks, beyond the path of small values. *)
+      Array.iter
+        (fun v -> Offheap.free (Offheap.copy (List.init 50 (fun i -> (i, v.sa)))))
+        values
+  | "base100" ->
+      Array.iter
+        (fun v -> ignore (Sys.opaque_identity (List.init 50 (fun i -> (i, v.sa)))))
+        values
+  | "interleaved1000" ->
+      (* A list of 500 pairs: 1000 blocks, the general traversal. *)
+      Array.iter
+        (fun v -> Offheap.free (Offheap.copy (List.init 500 (fun i -> (i, v.sa)))))
+        values
+  | "base1000" ->
+      Array.iter
+        (fun v -> ignore (Sys.opaque_identity (List.init 500 (fun i -> (i, v.sa)))))
+        values
   | "region" ->
       let r = Offheap.Region.create () in
       Array.iter (fun v -> ignore (Sys.opaque_identity (Offheap.Region.add r v))) values

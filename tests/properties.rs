@@ -109,6 +109,25 @@ fn raw() -> impl Strategy<Value = Raw> {
 
 fn kind() -> impl Strategy<Value = Kind> {
     prop_oneof![
+        76 => copyable_kind(),
+        1 => vec(raw(), 1..=3).prop_map(Kind::Abstract),
+        1 => Just(Kind::Foreign),
+    ]
+}
+
+/// The kinds of block of large graphs: copyable ones, mostly blocks of several fields so
+/// that most of the graph is reachable.
+fn large_kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
+        2 => (0u8..244, vec(edge(), 2..=6)).prop_map(|(tag, fields)| Kind::Tuple { tag, fields }),
+        1 => copyable_kind(),
+    ]
+}
+
+/// The kinds of block that copy: large graphs are made of these alone (a few hundred
+/// nodes would almost always reach an abstract or foreign one).
+fn copyable_kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
         30 => (0u8..244, vec(edge(), 1..=6)).prop_map(|(tag, fields)| Kind::Tuple { tag, fields }),
         10 => vec(any::<u8>(), 0..=24).prop_map(Kind::Str),
         6 => raw().prop_map(Kind::Float),
@@ -116,13 +135,14 @@ fn kind() -> impl Strategy<Value = Kind> {
         6 => raw().prop_map(Kind::Int64),
         12 => (1usize..=3, vec(edge(), 0..=4), raw()).prop_map(|(functions, env, code)| Kind::Closure { functions, env, code }),
         6 => (0u8..244, vec(edge(), 1..=4)).prop_map(|(tag, fields)| Kind::Static { tag, fields }),
-        1 => vec(raw(), 1..=3).prop_map(Kind::Abstract),
-        1 => Just(Kind::Foreign),
     ]
 }
 
 fn graph() -> impl Strategy<Value = Graph> {
-    (vec(kind(), 1..=40), edge(), any::<bool>()).prop_map(|(nodes, root, copy_static)| Graph {
+    // Mostly a few dozen nodes (the path of small values, linear and indexed), some
+    // hundreds (beyond its limits: the general traversal).
+    let nodes = prop_oneof![4 => vec(kind(), 1..=40), 1 => vec(large_kind(), 200..=500)];
+    (nodes, edge(), any::<bool>()).prop_map(|(nodes, root, copy_static)| Graph {
         nodes,
         root,
         copy_static,
@@ -418,7 +438,7 @@ fn generator_covers_every_outcome() {
     let mut runner = TestRunner::deterministic();
     let (mut ok, mut abs, mut foreign, mut nothing, mut statics, mut infix_roots) =
         (0, 0, 0, 0, 0, 0);
-    let (mut small, mut large) = (0, 0);
+    let (mut small, mut indexed, mut large) = (0, 0, 0);
     for _ in 0..512 {
         let g = graph().new_tree(&mut runner).unwrap().current();
         let e = expected(&g);
@@ -430,8 +450,10 @@ fn generator_covers_every_outcome() {
         }
         // Copies within the path of small values, and beyond it.
         if e.blocks > 0 && !e.abstract_reachable && !e.foreign_reachable {
-            if e.blocks <= copy::small::MAX_BLOCKS && e.words <= copy::small::MAX_WORDS {
+            if e.blocks <= copy::small::LINEAR_BLOCKS {
                 small += 1;
+            } else if e.blocks <= copy::small::MAX_BLOCKS && e.words <= copy::small::MAX_WORDS {
+                indexed += 1;
             } else {
                 large += 1;
             }
@@ -453,6 +475,7 @@ fn generator_covers_every_outcome() {
         ("static", statics),
         ("infix root", infix_roots),
         ("small", small),
+        ("small, indexed", indexed),
         ("large", large),
     ] {
         assert!(count >= 5, "only {count} {what} cases in 512");

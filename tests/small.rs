@@ -40,7 +40,7 @@ impl Heap for Asking {
 impl Asking {
     fn new() -> Asking {
         Asking {
-            heap: FakeHeap::new(1 << 12),
+            heap: FakeHeap::new(1 << 14),
             asked: 0,
         }
     }
@@ -109,6 +109,53 @@ fn a_run_of_values_beyond_the_limits_walks_once_in_a_while() {
         assert!(c.transient_bytes > 0, "skipped: the traversal copied it");
         let (c, _) = copy_counted(&mut a, record, 1);
         assert_eq!(c.transient_bytes, 0, "the path again");
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn values_past_the_linear_search_keep_sharing_and_cycles_on_the_path() {
+    std::thread::spawn(|| {
+        let mut a = Asking::new();
+        let h = &mut a.heap;
+        // A ring of 200 cells, each holding one of 3 shared strings: 203 blocks, found
+        // by address through the index once past the first 16.
+        let names: Vec<Word> = (0..3)
+            .map(|i| h.string(format!("name {i}").as_bytes()))
+            .collect();
+        let first = h.block(0, &[names[0], layout::val_int(0)]);
+        let mut last = first;
+        for i in 1..200 {
+            last = h.block(0, &[names[i % 3], last]);
+        }
+        h.set(first, 1, last);
+        let (c, _) = copy_counted(&mut a, last, 203);
+        assert_eq!(c.transient_bytes, 0, "the walk copied it");
+        assert_eq!(
+            c.bytes,
+            (200 * 3 + 3 * 2) * 8,
+            "cells of 3 words, strings of 2"
+        );
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn values_of_few_blocks_but_more_words_than_the_buffer_do_not_take_the_path() {
+    std::thread::spawn(|| {
+        let mut a = Asking::new();
+        // One array of `MAX_WORDS - 1` fields fits the buffer with its header; one more
+        // field does not.
+        let fits = a
+            .heap
+            .block(0, &vec![layout::val_int(1); small::MAX_WORDS - 1]);
+        let (c, _) = copy_counted(&mut a, fits, 1);
+        assert_eq!(c.transient_bytes, 0, "the walk copied it");
+        let beyond = a.heap.block(0, &vec![layout::val_int(1); small::MAX_WORDS]);
+        let (c, _) = copy_counted(&mut a, beyond, 1);
+        assert!(c.transient_bytes > 0, "the traversal copied it");
     })
     .join()
     .unwrap();

@@ -2,16 +2,19 @@
 //! words, made by one walk into a buffer on the stack.
 //!
 //! Most copies that a cache makes one entry at a time, and most region adds, are values
-//! of a few blocks: a record and its strings. For those, the general traversal's fixed
-//! costs (its queue, visited set and pending stack, the prefetch accounting, a second
-//! read of every block, the restore pass) are most of the call. Here each block is read
-//! once: the header and the fields of a scannable block into a buffer laid out as the
-//! copy will be (a pointer to a copied block stored as its byte offset in the copy), a
-//! raw block (string, float, boxed integer) straight from the source when the copy is
-//! written. A block seen before is told by comparing its address with the few blocks
-//! found so far, so nothing is written to the source and nothing needs restoring. The
-//! buffer then goes to the [`Output`] as one run, the raw blocks read into it and the
-//! copy's address added to the offsets.
+//! of a few blocks to a few hundred: a record and its strings, a short list of them.
+//! For those, the general traversal's fixed costs (its queue, visited set and pending
+//! stack, the prefetch accounting, a second read of every block, the restore pass) are
+//! most of the call, and its cost per block (some 400 instructions against this walk's
+//! 150) is paid again at every copy. Here each block is read once: the header and the
+//! fields of a scannable block into a buffer laid out as the copy will be (a pointer to
+//! a copied block stored as its byte offset in the copy), a raw block (string, float,
+//! boxed integer) straight from the source when the copy is written. A block seen
+//! before is told by its address: compared with each block found so far while they are
+//! at most [`LINEAR_BLOCKS`] (a 64-bit filter first), then looked up in an index by
+//! address built at that moment (a hash table on the stack). Nothing is written to the
+//! source and nothing needs restoring. The buffer then goes to the [`Output`] as one
+//! run, the raw blocks read into it and the copy's address added to the offsets.
 //!
 //! The walk is the general one's, depth first by groups ([`super::pending`]): a value
 //! copies to the same bytes whichever path takes it. It gives up, having written and
@@ -32,9 +35,13 @@ use crate::copy::CopyError;
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 
 /// The most blocks a small copy holds.
-pub const MAX_BLOCKS: usize = 16;
-/// The most words (headers included) a small copy holds: one bit each in a `u64`.
-pub const MAX_WORDS: usize = 64;
+pub const MAX_BLOCKS: usize = 256;
+/// The most words (headers included) a small copy holds: 16 KiB of stack, and offsets
+/// that fit a `u16`.
+pub const MAX_WORDS: usize = 2048;
+/// Blocks told apart by comparing addresses one by one; beyond, through an index by
+/// address.
+pub const LINEAR_BLOCKS: usize = 16;
 
 /// Copies made by the general traversal, without trying this path, after the walk gave
 /// up on a value: a run of values just beyond its limits (a list of 20 cells copied one
@@ -92,11 +99,34 @@ struct Walk<'a, H> {
     /// The copy's words; `words[..len]` are written once the walk is done.
     words: [MaybeUninit<Word>; MAX_WORDS],
     len: usize,
-    /// Bit `i` set: word `i` is a pointer into the copy, held as its offset in bytes.
-    pointers: u64,
-    /// A filter of the blocks found: bit [`filter_bit`] of each is set, so a block whose
-    /// bit is clear was not found, and is not looked for.
+    /// The words of the copy that are pointers into it, held as their offset in bytes:
+    /// `pointers[..pointer_count]` are initialised.
+    pointers: [MaybeUninit<u16>; MAX_WORDS],
+    pointer_count: usize,
+    /// A filter of the first [`LINEAR_BLOCKS`] blocks found: bit [`filter_bit`] of each
+    /// is set, so a block whose bit is clear was not found, and is not looked for.
     filter: u64,
+    /// The found blocks by address, once there are more than [`LINEAR_BLOCKS`]
+    /// (uninitialised before).
+    index: MaybeUninit<Index>,
+}
+
+/// Slots of an [`Index`]: twice the most blocks, so that it is at most half full and
+/// its probe sequences stay short.
+const INDEX_SLOTS: usize = 2 * MAX_BLOCKS;
+
+/// Found blocks by address: open addressing with linear probing; a slot holds the
+/// block's index in [`Walk::found`] plus one, 0 when empty.
+struct Index([u16; INDEX_SLOTS]);
+
+impl Index {
+    /// The first slot to probe for the block at `v`: Fibonacci hashing of its word
+    /// address.
+    #[inline(always)]
+    fn slot_of(v: Word) -> usize {
+        let hash = ((v / WORD_BYTES) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (hash >> (64 - INDEX_SLOTS.trailing_zeros())) as usize
+    }
 }
 
 /// The bit of [`Walk::filter`] for the block at `v`: blocks are mostly two words long or
@@ -160,7 +190,7 @@ impl<'a, H: Heap> Walk<'a, H> {
             std::ptr::addr_of_mut!((*p).heap).write(heap);
             std::ptr::addr_of_mut!((*p).count).write(0);
             std::ptr::addr_of_mut!((*p).len).write(0);
-            std::ptr::addr_of_mut!((*p).pointers).write(0);
+            std::ptr::addr_of_mut!((*p).pointer_count).write(0);
             std::ptr::addr_of_mut!((*p).filter).write(0);
             slot.assume_init_mut()
         }
@@ -194,12 +224,10 @@ impl<'a, H: Heap> Walk<'a, H> {
                 unsafe { copy_short(f.block as *const Word, dst.add(f.at + 1), n) };
             }
         }
-        let mut pointers = self.pointers;
-        while pointers != 0 {
-            let i = pointers.trailing_zeros() as usize;
-            // SAFETY: bits are set only for words below `len`, written above.
-            unsafe { *dst.add(i) += base };
-            pointers &= pointers - 1;
+        for p in &self.pointers[..self.pointer_count] {
+            // SAFETY: `pointers[..pointer_count]` are initialised, each with a word below
+            // `len`, written above.
+            unsafe { *dst.add(usize::from(p.assume_init())) += base };
         }
         Ok(Written {
             // The root's block is the first one found.
@@ -227,21 +255,25 @@ impl<'a, H: Heap> Walk<'a, H> {
         crate::fault::point("measure");
         // Runs of found blocks waiting to be scanned, `(next, end)`; a run is pushed
         // only when its blocks were just found, so there are at most `MAX_BLOCKS`.
-        let mut runs = [(0u8, 0u8); MAX_BLOCKS];
-        runs[0] = (0, 1);
+        // `runs[..depth]` are initialised.
+        let mut runs = [MaybeUninit::<(u16, u16)>::uninit(); MAX_BLOCKS];
+        runs[0].write((0, 1));
         let mut depth = 1;
         while depth > 0 {
-            let (next, end) = runs[depth - 1];
+            // SAFETY: `depth - 1 < depth`: an initialised run.
+            let run = unsafe { runs[depth - 1].assume_init_mut() };
+            let (next, end) = *run;
             if next == end {
                 depth -= 1;
                 continue;
             }
-            runs[depth - 1].0 += 1;
+            run.0 += 1;
             let children = self.count;
             // SAFETY: `next < count`: runs hold found blocks.
-            unsafe { self.scan(self.found(next as usize))? };
+            unsafe { self.scan(self.found(usize::from(next)))? };
             if self.count > children {
-                runs[depth] = (children as u8, self.count as u8);
+                // At most `MAX_BLOCKS` blocks: both fit a `u16`.
+                runs[depth].write((children as u16, self.count as u16));
                 depth += 1;
             }
         }
@@ -271,7 +303,6 @@ impl<'a, H: Heap> Walk<'a, H> {
         let at = self.len;
         self.words[at].write(hd.with_color(Color::Unmarkable).0);
         let index = self.count;
-        self.filter |= filter_bit(v);
         self.found[index].write(Found {
             block: v,
             header: hd,
@@ -279,7 +310,64 @@ impl<'a, H: Heap> Walk<'a, H> {
         });
         self.count += 1;
         self.len += 1 + n;
+        if self.count <= LINEAR_BLOCKS {
+            self.filter |= filter_bit(v);
+        } else if self.count == LINEAR_BLOCKS + 1 {
+            self.build_index();
+        } else {
+            self.index_insert(index);
+        }
         Some(index)
+    }
+
+    /// The index of the found block at `v`, if it was found.
+    #[inline(always)]
+    fn known(&self, v: Word) -> Option<usize> {
+        if self.count <= LINEAR_BLOCKS {
+            if self.filter & filter_bit(v) == 0 {
+                return None;
+            }
+            return (0..self.count).find(|&j| self.found(j).block == v);
+        }
+        // SAFETY: built when the count passed `LINEAR_BLOCKS`.
+        let index = unsafe { self.index.assume_init_ref() };
+        let mut slot = Index::slot_of(v);
+        loop {
+            let entry = usize::from(index.0[slot]);
+            if entry == 0 {
+                return None;
+            }
+            if self.found(entry - 1).block == v {
+                return Some(entry - 1);
+            }
+            slot = (slot + 1) % INDEX_SLOTS;
+        }
+    }
+
+    /// Builds the index of the blocks found so far, when they have just become more than
+    /// [`LINEAR_BLOCKS`].
+    #[cold]
+    #[inline(never)]
+    fn build_index(&mut self) {
+        self.index.write(Index([0; INDEX_SLOTS]));
+        for k in 0..self.count {
+            self.index_insert(k);
+        }
+    }
+
+    /// Enters found block `k` in the index.
+    #[inline(always)]
+    fn index_insert(&mut self, k: usize) {
+        let block = self.found(k).block;
+        // SAFETY: built when the count passed `LINEAR_BLOCKS`, before any insertion.
+        let index = unsafe { self.index.assume_init_mut() };
+        let mut slot = Index::slot_of(block);
+        // At most `MAX_BLOCKS` entries in twice as many slots: an empty one is found.
+        while index.0[slot] != 0 {
+            slot = (slot + 1) % INDEX_SLOTS;
+        }
+        // `k < MAX_BLOCKS`: fits a `u16`.
+        index.0[slot] = k as u16 + 1;
     }
 
     /// Reads the fields of the found block `f` into the copy, finding the blocks they
@@ -314,17 +402,14 @@ impl<'a, H: Heap> Walk<'a, H> {
             // SAFETY: `i < n`, a field of the block.
             let v = unsafe { read_field(src.add(i)) };
             let word = if !layout::is_immediate(v) && self.heap.should_copy(v) {
-                let known = if self.filter & filter_bit(v) == 0 {
-                    None
-                } else {
-                    (0..self.count).find(|&j| self.found(j).block == v)
-                };
-                let j = match known {
+                let j = match self.known(v) {
                     Some(j) => j,
                     // SAFETY: a pointer read from a block of the source graph.
                     None => unsafe { self.discover(v)? },
                 };
-                self.pointers |= 1u64 << (dst + i);
+                // `dst + i < len <= MAX_WORDS`: fits a `u16`.
+                self.pointers[self.pointer_count].write((dst + i) as u16);
+                self.pointer_count += 1;
                 (self.found(j).at + 1) * WORD_BYTES
             } else {
                 v

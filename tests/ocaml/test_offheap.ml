@@ -509,11 +509,12 @@ let test_static_data _ =
       assert_equal static_string s)
 
 let test_stats _ =
-  let v = List.init 10 (fun i -> (i, str "abc")) in
+  (* 300 blocks: beyond the path of small values, which needs no tables. *)
+  let v = List.init 100 (fun i -> (i, str "abc")) in
   let h = Offheap.copy v in
   let s = Offheap.stats h in
-  assert_equal ~printer:pint 30 s.blocks;
-  assert_equal ~printer:pint (8 * ((10 * 3) + (10 * 3) + (10 * 2))) s.bytes;
+  assert_equal ~printer:pint 300 s.blocks;
+  assert_equal ~printer:pint (8 * ((100 * 3) + (100 * 3) + (100 * 2))) s.bytes;
   assert_bool "transient bytes counted" (s.transient_bytes > 0);
   Offheap.free h;
   assert_equal ~msg:"stats after free" s (Offheap.stats h)

@@ -122,7 +122,8 @@ let test_frees_come_back _ =
     (Printf.sprintf "at most 1024 copies waited at once (%d did)" !waiting_max)
     (!waiting_max <= 1024)
 
-(* The path of small values (at most 16 blocks and 64 words: src/copy/small.rs) and the
+(* The path of small values (at most 256 blocks and 2048 words, blocks told apart by
+   their addresses one by one up to 16, then by an index: src/copy/small.rs) and the
    general traversal around its limits, with what it gives up on (infix pointers) and
    what it copies as raw or scannable blocks: every copy equal to its source for compare,
    hash and Marshal, sharing and cycles kept, closures callable, the source unchanged. *)
@@ -152,11 +153,17 @@ let test_small_path_shapes _ =
            l) );
       ("list of 16 (16 blocks)", Obj.repr (List.init 16 Fun.id));
       ("list of 17 (17 blocks)", Obj.repr (List.init 17 Fun.id));
-      ("block of 63 words", record 62);
+      ("list of 256 (256 blocks)", Obj.repr (List.init 256 Fun.id));
+      ("list of 257 (257 blocks)", Obj.repr (List.init 257 Fun.id));
       ("block of 64 words", record 63);
-      ("block of 65 words", record 64);
+      ("block of 2047 words", record 2046);
+      ("block of 2048 words", record 2047);
+      ("block of 2049 words", record 2048);
       ("tree of 15 nodes", Obj.repr (tree 4));
-      ("tree of 31 nodes", Obj.repr (tree 5));
+      ("tree of 255 nodes", Obj.repr (tree 8));
+      ("tree of 511 nodes", Obj.repr (tree 9));
+      ( "100 pairs sharing 3 strings",
+        Obj.repr (List.init 100 (fun i -> (i, if i mod 3 = 0 then shared else string_of_int (i mod 3)))) );
     ]
   in
   List.iter
@@ -181,6 +188,20 @@ let test_small_path_shapes _ =
   let c = Offheap.get h in
   assert_bool "cycle kept"
     (List.tl (List.tl c) == c && List.hd c = 1 && List.hd (List.tl c) = 2);
+  Offheap.free h;
+  (* Past the first 16 blocks: a ring of 100 cells, each pointing to one of 2 shared
+     strings (102 blocks, told apart by the index). *)
+  let a = String.make 3 'a' and b = String.make 3 'b' in
+  let first = [ a ] in
+  let ring = List.fold_left (fun l i -> (if i mod 2 = 0 then a else b) :: l) first (List.init 99 Fun.id) in
+  Obj.set_field (Obj.repr first) 1 (Obj.repr ring);
+  let h = Offheap.copy ring in
+  assert_equal ~msg:"ring: blocks" ~printer:pint 102 (Offheap.stats h).blocks;
+  let c = Offheap.get h in
+  let rec nth l k = if k = 0 then l else nth (List.tl l) (k - 1) in
+  assert_bool "ring: cycle kept" (nth c 100 == c);
+  assert_bool "ring: strings shared" (List.hd c == List.hd (nth c 2) && List.hd c != List.hd (nth c 1));
+  assert_bool "ring: copied" (List.hd c != a && List.hd c != b && c != ring);
   Offheap.free h;
   (* Closures: one (copied by the walk) and two mutually recursive (infix pointers: the
      general traversal). *)
