@@ -17,6 +17,7 @@
 //!   their ends, so the end pages are reference-counted.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Mutex;
 
 use crate::copy::visited::HeaderMarks;
@@ -309,10 +310,53 @@ pub unsafe fn visited_set() -> Visited {
 struct Registrations {
     /// Live registrations per page, for the pages a registration covers only partly
     /// (its first and last): the only ones another registration can occupy too.
-    shared: HashMap<usize, usize>,
+    shared: HashMap<usize, usize, ByAddress>,
     /// Allocations registered only in part, by their start: the bytes registered (the
     /// blocks; the Bigarray data after them is not, see [`register_blocks`]).
-    partial: HashMap<usize, usize>,
+    partial: HashMap<usize, usize, ByAddress>,
+}
+
+impl Registrations {
+    fn new() -> Registrations {
+        Registrations {
+            shared: HashMap::default(),
+            partial: HashMap::default(),
+        }
+    }
+}
+
+/// The hasher of the maps of [`Registrations`], keyed by page numbers and addresses that
+/// no one else chooses: one multiplication (Fibonacci hashing), where the standard
+/// library's SipHash, made to resist keys chosen by an attacker, cost some hundred
+/// instructions a lookup, at every copy and free beyond the slab.
+type ByAddress = BuildHasherDefault<AddressHasher>;
+
+/// See [`ByAddress`].
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // The high bits are the best mixed: hashbrown takes its buckets from the low bits
+        // and its tags from the top 7, so the product is rotated to bring them down too.
+        self.0 = (self.0 ^ n)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(26);
+    }
 }
 
 static REGISTRATIONS: Mutex<Option<Registrations>> = Mutex::new(None);
@@ -324,17 +368,16 @@ fn page_span(base: *mut u8, bytes: usize) -> (usize, usize) {
 }
 
 /// The pages that `[base, base + bytes)` covers only partly: the only ones another copy
-/// can occupy too.
-fn end_pages(base: *mut u8, bytes: usize) -> Vec<usize> {
+/// can occupy too. At most two: the first and the last.
+fn end_pages(base: *mut u8, bytes: usize) -> impl Iterator<Item = usize> {
     let (first, last) = page_span(base, bytes);
-    let mut pages = Vec::with_capacity(2);
-    if !(base as usize).is_multiple_of(PAGE_BYTES) {
-        pages.push(first);
-    }
-    if !(base as usize + bytes).is_multiple_of(PAGE_BYTES) && !pages.contains(&last) {
-        pages.push(last);
-    }
-    pages
+    let first_partly = !(base as usize).is_multiple_of(PAGE_BYTES);
+    let end_aligned = (base as usize + bytes).is_multiple_of(PAGE_BYTES);
+    // The last page once only, when it is the first one too.
+    let last_partly = !(end_aligned || first_partly && first == last);
+    let first = first_partly.then_some(first);
+    let last = last_partly.then_some(last);
+    first.into_iter().chain(last)
 }
 
 /// Adds (`add`) or removes the pages `from..=to` as static data. False when the page
@@ -378,16 +421,13 @@ pub fn register(base: *mut u8, bytes: usize) -> bool {
 pub fn register_blocks(base: *mut u8, bytes: usize, blocks: usize) -> bool {
     let blocks = blocks.min(bytes);
     let mut guard = registrations();
-    let regs = guard.get_or_insert_with(|| Registrations {
-        shared: HashMap::new(),
-        partial: HashMap::new(),
-    });
+    let regs = guard.get_or_insert_with(Registrations::new);
     let partial = blocks < bytes;
     if partial && regs.partial.try_reserve(1).is_err() {
         return false;
     }
     let ends = end_pages(base, blocks);
-    if regs.shared.try_reserve(ends.len()).is_err() {
+    if regs.shared.try_reserve(2).is_err() {
         return false;
     }
     let (first, last) = page_span(base, blocks);
@@ -409,30 +449,28 @@ pub fn register_blocks(base: *mut u8, bytes: usize, blocks: usize) -> bool {
 /// `caml_page_table_remove` inserts an entry for a page it does not know.
 pub fn unregister(base: *mut u8, bytes: usize) {
     let mut guard = registrations();
-    let regs = guard.get_or_insert_with(|| Registrations {
-        shared: HashMap::new(),
-        partial: HashMap::new(),
-    });
+    let regs = guard.get_or_insert_with(Registrations::new);
     let bytes = if regs.partial.is_empty() {
         bytes
     } else {
         regs.partial.remove(&(base as usize)).unwrap_or(bytes)
     };
     let (mut first, mut last) = page_span(base, bytes);
-    let mut kept = Vec::with_capacity(2);
+    let (mut keep_first, mut keep_last) = (false, false);
     for page in end_pages(base, bytes) {
         let count = regs.shared.entry(page).or_insert(1);
         *count -= 1;
         if *count == 0 {
             regs.shared.remove(&page);
         } else {
-            kept.push(page);
+            keep_first |= page == first;
+            keep_last |= page == last;
         }
     }
-    if kept.contains(&first) {
+    if keep_first {
         first += 1;
     }
-    if kept.contains(&last) {
+    if keep_last {
         last = last.wrapping_sub(1);
     }
     if first <= last && last != usize::MAX {
