@@ -48,9 +48,12 @@ fn bump(delta: isize) {
     let _ = LIVE.try_with(|l| l.set(l.get() + delta));
 }
 
-/// Bytes of Rust heap this thread holds, its spare queue vector not counted.
+/// Bytes of Rust heap this thread holds, its spare queue vector and the walk's buffers
+/// (`copy::small`) not counted.
 fn live_but_spare() -> isize {
-    LIVE.with(Cell::get) - thread_spare_bytes() as isize
+    LIVE.with(Cell::get)
+        - thread_spare_bytes() as isize
+        - offheap::copy::small::thread_space_bytes() as isize
 }
 
 // SAFETY: forwards to `System`, or returns null (a valid answer of any allocator).

@@ -37,9 +37,12 @@ fn bump(delta: isize) {
 }
 
 /// Bytes of Rust heap this thread holds now (allocated here minus freed here), less the
-/// spare queue vector the thread keeps between copies (`copy::queue`).
+/// spare queue vector and the walk's buffers the thread keeps between copies
+/// (`copy::queue`, `copy::small`).
 fn thread_live() -> isize {
-    THREAD_LIVE.with(Cell::get) - offheap::copy::queue::thread_spare_bytes() as isize
+    THREAD_LIVE.with(Cell::get)
+        - offheap::copy::queue::thread_spare_bytes() as isize
+        - offheap::copy::small::thread_space_bytes() as isize
 }
 
 // SAFETY: forwards every call to `System` unchanged and only counts sizes on the side.

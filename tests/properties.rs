@@ -139,8 +139,8 @@ fn copyable_kind() -> impl Strategy<Value = Kind> {
 }
 
 fn graph() -> impl Strategy<Value = Graph> {
-    // Mostly a few dozen nodes (the path of small values, linear and indexed), some
-    // hundreds (beyond its limits: the general traversal).
+    // Mostly a few dozen nodes, some hundreds: the path of small values on the stack and
+    // in its own buffers, with blocks told apart one by one or through its index.
     let nodes = prop_oneof![4 => vec(kind(), 1..=40), 1 => vec(large_kind(), 200..=500)];
     (nodes, edge(), any::<bool>()).prop_map(|(nodes, root, copy_static)| Graph {
         nodes,
@@ -261,19 +261,23 @@ fn build(g: &Graph) -> (FakeHeap, Vec<Vec<Word>>) {
     (h, values)
 }
 
+/// A copy of `root` with header marks or a side table, by `copy` (which takes the path of
+/// small values when it applies) or by the general traversal alone (`general`).
 fn copy_with(
     h: &mut FakeHeap,
     root: Word,
     marks: bool,
+    general: bool,
     alloc: &mut Counting,
 ) -> Result<Copied, CopyError> {
     // SAFETY: `root` is a value of `h`, whose blocks `build` laid out well formed, and
     // nothing else touches the fake heap during the call.
     unsafe {
-        if marks {
-            copy::copy(root, h, HeaderMarks::new(Color::C2), alloc)
-        } else {
-            copy::copy(root, h, SideTable::with_capacity(0), alloc)
+        match (marks, general) {
+            (true, false) => copy::copy(root, h, HeaderMarks::new(Color::C2), alloc),
+            (false, false) => copy::copy(root, h, SideTable::with_capacity(0), alloc),
+            (true, true) => copy::traverse(root, h, HeaderMarks::new(Color::C2), alloc),
+            (false, true) => copy::traverse(root, h, SideTable::with_capacity(0), alloc),
         }
     }
 }
@@ -357,11 +361,16 @@ fn check(g: &Graph) -> Result<(), TestCaseError> {
             fns[function % fns.len()]
         }
     };
-    for marks in [true, false] {
-        let what = if marks { "HeaderMarks" } else { "SideTable" };
+    for (marks, general) in [(true, false), (false, false), (true, true), (false, true)] {
+        let what = match (marks, general) {
+            (true, false) => "HeaderMarks",
+            (false, false) => "SideTable",
+            (true, true) => "HeaderMarks, general traversal",
+            (false, true) => "SideTable, general traversal",
+        };
         let before = h.snapshot();
         let mut alloc = Counting::new();
-        let outcome = copy_with(&mut h, root, marks, &mut alloc);
+        let outcome = copy_with(&mut h, root, marks, general, &mut alloc);
         prop_assert!(
             before == h.snapshot(),
             "{}: source changed ({:?})",
@@ -438,7 +447,7 @@ fn generator_covers_every_outcome() {
     let mut runner = TestRunner::deterministic();
     let (mut ok, mut abs, mut foreign, mut nothing, mut statics, mut infix_roots) =
         (0, 0, 0, 0, 0, 0);
-    let (mut small, mut indexed, mut large) = (0, 0, 0);
+    let (mut small, mut indexed) = (0, 0);
     for _ in 0..512 {
         let g = graph().new_tree(&mut runner).unwrap().current();
         let e = expected(&g);
@@ -448,14 +457,13 @@ fn generator_covers_every_outcome() {
             (_, _, true) => foreign += 1,
             _ => ok += 1,
         }
-        // Copies within the path of small values, and beyond it.
+        // Copies by the path of small values: on the stack, in its own buffers (the general
+        // traversal copies every graph too, see `check`).
         if e.blocks > 0 && !e.abstract_reachable && !e.foreign_reachable {
-            if e.blocks <= copy::small::LINEAR_BLOCKS {
+            if e.blocks <= copy::small::MAX_BLOCKS && e.words <= copy::small::MAX_WORDS {
                 small += 1;
-            } else if e.blocks <= copy::small::MAX_BLOCKS && e.words <= copy::small::MAX_WORDS {
+            } else if e.blocks <= copy::small::LARGE_MAX_BLOCKS {
                 indexed += 1;
-            } else {
-                large += 1;
             }
         }
         statics +=
@@ -474,9 +482,8 @@ fn generator_covers_every_outcome() {
         ("nothing", nothing),
         ("static", statics),
         ("infix root", infix_roots),
-        ("small", small),
-        ("small, indexed", indexed),
-        ("large", large),
+        ("on the stack", small),
+        ("own buffers", indexed),
     ] {
         assert!(count >= 5, "only {count} {what} cases in 512");
     }

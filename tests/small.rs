@@ -1,5 +1,6 @@
-//! The path of small values (`copy::small`): which copies take it, and the skipping that
-//! keeps values just beyond its limits from paying for a walk that gives up at every copy.
+//! The path of small values (`copy::small`): which copies take it (on the stack, in
+//! buffers of its own, or not at all), and the skipping that keeps values just beyond its
+//! limits from paying for a walk that gives up at every copy.
 //! (That it writes the general traversal's bytes is checked on random graphs in
 //! `properties.rs`; that it takes no Rust memory, in `exhaustion.rs`.)
 
@@ -40,7 +41,7 @@ impl Heap for Asking {
 impl Asking {
     fn new() -> Asking {
         Asking {
-            heap: FakeHeap::new(1 << 14),
+            heap: FakeHeap::new(1 << 18),
             asked: 0,
         }
     }
@@ -71,19 +72,63 @@ fn copy_counted(a: &mut Asking, root: Word, blocks: usize) -> (Copied, usize) {
     (c, a.asked - before)
 }
 
+/// Where a copy was made, by its transient memory.
+#[derive(Debug, PartialEq, Eq)]
+enum Made {
+    Stack,
+    OwnBuffers,
+    Traversal,
+}
+
+fn made(c: &Copied) -> Made {
+    match c.transient_bytes {
+        0 => Made::Stack,
+        small::LARGE_SPACE_BYTES => Made::OwnBuffers,
+        _ => Made::Traversal,
+    }
+}
+
 #[test]
 fn values_within_the_limits_take_the_path_and_those_beyond_do_not() {
     std::thread::spawn(|| {
         let mut a = Asking::new();
-        let n = small::MAX_BLOCKS;
-        let within = list(&mut a.heap, n);
-        let beyond = list(&mut a.heap, n + 1);
-        // A list of n cells: the walk, no traversal tables.
-        let (c, _) = copy_counted(&mut a, within, n);
-        assert_eq!(c.transient_bytes, 0);
-        // One cell more: the walk gives up, the traversal copies it.
-        let (c, _) = copy_counted(&mut a, beyond, n + 1);
-        assert!(c.transient_bytes > 0);
+        for (n, expected) in [
+            (small::MAX_BLOCKS, Made::Stack),
+            (small::MAX_BLOCKS + 1, Made::OwnBuffers),
+            (small::LARGE_MAX_BLOCKS, Made::OwnBuffers),
+            (small::LARGE_MAX_BLOCKS + 1, Made::Traversal),
+        ] {
+            let l = list(&mut a.heap, n);
+            let (c, _) = copy_counted(&mut a, l, n);
+            assert_eq!(made(&c), expected, "a list of {n}");
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn after_a_value_too_large_for_the_stack_the_next_copies_start_in_own_buffers() {
+    std::thread::spawn(|| {
+        let mut a = Asking::new();
+        let n = small::MAX_BLOCKS + 44;
+        let l = list(&mut a.heap, n);
+        // The first copy walks on the stack until it is full, then again in buffers of
+        // its own; the next ones only there. Each walk asks once per pointer field.
+        let asked: Vec<usize> = (0..4).map(|_| copy_counted(&mut a, l, n).1).collect();
+        assert!(asked[0] > asked[1], "{asked:?}");
+        assert_eq!(&asked[1..], &[asked[1]; 3], "{asked:?}");
+        for _ in 0..20 {
+            assert_eq!(made(&copy_counted(&mut a, l, n).0), Made::OwnBuffers);
+        }
+        // A small value goes back to the stack at once (walked in own buffers, it shows
+        // it fits), and so does the next one.
+        let record = a.heap.block(0, &[layout::val_int(1), layout::val_int(2)]);
+        copy_counted(&mut a, l, n);
+        let (c, _) = copy_counted(&mut a, record, 1);
+        assert_eq!(made(&c), Made::OwnBuffers);
+        let (c, _) = copy_counted(&mut a, record, 1);
+        assert_eq!(made(&c), Made::Stack);
     })
     .join()
     .unwrap();
@@ -93,7 +138,7 @@ fn values_within_the_limits_take_the_path_and_those_beyond_do_not() {
 fn a_run_of_values_beyond_the_limits_walks_once_in_a_while() {
     std::thread::spawn(|| {
         let mut a = Asking::new();
-        let n = small::MAX_BLOCKS + 4;
+        let n = small::LARGE_MAX_BLOCKS + 4;
         let beyond = list(&mut a.heap, n);
         let asked: Vec<usize> = (0..20).map(|_| copy_counted(&mut a, beyond, n).1).collect();
         // The traversal alone asks the same each time; a walk that gives up, more.
@@ -106,9 +151,13 @@ fn a_run_of_values_beyond_the_limits_walks_once_in_a_while() {
         let record = a.heap.block(0, &[layout::val_int(1), layout::val_int(2)]);
         copy_counted(&mut a, beyond, n); // copy 20: walks, then skips
         let (c, _) = copy_counted(&mut a, record, 1);
-        assert!(c.transient_bytes > 0, "skipped: the traversal copied it");
+        assert_eq!(
+            made(&c),
+            Made::Traversal,
+            "skipped: the traversal copied it"
+        );
         let (c, _) = copy_counted(&mut a, record, 1);
-        assert_eq!(c.transient_bytes, 0, "the path again");
+        assert_eq!(made(&c), Made::Stack, "the path again");
     })
     .join()
     .unwrap();
@@ -131,7 +180,7 @@ fn values_past_the_linear_search_keep_sharing_and_cycles_on_the_path() {
         }
         h.set(first, 1, last);
         let (c, _) = copy_counted(&mut a, last, 203);
-        assert_eq!(c.transient_bytes, 0, "the walk copied it");
+        assert_eq!(made(&c), Made::OwnBuffers, "the walk copied it");
         assert_eq!(
             c.bytes,
             (200 * 3 + 3 * 2) * 8,
@@ -146,17 +195,44 @@ fn values_past_the_linear_search_keep_sharing_and_cycles_on_the_path() {
 fn values_of_few_blocks_but_more_words_than_the_buffer_do_not_take_the_path() {
     std::thread::spawn(|| {
         let mut a = Asking::new();
-        // One array of `MAX_WORDS - 1` fields fits the buffer with its header; one more
-        // field does not.
-        let fits = a
-            .heap
-            .block(0, &vec![layout::val_int(1); small::MAX_WORDS - 1]);
-        let (c, _) = copy_counted(&mut a, fits, 1);
-        assert_eq!(c.transient_bytes, 0, "the walk copied it");
-        let beyond = a.heap.block(0, &vec![layout::val_int(1); small::MAX_WORDS]);
-        let (c, _) = copy_counted(&mut a, beyond, 1);
-        assert!(c.transient_bytes > 0, "the traversal copied it");
+        // One array of `MAX_WORDS - 1` fields fits the stack's buffer with its header;
+        // one more field does not, and so on for the larger buffers.
+        for (fields, expected) in [
+            (small::MAX_WORDS - 1, Made::Stack),
+            (small::MAX_WORDS, Made::OwnBuffers),
+            (small::LARGE_MAX_WORDS - 1, Made::OwnBuffers),
+            (small::LARGE_MAX_WORDS, Made::Traversal),
+        ] {
+            let array = a.heap.block(0, &vec![layout::val_int(1); fields]);
+            let (c, _) = copy_counted(&mut a, array, 1);
+            assert_eq!(made(&c), expected, "an array of {fields} fields");
+        }
     })
     .join()
     .unwrap();
+}
+
+#[test]
+fn copies_run_on_threads_with_small_stacks() {
+    // The walk keeps some 2 KiB on the stack: a version that kept 28 KiB there overflowed
+    // threads of 48 KiB (C threads calling the C API, a low `ulimit -s`). Every path on
+    // a thread of 32 KiB: the stack, the walk's own buffers, the general traversal.
+    std::thread::Builder::new()
+        .stack_size(32 * 1024)
+        .spawn(|| {
+            let mut a = Asking::new();
+            for n in [3, small::MAX_BLOCKS + 1, 300, small::LARGE_MAX_BLOCKS + 1] {
+                let l = list(&mut a.heap, n);
+                let mut alloc = Counting::new();
+                // SAFETY: a well-formed value of the fake heap; nothing else touches it.
+                let c = unsafe { copy::copy(l, &mut a, HeaderMarks::new(Color::C2), &mut alloc) }
+                    .unwrap();
+                assert_eq!(c.blocks, n);
+                // SAFETY: from this allocator; not used after.
+                unsafe { alloc.free(c.base, c.bytes) };
+            }
+        })
+        .unwrap()
+        .join()
+        .unwrap();
 }

@@ -1,25 +1,35 @@
 //! The path of small values: a copy of at most [`MAX_BLOCKS`] blocks and [`MAX_WORDS`]
-//! words, made by one walk into a buffer on the stack.
+//! words made by one walk into a buffer on the stack, and beyond, up to
+//! [`LARGE_MAX_BLOCKS`] and [`LARGE_MAX_WORDS`], the same walk into buffers of its own.
 //!
 //! Most copies that a cache makes one entry at a time, and most region adds, are values
-//! of a few blocks to a few hundred: a record and its strings, a short list of them.
-//! For those, the general traversal's fixed costs (its queue, visited set and pending
-//! stack, the prefetch accounting, a second read of every block, the restore pass) are
-//! most of the call, and its cost per block (some 400 instructions against this walk's
-//! 150) is paid again at every copy. Here each block is read once: the header and the
-//! fields of a scannable block into a buffer laid out as the copy will be (a pointer to
-//! a copied block stored as its byte offset in the copy), a raw block (string, float,
-//! boxed integer) straight from the source when the copy is written. A block seen
-//! before is told by its address: compared with each block found so far while they are
-//! at most [`LINEAR_BLOCKS`] (a 64-bit filter first), then looked up in an index by
-//! address built at that moment (a hash table on the stack). Nothing is written to the
-//! source and nothing needs restoring. The buffer then goes to the [`Output`] as one
-//! run, the raw blocks read into it and the copy's address added to the offsets.
+//! of a few blocks to a few thousand: a record and its strings, a list of them. For
+//! those, the general traversal's fixed costs (its queue, visited set and pending stack,
+//! the prefetch accounting, a second read of every block, the restore pass) are much of
+//! the call, and its cost per block (some 430 instructions against this walk's 150) is
+//! paid again at every copy. Here each block is read once: the header and the fields of
+//! a scannable block into a buffer laid out as the copy will be (a pointer to a copied
+//! block stored as its byte offset in the copy), a raw block (string, float, boxed
+//! integer) straight from the source when the copy is written. A block seen before is
+//! told by its address: compared with each block found so far while they are at most
+//! [`LINEAR_BLOCKS`] (a 64-bit filter first), then looked up in an index by address (a
+//! hash table, built at that moment and doubled as blocks are found). Nothing is written
+//! to the source and nothing needs restoring, so the walk needs no side table and no
+//! stop-the-world section beside other domains. The buffer then goes to the [`Output`]
+//! as one run, the raw blocks read into it and the copy's address added to the offsets.
+//!
+//! The stack holds the smallest values only (its frame is some 2 KiB, so that copies run
+//! on threads with small stacks). A value too large for it is walked again from its root
+//! in buffers of its own, which each thread keeps for its next copies (1.4 MiB of address
+//! space, of which a walk touches what it uses; given back after a copy of more than
+//! `KEEP_WORDS`), and the thread's next copies start there (`SKIPPED` of them, unless
+//! one turns out small), so that a run of such values does not pay for a walk on the
+//! stack that gives up each time.
 //!
 //! The walk is the general one's, depth first by groups ([`super::pending`]): a value
-//! copies to the same bytes whichever path takes it. It gives up, having written and
-//! allocated nothing, on anything out of its way: more blocks or words than the buffer
-//! holds, an infix pointer, a tag that may be refused (lazy values, abstract blocks,
+//! copies to the same bytes whichever path takes it. It gives up, having written nothing
+//! and keeping nothing allocated, on anything out of its way: more blocks or words than
+//! its larger buffers hold, an infix pointer, a tag that may be refused (lazy values, abstract blocks,
 //! custom blocks other than the boxed integers, OCaml 5's continuations); the general
 //! traversal then copies the value or says why it cannot.
 //!
@@ -27,31 +37,46 @@
 //! domains write to the source, as `read_field` (in `copy`) explains: every field of the
 //! copy holds a value that the field held at some moment.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::mem::MaybeUninit;
 
 use super::{first_value_of, read_field, Heap, Measured, Output, Written};
 use crate::copy::CopyError;
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 
-/// The most blocks a small copy holds.
-pub const MAX_BLOCKS: usize = 256;
-/// The most words (headers included) a small copy holds: 16 KiB of stack, and offsets
-/// that fit a `u16`.
-pub const MAX_WORDS: usize = 2048;
+/// The most blocks a copy made on the stack holds: as many as are told apart without the
+/// index.
+pub const MAX_BLOCKS: usize = LINEAR_BLOCKS;
+/// The most words (headers included) a copy made on the stack holds: the walk's frame
+/// takes some 2 KiB of stack, so that a copy runs on threads with small stacks (C
+/// threads of the C API, a low `ulimit -s`); with 28 KiB, 48 KiB stacks overflowed.
+pub const MAX_WORDS: usize = 128;
+/// The most blocks a copy made by the walk holds, in buffers of its own beyond the
+/// stack's limits.
+pub const LARGE_MAX_BLOCKS: usize = 16384;
+/// The most words a copy made by the walk holds: one run of the [`Output`].
+pub const LARGE_MAX_WORDS: usize = super::MAX_RUN;
 /// Blocks told apart by comparing addresses one by one; beyond, through an index by
 /// address.
 pub const LINEAR_BLOCKS: usize = 16;
+/// Bytes of the buffers of a walk beyond the stack's limits: what it reports as its
+/// transient memory.
+pub const LARGE_SPACE_BYTES: usize = LARGE_MAX_BLOCKS
+    * (std::mem::size_of::<Found>() + std::mem::size_of::<(u32, u32)>() + 2 * 4)
+    + LARGE_MAX_WORDS * (WORD_BYTES + 4);
 
 /// Copies made by the general traversal, without trying this path, after the walk gave
-/// up on a value: a run of values just beyond its limits (a list of 20 cells copied one
-/// at a time) then pays for a walk that gives up once in `SKIPPED + 1` copies, not at
-/// every copy.
+/// up on a value: a run of values just beyond its limits (a list of 20 000 cells copied
+/// one at a time) then pays for a walk that gives up once in `SKIPPED + 1` copies, not
+/// at every copy. Also the copies that start with buffers of their own, not the stack,
+/// after a value was found too large for the stack.
 const SKIPPED: u8 = 8;
 
 thread_local! {
     /// Copies this thread still makes without trying this path.
     static SKIP: Cell<u8> = const { Cell::new(0) };
+    /// Copies this thread still starts in buffers of their own.
+    static LARGE_FIRST: Cell<u8> = const { Cell::new(0) };
 }
 
 /// Whether the next copy of this thread should try this path: not for the `SKIPPED` (8)
@@ -73,10 +98,36 @@ pub fn worth_trying() -> bool {
 /// this path that was not tried ends the skipping at once.
 #[inline(always)]
 pub fn note_general_copy(tried: bool, blocks: usize, bytes: usize) {
-    let small = blocks <= MAX_BLOCKS && bytes <= MAX_WORDS * WORD_BYTES;
+    let small = blocks <= LARGE_MAX_BLOCKS && bytes <= LARGE_MAX_WORDS * WORD_BYTES;
     if tried || small {
         SKIP.with(|skip| skip.set(if tried { SKIPPED } else { 0 }));
     }
+    if !tried && blocks <= MAX_BLOCKS && bytes <= MAX_WORDS * WORD_BYTES {
+        LARGE_FIRST.with(|n| n.set(0));
+    }
+}
+
+/// Whether the next copy of this thread should start in buffers of its own: for the
+/// `SKIPPED` copies after one was too large for the stack.
+#[inline(always)]
+fn large_first() -> bool {
+    LARGE_FIRST.with(|left| {
+        let n = left.get();
+        if n == 0 {
+            return false;
+        }
+        left.set(n - 1);
+        true
+    })
+}
+
+/// Why the walk gave up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GiveUp {
+    /// More blocks or words than its buffers hold.
+    TooLarge,
+    /// A block it does not handle: an infix pointer, a tag that may be refused.
+    Unsupported,
 }
 
 /// A block found by the walk.
@@ -90,44 +141,170 @@ struct Found {
     at: usize,
 }
 
-/// The walk over a small value and the copy it builds.
-struct Walk<'a, H> {
-    heap: &'a mut H,
-    /// The blocks found, in the order of the copy; `found[..count]` are initialised.
+/// Where a walk keeps what it builds: `B` blocks, `W` words, an index of `I` slots (`2 *
+/// B`). Arrays of constant lengths, so that the walk's bounds checks compare with
+/// constants (with slices, a copy of 3 blocks took some 10% more instructions).
+struct Space<'s, const B: usize, const W: usize, const I: usize> {
+    /// The blocks found, in the order of the copy.
+    found: &'s mut [MaybeUninit<Found>; B],
+    /// The copy's words.
+    words: &'s mut [MaybeUninit<Word>; W],
+    /// The words of the copy that are pointers into it (held as their offset in bytes).
+    pointers: &'s mut [MaybeUninit<u32>; W],
+    /// Runs of found blocks waiting to be scanned, `(next, end)`.
+    runs: &'s mut [MaybeUninit<(u32, u32)>; B],
+    /// The found blocks by address, of which the walk uses a power of two of slots at
+    /// least twice its count, once past [`LINEAR_BLOCKS`] (see [`Walk::known`]).
+    index: &'s mut [MaybeUninit<u32>; I],
+}
+
+/// The space of a walk on the stack.
+type Small<'s> = Space<'s, MAX_BLOCKS, MAX_WORDS, { 2 * MAX_BLOCKS }>;
+/// The space of a walk in buffers of its own.
+type Large<'s> = Space<'s, LARGE_MAX_BLOCKS, LARGE_MAX_WORDS, { 2 * LARGE_MAX_BLOCKS }>;
+
+/// The space of a walk on the stack: 2 KiB.
+struct StackSpace {
     found: [MaybeUninit<Found>; MAX_BLOCKS],
-    count: usize,
-    /// The copy's words; `words[..len]` are written once the walk is done.
     words: [MaybeUninit<Word>; MAX_WORDS],
+    pointers: [MaybeUninit<u32>; MAX_WORDS],
+    runs: [MaybeUninit<(u32, u32)>; MAX_BLOCKS],
+    index: [MaybeUninit<u32>; 2 * MAX_BLOCKS],
+}
+
+impl StackSpace {
+    /// The space in `slot`, uninitialised: every array holds `MaybeUninit` elements.
+    #[inline(always)]
+    fn parts(slot: &mut MaybeUninit<StackSpace>) -> Small<'_> {
+        let p = slot.as_mut_ptr();
+        // SAFETY: the fields of the slot, disjoint; arrays of `MaybeUninit` elements are
+        // valid uninitialised, so references to them are sound.
+        unsafe {
+            Space {
+                found: &mut *std::ptr::addr_of_mut!((*p).found),
+                words: &mut *std::ptr::addr_of_mut!((*p).words),
+                pointers: &mut *std::ptr::addr_of_mut!((*p).pointers),
+                runs: &mut *std::ptr::addr_of_mut!((*p).runs),
+                index: &mut *std::ptr::addr_of_mut!((*p).index),
+            }
+        }
+    }
+}
+
+/// The space of a walk beyond the stack's limits: buffers of [`LARGE_MAX_BLOCKS`] and
+/// [`LARGE_MAX_WORDS`], [`LARGE_SPACE_BYTES`] (1.4 MiB of address space), kept by each
+/// thread for its next copies while they use little of it ([`KEEP_WORDS`]).
+struct HeapSpace {
+    found: Box<[MaybeUninit<Found>; LARGE_MAX_BLOCKS]>,
+    words: Box<[MaybeUninit<Word>; LARGE_MAX_WORDS]>,
+    pointers: Box<[MaybeUninit<u32>; LARGE_MAX_WORDS]>,
+    runs: Box<[MaybeUninit<(u32, u32)>; LARGE_MAX_BLOCKS]>,
+    index: Box<[MaybeUninit<u32>; 2 * LARGE_MAX_BLOCKS]>,
+}
+
+/// An array of `N` uninitialised elements on the heap; `None` when there is no memory.
+fn uninit_array<T, const N: usize>() -> Option<Box<[MaybeUninit<T>; N]>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(N).ok()?;
+    // SAFETY: the capacity is at least `N`, and `MaybeUninit` elements need no
+    // initialisation.
+    unsafe { v.set_len(N) };
+    v.into_boxed_slice().try_into().ok()
+}
+
+/// Words of a copy up to which a thread keeps the buffers of [`HeapSpace`] for its next
+/// copies: the memory a thread keeps is then at most some 300 KiB (the pages a walk of
+/// that size touched), and a copy beyond gives its buffers back.
+const KEEP_WORDS: usize = 16 * 1024;
+
+thread_local! {
+    /// This thread's buffers for walks beyond the stack, once it has made one.
+    static HEAP_SPACE: RefCell<Option<HeapSpace>> = const { RefCell::new(None) };
+}
+
+/// Runs `walk` in this thread's [`HeapSpace`], made when it has none; gives the space back
+/// when the walk used more than [`KEEP_WORDS`]. `None` when there is no memory for the
+/// space, or when the thread's space is in use (a copy made from a C allocator called by
+/// a copy).
+fn with_heap_space<R>(walk: impl FnOnce(Large<'_>) -> (R, usize)) -> Option<R> {
+    HEAP_SPACE
+        .try_with(|cell| {
+            let mut slot = cell.try_borrow_mut().ok()?;
+            let space = match &mut *slot {
+                Some(space) => space,
+                empty => empty.insert(HeapSpace::new()?),
+            };
+            let (result, words) = walk(space.parts());
+            if words > KEEP_WORDS {
+                *slot = None;
+            }
+            Some(result)
+        })
+        .ok()
+        .flatten()
+}
+
+/// Bytes of the buffers for walks beyond the stack that this thread keeps for its next
+/// copies: [`LARGE_SPACE_BYTES`] once it has made such a walk, 0 before (and after a
+/// walk of more than `KEEP_WORDS`, which gives them back).
+pub fn thread_space_bytes() -> usize {
+    HEAP_SPACE
+        .try_with(|cell| match cell.try_borrow() {
+            Ok(slot) if slot.is_some() => LARGE_SPACE_BYTES,
+            _ => 0,
+        })
+        .unwrap_or(0)
+}
+
+impl HeapSpace {
+    /// The buffers; `None` when there is no memory for them (the general traversal then
+    /// copies the value, or says that there is no memory).
+    fn new() -> Option<HeapSpace> {
+        Some(HeapSpace {
+            found: uninit_array()?,
+            words: uninit_array()?,
+            pointers: uninit_array()?,
+            runs: uninit_array()?,
+            index: uninit_array()?,
+        })
+    }
+
+    fn parts(&mut self) -> Large<'_> {
+        Space {
+            found: &mut self.found,
+            words: &mut self.words,
+            pointers: &mut self.pointers,
+            runs: &mut self.runs,
+            index: &mut self.index,
+        }
+    }
+}
+
+/// The walk over a value and the copy it builds, in a space of `B` blocks, `W` words and
+/// `I` index slots.
+struct Walk<'a, 's, H, const B: usize, const W: usize, const I: usize> {
+    heap: &'a mut H,
+    space: Space<'s, B, W, I>,
+    /// Blocks found: `space.found[..count]` are initialised.
+    count: usize,
+    /// Words of the copy: `space.words[..len]` are written once the walk is done.
     len: usize,
-    /// The words of the copy that are pointers into it, held as their offset in bytes:
-    /// `pointers[..pointer_count]` are initialised.
-    pointers: [MaybeUninit<u16>; MAX_WORDS],
+    /// `space.pointers[..pointer_count]` are initialised.
     pointer_count: usize,
     /// A filter of the first [`LINEAR_BLOCKS`] blocks found: bit [`filter_bit`] of each
     /// is set, so a block whose bit is clear was not found, and is not looked for.
     filter: u64,
-    /// The found blocks by address, once there are more than [`LINEAR_BLOCKS`]
-    /// (uninitialised before).
-    index: MaybeUninit<Index>,
+    /// Slots of the index in use (`space.index[..index_slots]` initialised), a power of
+    /// two; 0 until the count passes [`LINEAR_BLOCKS`].
+    index_slots: usize,
+    /// `64 - log2(index_slots)`: the shift that takes a hash to a slot.
+    index_shift: u32,
 }
 
-/// Slots of an [`Index`]: twice the most blocks, so that it is at most half full and
-/// its probe sequences stay short.
-const INDEX_SLOTS: usize = 2 * MAX_BLOCKS;
-
-/// Found blocks by address: open addressing with linear probing; a slot holds the
-/// block's index in [`Walk::found`] plus one, 0 when empty.
-struct Index([u16; INDEX_SLOTS]);
-
-impl Index {
-    /// The first slot to probe for the block at `v`: Fibonacci hashing of its word
-    /// address.
-    #[inline(always)]
-    fn slot_of(v: Word) -> usize {
-        let hash = ((v / WORD_BYTES) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        (hash >> (64 - INDEX_SLOTS.trailing_zeros())) as usize
-    }
-}
+/// Slots of the index when it is first built: 1 KiB to clear, and no rebuilding for
+/// values of up to 128 blocks (from 64 slots, a copy of 100 blocks spent some 15% of its
+/// instructions rebuilding).
+const FIRST_INDEX_SLOTS: usize = 256;
 
 /// The bit of [`Walk::filter`] for the block at `v`: blocks are mostly two words long or
 /// more, so neighbouring blocks differ in the address bits from 4 on.
@@ -136,9 +313,18 @@ fn filter_bit(v: Word) -> u64 {
     1 << ((v >> 4) & 63)
 }
 
-/// Copies `root`, a pointer to a block that `heap` says to copy, into `out` when the value
-/// is small; `None` when it is not for this path (then nothing was written or allocated,
-/// and the source is as it was).
+/// The first slot to probe for the block at `v` in an index of `2^(64 - shift)` slots:
+/// Fibonacci hashing of its word address.
+#[inline(always)]
+fn index_slot_of(v: Word, shift: u32) -> usize {
+    let hash = ((v / WORD_BYTES) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (hash >> shift) as usize
+}
+
+/// Copies `root`, a pointer to a block that `heap` says to copy, into `out` when the
+/// value is for this path: on the stack, or beyond its limits in buffers of its own;
+/// `None` when it is not for this path (then nothing was written to `out` or to the
+/// source, and nothing stays allocated).
 ///
 /// # Errors
 /// [`Output::begin`]'s; nothing was written then.
@@ -152,65 +338,113 @@ pub unsafe fn copy_into<H: Heap, O: Output>(
     heap: &mut H,
     out: &mut O,
 ) -> Option<Result<Written, CopyError>> {
-    let mut slot = MaybeUninit::uninit();
-    let walk = Walk::new(&mut slot, heap);
+    if !large_first() {
+        let mut slot = MaybeUninit::uninit();
+        let mut walk = Walk::new(StackSpace::parts(&mut slot), heap);
+        // SAFETY: forwarded.
+        match unsafe { walk.run(root) } {
+            Ok(()) => return Some(walk.write(out, 0)),
+            Err(GiveUp::Unsupported) => return None,
+            Err(GiveUp::TooLarge) => LARGE_FIRST.with(|n| n.set(SKIPPED)),
+        }
+    }
     // SAFETY: forwarded.
-    unsafe { walk.run(root)? };
-    Some(walk.write(out))
+    unsafe { copy_large(root, heap, out) }
 }
 
-/// What a copy of `root` takes when the value is small ([`super::measure`]'s answer; no
-/// memory besides the stack); `None` when it is not for this path.
+/// [`copy_into`] in buffers of its own.
+///
+/// # Safety
+/// As [`copy_into`].
+#[inline(never)]
+unsafe fn copy_large<H: Heap, O: Output>(
+    root: Word,
+    heap: &mut H,
+    out: &mut O,
+) -> Option<Result<Written, CopyError>> {
+    with_heap_space(|space| {
+        let mut walk = Walk::new(space, heap);
+        // SAFETY: forwarded.
+        let written = unsafe { walk.run(root) }.ok().map(|()| {
+            walk.note_size();
+            walk.write(out, LARGE_SPACE_BYTES)
+        });
+        (written, walk.len)
+    })?
+}
+
+/// What a copy of `root` takes when the value is for this path ([`super::measure`]'s
+/// answer); `None` when it is not.
 ///
 /// # Safety
 /// As [`copy_into`].
 pub unsafe fn measure<H: Heap>(root: Word, heap: &mut H) -> Option<Measured> {
     let mut slot = MaybeUninit::uninit();
-    let walk = Walk::new(&mut slot, heap);
+    let mut walk = Walk::new(StackSpace::parts(&mut slot), heap);
     // SAFETY: forwarded.
-    unsafe { walk.run(root)? };
-    Some(Measured {
-        bytes: walk.len * WORD_BYTES,
-        blocks: walk.count,
-        transient_bytes: 0,
-    })
+    match unsafe { walk.run(root) } {
+        Ok(()) => return Some(walk.measured(0)),
+        Err(GiveUp::Unsupported) => return None,
+        Err(GiveUp::TooLarge) => {}
+    }
+    with_heap_space(|space| {
+        let mut walk = Walk::new(space, heap);
+        // SAFETY: forwarded.
+        let measured = unsafe { walk.run(root) }
+            .ok()
+            .map(|()| walk.measured(LARGE_SPACE_BYTES));
+        (measured, walk.len)
+    })?
 }
 
-impl<'a, H: Heap> Walk<'a, H> {
-    /// A walk that has found nothing yet, made in `slot`. Only its few scalar fields are
-    /// written: its arrays (a kilobyte) stay uninitialised, where a struct literal let
-    /// the compiler clear them with `memset` (seen in `Region.add`).
+impl<'a, 's, H: Heap, const B: usize, const W: usize, const I: usize> Walk<'a, 's, H, B, W, I> {
+    /// A walk that has found nothing yet, in `space`.
     #[inline(always)]
-    fn new<'s>(slot: &'s mut MaybeUninit<Walk<'a, H>>, heap: &'a mut H) -> &'s mut Walk<'a, H> {
-        let p = slot.as_mut_ptr();
-        // SAFETY: `p` is valid for writes; every field but the arrays is written here,
-        // and the arrays hold `MaybeUninit` elements, valid uninitialised: the walk is
-        // then initialised.
-        unsafe {
-            std::ptr::addr_of_mut!((*p).heap).write(heap);
-            std::ptr::addr_of_mut!((*p).count).write(0);
-            std::ptr::addr_of_mut!((*p).len).write(0);
-            std::ptr::addr_of_mut!((*p).pointer_count).write(0);
-            std::ptr::addr_of_mut!((*p).filter).write(0);
-            slot.assume_init_mut()
+    fn new(space: Space<'s, B, W, I>, heap: &'a mut H) -> Walk<'a, 's, H, B, W, I> {
+        Walk {
+            heap,
+            space,
+            count: 0,
+            len: 0,
+            pointer_count: 0,
+            filter: 0,
+            index_slots: 0,
+            index_shift: 64,
         }
     }
 
-    /// Hands the copy to `out`.
+    /// What the copy takes, the walk's buffers counting `transient_bytes`.
+    fn measured(&self, transient_bytes: usize) -> Measured {
+        Measured {
+            bytes: self.len * WORD_BYTES,
+            blocks: self.count,
+            transient_bytes,
+        }
+    }
+
+    /// After a walk in buffers of its own: a value within the stack's limits sends the
+    /// next copies to the stack again.
+    fn note_size(&self) {
+        if self.count <= MAX_BLOCKS && self.len <= MAX_WORDS {
+            LARGE_FIRST.with(|n| n.set(0));
+        }
+    }
+
+    /// Hands the copy to `out`; the walk's buffers held `transient_bytes`.
     #[inline(always)]
-    fn write<O: Output>(&self, out: &mut O) -> Result<Written, CopyError> {
+    fn write<O: Output>(&self, out: &mut O, transient_bytes: usize) -> Result<Written, CopyError> {
         let bytes = self.len * WORD_BYTES;
         let base = out.begin(bytes)?;
         crate::fault::point("write");
-        // The whole copy as one run (at most `MAX_WORDS`, far below `MAX_RUN`): first the
-        // walk's words, then the fields of raw blocks over the words the walk left
+        // The whole copy as one run (at most `LARGE_MAX_WORDS`, that is `MAX_RUN`): first
+        // the walk's words, then the fields of raw blocks over the words the walk left
         // unwritten, then the base added to every pointer.
         let dst = out.next(self.len);
         // SAFETY: `dst` has room for `len` words. `MaybeUninit` words are copied as they
         // are: those the walk left unwritten (the fields of raw blocks) are overwritten
         // below, before anyone reads the copy.
         unsafe {
-            let words = self.words.as_ptr();
+            let words = self.space.words.as_ptr();
             std::ptr::copy_nonoverlapping(words, dst.cast::<MaybeUninit<Word>>(), self.len)
         };
         for k in 0..self.count {
@@ -224,10 +458,10 @@ impl<'a, H: Heap> Walk<'a, H> {
                 unsafe { copy_short(f.block as *const Word, dst.add(f.at + 1), n) };
             }
         }
-        for p in &self.pointers[..self.pointer_count] {
+        for p in &self.space.pointers[..self.pointer_count] {
             // SAFETY: `pointers[..pointer_count]` are initialised, each with a word below
             // `len`, written above.
-            unsafe { *dst.add(usize::from(p.assume_init())) += base };
+            unsafe { *dst.add(p.assume_init() as usize) += base };
         }
         Ok(Written {
             // The root's block is the first one found.
@@ -235,7 +469,7 @@ impl<'a, H: Heap> Walk<'a, H> {
             bytes,
             blocks: self.count,
             data_bytes: 0,
-            transient_bytes: 0,
+            transient_bytes,
         })
     }
 
@@ -244,24 +478,22 @@ impl<'a, H: Heap> Walk<'a, H> {
     fn found(&self, k: usize) -> Found {
         debug_assert!(k < self.count);
         // SAFETY: callers pass `k < count`: found blocks are initialised.
-        unsafe { self.found[k].assume_init() }
+        unsafe { self.space.found[k].assume_init() }
     }
 
     /// Finds the root's block and then every block it leads to, depth first by groups:
     /// the blocks that one block's fields lead to, found together, are scanned next.
-    unsafe fn run(&mut self, root: Word) -> Option<()> {
+    unsafe fn run(&mut self, root: Word) -> Result<(), GiveUp> {
         // SAFETY: `root` points to a block of the source.
         unsafe { self.discover(root)? };
         crate::fault::point("measure");
-        // Runs of found blocks waiting to be scanned, `(next, end)`; a run is pushed
-        // only when its blocks were just found, so there are at most `MAX_BLOCKS`.
-        // `runs[..depth]` are initialised.
-        let mut runs = [MaybeUninit::<(u16, u16)>::uninit(); MAX_BLOCKS];
-        runs[0].write((0, 1));
+        // A run is pushed only when its blocks were just found, so there are at most as
+        // many as blocks. `runs[..depth]` are initialised.
+        self.space.runs[0].write((0, 1));
         let mut depth = 1;
         while depth > 0 {
             // SAFETY: `depth - 1 < depth`: an initialised run.
-            let run = unsafe { runs[depth - 1].assume_init_mut() };
+            let run = unsafe { self.space.runs[depth - 1].assume_init_mut() };
             let (next, end) = *run;
             if next == end {
                 depth -= 1;
@@ -270,40 +502,40 @@ impl<'a, H: Heap> Walk<'a, H> {
             run.0 += 1;
             let children = self.count;
             // SAFETY: `next < count`: runs hold found blocks.
-            unsafe { self.scan(self.found(usize::from(next)))? };
+            unsafe { self.scan(self.found(next as usize))? };
             if self.count > children {
-                // At most `MAX_BLOCKS` blocks: both fit a `u16`.
-                runs[depth].write((children as u16, self.count as u16));
+                // At most `LARGE_MAX_BLOCKS` blocks: both fit a `u32`.
+                self.space.runs[depth].write((children as u32, self.count as u32));
                 depth += 1;
             }
         }
-        Some(())
+        Ok(())
     }
 
     /// Reads the header of the block `v` points to and, when the path can copy it, gives
     /// it the next place in the copy. Returns its index.
     #[inline(always)]
-    unsafe fn discover(&mut self, v: Word) -> Option<usize> {
+    unsafe fn discover(&mut self, v: Word) -> Result<usize, GiveUp> {
         // SAFETY: `v` points to a block (or an infix header) of the source.
         let hd = unsafe { layout::read_header(v) };
         let n = hd.wosize();
-        if self.count == MAX_BLOCKS || n >= MAX_WORDS - self.len {
-            return None;
+        if self.count == B || n >= W - self.len {
+            return Err(GiveUp::TooLarge);
         }
         match hd.tag() {
             layout::FORCING_TAG..=layout::LAZY_TAG | layout::INFIX_TAG | layout::ABSTRACT_TAG => {
-                return None
+                return Err(GiveUp::Unsupported)
             }
             // SAFETY: field 0 of a custom block is its operations pointer.
             layout::CUSTOM_TAG if !self.heap.is_copyable_custom(unsafe { *(v as *const Word) }) => {
-                return None
+                return Err(GiveUp::Unsupported)
             }
             _ => {}
         }
         let at = self.len;
-        self.words[at].write(hd.with_color(Color::Unmarkable).0);
+        self.space.words[at].write(hd.with_color(Color::Unmarkable).0);
         let index = self.count;
-        self.found[index].write(Found {
+        self.space.found[index].write(Found {
             block: v,
             header: hd,
             at,
@@ -312,12 +544,12 @@ impl<'a, H: Heap> Walk<'a, H> {
         self.len += 1 + n;
         if self.count <= LINEAR_BLOCKS {
             self.filter |= filter_bit(v);
-        } else if self.count == LINEAR_BLOCKS + 1 {
-            self.build_index();
+        } else if self.count * 2 > self.index_slots {
+            self.grow_index();
         } else {
             self.index_insert(index);
         }
-        Some(index)
+        Ok(index)
     }
 
     /// The index of the found block at `v`, if it was found.
@@ -329,27 +561,35 @@ impl<'a, H: Heap> Walk<'a, H> {
             }
             return (0..self.count).find(|&j| self.found(j).block == v);
         }
-        // SAFETY: built when the count passed `LINEAR_BLOCKS`.
-        let index = unsafe { self.index.assume_init_ref() };
-        let mut slot = Index::slot_of(v);
+        let mask = self.index_slots - 1;
+        let mut slot = index_slot_of(v, self.index_shift);
         loop {
-            let entry = usize::from(index.0[slot]);
+            // SAFETY: slots below `index_slots` are initialised.
+            let entry = unsafe { self.space.index[slot].assume_init() } as usize;
             if entry == 0 {
                 return None;
             }
             if self.found(entry - 1).block == v {
                 return Some(entry - 1);
             }
-            slot = (slot + 1) % INDEX_SLOTS;
+            slot = (slot + 1) & mask;
         }
     }
 
-    /// Builds the index of the blocks found so far, when they have just become more than
-    /// [`LINEAR_BLOCKS`].
+    /// Builds the index anew, twice as large (at first [`FIRST_INDEX_SLOTS`]), with every
+    /// block found so far: when the count passes [`LINEAR_BLOCKS`], and then whenever it
+    /// passes half the slots. Within the space: the count never exceeds the blocks the
+    /// space holds, and its index has twice as many slots.
     #[cold]
     #[inline(never)]
-    fn build_index(&mut self) {
-        self.index.write(Index([0; INDEX_SLOTS]));
+    fn grow_index(&mut self) {
+        let slots = (self.index_slots * 2).max(FIRST_INDEX_SLOTS);
+        debug_assert!(slots <= self.space.index.len() && self.count * 2 <= slots);
+        for slot in &mut self.space.index[..slots] {
+            slot.write(0);
+        }
+        self.index_slots = slots;
+        self.index_shift = 64 - slots.trailing_zeros();
         for k in 0..self.count {
             self.index_insert(k);
         }
@@ -359,23 +599,23 @@ impl<'a, H: Heap> Walk<'a, H> {
     #[inline(always)]
     fn index_insert(&mut self, k: usize) {
         let block = self.found(k).block;
-        // SAFETY: built when the count passed `LINEAR_BLOCKS`, before any insertion.
-        let index = unsafe { self.index.assume_init_mut() };
-        let mut slot = Index::slot_of(block);
-        // At most `MAX_BLOCKS` entries in twice as many slots: an empty one is found.
-        while index.0[slot] != 0 {
-            slot = (slot + 1) % INDEX_SLOTS;
+        let mask = self.index_slots - 1;
+        let mut slot = index_slot_of(block, self.index_shift);
+        // At most half the slots are taken: an empty one is found.
+        // SAFETY: slots below `index_slots` are initialised.
+        while unsafe { self.space.index[slot].assume_init() } != 0 {
+            slot = (slot + 1) & mask;
         }
-        // `k < MAX_BLOCKS`: fits a `u16`.
-        index.0[slot] = k as u16 + 1;
+        // `k < LARGE_MAX_BLOCKS`: fits a `u32`.
+        self.space.index[slot].write(k as u32 + 1);
     }
 
     /// Reads the fields of the found block `f` into the copy, finding the blocks they
     /// lead to.
     #[inline(always)]
-    unsafe fn scan(&mut self, f: Found) -> Option<()> {
+    unsafe fn scan(&mut self, f: Found) -> Result<(), GiveUp> {
         if !f.header.is_scannable() {
-            return Some(());
+            return Ok(());
         }
         let n = f.header.wosize();
         let src = f.block as *const Word;
@@ -395,7 +635,7 @@ impl<'a, H: Heap> Walk<'a, H> {
                     // SAFETY: `i < first_value <= n`, a field of the block.
                     None => unsafe { read_field(src.add(i)) },
                 };
-                self.words[dst + i].write(word);
+                self.space.words[dst + i].write(word);
             }
         }
         for i in first_value..n {
@@ -407,16 +647,16 @@ impl<'a, H: Heap> Walk<'a, H> {
                     // SAFETY: a pointer read from a block of the source graph.
                     None => unsafe { self.discover(v)? },
                 };
-                // `dst + i < len <= MAX_WORDS`: fits a `u16`.
-                self.pointers[self.pointer_count].write((dst + i) as u16);
+                // `dst + i < len <= LARGE_MAX_WORDS`: fits a `u32`.
+                self.space.pointers[self.pointer_count].write((dst + i) as u32);
                 self.pointer_count += 1;
                 (self.found(j).at + 1) * WORD_BYTES
             } else {
                 v
             };
-            self.words[dst + i].write(word);
+            self.space.words[dst + i].write(word);
         }
-        Some(())
+        Ok(())
     }
 }
 

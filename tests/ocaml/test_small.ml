@@ -122,9 +122,10 @@ let test_frees_come_back _ =
     (Printf.sprintf "at most 1024 copies waited at once (%d did)" !waiting_max)
     (!waiting_max <= 1024)
 
-(* The path of small values (at most 256 blocks and 2048 words, blocks told apart by
-   their addresses one by one up to 16, then by an index: src/copy/small.rs) and the
-   general traversal around its limits, with what it gives up on (infix pointers) and
+(* The path of small values (on the stack at most 16 blocks and 128 words; beyond, in
+   buffers of its own, 16384 blocks and 65536 words, blocks told apart by their
+   addresses one by one up to 16, then by an index: src/copy/small.rs) and the general
+   traversal around its limits, with what it gives up on (infix pointers) and
    what it copies as raw or scannable blocks: every copy equal to its source for compare,
    hash and Marshal, sharing and cycles kept, closures callable, the source unchanged. *)
 type tree = Leaf | Node of tree * int * tree
@@ -156,12 +157,20 @@ let test_small_path_shapes _ =
       ("list of 256 (256 blocks)", Obj.repr (List.init 256 Fun.id));
       ("list of 257 (257 blocks)", Obj.repr (List.init 257 Fun.id));
       ("block of 64 words", record 63);
+      ("block of 128 words", record 127);
+      ("block of 129 words", record 128);
       ("block of 2047 words", record 2046);
       ("block of 2048 words", record 2047);
       ("block of 2049 words", record 2048);
       ("tree of 15 nodes", Obj.repr (tree 4));
       ("tree of 255 nodes", Obj.repr (tree 8));
       ("tree of 511 nodes", Obj.repr (tree 9));
+      ("list of 16384 (16384 blocks)", Obj.repr (List.init 16384 Fun.id));
+      ("list of 16385 (16385 blocks)", Obj.repr (List.init 16385 Fun.id));
+      ("block of 65535 words", record 65534);
+      ("block of 65536 words", record 65535);
+      ("tree of 16383 nodes", Obj.repr (tree 14));
+      ("tree of 32767 nodes", Obj.repr (tree 15));
       ( "100 pairs sharing 3 strings",
         Obj.repr (List.init 100 (fun i -> (i, if i mod 3 = 0 then shared else string_of_int (i mod 3)))) );
     ]
