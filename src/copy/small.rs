@@ -61,9 +61,7 @@ pub const LARGE_MAX_WORDS: usize = super::MAX_RUN;
 pub const LINEAR_BLOCKS: usize = 16;
 /// Bytes of the buffers of a walk beyond the stack's limits: what it reports as its
 /// transient memory.
-pub const LARGE_SPACE_BYTES: usize = LARGE_MAX_BLOCKS
-    * (std::mem::size_of::<Found>() + std::mem::size_of::<(u32, u32)>() + 2 * 4)
-    + LARGE_MAX_WORDS * (WORD_BYTES + 4);
+pub const LARGE_SPACE_BYTES: usize = std::mem::size_of::<LargeSpace>();
 
 /// Copies made by the general traversal, without trying this path, after the walk gave
 /// up on a value: a run of values just beyond its limits (a list of 20 000 cells copied
@@ -142,99 +140,87 @@ struct Found {
 }
 
 /// Where a walk keeps what it builds: `B` blocks, `W` words, an index of `I` slots (`2 *
-/// B`). Arrays of constant lengths, so that the walk's bounds checks compare with
-/// constants (with slices, a copy of 3 blocks took some 10% more instructions).
-struct Space<'s, const B: usize, const W: usize, const I: usize> {
+/// B`). Every element is `MaybeUninit`, so the arrays need no initialisation; their
+/// lengths are constants, so that the walk's bounds checks compare with constants.
+struct Space<const B: usize, const W: usize, const I: usize> {
     /// The blocks found, in the order of the copy.
-    found: &'s mut [MaybeUninit<Found>; B],
+    found: [MaybeUninit<Found>; B],
     /// The copy's words.
-    words: &'s mut [MaybeUninit<Word>; W],
+    words: [MaybeUninit<Word>; W],
     /// The words of the copy that are pointers into it (held as their offset in bytes).
-    pointers: &'s mut [MaybeUninit<u32>; W],
+    pointers: [MaybeUninit<u32>; W],
     /// Runs of found blocks waiting to be scanned, `(next, end)`.
-    runs: &'s mut [MaybeUninit<(u32, u32)>; B],
+    runs: [MaybeUninit<(u32, u32)>; B],
     /// The found blocks by address, of which the walk uses a power of two of slots at
     /// least twice its count, once past [`LINEAR_BLOCKS`] (see [`Walk::known`]).
-    index: &'s mut [MaybeUninit<u32>; I],
+    index: [MaybeUninit<u32>; I],
 }
 
-/// The space of a walk on the stack.
-type Small<'s> = Space<'s, MAX_BLOCKS, MAX_WORDS, { 2 * MAX_BLOCKS }>;
-/// The space of a walk in buffers of its own.
-type Large<'s> = Space<'s, LARGE_MAX_BLOCKS, LARGE_MAX_WORDS, { 2 * LARGE_MAX_BLOCKS }>;
+/// The space of a walk on the stack: 2 KiB, inside the walk itself (reached through a
+/// reference, the walk of a 3-block value took some 5% more instructions).
+type SmallSpace = Space<MAX_BLOCKS, MAX_WORDS, { 2 * MAX_BLOCKS }>;
+/// The space of a walk beyond the stack's limits: [`LARGE_SPACE_BYTES`] (1.4 MiB of
+/// address space), kept by each thread for its next copies while they use little of it
+/// ([`KEEP_WORDS`]).
+type LargeSpace = Space<LARGE_MAX_BLOCKS, LARGE_MAX_WORDS, { 2 * LARGE_MAX_BLOCKS }>;
 
-/// The space of a walk on the stack: 2 KiB.
-struct StackSpace {
-    found: [MaybeUninit<Found>; MAX_BLOCKS],
-    words: [MaybeUninit<Word>; MAX_WORDS],
-    pointers: [MaybeUninit<u32>; MAX_WORDS],
-    runs: [MaybeUninit<(u32, u32)>; MAX_BLOCKS],
-    index: [MaybeUninit<u32>; 2 * MAX_BLOCKS],
-}
+/// A space held in place, for a walk on the stack.
+struct Inline<T>(T);
 
-impl StackSpace {
-    /// The space in `slot`, uninitialised: every array holds `MaybeUninit` elements.
+impl<T> std::ops::Deref for Inline<T> {
+    type Target = T;
     #[inline(always)]
-    fn parts(slot: &mut MaybeUninit<StackSpace>) -> Small<'_> {
-        let p = slot.as_mut_ptr();
-        // SAFETY: the fields of the slot, disjoint; arrays of `MaybeUninit` elements are
-        // valid uninitialised, so references to them are sound.
-        unsafe {
-            Space {
-                found: &mut *std::ptr::addr_of_mut!((*p).found),
-                words: &mut *std::ptr::addr_of_mut!((*p).words),
-                pointers: &mut *std::ptr::addr_of_mut!((*p).pointers),
-                runs: &mut *std::ptr::addr_of_mut!((*p).runs),
-                index: &mut *std::ptr::addr_of_mut!((*p).index),
-            }
-        }
+    fn deref(&self) -> &T {
+        &self.0
     }
 }
 
-/// The space of a walk beyond the stack's limits: buffers of [`LARGE_MAX_BLOCKS`] and
-/// [`LARGE_MAX_WORDS`], [`LARGE_SPACE_BYTES`] (1.4 MiB of address space), kept by each
-/// thread for its next copies while they use little of it ([`KEEP_WORDS`]).
-struct HeapSpace {
-    found: Box<[MaybeUninit<Found>; LARGE_MAX_BLOCKS]>,
-    words: Box<[MaybeUninit<Word>; LARGE_MAX_WORDS]>,
-    pointers: Box<[MaybeUninit<u32>; LARGE_MAX_WORDS]>,
-    runs: Box<[MaybeUninit<(u32, u32)>; LARGE_MAX_BLOCKS]>,
-    index: Box<[MaybeUninit<u32>; 2 * LARGE_MAX_BLOCKS]>,
+impl<T> std::ops::DerefMut for Inline<T> {
+    #[inline(always)]
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
+    }
 }
 
-/// An array of `N` uninitialised elements on the heap; `None` when there is no memory.
-fn uninit_array<T, const N: usize>() -> Option<Box<[MaybeUninit<T>; N]>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(N).ok()?;
-    // SAFETY: the capacity is at least `N`, and `MaybeUninit` elements need no
-    // initialisation.
-    unsafe { v.set_len(N) };
-    v.into_boxed_slice().try_into().ok()
+impl LargeSpace {
+    /// A space on the heap, uninitialised; `None` when there is no memory for it (the
+    /// general traversal then copies the value, or says that there is no memory).
+    fn boxed() -> Option<Box<LargeSpace>> {
+        let layout = std::alloc::Layout::new::<LargeSpace>();
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc(layout) } as *mut LargeSpace;
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: allocated by the global allocator with the layout of `LargeSpace`, as
+        // `Box` expects; a space of `MaybeUninit` elements is valid uninitialised.
+        Some(unsafe { Box::from_raw(p) })
+    }
 }
 
-/// Words of a copy up to which a thread keeps the buffers of [`HeapSpace`] for its next
-/// copies: the memory a thread keeps is then at most some 300 KiB (the pages a walk of
-/// that size touched), and a copy beyond gives its buffers back.
+/// Words of a copy up to which a thread keeps its [`LargeSpace`] for its next copies:
+/// the memory a thread keeps is then at most some 300 KiB (the pages a walk of that size
+/// touched), and a copy beyond gives its space back.
 const KEEP_WORDS: usize = 16 * 1024;
 
 thread_local! {
-    /// This thread's buffers for walks beyond the stack, once it has made one.
-    static HEAP_SPACE: RefCell<Option<HeapSpace>> = const { RefCell::new(None) };
+    /// This thread's space for walks beyond the stack, once it has made one.
+    static LARGE_SPACE: RefCell<Option<Box<LargeSpace>>> = const { RefCell::new(None) };
 }
 
-/// Runs `walk` in this thread's [`HeapSpace`], made when it has none; gives the space back
-/// when the walk used more than [`KEEP_WORDS`]. `None` when there is no memory for the
-/// space, or when the thread's space is in use (a copy made from a C allocator called by
-/// a copy).
-fn with_heap_space<R>(walk: impl FnOnce(Large<'_>) -> (R, usize)) -> Option<R> {
-    HEAP_SPACE
+/// Runs `walk` in this thread's [`LargeSpace`], made when it has none; gives the space
+/// back when the walk used more than [`KEEP_WORDS`]. `None` when there is no memory for
+/// the space, or when the thread's space is in use (a copy made from a C allocator called
+/// by a copy).
+fn with_large_space<R>(walk: impl FnOnce(&mut LargeSpace) -> (R, usize)) -> Option<R> {
+    LARGE_SPACE
         .try_with(|cell| {
             let mut slot = cell.try_borrow_mut().ok()?;
             let space = match &mut *slot {
                 Some(space) => space,
-                empty => empty.insert(HeapSpace::new()?),
+                empty => empty.insert(LargeSpace::boxed()?),
             };
-            let (result, words) = walk(space.parts());
+            let (result, words) = walk(space);
             if words > KEEP_WORDS {
                 *slot = None;
             }
@@ -244,11 +230,11 @@ fn with_heap_space<R>(walk: impl FnOnce(Large<'_>) -> (R, usize)) -> Option<R> {
         .flatten()
 }
 
-/// Bytes of the buffers for walks beyond the stack that this thread keeps for its next
+/// Bytes of the space for walks beyond the stack that this thread keeps for its next
 /// copies: [`LARGE_SPACE_BYTES`] once it has made such a walk, 0 before (and after a
-/// walk of more than `KEEP_WORDS`, which gives them back).
+/// walk of more than `KEEP_WORDS`, which gives it back).
 pub fn thread_space_bytes() -> usize {
-    HEAP_SPACE
+    LARGE_SPACE
         .try_with(|cell| match cell.try_borrow() {
             Ok(slot) if slot.is_some() => LARGE_SPACE_BYTES,
             _ => 0,
@@ -256,35 +242,11 @@ pub fn thread_space_bytes() -> usize {
         .unwrap_or(0)
 }
 
-impl HeapSpace {
-    /// The buffers; `None` when there is no memory for them (the general traversal then
-    /// copies the value, or says that there is no memory).
-    fn new() -> Option<HeapSpace> {
-        Some(HeapSpace {
-            found: uninit_array()?,
-            words: uninit_array()?,
-            pointers: uninit_array()?,
-            runs: uninit_array()?,
-            index: uninit_array()?,
-        })
-    }
-
-    fn parts(&mut self) -> Large<'_> {
-        Space {
-            found: &mut self.found,
-            words: &mut self.words,
-            pointers: &mut self.pointers,
-            runs: &mut self.runs,
-            index: &mut self.index,
-        }
-    }
-}
-
-/// The walk over a value and the copy it builds, in a space of `B` blocks, `W` words and
-/// `I` index slots.
-struct Walk<'a, 's, H, const B: usize, const W: usize, const I: usize> {
+/// The walk over a value and the copy it builds, in a space `S` of `B` blocks, `W` words
+/// and `I` index slots: held in place ([`Inline`]) or borrowed.
+struct Walk<'a, H, S, const B: usize, const W: usize, const I: usize> {
     heap: &'a mut H,
-    space: Space<'s, B, W, I>,
+    space: S,
     /// Blocks found: `space.found[..count]` are initialised.
     count: usize,
     /// Words of the copy: `space.words[..len]` are written once the walk is done.
@@ -340,7 +302,7 @@ pub unsafe fn copy_into<H: Heap, O: Output>(
 ) -> Option<Result<Written, CopyError>> {
     if !large_first() {
         let mut slot = MaybeUninit::uninit();
-        let mut walk = Walk::new(StackSpace::parts(&mut slot), heap);
+        let walk = Walk::on_stack(&mut slot, heap);
         // SAFETY: forwarded.
         match unsafe { walk.run(root) } {
             Ok(()) => return Some(walk.write(out, 0)),
@@ -362,8 +324,8 @@ unsafe fn copy_large<H: Heap, O: Output>(
     heap: &mut H,
     out: &mut O,
 ) -> Option<Result<Written, CopyError>> {
-    with_heap_space(|space| {
-        let mut walk = Walk::new(space, heap);
+    with_large_space(|space| {
+        let mut walk = Walk::in_space(space, heap);
         // SAFETY: forwarded.
         let written = unsafe { walk.run(root) }.ok().map(|()| {
             walk.note_size();
@@ -380,15 +342,15 @@ unsafe fn copy_large<H: Heap, O: Output>(
 /// As [`copy_into`].
 pub unsafe fn measure<H: Heap>(root: Word, heap: &mut H) -> Option<Measured> {
     let mut slot = MaybeUninit::uninit();
-    let mut walk = Walk::new(StackSpace::parts(&mut slot), heap);
+    let walk = Walk::on_stack(&mut slot, heap);
     // SAFETY: forwarded.
     match unsafe { walk.run(root) } {
         Ok(()) => return Some(walk.measured(0)),
         Err(GiveUp::Unsupported) => return None,
         Err(GiveUp::TooLarge) => {}
     }
-    with_heap_space(|space| {
-        let mut walk = Walk::new(space, heap);
+    with_large_space(|space| {
+        let mut walk = Walk::in_space(space, heap);
         // SAFETY: forwarded.
         let measured = unsafe { walk.run(root) }
             .ok()
@@ -397,10 +359,37 @@ pub unsafe fn measure<H: Heap>(root: Word, heap: &mut H) -> Option<Measured> {
     })?
 }
 
-impl<'a, 's, H: Heap, const B: usize, const W: usize, const I: usize> Walk<'a, 's, H, B, W, I> {
-    /// A walk that has found nothing yet, in `space`.
+/// A walk on the stack, its space in place.
+type StackWalk<'a, H> = Walk<'a, H, Inline<SmallSpace>, MAX_BLOCKS, MAX_WORDS, { 2 * MAX_BLOCKS }>;
+
+impl<'a, H: Heap> StackWalk<'a, H> {
+    /// A walk on the stack that has found nothing yet, made in `slot`. Only its scalar
+    /// fields are written: its space stays uninitialised, where a struct literal let the
+    /// compiler clear it with `memset` (seen in `Region.add`).
     #[inline(always)]
-    fn new(space: Space<'s, B, W, I>, heap: &'a mut H) -> Walk<'a, 's, H, B, W, I> {
+    fn on_stack<'s>(slot: &'s mut MaybeUninit<Self>, heap: &'a mut H) -> &'s mut Self {
+        let p = slot.as_mut_ptr();
+        // SAFETY: `p` is valid for writes; every field but the space is written here, and
+        // the space holds `MaybeUninit` elements, valid uninitialised: the walk is then
+        // initialised.
+        unsafe {
+            std::ptr::addr_of_mut!((*p).heap).write(heap);
+            std::ptr::addr_of_mut!((*p).count).write(0);
+            std::ptr::addr_of_mut!((*p).len).write(0);
+            std::ptr::addr_of_mut!((*p).pointer_count).write(0);
+            std::ptr::addr_of_mut!((*p).filter).write(0);
+            std::ptr::addr_of_mut!((*p).index_slots).write(0);
+            std::ptr::addr_of_mut!((*p).index_shift).write(64);
+            slot.assume_init_mut()
+        }
+    }
+}
+
+impl<'a, 's, H: Heap>
+    Walk<'a, H, &'s mut LargeSpace, LARGE_MAX_BLOCKS, LARGE_MAX_WORDS, { 2 * LARGE_MAX_BLOCKS }>
+{
+    /// A walk in `space` that has found nothing yet.
+    fn in_space(space: &'s mut LargeSpace, heap: &'a mut H) -> Self {
         Walk {
             heap,
             space,
@@ -412,7 +401,13 @@ impl<'a, 's, H: Heap, const B: usize, const W: usize, const I: usize> Walk<'a, '
             index_shift: 64,
         }
     }
+}
 
+impl<'a, H, S, const B: usize, const W: usize, const I: usize> Walk<'a, H, S, B, W, I>
+where
+    H: Heap,
+    S: std::ops::DerefMut<Target = Space<B, W, I>>,
+{
     /// What the copy takes, the walk's buffers counting `transient_bytes`.
     fn measured(&self, transient_bytes: usize) -> Measured {
         Measured {
