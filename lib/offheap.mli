@@ -170,7 +170,9 @@ val free : 'a t -> unit
       assert (try ignore (Offheap.get h); false with Invalid_argument _ -> true)
     ]}
 
-    @raise Invalid_argument ["Offheap.free: deleted"] when [h] was freed already. *)
+    @raise Invalid_argument ["Offheap.free: deleted"] when [h] was freed already.
+    @raise Out_of_memory on OCaml 5 when there is no memory to queue the free; [h] is
+    then still live, and may be freed again later. *)
 
 val delete : 'a t -> unit
   [@@ocaml.deprecated "Use Offheap.free."]
@@ -232,7 +234,9 @@ val measure : 'a -> stats
 (** [measure v] is what [copy v] would take, without copying: the bytes of the copy's
     allocation, its blocks, and the traversal's peak memory besides the copy. It runs
     the first pass of {!copy} alone: [v] is left as it was, and nothing is allocated
-    but the traversal's own tables, freed on return. Use it to decide whether a copy
+    but the traversal's own tables, freed on return (except the 1.4 MiB of buffers in
+    which each thread walks values of 17 to 16384 blocks, kept for its next copies).
+    The answer is that of the thread's next [copy v]. Use it to decide whether a copy
     fits, or to size an allocator (an arena) before copying.
 
     {[

@@ -121,14 +121,17 @@ fn after_a_value_too_large_for_the_stack_the_next_copies_start_in_own_buffers() 
         for _ in 0..20 {
             assert_eq!(made(&copy_counted(&mut a, l, n).0), Made::OwnBuffers);
         }
-        // A small value goes back to the stack at once (walked in own buffers, it shows
-        // it fits), and so does the next one.
+        // A small value, walked in own buffers, shows that it fits the stack: it reports
+        // no transient memory, as on the stack, and sends the next copy to the stack
+        // first again.
         let record = a.heap.block(0, &[layout::val_int(1), layout::val_int(2)]);
-        copy_counted(&mut a, l, n);
-        let (c, _) = copy_counted(&mut a, record, 1);
-        assert_eq!(made(&c), Made::OwnBuffers);
         let (c, _) = copy_counted(&mut a, record, 1);
         assert_eq!(made(&c), Made::Stack);
+        assert_eq!(
+            copy_counted(&mut a, l, n).1,
+            asked[0],
+            "the stack first again"
+        );
     })
     .join()
     .unwrap();
@@ -235,4 +238,28 @@ fn copies_run_on_threads_with_small_stacks() {
         .unwrap()
         .join()
         .unwrap();
+}
+
+#[test]
+fn measure_answers_what_the_next_copy_takes() {
+    // Whatever the thread's last copies were (which may send the next one to the walk's
+    // own buffers, or past the walk), `measure` reports the bytes, blocks and transient
+    // memory of the copy that follows it.
+    std::thread::spawn(|| {
+        let mut a = Asking::new();
+        let sizes = [3, 300, 3, small::LARGE_MAX_BLOCKS + 10, 3, 300, 3, 3, 20, 3];
+        let values: Vec<Word> = sizes.iter().map(|&n| list(&mut a.heap, n)).collect();
+        for (&n, &v) in sizes.iter().zip(&values) {
+            // SAFETY: a well-formed value of the fake heap; nothing else touches it.
+            let m = unsafe { copy::measure(v, &mut a, HeaderMarks::new(Color::C2)) }.unwrap();
+            let (c, _) = copy_counted(&mut a, v, n);
+            assert_eq!(
+                (m.bytes, m.blocks, m.transient_bytes),
+                (c.bytes, c.blocks, c.transient_bytes),
+                "a list of {n}"
+            );
+        }
+    })
+    .join()
+    .unwrap();
 }

@@ -105,6 +105,13 @@ pub fn note_general_copy(tried: bool, blocks: usize, bytes: usize) {
     }
 }
 
+/// Whether the next copy of this thread will take this path: what [`worth_trying`] will
+/// answer, without counting the copy ([`measure`] answers for the next copy).
+#[inline(always)]
+fn will_try() -> bool {
+    SKIP.with(Cell::get) == 0
+}
+
 /// Whether the next copy of this thread should start in buffers of its own: for the
 /// `SKIPPED` copies after one was too large for the stack.
 #[inline(always)]
@@ -329,7 +336,7 @@ unsafe fn copy_large<H: Heap, O: Output>(
         // SAFETY: forwarded.
         let written = unsafe { walk.run(root) }.ok().map(|()| {
             walk.note_size();
-            walk.write(out, LARGE_SPACE_BYTES)
+            walk.write(out, walk.space_bytes())
         });
         (written, walk.len)
     })?
@@ -341,6 +348,9 @@ unsafe fn copy_large<H: Heap, O: Output>(
 /// # Safety
 /// As [`copy_into`].
 pub unsafe fn measure<H: Heap>(root: Word, heap: &mut H) -> Option<Measured> {
+    if !will_try() {
+        return None;
+    }
     let mut slot = MaybeUninit::uninit();
     let walk = Walk::on_stack(&mut slot, heap);
     // SAFETY: forwarded.
@@ -354,7 +364,7 @@ pub unsafe fn measure<H: Heap>(root: Word, heap: &mut H) -> Option<Measured> {
         // SAFETY: forwarded.
         let measured = unsafe { walk.run(root) }
             .ok()
-            .map(|()| walk.measured(LARGE_SPACE_BYTES));
+            .map(|()| walk.measured(walk.space_bytes()));
         (measured, walk.len)
     })?
 }
@@ -417,11 +427,28 @@ where
         }
     }
 
+    /// Whether the value fits the stack's limits.
+    fn fits_stack(&self) -> bool {
+        self.count <= MAX_BLOCKS && self.len <= MAX_WORDS
+    }
+
     /// After a walk in buffers of its own: a value within the stack's limits sends the
     /// next copies to the stack again.
     fn note_size(&self) {
-        if self.count <= MAX_BLOCKS && self.len <= MAX_WORDS {
+        if self.fits_stack() {
             LARGE_FIRST.with(|n| n.set(0));
+        }
+    }
+
+    /// The transient memory a walk in buffers of its own reports: theirs, unless the
+    /// value fits the stack, where it could have been walked without them (as
+    /// [`measure`] does): the figure depends on the value, not on where the thread's
+    /// last copies sent this one.
+    fn space_bytes(&self) -> usize {
+        if self.fits_stack() {
+            0
+        } else {
+            LARGE_SPACE_BYTES
         }
     }
 
