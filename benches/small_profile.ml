@@ -4,14 +4,18 @@
    (copies kept), copyfree (copies kept, then all freed), interleaved (copy then free),
    marshal (a round trip), region (Region.add to one region); interleaved1 and
    interleaved10 copy and free a fresh ref or a fresh list of 10 immediates instead, and
-   interleaved100 and interleaved1000 a list of 50 or 500 pairs (100 blocks: the walk's
-   index; 1000: the general traversal), whose making base1, base10, base100 and
-   base1000 measure alone. The cost of one call is the difference of two
+   interleaved100 and interleaved1000 a list of 50 or 500 pairs (100 or 1000 blocks, in
+   the walk's own buffers), whose making base1, base10, base100 and base1000 measure
+   alone. The cost of one call is the difference of two
    runs' instruction counts (N and 2N) divided by N, less the matching base's; e.g.
    valgrind --tool=callgrind ./_build/default/benches/small_profile.exe copy 20000
    (the machine's wall times are too noisy for per-call differences of 10%). *)
 
 type small = { sa : int; sb : string; sc : float; sd : int; se : int }
+
+(* A fresh list of [n] pairs: 2n blocks, beyond the stack's share of the path of small
+   values (src/copy/small.rs), in the walk's own buffers. *)
+let pairs n v = List.init n (fun i -> (i, v.sa))
 
 let () =
   let mode = Sys.argv.(1) and n = int_of_string Sys.argv.(2) in
@@ -47,24 +51,12 @@ let () =
         (fun v -> ignore (Sys.opaque_identity (List.init 10 (fun i -> i + v.sa))))
         values
   | "base1" -> Array.iter (fun v -> ignore (Sys.opaque_identity (ref v.sa))) values
-  | "interleaved100" ->
-      (* A list of 50 pairs: 100 blocks, beyond the path of small values. *)
-      Array.iter
-        (fun v -> Offheap.free (Offheap.copy (List.init 50 (fun i -> (i, v.sa)))))
-        values
-  | "base100" ->
-      Array.iter
-        (fun v -> ignore (Sys.opaque_identity (List.init 50 (fun i -> (i, v.sa)))))
-        values
-  | "interleaved1000" ->
-      (* A list of 500 pairs: 1000 blocks, the general traversal. *)
-      Array.iter
-        (fun v -> Offheap.free (Offheap.copy (List.init 500 (fun i -> (i, v.sa)))))
-        values
-  | "base1000" ->
-      Array.iter
-        (fun v -> ignore (Sys.opaque_identity (List.init 500 (fun i -> (i, v.sa)))))
-        values
+  | "interleaved100" | "interleaved1000" ->
+      let n = if mode = "interleaved100" then 50 else 500 in
+      Array.iter (fun v -> Offheap.free (Offheap.copy (pairs n v))) values
+  | "base100" | "base1000" ->
+      let n = if mode = "base100" then 50 else 500 in
+      Array.iter (fun v -> ignore (Sys.opaque_identity (pairs n v))) values
   | "region" ->
       let r = Offheap.Region.create () in
       Array.iter (fun v -> ignore (Sys.opaque_identity (Offheap.Region.add r v))) values

@@ -77,18 +77,28 @@ thread_local! {
     static LARGE_FIRST: Cell<u8> = const { Cell::new(0) };
 }
 
+/// Counts one copy off `counter` (one of this thread's counts of copies left): whether
+/// any was left.
+#[inline(always)]
+fn count_down(counter: &'static std::thread::LocalKey<Cell<u8>>) -> bool {
+    counter.with(|left| {
+        let n = left.get();
+        left.set(n.saturating_sub(1));
+        n != 0
+    })
+}
+
 /// Whether the next copy of this thread should try this path: not for the `SKIPPED` (8)
 /// copies after the walk gave up, unless one of them turns out small.
 #[inline(always)]
 pub fn worth_trying() -> bool {
-    SKIP.with(|skip| {
-        let left = skip.get();
-        if left == 0 {
-            return true;
-        }
-        skip.set(left - 1);
-        false
-    })
+    !count_down(&SKIP)
+}
+
+/// Whether a value of `blocks` blocks and `words` words fits the stack's buffers.
+#[inline(always)]
+fn fits_stack(blocks: usize, words: usize) -> bool {
+    blocks <= MAX_BLOCKS && words <= MAX_WORDS
 }
 
 /// Records a copy of `blocks` blocks and `bytes` bytes made by the general traversal,
@@ -96,11 +106,12 @@ pub fn worth_trying() -> bool {
 /// this path that was not tried ends the skipping at once.
 #[inline(always)]
 pub fn note_general_copy(tried: bool, blocks: usize, bytes: usize) {
-    let small = blocks <= LARGE_MAX_BLOCKS && bytes <= LARGE_MAX_WORDS * WORD_BYTES;
+    let words = bytes / WORD_BYTES;
+    let small = blocks <= LARGE_MAX_BLOCKS && words <= LARGE_MAX_WORDS;
     if tried || small {
         SKIP.with(|skip| skip.set(if tried { SKIPPED } else { 0 }));
     }
-    if !tried && blocks <= MAX_BLOCKS && bytes <= MAX_WORDS * WORD_BYTES {
+    if !tried && fits_stack(blocks, words) {
         LARGE_FIRST.with(|n| n.set(0));
     }
 }
@@ -116,14 +127,7 @@ fn will_try() -> bool {
 /// `SKIPPED` copies after one was too large for the stack.
 #[inline(always)]
 fn large_first() -> bool {
-    LARGE_FIRST.with(|left| {
-        let n = left.get();
-        if n == 0 {
-            return false;
-        }
-        left.set(n - 1);
-        true
-    })
+    count_down(&LARGE_FIRST)
 }
 
 /// Why the walk gave up.
@@ -427,15 +431,10 @@ where
         }
     }
 
-    /// Whether the value fits the stack's limits.
-    fn fits_stack(&self) -> bool {
-        self.count <= MAX_BLOCKS && self.len <= MAX_WORDS
-    }
-
     /// After a walk in buffers of its own: a value within the stack's limits sends the
     /// next copies to the stack again.
     fn note_size(&self) {
-        if self.fits_stack() {
+        if fits_stack(self.count, self.len) {
             LARGE_FIRST.with(|n| n.set(0));
         }
     }
@@ -445,7 +444,7 @@ where
     /// [`measure`] does): the figure depends on the value, not on where the thread's
     /// last copies sent this one.
     fn space_bytes(&self) -> usize {
-        if self.fits_stack() {
+        if fits_stack(self.count, self.len) {
             0
         } else {
             LARGE_SPACE_BYTES
