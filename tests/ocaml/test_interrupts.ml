@@ -21,6 +21,11 @@ let with_alarm ~period f =
     ~finally:(fun () ->
       armed := false;
       timer 0.;
+      (* A tick sent just before the timer stopped can still be pending at the process,
+         for another thread to take later (the main thread blocks SIGALRM while its
+         handler runs): ignoring the signal discards it before [old] (the default:
+         termination) is back. *)
+      Sys.set_signal Sys.sigalrm Sys.Signal_ignore;
       Sys.set_signal Sys.sigalrm old)
     f
 
