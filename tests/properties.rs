@@ -149,6 +149,76 @@ fn graph() -> impl Strategy<Value = Graph> {
     })
 }
 
+/// The shapes of the shallow path (`copy::shallow`): a root block of up to one field
+/// more than the path takes, whose fields lead mostly to raw blocks (some shared, some
+/// to the root itself, some to static blocks), now and then to a block the path leaves
+/// to the walk (a tuple, an abstract or foreign block); or a raw root. Strings long
+/// enough to pass the path's limit of words.
+fn shallow_graph() -> impl Strategy<Value = Graph> {
+    let child = prop_oneof![
+        10 => vec(any::<u8>(), 0..=1100).prop_map(Kind::Str),
+        4 => raw().prop_map(Kind::Float),
+        3 => vec(raw(), 1..=5).prop_map(Kind::FloatArray),
+        3 => raw().prop_map(Kind::Int64),
+        2 => (0u8..244, vec(edge(), 1..=3)).prop_map(|(tag, fields)| Kind::Static { tag, fields }),
+        1 => (0u8..244, vec(edge(), 1..=3)).prop_map(|(tag, fields)| Kind::Tuple { tag, fields }),
+        1 => vec(raw(), 1..=3).prop_map(Kind::Abstract),
+        1 => Just(Kind::Foreign),
+    ];
+    let field = prop_oneof![
+        1 => any::<i32>().prop_map(Edge::Imm),
+        4 => (0usize..12).prop_map(|node| Edge::Node { node, function: 0 }),
+    ];
+    let fields = vec(field, 1..=copy::shallow::MAX_FIELDS + 1);
+    (0u8..244, fields, vec(child, 1..=11), any::<bool>(), 0u8..8).prop_map(
+        |(tag, fields, children, copy_static, pick)| {
+            let mut nodes = vec![Kind::Tuple { tag, fields }];
+            nodes.extend(children);
+            // Mostly the tuple; now and then its first child as the root.
+            let root = Edge::Node {
+                node: usize::from(pick == 0),
+                function: 0,
+            };
+            Graph {
+                nodes,
+                root,
+                copy_static,
+            }
+        },
+    )
+}
+
+/// Whether the shallow path copies `g`: its root is a raw block, or a tuple of at most
+/// `MAX_FIELDS` fields whose copied children are raw; all within the stack's words.
+fn shallow_takes(g: &Graph) -> bool {
+    let Edge::Node { node, .. } = g.root else {
+        return false;
+    };
+    let n = g.nodes.len();
+    let raw = |k: &Kind| {
+        matches!(
+            k,
+            Kind::Str(_) | Kind::Float(_) | Kind::FloatArray(_) | Kind::Int64(_)
+        )
+    };
+    let copied = |i: usize| !matches!(g.nodes[i], Kind::Static { .. }) || g.copy_static;
+    let root = &g.nodes[node % n];
+    let e = expected(g);
+    let fits = e.words <= copy::small::MAX_WORDS;
+    match root {
+        Kind::Tuple { fields, .. } if fields.len() <= copy::shallow::MAX_FIELDS => {
+            fits && fields.iter().all(|f| match *f {
+                Edge::Imm(_) => true,
+                Edge::Node { node: j, .. } => {
+                    let j = j % n;
+                    j == node % n || !copied(j) || raw(&g.nodes[j])
+                }
+            })
+        }
+        k => fits && raw(k),
+    }
+}
+
 /// What a copy of `g` must do, from the description alone.
 #[derive(Debug, Default)]
 struct Expected {
@@ -435,6 +505,40 @@ proptest! {
     #[test]
     fn random_graphs_copy_or_fail_cleanly(g in graph()) {
         check(&g)?;
+    }
+
+    #[test]
+    fn shallow_shapes_copy_or_fail_cleanly(g in shallow_graph()) {
+        check(&g)?;
+    }
+}
+
+/// The generator of shallow shapes gives values that the shallow path copies and values
+/// it leaves to the walk (a guard against a strategy that tests nothing).
+#[test]
+fn shallow_generator_covers_both_outcomes() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let (mut taken, mut left, mut errors) = (0, 0, 0);
+    for _ in 0..512 {
+        let g = shallow_graph().new_tree(&mut runner).unwrap().current();
+        let e = expected(&g);
+        if e.abstract_reachable || e.foreign_reachable {
+            errors += 1;
+        } else if shallow_takes(&g) {
+            taken += 1;
+        } else {
+            left += 1;
+        }
+        check(&g).unwrap();
+    }
+    for (what, count) in [
+        ("taken", taken),
+        ("left to the walk", left),
+        ("errors", errors),
+    ] {
+        assert!(count >= 25, "only {count} {what} cases in 512");
     }
 }
 

@@ -1,6 +1,7 @@
 //! The path of small values (`copy::small`): which copies take it (on the stack, in
 //! buffers of its own, or not at all), and the skipping that keeps values just beyond its
-//! limits from paying for a walk that gives up at every copy.
+//! limits from paying for a walk that gives up at every copy; and the shallow path before
+//! it (`copy::shallow`).
 //! (That it writes the general traversal's bytes is checked on random graphs in
 //! `properties.rs`; that it takes no Rust memory, in `exhaustion.rs`.)
 
@@ -9,7 +10,7 @@ mod fake_heap;
 use fake_heap::{assert_isomorphic, Counting, FakeHeap};
 use offheap::alloc::Allocator;
 use offheap::copy::visited::HeaderMarks;
-use offheap::copy::{self, small, Copied, Heap};
+use offheap::copy::{self, shallow, small, Copied, Heap};
 use offheap::layout::{self, Color, Word};
 
 /// The fake heap, counting the calls of `should_copy`: the walk and the general
@@ -75,6 +76,7 @@ fn copy_counted(a: &mut Asking, root: Word, blocks: usize) -> (Copied, usize) {
 /// Where a copy was made, by its transient memory.
 #[derive(Debug, PartialEq, Eq)]
 enum Made {
+    /// On the stack, by the walk or by the shallow path.
     Stack,
     OwnBuffers,
     Traversal,
@@ -124,13 +126,23 @@ fn after_a_value_too_large_for_the_stack_the_next_copies_start_in_own_buffers() 
         // A small value, walked in own buffers, shows that it fits the stack: it reports
         // no transient memory, as on the stack, and sends the next copy to the stack
         // first again.
+        let small_list = list(&mut a.heap, 3);
+        let (c, _) = copy_counted(&mut a, small_list, 3);
+        assert_eq!(made(&c), Made::Stack);
+        assert_eq!(
+            copy_counted(&mut a, l, n).1,
+            asked[0],
+            "the stack first again"
+        );
+        // So does a value of the shallow path, which the walk never sees.
+        copy_counted(&mut a, l, n);
         let record = a.heap.block(0, &[layout::val_int(1), layout::val_int(2)]);
         let (c, _) = copy_counted(&mut a, record, 1);
         assert_eq!(made(&c), Made::Stack);
         assert_eq!(
             copy_counted(&mut a, l, n).1,
             asked[0],
-            "the stack first again"
+            "the stack first again, after the shallow path"
         );
     })
     .join()
@@ -151,16 +163,24 @@ fn a_run_of_values_beyond_the_limits_walks_once_in_a_while() {
         assert_eq!(walked, expected, "a walk once in 9 copies: {asked:?}");
         // A small value ends the skipping at once: it is copied by the traversal (it
         // was not tried), and the next small value takes the path again.
-        let record = a.heap.block(0, &[layout::val_int(1), layout::val_int(2)]);
+        let small_list = list(&mut a.heap, 3);
         copy_counted(&mut a, beyond, n); // copy 20: walks, then skips
-        let (c, _) = copy_counted(&mut a, record, 1);
+        let (c, _) = copy_counted(&mut a, small_list, 3);
         assert_eq!(
             made(&c),
             Made::Traversal,
             "skipped: the traversal copied it"
         );
-        let (c, _) = copy_counted(&mut a, record, 1);
+        let (c, _) = copy_counted(&mut a, small_list, 3);
         assert_eq!(made(&c), Made::Stack, "the path again");
+        // The shallow path is tried whatever the skipping (a value it does not take
+        // costs it a few reads), and a value it copies ends the skipping too.
+        copy_counted(&mut a, beyond, n); // walks, then skips
+        let record = a.heap.block(0, &[layout::val_int(1), layout::val_int(2)]);
+        let (c, _) = copy_counted(&mut a, record, 1);
+        assert_eq!(made(&c), Made::Stack, "the shallow path, while skipping");
+        let (c, _) = copy_counted(&mut a, small_list, 3);
+        assert_eq!(made(&c), Made::Stack, "the skipping ended");
     })
     .join()
     .unwrap();
@@ -258,6 +278,59 @@ fn measure_answers_what_the_next_copy_takes() {
                 (c.bytes, c.blocks, c.transient_bytes),
                 "a list of {n}"
             );
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn shallow_values_keep_sharing_and_cycles_and_leave_the_rest_to_the_walk() {
+    std::thread::spawn(|| {
+        let mut a = Asking::new();
+        let h = &mut a.heap;
+        let name = h.string(b"a name");
+        let x = h.float(1.5);
+        let n64 = h.int64(-7);
+        let statics = h.static_block(0, &[layout::val_int(3)]);
+        // A record of a string twice, a float, an Int64, a static block and integers:
+        // 4 blocks, the string once.
+        let record = h.block(
+            0,
+            &[
+                name,
+                layout::val_int(1),
+                x,
+                name,
+                n64,
+                statics,
+                layout::val_int(2),
+            ],
+        );
+        // A record that points to itself and to a string.
+        let ring = h.block(3, &[name, layout::val_int(0)]);
+        h.set(ring, 1, ring);
+        // Raw roots.
+        let fits = h.string(&[7; (small::MAX_WORDS - 2) * 8]);
+        let array = h.float_array(&[1.0, 2.0, 3.0]);
+        // Beyond the shallow path: a field to a scannable block, one field too many,
+        // a string that takes the words past the stack's limit.
+        let cell = h.block(0, &[layout::val_int(1), layout::val_int(0)]);
+        let deep = h.block(0, &[name, cell]);
+        let wide = h.block(0, &[name; shallow::MAX_FIELDS + 1]);
+        let long = h.string(&[7; (small::MAX_WORDS - 4) * 8]);
+        let past = h.block(0, &[long, x]);
+        for (v, blocks, made_by) in [
+            (record, 4, Made::Stack),
+            (ring, 2, Made::Stack),
+            (fits, 1, Made::Stack),
+            (array, 1, Made::Stack),
+            (deep, 3, Made::Stack),
+            (wide, 2, Made::Stack),
+            (past, 3, Made::OwnBuffers),
+        ] {
+            let (c, _) = copy_counted(&mut a, v, blocks);
+            assert_eq!(made(&c), made_by, "{blocks} blocks");
         }
     })
     .join()

@@ -52,6 +52,7 @@
 pub mod data;
 pub mod pending;
 pub mod queue;
+pub mod shallow;
 pub mod small;
 pub mod visited;
 
@@ -368,6 +369,10 @@ pub unsafe fn copy_into<H: Heap, V: VisitedSet, O: Output>(
 ) -> Result<Written, CopyError> {
     if layout::is_immediate(root) || !heap.should_copy(root) {
         return Ok(Written::kept(root));
+    }
+    // SAFETY: the caller's contract on `root` and its graph is the shallow path's.
+    if let Some(written) = unsafe { shallow::copy_into(root, heap, out) } {
+        return written;
     }
     let tried = small::worth_trying();
     if tried {

@@ -116,6 +116,14 @@ pub fn note_general_copy(tried: bool, blocks: usize, bytes: usize) {
     }
 }
 
+/// Records a copy made by [`super::shallow`]: a value that fits the stack, which ends
+/// the skipping and sends the next copies to the stack first, as one walked does.
+#[inline(always)]
+pub(super) fn note_small_copy() {
+    SKIP.with(|skip| skip.set(0));
+    LARGE_FIRST.with(|n| n.set(0));
+}
+
 /// Whether the next copy of this thread will take this path: what [`worth_trying`] will
 /// answer, without counting the copy ([`measure`] answers for the next copy).
 #[inline(always)]
@@ -139,15 +147,15 @@ enum GiveUp {
     Unsupported,
 }
 
-/// A block found by the walk.
+/// A block found by the walk (or by [`super::shallow`]).
 #[derive(Clone, Copy)]
-struct Found {
+pub(super) struct Found {
     /// Its first field, in the source.
-    block: Word,
+    pub(super) block: Word,
     /// Its header, as read when it was found.
-    header: Header,
+    pub(super) header: Header,
     /// Offset of its header in the copy, in words.
-    at: usize,
+    pub(super) at: usize,
 }
 
 /// Where a walk keeps what it builds: `B` blocks, `W` words, an index of `I` slots (`2 *
@@ -687,7 +695,7 @@ where
 /// # Safety
 /// As [`std::ptr::copy_nonoverlapping`] for `n` words.
 #[inline(always)]
-unsafe fn copy_short(src: *const Word, dst: *mut Word, n: usize) {
+pub(super) unsafe fn copy_short(src: *const Word, dst: *mut Word, n: usize) {
     if n > 8 {
         // SAFETY: the caller's contract.
         unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };

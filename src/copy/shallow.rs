@@ -1,0 +1,197 @@
+//! The shallowest values: a raw block (a string, a float, a float array, a boxed
+//! integer), or a block of at most [`MAX_FIELDS`] fields whose pointers to copy all lead
+//! to raw blocks: a record of a string, a float and integers, a pair of strings, a
+//! `Some` of a string. Most entries that a cache copies one at a time, and most region
+//! adds, have this shape.
+//!
+//! Their copy needs none of the walk's machinery ([`super::small`]): the root's fields
+//! are read once into an array on the stack, the header of each block they lead to once,
+//! and the copy is written straight to the [`Output`], laid out as the walk and the
+//! general traversal lay it out (the root, then the blocks its fields lead to in the
+//! order of the fields, each once). A field that leads to a scannable block, or to a
+//! block the walk would not take (an abstract or foreign custom block, an infix
+//! pointer), ends the attempt having written nothing: the walk then copies the value
+//! from its root, and the attempt cost the reading of a few fields (a list cell: its
+//! tail's header).
+//!
+//! Each field and header is read once, as the walk reads them, so the copy is well formed
+//! even when other domains write to the source.
+
+use std::mem::MaybeUninit;
+
+use super::small::{self, Found};
+use super::{read_field, Heap, Output, Written};
+use crate::copy::CopyError;
+use crate::layout::{self, Color, Header, Word, WORD_BYTES};
+
+/// The most fields of a root this path copies.
+pub const MAX_FIELDS: usize = 8;
+/// The most words (headers included) of a copy this path makes: the stack's limit of
+/// the walk ([`small::MAX_WORDS`]), so that both take the same values.
+const MAX_WORDS: usize = small::MAX_WORDS;
+
+/// Copies `root`, a pointer to a block that `heap` says to copy, into `out` when the
+/// value has the shape of this path; `None` when it does not (then nothing was written
+/// to `out` or to the source).
+///
+/// # Errors
+/// [`Output::begin`]'s; nothing was written then.
+///
+/// # Safety
+/// As [`super::copy_into`]: `root` and the blocks it reaches are well formed; others may
+/// write to fields of its scannable blocks only as `read_field` (in `copy`) allows.
+#[inline(always)]
+pub unsafe fn copy_into<H: Heap, O: Output>(
+    root: Word,
+    heap: &mut H,
+    out: &mut O,
+) -> Option<Result<Written, CopyError>> {
+    // SAFETY: `root` points to a block of the source.
+    let hd = unsafe { layout::read_header(root) };
+    let n = hd.wosize();
+    if !hd.is_scannable() {
+        // SAFETY: forwarded.
+        if n >= MAX_WORDS || !unsafe { takes_raw(heap, root, hd) } {
+            return None;
+        }
+        let root_found = Found {
+            block: root,
+            header: hd,
+            at: 0,
+        };
+        // SAFETY: forwarded.
+        return Some(unsafe { write(out, &[root_found], &[], 1 + n) });
+    }
+    if n > MAX_FIELDS || hd.tag() >= layout::FORCING_TAG {
+        // Closures, lazy values, objects, forwarded blocks: the walk's.
+        return None;
+    }
+    // Uninitialised, so that a value this path does not take costs only what it read
+    // (a list: its first cell's fields and its tail's header).
+    // `found[..count]` and `fields[..i]` are initialised.
+    let mut found = [const { MaybeUninit::<Found>::uninit() }; MAX_FIELDS + 1];
+    // Each field as read, with the index (plus one) of the found block it leads to, or 0.
+    let mut fields = [const { MaybeUninit::<(Word, u8)>::uninit() }; MAX_FIELDS];
+    // The root is found first, at offset 0; then the blocks its fields lead to.
+    found[0].write(Found {
+        block: root,
+        header: hd,
+        at: 0,
+    });
+    let mut count = 1;
+    let mut len = 1 + n;
+    for (i, slot) in fields.iter_mut().enumerate().take(n) {
+        // SAFETY: `i < n`, a field of the root.
+        let v = unsafe { read_field((root as *const Word).add(i)) };
+        let mut leads_to = 0;
+        if !layout::is_immediate(v) && heap.should_copy(v) {
+            // SAFETY: `found[..count]` are initialised.
+            match (0..count).position(|j| unsafe { found[j].assume_init_ref() }.block == v) {
+                Some(j) => leads_to = j + 1,
+                None => {
+                    // SAFETY: a pointer read from a block of the source graph.
+                    let child = unsafe { layout::read_header(v) };
+                    let m = child.wosize();
+                    // SAFETY: `v` points to a block with header `child`.
+                    if child.is_scannable()
+                        || m >= MAX_WORDS - len
+                        || !unsafe { takes_raw(heap, v, child) }
+                    {
+                        return None;
+                    }
+                    found[count].write(Found {
+                        block: v,
+                        header: child,
+                        at: len,
+                    });
+                    count += 1;
+                    len += 1 + m;
+                    leads_to = count;
+                }
+            }
+        }
+        // At most `MAX_FIELDS + 1` blocks: fits a `u8`.
+        slot.write((v, leads_to as u8));
+    }
+    crate::fault::point("measure");
+    // SAFETY: `found[..count]` and `fields[..n]` are initialised (above); `fields` are
+    // the root's fields.
+    Some(unsafe {
+        write(
+            out,
+            std::slice::from_raw_parts(found.as_ptr().cast::<Found>(), count),
+            std::slice::from_raw_parts(fields.as_ptr().cast::<(Word, u8)>(), n),
+            len,
+        )
+    })
+}
+
+/// Whether this path copies the raw block `v` (header `hd`) as it is: a string, a float,
+/// a float array, or a custom block that `heap` says holds plain bytes. Abstract blocks
+/// and other custom blocks are for the general traversal (which copies Bigarrays or says
+/// why it cannot copy).
+///
+/// # Safety
+/// `v` points to a raw block with header `hd`.
+#[inline(always)]
+unsafe fn takes_raw<H: Heap>(heap: &H, v: Word, hd: Header) -> bool {
+    match hd.tag() {
+        layout::ABSTRACT_TAG => false,
+        // SAFETY: field 0 of a custom block is its operations pointer.
+        layout::CUSTOM_TAG => heap.is_copyable_custom(unsafe { *(v as *const Word) }),
+        _ => true,
+    }
+}
+
+/// Writes the copy of `len` words to `out`: the blocks `found` (the root first), the
+/// root's scannable `fields` as read (with the index plus one of the found block each
+/// leads to, or 0), the raw blocks' fields read from the source now.
+///
+/// # Errors
+/// [`Output::begin`]'s; nothing was written then.
+///
+/// # Safety
+/// `found` are blocks of the source with their headers, laid out from offset 0 at their
+/// `at` within `len` words; the raw ones are read here once.
+#[inline(always)]
+unsafe fn write<O: Output>(
+    out: &mut O,
+    found: &[Found],
+    fields: &[(Word, u8)],
+    len: usize,
+) -> Result<Written, CopyError> {
+    let bytes = len * WORD_BYTES;
+    let base = out.begin(bytes)?;
+    crate::fault::point("write");
+    let dst = out.next(len);
+    for (i, &(v, leads_to)) in fields.iter().enumerate() {
+        let word = match leads_to {
+            0 => v,
+            j => base + (found[j as usize - 1].at + 1) * WORD_BYTES,
+        };
+        // SAFETY: field `i` of the root, word `1 + i < len` of the run.
+        unsafe { dst.add(1 + i).write(word) };
+    }
+    for f in found {
+        // SAFETY: the block's header and fields lie within the `len` words of the run.
+        unsafe {
+            dst.add(f.at)
+                .write(f.header.with_color(Color::Unmarkable).0)
+        };
+        if !f.header.is_scannable() {
+            // SAFETY: a raw block of the source has `wosize` readable words, none a
+            // pointer, read here once; its fields are words `at + 1..` of the copy.
+            unsafe {
+                small::copy_short(f.block as *const Word, dst.add(f.at + 1), f.header.wosize())
+            };
+        }
+    }
+    small::note_small_copy();
+    Ok(Written {
+        root: base + WORD_BYTES,
+        bytes,
+        blocks: found.len(),
+        data_bytes: 0,
+        transient_bytes: 0,
+    })
+}
