@@ -417,6 +417,45 @@ let test_signals _ =
   List.iter (fun r -> try R.free r with Invalid_argument _ -> ()) regions;
   assert_freed_all ~msg:"signals" a
 
+(* A signal handler whose own adds fail, running between a failed add and the raise of
+   its error: each add raises its own error. (Errors wait in a per-thread slot until the
+   OCaml side asks for them: the handler's failed add took the interrupted add's error,
+   which then found none and raised Invalid_argument "freed" for a live region.) *)
+let test_signal_errors _ =
+  let r = R.create () in
+  let abstract = [ Obj.repr 1; Obj.new_block Obj.abstract_tag 1 ] in
+  let lazy_v = [ Obj.repr (lazy (print_endline "never")) ] in
+  let in_handler = ref 0 and handler_wrong = ref [] in
+  let handler _ =
+    match R.add r abstract with
+    | _ -> handler_wrong := "added" :: !handler_wrong
+    | exception Offheap.Not_copyable Offheap.Abstract -> incr in_handler
+    | exception e -> handler_wrong := Printexc.to_string e :: !handler_wrong
+  in
+  let old = Sys.signal Sys.sigalrm (Sys.Signal_handle handler) in
+  let tick = { Unix.it_interval = 0.0001; it_value = 0.0001 } in
+  ignore (Unix.setitimer Unix.ITIMER_REAL tick);
+  let right = ref 0 and wrong = ref [] and wrong_count = ref 0 in
+  let start = Unix.gettimeofday () in
+  while !in_handler < 5000 && Unix.gettimeofday () -. start < 5.0 do
+    for _ = 1 to 100 do
+      match R.add r lazy_v with
+      | _ -> wrong := "added" :: !wrong
+      | exception Offheap.Not_copyable Offheap.Unforced_lazy -> incr right
+      | exception e ->
+          incr wrong_count;
+          if !wrong_count <= 3 then wrong := Printexc.to_string e :: !wrong
+    done
+  done;
+  stop_ticks old;
+  Printf.printf "signal errors: %d failed adds, %d in the handler\n%!" !right !in_handler;
+  assert_bool "the handler ran" (!in_handler > 100);
+  assert_equal ~msg:"adds interrupted by the handler (the first 3)" ~printer:(String.concat "; ") [] !wrong;
+  assert_equal ~msg:"adds raising another error" ~printer:pint 0 !wrong_count;
+  assert_equal ~msg:"adds of the handler" ~printer:(String.concat "; ") [] !handler_wrong;
+  assert_equal ~msg:"nothing added" ~printer:pint 0 (R.stats r).values;
+  R.free r
+
 (* {1 Threads} *)
 
 (* Threads adding to one region, each failing in its own way now and then: every add
@@ -608,6 +647,7 @@ let () =
            "null_first" >:: test_null_first;
            "misaligned" >:: test_misaligned;
            "signals" >:: test_signals;
+           "signal errors" >:: test_signal_errors;
            "threads" >:: test_threads;
            "image_round_trips" >:: test_image_round_trips;
            "own chunks freed, then copies" >:: test_own_chunks_freed_then_copies;
