@@ -100,17 +100,15 @@ module Make (B : BASE) = struct
     if c == failed then add_failed r v true else Obj.obj c
 
   let mem r v = stub_mem r v
-  let freed r = stub_stat r 6 <> 0
-  let chunk_bytes r = stub_stat r 5
+  let freed r = stub_stat r 1 <> 0
+  let chunk_bytes r = stub_stat r 0
 
+  (* One stub call, one lock: the fields describe one moment, also beside adds from
+     other domains (read one by one, [bytes] could exceed [reserved]). *)
   let stats r =
-    {
-      bytes = stub_stat r 0;
-      reserved = stub_stat r 1;
-      blocks = stub_stat r 2;
-      chunks = stub_stat r 3;
-      values = stub_stat r 4;
-    }
+    let f = Array.make 5 0 in
+    Ext.offheap_region_stats r f;
+    { bytes = f.(0); reserved = f.(1); blocks = f.(2); chunks = f.(3); values = f.(4) }
 
   let free r =
     match Ext.offheap_region_free r with

@@ -330,25 +330,40 @@ pub extern "C" fn offheap_region_mem(r: Value, v: Value) -> Value {
     val_int(inside as isize) as Value
 }
 
-/// Statistic `i` of `r`: 0 bytes, 1 reserved, 2 blocks, 3 chunks (now), 4 values, 5
-/// chunk size, 6 whether freed.
+/// Fact `i` of `r` that [`offheap_region_stats`] does not give: 0 its chunk size, 1
+/// whether it was freed.
 #[no_mangle]
 #[ocaml::sig("region -> int -> int [@@noalloc]")]
 pub extern "C" fn offheap_region_stat(r: Value, i: Value) -> Value {
     let Some(cell) = lock(r) else {
         return val_int(0) as Value;
     };
-    let s = cell.region.stats();
     let n = match i >> 1 {
-        0 => s.bytes,
-        1 => s.reserved,
-        2 => s.blocks,
-        3 => cell.region.chunk_count(),
-        4 => s.values,
-        5 => cell.region.chunk_bytes(),
+        0 => cell.region.chunk_bytes(),
         _ => cell.freed as usize,
     };
     val_int(n as isize) as Value
+}
+
+/// Writes the stats of `r` into `fields` (an OCaml array of 5 ints): bytes, reserved,
+/// blocks, chunks (now), values, all read under one lock, so that they describe one
+/// moment even while other domains add (zeros for a record whose creation failed).
+#[no_mangle]
+#[ocaml::sig("region -> int array -> unit [@@noalloc]")]
+pub extern "C" fn offheap_region_stats(r: Value, fields: Value) -> Value {
+    let (s, chunks) = match lock(r) {
+        Some(cell) => (cell.region.stats(), cell.region.chunk_count()),
+        None => (Default::default(), 0),
+    };
+    for (i, n) in [s.bytes, s.reserved, s.blocks, chunks, s.values]
+        .into_iter()
+        .enumerate()
+    {
+        // SAFETY: `fields` is an array of 5 ints allocated by the caller, alive for the
+        // call; an immediate needs no write barrier.
+        unsafe { *(fields as *mut Word).add(i) = val_int(n as isize) };
+    }
+    val_int(0) as Value
 }
 
 /// Frees every chunk of `r`. Returns, as `offheap_stub_free`: `Done`; `Done_slice n`
