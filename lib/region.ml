@@ -70,7 +70,6 @@ module Make (B : BASE) = struct
   let stub_add = Ext.offheap_region_add
   let stub_mem = Ext.offheap_region_mem
   let stub_stat = Ext.offheap_region_stat
-  let stub_adopt = Ext.offheap_region_adopt
   let stub_count_loaded = Ext.offheap_region_count_loaded
 
   (* A block no copy can be: what a failed add returns. *)
@@ -146,18 +145,29 @@ module Make (B : BASE) = struct
     let r = create ?alloc ?chunk_bytes () in
     let h = B.image_load ~key:(region_key key) ?verify ?share path in
     (* No function call between the load and the adopt stub: a signal handler's
-       exception there would leave the payload to a handle nobody frees. *)
-    let root = stub_adopt r h failed in
+       exception there would leave the payload to a handle nobody frees. The external
+       itself, not [stub_adopt]: a let-bound external is a closure, whose entry checks
+       for signals in bytecode. *)
+    let root = Ext.offheap_region_adopt r h failed in
     if root == failed then (
       B.free_handle h;
       raise Out_of_memory);
-    stub_count_loaded r (B.handle_blocks h);
-    match roots_of root with
-    | Some roots -> (r, roots)
+    (* From here [r] owns the payload and only this frame holds [r]: whatever raises
+       before the result is made (a signal handler's exception at the first poll point,
+       often for a signal that came during the load) frees it. The result is made
+       inside the handler's scope; returning it takes no call nor allocation. *)
+    match
+      stub_count_loaded r (B.handle_blocks h);
+      match roots_of root with Some roots -> Some (r, roots) | None -> None
+    with
+    | Some loaded -> loaded
     | None ->
         free r;
         raise
           (Outcome.Invalid_image
              ( Bad_structure,
                Printf.sprintf "Offheap.Region.load_image: %s: not a region image" path ))
+    | exception e ->
+        free r;
+        raise e
 end
