@@ -122,8 +122,15 @@ module Make (B : BASE) = struct
      does not load as a region, nor a region image as a plain one. *)
   let region_key key = "offheap.region:" ^ key
 
+  (* The longest user key: the image's, less the prefix. *)
+  let max_key = Ext.offheap_stub_image_max_key () - String.length (region_key "")
+
   let write_image ?(key = "") path r roots =
     if freed r then invalid_arg "Offheap.Region.write_image: freed";
+    if String.length key > max_key then
+      invalid_arg
+        (Printf.sprintf "Offheap.Region.write_image: key of %d bytes (at most %d)"
+           (String.length key) max_key);
     B.image_write ~key:(region_key key) path (Array.of_list roots)
 
   (* The named roots in the root block of a region image, if it has their shape: an

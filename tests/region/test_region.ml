@@ -562,9 +562,11 @@ let temp () = Filename.temp_file "region" ".img"
 
 (* [f r roots] on the region image at [path]; the region, for freeing once [f] has
    returned and its frame holds no root into it. *)
-let on_loaded path f =
-  let r, rs = R.load_image ~key:"k" path in
+let on_loaded_key key path f =
+  let r, rs = R.load_image ~key path in
   (r, f r rs)
+
+let on_loaded path f = on_loaded_key "k" path f
 
 let test_image_round_trips _ =
   let p1 = temp () and p2 = temp () and p3 = temp () in
@@ -613,6 +615,24 @@ let test_image_round_trips _ =
   in
   R.free r;
   raises_invalid ~sub:"freed" (fun () -> R.write_image p1 r []);
+  (* The longest key, and one byte more: refused in the region's words, with the length
+     the caller gave, nothing written. *)
+  let r = R.create () in
+  let longest = String.make 3977 'k' in
+  R.write_image ~key:longest p1 r [ ("n", Obj.repr 1) ];
+  let r', () = on_loaded_key longest p1 (fun _ rs -> assert_equal ~msg:"longest key" 1 (Obj.obj (List.assoc "n" rs))) in
+  R.free r';
+  let read p =
+    let ic = open_in_bin p in
+    let s = really_input_string ic (in_channel_length ic) in
+    close_in ic;
+    s
+  in
+  let before = read p1 in
+  raises_invalid ~sub:"Offheap.Region.write_image: key of 3978 bytes (at most 3977)" (fun () ->
+      R.write_image ~key:(longest ^ "k") p1 r []);
+  assert_bool "nothing written" (String.equal before (read p1));
+  R.free r;
   (* Bad files: the checks of Image apply. *)
   let invalid what f =
     match f () with
