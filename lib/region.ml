@@ -70,7 +70,6 @@ module Make (B : BASE) = struct
   let stub_add = Ext.offheap_region_add
   let stub_mem = Ext.offheap_region_mem
   let stub_stat = Ext.offheap_region_stat
-  let stub_adopt = Ext.offheap_region_adopt
   let stub_count_loaded = Ext.offheap_region_count_loaded
 
   (* A block no copy can be: what a failed add returns. *)
@@ -100,17 +99,15 @@ module Make (B : BASE) = struct
     if c == failed then add_failed r v true else Obj.obj c
 
   let mem r v = stub_mem r v
-  let freed r = stub_stat r 6 <> 0
-  let chunk_bytes r = stub_stat r 5
+  let freed r = stub_stat r 1 <> 0
+  let chunk_bytes r = stub_stat r 0
 
+  (* One stub call, one lock: the fields describe one moment, also beside adds from
+     other domains (read one by one, [bytes] could exceed [reserved]). *)
   let stats r =
-    {
-      bytes = stub_stat r 0;
-      reserved = stub_stat r 1;
-      blocks = stub_stat r 2;
-      chunks = stub_stat r 3;
-      values = stub_stat r 4;
-    }
+    let f = Array.make 5 0 in
+    Ext.offheap_region_stats r f;
+    { bytes = f.(0); reserved = f.(1); blocks = f.(2); chunks = f.(3); values = f.(4) }
 
   let free r =
     match Ext.offheap_region_free r with
@@ -125,8 +122,15 @@ module Make (B : BASE) = struct
      does not load as a region, nor a region image as a plain one. *)
   let region_key key = "offheap.region:" ^ key
 
+  (* The longest user key: the image's, less the prefix. *)
+  let max_key = Ext.offheap_stub_image_max_key () - String.length (region_key "")
+
   let write_image ?(key = "") path r roots =
     if freed r then invalid_arg "Offheap.Region.write_image: freed";
+    if String.length key > max_key then
+      invalid_arg
+        (Printf.sprintf "Offheap.Region.write_image: key of %d bytes (at most %d)"
+           (String.length key) max_key);
     B.image_write ~key:(region_key key) path (Array.of_list roots)
 
   (* The named roots in the root block of a region image, if it has their shape: an
@@ -148,18 +152,29 @@ module Make (B : BASE) = struct
     let r = create ?alloc ?chunk_bytes () in
     let h = B.image_load ~key:(region_key key) ?verify ?share path in
     (* No function call between the load and the adopt stub: a signal handler's
-       exception there would leave the payload to a handle nobody frees. *)
-    let root = stub_adopt r h failed in
+       exception there would leave the payload to a handle nobody frees. The external
+       itself, not [stub_adopt]: a let-bound external is a closure, whose entry checks
+       for signals in bytecode. *)
+    let root = Ext.offheap_region_adopt r h failed in
     if root == failed then (
       B.free_handle h;
       raise Out_of_memory);
-    stub_count_loaded r (B.handle_blocks h);
-    match roots_of root with
-    | Some roots -> (r, roots)
+    (* From here [r] owns the payload and only this frame holds [r]: whatever raises
+       before the result is made (a signal handler's exception at the first poll point,
+       often for a signal that came during the load) frees it. The result is made
+       inside the handler's scope; returning it takes no call nor allocation. *)
+    match
+      stub_count_loaded r (B.handle_blocks h);
+      match roots_of root with Some roots -> Some (r, roots) | None -> None
+    with
+    | Some loaded -> loaded
     | None ->
         free r;
         raise
           (Outcome.Invalid_image
              ( Bad_structure,
                Printf.sprintf "Offheap.Region.load_image: %s: not a region image" path ))
+    | exception e ->
+        free r;
+        raise e
 end

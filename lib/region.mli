@@ -193,7 +193,8 @@ module type S = sig
         Offheap.Region.free r
       ]}
 
-      @raise Invalid_argument when [r] was freed.
+      @raise Invalid_argument when [r] was freed, or [key] is longer than 3977 bytes
+      (the limit of {!Offheap.Image.write} less the region images' prefix).
       @raise Offheap.Not_copyable as {!Offheap.Image.write} (a closure, an abstract
       block...).
       @raise Sys_error when the file cannot be written.

@@ -22,6 +22,7 @@ struct
   external offheap_region_free : region -> Outcome.t = "offheap_region_free"
   external offheap_region_mem : region -> 'a -> bool = "offheap_region_mem" [@@noalloc]
   external offheap_region_stat : region -> int -> int = "offheap_region_stat" [@@noalloc]
+  external offheap_region_stats : region -> int array -> unit = "offheap_region_stats" [@@noalloc]
 
   (* src/stubs.rs *)
   external offheap_stub_copy : 'a handle -> bool -> 'a -> Outcome.t = "offheap_stub_copy"

@@ -13,7 +13,7 @@
 //! The stubs are plain `extern "C"` functions on raw values (at most five arguments, so
 //! the same function serves bytecode): no ocaml-rs glue runs per call. `add` and `mem`
 //! allocate nothing on the OCaml heap and are `[@@noalloc]`. Errors of `add` are kept
-//! in a thread-local slot that `offheap_region_error` turns into an `Outcome.t`
+//! in a thread-local stack that `offheap_region_error` turns into an `Outcome.t`
 //! (`src/outcome.rs`): the failed add returns the marker it was given. `free` returns an
 //! `Outcome.t` as `offheap_stub_free` does. Each stub's OCaml type is in its
 //! `#[ocaml::sig]`, from which `lib/stubs.ml` is generated.
@@ -54,9 +54,47 @@ enum AddError {
     StopTheWorld,
 }
 
+/// How many errors of failed adds a thread keeps (see [`Errors`]).
+const KEPT_ERRORS: usize = 8;
+
+/// The errors of a thread's failed adds not yet asked for, the latest on top. A stack,
+/// not one slot: a signal handler or finaliser may run (and add to a region, failing)
+/// between a failed add and the OCaml side's [`offheap_region_error`]; it takes its own
+/// error off the top and leaves the interrupted add's beneath. An error whose add was
+/// interrupted by an exception is never asked for: beyond [`KEPT_ERRORS`], the oldest
+/// is dropped.
+struct Errors {
+    slots: [Option<AddError>; KEPT_ERRORS],
+    len: usize,
+}
+
+impl Errors {
+    fn push(&mut self, e: AddError) {
+        if self.len == KEPT_ERRORS {
+            self.slots[0] = None;
+            self.slots.rotate_left(1);
+            self.len -= 1;
+        }
+        self.slots[self.len] = Some(e);
+        self.len += 1;
+    }
+
+    /// The latest error, taken off the stack when `take(&error)` says so.
+    fn pop_if(&mut self, take: impl FnOnce(&AddError) -> bool) -> Option<AddError> {
+        let top = self.len.checked_sub(1)?;
+        if !self.slots[top].as_ref().is_some_and(take) {
+            return None;
+        }
+        self.len = top;
+        self.slots[top].take()
+    }
+}
+
 thread_local! {
-    /// The error of this thread's last failed add.
-    static LAST_ERROR: RefCell<Option<AddError>> = const { RefCell::new(None) };
+    /// The errors of this thread's failed adds, until the OCaml side asks.
+    static LAST_ERRORS: RefCell<Errors> = const {
+        RefCell::new(Errors { slots: [const { None }; KEPT_ERRORS], len: 0 })
+    };
 }
 
 /// The runtime's registry: OCaml 4's page table, nothing on OCaml 5.
@@ -208,13 +246,11 @@ pub extern "C" fn offheap_region_add_stopped(
 ) -> Value {
     #[cfg(ocaml5)]
     {
-        let stop = LAST_ERROR.with(|slot| {
-            let mut slot = slot.borrow_mut();
-            let stop = matches!(*slot, Some(AddError::StopTheWorld));
-            if stop {
-                *slot = None;
-            }
-            stop
+        let stop = LAST_ERRORS.with(|errors| {
+            errors
+                .borrow_mut()
+                .pop_if(|e| matches!(e, AddError::StopTheWorld))
+                .is_some()
         });
         if stop {
             let mut roots = [r as Word, v as Word, failed as Word];
@@ -257,7 +293,7 @@ fn add(r: Value, v: Value, failed: Value, deep: Value) -> Value {
 
 #[cold]
 fn failure(e: AddError, failed: Value) -> Value {
-    LAST_ERROR.with(|slot| *slot.borrow_mut() = Some(e));
+    LAST_ERRORS.with(|errors| errors.borrow_mut().push(e));
     failed
 }
 
@@ -267,7 +303,7 @@ fn failure(e: AddError, failed: Value) -> Value {
 #[no_mangle]
 #[ocaml::sig("unit -> Outcome.t")]
 pub extern "C" fn offheap_region_error(_unit: Value) -> Value {
-    let e = LAST_ERROR.with(|slot| slot.borrow_mut().take());
+    let e = LAST_ERRORS.with(|errors| errors.borrow_mut().pop_if(|_| true));
     let outcome = match e {
         None | Some(AddError::Freed) => StubOutcome::Misuse("Offheap.Region.add: freed".into()),
         #[cfg(ocaml5)]
@@ -294,25 +330,40 @@ pub extern "C" fn offheap_region_mem(r: Value, v: Value) -> Value {
     val_int(inside as isize) as Value
 }
 
-/// Statistic `i` of `r`: 0 bytes, 1 reserved, 2 blocks, 3 chunks (now), 4 values, 5
-/// chunk size, 6 whether freed.
+/// Fact `i` of `r` that [`offheap_region_stats`] does not give: 0 its chunk size, 1
+/// whether it was freed.
 #[no_mangle]
 #[ocaml::sig("region -> int -> int [@@noalloc]")]
 pub extern "C" fn offheap_region_stat(r: Value, i: Value) -> Value {
     let Some(cell) = lock(r) else {
         return val_int(0) as Value;
     };
-    let s = cell.region.stats();
     let n = match i >> 1 {
-        0 => s.bytes,
-        1 => s.reserved,
-        2 => s.blocks,
-        3 => cell.region.chunk_count(),
-        4 => s.values,
-        5 => cell.region.chunk_bytes(),
+        0 => cell.region.chunk_bytes(),
         _ => cell.freed as usize,
     };
     val_int(n as isize) as Value
+}
+
+/// Writes the stats of `r` into `fields` (an OCaml array of 5 ints): bytes, reserved,
+/// blocks, chunks (now), values, all read under one lock, so that they describe one
+/// moment even while other domains add (zeros for a record whose creation failed).
+#[no_mangle]
+#[ocaml::sig("region -> int array -> unit [@@noalloc]")]
+pub extern "C" fn offheap_region_stats(r: Value, fields: Value) -> Value {
+    let (s, chunks) = match lock(r) {
+        Some(cell) => (cell.region.stats(), cell.region.chunk_count()),
+        None => (Default::default(), 0),
+    };
+    for (i, n) in [s.bytes, s.reserved, s.blocks, chunks, s.values]
+        .into_iter()
+        .enumerate()
+    {
+        // SAFETY: `fields` is an array of 5 ints allocated by the caller, alive for the
+        // call; an immediate needs no write barrier.
+        unsafe { *(fields as *mut Word).add(i) = val_int(n as isize) };
+    }
+    val_int(0) as Value
 }
 
 /// Frees every chunk of `r`. Returns, as `offheap_stub_free`: `Done`; `Done_slice n`
