@@ -49,8 +49,9 @@ module type S = sig
       first {!add}. Its chunks come from [alloc] (default {!Offheap.malloc}; a C
       allocator has the contract of {!Offheap.alloc}), [chunk_bytes] at a time
       (default 1 MiB, at least 4 KiB; [0] means the default). An add of more than
-      [chunk_bytes / 32] bytes gets a chunk of its own, of its exact size; smaller ones
-      share chunks, so that a chunk loses less than a 32nd of itself at its end.
+      [chunk_bytes / 32] bytes gets a chunk of its own, of its size and one word more;
+      smaller ones share chunks, so that a chunk loses less than a 32nd of itself at
+      its end.
 
       {[
         let r = Offheap.Region.create ~chunk_bytes:(4 lsl 20) () in
@@ -215,7 +216,10 @@ module type S = sig
       and later {!add}s take new chunks from [alloc] ([chunk_bytes] as for {!create}).
       The region can be written again with {!write_image}, and must be freed with
       {!free}. The types of the roots are the caller's promise, as with [Marshal]: the
-      [key] is the guard.
+      [key] is the guard. The roots point into the region: on OCaml 5 no variable may
+      still hold them when it is freed (the rules of {!free}); in bytecode, where a
+      function's locals live until it returns, use them in a function that returns
+      before the [free], or make the [free] the last thing done, as in the example.
 
       {[
         let r, roots = Offheap.Region.load_image ~key:"v1" "names.img" in

@@ -265,18 +265,41 @@ fn measure_answers_what_the_next_copy_takes() {
     // Whatever the thread's last copies were (which may send the next one to the walk's
     // own buffers, or past the walk), `measure` reports the bytes, blocks and transient
     // memory of the copy that follows it.
+    // Lists of `n` cells, and (`n` = 0) a record of a string that the shallow path
+    // takes, also while the walk is skipped.
     std::thread::spawn(|| {
         let mut a = Asking::new();
-        let sizes = [3, 300, 3, small::LARGE_MAX_BLOCKS + 10, 3, 300, 3, 3, 20, 3];
-        let values: Vec<Word> = sizes.iter().map(|&n| list(&mut a.heap, n)).collect();
-        for (&n, &v) in sizes.iter().zip(&values) {
+        let sizes = [
+            3,
+            300,
+            0,
+            3,
+            small::LARGE_MAX_BLOCKS + 10,
+            0,
+            3,
+            300,
+            0,
+            3,
+            3,
+            20,
+            3,
+        ];
+        let name = a.heap.string(b"name");
+        let values: Vec<(Word, usize)> = sizes
+            .iter()
+            .map(|&n| match n {
+                0 => (a.heap.block(0, &[name, layout::val_int(1)]), 2),
+                n => (list(&mut a.heap, n), n),
+            })
+            .collect();
+        for (v, n) in values {
             // SAFETY: a well-formed value of the fake heap; nothing else touches it.
             let m = unsafe { copy::measure(v, &mut a, HeaderMarks::new(Color::C2)) }.unwrap();
             let (c, _) = copy_counted(&mut a, v, n);
             assert_eq!(
                 (m.bytes, m.blocks, m.transient_bytes),
                 (c.bytes, c.blocks, c.transient_bytes),
-                "a list of {n}"
+                "{n} blocks"
             );
         }
     })

@@ -462,7 +462,12 @@ pub unsafe fn measure<H: Heap, V: VisitedSet>(
         };
         return Ok(nothing);
     }
-    // SAFETY: the caller's contract on `root` and its graph is the walk's.
+    // SAFETY: the caller's contract on `root` and its graph is the shallow path's and
+    // the walk's.
+    if let Some(measured) = unsafe { shallow::measure(root, heap) } {
+        return Ok(measured);
+    }
+    // SAFETY: as above.
     if let Some(measured) = unsafe { small::measure(root, heap) } {
         return Ok(measured);
     }

@@ -20,7 +20,7 @@
 use std::mem::MaybeUninit;
 
 use super::small::{self, Found};
-use super::{read_field, Heap, Output, Written};
+use super::{read_field, Heap, Measured, Output, Written};
 use crate::copy::CopyError;
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 
@@ -46,84 +46,168 @@ pub unsafe fn copy_into<H: Heap, O: Output>(
     heap: &mut H,
     out: &mut O,
 ) -> Option<Result<Written, CopyError>> {
-    // SAFETY: `root` points to a block of the source.
-    let hd = unsafe { layout::read_header(root) };
-    let n = hd.wosize();
-    if !hd.is_scannable() {
-        // SAFETY: forwarded.
-        if n >= MAX_WORDS || !unsafe { takes_raw(heap, root, hd) } {
-            return None;
-        }
-        let root_found = Found {
+    // SAFETY: forwarded.
+    let shape = unsafe { Shape::discover(root, heap) }?;
+    crate::fault::point("measure");
+    // SAFETY: the raw blocks of `shape` are blocks of the source, read once here.
+    Some(unsafe { shape.write(out) })
+}
+
+/// What a copy of `root` takes when the value has the shape of this path (as
+/// [`super::measure`] answers); `None` when it does not.
+///
+/// # Safety
+/// As [`copy_into`].
+pub unsafe fn measure<H: Heap>(root: Word, heap: &mut H) -> Option<Measured> {
+    // SAFETY: forwarded.
+    let shape = unsafe { Shape::discover(root, heap) }?;
+    Some(Measured {
+        bytes: shape.len * WORD_BYTES,
+        blocks: shape.count,
+        transient_bytes: 0,
+    })
+}
+
+/// A value of this path's shape, as read: its blocks and the root's fields. Every array
+/// is uninitialised beyond what was read, so that a value this path does not take costs
+/// only what it read (a list: its first cell's fields and its tail's header).
+struct Shape {
+    /// The root, at offset 0, then the blocks its fields lead to; `found[..count]` are
+    /// initialised.
+    found: [MaybeUninit<Found>; MAX_FIELDS + 1],
+    count: usize,
+    /// The root's fields as read, each with the index (plus one) of the found block it
+    /// leads to, or 0; `fields[..n]` are initialised.
+    fields: [MaybeUninit<(Word, u8)>; MAX_FIELDS],
+    n: usize,
+    /// Words of the copy, headers included.
+    len: usize,
+}
+
+impl Shape {
+    /// Reads the value at `root` if it has this path's shape: each field of the root
+    /// and each header once.
+    ///
+    /// # Safety
+    /// As [`copy_into`].
+    #[inline(always)]
+    unsafe fn discover<H: Heap>(root: Word, heap: &mut H) -> Option<Shape> {
+        // SAFETY: `root` points to a block of the source.
+        let hd = unsafe { layout::read_header(root) };
+        let n = hd.wosize();
+        let mut shape = Shape {
+            found: [const { MaybeUninit::uninit() }; MAX_FIELDS + 1],
+            count: 1,
+            fields: [const { MaybeUninit::uninit() }; MAX_FIELDS],
+            n: 0,
+            len: 1 + n,
+        };
+        shape.found[0].write(Found {
             block: root,
             header: hd,
             at: 0,
-        };
-        // SAFETY: forwarded.
-        return Some(unsafe { write(out, &[root_found], &[], 1 + n) });
-    }
-    if n > MAX_FIELDS || hd.tag() >= layout::FORCING_TAG {
-        // Closures, lazy values, objects, forwarded blocks: the walk's.
-        return None;
-    }
-    // Uninitialised, so that a value this path does not take costs only what it read
-    // (a list: its first cell's fields and its tail's header).
-    // `found[..count]` and `fields[..i]` are initialised.
-    let mut found = [const { MaybeUninit::<Found>::uninit() }; MAX_FIELDS + 1];
-    // Each field as read, with the index (plus one) of the found block it leads to, or 0.
-    let mut fields = [const { MaybeUninit::<(Word, u8)>::uninit() }; MAX_FIELDS];
-    // The root is found first, at offset 0; then the blocks its fields lead to.
-    found[0].write(Found {
-        block: root,
-        header: hd,
-        at: 0,
-    });
-    let mut count = 1;
-    let mut len = 1 + n;
-    for (i, slot) in fields.iter_mut().enumerate().take(n) {
-        // SAFETY: `i < n`, a field of the root.
-        let v = unsafe { read_field((root as *const Word).add(i)) };
-        let mut leads_to = 0;
-        if !layout::is_immediate(v) && heap.should_copy(v) {
-            // SAFETY: `found[..count]` are initialised.
-            match (0..count).position(|j| unsafe { found[j].assume_init_ref() }.block == v) {
-                Some(j) => leads_to = j + 1,
-                None => {
-                    // SAFETY: a pointer read from a block of the source graph.
-                    let child = unsafe { layout::read_header(v) };
-                    let m = child.wosize();
-                    // SAFETY: `v` points to a block with header `child`.
-                    if child.is_scannable()
-                        || m >= MAX_WORDS - len
-                        || !unsafe { takes_raw(heap, v, child) }
-                    {
-                        return None;
+        });
+        if !hd.is_scannable() {
+            // A raw root, copied as it is.
+            // SAFETY: forwarded.
+            return (n < MAX_WORDS && unsafe { takes_raw(heap, root, hd) }).then_some(shape);
+        }
+        if n > MAX_FIELDS || hd.tag() >= layout::FORCING_TAG {
+            // Closures, lazy values, objects, forwarded blocks: the walk's.
+            return None;
+        }
+        for (i, slot) in shape.fields.iter_mut().enumerate().take(n) {
+            // SAFETY: `i < n`, a field of the root.
+            let v = unsafe { read_field((root as *const Word).add(i)) };
+            let mut leads_to = 0;
+            if !layout::is_immediate(v) && heap.should_copy(v) {
+                let found = &mut shape.found;
+                // SAFETY: `found[..count]` are initialised.
+                let seen =
+                    (0..shape.count).position(|j| unsafe { found[j].assume_init_ref() }.block == v);
+                match seen {
+                    Some(j) => leads_to = j + 1,
+                    None => {
+                        // SAFETY: a pointer read from a block of the source graph.
+                        let child = unsafe { layout::read_header(v) };
+                        let m = child.wosize();
+                        // SAFETY: `v` points to a block with header `child`.
+                        if child.is_scannable()
+                            || m >= MAX_WORDS - shape.len
+                            || !unsafe { takes_raw(heap, v, child) }
+                        {
+                            return None;
+                        }
+                        found[shape.count].write(Found {
+                            block: v,
+                            header: child,
+                            at: shape.len,
+                        });
+                        shape.count += 1;
+                        shape.len += 1 + m;
+                        leads_to = shape.count;
                     }
-                    found[count].write(Found {
-                        block: v,
-                        header: child,
-                        at: len,
-                    });
-                    count += 1;
-                    len += 1 + m;
-                    leads_to = count;
                 }
             }
+            // At most `MAX_FIELDS + 1` blocks: fits a `u8`.
+            slot.write((v, leads_to as u8));
         }
-        // At most `MAX_FIELDS + 1` blocks: fits a `u8`.
-        slot.write((v, leads_to as u8));
+        shape.n = n;
+        Some(shape)
     }
-    crate::fault::point("measure");
-    // SAFETY: `found[..count]` and `fields[..n]` are initialised (above); `fields` are
-    // the root's fields.
-    Some(unsafe {
-        write(
-            out,
-            std::slice::from_raw_parts(found.as_ptr().cast::<Found>(), count),
-            std::slice::from_raw_parts(fields.as_ptr().cast::<(Word, u8)>(), n),
-            len,
-        )
-    })
+
+    /// Writes the copy to `out`: the found blocks' headers, the root's fields (pointers
+    /// to found blocks translated), the raw blocks' fields read from the source now.
+    ///
+    /// # Errors
+    /// [`Output::begin`]'s; nothing was written then.
+    ///
+    /// # Safety
+    /// The raw blocks found are blocks of the source, readable for their size.
+    #[inline(always)]
+    unsafe fn write<O: Output>(&self, out: &mut O) -> Result<Written, CopyError> {
+        // SAFETY: `found[..count]` and `fields[..n]` are initialised (`discover`).
+        let (found, fields) = unsafe {
+            (
+                std::slice::from_raw_parts(self.found.as_ptr().cast::<Found>(), self.count),
+                std::slice::from_raw_parts(self.fields.as_ptr().cast::<(Word, u8)>(), self.n),
+            )
+        };
+        let bytes = self.len * WORD_BYTES;
+        let base = out.begin(bytes)?;
+        crate::fault::point("write");
+        let dst = out.next(self.len);
+        for (i, &(v, leads_to)) in fields.iter().enumerate() {
+            let word = match leads_to {
+                0 => v,
+                j => base + (found[j as usize - 1].at + 1) * WORD_BYTES,
+            };
+            // SAFETY: field `i` of the root, word `1 + i < len` of the run.
+            unsafe { dst.add(1 + i).write(word) };
+        }
+        for f in found {
+            // SAFETY: the block's header and fields lie within the `len` words of the run.
+            unsafe {
+                dst.add(f.at)
+                    .write(f.header.with_color(Color::Unmarkable).0)
+            };
+            if !f.header.is_scannable() {
+                // SAFETY: a raw block of the source has `wosize` readable words, none a
+                // pointer, read here once; its fields are words `at + 1..` of the copy.
+                unsafe {
+                    small::copy_short(f.block as *const Word, dst.add(f.at + 1), f.header.wosize())
+                };
+            }
+        }
+        small::note_small_copy();
+        Ok(Written {
+            root: base + WORD_BYTES,
+            bytes,
+            blocks: self.count,
+            data_bytes: 0,
+            transient_bytes: 0,
+        })
+    }
 }
 
 /// Whether this path copies the raw block `v` (header `hd`) as it is: a string, a float,
@@ -141,57 +225,4 @@ unsafe fn takes_raw<H: Heap>(heap: &H, v: Word, hd: Header) -> bool {
         layout::CUSTOM_TAG => heap.is_copyable_custom(unsafe { *(v as *const Word) }),
         _ => true,
     }
-}
-
-/// Writes the copy of `len` words to `out`: the blocks `found` (the root first), the
-/// root's scannable `fields` as read (with the index plus one of the found block each
-/// leads to, or 0), the raw blocks' fields read from the source now.
-///
-/// # Errors
-/// [`Output::begin`]'s; nothing was written then.
-///
-/// # Safety
-/// `found` are blocks of the source with their headers, laid out from offset 0 at their
-/// `at` within `len` words; the raw ones are read here once.
-#[inline(always)]
-unsafe fn write<O: Output>(
-    out: &mut O,
-    found: &[Found],
-    fields: &[(Word, u8)],
-    len: usize,
-) -> Result<Written, CopyError> {
-    let bytes = len * WORD_BYTES;
-    let base = out.begin(bytes)?;
-    crate::fault::point("write");
-    let dst = out.next(len);
-    for (i, &(v, leads_to)) in fields.iter().enumerate() {
-        let word = match leads_to {
-            0 => v,
-            j => base + (found[j as usize - 1].at + 1) * WORD_BYTES,
-        };
-        // SAFETY: field `i` of the root, word `1 + i < len` of the run.
-        unsafe { dst.add(1 + i).write(word) };
-    }
-    for f in found {
-        // SAFETY: the block's header and fields lie within the `len` words of the run.
-        unsafe {
-            dst.add(f.at)
-                .write(f.header.with_color(Color::Unmarkable).0)
-        };
-        if !f.header.is_scannable() {
-            // SAFETY: a raw block of the source has `wosize` readable words, none a
-            // pointer, read here once; its fields are words `at + 1..` of the copy.
-            unsafe {
-                small::copy_short(f.block as *const Word, dst.add(f.at + 1), f.header.wosize())
-            };
-        }
-    }
-    small::note_small_copy();
-    Ok(Written {
-        root: base + WORD_BYTES,
-        bytes,
-        blocks: found.len(),
-        data_bytes: 0,
-        transient_bytes: 0,
-    })
 }

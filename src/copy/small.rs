@@ -18,6 +18,9 @@
 //! stop-the-world section beside other domains. The buffer then goes to the [`Output`]
 //! as one run, the raw blocks read into it and the copy's address added to the offsets.
 //!
+//! The shallowest values (a raw block, or a block whose fields lead only to raw blocks)
+//! do not come here: [`super::shallow`] copies them first, without the walk's buffers.
+//!
 //! The stack holds the smallest values only (its frame is some 2 KiB, so that copies run
 //! on threads with small stacks). A value too large for it is walked again from its root
 //! in buffers of its own, which each thread keeps for its next copies (1.4 MiB of address
