@@ -168,8 +168,14 @@ fn note_exceeded() {
 /// and changed nothing, and is to be made with the world stopped ([`with_world_stopped`]).
 pub fn try_without_stopping<R>(copy: impl FnOnce() -> R) -> Option<R> {
     BUDGET.with(|b| b.set((true, false)));
+    let counts = crate::copy::small::counts();
     let r = copy();
     let (_, exceeded) = BUDGET.with(|b| b.replace((false, false)));
+    if exceeded {
+        // Made again with the world stopped: the copy counts once among the thread's
+        // copies that skip the walk of small values.
+        crate::copy::small::restore_counts(counts);
+    }
     (!exceeded).then_some(r)
 }
 
