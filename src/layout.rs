@@ -154,6 +154,28 @@ pub unsafe fn read_header(v: Word) -> Header {
     Header(unsafe { header_addr(v).read() })
 }
 
+/// Reads the header of the block that `v` points into: the header in front of `v`, or,
+/// when that is an infix header (`v` is a function of a closure block that defines
+/// several), the enclosing closure's. A block's color is in its own header only: an
+/// infix header's color bits are whatever the compiler wrote (not `3` in OCaml 5's
+/// static closures, nor in copies of closures).
+///
+/// # Safety
+/// `v` must point to the first field of a readable block, or be an infix pointer into
+/// one.
+#[inline(always)]
+pub unsafe fn read_enclosing_header(v: Word) -> Header {
+    // SAFETY: the caller guarantees a header word precedes `v`.
+    let hd = unsafe { read_header(v) };
+    if hd.tag() == INFIX_TAG {
+        // SAFETY: an infix header's wosize leads back to its closure's first field,
+        // whose header precedes it.
+        unsafe { read_header(v - infix_offset_bytes(hd)) }
+    } else {
+        hd
+    }
+}
+
 /// Overwrites the header of block `v`.
 ///
 /// # Safety

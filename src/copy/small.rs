@@ -98,6 +98,35 @@ pub fn worth_trying() -> bool {
     !count_down(&SKIP)
 }
 
+/// This thread's counts of copies left ([`counts`]), to be put back by
+/// [`restore_counts`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counts {
+    /// `SKIP`'s.
+    skip: u8,
+    /// `LARGE_FIRST`'s.
+    large_first: u8,
+}
+
+/// This thread's counts of copies left now: saved before a copy that may be abandoned and
+/// made again.
+pub fn counts() -> Counts {
+    Counts {
+        skip: SKIP.with(Cell::get),
+        large_first: LARGE_FIRST.with(Cell::get),
+    }
+}
+
+/// Puts back the counts that [`counts`] saved, when the copy made since was abandoned to
+/// be made again (on OCaml 5 beside other domains, a value beyond the side table's budget
+/// is copied again with them stopped): the copy counts once, as the one [`measure`]
+/// answered for. An abandoned copy changes nothing else here: only a copy made records
+/// what it was ([`note_general_copy`]).
+pub fn restore_counts(counts: Counts) {
+    SKIP.with(|skip| skip.set(counts.skip));
+    LARGE_FIRST.with(|n| n.set(counts.large_first));
+}
+
 /// Whether a value of `blocks` blocks and `words` words fits the stack's buffers.
 #[inline(always)]
 fn fits_stack(blocks: usize, words: usize) -> bool {

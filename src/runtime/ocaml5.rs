@@ -110,8 +110,9 @@ impl Heap for RuntimeHeap {
             return true;
         }
         // SAFETY: without naked pointers every pointer in a value leads to a block with
-        // a header.
-        let hd = unsafe { layout::read_header(v) };
+        // a header, or is an infix pointer into one (whose own color is then the
+        // enclosing closure's).
+        let hd = unsafe { layout::read_enclosing_header(v) };
         self.copy_static || hd.color() != Color::Unmarkable
     }
 
@@ -167,8 +168,14 @@ fn note_exceeded() {
 /// and changed nothing, and is to be made with the world stopped ([`with_world_stopped`]).
 pub fn try_without_stopping<R>(copy: impl FnOnce() -> R) -> Option<R> {
     BUDGET.with(|b| b.set((true, false)));
+    let counts = crate::copy::small::counts();
     let r = copy();
     let (_, exceeded) = BUDGET.with(|b| b.replace((false, false)));
+    if exceeded {
+        // Made again with the world stopped: the copy counts once among the thread's
+        // copies that skip the walk of small values.
+        crate::copy::small::restore_counts(counts);
+    }
     (!exceeded).then_some(r)
 }
 
@@ -345,13 +352,15 @@ pub fn reregister_shared(_base: *mut u8, _bytes: usize) {}
 /// (static data, copies and loaded images alike).
 ///
 /// # Safety
-/// `v` points to a block (OCaml 5 has no naked pointers); called holding the domain lock.
+/// `v` points to a block or is an infix pointer into one (OCaml 5 has no naked
+/// pointers); called holding the domain lock.
 pub unsafe fn outside_gc_heap(v: Word) -> bool {
     // SAFETY: set when the runtime reserves the minor heaps; stable while we run.
     let young = unsafe { (caml_minor_heaps_start, caml_minor_heaps_end) };
     if v > young.0 && v < young.1 {
         return false;
     }
-    // SAFETY: every pointer in a value leads to a block with a header.
-    unsafe { layout::read_header(v) }.color() == Color::Unmarkable
+    // SAFETY: every pointer in a value leads to a block with a header, or is an infix
+    // pointer into one: the color is that of the enclosing closure.
+    unsafe { layout::read_enclosing_header(v) }.color() == Color::Unmarkable
 }

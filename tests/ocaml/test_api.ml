@@ -43,6 +43,53 @@ let test_is_offheap _ =
   (* The source is still on the heap after it was copied. *)
   assert_bool "the source" (not (Offheap.is_offheap young))
 
+(* Functions defined together share one closure block: all but the first are infix
+   pointers into it. A block is off the heap or not as a whole, and a copy shares or
+   copies it as a whole; on OCaml 5 the color of the infix header (what the compiler
+   wrote, not the block's) once made [is_offheap] say false for an infix pointer into a
+   copy or into static data (native code's toplevel functions), and [copy] copy a
+   static closure block again for its infix pointers, apart from its shared first
+   function. *)
+let rec even_top n = n = 0 || odd_top (n - 1)
+and odd_top n = n <> 0 && even_top (n - 1)
+
+(* The closure block an infix pointer [f] points into. *)
+let enclosing f =
+  let f = Obj.repr f in
+  if Obj.tag f = Obj.infix_tag then Obj.add_offset f (Int32.of_int (-8 * Obj.size f)) else f
+
+let test_is_offheap_infix _ =
+  assert_bool "odd_top is an infix pointer" (Obj.tag (Obj.repr odd_top) = Obj.infix_tag);
+  assert_bool "odd_top is in even_top's block" (enclosing odd_top == Obj.repr even_top);
+  assert_equal ~msg:"an infix pointer into static data (native) or the heap (bytecode)"
+    (Offheap.is_offheap even_top) (Offheap.is_offheap odd_top);
+  let h = Offheap.copy (even_top, odd_top) in
+  (match Offheap.get h with
+  | e, o ->
+      assert_bool "one closure block in the copy too" (enclosing o == Obj.repr e);
+      assert_equal ~msg:"shared as a whole, or copied as a whole" (e == even_top) (o == odd_top);
+      assert_equal ~msg:"Marshal"
+        (Marshal.to_string (even_top, odd_top) [ Marshal.Closures ])
+        (Marshal.to_string (e, o) [ Marshal.Closures ]);
+      assert_bool "called" (e 10 && o 7));
+  Offheap.free h;
+  let s = str "env" in
+  let rec even n = n = 0 || odd (n - 1) and odd n = String.length s = 3 && n <> 0 && even (n - 1) in
+  let h = Offheap.copy (even, odd) in
+  (match Offheap.get h with
+  | e, o ->
+      assert_bool "a closure in the copy" (Offheap.is_offheap e);
+      assert_bool "an infix pointer into the copy" (Offheap.is_offheap o);
+      (* A copy of blocks of a copy shares them: only the new pair is copied. *)
+      let h2 = Offheap.copy (o, e) in
+      (match Offheap.get h2 with
+      | o2, e2 ->
+          assert_bool "the closure shared" (e2 == e);
+          assert_bool "the infix pointer shared" (o2 == o);
+          assert_equal ~msg:"only the pair copied" ~printer:pint 1 (Offheap.stats h2).blocks);
+      Offheap.free h2);
+  Offheap.free h
+
 (* {1 measure} *)
 
 type 'a tree = Leaf | Node of 'a tree * 'a * 'a tree
@@ -216,6 +263,7 @@ let () =
     >::: [
            "covariant handles" >:: test_covariant;
            "is_offheap" >:: test_is_offheap;
+           "is_offheap and copy, infix pointers" >:: test_is_offheap_infix;
            "measure = what copy takes" >:: test_measure_is_the_copy;
            "measure, nothing to copy" >:: test_measure_nothing_to_copy;
            "measure leaks nothing" >:: test_measure_leaks_nothing;
