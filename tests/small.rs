@@ -134,15 +134,16 @@ fn after_a_value_too_large_for_the_stack_the_next_copies_start_in_own_buffers() 
             asked[0],
             "the stack first again"
         );
-        // So does a value of the shallow path, which the walk never sees.
+        // A value of the shallow path, which the walk never sees, leaves the counts
+        // alone: the next copies still start in own buffers.
         copy_counted(&mut a, l, n);
         let record = a.heap.block(0, &[layout::val_int(1), layout::val_int(2)]);
         let (c, _) = copy_counted(&mut a, record, 1);
         assert_eq!(made(&c), Made::Stack);
         assert_eq!(
             copy_counted(&mut a, l, n).1,
-            asked[0],
-            "the stack first again, after the shallow path"
+            asked[1],
+            "own buffers first still, after the shallow path"
         );
     })
     .join()
@@ -156,31 +157,42 @@ fn a_run_of_values_beyond_the_limits_walks_once_in_a_while() {
         let n = small::LARGE_MAX_BLOCKS + 4;
         let beyond = list(&mut a.heap, n);
         let asked: Vec<usize> = (0..20).map(|_| copy_counted(&mut a, beyond, n).1).collect();
-        // The traversal alone asks the same each time; a walk that gives up, more.
+        // The stack's walk and the traversal ask the same each time; a walk in own
+        // buffers that gives up, more.
         let traversal = *asked.iter().min().unwrap();
         let walked: Vec<bool> = asked.iter().map(|&k| k > traversal).collect();
         let expected: Vec<bool> = (0..20).map(|i| i % 9 == 0).collect();
         assert_eq!(walked, expected, "a walk once in 9 copies: {asked:?}");
-        // A small value ends the skipping at once: it is copied by the traversal (it
-        // was not tried), and the next small value takes the path again.
+        // While the own buffers are skipped (copy 18 walked, gave up), the stack and the
+        // shallow path still take small values, which leave the skipping as it is; a
+        // value that the own buffers take and the stack does not is copied by the
+        // traversal and ends the skipping at once.
+        copy_counted(&mut a, beyond, n); // copy 20: skipped
         let small_list = list(&mut a.heap, 3);
-        copy_counted(&mut a, beyond, n); // copy 20: walks, then skips
+        let record = a.heap.block(0, &[layout::val_int(1), layout::val_int(2)]);
+        let medium = list(&mut a.heap, 300);
         let (c, _) = copy_counted(&mut a, small_list, 3);
+        assert_eq!(made(&c), Made::Stack, "on the stack while skipping");
+        let (c, _) = copy_counted(&mut a, record, 1);
+        assert_eq!(made(&c), Made::Stack, "the shallow path while skipping");
+        let (c, _) = copy_counted(&mut a, medium, 300);
         assert_eq!(
             made(&c),
             Made::Traversal,
             "skipped: the traversal copied it"
         );
-        let (c, _) = copy_counted(&mut a, small_list, 3);
-        assert_eq!(made(&c), Made::Stack, "the path again");
-        // The shallow path is tried whatever the skipping (a value it does not take
-        // costs it a few reads), and a value it copies ends the skipping too.
-        copy_counted(&mut a, beyond, n); // walks, then skips
-        let record = a.heap.block(0, &[layout::val_int(1), layout::val_int(2)]);
-        let (c, _) = copy_counted(&mut a, record, 1);
-        assert_eq!(made(&c), Made::Stack, "the shallow path, while skipping");
-        let (c, _) = copy_counted(&mut a, small_list, 3);
-        assert_eq!(made(&c), Made::Stack, "the skipping ended");
+        let (c, _) = copy_counted(&mut a, medium, 300);
+        assert_eq!(made(&c), Made::OwnBuffers, "the own buffers again");
+        // Values beyond, between small ones, walk in own buffers once in 9 copies too
+        // (the small ones count): a small one does not end the skipping. (Ended by each
+        // small one, as it was, every value beyond walked: 30 walks.)
+        let walks = (0..30)
+            .filter(|_| {
+                copy_counted(&mut a, small_list, 3);
+                copy_counted(&mut a, beyond, n).1 > traversal
+            })
+            .count();
+        assert!((5..=7).contains(&walks), "{walks} walks in 30 alternations");
     })
     .join()
     .unwrap();

@@ -374,17 +374,15 @@ pub unsafe fn copy_into<H: Heap, V: VisitedSet, O: Output>(
     if let Some(written) = unsafe { shallow::copy_into(root, heap, out) } {
         return written;
     }
-    let tried = small::worth_trying();
-    if tried {
-        // SAFETY: the caller's contract on `root` and its graph is the walk's.
-        if let Some(written) = unsafe { small::copy_into(root, heap, out) } {
-            return written;
-        }
+    let large = small::may_walk_large();
+    // SAFETY: the caller's contract on `root` and its graph is the walk's.
+    if let Some(written) = unsafe { small::copy_into(root, heap, out, large) } {
+        return written;
     }
     // SAFETY: forwarded; `root` is a block to copy.
     let written = unsafe { traverse_block(root, heap, visited, out) };
     if let Ok(w) = &written {
-        small::note_general_copy(tried, w.blocks, w.bytes);
+        small::note_general_copy(large, w.blocks, w.bytes);
     }
     written
 }

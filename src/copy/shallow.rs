@@ -15,7 +15,8 @@
 //! tail's header).
 //!
 //! Each field and header is read once, as the walk reads them, so the copy is well formed
-//! even when other domains write to the source.
+//! even when other domains write to the source. A copy made here leaves the walk's counts
+//! of copies (where the thread's next copies start) as they are.
 
 use std::mem::MaybeUninit;
 
@@ -199,7 +200,6 @@ impl Shape {
                 };
             }
         }
-        small::note_small_copy();
         Ok(Written {
             root: base + WORD_BYTES,
             bytes,

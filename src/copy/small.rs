@@ -27,7 +27,9 @@
 //! space, of which a walk touches what it uses; given back after a copy of more than
 //! `KEEP_WORDS`), and the thread's next copies start there (`SKIPPED` of them, unless
 //! one turns out small), so that a run of such values does not pay for a walk on the
-//! stack that gives up each time.
+//! stack that gives up each time. After a value too large for those buffers too, the
+//! thread's next `SKIPPED` copies do not use them (the stack still takes small values),
+//! unless one of them is a value that they take and the stack does not.
 //!
 //! The walk is the general one's, depth first by groups ([`super::pending`]): a value
 //! copies to the same bytes whichever path takes it. It gives up, having written nothing
@@ -66,15 +68,16 @@ pub const LINEAR_BLOCKS: usize = 16;
 /// transient memory.
 pub const LARGE_SPACE_BYTES: usize = std::mem::size_of::<LargeSpace>();
 
-/// Copies made by the general traversal, without trying this path, after the walk gave
-/// up on a value: a run of values just beyond its limits (a list of 20 000 cells copied
-/// one at a time) then pays for a walk that gives up once in `SKIPPED + 1` copies, not
-/// at every copy. Also the copies that start with buffers of their own, not the stack,
-/// after a value was found too large for the stack.
+/// Copies made without the walk in buffers of its own (on the stack, or by the general
+/// traversal beyond), after the walk gave up on a value: a run of values just beyond its
+/// limits (a list of 20 000 cells copied one at a time) then pays for a walk that gives
+/// up once in `SKIPPED + 1` copies, not at every copy, and so do such values between
+/// small ones (which the stack still takes). Also the copies that start with buffers of
+/// their own, not the stack, after a value was found too large for the stack.
 const SKIPPED: u8 = 8;
 
 thread_local! {
-    /// Copies this thread still makes without trying this path.
+    /// Copies this thread still makes without the walk in buffers of its own.
     static SKIP: Cell<u8> = const { Cell::new(0) };
     /// Copies this thread still starts in buffers of their own.
     static LARGE_FIRST: Cell<u8> = const { Cell::new(0) };
@@ -91,10 +94,11 @@ fn count_down(counter: &'static std::thread::LocalKey<Cell<u8>>) -> bool {
     })
 }
 
-/// Whether the next copy of this thread should try this path: not for the `SKIPPED` (8)
-/// copies after the walk gave up, unless one of them turns out small.
+/// Whether the next copy of this thread may walk in buffers of its own: not for the
+/// `SKIPPED` (8) copies after the walk gave up, unless one of them turns out to be a
+/// value that those buffers take and the stack does not. Counts the copy.
 #[inline(always)]
-pub fn worth_trying() -> bool {
+pub fn may_walk_large() -> bool {
     !count_down(&SKIP)
 }
 
@@ -133,33 +137,25 @@ fn fits_stack(blocks: usize, words: usize) -> bool {
     blocks <= MAX_BLOCKS && words <= MAX_WORDS
 }
 
-/// Records a copy of `blocks` blocks and `bytes` bytes made by the general traversal,
-/// after the walk gave up on it (`tried`) or without trying: a value small enough for
-/// this path that was not tried ends the skipping at once.
+/// Records a copy of `blocks` blocks and `bytes` bytes made by the general traversal
+/// after the walk gave up on it, having been allowed its own buffers (`large`), or
+/// without them: then a value those buffers take and the stack does not ends the
+/// skipping at once.
 #[inline(always)]
-pub fn note_general_copy(tried: bool, blocks: usize, bytes: usize) {
+pub fn note_general_copy(large: bool, blocks: usize, bytes: usize) {
     let words = bytes / WORD_BYTES;
-    let small = blocks <= LARGE_MAX_BLOCKS && words <= LARGE_MAX_WORDS;
-    if tried || small {
-        SKIP.with(|skip| skip.set(if tried { SKIPPED } else { 0 }));
-    }
-    if !tried && fits_stack(blocks, words) {
-        LARGE_FIRST.with(|n| n.set(0));
+    if large {
+        SKIP.with(|skip| skip.set(SKIPPED));
+    } else if blocks <= LARGE_MAX_BLOCKS && words <= LARGE_MAX_WORDS && !fits_stack(blocks, words) {
+        SKIP.with(|skip| skip.set(0));
     }
 }
 
-/// Records a copy made by [`super::shallow`]: a value that fits the stack, which ends
-/// the skipping and sends the next copies to the stack first, as one walked does.
+/// Whether the next copy of this thread may walk in buffers of its own: what
+/// [`may_walk_large`] will answer, without counting the copy ([`measure`] answers for the
+/// next copy).
 #[inline(always)]
-pub(super) fn note_small_copy() {
-    SKIP.with(|skip| skip.set(0));
-    LARGE_FIRST.with(|n| n.set(0));
-}
-
-/// Whether the next copy of this thread will take this path: what [`worth_trying`] will
-/// answer, without counting the copy ([`measure`] answers for the next copy).
-#[inline(always)]
-fn will_try() -> bool {
+fn will_walk_large() -> bool {
     SKIP.with(Cell::get) == 0
 }
 
@@ -335,9 +331,9 @@ fn index_slot_of(v: Word, shift: u32) -> usize {
 }
 
 /// Copies `root`, a pointer to a block that `heap` says to copy, into `out` when the
-/// value is for this path: on the stack, or beyond its limits in buffers of its own;
-/// `None` when it is not for this path (then nothing was written to `out` or to the
-/// source, and nothing stays allocated).
+/// value is for this path: on the stack, or beyond its limits in buffers of its own when
+/// `large` (see [`may_walk_large`]); `None` when it is not for this path (then nothing
+/// was written to `out` or to the source, and nothing stays allocated).
 ///
 /// # Errors
 /// [`Output::begin`]'s; nothing was written then.
@@ -350,15 +346,17 @@ pub unsafe fn copy_into<H: Heap, O: Output>(
     root: Word,
     heap: &mut H,
     out: &mut O,
+    large: bool,
 ) -> Option<Result<Written, CopyError>> {
-    if !large_first() {
+    if !large || !large_first() {
         let mut slot = MaybeUninit::uninit();
         let walk = Walk::on_stack(&mut slot, heap);
         // SAFETY: forwarded.
         match unsafe { walk.run(root) } {
             Ok(()) => return Some(walk.write(out, 0)),
             Err(GiveUp::Unsupported) => return None,
-            Err(GiveUp::TooLarge) => LARGE_FIRST.with(|n| n.set(SKIPPED)),
+            Err(GiveUp::TooLarge) if large => LARGE_FIRST.with(|n| n.set(SKIPPED)),
+            Err(GiveUp::TooLarge) => return None,
         }
     }
     // SAFETY: forwarded.
@@ -392,16 +390,14 @@ unsafe fn copy_large<H: Heap, O: Output>(
 /// # Safety
 /// As [`copy_into`].
 pub unsafe fn measure<H: Heap>(root: Word, heap: &mut H) -> Option<Measured> {
-    if !will_try() {
-        return None;
-    }
     let mut slot = MaybeUninit::uninit();
     let walk = Walk::on_stack(&mut slot, heap);
     // SAFETY: forwarded.
     match unsafe { walk.run(root) } {
         Ok(()) => return Some(walk.measured(0)),
         Err(GiveUp::Unsupported) => return None,
-        Err(GiveUp::TooLarge) => {}
+        Err(GiveUp::TooLarge) if will_walk_large() => {}
+        Err(GiveUp::TooLarge) => return None,
     }
     with_large_space(|space| {
         let mut walk = Walk::in_space(space, heap);
