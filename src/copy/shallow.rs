@@ -47,8 +47,12 @@ pub unsafe fn copy_into<H: Heap, O: Output>(
     heap: &mut H,
     out: &mut O,
 ) -> Option<Result<Written, CopyError>> {
+    let mut slot = MaybeUninit::uninit();
+    let shape = Shape::in_place(&mut slot);
     // SAFETY: forwarded.
-    let shape = unsafe { Shape::discover(root, heap) }?;
+    if !unsafe { shape.discover(root, heap) } {
+        return None;
+    }
     crate::fault::point("measure");
     // SAFETY: the raw blocks of `shape` are blocks of the source, read once here.
     Some(unsafe { shape.write(out) })
@@ -60,8 +64,12 @@ pub unsafe fn copy_into<H: Heap, O: Output>(
 /// # Safety
 /// As [`copy_into`].
 pub unsafe fn measure<H: Heap>(root: Word, heap: &mut H) -> Option<Measured> {
+    let mut slot = MaybeUninit::uninit();
+    let shape = Shape::in_place(&mut slot);
     // SAFETY: forwarded.
-    let shape = unsafe { Shape::discover(root, heap) }?;
+    if !unsafe { shape.discover(root, heap) } {
+        return None;
+    }
     Some(Measured {
         bytes: shape.len * WORD_BYTES,
         blocks: shape.count,
@@ -86,23 +94,36 @@ struct Shape {
 }
 
 impl Shape {
-    /// Reads the value at `root` if it has this path's shape: each field of the root
-    /// and each header once.
+    /// A shape with nothing read yet, made in `slot`: only its counts are written, its
+    /// arrays stay uninitialised and it is never moved (returned by value, it cost a
+    /// `memcpy` of its 400 bytes; made from a constant, a `memset`).
+    #[inline(always)]
+    fn in_place(slot: &mut MaybeUninit<Shape>) -> &mut Shape {
+        let p = slot.as_mut_ptr();
+        // SAFETY: `p` is valid for writes; the counts are written here and the arrays
+        // hold `MaybeUninit` elements, valid uninitialised: the shape is then
+        // initialised.
+        unsafe {
+            std::ptr::addr_of_mut!((*p).count).write(0);
+            std::ptr::addr_of_mut!((*p).n).write(0);
+            std::ptr::addr_of_mut!((*p).len).write(0);
+            slot.assume_init_mut()
+        }
+    }
+
+    /// Reads the value at `root` into this empty shape: whether it has this path's
+    /// shape. Each field of the root and each header is read once.
     ///
     /// # Safety
     /// As [`copy_into`].
     #[inline(always)]
-    unsafe fn discover<H: Heap>(root: Word, heap: &mut H) -> Option<Shape> {
+    unsafe fn discover<H: Heap>(&mut self, root: Word, heap: &mut H) -> bool {
         // SAFETY: `root` points to a block of the source.
         let hd = unsafe { layout::read_header(root) };
         let n = hd.wosize();
-        let mut shape = Shape {
-            found: [const { MaybeUninit::uninit() }; MAX_FIELDS + 1],
-            count: 1,
-            fields: [const { MaybeUninit::uninit() }; MAX_FIELDS],
-            n: 0,
-            len: 1 + n,
-        };
+        let shape = self;
+        shape.count = 1;
+        shape.len = 1 + n;
         shape.found[0].write(Found {
             block: root,
             header: hd,
@@ -111,11 +132,11 @@ impl Shape {
         if !hd.is_scannable() {
             // A raw root, copied as it is.
             // SAFETY: forwarded.
-            return (n < MAX_WORDS && unsafe { takes_raw(heap, root, hd) }).then_some(shape);
+            return n < MAX_WORDS && unsafe { takes_raw(heap, root, hd) };
         }
         if n > MAX_FIELDS || hd.tag() >= layout::FORCING_TAG {
             // Closures, lazy values, objects, forwarded blocks: the walk's.
-            return None;
+            return false;
         }
         for (i, slot) in shape.fields.iter_mut().enumerate().take(n) {
             // SAFETY: `i < n`, a field of the root.
@@ -137,7 +158,7 @@ impl Shape {
                             || m >= MAX_WORDS - shape.len
                             || !unsafe { takes_raw(heap, v, child) }
                         {
-                            return None;
+                            return false;
                         }
                         found[shape.count].write(Found {
                             block: v,
@@ -154,7 +175,7 @@ impl Shape {
             slot.write((v, leads_to as u8));
         }
         shape.n = n;
-        Some(shape)
+        true
     }
 
     /// Writes the copy to `out`: the found blocks' headers, the root's fields (pointers
