@@ -8,6 +8,15 @@ let o = Sys.opaque_identity
 
 let value () = o (List.init 100 (fun i -> (i, string_of_int i)))
 
+(* The values copied by each path of the traversal: the general one and its walk (a
+   list), and the shallow path (a raw root; a record whose fields lead to raw blocks). *)
+let values () =
+  [ ("a list", Obj.repr (value ())); ("a string", Obj.repr (o (String.make 20 's')));
+    ( "a record of raw blocks",
+      Obj.repr
+        (o (String.make 3 'a', 1, float (o 2), Int64.of_int (o 7), Array.make 2 (float (o 1))))
+    ) ]
+
 let check ~msg expected got =
   let p o =
     Printf.sprintf "{copied=%b; allocs=%d; frees=%d; bad_frees=%d; returned=%b; left=%b}"
@@ -20,11 +29,14 @@ let outcome ?(copied = false) ?(allocs = 0) ?(frees = 0) ?(returned = false) ?(l
 
 let test_success _ =
   List.iter
-    (fun with_free ->
-      check ~msg:"a copy: one alloc, returned, never freed"
-        (outcome ~copied:true ~allocs:1 ~returned:true ())
-        (copy ~with_free Good (value ())))
-    [ true; false ]
+    (fun (what, v) ->
+      List.iter
+        (fun with_free ->
+          check ~msg:(what ^ ": a copy: one alloc, returned, never freed")
+            (outcome ~copied:true ~allocs:1 ~returned:true ())
+            (copy ~with_free Good v))
+        [ true; false ])
+    (values ())
 
 let test_nothing_to_copy _ =
   List.iter
@@ -44,18 +56,24 @@ let test_refused_value _ =
 
 let test_null _ =
   List.iter
-    (fun with_free ->
-      check ~msg:"NULL: one alloc, nothing to free" (outcome ~allocs:1 ())
-        (copy ~with_free Null_result (value ())))
-    [ true; false ]
+    (fun (what, v) ->
+      List.iter
+        (fun with_free ->
+          check ~msg:(what ^ ": NULL: one alloc, nothing to free") (outcome ~allocs:1 ())
+            (copy ~with_free Null_result v))
+        [ true; false ])
+    (values ())
 
 let test_misaligned _ =
-  check ~msg:"misaligned, with a free function: freed at once"
-    (outcome ~allocs:1 ~frees:1 ())
-    (copy ~with_free:true Misaligned (value ()));
-  check ~msg:"misaligned, without: left with the caller (documented)"
-    (outcome ~allocs:1 ~left:true ())
-    (copy ~with_free:false Misaligned (value ()))
+  List.iter
+    (fun (what, v) ->
+      check ~msg:(what ^ ": misaligned, with a free function: freed at once")
+        (outcome ~allocs:1 ~frees:1 ())
+        (copy ~with_free:true Misaligned v);
+      check ~msg:(what ^ ": misaligned, without: left with the caller (documented)")
+        (outcome ~allocs:1 ~left:true ())
+        (copy ~with_free:false Misaligned v))
+    (values ())
 
 (* Buffers of offheap_copy registered with offheap_register, each between two copies of
    2.5-4 KB made by offheap (from malloc, like the buffers: a 4 KiB page holds the end of
