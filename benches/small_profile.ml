@@ -3,7 +3,10 @@
    (issue 9's small values, 88 bytes off the heap). MODE: base (the loop alone), copy
    (copies kept), copyfree (copies kept, then all freed), interleaved (copy then free),
    marshal (a round trip), region (Region.add to one region); interleaved1 and
-   interleaved10 copy and free a fresh ref or a fresh list of 10 immediates instead, and
+   interleaved10 copy and free a fresh ref or a fresh list of 10 immediates instead,
+   strings7list and list2strings a tuple of 7 strings and a list of one, and of such a
+   list and 2 strings (shapes the shallow path gives up on: fields read before the walk
+   starts over), whose making base7 and base2 measure alone; and
    interleaved100 and interleaved1000 a list of 50 or 500 pairs (100 or 1000 blocks, in
    the walk's own buffers), whose making base1, base10, base100 and base1000 measure
    alone. The cost of one call is the difference of two
@@ -51,6 +54,22 @@ let () =
         (fun v -> ignore (Sys.opaque_identity (List.init 10 (fun i -> i + v.sa))))
         values
   | "base1" -> Array.iter (fun v -> ignore (Sys.opaque_identity (ref v.sa))) values
+  | "strings7list" | "base7" ->
+      let copy = mode = "strings7list" in
+      Array.iter
+        (fun v ->
+          let s k = String.make 12 (Char.chr (97 + ((v.sa + k) land 15))) in
+          let x = Sys.opaque_identity (s 1, s 2, s 3, s 4, s 5, s 6, s 7, [ s 8 ]) in
+          if copy then Offheap.free (Offheap.copy x))
+        values
+  | "list2strings" | "base2" ->
+      let copy = mode = "list2strings" in
+      Array.iter
+        (fun v ->
+          let s k = String.make 12 (Char.chr (97 + ((v.sa + k) land 15))) in
+          let x = Sys.opaque_identity ([ s 3 ], s 1, s 2) in
+          if copy then Offheap.free (Offheap.copy x))
+        values
   | "interleaved100" | "interleaved1000" ->
       let n = if mode = "interleaved100" then 50 else 500 in
       Array.iter (fun v -> Offheap.free (Offheap.copy (pairs n v))) values

@@ -27,6 +27,9 @@ use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 
 /// The most fields of a root this path copies.
 pub const MAX_FIELDS: usize = 8;
+/// A field's mark, between the two steps of [`Shape::discover`], that it leads to a block
+/// to copy.
+const LAY_OUT: u8 = u8::MAX;
 /// The most words (headers included) of a copy this path makes: the stack's limit of
 /// the walk ([`small::MAX_WORDS`]), so that both take the same values.
 const MAX_WORDS: usize = small::MAX_WORDS;
@@ -138,41 +141,66 @@ impl Shape {
             // Closures, lazy values, objects, forwarded blocks: the walk's.
             return false;
         }
-        for (i, slot) in shape.fields.iter_mut().enumerate().take(n) {
+        // First each field, and the header of each block it leads to, the last field
+        // first: a value this path does not take (a field that leads to a scannable
+        // block) is told before any layout work, and mostly at once (lists, options and
+        // nested records tend to come after a record's names and numbers), so that the
+        // walk, which then starts over, is not paid twice for it (a record of 7 strings
+        // and a list cost 28% more than the walk alone when each string was laid out
+        // before the list was found).
+        let mut heads = [const { MaybeUninit::<Header>::uninit() }; MAX_FIELDS];
+        for i in (0..n).rev() {
             // SAFETY: `i < n`, a field of the root.
             let v = unsafe { read_field((root as *const Word).add(i)) };
-            let mut leads_to = 0;
+            let mut copied = false;
             if !layout::is_immediate(v) && heap.should_copy(v) {
-                let found = &mut shape.found;
-                // SAFETY: `found[..count]` are initialised.
-                let seen =
-                    (0..shape.count).position(|j| unsafe { found[j].assume_init_ref() }.block == v);
-                match seen {
-                    Some(j) => leads_to = j + 1,
-                    None => {
-                        // SAFETY: a pointer read from a block of the source graph.
-                        let child = unsafe { layout::read_header(v) };
-                        let m = child.wosize();
-                        // SAFETY: `v` points to a block with header `child`.
-                        if child.is_scannable()
-                            || m >= MAX_WORDS - shape.len
-                            || !unsafe { takes_raw(heap, v, child) }
-                        {
-                            return false;
-                        }
-                        found[shape.count].write(Found {
-                            block: v,
-                            header: child,
-                            at: shape.len,
-                        });
-                        shape.count += 1;
-                        shape.len += 1 + m;
-                        leads_to = shape.count;
+                copied = true;
+                if v != root {
+                    // SAFETY: a pointer read from a block of the source graph.
+                    let child = unsafe { layout::read_header(v) };
+                    // SAFETY: `v` points to a block with header `child`.
+                    if child.is_scannable() || !unsafe { takes_raw(heap, v, child) } {
+                        return false;
                     }
+                    heads[i].write(child);
                 }
             }
+            // `LAY_OUT` for a field to lay out below, 0 for one kept as read.
+            shape.fields[i].write((v, if copied { LAY_OUT } else { 0 }));
+        }
+        // Then the layout: each block once, in the order of the fields that lead to it.
+        for (slot, head) in shape.fields.iter_mut().zip(&heads).take(n) {
+            // SAFETY: `fields[..n]` were written above.
+            let (v, leads_to) = unsafe { slot.assume_init_mut() };
+            if *leads_to == 0 {
+                continue;
+            }
+            let found = &mut shape.found;
+            // SAFETY: `found[..count]` are initialised.
+            let seen =
+                (0..shape.count).position(|j| unsafe { found[j].assume_init_ref() }.block == *v);
+            let j = match seen {
+                Some(j) => j,
+                None => {
+                    // SAFETY: every field that leads to a block other than the root (found
+                    // first) had its header read above.
+                    let child = unsafe { head.assume_init() };
+                    let m = child.wosize();
+                    if m >= MAX_WORDS - shape.len {
+                        return false;
+                    }
+                    found[shape.count].write(Found {
+                        block: *v,
+                        header: child,
+                        at: shape.len,
+                    });
+                    shape.count += 1;
+                    shape.len += 1 + m;
+                    shape.count - 1
+                }
+            };
             // At most `MAX_FIELDS + 1` blocks: fits a `u8`.
-            slot.write((v, leads_to as u8));
+            *leads_to = j as u8 + 1;
         }
         shape.n = n;
         true
