@@ -89,7 +89,8 @@ struct Shape {
     found: [MaybeUninit<Found>; MAX_FIELDS + 1],
     count: usize,
     /// The root's fields as read, each with the index (plus one) of the found block it
-    /// leads to, or 0; `fields[..n]` are initialised.
+    /// leads to, or 0 (`LAY_OUT` while [`Shape::discover`] runs); `fields[..n]` are
+    /// initialised.
     fields: [MaybeUninit<(Word, u8)>; MAX_FIELDS],
     n: usize,
     /// Words of the copy, headers included.

@@ -34,9 +34,9 @@
 //! The walk is the general one's, depth first by groups ([`super::pending`]): a value
 //! copies to the same bytes whichever path takes it. It gives up, having written nothing
 //! and keeping nothing allocated, on anything out of its way: more blocks or words than
-//! its larger buffers hold, an infix pointer, a tag that may be refused (lazy values, abstract blocks,
-//! custom blocks other than the boxed integers, OCaml 5's continuations); the general
-//! traversal then copies the value or says why it cannot.
+//! its larger buffers hold, an infix pointer, a tag that may be refused (lazy values,
+//! abstract blocks, custom blocks other than the boxed integers, OCaml 5's
+//! continuations); the general traversal then copies the value or says why it cannot.
 //!
 //! Each field and header is read once, so the copy is well formed even when other
 //! domains write to the source, as `read_field` (in `copy`) explains: every field of the
