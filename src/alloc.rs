@@ -25,6 +25,15 @@ pub trait Allocator {
     /// # Safety
     /// `ptr` came from `alloc` on this allocator with this `bytes`, and nothing uses it.
     unsafe fn free(&mut self, ptr: *mut u8, bytes: usize);
+
+    /// `Some(p)` when, for [`LARGE_BYTES`] and more, this allocator's `alloc(bytes)` is
+    /// [`map_huge`]`(bytes + p)` plus `p` bytes, and its `free` releases such memory:
+    /// then a large copy may be made in address space reserved and mapped the same way,
+    /// and handed to this allocator's `free` ([`crate::copy::direct`]). `None` by
+    /// default.
+    fn huge_mapping_prefix(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// `void *alloc(value allocator, size_t size)`: field 0 of an allocator block.
@@ -80,6 +89,10 @@ impl Allocator for CAllocator {
         // SAFETY: `ptr` and `bytes` came from this allocator's `alloc`.
         unsafe { (self.free_fn())(self.block, ptr, bytes) }
     }
+
+    fn huge_mapping_prefix(&self) -> Option<usize> {
+        self.is_default().then_some(0)
+    }
 }
 
 /// The default allocator, for Rust callers: [`offheap_alloc`] and [`offheap_free`].
@@ -95,6 +108,10 @@ impl Allocator for Malloc {
     unsafe fn free(&mut self, ptr: *mut u8, bytes: usize) {
         // SAFETY: `ptr` and `bytes` came from `offheap_alloc`.
         unsafe { offheap_free(0, ptr, bytes) }
+    }
+
+    fn huge_mapping_prefix(&self) -> Option<usize> {
+        Some(0)
     }
 }
 

@@ -102,6 +102,10 @@ impl<A: Allocator> Allocator for WithRecord<A> {
                 .free(ptr.wrapping_sub(PREFIX_BYTES), bytes + PREFIX_BYTES)
         }
     }
+
+    fn huge_mapping_prefix(&self) -> Option<usize> {
+        self.0.huge_mapping_prefix()?.checked_add(PREFIX_BYTES)
+    }
 }
 
 impl<A> WithRecord<A> {

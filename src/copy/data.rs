@@ -159,6 +159,11 @@ impl DataTable {
         self.regions.len()
     }
 
+    /// Whether no Bigarray was noted.
+    pub fn is_empty(&self) -> bool {
+        self.noted.is_empty()
+    }
+
     /// Pass 2, for the block at word `block` of the copy whose first run of fields is
     /// `fields`: when it is the next noted Bigarray (blocks come in offset order, as they
     /// were noted), points it at its data in the copy made for `base`, with its copy's

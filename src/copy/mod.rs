@@ -18,10 +18,15 @@
 //!    the copy, infix offsets kept.
 //! 3. **restore**: the visited set gives back whatever it changed in the source.
 //!
+//! A large copy into memory of the default allocator is mostly made in pass 1 alone
+//! ([`direct`]): from 4 MiB on, pass 1 writes each block it discovers into address
+//! space reserved for the copy, and pass 2 writes only the blocks before that point.
+//!
 //! Every error (a block that cannot be copied, an allocator that fails, including the
 //! traversal's own memory) is detected in pass 1 or right after it, before anything was
-//! written, and takes the same exit: restore, free what was allocated, report. The source
-//! is left as it was, byte for byte.
+//! written to the output (what pass 1 wrote into its reservation is unmapped), and takes
+//! the same exit: restore, free what was allocated, report. The source is left as it
+//! was, byte for byte.
 //!
 //! **A source that other domains write to** (OCaml 5, [`VisitedSet::SOURCE_SHARED`]):
 //! reading a block in pass 1 and again in pass 2 would let a write in between give pass 2
@@ -50,6 +55,7 @@
 //! what was seen. The same code runs on OCaml 4, OCaml 5 and the fake heap of the tests.
 
 pub mod data;
+pub mod direct;
 pub mod pending;
 pub mod queue;
 pub mod shallow;
@@ -61,6 +67,7 @@ use std::fmt;
 use crate::alloc::{Allocator, NoMemory};
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 use data::DataTable;
+use direct::{Reservation, DIRECT_FROM_WORDS};
 use pending::{Pending, Run};
 use queue::{Entry, Queue};
 use visited::{Seen, VisitedSet};
@@ -313,6 +320,23 @@ pub trait Output {
     /// call. Pass 2 cannot fail: an output that meets an error (a full disk) records it
     /// and keeps giving room.
     fn next(&mut self, words: usize) -> *mut Word;
+
+    /// `Some(p)` when [`Output::adopt`] takes memory, a copy laid out `p` bytes into a
+    /// mapping: then pass 1 writes a large copy into a [`Reservation`] made with that
+    /// prefix as it goes ([`direct`]). `None` by default.
+    fn adopts(&self) -> Option<usize> {
+        None
+    }
+
+    /// Instead of [`Output::begin`]: takes the first `bytes` bytes of `reservation`
+    /// (made with the prefix [`Output::adopts`] gave), which holds the copy's blocks
+    /// from some offset on, as the copy's memory, and returns its address;
+    /// [`Output::next`] then gives room from its start. Gives the reservation back when
+    /// the output cannot take it (the default).
+    fn adopt(&mut self, reservation: Reservation, bytes: usize) -> Result<Word, Reservation> {
+        let _ = bytes;
+        Err(reservation)
+    }
 }
 
 /// The longest run of words pass 2 asks an [`Output`] for at once.
@@ -350,6 +374,21 @@ impl<A: Allocator> Output for Contiguous<'_, A> {
         // this stays inside the allocation (or one past its end).
         self.next = unsafe { run.add(words) };
         run
+    }
+
+    fn adopts(&self) -> Option<usize> {
+        self.alloc.huge_mapping_prefix()
+    }
+
+    fn adopt(&mut self, reservation: Reservation, bytes: usize) -> Result<Word, Reservation> {
+        if self.adopts() != Some(reservation.prefix()) || bytes < crate::alloc::LARGE_BYTES {
+            return Err(reservation);
+        }
+        // The allocator's `free(base, bytes)` releases such a mapping (`adopts`).
+        let base = reservation.into_mapping(bytes);
+        self.base = base;
+        self.next = base as *mut Word;
+        Ok(base as Word)
     }
 }
 
@@ -419,6 +458,10 @@ unsafe fn traverse_block<H: Heap, V: VisitedSet, O: Output>(
     out: &mut O,
 ) -> Result<Written, CopyError> {
     let mut traversal = Traversal::new(heap, visited);
+    if let Some(prefix) = out.adopts().filter(|_| !V::SOURCE_SHARED) {
+        traversal.direct_from = DIRECT_FROM_WORDS;
+        traversal.direct_prefix = prefix;
+    }
     // SAFETY: the caller's contract on `root` and its graph is the traversal's.
     let outcome = unsafe { traversal.run(root, out) };
     crate::fault::point("restore");
@@ -510,6 +553,18 @@ struct Traversal<'a, H, V> {
     jumps: usize,
     /// Peak bytes of pass 1's [`Pending`] stack (freed when pass 1 ends).
     pending_bytes: usize,
+    /// Pass 1 writes the blocks at this offset (in words) and beyond into `reservation`
+    /// ([`direct`]), made when the first such block is discovered; `usize::MAX` when it
+    /// writes nothing: a source shared with other domains, an output that adopts no
+    /// memory, or no address space or memory to be had.
+    direct_from: usize,
+    /// The memory pass 1 writes into, once it writes; kept to the end of the copy when
+    /// pass 1 stops writing (the block being scanned may still be written into it).
+    reservation: Option<Reservation>,
+    /// The queue index of the first block pass 1 wrote.
+    direct_from_k: usize,
+    /// Bytes of the mapping before the copy ([`Output::adopts`]).
+    direct_prefix: usize,
 }
 
 impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
@@ -526,6 +581,10 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             last_discovered: 0,
             jumps: 0,
             pending_bytes: 0,
+            direct_from: usize::MAX,
+            reservation: None,
+            direct_from_k: 0,
+            direct_prefix: 0,
         }
     }
 
@@ -536,14 +595,24 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         let data_words = self.data.lay_out(self.words)?;
         let transient_bytes = self.transient_bytes();
         let bytes = (self.words + data_words) * WORD_BYTES;
-        let base = out.begin(bytes)?;
+        // What pass 1 wrote is taken when it wrote to the end and holds no Bigarray
+        // (whose data pass 2 lays out); else the reservation goes before the allocation.
+        let written = self
+            .reservation
+            .take()
+            .filter(|_| self.direct_from != usize::MAX && self.data.is_empty());
+        let (base, pass2_blocks) = match written.and_then(|r| out.adopt(r, bytes).ok()) {
+            Some(base) => (base, self.direct_from_k),
+            None => (out.begin(bytes)?, self.queue.len()),
+        };
         // SAFETY: `out` takes the `bytes` bytes pass 1 measured and the data laid out:
-        // the blocks first, then the data blocks; the noted data is the source's.
+        // the blocks first (those before `pass2_blocks`: the others pass 1 wrote), then
+        // the data blocks; the noted data is the source's.
         unsafe {
             if V::SOURCE_SHARED {
                 self.write_from_snapshot(base, out)
             } else {
-                self.write(base, out)
+                self.write(base, out, pass2_blocks)
             }
             self.data.write(base, out);
         };
@@ -583,7 +652,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         let first = Run {
             next: 0,
             end: 1,
-            snapshot_at: 0,
+            at: 0,
         };
         let outcome = pending.push(first).map_err(CopyError::from).and_then(|()| {
             // SAFETY: forwarded.
@@ -599,22 +668,32 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             let k = run.next;
             // SAFETY: `k` is below the queue's length: runs hold queued indices.
             let entry = unsafe { self.queue.get(k).unwrap_unchecked() };
-            let snapshot_words = if V::SOURCE_SHARED && entry.header.is_scannable() {
+            let words = if !V::SOURCE_SHARED {
+                entry.header.whsize()
+            } else if entry.header.is_scannable() {
                 entry.header.wosize()
             } else {
                 0
             };
-            pending.take(snapshot_words);
+            pending.take(words);
             if !entry.header.is_scannable() {
                 continue;
             }
             self.prefetch_ahead_in(k, run.end);
             let children = self.queue.len();
-            let children_snapshot = self.snapshot.len();
+            let children_at = if V::SOURCE_SHARED {
+                self.snapshot.len()
+            } else {
+                self.words
+            };
             if V::SOURCE_SHARED {
                 // SAFETY: queued entries are blocks of the source; the snapshot of
-                // block `k` starts at `run.snapshot_at`.
-                unsafe { self.scan_snapshot(entry, run.snapshot_at)? };
+                // block `k` starts at `run.at`.
+                unsafe { self.scan_snapshot(entry, run.at)? };
+            } else if run.at >= self.direct_from {
+                // SAFETY: a queued block of the source, at offset `run.at` of the copy,
+                // at or beyond `direct_from`.
+                unsafe { self.scan_block_direct(entry, run.at)? };
             } else {
                 // SAFETY: queued entries are blocks of the source.
                 unsafe { self.scan_block(entry)? };
@@ -622,7 +701,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             pending.push(Run {
                 next: children,
                 end: self.queue.len(),
-                snapshot_at: children_snapshot,
+                at: children_at,
             })?;
         }
         Ok(())
@@ -651,6 +730,47 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         for i in i..scanned.end {
             // SAFETY: `i` is below the block's wosize.
             unsafe { self.measure_field(entry.block, *fields.add(i))? };
+        }
+        Ok(())
+    }
+
+    /// [`Self::scan_block`] for a block that pass 1 writes: discovers what its fields
+    /// point to and writes them, translated, into its place in the reservation (its
+    /// header, and its raw words, were written when it was discovered).
+    ///
+    /// # Safety
+    /// `entry` is a queued block of the source, at offset `at` of the copy, at or beyond
+    /// `direct_from`, so written by [`Self::write_discovered`] into the reservation.
+    #[inline(always)]
+    unsafe fn scan_block_direct(&mut self, entry: Entry, at: usize) -> Result<(), CopyError> {
+        // SAFETY: the block was discovered with a reservation (it is at or beyond
+        // `direct_from`), which stays until the copy ends.
+        let base = unsafe { self.reservation.as_ref().unwrap_unchecked() }.base() as Word;
+        let fields = entry.block as *const Word;
+        // Its fields: committed when it was discovered (`write_discovered`).
+        let dst = (base + (at + 1) * WORD_BYTES) as *mut Word;
+        // SAFETY: queued entries are blocks of the source.
+        let scanned = unsafe { scanned_fields(entry) };
+        // SAFETY: a closure's words before its environment (code pointers and closure
+        // info) are copied as they are; the block and its place hold that many words.
+        unsafe { copy_words(fields, dst, scanned.start) };
+        for i in scanned {
+            if i + PREFETCH_DISTANCE < entry.header.wosize() {
+                // SAFETY: `i + PREFETCH_DISTANCE` is below the block's wosize.
+                prefetch(unsafe { *fields.add(i + PREFETCH_DISTANCE) }.wrapping_sub(WORD_BYTES));
+            }
+            // SAFETY: `i` is below the block's wosize.
+            let field = unsafe { *fields.add(i) };
+            let word = if !layout::is_immediate(field) && self.heap.should_copy(field) {
+                self.jumps += usize::from(field.abs_diff(entry.block) > JUMP_BYTES);
+                // SAFETY: a pointer field of a well-formed block, to a block to copy.
+                let (offset, in_block) = unsafe { self.discover(field)? };
+                base + (offset + 1) * WORD_BYTES + in_block
+            } else {
+                field
+            };
+            // SAFETY: `i` is below the block's wosize: inside its place in the copy.
+            unsafe { dst.add(i).write(word) };
         }
         Ok(())
     }
@@ -789,9 +909,64 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 self.words += hd.whsize();
                 self.jumps += usize::from(block.abs_diff(self.last_discovered) > JUMP_BYTES);
                 self.last_discovered = block;
+                if hd.is_scannable() {
+                    prefetch_targets(block, hd.wosize().min(PREFETCH_FIELDS));
+                }
+                if offset >= self.direct_from {
+                    // SAFETY: `block` is a block of the source with header `hd`, just
+                    // queued at `offset`.
+                    unsafe { self.write_discovered(block, hd, offset) };
+                }
                 Ok((offset, v - block))
             }
         }
+    }
+
+    /// Pass 1 writing the copy ([`direct`]), for a block just discovered at `offset`,
+    /// at or beyond `direct_from`: its header, and a raw block's words, into its place in
+    /// the reservation (made now for the first such block). When the reservation
+    /// cannot hold it, pass 1 stops writing and pass 2 will write every block.
+    ///
+    /// # Safety
+    /// `block` is a block of the source with header `hd`, the last queued.
+    #[inline(always)]
+    unsafe fn write_discovered(&mut self, block: Word, hd: Header, offset: usize) {
+        let Some(reservation) = self.reservation.as_mut() else {
+            // SAFETY: forwarded.
+            return unsafe { self.start_direct(block, hd, offset) };
+        };
+        if !reservation.commit((offset + hd.whsize()) * WORD_BYTES) {
+            self.direct_from = usize::MAX;
+            return;
+        }
+        let dst = reservation.base().wrapping_add(offset * WORD_BYTES) as *mut Word;
+        // SAFETY: the place of the block, `hd.whsize()` words at `offset`, is committed;
+        // a raw block's words are copied whole (nothing else writes to the source).
+        unsafe {
+            dst.write(hd.with_color(Color::Unmarkable).0);
+            if !hd.is_scannable() {
+                copy_words(block as *const Word, dst.add(1), hd.wosize());
+            }
+        }
+    }
+
+    /// [`Self::write_discovered`] for the first block pass 1 writes: reserves the memory
+    /// (or gives up writing when the process cannot have it).
+    ///
+    /// # Safety
+    /// As [`Self::write_discovered`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn start_direct(&mut self, block: Word, hd: Header, offset: usize) {
+        let Some(reservation) = Reservation::new(self.direct_prefix) else {
+            self.direct_from = usize::MAX;
+            return;
+        };
+        self.reservation = Some(reservation);
+        self.direct_from = offset;
+        self.direct_from_k = self.queue.len() - 1;
+        // SAFETY: forwarded; now with a reservation.
+        unsafe { self.write_discovered(block, hd, offset) };
     }
 
     /// Rejects the blocks that cannot be copied.
@@ -850,13 +1025,14 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         self.data.note(self.words, data, copy_ops)
     }
 
-    /// Pass 2: hands every queued block to `out`, in offset order, reading the source
-    /// again; pointers are made for a copy at `base`.
-    unsafe fn write<O: Output>(&mut self, base: Word, out: &mut O) {
+    /// Pass 2: hands the first `blocks` queued blocks (all those pass 1 did not write)
+    /// to `out`, in offset order, reading the source again; pointers are made for a copy
+    /// at `base`.
+    unsafe fn write<O: Output>(&mut self, base: Word, out: &mut O, blocks: usize) {
         crate::fault::point("write");
         let prefetching = self.jumps * 8 > self.queue.len();
         let mut written = 0;
-        for k in 0..self.queue.len() {
+        for k in 0..blocks {
             if prefetching {
                 self.prefetch_ahead(k);
             }
@@ -905,7 +1081,12 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             }
             written += 1 + n;
         }
-        debug_assert_eq!(written, self.words, "measured size != written size");
+        let expected = if blocks == self.queue.len() {
+            self.words
+        } else {
+            self.direct_from // where the blocks pass 1 wrote begin
+        };
+        debug_assert_eq!(written, expected, "measured size != written size");
     }
 
     /// Pass 2 with a [`VisitedSet::SOURCE_SHARED`] set: hands every queued block to
@@ -1077,6 +1258,25 @@ fn prefetch(addr: Word) {
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = addr;
+}
+
+/// Hints the CPU to fetch the headers that the first `n` fields of `block` point to (a
+/// block just discovered, whose first fields are likely in the cache line of its
+/// header): it is scanned soon, often next (depth first), and then needs them.
+#[inline(always)]
+fn prefetch_targets(block: Word, n: usize) {
+    let fields = block as *const Word;
+    for i in 0..n {
+        // SAFETY: `i` is below the block's wosize; the block is readable, and other
+        // domains write its fields only with word-sized stores. The value is only a
+        // hint: an atomic load (a plain load on x86-64 and arm64) keeps a racing read
+        // defined.
+        let field = unsafe { std::sync::atomic::AtomicUsize::from_ptr(fields.add(i) as *mut Word) }
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if !layout::is_immediate(field) {
+            prefetch(field.wrapping_sub(WORD_BYTES));
+        }
+    }
 }
 
 /// The block that `v` points into, with the header in front of that block now: `v`

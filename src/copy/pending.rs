@@ -11,16 +11,18 @@
 
 use crate::alloc::NoMemory;
 
-/// A run of queued blocks waiting to be scanned: queue indices `next..end`, whose
-/// snapshot (when the source is shared) starts at word `snapshot_at`.
+/// A run of queued blocks waiting to be scanned: queue indices `next..end`, the first
+/// of which starts at word `at` of the snapshot when the source is shared, else at
+/// offset `at` (in words) of the copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Run {
     /// The next queue index to scan.
     pub next: usize,
     /// One past the run's last queue index.
     pub end: usize,
-    /// Where the snapshot of block `next` starts, when there is a snapshot.
-    pub snapshot_at: usize,
+    /// Where block `next` starts: in the snapshot when the source is shared, else in
+    /// the copy.
+    pub at: usize,
 }
 
 /// A stack of [`Run`]s; [`Pending::top`] is the next block to scan.
@@ -41,7 +43,7 @@ impl Pending {
             top: Run {
                 next: 0,
                 end: 0,
-                snapshot_at: 0,
+                at: 0,
             },
             below: Vec::new(),
         }
@@ -83,13 +85,14 @@ impl Pending {
         Some(self.top)
     }
 
-    /// Takes the top run's first block, which holds `snapshot_words` words of the
-    /// snapshot (0 without one). Call after [`Pending::top`] returned a run.
+    /// Takes the top run's first block, which holds `words` words of the snapshot or
+    /// of the copy (whichever [`Run::at`] counts). Call after [`Pending::top`] returned
+    /// a run.
     #[inline(always)]
-    pub fn take(&mut self, snapshot_words: usize) {
+    pub fn take(&mut self, words: usize) {
         debug_assert!(self.top.next < self.top.end, "take without a block");
         self.top.next += 1;
-        self.top.snapshot_at += snapshot_words;
+        self.top.at += words;
     }
 
     /// Bytes of memory the stack holds now.
@@ -117,7 +120,7 @@ mod tests {
         p.push(Run {
             next: 0,
             end: 2,
-            snapshot_at: 0,
+            at: 0,
         })
         .unwrap();
         assert_eq!(
@@ -125,20 +128,20 @@ mod tests {
             Some(Run {
                 next: 0,
                 end: 2,
-                snapshot_at: 0
+                at: 0
             })
         );
         p.take(3);
         p.push(Run {
             next: 2,
             end: 3,
-            snapshot_at: 7,
+            at: 7,
         })
         .unwrap();
         p.push(Run {
             next: 3,
             end: 3,
-            snapshot_at: 9,
+            at: 9,
         })
         .unwrap(); // empty: not kept
         assert_eq!(
@@ -146,7 +149,7 @@ mod tests {
             Some(Run {
                 next: 2,
                 end: 3,
-                snapshot_at: 7
+                at: 7
             })
         );
         p.take(0);
@@ -155,7 +158,7 @@ mod tests {
             Some(Run {
                 next: 1,
                 end: 2,
-                snapshot_at: 3
+                at: 3
             })
         );
         p.take(0);
@@ -168,7 +171,7 @@ mod tests {
         p.push(Run {
             next: 0,
             end: 1,
-            snapshot_at: 0,
+            at: 0,
         })
         .unwrap();
         for k in 1..100_000 {
@@ -177,7 +180,7 @@ mod tests {
             p.push(Run {
                 next: k,
                 end: k + 1,
-                snapshot_at: 0,
+                at: 0,
             })
             .unwrap();
             assert!(p.below.is_empty());

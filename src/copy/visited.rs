@@ -102,7 +102,13 @@ unsafe impl VisitedSet for HeaderMarks {
     }
 
     unsafe fn restore(&mut self, queue: &Queue) {
-        for entry in queue.iter() {
+        for (k, entry) in queue.iter().enumerate() {
+            // Blocks come back in the order they were discovered: on a scattered source
+            // each header is a cache miss, so the one some entries on is fetched
+            // while this one is written.
+            if let Some(ahead) = queue.block_hint(k + RESTORE_AHEAD) {
+                super::prefetch(ahead.wrapping_sub(WORD_BYTES));
+            }
             // SAFETY: every queued block was marked, so its header is ours to put back.
             unsafe { layout::write_header(entry.block, entry.header) }
         }
@@ -112,6 +118,10 @@ unsafe impl VisitedSet for HeaderMarks {
         0
     }
 }
+
+/// How many queue entries ahead [`HeaderMarks::restore`] (and [`MarksOutside`]'s)
+/// fetches a header.
+const RESTORE_AHEAD: usize = 16;
 
 /// Slots of one [`SideTable`] window: the words of a 4 KiB page.
 const WINDOW: usize = 4096 / WORD_BYTES;
@@ -347,7 +357,11 @@ unsafe impl VisitedSet for MarksOutside {
     }
 
     unsafe fn restore(&mut self, queue: &Queue) {
-        for entry in queue.iter() {
+        for (k, entry) in queue.iter().enumerate() {
+            // As `HeaderMarks::restore`: the header some entries on is fetched now.
+            if let Some(ahead) = queue.block_hint(k + RESTORE_AHEAD) {
+                super::prefetch(ahead.wrapping_sub(WORD_BYTES));
+            }
             if !self.in_table(entry.block, entry.header) {
                 // SAFETY: a queued block outside the table was marked: its header is
                 // ours to put back.

@@ -142,4 +142,8 @@ impl Allocator for DefaultAllocator {
             }
         }
     }
+
+    fn huge_mapping_prefix(&self) -> Option<usize> {
+        Some(0) // beyond `SMALL_MAX`, `offheap_alloc` and `offheap_free`
+    }
 }
