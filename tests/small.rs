@@ -164,25 +164,41 @@ fn a_run_of_values_beyond_the_limits_walks_once_in_a_while() {
         let expected: Vec<bool> = (0..20).map(|i| i % 9 == 0).collect();
         assert_eq!(walked, expected, "a walk once in 9 copies: {asked:?}");
         // While the own buffers are skipped (copy 18 walked, gave up), the stack and the
-        // shallow path still take small values, which leave the skipping as it is; a
-        // value that the own buffers take and the stack does not is copied by the
-        // traversal and ends the skipping at once.
+        // shallow path still take small values, which leave the skipping as it is;
+        // values that the own buffers take and the stack does not are copied by the
+        // traversal, and end the skipping once they held as many blocks as a walk that
+        // gives up reads.
         copy_counted(&mut a, beyond, n); // copy 20: skipped
         let small_list = list(&mut a.heap, 3);
         let record = a.heap.block(0, &[layout::val_int(1), layout::val_int(2)]);
-        let medium = list(&mut a.heap, 300);
+        let m = small::LARGE_MAX_BLOCKS / 2;
+        let medium = list(&mut a.heap, m);
         let (c, _) = copy_counted(&mut a, small_list, 3);
         assert_eq!(made(&c), Made::Stack, "on the stack while skipping");
         let (c, _) = copy_counted(&mut a, record, 1);
         assert_eq!(made(&c), Made::Stack, "the shallow path while skipping");
-        let (c, _) = copy_counted(&mut a, medium, 300);
-        assert_eq!(
-            made(&c),
-            Made::Traversal,
-            "skipped: the traversal copied it"
-        );
-        let (c, _) = copy_counted(&mut a, medium, 300);
+        for k in 0..2 {
+            let (c, _) = copy_counted(&mut a, medium, m);
+            assert_eq!(
+                made(&c),
+                Made::Traversal,
+                "skipped: the traversal copied {k}"
+            );
+        }
+        let (c, _) = copy_counted(&mut a, medium, m);
         assert_eq!(made(&c), Made::OwnBuffers, "the own buffers again");
+        // Values beyond between values that the own buffers take walk once in 9 copies
+        // too, unless those hold many blocks: each of them ended the skipping, as it
+        // was, and every value beyond walked (30 walks).
+        let medium = list(&mut a.heap, 300);
+        copy_counted(&mut a, beyond, n);
+        let walks = (0..30)
+            .filter(|_| {
+                copy_counted(&mut a, medium, 300);
+                copy_counted(&mut a, beyond, n).1 > traversal
+            })
+            .count();
+        assert!((5..=8).contains(&walks), "{walks} walks in 30 alternations");
         // Values beyond, between small ones, walk in own buffers once in 9 copies too
         // (the small ones count): a small one does not end the skipping. (Ended by each
         // small one, as it was, every value beyond walked: 30 walks.)

@@ -29,7 +29,8 @@
 //! one turns out small), so that a run of such values does not pay for a walk on the
 //! stack that gives up each time. After a value too large for those buffers too, the
 //! thread's next `SKIPPED` copies do not use them (the stack still takes small values),
-//! unless one of them is a value that they take and the stack does not.
+//! unless values that they take and the stack does not come meanwhile, as many blocks of
+//! them as a walk that gives up reads.
 //!
 //! The walk is the general one's, depth first by groups ([`super::pending`]): a value
 //! copies to the same bytes whichever path takes it. It gives up, having written nothing
@@ -79,9 +80,16 @@ const SKIPPED: u8 = 8;
 thread_local! {
     /// Copies this thread still makes without the walk in buffers of its own.
     static SKIP: Cell<u8> = const { Cell::new(0) };
+    /// Blocks of the values that those buffers would have taken, copied by the general
+    /// traversal since the skipping began: at [`LARGE_MAX_BLOCKS`], what a walk that
+    /// gives up costs, the skipping ends.
+    static SKIPPED_BLOCKS: Cell<u16> = const { Cell::new(0) };
     /// Copies this thread still starts in buffers of their own.
     static LARGE_FIRST: Cell<u8> = const { Cell::new(0) };
 }
+
+// `SKIPPED_BLOCKS` holds counts below `LARGE_MAX_BLOCKS`.
+const _: () = assert!(LARGE_MAX_BLOCKS <= u16::MAX as usize);
 
 /// Counts one copy off `counter` (one of this thread's counts of copies left): whether
 /// any was left.
@@ -110,6 +118,8 @@ pub struct Counts {
     skip: u8,
     /// `LARGE_FIRST`'s.
     large_first: u8,
+    /// `SKIPPED_BLOCKS`'.
+    skipped_blocks: u16,
 }
 
 /// This thread's counts of copies left now: saved before a copy that may be abandoned and
@@ -118,6 +128,7 @@ pub fn counts() -> Counts {
     Counts {
         skip: SKIP.with(Cell::get),
         large_first: LARGE_FIRST.with(Cell::get),
+        skipped_blocks: SKIPPED_BLOCKS.with(Cell::get),
     }
 }
 
@@ -129,6 +140,7 @@ pub fn counts() -> Counts {
 pub fn restore_counts(counts: Counts) {
     SKIP.with(|skip| skip.set(counts.skip));
     LARGE_FIRST.with(|n| n.set(counts.large_first));
+    SKIPPED_BLOCKS.with(|n| n.set(counts.skipped_blocks));
 }
 
 /// Whether a value of `blocks` blocks and `words` words fits the stack's buffers.
@@ -138,16 +150,30 @@ fn fits_stack(blocks: usize, words: usize) -> bool {
 }
 
 /// Records a copy of `blocks` blocks and `bytes` bytes made by the general traversal
-/// after the walk gave up on it, having been allowed its own buffers (`large`), or
-/// without them: then a value those buffers take and the stack does not ends the
-/// skipping at once.
+/// after the walk gave up on it, having been allowed its own buffers (`large`): the
+/// skipping begins. Or without them: a value those buffers take and the stack does not
+/// counts towards ending the skipping, which ends once such values hold as many blocks
+/// as a walk that gives up reads (copied by the traversal, they cost more than the walk
+/// would, some 200 instructions a block; a walk that gives up, some 200 a block it
+/// read). Ending it at the first such value made a value beyond the limits walk and give
+/// up at every copy when such values came between (1.4x, helper's find); never ending
+/// it, a run of them after one value beyond, up to `SKIPPED` copies (+15% on lists of
+/// 8000 cells).
 #[inline(always)]
 pub fn note_general_copy(large: bool, blocks: usize, bytes: usize) {
     let words = bytes / WORD_BYTES;
     if large {
         SKIP.with(|skip| skip.set(SKIPPED));
+        SKIPPED_BLOCKS.with(|n| n.set(0));
     } else if blocks <= LARGE_MAX_BLOCKS && words <= LARGE_MAX_WORDS && !fits_stack(blocks, words) {
-        SKIP.with(|skip| skip.set(0));
+        let total = SKIPPED_BLOCKS.with(Cell::get) as usize + blocks;
+        if total >= LARGE_MAX_BLOCKS {
+            SKIP.with(|skip| skip.set(0));
+            SKIPPED_BLOCKS.with(|n| n.set(0));
+        } else {
+            // Below `LARGE_MAX_BLOCKS`, which a u16 holds.
+            SKIPPED_BLOCKS.with(|n| n.set(total as u16));
+        }
     }
 }
 
