@@ -320,15 +320,7 @@ fn vm_data_kb() -> usize {
 /// as the limit is the whole process's.
 #[test]
 fn pass_1_stops_writing_when_memory_cannot_be_committed() {
-    const CHILD: &str = "OFFHEAP_DIRECT_LIMIT_CHILD";
-    let name = "pass_1_stops_writing_when_memory_cannot_be_committed";
-    if std::env::var_os(CHILD).is_none() {
-        let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", name, "--test-threads=1", "--nocapture"])
-            .env(CHILD, "1")
-            .status()
-            .expect("child test process");
-        assert!(status.success(), "the child process failed: {status}");
+    if !in_child("pass_1_stops_writing_when_memory_cannot_be_committed") {
         return;
     }
     let mut h = FakeHeap::new(12 << 20);
@@ -361,4 +353,47 @@ fn pass_1_stops_writing_when_memory_cannot_be_committed() {
         adopting.free(unlimited.base, unlimited.bytes);
         lifting.free(limited.base, limited.bytes);
     }
+}
+
+/// Runs the test `name` again in a child process of its own, alone, when called from
+/// the test itself (false: the child ran it and passed), and true in that child.
+fn in_child(name: &str) -> bool {
+    const CHILD: &str = "OFFHEAP_DIRECT_TEST_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        return true;
+    }
+    let status = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", name, "--test-threads=1", "--nocapture"])
+        .env(CHILD, "1")
+        .status()
+        .expect("child test process");
+    assert!(status.success(), "the child process failed: {status}");
+    false
+}
+
+/// Under a limit on the address space that refuses 64 GiB and 8 GiB more (`ulimit -v`),
+/// pass 1 still writes a large copy, into a reservation of 1 GiB. Run in a child
+/// process of its own, as the limit is the whole process's.
+#[test]
+fn a_smaller_reservation_under_a_limit_on_address_space() {
+    if !in_child("a_smaller_reservation_under_a_limit_on_address_space") {
+        return;
+    }
+    let mut h = FakeHeap::new(12 << 20);
+    let root = big_value(&mut h, 100_000, 8);
+    let limit = libc::rlimit {
+        rlim_cur: ((vm_size_kb() << 10) + (4 << 30)) as libc::rlim_t,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
+    let mut adopting = Adopting { allocs: 0 };
+    // SAFETY: a well-formed value of the fake heap, which nothing else touches.
+    let c = unsafe { copy::copy(root, &mut h, HeaderMarks::new(Color::C2), &mut adopting) }
+        .expect("copied");
+    assert!(c.bytes > 8 << 20);
+    assert_eq!(adopting.allocs, 0, "pass 1 wrote the copy");
+    assert_isomorphic(&mut h, root, c.root, c.base as Word, c.bytes);
+    // SAFETY: from this allocator, with this size.
+    unsafe { adopting.free(c.base, c.bytes) };
 }

@@ -14,15 +14,18 @@
 //!
 //! A copy starts writing this way once it passes [`DIRECT_FROM_WORDS`] (the size from
 //! which the default allocator maps memory): the blocks before are written by pass 2 as
-//! before, the others by pass 1. When address space cannot be had (a process under
-//! `ulimit -v`), the copy outgrows the reservation or memory cannot be committed, the
-//! copy goes on in two passes (what pass 1 wrote is written again by pass 2).
+//! before, the others by pass 1. When address space cannot be had (a process under a
+//! `ulimit -v` that leaves less than 1 GiB), the copy outgrows the reservation or memory
+//! cannot be committed, the copy goes on in two passes (what pass 1 wrote is written
+//! again by pass 2).
 
 use crate::alloc::{HUGE_PAGE, LARGE_BYTES};
 use crate::layout::WORD_BYTES;
 
-/// Address space reserved for one copy: copies larger than this are made in two passes.
-const RESERVED_BYTES: usize = 64 << 30;
+/// Address space reserved for one copy, the first size the process can have (a limit on
+/// its address space, `ulimit -v`, may refuse the larger): copies larger than it are
+/// made in two passes.
+const RESERVED_BYTES: [usize; 3] = [64 << 30, 8 << 30, 1 << 30];
 
 /// The offset (in words) from which pass 1 writes the blocks it discovers.
 pub const DIRECT_FROM_WORDS: usize = LARGE_BYTES / WORD_BYTES;
@@ -49,24 +52,25 @@ impl Reservation {
         if prefix >= MIN_COMMIT {
             return None;
         }
-        let mapped = RESERVED_BYTES + HUGE_PAGE;
-        // SAFETY: an anonymous private mapping with no access; no file, no fixed address.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                mapped,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return None;
-        }
+        let (map, reserved) = RESERVED_BYTES.into_iter().find_map(|reserved| {
+            // SAFETY: an anonymous private mapping with no access; no file, no fixed
+            // address.
+            let map = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    reserved + HUGE_PAGE,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            (map != libc::MAP_FAILED).then_some((map, reserved))
+        })?;
+        let mapped = reserved + HUGE_PAGE;
         let start = map as usize;
         let aligned = start.next_multiple_of(HUGE_PAGE);
-        let tail = start + mapped - (aligned + RESERVED_BYTES);
+        let tail = start + mapped - (aligned + reserved);
         // SAFETY: both slack ranges lie inside the mapping just made, unused; the advice
         // is only advice (without transparent huge pages the mapping works as is).
         unsafe {
@@ -74,17 +78,13 @@ impl Reservation {
                 libc::munmap(map, aligned - start);
             }
             if tail > 0 {
-                libc::munmap((aligned + RESERVED_BYTES) as *mut libc::c_void, tail);
+                libc::munmap((aligned + reserved) as *mut libc::c_void, tail);
             }
-            libc::madvise(
-                aligned as *mut libc::c_void,
-                RESERVED_BYTES,
-                libc::MADV_HUGEPAGE,
-            );
+            libc::madvise(aligned as *mut libc::c_void, reserved, libc::MADV_HUGEPAGE);
         }
         Some(Reservation {
             start: aligned as *mut u8,
-            reserved: RESERVED_BYTES,
+            reserved,
             committed: 0,
             prefix,
         })
@@ -178,7 +178,7 @@ mod tests {
             base.write(1);
             base.add(MIN_COMMIT).write(2);
         }
-        assert!(!r.commit(RESERVED_BYTES), "beyond the reservation");
+        assert!(!r.commit(RESERVED_BYTES[0]), "beyond the reservation");
         let bytes = MIN_COMMIT + 1;
         let p = r.into_mapping(bytes);
         assert_eq!(p, base);
