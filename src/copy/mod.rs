@@ -929,16 +929,15 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 // (restoring an unmarked header rewrites the header it has).
                 let entry = Entry { block, header: hd };
                 if let Err(e) = self.queue.push(entry) {
-                    // SAFETY: forwarded.
-                    unsafe { self.retry_without_reservation(e, |t| t.queue.push(entry))? };
+                    self.retry_without_reservation(e, |t| t.queue.push(entry))?;
                 }
                 let offset = self.words;
                 // SAFETY: `block` is a block start of the source graph not yet marked.
                 if let Err(e) = unsafe { self.visited.mark(block, hd, offset) } {
-                    // SAFETY: as above; the mark failed with nothing recorded.
-                    unsafe {
-                        self.retry_without_reservation(e, |t| t.visited.mark(block, hd, offset))?
-                    };
+                    self.retry_without_reservation(e, |t| {
+                        // SAFETY: as above; the failed mark recorded nothing.
+                        unsafe { t.visited.mark(block, hd, offset) }
+                    })?;
                 }
                 if V::SOURCE_SHARED && hd.is_scannable() {
                     // SAFETY: `block` is a block of the source with header `hd`.
@@ -1027,12 +1026,9 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     /// The traversal could not get memory (`e`) while pass 1 may be holding a
     /// reservation: gives that back ([`Self::stop_direct`]) and tries `again`, or
     /// reports `e` when there was none.
-    ///
-    /// # Safety
-    /// Called from [`Self::discover`] only (see [`Self::stop_direct`]).
     #[cold]
     #[inline(never)]
-    unsafe fn retry_without_reservation(
+    fn retry_without_reservation(
         &mut self,
         e: NoMemory,
         again: impl FnOnce(&mut Self) -> Result<(), NoMemory>,
