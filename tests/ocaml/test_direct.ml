@@ -233,7 +233,21 @@ let test_handles _ =
   let h = Offheap.copy v in
   (Offheap.delete [@alert "-deprecated"]) h;
   assert_freed h;
-  settle ()
+  settle ();
+  (* the reservation is trimmed to the copy, and freeing gives it all back *)
+  let bytes = (Offheap.measure v).bytes in
+  let vm_before = status_kb "VmSize:" in
+  let live = List.init 5 (fun _ -> Offheap.copy v) in
+  let vm_live = status_kb "VmSize:" in
+  assert_bool
+    (Printf.sprintf "5 live copies of %d kB: VmSize %d -> %d kB" (bytes / 1024) vm_before vm_live)
+    (vm_live < vm_before + (5 * ((bytes / 1024) + 4096)) + (64 * 1024));
+  List.iter Offheap.free live;
+  settle ();
+  let vm_after = status_kb "VmSize:" in
+  assert_bool
+    (Printf.sprintf "after the frees: VmSize %d -> %d kB" vm_before vm_after)
+    (vm_after < vm_before + (64 * 1024))
 
 (* A large value holding another copy: the copy is shared, not copied again. *)
 let copy_around inner =
