@@ -397,3 +397,117 @@ fn a_smaller_reservation_under_a_limit_on_address_space() {
     // SAFETY: from this allocator, with this size.
     unsafe { adopting.free(c.base, c.bytes) };
 }
+
+/// The default allocator as a custom allocator is: the copy is made in two passes.
+struct TwoPasses;
+
+impl Allocator for TwoPasses {
+    fn alloc(&mut self, bytes: usize) -> *mut u8 {
+        Malloc.alloc(bytes)
+    }
+
+    unsafe fn free(&mut self, ptr: *mut u8, bytes: usize) {
+        // SAFETY: from `Malloc.alloc(bytes)`.
+        unsafe { Malloc.free(ptr, bytes) }
+    }
+}
+
+/// Whether a copy of `root` with `alloc` succeeds with the process's `resource` limited
+/// to `limit` bytes (freed at once; any error other than out of memory fails the test).
+fn fits_under(
+    h: &mut FakeHeap,
+    root: Word,
+    resource: libc::__rlimit_resource_t,
+    limit: usize,
+    alloc: &mut impl Allocator,
+) -> bool {
+    let set = |bytes: libc::rlim_t| {
+        let l = libc::rlimit {
+            rlim_cur: bytes,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: a valid rlimit.
+        assert_eq!(unsafe { libc::setrlimit(resource, &l) }, 0);
+    };
+    set(limit as libc::rlim_t);
+    // SAFETY: a well-formed value of the fake heap, which nothing else touches.
+    let copied = unsafe { copy::copy(root, h, HeaderMarks::new(Color::C2), alloc) };
+    set(libc::RLIM_INFINITY);
+    match copied {
+        Ok(c) => {
+            // SAFETY: from this allocator, with this size.
+            unsafe { alloc.free(c.base, c.bytes) };
+            true
+        }
+        Err(e) => {
+            assert!(e.is_out_of_memory(), "{e:?}");
+            false
+        }
+    }
+}
+
+/// Under a limit on address space (`ulimit -v`) or on data (`RLIMIT_DATA`), a copy that
+/// two passes make fits when pass 1 writes it too: the reservation (64 GiB of address
+/// space, memory committed ahead) must never be what makes the traversal's own queue
+/// fail to grow. Limits are tried in 2 MiB steps across the ranges where this could
+/// happen: just above 64 GiB plus the queue for address space (the reservation is made
+/// when the queue is small, the queue grows beside it), and from the two-pass peak (queue
+/// and copy) to 24 MiB beyond it for data (the reservation commits up to 32 MiB
+/// ahead). The value is a chain of 1.6 million one-field blocks, 25 MiB of copy and
+/// 12 MiB of queue. Run in a child process of its own, as the limits are the process's.
+#[test]
+fn under_a_memory_limit_copies_fit_as_two_passes_do() {
+    if !in_child("under_a_memory_limit_copies_fit_as_two_passes_do") {
+        return;
+    }
+    let blocks = 1_600_000;
+    let mut h = FakeHeap::new(2 * blocks + 16);
+    let mut root = layout::val_int(0);
+    for _ in 0..blocks {
+        root = h.block(0, &[root]);
+    }
+    let before = h.snapshot();
+    // SAFETY: a well-formed value of the fake heap, which nothing else touches.
+    let unlimited = unsafe {
+        copy::copy(
+            root,
+            &mut h,
+            HeaderMarks::new(Color::C2),
+            &mut Adopting { allocs: 0 },
+        )
+    }
+    .expect("copied");
+    let (copy_bytes, queue_bytes) = (unlimited.bytes, unlimited.transient_bytes);
+    // SAFETY: from `Adopting`, with this size.
+    unsafe { Adopting { allocs: 0 }.free(unlimited.base, unlimited.bytes) };
+    const MIB: usize = 1 << 20;
+    let ranges = [
+        (
+            libc::RLIMIT_AS,
+            (vm_size_kb() << 10) + (64 << 30),
+            (queue_bytes + 8 * MIB) / (2 * MIB),
+        ),
+        (
+            libc::RLIMIT_DATA,
+            (vm_data_kb() << 10) + copy_bytes + queue_bytes - 4 * MIB,
+            14,
+        ),
+    ];
+    for (resource, from, steps) in ranges {
+        let mut two_pass_fits = 0;
+        for step in 0..steps {
+            let limit = from + step * 2 * MIB;
+            if fits_under(&mut h, root, resource, limit, &mut TwoPasses) {
+                two_pass_fits += 1;
+                let mut adopting = Adopting { allocs: 0 };
+                assert!(
+                    fits_under(&mut h, root, resource, limit, &mut adopting),
+                    "limit {resource}: {step} steps into the range: two passes fit, \
+                     pass 1 writing did not"
+                );
+            }
+        }
+        assert!(two_pass_fits > 0, "limit {resource}: two passes never fit");
+    }
+    assert!(before == h.snapshot(), "source restored");
+}

@@ -15,9 +15,12 @@
 //! A copy starts writing this way once it passes [`DIRECT_FROM_WORDS`] (the size from
 //! which the default allocator maps memory): the blocks before are written by pass 2 as
 //! before, the others by pass 1. When address space cannot be had (a process under a
-//! `ulimit -v` that leaves less than 1 GiB), the copy outgrows the reservation or memory
-//! cannot be committed, the copy goes on in two passes (what pass 1 wrote is written
-//! again by pass 2).
+//! `ulimit -v` that leaves less than 1 GiB), the copy outgrows the reservation, memory
+//! cannot be committed, or the traversal's own tables cannot grow beside the
+//! reservation (a limit on address space or data that two passes would fit in), the
+//! reservation is given back at once and the copy goes on in two passes (what pass 1
+//! wrote is written again by pass 2): a copy never needs more memory at any moment than
+//! two passes would.
 
 use crate::alloc::{HUGE_PAGE, LARGE_BYTES};
 use crate::layout::WORD_BYTES;

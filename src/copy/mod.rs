@@ -558,8 +558,8 @@ struct Traversal<'a, H, V> {
     /// writes nothing: a source shared with other domains, an output that adopts no
     /// memory, or no address space or memory to be had.
     direct_from: usize,
-    /// The memory pass 1 writes into, once it writes; kept to the end of the copy when
-    /// pass 1 stops writing (the block being scanned may still be written into it).
+    /// The memory pass 1 writes into, while it writes; given back as soon as pass 1
+    /// stops writing ([`Self::stop_direct`]).
     reservation: Option<Reservation>,
     /// The queue index of the first block pass 1 wrote.
     direct_from_k: usize,
@@ -595,12 +595,13 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         let data_words = self.data.lay_out(self.words)?;
         let transient_bytes = self.transient_bytes();
         let bytes = (self.words + data_words) * WORD_BYTES;
-        // What pass 1 wrote is taken when it wrote to the end and holds no Bigarray
-        // (whose data pass 2 lays out); else the reservation goes before the allocation.
-        let written = self
-            .reservation
-            .take()
-            .filter(|_| self.direct_from != usize::MAX && self.data.is_empty());
+        // What pass 1 wrote: it keeps its reservation only when it wrote to the end
+        // (with memory enough, and no Bigarray, whose data pass 2 lays out).
+        let written = self.reservation.take();
+        debug_assert!(
+            written.is_none() || self.data.is_empty(),
+            "direct with data"
+        );
         let (base, pass2_blocks) = match written.and_then(|r| out.adopt(r, bytes).ok()) {
             Some(base) => (base, self.direct_from_k),
             None => (out.begin(bytes)?, self.queue.len()),
@@ -698,11 +699,18 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 // SAFETY: queued entries are blocks of the source.
                 unsafe { self.scan_block(entry)? };
             }
-            pending.push(Run {
+            let children = Run {
                 next: children,
                 end: self.queue.len(),
                 at: children_at,
-            })?;
+            };
+            if let Err(e) = pending.push(children) {
+                // The memory the reservation holds may be what is missing.
+                if !self.stop_direct() {
+                    return Err(e.into());
+                }
+                pending.push(children)?;
+            }
         }
         Ok(())
     }
@@ -765,12 +773,34 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 self.jumps += usize::from(field.abs_diff(entry.block) > JUMP_BYTES);
                 // SAFETY: a pointer field of a well-formed block, to a block to copy.
                 let (offset, in_block) = unsafe { self.discover(field)? };
+                if self.reservation.is_none() {
+                    // Pass 1 stopped writing (its memory is gone): the rest of the block
+                    // is only measured, and pass 2 writes it.
+                    // SAFETY: forwarded; `i + 1` is at most the block's wosize.
+                    return unsafe { self.measure_fields(entry, i + 1) };
+                }
                 base + (offset + 1) * WORD_BYTES + in_block
             } else {
                 field
             };
             // SAFETY: `i` is below the block's wosize: inside its place in the copy.
             unsafe { dst.add(i).write(word) };
+        }
+        Ok(())
+    }
+
+    /// [`Self::scan_block`] from field `from` on, for a block of which pass 1 stopped
+    /// writing in the middle.
+    ///
+    /// # Safety
+    /// `entry` is a queued block of the source; `from` is at most its wosize.
+    #[cold]
+    #[inline(never)]
+    unsafe fn measure_fields(&mut self, entry: Entry, from: usize) -> Result<(), CopyError> {
+        let fields = entry.block as *const Word;
+        for i in from..entry.header.wosize() {
+            // SAFETY: `i` is below the block's wosize.
+            unsafe { self.measure_field(entry.block, *fields.add(i))? };
         }
         Ok(())
     }
@@ -898,10 +928,17 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 // Queue first: a failed mark leaves the entry to be restored, harmlessly
                 // (restoring an unmarked header rewrites the header it has).
                 let entry = Entry { block, header: hd };
-                self.queue.push(entry)?;
+                if let Err(e) = self.queue.push(entry) {
+                    self.retry_without_reservation(e, |t| t.queue.push(entry))?;
+                }
                 let offset = self.words;
                 // SAFETY: `block` is a block start of the source graph not yet marked.
-                unsafe { self.visited.mark(block, hd, offset)? };
+                if let Err(e) = unsafe { self.visited.mark(block, hd, offset) } {
+                    self.retry_without_reservation(e, |t| {
+                        // SAFETY: as above; the failed mark recorded nothing.
+                        unsafe { t.visited.mark(block, hd, offset) }
+                    })?;
+                }
                 if V::SOURCE_SHARED && hd.is_scannable() {
                     // SAFETY: `block` is a block of the source with header `hd`.
                     unsafe { self.snapshot_fields(entry)? };
@@ -936,7 +973,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             return unsafe { self.start_direct(block, hd, offset) };
         };
         if !reservation.commit((offset + hd.whsize()) * WORD_BYTES) {
-            self.direct_from = usize::MAX;
+            self.stop_direct();
             return;
         }
         let dst = reservation.base().wrapping_add(offset * WORD_BYTES) as *mut Word;
@@ -969,6 +1006,39 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         unsafe { self.write_discovered(block, hd, offset) };
     }
 
+    /// Pass 1 stops writing the copy and gives back its reservation: memory ran short
+    /// (a commit failed, or the traversal's own tables could not grow while the
+    /// reservation held address space and memory that two passes would not), or a
+    /// Bigarray was found (the copy then goes where pass 2 can lay out its data). The
+    /// copy is then made in two passes and takes no more memory at any moment than two
+    /// passes do. Whether there was a reservation to give back.
+    ///
+    /// While a block is being written into the reservation, only called from
+    /// [`Self::discover`], after which [`Self::scan_block_direct`] checks whether the
+    /// reservation is still there.
+    #[cold]
+    #[inline(never)]
+    fn stop_direct(&mut self) -> bool {
+        self.direct_from = usize::MAX;
+        self.reservation.take().is_some()
+    }
+
+    /// The traversal could not get memory (`e`) while pass 1 may be holding a
+    /// reservation: gives that back ([`Self::stop_direct`]) and tries `again`, or
+    /// reports `e` when there was none.
+    #[cold]
+    #[inline(never)]
+    fn retry_without_reservation(
+        &mut self,
+        e: NoMemory,
+        again: impl FnOnce(&mut Self) -> Result<(), NoMemory>,
+    ) -> Result<(), CopyError> {
+        if !self.stop_direct() {
+            return Err(e.into());
+        }
+        Ok(again(self)?)
+    }
+
     /// Rejects the blocks that cannot be copied.
     #[inline(always)]
     unsafe fn check_copyable(&mut self, block: Word, hd: Header) -> Result<(), CopyError> {
@@ -993,6 +1063,8 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 if self.heap.is_copyable_custom(ops) {
                     Ok(())
                 } else if let Some(copy_ops) = self.heap.bigarray_ops(ops) {
+                    // Pass 2 lays out the data: what pass 1 would write is not kept.
+                    self.stop_direct();
                     // SAFETY: a custom block of the source with this header.
                     unsafe { self.note_bigarray(block, hd, copy_ops) }
                 } else {
