@@ -146,6 +146,13 @@ pub fn map_huge(bytes: usize) -> *mut u8 {
     else {
         return std::ptr::null_mut();
     };
+    map_aligned(len, libc::PROT_READ | libc::PROT_WRITE)
+}
+
+/// A private anonymous mapping of `len` bytes (a multiple of [`HUGE_PAGE`]) with access
+/// `prot`, aligned to [`HUGE_PAGE`] and advised for huge pages; null when it cannot be
+/// had. Mapped with a huge page of slack, then trimmed to the aligned range.
+pub(crate) fn map_aligned(len: usize, prot: libc::c_int) -> *mut u8 {
     let Some(mapped) = len.checked_add(HUGE_PAGE) else {
         return std::ptr::null_mut();
     };
@@ -154,7 +161,7 @@ pub fn map_huge(bytes: usize) -> *mut u8 {
         libc::mmap(
             std::ptr::null_mut(),
             mapped,
-            libc::PROT_READ | libc::PROT_WRITE,
+            prot,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,

@@ -281,7 +281,7 @@ struct Lifting {
 impl Allocator for Lifting {
     fn alloc(&mut self, bytes: usize) -> *mut u8 {
         self.allocs += 1;
-        set_data_limit(libc::RLIM_INFINITY);
+        set_limit(libc::RLIMIT_DATA, libc::RLIM_INFINITY);
         Malloc.alloc(bytes)
     }
 
@@ -295,13 +295,14 @@ impl Allocator for Lifting {
     }
 }
 
-fn set_data_limit(bytes: libc::rlim_t) {
+/// Sets the process's soft limit on `resource` to `bytes`.
+fn set_limit(resource: libc::__rlimit_resource_t, bytes: libc::rlim_t) {
     let limit = libc::rlimit {
         rlim_cur: bytes,
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: a valid rlimit.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_DATA, &limit) }, 0);
+    assert_eq!(unsafe { libc::setrlimit(resource, &limit) }, 0);
 }
 
 /// The process's private writable memory in KiB (`VmData`).
@@ -316,8 +317,8 @@ fn vm_data_kb() -> usize {
 
 /// Pass 1 runs out of memory to commit in the middle of a copy of 73 MB (the limit on
 /// data lets the reservation commit 64 MiB, not 96, and the queue's 15 MB fit besides):
-/// it stops writing, and pass 2 writes the whole copy into memory from the allocator. Run in a child process of its own,
-/// as the limit is the whole process's.
+/// it stops writing, and pass 2 writes the whole copy into memory from the allocator.
+/// Run in a child process of its own, as the limit is the whole process's.
 #[test]
 fn pass_1_stops_writing_when_memory_cannot_be_committed() {
     if !in_child("pass_1_stops_writing_when_memory_cannot_be_committed") {
@@ -332,11 +333,14 @@ fn pass_1_stops_writing_when_memory_cannot_be_committed() {
     assert_eq!(adopting.allocs, 0);
     assert!(unlimited.bytes > 64 << 20, "a copy larger than the limit");
     let before = h.snapshot();
-    set_data_limit(((vm_data_kb() << 10) + (88 << 20)) as libc::rlim_t);
+    set_limit(
+        libc::RLIMIT_DATA,
+        ((vm_data_kb() << 10) + (88 << 20)) as libc::rlim_t,
+    );
     let mut lifting = Lifting { allocs: 0 };
     // SAFETY: as above.
     let limited = unsafe { copy::copy(root, &mut h, HeaderMarks::new(Color::C2), &mut lifting) };
-    set_data_limit(libc::RLIM_INFINITY);
+    set_limit(libc::RLIMIT_DATA, libc::RLIM_INFINITY);
     let limited = limited.expect("copied in two passes");
     assert_eq!(lifting.allocs, 1, "the copy came from the allocator");
     assert!(before == h.snapshot(), "source restored");
@@ -381,12 +385,10 @@ fn a_smaller_reservation_under_a_limit_on_address_space() {
     }
     let mut h = FakeHeap::new(12 << 20);
     let root = big_value(&mut h, 100_000, 8);
-    let limit = libc::rlimit {
-        rlim_cur: ((vm_size_kb() << 10) + (4 << 30)) as libc::rlim_t,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: a valid rlimit.
-    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
+    set_limit(
+        libc::RLIMIT_AS,
+        ((vm_size_kb() << 10) + (4 << 30)) as libc::rlim_t,
+    );
     let mut adopting = Adopting { allocs: 0 };
     // SAFETY: a well-formed value of the fake heap, which nothing else touches.
     let c = unsafe { copy::copy(root, &mut h, HeaderMarks::new(Color::C2), &mut adopting) }
@@ -421,18 +423,10 @@ fn fits_under(
     limit: usize,
     alloc: &mut impl Allocator,
 ) -> bool {
-    let set = |bytes: libc::rlim_t| {
-        let l = libc::rlimit {
-            rlim_cur: bytes,
-            rlim_max: libc::RLIM_INFINITY,
-        };
-        // SAFETY: a valid rlimit.
-        assert_eq!(unsafe { libc::setrlimit(resource, &l) }, 0);
-    };
-    set(limit as libc::rlim_t);
+    set_limit(resource, limit as libc::rlim_t);
     // SAFETY: a well-formed value of the fake heap, which nothing else touches.
     let copied = unsafe { copy::copy(root, h, HeaderMarks::new(Color::C2), alloc) };
-    set(libc::RLIM_INFINITY);
+    set_limit(resource, libc::RLIM_INFINITY);
     match copied {
         Ok(c) => {
             // SAFETY: from this allocator, with this size.

@@ -190,24 +190,24 @@ fn a_run_of_values_beyond_the_limits_walks_once_in_a_while() {
         // Values beyond between values that the own buffers take walk once in 9 copies
         // too, unless those hold many blocks: each of them ended the skipping, as it
         // was, and every value beyond walked (30 walks).
+        // Of 30 copies of the value beyond, each after one of `other` (`k` blocks):
+        // those that walked in own buffers and gave up.
+        let walks_between = |a: &mut Asking, other: Word, k: usize| {
+            (0..30)
+                .filter(|_| {
+                    copy_counted(a, other, k);
+                    copy_counted(a, beyond, n).1 > traversal
+                })
+                .count()
+        };
         let medium = list(&mut a.heap, 300);
         copy_counted(&mut a, beyond, n);
-        let walks = (0..30)
-            .filter(|_| {
-                copy_counted(&mut a, medium, 300);
-                copy_counted(&mut a, beyond, n).1 > traversal
-            })
-            .count();
+        let walks = walks_between(&mut a, medium, 300);
         assert!((5..=8).contains(&walks), "{walks} walks in 30 alternations");
         // Values beyond, between small ones, walk in own buffers once in 9 copies too
         // (the small ones count): a small one does not end the skipping. (Ended by each
         // small one, as it was, every value beyond walked: 30 walks.)
-        let walks = (0..30)
-            .filter(|_| {
-                copy_counted(&mut a, small_list, 3);
-                copy_counted(&mut a, beyond, n).1 > traversal
-            })
-            .count();
+        let walks = walks_between(&mut a, small_list, 3);
         assert!((5..=7).contains(&walks), "{walks} walks in 30 alternations");
     })
     .join()

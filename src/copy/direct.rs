@@ -22,7 +22,7 @@
 //! wrote is written again by pass 2): a copy never needs more memory at any moment than
 //! two passes would.
 
-use crate::alloc::{HUGE_PAGE, LARGE_BYTES};
+use crate::alloc::{map_aligned, HUGE_PAGE, LARGE_BYTES};
 use crate::layout::WORD_BYTES;
 
 /// Address space reserved for one copy, the first size the process can have (a limit on
@@ -55,38 +55,13 @@ impl Reservation {
         if prefix >= MIN_COMMIT {
             return None;
         }
-        let (map, reserved) = RESERVED_BYTES.into_iter().find_map(|reserved| {
-            // SAFETY: an anonymous private mapping with no access; no file, no fixed
-            // address.
-            let map = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    reserved + HUGE_PAGE,
-                    libc::PROT_NONE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            (map != libc::MAP_FAILED).then_some((map, reserved))
+        // Inaccessible: a private mapping is charged to the process only once writable.
+        let (start, reserved) = RESERVED_BYTES.into_iter().find_map(|reserved| {
+            let start = map_aligned(reserved, libc::PROT_NONE);
+            (!start.is_null()).then_some((start, reserved))
         })?;
-        let mapped = reserved + HUGE_PAGE;
-        let start = map as usize;
-        let aligned = start.next_multiple_of(HUGE_PAGE);
-        let tail = start + mapped - (aligned + reserved);
-        // SAFETY: both slack ranges lie inside the mapping just made, unused; the advice
-        // is only advice (without transparent huge pages the mapping works as is).
-        unsafe {
-            if aligned > start {
-                libc::munmap(map, aligned - start);
-            }
-            if tail > 0 {
-                libc::munmap((aligned + reserved) as *mut libc::c_void, tail);
-            }
-            libc::madvise(aligned as *mut libc::c_void, reserved, libc::MADV_HUGEPAGE);
-        }
         Some(Reservation {
-            start: aligned as *mut u8,
+            start,
             reserved,
             committed: 0,
             prefix,
