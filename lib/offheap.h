@@ -68,8 +68,9 @@ typedef void *(*alloc_t)(void *data, size_t size);
  * [data] its own argument. */
 typedef void (*free_t)(void *data, void *ptr, size_t size);
 
-/* The default allocator's alloc (Offheap.malloc): malloc, or for 4 MiB and more a
- * private anonymous mapping advised for huge pages. [allocator] is ignored. */
+/* The default allocator's alloc (Offheap.malloc): malloc, or for 4 MiB and more, and
+ * for whole multiples of 2 MiB, a private anonymous mapping advised for huge pages.
+ * [allocator] is ignored. */
 void *offheap_alloc(value allocator, size_t size);
 
 /* The default allocator's free, for memory from offheap_alloc of the same [size]. */

@@ -77,7 +77,7 @@ module Make (B : BASE) = struct
 
   let create ?(alloc = B.malloc) ?(chunk_bytes = 0) () =
     if chunk_bytes < 0 then invalid_arg "Offheap.Region.create: negative chunk_bytes";
-    let cell = stub_cell chunk_bytes in
+    let cell = stub_cell chunk_bytes alloc in
     if Obj.is_int (Obj.repr cell) then raise Out_of_memory;
     { cell; alloc; image_owner = alloc }
 

@@ -48,10 +48,11 @@ module type S = sig
   (** [create ?alloc ?chunk_bytes ()] is an empty region; it takes no memory until the
       first {!add}. Its chunks come from [alloc] (default {!Offheap.malloc}; a C
       allocator has the contract of {!Offheap.alloc}), [chunk_bytes] at a time
-      (default 1 MiB, at least 4 KiB; [0] means the default). An add of more than
-      [chunk_bytes / 32] bytes gets a chunk of its own, of its size and one word more;
-      smaller ones share chunks, so that a chunk loses less than a 32nd of itself at
-      its end.
+      (at least 4 KiB; [0] means the default: 1 MiB, and with the default allocator
+      2 MiB from the second chunk on, each then mapped as one huge page). An add of
+      more than a 32nd of the next chunk's size gets a chunk of its own, of its size
+      and one word more; smaller ones share chunks, so that a chunk loses less than a
+      32nd of itself at its end.
 
       {[
         let r = Offheap.Region.create ~chunk_bytes:(4 lsl 20) () in
@@ -168,7 +169,7 @@ module type S = sig
       Raises nothing. *)
 
   val chunk_bytes : t -> int
-  (** [chunk_bytes r] is the chunk size of [r], as {!create} settled it.
+  (** [chunk_bytes r] is the size of the first chunk of [r], as {!create} settled it.
 
       {[
         assert (Offheap.Region.chunk_bytes (Offheap.Region.create ()) = 1 lsl 20)

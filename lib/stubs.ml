@@ -16,7 +16,7 @@ struct
   external offheap_region_add : region -> 'a -> Obj.t -> bool -> Obj.t = "offheap_region_add" [@@noalloc]
   external offheap_region_add_stopped : region -> 'a -> Obj.t -> bool -> Obj.t = "offheap_region_add_stopped"
   external offheap_region_adopt : region -> 'a handle -> Obj.t -> Obj.t = "offheap_region_adopt"
-  external offheap_region_cell : int -> region_cell = "offheap_region_cell"
+  external offheap_region_cell : int -> alloc -> region_cell = "offheap_region_cell"
   external offheap_region_count_loaded : region -> int -> unit = "offheap_region_count_loaded" [@@noalloc]
   external offheap_region_error : unit -> Outcome.t = "offheap_region_error"
   external offheap_region_free : region -> Outcome.t = "offheap_region_free"

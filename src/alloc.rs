@@ -280,18 +280,26 @@ impl<T> Drop for ZeroedArray<T> {
     }
 }
 
-/// The default allocator's `alloc`: `malloc`, or for [`LARGE_BYTES`] and more a private
-/// mapping aligned to and advised for 2 MiB huge pages.
+/// Whether the default allocator gives `size` bytes a mapping of its own, backed by huge
+/// pages ([`map_huge`]), rather than `malloc` memory: from [`LARGE_BYTES`] on, where
+/// rounding up to whole huge pages adds at most half the size, and for whole huge pages, which a
+/// mapping fits exactly (a region's chunks).
+pub fn maps_huge(size: usize) -> bool {
+    size >= LARGE_BYTES || (size != 0 && size.is_multiple_of(HUGE_PAGE))
+}
+
+/// The default allocator's `alloc`: `malloc`, or (see [`maps_huge`]) a private mapping
+/// aligned to and advised for 2 MiB huge pages.
 ///
 /// # Safety
 /// Callable from C with any arguments; `allocator` is ignored.
 #[no_mangle]
 pub unsafe extern "C" fn offheap_alloc(_allocator: Word, size: usize) -> *mut u8 {
-    if size < LARGE_BYTES {
+    if maps_huge(size) {
+        map_huge(size)
+    } else {
         // SAFETY: plain malloc.
         unsafe { libc::malloc(size.max(1)) as *mut u8 }
-    } else {
-        map_huge(size)
     }
 }
 
@@ -304,12 +312,12 @@ pub unsafe extern "C" fn offheap_free(_allocator: Word, ptr: *mut u8, size: usiz
     if ptr.is_null() {
         return;
     }
-    if size < LARGE_BYTES {
-        // SAFETY: `ptr` came from malloc.
-        unsafe { libc::free(ptr as *mut libc::c_void) }
-    } else {
+    if maps_huge(size) {
         // SAFETY: `ptr` is a mapping from `map_huge(size)`.
         unsafe { unmap_huge(ptr, size) }
+    } else {
+        // SAFETY: `ptr` came from malloc.
+        unsafe { libc::free(ptr as *mut libc::c_void) }
     }
 }
 
@@ -323,6 +331,9 @@ mod tests {
             1,
             24,
             4096,
+            HUGE_PAGE - 8,
+            HUGE_PAGE,
+            HUGE_PAGE + 8,
             LARGE_BYTES - 8,
             LARGE_BYTES,
             LARGE_BYTES + 12345,
@@ -338,5 +349,32 @@ mod tests {
                 Malloc.free(p, size);
             }
         }
+    }
+
+    #[test]
+    fn whole_huge_pages_and_large_sizes_are_mapped() {
+        for (size, mapped) in [
+            (1, false),
+            (HUGE_PAGE - 8, false),
+            (HUGE_PAGE, true),
+            (HUGE_PAGE + 8, false),
+            (3 * HUGE_PAGE / 2, false),
+            (LARGE_BYTES - 8, false),
+            (LARGE_BYTES, true),
+            (LARGE_BYTES + 8, true),
+            (3 * HUGE_PAGE, true),
+        ] {
+            assert_eq!(maps_huge(size), mapped, "{size}");
+            let p = Malloc.alloc(size);
+            assert!(!p.is_null());
+            if mapped {
+                // A mapping of its own starts on a huge page; malloc's memory does not.
+                assert_eq!(p as usize % HUGE_PAGE, 0, "{size}");
+            }
+            // SAFETY: `p` came from `alloc(size)`; freeing it by the other path than
+            // the one it was made by would abort (free of a mapping) or leak.
+            unsafe { Malloc.free(p, size) };
+        }
+        assert!(!maps_huge(0));
     }
 }

@@ -13,7 +13,8 @@
 //!   of exactly `n` bytes (plus a tail word) of its own, and the current chunk stays
 //!   current. So a chunk shared by small adds loses less than a 32nd of itself to the
 //!   add that did not fit, and large adds lose nothing;
-//! - else a new chunk of the chunk size becomes the current one.
+//! - else a new chunk becomes the current one: of the chunk size, or from the second on
+//!   of the size of later chunks when the region has one ([`Region::new`]).
 //!
 //! The last word of every chunk is never handed out: a block of no fields at a chunk's
 //! very end would have its pointer one past the chunk, in memory the region does not own.
@@ -112,8 +113,10 @@ struct Range {
 
 /// A region: its chunks and the bump range of the current one.
 pub struct Region {
-    /// Size of the chunks taken for small adds; at least [`MIN_CHUNK_BYTES`].
+    /// Size of the first chunk taken for small adds; at least [`MIN_CHUNK_BYTES`].
     chunk_bytes: usize,
+    /// Size of the chunks taken for small adds after the first.
+    later_chunk_bytes: usize,
     /// Every chunk, sorted by `base` (for [`Region::contains`]).
     chunks: Vec<Chunk>,
     /// Where small adds go; empty (`cursor == limit == 0`) before the first.
@@ -129,14 +132,14 @@ pub const MIN_CHUNK_BYTES: usize = 4096;
 pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
 
 impl Region {
-    /// An empty region whose small adds go into chunks of `chunk_bytes` (raised to
-    /// [`MIN_CHUNK_BYTES`], rounded up to a word); it holds no memory yet.
-    pub fn new(chunk_bytes: usize) -> Region {
-        let chunk_bytes = chunk_bytes
-            .max(MIN_CHUNK_BYTES)
-            .next_multiple_of(WORD_BYTES);
+    /// An empty region whose small adds go into chunks of `chunk_bytes`, and from the
+    /// second on of `later_chunk_bytes` (each raised to [`MIN_CHUNK_BYTES`], rounded up
+    /// to a word); it holds no memory yet.
+    pub fn new(chunk_bytes: usize, later_chunk_bytes: usize) -> Region {
+        let size = |bytes: usize| bytes.max(MIN_CHUNK_BYTES).next_multiple_of(WORD_BYTES);
         Region {
-            chunk_bytes,
+            chunk_bytes: size(chunk_bytes),
+            later_chunk_bytes: size(later_chunk_bytes),
             chunks: Vec::new(),
             range: Range {
                 cursor: 0,
@@ -146,14 +149,24 @@ impl Region {
         }
     }
 
-    /// Adds larger than this get a chunk of their own.
+    /// Adds larger than this get a chunk of their own: a 32nd of the next chunk's size.
     pub fn own_chunk_threshold(&self) -> usize {
-        self.chunk_bytes / 32
+        self.next_chunk_bytes() / 32
     }
 
-    /// The chunk size of small adds.
+    /// The size of the first chunk of small adds.
     pub fn chunk_bytes(&self) -> usize {
         self.chunk_bytes
+    }
+
+    /// The size of the chunk the next small add that does not fit will take.
+    fn next_chunk_bytes(&self) -> usize {
+        // The bump range is empty until the first chunk of small adds is taken.
+        if self.range.limit == 0 {
+            self.chunk_bytes
+        } else {
+            self.later_chunk_bytes
+        }
     }
 
     /// What the region holds.
@@ -183,7 +196,7 @@ impl Region {
             .map_err(|_| CopyError::OutOfMemory(std::mem::size_of::<Chunk>()))?;
         let saved = self.range;
         let mut bump = Bump {
-            chunk_bytes: self.chunk_bytes,
+            chunk_bytes: self.next_chunk_bytes(),
             own_threshold: self.own_chunk_threshold(),
             range: &mut self.range,
             alloc,
@@ -457,7 +470,7 @@ mod tests {
 
     #[test]
     fn an_own_chunk_is_registered_after_the_copy_its_blocks_only() {
-        let mut r = Region::new(4096);
+        let mut r = Region::new(4096, 4096);
         let mut reg = Recording::default();
         let small = r
             .add(&mut Malloc, &mut reg, |b| fake_copy(64, false)(b))
@@ -514,7 +527,7 @@ mod tests {
 
     #[test]
     fn small_adds_bump_in_one_chunk() {
-        let mut r = Region::new(4096);
+        let mut r = Region::new(4096, 4096);
         let a = r
             .add(&mut Malloc, &mut NoRegistry, |b| fake_copy(24, false)(b))
             .unwrap();
@@ -530,7 +543,7 @@ mod tests {
 
     #[test]
     fn a_full_chunk_takes_a_new_one_and_large_adds_their_own() {
-        let mut r = Region::new(4096);
+        let mut r = Region::new(4096, 4096);
         let small = r.own_chunk_threshold();
         let mut bases = Vec::new();
         for _ in 0..40 {
@@ -558,8 +571,35 @@ mod tests {
     }
 
     #[test]
+    fn chunks_after_the_first_have_the_later_size() {
+        let mut r = Region::new(4096, 16384);
+        assert_eq!(r.own_chunk_threshold(), 4096 / 32);
+        let first = r
+            .add(&mut Malloc, &mut NoRegistry, |b| fake_copy(64, false)(b))
+            .unwrap();
+        assert_eq!(r.stats().reserved, 4096);
+        // From now on the threshold follows the later chunks: 400 bytes, more than a
+        // 32nd of the first chunk, share chunks.
+        assert_eq!(r.own_chunk_threshold(), 16384 / 32);
+        // The first chunk's 4096 - 8 - 64 bytes hold 10 adds of 400; the second chunk's
+        // 16384 - 8, 40 more.
+        let adds: Vec<Copied> = (0..51)
+            .map(|_| {
+                r.add(&mut Malloc, &mut NoRegistry, |b| fake_copy(400, false)(b))
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(adds[9].base as usize, first.base as usize + 64 + 9 * 400);
+        assert_eq!(adds[49].base as usize, adds[10].base as usize + 39 * 400);
+        assert_eq!(r.stats().chunks, 3);
+        assert_eq!(r.stats().reserved, 4096 + 2 * 16384);
+        assert!(adds.iter().all(|c| r.contains(c.root)));
+        release_all(&mut r);
+    }
+
+    #[test]
     fn a_failed_add_leaves_the_region_as_it_was() {
-        let mut r = Region::new(4096);
+        let mut r = Region::new(4096, 4096);
         r.add(&mut Malloc, &mut NoRegistry, |b| fake_copy(4000, false)(b))
             .unwrap();
         let before = (r.stats(), r.range.cursor, r.range.limit, r.chunks.clone());

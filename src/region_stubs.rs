@@ -172,16 +172,29 @@ static CELL_OPS: Ops = Ops(ocaml_sys::custom_operations {
     fixed_length: std::ptr::null(),
 });
 
-/// A new cell for a region whose small adds take chunks of `chunk_bytes` (0: the
-/// default). Returns the custom block, or the integer 1 when out of memory.
+/// The size of a region's chunks after the first when neither the allocator nor the
+/// chunk size was chosen: one huge page, which the default allocator maps as such
+/// (`alloc::maps_huge`): a growing region takes its memory a huge page at a time (a page
+/// fault per 2 MiB instead of one per 4 KiB), while a small region holds no more than
+/// its first chunk of 1 MiB.
+const LATER_CHUNK_BYTES: usize = crate::alloc::HUGE_PAGE;
+
+/// A new cell for a region whose small adds take chunks of `chunk_bytes` from `alloc`
+/// (0: the default size, and with the default allocator, whole huge pages after the
+/// first chunk: see [`LATER_CHUNK_BYTES`]). Returns the custom block, or the integer 1
+/// when out of memory.
 #[no_mangle]
-#[ocaml::sig("int -> region_cell")]
-pub extern "C" fn offheap_region_cell(chunk_bytes: Value) -> Value {
+#[ocaml::sig("int -> alloc -> region_cell")]
+pub extern "C" fn offheap_region_cell(chunk_bytes: Value, alloc: Value) -> Value {
     // SAFETY: called from OCaml holding the runtime.
     unsafe { release::drain_due() };
-    let chunk_bytes = match chunk_bytes >> 1 {
-        n if n <= 0 => DEFAULT_CHUNK_BYTES,
-        n => n as usize,
+    // SAFETY: `alloc` is an allocator block (the OCaml side's type); only its function
+    // fields are compared.
+    let default_alloc = unsafe { CAllocator::new(alloc as Word) }.is_default();
+    let (chunk_bytes, later_chunk_bytes) = match chunk_bytes >> 1 {
+        n if n <= 0 && default_alloc => (DEFAULT_CHUNK_BYTES, LATER_CHUNK_BYTES),
+        n if n <= 0 => (DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_BYTES),
+        n => (n as usize, n as usize),
     };
     // SAFETY: a custom block with one word of data, zeroed below before anything else
     // can see it; allocating it may run a minor GC, which holds no pointer of ours.
@@ -191,7 +204,7 @@ pub extern "C" fn offheap_region_cell(chunk_bytes: Value) -> Value {
     unsafe { *(block as *mut *mut Mutex<Cell>).add(1) = std::ptr::null_mut() };
     let cell = Mutex::new(Cell {
         freed: false,
-        region: Region::new(chunk_bytes),
+        region: Region::new(chunk_bytes, later_chunk_bytes),
     });
     let layout = std::alloc::Layout::new::<Mutex<Cell>>();
     // SAFETY: a non-zero-sized layout.
