@@ -3,7 +3,9 @@
      Offheap.copy and free per record; then the region's free, per chunk;
    - incremental building: 1M records added in batches of 10k to a list in a region,
      against building the list on the heap and copying it at the end: time, major GC
-     work and the major heap's peak;
+     work, the major heap's peak, what a major cycle costs at the end of the build (the
+     list and the region, or the list on the heap and its copy, alive), and the bytes
+     off the heap against one copy of the final list;
    - a map updated in batches: the region's growth against one copy of the final map.
 
    region_bench.exe [-quick] [-runs N]
@@ -63,7 +65,14 @@ let cons_batch b batch tail =
   done;
   !l
 
-type build = { seconds : float; major_words : float; major_collections : int; top_heap_mb : float }
+type build = {
+  seconds : float;
+  major_words : float;
+  major_collections : int;
+  top_heap_mb : float;
+  full_major_ms : float;  (** a full major cycle at the end of the build, all it holds alive *)
+  off_heap_bytes : int;  (** the region's bytes, or the final copy's *)
+}
 
 (* [f ()] measured: time, major GC work, and the major heap's peak (top_heap_words) in a
    fresh child process, so that each build starts from an empty heap. *)
@@ -75,15 +84,21 @@ let in_child f =
       Gc.compact ();
       let s0 = Gc.quick_stat () in
       let t0 = Unix.gettimeofday () in
-      f ();
+      let off_heap_bytes, alive = f () in
       let t = Unix.gettimeofday () -. t0 in
       let s1 = Gc.quick_stat () in
+      let t1 = Unix.gettimeofday () in
+      Gc.full_major ();
+      let full_major_ms = (Unix.gettimeofday () -. t1) *. 1e3 in
+      ignore (Sys.opaque_identity alive);
       let b =
         {
           seconds = t;
           major_words = s1.major_words -. s0.major_words;
           major_collections = s1.major_collections - s0.major_collections;
           top_heap_mb = float (s1.top_heap_words * (Sys.word_size / 8)) /. 1e6;
+          full_major_ms;
+          off_heap_bytes;
         }
       in
       let oc = Unix.out_channel_of_descr wr in
@@ -98,20 +113,22 @@ let in_child f =
       ignore (Unix.waitpid [] pid);
       b
 
+(* Each build returns the bytes it holds off the heap and what keeps its result alive. *)
 let build_in_region records batch () =
   let r = R.create () in
   let l = ref [] in
   for b = 0 to (records / batch) - 1 do
     l := R.add r (cons_batch b batch !l)
   done;
-  ignore (Sys.opaque_identity !l)
+  ((R.stats r).bytes, Obj.repr !l)
 
 let build_on_heap records batch () =
   let l = ref [] in
   for b = 0 to (records / batch) - 1 do
     l := cons_batch b batch !l
   done;
-  ignore (Sys.opaque_identity (Offheap.copy !l))
+  let h = Offheap.copy !l in
+  ((Offheap.stats h).bytes, Obj.repr (h, !l))
 
 (* {1 Map in batches} *)
 
@@ -165,20 +182,27 @@ let () =
   Printf.printf "| `Region.free` of the 1M values (%d chunks) | %.0f us | %.0f-%.0f us |\n\n" chunks
     (m_free *. 1e6) (lo_free *. 1e6) (hi_free *. 1e6);
   let records = if !quick then 200_000 else n and batch = 10_000 in
-  let row name builds =
+  let row name builds ~one_copy =
     let m f = let v, _, _ = median_range (List.map f builds) in v in
-    Printf.printf "| %s | %.0f ms | %.1f M | %.0f | %.0f MB |\n" name
+    let bytes = m (fun b -> float b.off_heap_bytes) in
+    Printf.printf "| %s | %.0f ms | %.1f M | %.0f | %.0f MB | %.1f ms | %.1f MB (%.3fx) |\n" name
       (m (fun b -> b.seconds) *. 1e3)
       (m (fun b -> b.major_words) /. 1e6)
       (m (fun b -> float b.major_collections))
       (m (fun b -> b.top_heap_mb))
+      (m (fun b -> b.full_major_ms))
+      (bytes /. 1e6) (bytes /. one_copy)
   in
   Printf.printf
-    "| %s records in batches of 10k | time | words promoted | major cycles | major heap peak |\n\
-     | --- | ---: | ---: | ---: | ---: |\n"
+    "| %s records in batches of 10k | time | words promoted | major cycles | major heap peak | \
+     a major cycle at its end | off the heap (/ one copy) |\n\
+     | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     (if !quick then "200k" else "1M");
-  row "added to a region batch by batch" (List.init !runs (fun _ -> in_child (build_in_region records batch)));
-  row "built on the heap, copied at the end" (List.init !runs (fun _ -> in_child (build_on_heap records batch)));
+  let in_region = List.init !runs (fun _ -> in_child (build_in_region records batch)) in
+  let on_heap = List.init !runs (fun _ -> in_child (build_on_heap records batch)) in
+  let one_copy = float (List.hd on_heap).off_heap_bytes in
+  row "added to a region batch by batch" in_region ~one_copy;
+  row "built on the heap, copied at the end" on_heap ~one_copy;
   let grown, one, t = map_growth 200 500 in
   Printf.printf
     "\n| Map of 100k int keys, 200 batches of 500 | |\n| --- | ---: |\n\
