@@ -13,7 +13,7 @@ mod fake_heap;
 
 use fake_heap::{assert_isomorphic, Counting, FakeHeap};
 use offheap::alloc::Allocator;
-use offheap::copy::visited::{HeaderMarks, SideTable};
+use offheap::copy::visited::{HeaderMarks, MarksOutside, SideTable};
 use offheap::copy::{self, Copied, CopyError};
 use offheap::layout::{self, Color, Word, WORD_BYTES};
 use proptest::collection::vec;
@@ -331,23 +331,48 @@ fn build(g: &Graph) -> (FakeHeap, Vec<Vec<Word>>) {
     (h, values)
 }
 
-/// A copy of `root` with header marks or a side table, by `copy` (which takes the path of
+/// A visited set of the tests.
+#[derive(Clone, Copy, Debug)]
+enum Set {
+    Marks,
+    Table,
+    /// OCaml 5's, with the heap's blocks (all of color 0, as OCaml 5's young blocks) in
+    /// its young range: the lower half of the heap, marked in color 2 above it; or all
+    /// of the heap, the others' mark color being 0, the color of every block of the heap
+    /// (the minor heap's blocks when the GC's mark color is 0).
+    Young {
+        all: bool,
+    },
+}
+
+/// A copy of `root` with the visited set `set`, by `copy` (which takes the path of
 /// small values when it applies) or by the general traversal alone (`general`).
 fn copy_with(
     h: &mut FakeHeap,
     root: Word,
-    marks: bool,
+    set: Set,
     general: bool,
     alloc: &mut Counting,
 ) -> Result<Copied, CopyError> {
+    let (start, end) = h.heap_range();
+    let young = |all: bool| {
+        let (mark, end) = if all {
+            (Color::C0, end)
+        } else {
+            (Color::C2, start + (end - start) / 2)
+        };
+        MarksOutside::new(mark, (start - WORD_BYTES, end))
+    };
     // SAFETY: `root` is a value of `h`, whose blocks `build` laid out well formed, and
     // nothing else touches the fake heap during the call.
     unsafe {
-        match (marks, general) {
-            (true, false) => copy::copy(root, h, HeaderMarks::new(Color::C2), alloc),
-            (false, false) => copy::copy(root, h, SideTable::with_capacity(0), alloc),
-            (true, true) => copy::traverse(root, h, HeaderMarks::new(Color::C2), alloc),
-            (false, true) => copy::traverse(root, h, SideTable::with_capacity(0), alloc),
+        match (set, general) {
+            (Set::Marks, false) => copy::copy(root, h, HeaderMarks::new(Color::C2), alloc),
+            (Set::Table, false) => copy::copy(root, h, SideTable::with_capacity(0), alloc),
+            (Set::Young { all }, false) => copy::copy(root, h, young(all), alloc),
+            (Set::Marks, true) => copy::traverse(root, h, HeaderMarks::new(Color::C2), alloc),
+            (Set::Table, true) => copy::traverse(root, h, SideTable::with_capacity(0), alloc),
+            (Set::Young { all }, true) => copy::traverse(root, h, young(all), alloc),
         }
     }
 }
@@ -431,16 +456,21 @@ fn check(g: &Graph) -> Result<(), TestCaseError> {
             fns[function % fns.len()]
         }
     };
-    for (marks, general) in [(true, false), (false, false), (true, true), (false, true)] {
-        let what = match (marks, general) {
-            (true, false) => "HeaderMarks",
-            (false, false) => "SideTable",
-            (true, true) => "HeaderMarks, general traversal",
-            (false, true) => "SideTable, general traversal",
-        };
+    let sets = [
+        Set::Marks,
+        Set::Table,
+        Set::Young { all: false },
+        Set::Young { all: true },
+    ];
+    for (set, general) in sets.into_iter().flat_map(|s| [(s, false), (s, true)]) {
+        let what = format!(
+            "{set:?}{}",
+            if general { ", general traversal" } else { "" }
+        );
+        let what = what.as_str();
         let before = h.snapshot();
         let mut alloc = Counting::new();
-        let outcome = copy_with(&mut h, root, marks, general, &mut alloc);
+        let outcome = copy_with(&mut h, root, set, general, &mut alloc);
         prop_assert!(
             before == h.snapshot(),
             "{}: source changed ({:?})",

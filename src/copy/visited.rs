@@ -7,10 +7,10 @@
 //!   domain can read those headers (OCaml 4's runtime lock).
 //! - [`SideTable`] keeps an open-addressing hash table from block address to offset and
 //!   never writes to the source (OCaml 5, where other domains' collectors read headers).
-//! - [`MarksOutside`] marks headers except in one address range and of blocks outside
-//!   the GC heap, which go to a side table (OCaml 5 with one domain: the minor heap,
-//!   whose blocks' color could be the mark color, and static data, which may be
-//!   read-only).
+//! - [`MarksOutside`] marks headers except of blocks outside the GC heap, which go to a
+//!   side table (OCaml 5 with one domain: static data, which may be read-only), and
+//!   marks the blocks of one address range (the minor heap, whose blocks' color could
+//!   be the mark color) with another color.
 
 use crate::alloc::{NoMemory, ZeroedArray};
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
@@ -295,39 +295,45 @@ unsafe impl VisitedSet for SideTable {
     }
 }
 
-/// Header marks for every block outside `range` whose header is not
-/// [`Color::Unmarkable`]; a side table for the others: those inside `range`, and those
-/// outside the GC heap (static data, copies, images: on OCaml 5 their headers are
-/// unmarkable, and static data may lie in read-only memory, as the atom table does), of
-/// which a copy of static data visits a few.
+/// Header marks for every block whose header is not [`Color::Unmarkable`]: in the color
+/// `mark` outside `young`, in [`Color::Unmarkable`] inside it (where blocks never have
+/// that color: OCaml 5's minor heap, whose blocks all have the color 0, which may be the
+/// mark color); a side table for blocks outside the GC heap (static data, copies,
+/// images: on OCaml 5 their headers are unmarkable, and static data may lie in read-only
+/// memory, as the atom table does), of which a copy of static data visits a few.
 pub struct MarksOutside {
     marks: HeaderMarks,
+    young_marks: HeaderMarks,
     table: SideTable,
-    /// `(start, end)`, both exclusive: the blocks the side table keeps.
-    range: (Word, Word),
+    /// `(start, end)`, both exclusive: the blocks marked in [`Color::Unmarkable`].
+    young: (Word, Word),
 }
 
 impl MarksOutside {
-    /// Marks with color `mark` outside `range` (exclusive bounds); the blocks inside may
-    /// have any color.
-    pub fn new(mark: Color, range: (Word, Word)) -> MarksOutside {
+    /// Marks with color `mark` outside `young` (exclusive bounds), with
+    /// [`Color::Unmarkable`] inside it, whose blocks must not have that color.
+    pub fn new(mark: Color, young: (Word, Word)) -> MarksOutside {
         MarksOutside {
             marks: HeaderMarks::new(mark),
+            young_marks: HeaderMarks::new(Color::Unmarkable),
             table: SideTable::new(),
-            range,
+            young,
         }
     }
 
-    /// Whether `block`, whose original header is `hd`, is kept in the side table.
+    /// Whether `block` lies in the young range.
     #[inline(always)]
-    fn in_table(&self, block: Word, hd: Header) -> bool {
-        (block > self.range.0 && block < self.range.1) || hd.color() == Color::Unmarkable
+    fn is_young(&self, block: Word) -> bool {
+        block > self.young.0 && block < self.young.1
     }
 }
 
-// SAFETY: each block goes to exactly one of the two sets, always the same one (a block
-// of the side table keeps its header, so `lookup` sees the same header as `mark` did);
-// `restore` writes back the queued headers of the marked blocks only.
+// SAFETY: each block goes to exactly one of the three sets, always the same one: a young
+// block (by its address) to `young_marks`, whose marks no young block's own header
+// has; another block with an unmarkable header to the side table, which leaves its
+// header as it is, so that `lookup` sees it again; any other block to `marks`, whose
+// color is not the unmarkable one either. `restore` writes back the queued headers of
+// the marked blocks only.
 unsafe impl VisitedSet for MarksOutside {
     /// One domain only: header marks are written.
     const SOURCE_SHARED: bool = false;
@@ -336,7 +342,9 @@ unsafe impl VisitedSet for MarksOutside {
     unsafe fn lookup(&self, block: Word, hd: Header) -> Seen {
         // SAFETY: forwarded.
         unsafe {
-            if self.in_table(block, hd) {
+            if self.is_young(block) {
+                self.young_marks.lookup(block, hd)
+            } else if hd.color() == Color::Unmarkable {
                 self.table.lookup(block, hd)
             } else {
                 self.marks.lookup(block, hd)
@@ -348,7 +356,9 @@ unsafe impl VisitedSet for MarksOutside {
     unsafe fn mark(&mut self, block: Word, hd: Header, offset: usize) -> Result<(), NoMemory> {
         // SAFETY: forwarded.
         unsafe {
-            if self.in_table(block, hd) {
+            if self.is_young(block) {
+                self.young_marks.mark(block, hd, offset)
+            } else if hd.color() == Color::Unmarkable {
                 self.table.mark(block, hd, offset)
             } else {
                 self.marks.mark(block, hd, offset)
@@ -362,7 +372,7 @@ unsafe impl VisitedSet for MarksOutside {
             if let Some(ahead) = queue.block_hint(k + RESTORE_AHEAD) {
                 super::prefetch(ahead.wrapping_sub(WORD_BYTES));
             }
-            if !self.in_table(entry.block, entry.header) {
+            if self.is_young(entry.block) || entry.header.color() != Color::Unmarkable {
                 // SAFETY: a queued block outside the table was marked: its header is
                 // ours to put back.
                 unsafe { layout::write_header(entry.block, entry.header) }

@@ -6,7 +6,9 @@
 //!   `copy_static`, copied: static data and earlier copies cannot be told apart).
 //! - Visited set: with one domain, header marks in the color the GC calls `GARBAGE` this
 //!   cycle: no reachable major block has it (it marks the blocks found dead last cycle).
-//!   Young blocks all have color 0, which may be that color, so they go to a side table.
+//!   Young blocks all have color 0 (the runtime's `Alloc_small` and compiled code
+//!   allocate them so; nothing recolors them before the minor GC moves them), which may
+//!   be that color, so they are marked in the `NOT_MARKABLE` color, which none has.
 //!   While other domains run, their collectors read the headers of shared blocks at any
 //!   time: a copy that cannot stop them (a region's add, the C API, static data) keeps a
 //!   side table and never writes to the source; `Offheap.copy` stops them instead
@@ -135,7 +137,7 @@ impl Heap for RuntimeHeap {
 
 /// How this copy remembers what it has seen.
 pub enum Visited {
-    /// One domain, or the others stopped: header marks, young blocks in a side table.
+    /// One domain, or the others stopped: header marks (static data in a side table).
     Marks(MarksOutside),
     /// Several domains: a side table; the source is never written.
     Table(SideTable),
@@ -300,9 +302,10 @@ pub unsafe fn with_world_stopped<const N: usize, R>(
 }
 
 /// Chooses the visited set for a copy starting now: header marks when this domain is
-/// alone (or the world is stopped), except for young blocks and blocks outside the GC
-/// heap, some of which are read-only (the atom table): those go to a side table
-/// ([`MarksOutside`]). With other domains running, a side table for everything.
+/// alone (or the world is stopped), in the `NOT_MARKABLE` color for young blocks,
+/// except for blocks outside the GC heap, some of which are read-only (the atom table):
+/// those go to a side table ([`MarksOutside`]). With other domains running, a side
+/// table for everything.
 ///
 /// # Safety
 /// Called holding the domain lock, which is kept until the copy ends.
