@@ -35,12 +35,13 @@
       copy, so it would not keep the pointed-to value alive. Mutating immediates,
       floats, bytes and pointers to other off-heap values is fine.
     - After [free], every reference into the copy is dangling, as after a C [free].
-    - On OCaml 5, no root may still point into a copy when it is freed: the GC reads
-      the blocks that roots point to, and the freed memory may be in other hands by
-      then. Native code drops dead local variables, but bytecode keeps a local in its
-      stack frame until the function returns, used or not: there, read [get h] in a
-      function that returns before [free h], or use {!with_copy}. (On OCaml 4 the page table makes the GC
-      skip such pointers.)
+    - No root may still point into a copy when it is freed, nor any block reachable
+      from one: the GC reads the blocks that roots point to, and the freed memory may
+      be in other hands by then (on OCaml 4, memory handed back to [malloc] may become
+      part of the GC heap, and the page table then sends the GC into it). Native code
+      drops dead local variables, but bytecode keeps a local in its stack frame until
+      the function returns, used or not: there, read [get h] in a function that
+      returns before [free h], or use {!with_copy}.
     - A copied exception value carries a copy of its constructor, so it no longer matches
       the original constructor in a [try ... with] (as with [Marshal]).
     - Closures can be copied, and called, only within the same running program: their
@@ -280,8 +281,8 @@ val with_copy : ?alloc:alloc -> 'a -> ('a -> 'b) -> 'b
     hold on to the copy or any part of it: they would dangle after the free. Copy out
     what must outlive the call (with [String.sub], [Array.copy], a fresh record...).
 
-    This is also the safe pattern for the OCaml 5 bytecode rule of {!free} (see the
-    Rules above): the copy is passed straight to [f] and is in no local variable of
+    This is also the safe pattern for the bytecode rule of {!free} (see the Rules
+    above): the copy is passed straight to [f] and is in no local variable of
     [with_copy] when it frees it.
 
     {[
