@@ -160,10 +160,13 @@ val get : 'a t -> 'a
 
 val free : 'a t -> unit
 (** [free h] releases the copy. [get h] raises from now on, and every reference into
-    the copy must be dead. On OCaml 4 the memory goes back to the allocator at once; on
-    OCaml 5 once the major GC cycle running at the time of [free] has finished (the GC
-    may still read the copy's headers until then); pending frees are handed back at the
-    end of later major cycles and at the next [copy] or [free].
+    the copy must be dead. On OCaml 4 the memory goes back to the allocator at once,
+    unless the major GC is marking: then once that marking has ended; on OCaml 5 once
+    the major GC cycle running at the time of [free] has finished. Until then the GC
+    may still scan blocks that pointed into the copy when it reached them (dead since),
+    and the memory, handed back, could have become part of the GC heap (OCaml 4) or be
+    anything (OCaml 5). Pending frees are handed back at the end of later major cycles
+    (OCaml 4: of the marking) and at the next [copy] or [free].
 
     {[
       let h = Offheap.copy (Array.make 10 "x") in
@@ -296,8 +299,7 @@ val with_copy : ?alloc:alloc -> 'a -> ('a -> 'b) -> 'b
 (**/**)
 
 val pending_frees : unit -> int
-(** Frees waiting for the end of a major cycle (OCaml 5; always 0 on OCaml 4). For
-    tests. *)
+(** Frees waiting for the end of a major cycle (OCaml 4: of its marking). For tests. *)
 
 (**/**)
 

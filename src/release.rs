@@ -1,5 +1,15 @@
-//! Giving a freed copy's memory back to its allocator: at once on OCaml 4, after the
-//! major cycle running at `free` time on OCaml 5.
+//! Giving a freed copy's memory back to its allocator: after the major cycle running at
+//! `free` time on OCaml 5; on OCaml 4 at once, or after the marking running at `free`
+//! time (`runtime::free_must_wait`).
+//!
+//! On OCaml 4 the marker scans a block it reached long after it reached it: a block
+//! that pointed into the copy then, dead since, is scanned after the free, and the page
+//! table makes the marker skip its pointers only while the memory is not part of the
+//! heap. Memory handed back to `malloc` can become a heap chunk at the next heap
+//! growth; the marker then took the stale pointers for blocks and blackened words of
+//! live arrays (`tests/cross`: frees while the major GC marks). So a free made while it
+//! marks waits in the queue below, its pages unregistered at once (the page table is
+//! for polymorphic operations on live copies), until the marking has ended.
 //!
 //! On OCaml 5 a cycle's marker works from a snapshot of what was reachable when the cycle
 //! began, so it may still read the headers of a copy freed during the cycle (see
@@ -365,8 +375,8 @@ pub fn pending() -> usize {
     PENDING_COUNT.load(Ordering::Relaxed)
 }
 
-/// Frees several allocations at once (at once on OCaml 4, after the running major cycle
-/// on OCaml 5), each by its allocator block, never by the slab: a region's chunks, which
+/// Frees several allocations at once (as [`free`] does: at once, or after the running
+/// marking on OCaml 4 and major cycle on OCaml 5), each by its allocator block, never by the slab: a region's chunks, which
 /// came from their allocator whatever their size. `take` is called once
 /// the queue has room for `count` entries and returns them (at most `count`), or `None`
 /// when they were freed already. Their allocator blocks must be alive for the call.
