@@ -193,6 +193,11 @@ pub unsafe fn free(h: Word) -> Outcome {
     // SAFETY: `owned.alloc` is an allocator block, alive (the handle holds it).
     let alloc = unsafe { CAllocator::new(owned.alloc) };
     let slab_copy = slab::is_slab_copy(&alloc, owned.bytes);
+    if slab_copy && !runtime::SLAB_FREES_WAIT {
+        // SAFETY: a slab copy of this size, which the handle gave up to us alone.
+        unsafe { slab::free(owned.base, owned.bytes) };
+        return Outcome::Done(0);
+    }
     let free = if slab_copy {
         slab::free_fn
     } else {

@@ -11,7 +11,7 @@
 //! - `DEFERS_FREE`, `free_must_wait()` and `major_cycles_completed()`: whether frees
 //!   may wait (both), whether one made now must (OCaml 5: always, for the running
 //!   cycle; OCaml 4: while the major GC marks, for the end of the marking), and the
-//!   counter to wait on.
+//!   counter to wait on; `SLAB_FREES_WAIT`, whether the frees of slab copies wait too.
 //!
 //! Everything else in the crate is the same on both. `slab` serves small copies made
 //! with the default allocator from regions registered once.
@@ -23,7 +23,7 @@ pub mod slab;
 
 pub use backend::{
     free_must_wait, gc_allowance, major_cycles_completed, register, register_blocks,
-    reregister_shared, unregister, DEFERS_FREE,
+    reregister_shared, unregister, DEFERS_FREE, SLAB_FREES_WAIT,
 };
 #[cfg(ocaml5)]
 pub use backend::{try_without_stopping, with_world_stopped};

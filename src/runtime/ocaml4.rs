@@ -56,6 +56,11 @@ extern "C" {
 /// Frees may wait: while the major GC marks (see [`free_must_wait`]).
 pub const DEFERS_FREE: bool = true;
 
+/// Whether the free of a slab copy must wait as others do: no. The slab's regions stay
+/// registered as static data and never go back to `malloc`, so they never become part
+/// of the heap, and the marker skips pointers into them whatever they hold.
+pub const SLAB_FREES_WAIT: bool = false;
+
 /// `caml_gc_phase` while the marker runs (`Phase_mark`, `Phase_clean`: 0 and 1,
 /// `caml/major_gc.h`); then come `Phase_sweep` (2) and `Phase_idle` (3).
 const LAST_MARKING_PHASE: i32 = 1;

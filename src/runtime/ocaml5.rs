@@ -64,6 +64,11 @@ type StwHandler =
 /// Frees wait for the running major cycle.
 pub const DEFERS_FREE: bool = true;
 
+/// Whether the free of a slab copy must wait as others do: yes, a stale pointer into a
+/// slot that a later copy took may point inside one of its blocks, where the marker
+/// would read a field as a header.
+pub const SLAB_FREES_WAIT: bool = true;
+
 /// Whether a free must wait: always (its marker reads the headers of blocks that
 /// reachable blocks point to, whatever the memory).
 pub fn free_must_wait() -> bool {
