@@ -381,8 +381,9 @@ pub fn pending() -> usize {
 }
 
 /// Frees several allocations at once (as [`free`] does: at once, or after the running
-/// marking on OCaml 4 and major cycle on OCaml 5), each by its allocator block, never by the slab: a region's chunks, which
-/// came from their allocator whatever their size. `take` is called once
+/// marking on OCaml 4 and major cycle on OCaml 5), each by its allocator block, never
+/// by the slab: a region's chunks, which came from their allocator whatever their
+/// size. `take` is called once
 /// the queue has room for `count` entries and returns them (at most `count`), or `None`
 /// when they were freed already. Their allocator blocks must be alive for the call.
 ///
