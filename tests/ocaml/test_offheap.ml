@@ -1167,10 +1167,11 @@ let gc =
          "the GC never touches a freed copy" >:: test_gc_after_free;
        ]
        @ (* A dead local left in a bytecode frame is still a root. OCaml 4 ignores
-            roots outside the page table, and native code keeps no dead locals; OCaml
-            5 bytecode keeps them and reads what they point to, so there the rule of
-            offheap.mli applies instead: no root may point into a copy when it is
-            freed. *)
+            roots outside the page table (as long as the memory does not become part
+            of the heap: the quarantine allocator never hands it out again, malloc
+            may, so offheap.mli's rule holds there too), and native code keeps no
+            dead locals; OCaml 5 bytecode keeps them and reads what they point to:
+            no root may point into a copy when it is freed. *)
        (if ocaml5_bytecode then []
         else [ "a reference left in a local variable after free" >:: test_stale_local ])
 
