@@ -139,8 +139,8 @@ module type S = sig
   val free : t -> unit
   (** [free r] releases every chunk of [r], in time proportional to the number of
       chunks, not of values. Every value taken from [r] is dangling from then on (the
-      rules of {!Offheap.free}, including that no root may still point into [r]; on
-      OCaml 5 the memory goes back once the running major cycle has ended). Of
+      rules of {!Offheap.free}, including that no root may still point into [r]; the
+      memory goes back once the running major cycle (OCaml 4: marking) has ended). Of
       several domains freeing [r] at once, exactly one succeeds.
 
       {[
