@@ -59,6 +59,7 @@ fn domain_state_fields() {
         "stat_heap_wsz",
         "stat_compactions",
         "stat_heap_chunks",
+        "stat_major_collections",
     ] {
         let index = names
             .iter()

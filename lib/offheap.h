@@ -133,8 +133,9 @@ int offheap_register(void *ptr, size_t size);
  * not, until the major cycle running when it stopped being used has ended: the GC reads
  * the header of every block that a block it marks points to, and the freed memory may
  * hold anything by then. Clear such fields first (or free the buffer later, as
- * Offheap.free does for copies). On OCaml 4 the page table makes the GC skip memory
- * outside the heap. */
+ * Offheap.free does for copies). On OCaml 4 likewise, until the marking running when
+ * it stopped being used has ended: memory handed back to malloc may become part of the
+ * GC heap, where the page table sends the marker. */
 void offheap_unregister(void *ptr, size_t size);
 
 #ifdef __cplusplus

@@ -54,9 +54,9 @@ let stub_pending_frees = Ext.offheap_stub_pending_frees
 
 let malloc = stub_malloc ()
 
-(* OCaml 5: a freed copy's memory goes back once the major cycle running at [free]
-   has ended (src/release.rs): at the end of a later cycle (this alarm), or at the
-   next [copy] or [free]. *)
+(* A freed copy's memory goes back once the major cycle running at [free] has ended
+   (OCaml 5), or its marking (OCaml 4, when it was marking; src/release.rs): at the end
+   of a later cycle (this alarm), or at the next [copy] or [free]. *)
 let () = if stub_defers_free () then ignore (Gc.create_alarm stub_drain : Gc.alarm)
 let pending_frees = stub_pending_frees
 

@@ -35,12 +35,13 @@
       copy, so it would not keep the pointed-to value alive. Mutating immediates,
       floats, bytes and pointers to other off-heap values is fine.
     - After [free], every reference into the copy is dangling, as after a C [free].
-    - On OCaml 5, no root may still point into a copy when it is freed: the GC reads
-      the blocks that roots point to, and the freed memory may be in other hands by
-      then. Native code drops dead local variables, but bytecode keeps a local in its
-      stack frame until the function returns, used or not: there, read [get h] in a
-      function that returns before [free h], or use {!with_copy}. (On OCaml 4 the page table makes the GC
-      skip such pointers.)
+    - No root may still point into a copy when it is freed, nor any block reachable
+      from one: the GC reads the blocks that roots point to, and the freed memory may
+      be in other hands by then (on OCaml 4, memory handed back to [malloc] may become
+      part of the GC heap, and the page table then sends the GC into it). Native code
+      drops dead local variables, but bytecode keeps a local in its stack frame until
+      the function returns, used or not: there, read [get h] in a function that
+      returns before [free h], or use {!with_copy}.
     - A copied exception value carries a copy of its constructor, so it no longer matches
       the original constructor in a [try ... with] (as with [Marshal]).
     - Closures can be copied, and called, only within the same running program: their
@@ -159,10 +160,13 @@ val get : 'a t -> 'a
 
 val free : 'a t -> unit
 (** [free h] releases the copy. [get h] raises from now on, and every reference into
-    the copy must be dead. On OCaml 4 the memory goes back to the allocator at once; on
-    OCaml 5 once the major GC cycle running at the time of [free] has finished (the GC
-    may still read the copy's headers until then); pending frees are handed back at the
-    end of later major cycles and at the next [copy] or [free].
+    the copy must be dead. On OCaml 4 the memory goes back to the allocator at once,
+    unless the major GC is marking: then once that marking has ended; on OCaml 5 once
+    the major GC cycle running at the time of [free] has finished. Until then the GC
+    may still scan blocks that pointed into the copy when it reached them (dead since),
+    and the memory, handed back, could have become part of the GC heap (OCaml 4) or be
+    anything (OCaml 5). Pending frees are handed back at the end of later major cycles
+    (OCaml 4: of the marking) and at the next [copy] or [free].
 
     {[
       let h = Offheap.copy (Array.make 10 "x") in
@@ -280,8 +284,8 @@ val with_copy : ?alloc:alloc -> 'a -> ('a -> 'b) -> 'b
     hold on to the copy or any part of it: they would dangle after the free. Copy out
     what must outlive the call (with [String.sub], [Array.copy], a fresh record...).
 
-    This is also the safe pattern for the OCaml 5 bytecode rule of {!free} (see the
-    Rules above): the copy is passed straight to [f] and is in no local variable of
+    This is also the safe pattern for the bytecode rule of {!free} (see the Rules
+    above): the copy is passed straight to [f] and is in no local variable of
     [with_copy] when it frees it.
 
     {[
@@ -295,8 +299,7 @@ val with_copy : ?alloc:alloc -> 'a -> ('a -> 'b) -> 'b
 (**/**)
 
 val pending_frees : unit -> int
-(** Frees waiting for the end of a major cycle (OCaml 5; always 0 on OCaml 4). For
-    tests. *)
+(** Frees waiting for the end of a major cycle (OCaml 4: of its marking). For tests. *)
 
 (**/**)
 

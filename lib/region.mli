@@ -140,8 +140,8 @@ module type S = sig
   val free : t -> unit
   (** [free r] releases every chunk of [r], in time proportional to the number of
       chunks, not of values. Every value taken from [r] is dangling from then on (the
-      rules of {!Offheap.free}, including that no root may still point into [r] on
-      OCaml 5, where the memory goes back once the running major cycle has ended). Of
+      rules of {!Offheap.free}, including that no root may still point into [r]; the
+      memory goes back once the running major cycle (OCaml 4: marking) has ended). Of
       several domains freeing [r] at once, exactly one succeeds.
 
       {[
@@ -217,8 +217,8 @@ module type S = sig
       and later {!add}s take new chunks from [alloc] ([chunk_bytes] as for {!create}).
       The region can be written again with {!write_image}, and must be freed with
       {!free}. The types of the roots are the caller's promise, as with [Marshal]: the
-      [key] is the guard. The roots point into the region: on OCaml 5 no variable may
-      still hold them when it is freed (the rules of {!free}); in bytecode, where a
+      [key] is the guard. The roots point into the region: no variable may still hold
+      them when it is freed (the rules of {!free}); in bytecode, where a
       function's locals live until it returns, use them in a function that returns
       before the [free], or make the [free] the last thing done, as in the example.
 

@@ -1,5 +1,15 @@
-//! Giving a freed copy's memory back to its allocator: at once on OCaml 4, after the
-//! major cycle running at `free` time on OCaml 5.
+//! Giving a freed copy's memory back to its allocator: after the major cycle running at
+//! `free` time on OCaml 5; on OCaml 4 at once, or after the marking running at `free`
+//! time (`runtime::free_must_wait`).
+//!
+//! On OCaml 4 the marker scans a block it reached long after it reached it: a block
+//! that pointed into the copy then, dead since, is scanned after the free, and the page
+//! table makes the marker skip its pointers only while the memory is not part of the
+//! heap. Memory handed back to `malloc` can become a heap chunk at the next heap
+//! growth; the marker then took the stale pointers for blocks and blackened words of
+//! live arrays (`tests/cross`: frees while the major GC marks). So a free made while it
+//! marks waits in the queue below, its pages unregistered at once (the page table is
+//! for polymorphic operations on live copies), until the marking has ended.
 //!
 //! On OCaml 5 a cycle's marker works from a snapshot of what was reachable when the cycle
 //! began, so it may still read the headers of a copy freed during the cycle (see
@@ -67,6 +77,10 @@ struct Pending {
     free: FreeFn,
     /// The allocator block, passed to `free`.
     alloc: Rooted,
+    /// Whether it was registered (unregistered at `free`), so that the end pages it
+    /// shares with live registrations are registered again after `free` (a slab copy's
+    /// slab stays registered).
+    registered: bool,
 }
 
 /// An allocator block kept alive while its copy waits: a generational global root of
@@ -154,7 +168,7 @@ pub enum Outcome {
 /// `h` is a handle; called from a stub holding the runtime, which allocates nothing on
 /// the OCaml heap until this returns.
 pub unsafe fn free(h: Word) -> Outcome {
-    if !runtime::DEFERS_FREE {
+    if !runtime::free_must_wait() {
         // SAFETY: the caller's contract.
         return match unsafe { handle::take(h) } {
             None => Outcome::AlreadyFreed,
@@ -178,11 +192,22 @@ pub unsafe fn free(h: Word) -> Outcome {
     }
     // SAFETY: `owned.alloc` is an allocator block, alive (the handle holds it).
     let alloc = unsafe { CAllocator::new(owned.alloc) };
-    let free = if slab::is_slab_copy(&alloc, owned.bytes) {
+    let slab_copy = slab::is_slab_copy(&alloc, owned.bytes);
+    if slab_copy && !runtime::SLAB_FREES_WAIT {
+        // SAFETY: a slab copy of this size, which the handle gave up to us alone.
+        unsafe { slab::free(owned.base, owned.bytes) };
+        return Outcome::Done(0);
+    }
+    let free = if slab_copy {
         slab::free_fn
     } else {
         alloc.free_fn()
     };
+    if !slab_copy {
+        // At once (OCaml 4): the page table is for polymorphic operations on live
+        // copies; the marker goes by the heap's pages alone.
+        runtime::unregister(owned.base, owned.bytes);
+    }
     let entry = Pending {
         after_cycle: runtime::major_cycles_completed(),
         base: owned.base,
@@ -190,6 +215,7 @@ pub unsafe fn free(h: Word) -> Outcome {
         free,
         // SAFETY: `owned.alloc` is the handle's allocator block; we hold the runtime.
         alloc: unsafe { Rooted::new(owned.alloc, free) },
+        registered: !slab_copy,
     };
     if queue.is_empty() {
         OLDEST_CYCLE.store(entry.after_cycle, Ordering::Relaxed);
@@ -337,6 +363,9 @@ pub unsafe fn drain_due() {
         // any more. `free` is the function of the block passed with it (kept alive by
         // its root), or the default allocator's, which ignores its block.
         unsafe { (entry.free)(entry.alloc.block(), entry.base, entry.bytes) };
+        if entry.registered {
+            runtime::reregister_shared(entry.base, entry.bytes);
+        }
         if let Some(mut cell) = entry.alloc.0 {
             // SAFETY: the root registered by `Rooted::new` for this cell.
             unsafe {
@@ -351,9 +380,10 @@ pub fn pending() -> usize {
     PENDING_COUNT.load(Ordering::Relaxed)
 }
 
-/// Frees several allocations at once (at once on OCaml 4, after the running major cycle
-/// on OCaml 5), each by its allocator block, never by the slab: a region's chunks, which
-/// came from their allocator whatever their size. `take` is called once
+/// Frees several allocations at once (as [`free`] does: at once, or after the running
+/// marking on OCaml 4 and major cycle on OCaml 5), each by its allocator block, never
+/// by the slab: a region's chunks, which came from their allocator whatever their
+/// size. `take` is called once
 /// the queue has room for `count` entries and returns them (at most `count`), or `None`
 /// when they were freed already. Their allocator blocks must be alive for the call.
 ///
@@ -361,12 +391,13 @@ pub fn pending() -> usize {
 /// Called from a stub holding the runtime, which allocates nothing on the OCaml heap
 /// until this returns; what `take` returns is unused by anything but the GC's marker.
 pub unsafe fn free_all(count: usize, take: impl FnOnce() -> Option<Vec<Owned>>) -> Outcome {
-    if !runtime::DEFERS_FREE {
+    if !runtime::free_must_wait() {
         let Some(owned) = take() else {
             return Outcome::AlreadyFreed;
         };
         for owned in owned {
-            // SAFETY: the caller's contract; OCaml 4's marker skips unregistered memory.
+            // SAFETY: the caller's contract; no marking is running (OCaml 4), so no
+            // block reached before the free is scanned again.
             unsafe { release_to_allocator(owned) };
         }
         return Outcome::Done(0);
@@ -387,6 +418,7 @@ pub unsafe fn free_all(count: usize, take: impl FnOnce() -> Option<Vec<Owned>>) 
     for owned in owned.into_iter().filter(|o| !o.base.is_null()) {
         // SAFETY: an allocator block, alive for the call (the caller's contract).
         let free = unsafe { CAllocator::new(owned.alloc) }.free_fn();
+        runtime::unregister(owned.base, owned.bytes);
         queue.push_back(Pending {
             after_cycle,
             base: owned.base,
@@ -394,6 +426,7 @@ pub unsafe fn free_all(count: usize, take: impl FnOnce() -> Option<Vec<Owned>>) 
             free,
             // SAFETY: as above; we hold the runtime.
             alloc: unsafe { Rooted::new(owned.alloc, free) },
+            registered: true,
         }); // room reserved above
         entries += 1;
         bytes += owned.bytes;

@@ -256,7 +256,7 @@ pub extern "C" fn offheap_stub_stat(h: RawValue, which: RawValue) -> RawValue {
     val_int(n as isize) as RawValue
 }
 
-/// Releases the freed copies whose major cycle has ended (OCaml 5).
+/// Releases the freed copies whose major cycle (OCaml 4: marking) has ended.
 #[no_mangle]
 #[ocaml::sig("unit -> unit")]
 pub extern "C" fn offheap_stub_drain(_unit: RawValue) -> RawValue {
@@ -265,7 +265,8 @@ pub extern "C" fn offheap_stub_drain(_unit: RawValue) -> RawValue {
     val_int(0) as RawValue
 }
 
-/// Whether `free` waits for the running major cycle to end (OCaml 5).
+/// Whether frees may wait (both runtimes: OCaml 5 for the running major cycle, OCaml 4
+/// for the running marking).
 #[ocaml::native_func]
 #[ocaml::sig("unit -> bool")]
 pub fn offheap_stub_defers_free(_unit: Raw) -> Value {

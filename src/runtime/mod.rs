@@ -8,8 +8,10 @@
 //! - `register` / `register_blocks` / `unregister` / `reregister_shared`: making a copy
 //!   (its blocks; `register_blocks` leaves its Bigarray data out) known to the
 //!   runtime's polymorphic operations (OCaml 4's page table; nothing on OCaml 5);
-//! - `DEFERS_FREE` and `major_cycles_completed()`: whether freeing must wait for the
-//!   running major cycle to end (OCaml 5), and the counter to wait on.
+//! - `DEFERS_FREE`, `free_must_wait()` and `major_cycles_completed()`: whether frees
+//!   may wait (both), whether one made now must (OCaml 5: always, for the running
+//!   cycle; OCaml 4: while the major GC marks, for the end of the marking), and the
+//!   counter to wait on; `SLAB_FREES_WAIT`, whether the frees of slab copies wait too.
 //!
 //! Everything else in the crate is the same on both. `slab` serves small copies made
 //! with the default allocator from regions registered once.
@@ -20,8 +22,8 @@ mod backend;
 pub mod slab;
 
 pub use backend::{
-    gc_allowance, major_cycles_completed, register, register_blocks, reregister_shared, unregister,
-    DEFERS_FREE,
+    free_must_wait, gc_allowance, major_cycles_completed, register, register_blocks,
+    reregister_shared, unregister, DEFERS_FREE, SLAB_FREES_WAIT,
 };
 #[cfg(ocaml5)]
 pub use backend::{try_without_stopping, with_world_stopped};

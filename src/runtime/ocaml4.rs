@@ -53,12 +53,51 @@ extern "C" {
     ) -> i32;
 }
 
-/// OCaml 4 frees at once: its marker skips pointers outside the page table.
-pub const DEFERS_FREE: bool = false;
+/// Frees may wait: while the major GC marks (see [`free_must_wait`]).
+pub const DEFERS_FREE: bool = true;
 
-/// Not used on OCaml 4 (frees are not deferred).
+/// Whether the free of a slab copy must wait as others do: no. The slab's regions stay
+/// registered as static data and never go back to `malloc`, so they never become part
+/// of the heap, and the marker skips pointers into them whatever they hold.
+pub const SLAB_FREES_WAIT: bool = false;
+
+/// `caml_gc_phase` while the marker runs (`Phase_mark`, `Phase_clean`: 0 and 1,
+/// `caml/major_gc.h`); then come `Phase_sweep` (2) and `Phase_idle` (3).
+const LAST_MARKING_PHASE: i32 = 1;
+/// `Phase_idle`: no major cycle running.
+const PHASE_IDLE: i32 = 3;
+
+extern "C" {
+    /// The major GC's phase (`caml/major_gc.h`).
+    static caml_gc_phase: i32;
+}
+
+fn gc_phase() -> i32 {
+    // SAFETY: a word the runtime writes only while it holds the runtime lock, as we do.
+    unsafe { std::ptr::read_volatile(std::ptr::addr_of!(caml_gc_phase)) }
+}
+
+/// Whether a free must wait: while the major GC marks. The marker reads the fields of a
+/// block when it scans it, which may be long after it reached the block: a block
+/// reachable then and dead since may point into a copy freed meanwhile. The page table
+/// makes it skip such pointers only as long as the memory is not part of the heap, and
+/// memory handed back to `malloc` may become a heap chunk before the scan (observed: the
+/// marker blackened "headers" inside a live array the heap had grown into). Once the
+/// marking has ended (sweep, idle), no block reached before the free is scanned again.
+pub fn free_must_wait() -> bool {
+    gc_phase() <= LAST_MARKING_PHASE
+}
+
+/// A counter that grows whenever a marking ends: twice the cycles begun, less one while
+/// the marker runs (idle after cycle `c`: `2c`; marking cycle `c + 1`: `2c + 1`;
+/// sweeping it: `2c + 2`). A free that waits, made at `m`, is due once it exceeds `m`.
 pub fn major_cycles_completed() -> usize {
-    0
+    // SAFETY: `Caml_state` points to the runtime's state, valid while the runtime is
+    // held (stubs hold it), and this is a word-sized field of it.
+    let completed = unsafe { *Caml_state.add(state_fields::STAT_MAJOR_COLLECTIONS) };
+    let phase = gc_phase();
+    let begun = completed + usize::from(phase != PHASE_IDLE);
+    2 * begun - usize::from(phase <= LAST_MARKING_PHASE)
 }
 
 /// Not used on OCaml 4 (frees are not deferred).

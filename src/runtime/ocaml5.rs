@@ -66,6 +66,17 @@ type StwHandler =
 /// Frees wait for the running major cycle.
 pub const DEFERS_FREE: bool = true;
 
+/// Whether the free of a slab copy must wait as others do: yes, a stale pointer into a
+/// slot that a later copy took may point inside one of its blocks, where the marker
+/// would read a field as a header.
+pub const SLAB_FREES_WAIT: bool = true;
+
+/// Whether a free must wait: always (its marker reads the headers of blocks that
+/// reachable blocks point to, whatever the memory).
+pub fn free_must_wait() -> bool {
+    true
+}
+
 /// Major cycles completed since the program started.
 pub fn major_cycles_completed() -> usize {
     // SAFETY: a word-sized counter the runtime only ever increments; a stale read only

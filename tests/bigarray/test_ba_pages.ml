@@ -193,17 +193,27 @@ let assert_growth ~msg ~cycles ~per_cycle cycle =
       (grown <= (cycles * per_cycle) + heap_grown)
 
 (* The table's entries do not grow over copy and free cycles of values with data in
-   the same places, nor over image loads (always at the recorded address). *)
+   the same places, nor over image loads (always at the recorded address). On OCaml 4
+   the frees made while the major GC marks wait for the end of the marking, and copies
+   made meanwhile take other places: the first cycles grow the table by the pages of
+   what waits during one marking (some 250 entries here, whether over 300 cycles or
+   9000); then it stays flat. *)
 let test_occupancy_flat _ =
   without_compaction (fun () ->
       let v = make 64 in
       let alloc = counting () in
-      assert_growth ~msg:"copy and free" ~cycles:1000 ~per_cycle:0 (fun _ ->
-          Offheap.free (Offheap.copy v);
-          Offheap.free (Offheap.copy ~alloc v));
+      let cycle _ =
+        Offheap.free (Offheap.copy v);
+        Offheap.free (Offheap.copy ~alloc v)
+      in
+      for i = 1 to 1000 do cycle i done;
+      assert_growth ~msg:"copy and free" ~cycles:1000 ~per_cycle:0 cycle;
       with_image v (fun path ->
           let load = snd (List.hd loads) in
+          (* a load while the last one waits is relocated, to a place the kernel
+             chooses: each free here is made with no marking running *)
           assert_growth ~msg:"image load and free" ~cycles:200 ~per_cycle:0 (fun _ ->
+              Gc.full_major ();
               Offheap.free (load path))))
 
 
