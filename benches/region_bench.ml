@@ -1,6 +1,7 @@
 (* The benchmark of regions (issue 11), run by [make bench] and [make bench-region]:
    - small adds: 1M adds of a 2-field record to one region, per add, against one
-     Offheap.copy and free per record; then the region's free, per chunk;
+     Offheap.copy and free per record; then the region's free, per chunk; and 1M adds
+     of a 3-block record (an int, a string, a float);
    - incremental building: 1M records added in batches of 10k to a list in a region,
      against building the list on the heap and copying it at the end: time, major GC
      work, the major heap's peak, what a major cycle costs at the end of the build (the
@@ -44,6 +45,23 @@ let small_adds n =
   let chunks = (R.stats r).chunks in
   let (), t_free = time (fun () -> R.free r) in
   (t_add /. float n, t_free, chunks)
+
+(* A record of an int, a string and a float: 3 blocks (the float boxed), 88 bytes in the
+   region, from a pool of 1024 strings on the heap (each add copies its string again). *)
+type three = { n : int; s : string; x : float }
+
+let names = Array.init 1024 (fun i -> Printf.sprintf "name-%06d" i)
+
+let three_block_adds n =
+  let r = R.create () in
+  let (), t =
+    time (fun () ->
+        for i = 1 to n do
+          ignore (Sys.opaque_identity (R.add r { n = i; s = names.(i land 1023); x = float i }))
+        done)
+  in
+  R.free r;
+  t /. float n
 
 let small_copies n =
   let (), t =
@@ -174,11 +192,14 @@ let () =
   let m_free, lo_free, hi_free = median_range (List.map (fun (_, t, _) -> t) adds) in
   let _, _, chunks = List.hd adds in
   let m_copy, lo_copy, hi_copy = median_range copies in
+  let m_three, lo_three, hi_three = median_range (List.init !runs (fun _ -> three_block_adds n)) in
   Printf.printf "| 1M small adds (a record of 2 fields) | median | range |\n| --- | ---: | ---: |\n";
   Printf.printf "| `Region.add`, per add | %.0f ns | %.0f-%.0f ns |\n" (m_add *. 1e9) (lo_add *. 1e9)
     (hi_add *. 1e9);
   Printf.printf "| `Offheap.copy` + `free`, per value | %.0f ns | %.0f-%.0f ns |\n" (m_copy *. 1e9)
     (lo_copy *. 1e9) (hi_copy *. 1e9);
+  Printf.printf "| `Region.add` of a record of an int, a string and a float (3 blocks) | %.0f ns | %.0f-%.0f ns |\n"
+    (m_three *. 1e9) (lo_three *. 1e9) (hi_three *. 1e9);
   Printf.printf "| `Region.free` of the 1M values (%d chunks) | %.0f us | %.0f-%.0f us |\n\n" chunks
     (m_free *. 1e6) (lo_free *. 1e6) (hi_free *. 1e6);
   let records = if !quick then 200_000 else n and batch = 10_000 in
