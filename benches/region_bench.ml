@@ -192,13 +192,16 @@ let () =
   let m_free, lo_free, hi_free = median_range (List.map (fun (_, t, _) -> t) adds) in
   let _, _, chunks = List.hd adds in
   let m_copy, lo_copy, hi_copy = median_range copies in
-  let m_three, lo_three, hi_three = median_range (List.init !runs (fun _ -> three_block_adds n)) in
+  let threes = List.init !runs (fun _ -> three_block_adds n) in
+  let m_three, lo_three, hi_three = median_range threes in
   Printf.printf "| 1M small adds (a record of 2 fields) | median | range |\n| --- | ---: | ---: |\n";
   Printf.printf "| `Region.add`, per add | %.0f ns | %.0f-%.0f ns |\n" (m_add *. 1e9) (lo_add *. 1e9)
     (hi_add *. 1e9);
   Printf.printf "| `Offheap.copy` + `free`, per value | %.0f ns | %.0f-%.0f ns |\n" (m_copy *. 1e9)
     (lo_copy *. 1e9) (hi_copy *. 1e9);
-  Printf.printf "| `Region.add` of a record of an int, a string and a float (3 blocks) | %.0f ns | %.0f-%.0f ns |\n"
+  Printf.printf
+    "| `Region.add` of a record of an int, a string and a float (3 blocks) | %.0f ns | \
+     %.0f-%.0f ns |\n"
     (m_three *. 1e9) (lo_three *. 1e9) (hi_three *. 1e9);
   Printf.printf "| `Region.free` of the 1M values (%d chunks) | %.0f us | %.0f-%.0f us |\n\n" chunks
     (m_free *. 1e6) (lo_free *. 1e6) (hi_free *. 1e6);
