@@ -22,7 +22,7 @@ use std::sync::Mutex;
 
 use crate::copy::visited::HeaderMarks;
 use crate::copy::Heap;
-use crate::layout::{Color, Word};
+use crate::layout::{Color, Word, WORD_BYTES};
 
 const IN_HEAP: i32 = 1;
 const IN_YOUNG: i32 = 2;
@@ -100,12 +100,32 @@ pub fn major_cycles_completed() -> usize {
     2 * begun - usize::from(phase <= LAST_MARKING_PHASE)
 }
 
-/// Not used on OCaml 4 (frees are not deferred).
+extern "C" {
+    /// `custom_major_ratio` (OCAMLRUNPARAM `M`, default 44; `caml/custom.h`).
+    static caml_custom_major_ratio: usize;
+}
+
+/// The out-of-heap bytes that may wait for the GC before it has done a cycle's work for
+/// them, and the words of work that cycle costs, as the runtime reckons both for custom
+/// blocks (`caml_alloc_custom_mem`): `custom_major_ratio`% of two thirds of the major
+/// heap's size, and twice the heap's words (a cycle marks at most the heap and sweeps
+/// it). Frees that wait for a marking to end pay for it at this rate (`release`), as on
+/// OCaml 5: a loop that copies and frees large values and allocates little on the heap
+/// would otherwise see the marking, driven by allocation alone, hardly move.
 ///
 /// # Safety
-/// None; `unsafe` as on OCaml 5.
+/// Called holding the runtime (it reads the runtime's heap statistics).
 pub unsafe fn gc_allowance() -> (usize, usize) {
-    (0, 0)
+    // SAFETY: the caller holds the runtime; a word-sized field of `Caml_state` and a
+    // global set at startup (or by `Gc.set`, which holds the runtime too).
+    let (heap_words, ratio) = unsafe {
+        (
+            *Caml_state.add(state_fields::STAT_HEAP_WSZ),
+            std::ptr::read_volatile(std::ptr::addr_of!(caml_custom_major_ratio)),
+        )
+    };
+    let heap_bytes = heap_words.saturating_mul(WORD_BYTES);
+    (heap_bytes / 150 * ratio, 2 * heap_words)
 }
 
 /// Cache slots; a power of two.

@@ -180,8 +180,9 @@ let without_compaction f =
   Gc.set { g with max_overhead = 1_000_000 };
   Fun.protect ~finally:(fun () -> Gc.set g) f
 
-(* [cycles] runs of [cycle] add at most [per_cycle] entries each, beyond the heap's. *)
-let assert_growth ~msg ~cycles ~per_cycle cycle =
+(* [cycles] runs of [cycle] add at most [per_cycle] entries each, beyond the heap's, and
+   [slack] entries in all. *)
+let assert_growth ?(slack = 0) ~msg ~cycles ~per_cycle cycle =
   cycle 0;
   let before = occupancy () and heap_before = heap_pages () in
   for i = 1 to cycles do cycle i done;
@@ -190,14 +191,16 @@ let assert_growth ~msg ~cycles ~per_cycle cycle =
     assert_bool
       (Printf.sprintf "%s: %d entries more over %d cycles (the heap's: %d)" msg grown cycles
          heap_grown)
-      (grown <= (cycles * per_cycle) + heap_grown)
+      (grown <= (cycles * per_cycle) + heap_grown + slack)
 
 (* The table's entries do not grow over copy and free cycles of values with data in
    the same places, nor over image loads (always at the recorded address). On OCaml 4
    the frees made while the major GC marks wait for the end of the marking, and copies
    made meanwhile take other places: the first cycles grow the table by the pages of
    what waits during one marking (some 250 entries here, whether over 300 cycles or
-   9000); then it stays flat. *)
+   9000); then it stays flat but for a marking that lasts longer than any before, whose
+   waiting copies take a few more places (one entry more in 1000 cycles, seen once in a
+   loaded run): a slack of 16 entries, against the 1000 that one a cycle would add. *)
 let test_occupancy_flat _ =
   without_compaction (fun () ->
       let v = make 64 in
@@ -207,7 +210,7 @@ let test_occupancy_flat _ =
         Offheap.free (Offheap.copy ~alloc v)
       in
       for i = 1 to 1000 do cycle i done;
-      assert_growth ~msg:"copy and free" ~cycles:1000 ~per_cycle:0 cycle;
+      assert_growth ~slack:16 ~msg:"copy and free" ~cycles:1000 ~per_cycle:0 cycle;
       with_image v (fun path ->
           let load = snd (List.hd loads) in
           (* a load while the last one waits is relocated, to a place the kernel
