@@ -337,6 +337,14 @@ pub trait Output {
         let _ = bytes;
         Err(reservation)
     }
+
+    /// A new empty file, of the traversal's own, for its queue ([`Queue::keep_in`]),
+    /// asked for when the general traversal starts: an output that must not need
+    /// memory growing with the value (an image written as it is copied) gives one, so
+    /// that the queue lives in the page cache. `None` (memory) by default.
+    fn queue_file(&mut self) -> Option<std::fs::File> {
+        None
+    }
 }
 
 /// The longest run of words pass 2 asks an [`Output`] for at once.
@@ -458,6 +466,9 @@ unsafe fn traverse_block<H: Heap, V: VisitedSet, O: Output>(
     out: &mut O,
 ) -> Result<Written, CopyError> {
     let mut traversal = Traversal::new(heap, visited);
+    if let Some(file) = out.queue_file() {
+        traversal.queue.keep_in(file);
+    }
     if let Some(prefix) = out.adopts().filter(|_| !V::SOURCE_SHARED) {
         traversal.direct_from = DIRECT_FROM_WORDS;
         traversal.direct_prefix = prefix;
@@ -667,6 +678,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     unsafe fn scan_pending(&mut self, pending: &mut Pending) -> Result<(), CopyError> {
         while let Some(run) = pending.top() {
             let k = run.next;
+            self.queue.note_read(k);
             // SAFETY: `k` is below the queue's length: runs hold queued indices.
             let entry = unsafe { self.queue.get(k).unwrap_unchecked() };
             let words = if !V::SOURCE_SHARED {
@@ -1108,6 +1120,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             if prefetching {
                 self.prefetch_ahead(k);
             }
+            self.queue.note_read(k);
             let entry = self.queue.get(k).expect("k < len");
             let hd = entry.header;
             let n = hd.wosize();
@@ -1169,6 +1182,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         let mut fields = self.snapshot.as_slice();
         let mut written = 0;
         for k in 0..self.queue.len() {
+            self.queue.note_read(k);
             let entry = self.queue.get(k).expect("k < len");
             let hd = entry.header;
             let n = hd.wosize();

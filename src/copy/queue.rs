@@ -10,6 +10,19 @@
 //! a vector for the first `CHUNK` (256 Ki) entries, then huge-page chunks of `CHUNK`
 //! entries that never move, so a long copy holds at most one partly used chunk beyond 8
 //! bytes a block.
+//!
+//! A queue given a file ([`Queue::keep_in`]: an image's writer gives it an unnamed file
+//! beside the image) keeps its chunks in that file's pages instead (shared mappings of
+//! space reserved with `fallocate`), and hands back to the kernel every chunk that is
+//! neither being pushed to nor read (`MADV_DONTNEED`: the entries stay in the page cache,
+//! or go to disk under memory pressure, and come back when read again). The readers say
+//! where they read ([`Queue::note_read`]), so the process holds at most the first vector
+//! and two or three chunks whatever the number of blocks: writing an image needs no
+//! memory that grows with the value.
+
+use std::cell::Cell;
+use std::fs::File;
+use std::os::fd::AsRawFd;
 
 use crate::alloc::{self, NoMemory, HUGE_PAGE};
 use crate::layout::{Header, Word};
@@ -82,36 +95,97 @@ impl Packed {
 const FIRST_CHUNK: usize = 64;
 /// Entries per chunk: 256 Ki entries, 2 MiB, one huge page.
 const CHUNK: usize = HUGE_PAGE / std::mem::size_of::<Packed>();
+/// `log2(CHUNK)`.
+const CHUNK_SHIFT: u32 = CHUNK.trailing_zeros();
 
-/// Storage for [`CHUNK`] entries in a huge-page mapping: a long copy touches fresh
-/// memory at every entry, and one page fault per 2 MiB instead of per 4 KiB is most of
-/// the queue's cost.
+/// Bytes of a chunk.
+const CHUNK_BYTES: usize = CHUNK * std::mem::size_of::<Packed>();
+
+/// Storage for [`CHUNK`] entries: a huge-page mapping (a long copy touches fresh memory
+/// at every entry, and one page fault per 2 MiB instead of per 4 KiB is most of the
+/// queue's cost), or a shared mapping of a file's pages.
 struct Chunk {
     /// Start of the mapping; `len <= CHUNK` entries are initialised.
     ptr: *mut Packed,
     len: usize,
+    /// Whether the mapping is a file's pages, which [`Queue::release`] may hand back.
+    in_file: bool,
+    /// Whether the chunk may hold pages in the process: set when it is pushed to or
+    /// read, cleared when released.
+    resident: Cell<bool>,
 }
 
 impl Chunk {
+    /// A chunk of anonymous memory.
     fn new() -> Result<Chunk, NoMemory> {
-        let bytes = CHUNK * std::mem::size_of::<Packed>();
-        let ptr = alloc::map_huge(bytes) as *mut Packed;
+        let ptr = alloc::map_huge(CHUNK_BYTES) as *mut Packed;
         if ptr.is_null() {
-            return Err(NoMemory(bytes));
+            return Err(NoMemory(CHUNK_BYTES));
         }
-        Ok(Chunk { ptr, len: 0 })
+        Ok(Chunk::at(ptr, false))
+    }
+
+    /// A chunk in the pages of `file` from byte `index * CHUNK_BYTES`, whose disk space
+    /// is allocated first, so that writing to the pages cannot fail (`SIGBUS`) when the
+    /// file system is full; `None` when the space or the mapping cannot be had.
+    fn in_file(file: &File, index: usize) -> Option<Chunk> {
+        let offset = libc::off_t::try_from(index.checked_mul(CHUNK_BYTES)?).ok()?;
+        let fd = file.as_raw_fd();
+        // SAFETY: a plain system call on a descriptor we own.
+        if unsafe { libc::fallocate(fd, 0, offset, CHUNK_BYTES as libc::off_t) } != 0 {
+            return None;
+        }
+        // SAFETY: a shared mapping of a range of `file` that `fallocate` just gave disk
+        // space; no fixed address.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                CHUNK_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                offset,
+            )
+        };
+        (ptr != libc::MAP_FAILED).then(|| Chunk::at(ptr as *mut Packed, true))
+    }
+
+    fn at(ptr: *mut Packed, in_file: bool) -> Chunk {
+        Chunk {
+            ptr,
+            len: 0,
+            in_file,
+            resident: Cell::new(true),
+        }
     }
 
     fn entries(&self) -> &[Packed] {
         // SAFETY: entries below `len` are initialised.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
+
+    /// Hands the chunk's pages back to the kernel if it is a file's and may hold some.
+    fn release(&self) {
+        if self.in_file && self.resident.replace(false) {
+            // SAFETY: the chunk's own mapping. On a shared file mapping `MADV_DONTNEED`
+            // only drops the process's pages: the entries stay in the file and read the
+            // same when next touched.
+            unsafe {
+                libc::madvise(
+                    self.ptr as *mut libc::c_void,
+                    CHUNK_BYTES,
+                    libc::MADV_DONTNEED,
+                )
+            };
+        }
+    }
 }
 
 impl Drop for Chunk {
     fn drop(&mut self) {
-        // SAFETY: the mapping was made in `new` with this size, and dies with the chunk.
-        unsafe { alloc::unmap_huge(self.ptr as *mut u8, CHUNK * std::mem::size_of::<Packed>()) }
+        // SAFETY: the mapping was made in `new` or `in_file` with this size, and dies
+        // with the chunk.
+        unsafe { alloc::unmap_huge(self.ptr as *mut u8, CHUNK_BYTES) }
     }
 }
 
@@ -126,6 +200,11 @@ pub struct Queue {
     whole: Vec<(usize, Entry)>,
     /// Entries pushed so far.
     len: usize,
+    /// The file that chunks are made in from now on, if any ([`Queue::keep_in`]).
+    file: Option<File>,
+    /// The chunk being read: `k >> CHUNK_SHIFT` of the last [`Queue::note_read`] (0 for
+    /// the first vector, `j + 1` for chunk `j`).
+    reading: Cell<usize>,
 }
 
 impl Queue {
@@ -136,6 +215,60 @@ impl Queue {
             chunks: Vec::new(),
             whole: Vec::new(),
             len: 0,
+            file: None,
+            reading: Cell::new(0),
+        }
+    }
+
+    /// Makes the chunks of the queue from now on in the pages of `file` (an empty file
+    /// of the queue's own), handed back to the kernel while nobody reads them. Chunks
+    /// for which the file's space or mapping cannot be had are anonymous memory.
+    pub fn keep_in(&mut self, file: File) {
+        self.file = Some(file);
+    }
+
+    /// Says that entry `k` is being read (by pass 1's scan, pass 2 or the restore): when
+    /// `k` enters a chunk other than the one read before and the last (which pushes
+    /// fill, and which is never handed back), that chunk becomes the one read and the
+    /// other chunks of the file are handed back. Pass 1's scan reads its pending runs,
+    /// old and new, in turn: a run in an older chunk, and the blocks just pushed to the
+    /// last one after each of its blocks.
+    #[inline(always)]
+    pub fn note_read(&self, k: usize) {
+        if k >> CHUNK_SHIFT != self.reading.get() {
+            self.read_from(k >> CHUNK_SHIFT);
+        }
+    }
+
+    /// [`Queue::note_read`] entering chunk `reading - 1` (the first vector if 0).
+    #[cold]
+    #[inline(never)]
+    fn read_from(&self, reading: usize) {
+        if reading == self.chunks.len() {
+            return; // the last chunk
+        }
+        self.reading.set(reading);
+        if let Some(chunk) = reading.checked_sub(1).and_then(|j| self.chunks.get(j)) {
+            chunk.resident.set(true);
+            // Its pages may be touched by a reader looking ahead.
+            if let Some(next) = self.chunks.get(reading) {
+                next.resident.set(true);
+            }
+        }
+        self.release();
+    }
+
+    /// Hands back the file's chunks other than the one read and the last (pushed to).
+    fn release(&self) {
+        if self.file.is_none() {
+            return;
+        }
+        let read = self.reading.get().wrapping_sub(1);
+        let last = self.chunks.len().wrapping_sub(1);
+        for (j, chunk) in self.chunks.iter().enumerate() {
+            if j != read && j != last {
+                chunk.release();
+            }
         }
     }
 
@@ -233,8 +366,16 @@ impl Queue {
         self.chunks
             .try_reserve(1)
             .map_err(|_| NoMemory(std::mem::size_of::<Chunk>() * (self.chunks.len() + 1)))?;
-        let chunk = Chunk::new()?;
+        let in_file = self
+            .file
+            .as_ref()
+            .and_then(|f| Chunk::in_file(f, self.chunks.len()));
+        let chunk = match in_file {
+            Some(chunk) => chunk,
+            None => Chunk::new()?,
+        };
         self.chunks.push(chunk);
+        self.release();
         Ok(())
     }
 
@@ -287,12 +428,18 @@ impl Queue {
             .iter()
             .chain(self.chunks.iter().flat_map(Chunk::entries))
             .enumerate()
-            .map(|(i, &packed)| self.entry(i, packed))
+            .map(|(i, &packed)| {
+                self.note_read(i);
+                self.entry(i, packed)
+            })
     }
 
-    /// Bytes of memory the queue holds now.
+    /// Bytes of memory the queue holds now (of the chunks in a file, the two it may
+    /// hold at a time).
     pub fn allocated_bytes(&self) -> usize {
-        let entries = self.first.capacity() + self.chunks.len() * CHUNK;
+        let in_memory = self.chunks.iter().filter(|c| !c.in_file).count();
+        let in_file = (self.chunks.len() - in_memory).min(2);
+        let entries = self.first.capacity() + (in_memory + in_file) * CHUNK;
         entries * std::mem::size_of::<Packed>()
             + self.chunks.capacity() * std::mem::size_of::<Chunk>()
             + self.whole.capacity() * std::mem::size_of::<(usize, Entry)>()
@@ -427,5 +574,67 @@ mod tests {
         }
         assert_eq!(std::mem::size_of::<Packed>(), 8);
         assert!(q.allocated_bytes() <= 1_000_000 * 8 + CHUNK * 8 + 4096);
+    }
+
+    /// Bytes of file pages mapped in the process (`RssFile` and `RssShmem`, for a temp
+    /// directory on tmpfs).
+    fn file_pages_bytes() -> usize {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        status
+            .lines()
+            .filter(|l| l.starts_with("RssFile:") || l.starts_with("RssShmem:"))
+            .map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap()
+                    .parse::<usize>()
+                    .unwrap()
+                    * 1024
+            })
+            .sum()
+    }
+
+    #[test]
+    fn in_a_file_reads_back_every_entry_and_holds_few_chunks() {
+        let Some(file) = crate::image::file::scratch_file(&std::env::temp_dir()) else {
+            panic!("no O_TMPFILE in the temp directory");
+        };
+        let n = 24 * CHUNK; // 23 chunks beyond the first vector: 46 MiB
+        let mut q = Queue::new();
+        q.keep_in(file);
+        let before = file_pages_bytes();
+        let mut peak = 0;
+        // Pushes read as pass 1 reads: each entry read pushes two until n are queued,
+        // then pass 2 and the restore read front to back.
+        q.push(entry(0)).unwrap();
+        let (mut pushed, mut next) = (1, 0);
+        while let Some(e) = q.get(next) {
+            q.note_read(next);
+            assert!(same(e, entry(next)), "entry {next}: {e:?}");
+            next += 1;
+            for _ in 0..2 {
+                if pushed < n {
+                    q.push(entry(pushed)).unwrap();
+                    pushed += 1;
+                }
+            }
+            if next % 4096 == 0 {
+                peak = peak.max(file_pages_bytes().saturating_sub(before));
+            }
+        }
+        assert_eq!(next, n);
+        for pass in 0..2 {
+            for (k, e) in q.iter().enumerate() {
+                assert!(same(e, entry(k)), "pass {pass}, entry {k}: {e:?}");
+                if k % 4096 == 0 {
+                    peak = peak.max(file_pages_bytes().saturating_sub(before));
+                }
+            }
+        }
+        assert!(q.chunks.iter().all(|c| c.in_file));
+        // The chunk read, the next one looked at, the last: 3 chunks; 2 of slack for
+        // pages another test maps meanwhile.
+        assert!(peak <= 5 * CHUNK_BYTES, "{peak} bytes of file pages held");
+        assert!(q.allocated_bytes() <= CHUNK_BYTES * 3 + 4096 + q.whole.capacity() * 24);
     }
 }

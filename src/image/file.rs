@@ -257,6 +257,35 @@ fn write_unnamed<E: From<std::io::Error>>(
     Ok(None)
 }
 
+/// The directory `target` is in (`.` for a bare name).
+fn directory_of(target: &Path) -> PathBuf {
+    match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The directory that writing `path` puts its temporary file in ([`write_atomically`]).
+///
+/// # Errors
+/// As [`final_path`].
+pub fn temporary_directory(path: &Path) -> std::io::Result<PathBuf> {
+    Ok(directory_of(&final_path(path)?))
+}
+
+/// A new unnamed file in `dir` (`O_TMPFILE`, readable and writable by this process
+/// alone), gone with its last descriptor; `None` where the kernel or the file system has
+/// none.
+pub fn scratch_file(dir: &Path) -> Option<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(dir)
+        .ok()
+}
+
 /// Writes `path` (its final target when it is a symbolic link, see [`final_path`]) with
 /// `fill`, called once with a new empty file opened for writing: to a temporary file in
 /// the same directory (made as `how` says), renamed over the target when complete. A
@@ -271,10 +300,7 @@ pub fn write_atomically<E: From<std::io::Error>>(
     mut fill: impl FnMut(&mut File) -> Result<(), E>,
 ) -> Result<(), E> {
     let target = final_path(path)?;
-    let dir = match target.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = directory_of(&target);
     let mode = match std::fs::metadata(&target) {
         Ok(m) => Some(m.permissions().mode() & 0o7777),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,

@@ -384,10 +384,17 @@ pub struct Chunk {
 
 /// The fix-up table and the chunk index as stored after the payload.
 pub fn encode_tables(customs: &[u64], chunks: &[Chunk]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 * customs.len() + 16 * chunks.len());
+    let mut out = Vec::with_capacity(8 * customs.len() + CHUNK_ENTRY_BYTES as usize * chunks.len());
     for c in customs {
         out.extend_from_slice(&c.to_le_bytes());
     }
+    out.extend_from_slice(&encode_chunk_index(chunks));
+    out
+}
+
+/// The chunk index as the tables store it, after the fix-up table.
+pub fn encode_chunk_index(chunks: &[Chunk]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CHUNK_ENTRY_BYTES as usize * chunks.len());
     for c in chunks {
         out.extend_from_slice(&c.first.to_le_bytes());
         out.extend_from_slice(&c.checksum.to_le_bytes());

@@ -25,6 +25,7 @@
 //! is) and register the result with the runtime.
 
 pub mod file;
+pub mod fixups;
 pub mod format;
 pub mod parallel;
 pub mod validate;
@@ -239,7 +240,7 @@ fn header(
     payload: &writer::Payload,
     root: u64,
     address: Word,
-    tables: &[u8],
+    tables_checksum: u64,
     key: &[u8],
     process: &Process,
     chunk_bytes: u64,
@@ -255,8 +256,8 @@ fn header(
         payload_bytes: payload.bytes,
         root,
         blocks: payload.blocks,
-        customs: payload.customs.len() as u64,
-        checksum: format::tables_checksum(tables),
+        customs: payload.customs.len(),
+        checksum: tables_checksum,
         chunk_bytes,
         chunks: payload.chunks.len() as u64,
         key: key.to_vec(),
@@ -310,7 +311,7 @@ pub unsafe fn encode_chunked(
     let mut w =
         writer::PayloadWriter::new(&mut image, Some(address), &process.custom_ops, chunk_bytes)?;
     w.feed(words)?;
-    let (payload, _) = w.finish()?;
+    let (mut payload, _) = w.finish()?;
     let root = if layout::is_immediate(copied.root) || copied.base.is_null() {
         stored_root(copied.root, address, payload.bytes)?
     } else {
@@ -320,8 +321,9 @@ pub unsafe fn encode_chunked(
             payload.bytes,
         )?
     };
-    let tables = format::encode_tables(&payload.customs, &payload.chunks);
-    let head = header(&payload, root, address, &tables, key, process, chunk_bytes);
+    let tables = format::encode_tables(&payload.customs.to_vec()?, &payload.chunks);
+    let checksum = format::tables_checksum(&tables);
+    let head = header(&payload, root, address, checksum, key, process, chunk_bytes);
     image[..HEADER_BYTES].copy_from_slice(&head);
     image.extend_from_slice(&tables);
     Ok(image)
@@ -375,6 +377,7 @@ pub fn write_with(
     fill: impl FnOnce(&mut writer::PayloadWriter<&mut std::fs::File>) -> Result<Word, WriteError>,
 ) -> Result<(), WriteError> {
     check_key(key)?;
+    let mut dir = Some(file::temporary_directory(path)?);
     let mut fill = Some(fill);
     file::write_atomically(path, file::Temporary::Unnamed, |f: &mut std::fs::File| {
         use std::io::{Seek, SeekFrom, Write};
@@ -384,17 +387,24 @@ pub fn write_with(
             .map_err(WriteError::Io)?;
         let mut w =
             writer::PayloadWriter::new(&mut *f, None, &process.custom_ops, format::CHUNK_BYTES)?;
+        w.keep_tables_in(dir.take().expect("the file is filled once"));
         let root = fill(&mut w)?;
-        let (payload, _) = w.finish()?;
+        let (mut payload, _) = w.finish()?;
         let address = payload.address;
         let root = stored_root(root, address, payload.bytes)?;
-        let tables = format::encode_tables(&payload.customs, &payload.chunks);
-        f.write_all(&tables).map_err(WriteError::Io)?;
+        // The tables, after the payload, read back from the writer's scratch files.
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut put = |bytes: &[u8]| {
+            hasher.update(bytes);
+            f.write_all(bytes).map_err(WriteError::Io)
+        };
+        payload.customs.each_piece(&mut put)?;
+        put(&format::encode_chunk_index(&payload.chunks))?;
         let head = header(
             &payload,
             root,
             address,
-            &tables,
+            hasher.digest(),
             key,
             process,
             format::CHUNK_BYTES,

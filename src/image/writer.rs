@@ -17,6 +17,7 @@ use std::io::Write;
 
 use xxhash_rust::xxh3::Xxh3;
 
+use super::fixups::FixUps;
 use super::format::{Chunk, CustomKind, NO_BLOCK};
 use super::{file, WriteError};
 use crate::bigarray;
@@ -27,7 +28,7 @@ use crate::layout::{self, Header, Word, WORD_BYTES};
 pub const BUFFER_WORDS: usize = 1 << 20;
 
 /// What a finished payload needs in its header.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Payload {
     /// The address the payload is made for.
     pub address: Word,
@@ -36,7 +37,7 @@ pub struct Payload {
     /// Blocks in it.
     pub blocks: u64,
     /// The fix-up table.
-    pub customs: Vec<u64>,
+    pub customs: FixUps,
     /// The chunk index.
     pub chunks: Vec<Chunk>,
 }
@@ -77,6 +78,9 @@ pub struct PayloadWriter<'a, W> {
     hashed: usize,
     /// Chunks whose checksum is recorded.
     closed: usize,
+    /// The directory where the traversal's queue and the fix-up table go to files of
+    /// their own ([`Output::queue_file`], [`FixUps`]); `None`: memory.
+    scratch_dir: Option<std::path::PathBuf>,
     payload: Payload,
     error: Option<WriteError>,
 }
@@ -117,15 +121,24 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
             hasher: Xxh3::new(),
             hashed: 0,
             closed: 0,
+            scratch_dir: None,
             payload: Payload {
                 address: 0,
                 bytes: 0,
                 blocks: 0,
-                customs: Vec::new(),
+                customs: FixUps::new(),
                 chunks: Vec::new(),
             },
             error: None,
         })
+    }
+
+    /// Makes the traversal keep its queue, and the writer its fix-up table, in files of
+    /// their own in `dir` (the image's directory), in the page cache, instead of memory:
+    /// the file system has room for the image, and the process then needs no memory
+    /// that grows with the value.
+    pub fn keep_tables_in(&mut self, dir: std::path::PathBuf) {
+        self.scratch_dir = Some(dir);
     }
 
     /// The address the image is made for (chosen once the size is known).
@@ -289,9 +302,10 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
                     return Err(WriteError::Custom(ops));
                 };
                 words[i] = CustomKind::ALL[k] as Word;
+                let offset = ((self.done + i) * WORD_BYTES) as u64;
                 self.payload
                     .customs
-                    .push(((self.done + i) * WORD_BYTES) as u64);
+                    .push(offset, self.scratch_dir.as_deref())?;
                 if CustomKind::ALL[k] == CustomKind::Bigarray {
                     // `bigarray::read` checked, when it was copied, that it has the field.
                     self.bigarray_data = Some(self.header_at + 1 + bigarray::DATA_FIELD);
@@ -385,6 +399,10 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
 }
 
 impl<W: Write> Output for PayloadWriter<'_, W> {
+    fn queue_file(&mut self) -> Option<std::fs::File> {
+        file::scratch_file(self.scratch_dir.as_deref()?)
+    }
+
     fn begin(&mut self, bytes: usize) -> Result<Word, CopyError> {
         self.settle(bytes);
         self.source = self.address;

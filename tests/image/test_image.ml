@@ -509,6 +509,51 @@ let test_loads_beside_collections _ =
       done);
   assert_bool "the other thread collected" (Atomic.get collections > 0)
 
+(* What writing adds to the process's memory at its peak: VmHWM after the write less
+   VmRSS before it (VmHWM reset to VmRSS through /proc/self/clear_refs). The writer's
+   buffer is 8 MiB; the traversal's queue (8 bytes a block, 24-32 MB here) lives in a
+   file beside the image, of which the process holds a few 2 MiB chunks at a time, and
+   so does the fix-up table (8 bytes a custom block) past 512 KiB. *)
+let status_kb field =
+  let ic = open_in "/proc/self/status" in
+  let rec find () =
+    let line = input_line ic in
+    match String.split_on_char ':' line with
+    | [ name; v ] when name = field -> Scanf.sscanf v " %d kB" Fun.id
+    | _ -> find ()
+  in
+  Fun.protect ~finally:(fun () -> close_in ic) find
+
+let test_write_memory _ =
+  let shapes =
+    [
+      ("a list of 3M ints", Obj.repr (List.init 3_000_000 Fun.id));
+      ( "an array of 1.5M pairs of an int and a string",
+        Obj.repr (Array.init 1_500_000 (fun i -> (i, string_of_int i))) );
+      (* 3M custom blocks: a fix-up table of 24 MB *)
+      ("a list of 3M Int64", Obj.repr (List.init 3_000_000 Int64.of_int));
+    ]
+  in
+  List.iter
+    (fun (name, v) ->
+      let path = fresh_path () in
+      Gc.compact ();
+      let oc = open_out "/proc/self/clear_refs" in
+      output_string oc "5";
+      close_out oc;
+      let before = status_kb "VmRSS" in
+      Image.write path v;
+      let added_kb = status_kb "VmHWM" - before in
+      assert_bool
+        (Printf.sprintf "%s: the write added %d kB at its peak" name added_kb)
+        (added_kb <= 20 * 1024);
+      let h = Image.load path in
+      assert_bool name (same (Offheap.get h) v);
+      Offheap.free h;
+      Sys.remove path)
+    shapes;
+  assert_equal ~msg:"files left" ~printer:(String.concat ",") [] (files_in_dir ())
+
 let () =
   at_exit (fun () ->
       if Unix.getpid () = main_pid && Sys.file_exists dir then begin
@@ -531,4 +576,5 @@ let () =
            "names, modes, links" >:: test_names_modes_links;
            "forged sizes" >:: test_forged_sizes;
            "loads beside collections" >:: test_loads_beside_collections;
+           "memory while writing" >:: test_write_memory;
          ])
