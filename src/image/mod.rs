@@ -712,6 +712,7 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
             mapping: file::Mapping::None,
         });
     }
+    let reads_all = opts.verify || !opts.trusted;
     let (base, mapping) = file::load_payload(
         &f,
         bytes,
@@ -719,8 +720,14 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
         &file::How {
             relocate: opts.relocate,
             share: opts.share,
-            reads_all: opts.verify || !opts.trusted,
-            threads: if opts.share { 1 } else { opts.threads() },
+            reads_all,
+            // Asking the system for its cores costs system calls: not for a trusted
+            // shared load, which maps the file without reading it.
+            threads: if opts.share && !reads_all {
+                1
+            } else {
+                opts.threads()
+            },
         },
     )?;
     let at_recorded = mapping == file::Mapping::Recorded;

@@ -44,6 +44,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::format::{self, Chunk, CustomKind, NO_BLOCK};
 use super::parallel::parallel;
 use super::LoadError;
+use crate::alloc::{NoMemory, ZeroedArray};
 use crate::bigarray;
 use crate::copy::data::data_wosize;
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
@@ -539,10 +540,12 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Word, LoadError> {
         ));
     }
     let bits_per_chunk = chunk_words / 64;
-    let mut bits: Vec<u64> = Vec::new();
-    bits.try_reserve_exact(chunks * bits_per_chunk)
-        .map_err(|_| LoadError::OutOfMemory(chunks * bits_per_chunk * 8))?;
-    bits.resize(chunks * bits_per_chunk, 0);
+    // Zeroed by the kernel as each thread first writes its part (in huge pages from 2
+    // MiB on): filling it here took a page fault per 4 KiB on one thread, 4% of a
+    // verified load of a 919 MB image.
+    // SAFETY: all-zero bytes are a valid `u64`.
+    let mut bits = unsafe { ZeroedArray::<u64>::new(chunks * bits_per_chunk) }
+        .map_err(|NoMemory(bytes)| LoadError::OutOfMemory(bytes))?;
 
     // Phase 1: checksums and tiling, per chunk.
     let failed = FirstFailure::new();
