@@ -27,7 +27,6 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::format::HEADER_BYTES;
 use super::LoadError;
 use crate::layout::{Word, WORD_BYTES};
 
@@ -406,6 +405,8 @@ fn reserve_anywhere(bytes: usize) -> Result<*mut u8, LoadError> {
 /// How [`load_payload`] loads.
 #[derive(Clone, Copy, Debug)]
 pub struct How {
+    /// Where the payload starts in the file (a multiple of the page size).
+    pub payload_at: u64,
     /// Never at the recorded address.
     pub relocate: bool,
     /// Map the file (else read it).
@@ -447,6 +448,7 @@ pub fn load_payload(
     let filled = if how.share {
         map_file(
             f,
+            how.payload_at,
             base,
             bytes,
             how.reads_all || mapping == Mapping::Relocated,
@@ -462,7 +464,7 @@ pub fn load_payload(
         let buf = unsafe { std::slice::from_raw_parts_mut(base, bytes) };
         let pieces: Vec<&mut [u8]> = buf.chunks_mut(READ_PIECE).collect();
         super::parallel::parallel(pieces, how.threads, |k, piece| {
-            read_exact_at(f, piece, (HEADER_BYTES + k * READ_PIECE) as u64)
+            read_exact_at(f, piece, how.payload_at + (k * READ_PIECE) as u64)
         })
         .into_iter()
         .collect::<std::io::Result<Vec<()>>>()
@@ -486,6 +488,7 @@ pub fn load_payload(
 /// page again: 35% of a verified load of a 919 MB image.
 fn map_file(
     f: &File,
+    payload_at: u64,
     base: *mut u8,
     bytes: usize,
     populate: bool,
@@ -499,7 +502,7 @@ fn map_file(
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_FIXED,
             f.as_raw_fd(),
-            HEADER_BYTES as libc::off_t,
+            payload_at as libc::off_t,
         )
     };
     if p == libc::MAP_FAILED {

@@ -191,7 +191,7 @@ impl CheckKind {
             "file size" => CheckKind::Truncated,
             "header checksum" | "table checksum" => CheckKind::DamagedHeader,
             "header" | "root" => CheckKind::BadHeader,
-            "payload checksum" => CheckKind::DamagedPayload,
+            "payload checksum" | "padding" => CheckKind::DamagedPayload,
             // "chunk index" and every check of the payload's blocks.
             _ => CheckKind::BadStructure,
         }
@@ -240,6 +240,7 @@ fn header(
     payload: &writer::Payload,
     root: u64,
     address: Word,
+    payload_at: u64,
     tables_checksum: u64,
     key: &[u8],
     process: &Process,
@@ -251,7 +252,7 @@ fn header(
         endian: format::NATIVE_ENDIAN,
         ocaml_family: process.ocaml_family,
         flat_float_array: process.flat_float_array,
-        header_bytes: HEADER_BYTES as u64,
+        header_bytes: payload_at,
         address: address as u64,
         payload_bytes: payload.bytes,
         root,
@@ -323,7 +324,16 @@ pub unsafe fn encode_chunked(
     };
     let tables = format::encode_tables(&payload.customs.to_vec()?, &payload.chunks);
     let checksum = format::tables_checksum(&tables);
-    let head = header(&payload, root, address, checksum, key, process, chunk_bytes);
+    let head = header(
+        &payload,
+        root,
+        address,
+        HEADER_BYTES as u64,
+        checksum,
+        key,
+        process,
+        chunk_bytes,
+    );
     image[..HEADER_BYTES].copy_from_slice(&head);
     image.extend_from_slice(&tables);
     Ok(image)
@@ -387,7 +397,7 @@ pub fn write_with(
             .map_err(WriteError::Io)?;
         let mut w =
             writer::PayloadWriter::new(&mut *f, None, &process.custom_ops, format::CHUNK_BYTES)?;
-        w.keep_tables_in(dir.take().expect("the file is filled once"));
+        w.writes_a_file(dir.take().expect("the file is filled once"));
         let root = fill(&mut w)?;
         let (mut payload, _) = w.finish()?;
         let address = payload.address;
@@ -404,6 +414,7 @@ pub fn write_with(
             &payload,
             root,
             address,
+            payload.payload_at,
             hasher.digest(),
             key,
             process,
@@ -607,8 +618,12 @@ pub struct Decoded {
 pub fn load_bytes(bytes: &[u8], opts: &Options, process: &Process) -> Result<Decoded, LoadError> {
     let h = format::Header::decode(bytes)?;
     check_header(&h, bytes.len() as u64, opts, process)?;
-    let payload_end = HEADER_BYTES + h.payload_bytes as usize;
-    let mut words: Vec<Word> = bytes[HEADER_BYTES..payload_end]
+    let payload_at = h.header_bytes as usize;
+    if opts.verify {
+        check_padding(&bytes[HEADER_BYTES..payload_at])?;
+    }
+    let payload_end = payload_at + h.payload_bytes as usize;
+    let mut words: Vec<Word> = bytes[payload_at..payload_end]
         .chunks_exact(WORD_BYTES)
         .map(|c| Word::from_ne_bytes(c.try_into().expect("one word")))
         .collect();
@@ -625,6 +640,21 @@ pub fn load_bytes(bytes: &[u8], opts: &Options, process: &Process) -> Result<Dec
     };
     let (root, _) = finish(&mut words, &h, &tables, false, &opts, process)?;
     Ok(Decoded { words, root })
+}
+
+/// Checks that the bytes between the header page and the payload are zeros: damage there
+/// changes nothing loaded, but a verified load reports every damaged byte of the file.
+fn check_padding(padding: &[u8]) -> Result<(), LoadError> {
+    match padding.iter().position(|&b| b != 0) {
+        None => Ok(()),
+        Some(at) => Err(bad(
+            "padding",
+            format!(
+                "byte {} (between the header and the payload) is not zero",
+                HEADER_BYTES + at
+            ),
+        )),
+    }
 }
 
 /// The root of an image with an empty payload: an immediate.
@@ -698,9 +728,19 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
         .try_reserve_exact(h.tables_bytes() as usize)
         .map_err(|_| LoadError::OutOfMemory(h.tables_bytes() as usize))?;
     tables_raw.resize(h.tables_bytes() as usize, 0);
-    file::read_exact_at(&f, &mut tables_raw, HEADER_BYTES as u64 + h.payload_bytes)
+    file::read_exact_at(&f, &mut tables_raw, h.header_bytes + h.payload_bytes)
         .map_err(LoadError::Io)?;
     let tables = decode_tables(&h, &tables_raw, opts.verify)?;
+    if opts.verify && h.header_bytes > HEADER_BYTES as u64 {
+        let mut padding = Vec::new();
+        let n = (h.header_bytes - HEADER_BYTES as u64) as usize;
+        padding
+            .try_reserve_exact(n)
+            .map_err(|_| LoadError::OutOfMemory(n))?;
+        padding.resize(n, 0);
+        file::read_exact_at(&f, &mut padding, HEADER_BYTES as u64).map_err(LoadError::Io)?;
+        check_padding(&padding)?;
+    }
     let bytes = h.payload_bytes as usize;
     if bytes == 0 {
         return Ok(Loaded {
@@ -718,6 +758,7 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
         bytes,
         h.address as Word,
         &file::How {
+            payload_at: h.header_bytes,
             relocate: opts.relocate,
             share: opts.share,
             reads_all,

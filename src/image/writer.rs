@@ -18,7 +18,7 @@ use std::io::Write;
 use xxhash_rust::xxh3::Xxh3;
 
 use super::fixups::FixUps;
-use super::format::{Chunk, CustomKind, NO_BLOCK};
+use super::format::{Chunk, CustomKind, ALIGNED_FROM, HEADER_BYTES, NO_BLOCK, PAYLOAD_AT};
 use super::{file, WriteError};
 use crate::bigarray;
 use crate::copy::{data, CopyError, Output, MAX_RUN};
@@ -32,6 +32,9 @@ pub const BUFFER_WORDS: usize = 1 << 20;
 pub struct Payload {
     /// The address the payload is made for.
     pub address: Word,
+    /// Where the payload starts in the file: [`HEADER_BYTES`], or [`PAYLOAD_AT`] when
+    /// the writer put zeros before it ([`PayloadWriter::writes_a_file`]).
+    pub payload_at: u64,
     /// Payload bytes written.
     pub bytes: u64,
     /// Blocks in it.
@@ -79,7 +82,8 @@ pub struct PayloadWriter<'a, W> {
     /// Chunks whose checksum is recorded.
     closed: usize,
     /// The directory where the traversal's queue and the fix-up table go to files of
-    /// their own ([`Output::queue_file`], [`FixUps`]); `None`: memory.
+    /// their own ([`Output::queue_file`], [`FixUps`]), when the writer writes a file
+    /// ([`PayloadWriter::writes_a_file`]); `None`: memory.
     scratch_dir: Option<std::path::PathBuf>,
     payload: Payload,
     error: Option<WriteError>,
@@ -124,6 +128,7 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
             scratch_dir: None,
             payload: Payload {
                 address: 0,
+                payload_at: HEADER_BYTES as u64,
                 bytes: 0,
                 blocks: 0,
                 customs: FixUps::new(),
@@ -133,11 +138,13 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
         })
     }
 
-    /// Makes the traversal keep its queue, and the writer its fix-up table, in files of
-    /// their own in `dir` (the image's directory), in the page cache, instead of memory:
-    /// the file system has room for the image, and the process then needs no memory
-    /// that grows with the value.
-    pub fn keep_tables_in(&mut self, dir: std::path::PathBuf) {
+    /// Says that the writer writes a file in `dir`, the payload from [`HEADER_BYTES`]:
+    /// a payload of [`ALIGNED_FROM`] bytes or more is then moved to [`PAYLOAD_AT`], zeros
+    /// written before it, and the traversal's queue and the fix-up table go to files
+    /// of their own in `dir`, in the page cache, instead of memory (the file system has
+    /// room for the image, and the process then needs no memory that grows with the
+    /// value).
+    pub fn writes_a_file(&mut self, dir: std::path::PathBuf) {
         self.scratch_dir = Some(dir);
     }
 
@@ -152,6 +159,9 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
     /// (C memory) can pass for one into it.
     fn settle(&mut self, bytes: usize) {
         self.bytes = bytes;
+        if self.scratch_dir.is_some() && bytes as u64 >= ALIGNED_FROM {
+            self.pad_payload();
+        }
         if self.address != 0 {
             return;
         }
@@ -167,6 +177,21 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
         // same; a pointer to C memory inside it would then be taken for one into the
         // copy, as unlikely as the 16 failures.
         self.address = super::choose_address(bytes);
+    }
+
+    /// Writes the zeros that put the payload at [`PAYLOAD_AT`] instead of
+    /// [`HEADER_BYTES`], through the buffer, still empty.
+    fn pad_payload(&mut self) {
+        let words = (PAYLOAD_AT as usize - HEADER_BYTES) / WORD_BYTES;
+        self.buf[..words].fill(0);
+        // SAFETY: the buffer's first `words` words, read as bytes.
+        let zeros = unsafe {
+            std::slice::from_raw_parts(self.buf.as_ptr() as *const u8, words * WORD_BYTES)
+        };
+        match self.out.write_all(zeros) {
+            Ok(()) => self.payload.payload_at = PAYLOAD_AT,
+            Err(e) => self.error = Some(WriteError::Io(e)),
+        }
     }
 
     /// Feeds a copy already made: the `words` of a copy at `words.as_ptr()`. The data of

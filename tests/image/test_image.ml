@@ -33,6 +33,9 @@ let read_file path =
   s
 
 let same a b = compare (Obj.repr a) (Obj.repr b) = 0
+
+(* Where the payload starts in the image file [file] (its header's field at byte 16). *)
+let payload_at file = Int64.to_int (String.get_int64_le file 16)
 let marshal v = Marshal.to_string v []
 
 (* Writes [v], loads it back, checks it equals [v] (compare, Marshal, hash), frees it. *)
@@ -210,7 +213,7 @@ let kind_of_check : string -> Image.check = function
   | "file size" -> Truncated
   | "header checksum" -> Damaged_header
   | "header" | "root" -> Bad_header
-  | "payload checksum" -> Damaged_payload
+  | "payload checksum" | "padding" -> Damaged_payload
   | _ -> Bad_structure
 
 let assert_invalid ?verify ?key check path =
@@ -288,11 +291,12 @@ let test_bad_files _ =
   let payload = Int64.to_int (Bytes.get_int64_le (Bytes.of_string good) 32) in
   (* A pointer aimed outside the payload: caught by the checksum, and by the structural
      checks without it. *)
-  let outside s = Bytes.set_int64_le s (4096 + root) (Int64.of_int (address + payload + 4096)) in
+  let at = payload_at good in
+  let outside s = Bytes.set_int64_le s (at + root) (Int64.of_int (address + payload + 4096)) in
   patched outside "payload checksum" ();
   patched outside "pointer" ~verify:false ();
   (* A block header that overruns the payload. *)
-  let overrun s = Bytes.set_int64_le s 4096 (Int64.of_int ((payload lsl 10) lor (3 lsl 8))) in
+  let overrun s = Bytes.set_int64_le s at (Int64.of_int ((payload lsl 10) lor (3 lsl 8))) in
   patched overrun "block size" ~verify:false ();
   write "";
   assert_invalid "file size" bad;
@@ -374,7 +378,7 @@ let test_last_block_of_no_fields _ =
     Image.write path v;
     let file = read_file path in
     let payload = Int64.to_int (String.get_int64_le file 32) in
-    let last = Int64.to_int (String.get_int64_le file (4096 + payload - 8)) in
+    let last = Int64.to_int (String.get_int64_le file (payload_at file + payload - 8)) in
     if last lsr 10 = 0 && payload mod 4096 = 0 then hit := true;
     List.iter
       (fun (share, relocate) ->
@@ -455,10 +459,11 @@ let test_forged_sizes _ =
     Image.write path v;
     let file = read_file path in
     let root = Int64.to_int (String.get_int64_le file 40) in
-    set_bytes path (fun b -> Bytes.set b (4096 + root - 8) (Char.chr tag));
+    let at = payload_at file + root - 8 in
+    set_bytes path (fun b -> Bytes.set b at (Char.chr tag));
     assert_invalid ~verify:false check path;
     (* Genuine, the same image loads. *)
-    set_bytes path (fun b -> Bytes.set b (4096 + root - 8) file.[4096 + root - 8]);
+    set_bytes path (fun b -> Bytes.set b at file.[at]);
     let h = Image.load ~verify:false path in
     Offheap.free h;
     Sys.remove path
@@ -554,6 +559,37 @@ let test_write_memory _ =
     shapes;
   assert_equal ~msg:"files left" ~printer:(String.concat ",") [] (files_in_dir ())
 
+(* A payload of 32 MiB or more starts 2 MiB into the file, after zeros, so that it maps
+   with huge pages where the file system caches the file in them: it loads every way, and
+   a damaged byte among the zeros is reported by a verified load (and changes nothing
+   loaded without one). *)
+let test_aligned_payload _ =
+  let v = Array.init 400_000 (fun i -> (i, string_of_int i, [ float_of_int i ])) in
+  let path = fresh_path () in
+  Image.write path v;
+  let file = read_file path in
+  assert_equal ~msg:"payload offset" ~printer:string_of_int (2 lsl 20) (payload_at file);
+  assert_bool "no other byte between header and payload"
+    (String.for_all (fun c -> c = '\000') (String.sub file 4096 ((2 lsl 20) - 4096)));
+  List.iter
+    (fun (share, relocate) ->
+      let h = if relocate then Image.load_relocated ~share path else Image.load ~share path in
+      assert_bool "loaded" (same (Offheap.get h) v);
+      Offheap.free h)
+    [ (false, false); (false, true); (true, false); (true, true) ];
+  set_bytes path (fun b -> Bytes.set b 1_000_000 '\001');
+  assert_invalid "padding" path;
+  let h = Image.load ~verify:false path in
+  assert_bool "loaded without verifying" (same (Offheap.get h) v);
+  Offheap.free h;
+  Sys.remove path;
+  (* Below 32 MiB, the payload follows the header page. *)
+  let small = fresh_path () in
+  Image.write small (Array.sub v 0 1000);
+  assert_equal ~msg:"small payload offset" ~printer:string_of_int 4096
+    (payload_at (read_file small));
+  Sys.remove small
+
 let () =
   at_exit (fun () ->
       if Unix.getpid () = main_pid && Sys.file_exists dir then begin
@@ -577,4 +613,5 @@ let () =
            "forged sizes" >:: test_forged_sizes;
            "loads beside collections" >:: test_loads_beside_collections;
            "memory while writing" >:: test_write_memory;
+           "payload at 2 MiB" >:: test_aligned_payload;
          ])
