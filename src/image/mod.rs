@@ -240,7 +240,6 @@ fn header(
     payload: &writer::Payload,
     root: u64,
     address: Word,
-    payload_at: u64,
     tables_checksum: u64,
     key: &[u8],
     process: &Process,
@@ -252,7 +251,7 @@ fn header(
         endian: format::NATIVE_ENDIAN,
         ocaml_family: process.ocaml_family,
         flat_float_array: process.flat_float_array,
-        header_bytes: payload_at,
+        header_bytes: payload.payload_at,
         address: address as u64,
         payload_bytes: payload.bytes,
         root,
@@ -324,16 +323,7 @@ pub unsafe fn encode_chunked(
     };
     let tables = format::encode_tables(&payload.customs.to_vec()?, &payload.chunks);
     let checksum = format::tables_checksum(&tables);
-    let head = header(
-        &payload,
-        root,
-        address,
-        HEADER_BYTES as u64,
-        checksum,
-        key,
-        process,
-        chunk_bytes,
-    );
+    let head = header(&payload, root, address, checksum, key, process, chunk_bytes);
     image[..HEADER_BYTES].copy_from_slice(&head);
     image.extend_from_slice(&tables);
     Ok(image)
@@ -414,7 +404,6 @@ pub fn write_with(
             &payload,
             root,
             address,
-            payload.payload_at,
             hasher.digest(),
             key,
             process,
