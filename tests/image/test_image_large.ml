@@ -81,8 +81,15 @@ let () =
       Offheap.free h)
     loads;
   (* Damage past 4 GiB, in the small blocks: located. *)
+  let payload_at =
+    let ic = open_in_bin path in
+    seek_in ic 16;
+    let field = really_input_string ic 8 in
+    close_in ic;
+    Int64.to_int (String.get_int64_le field 0)
+  in
   let fd = Unix.openfile path [ Unix.O_RDWR ] 0 in
-  let at = 4096 + (5 lsl 30) + 50_000_000 in
+  let at = payload_at + (5 lsl 30) + 50_000_000 in
   ignore (Unix.lseek fd at Unix.SEEK_SET);
   let b = Bytes.create 1 in
   ignore (Unix.read fd b 0 1);
