@@ -668,17 +668,30 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         };
         let outcome = pending.push(first).map_err(CopyError::from).and_then(|()| {
             // SAFETY: forwarded.
-            unsafe { self.scan_pending(&mut pending) }
+            unsafe {
+                if self.queue.is_in_file() {
+                    self.scan_pending::<true>(&mut pending)
+                } else {
+                    self.scan_pending::<false>(&mut pending)
+                }
+            }
         });
         self.pending_bytes = pending.allocated_bytes();
         outcome
     }
 
     /// Scans the blocks of `pending` and those they lead to, until none is left.
-    unsafe fn scan_pending(&mut self, pending: &mut Pending) -> Result<(), CopyError> {
+    /// `IN_FILE`: the queue is in a file ([`Queue::is_in_file`]), told where the scan
+    /// reads (a copy's scan, with its queue in memory, is spared the test).
+    unsafe fn scan_pending<const IN_FILE: bool>(
+        &mut self,
+        pending: &mut Pending,
+    ) -> Result<(), CopyError> {
         while let Some(run) = pending.top() {
             let k = run.next;
-            self.queue.note_read(k);
+            if IN_FILE {
+                self.queue.note_read(k);
+            }
             // SAFETY: `k` is below the queue's length: runs hold queued indices.
             let entry = unsafe { self.queue.get(k).unwrap_unchecked() };
             let words = if !V::SOURCE_SHARED {
@@ -1115,12 +1128,15 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     unsafe fn write<O: Output>(&mut self, base: Word, out: &mut O, blocks: usize) {
         crate::fault::point("write");
         let prefetching = self.jumps * 8 > self.queue.len();
+        let in_file = self.queue.is_in_file();
         let mut written = 0;
         for k in 0..blocks {
             if prefetching {
                 self.prefetch_ahead(k);
             }
-            self.queue.note_read(k);
+            if in_file {
+                self.queue.note_read(k);
+            }
             let entry = self.queue.get(k).expect("k < len");
             let hd = entry.header;
             let n = hd.wosize();

@@ -103,16 +103,23 @@ const CHUNK_BYTES: usize = CHUNK * std::mem::size_of::<Packed>();
 
 /// Storage for [`CHUNK`] entries: a huge-page mapping (a long copy touches fresh memory
 /// at every entry, and one page fault per 2 MiB instead of per 4 KiB is most of the
-/// queue's cost), or a shared mapping of a file's pages.
+/// queue's cost), or a shared mapping of a file's pages. Two words, so that finding
+/// entry `i` takes a shift (what the file needs is in [`Pages`], apart).
 struct Chunk {
     /// Start of the mapping; `len <= CHUNK` entries are initialised.
     ptr: *mut Packed,
     len: usize,
-    /// Whether the mapping is a file's pages, which [`Queue::release`] may hand back.
-    in_file: bool,
-    /// Whether the chunk may hold pages in the process: set when it is pushed to or
-    /// read, cleared when released.
-    resident: Cell<bool>,
+}
+
+/// Where a chunk's entries are, for [`Queue::release`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pages {
+    /// Anonymous memory: never handed back (that would lose the entries).
+    Memory,
+    /// A file's pages, which the process may hold (pushed to or read since released).
+    FileHeld,
+    /// A file's pages, handed back to the kernel.
+    FileReleased,
 }
 
 impl Chunk {
@@ -122,7 +129,7 @@ impl Chunk {
         if ptr.is_null() {
             return Err(NoMemory(CHUNK_BYTES));
         }
-        Ok(Chunk::at(ptr, false))
+        Ok(Chunk { ptr, len: 0 })
     }
 
     /// A chunk in the pages of `file` from byte `index * CHUNK_BYTES`, whose disk space
@@ -147,16 +154,10 @@ impl Chunk {
                 offset,
             )
         };
-        (ptr != libc::MAP_FAILED).then(|| Chunk::at(ptr as *mut Packed, true))
-    }
-
-    fn at(ptr: *mut Packed, in_file: bool) -> Chunk {
-        Chunk {
-            ptr,
+        (ptr != libc::MAP_FAILED).then_some(Chunk {
+            ptr: ptr as *mut Packed,
             len: 0,
-            in_file,
-            resident: Cell::new(true),
-        }
+        })
     }
 
     fn entries(&self) -> &[Packed] {
@@ -164,12 +165,14 @@ impl Chunk {
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
-    /// Hands the chunk's pages back to the kernel if it is a file's and may hold some.
-    fn release(&self) {
-        if self.in_file && self.resident.replace(false) {
-            // SAFETY: the chunk's own mapping. On a shared file mapping `MADV_DONTNEED`
-            // only drops the process's pages: the entries stay in the file and read the
-            // same when next touched.
+    /// Hands the chunk's pages back to the kernel if they are a file's (`pages`) and the
+    /// process may hold some.
+    fn release(&self, pages: &Cell<Pages>) {
+        if pages.get() == Pages::FileHeld {
+            pages.set(Pages::FileReleased);
+            // SAFETY: the chunk's own mapping, of a file's pages (`Pages::FileHeld`). On
+            // a shared file mapping `MADV_DONTNEED` only drops the process's pages: the
+            // entries stay in the file and read the same when next touched.
             unsafe {
                 libc::madvise(
                     self.ptr as *mut libc::c_void,
@@ -202,9 +205,13 @@ pub struct Queue {
     len: usize,
     /// The file that chunks are made in from now on, if any ([`Queue::keep_in`]).
     file: Option<File>,
-    /// The chunk being read: `k >> CHUNK_SHIFT` of the last [`Queue::note_read`] (0 for
-    /// the first vector, `j + 1` for chunk `j`).
+    /// Where the entries of each chunk are (the chunk of the same index).
+    pages: Vec<Cell<Pages>>,
+    /// The chunk kept for its reader: `k >> CHUNK_SHIFT` of the last [`Queue::note_read`]
+    /// outside the last chunk (0 for the first vector, `j + 1` for chunk `j`).
     reading: Cell<usize>,
+    /// `k >> CHUNK_SHIFT` of the last [`Queue::note_read`].
+    seen: Cell<usize>,
 }
 
 impl Queue {
@@ -216,7 +223,9 @@ impl Queue {
             whole: Vec::new(),
             len: 0,
             file: None,
+            pages: Vec::new(),
             reading: Cell::new(0),
+            seen: Cell::new(0),
         }
     }
 
@@ -227,32 +236,42 @@ impl Queue {
         self.file = Some(file);
     }
 
-    /// Says that entry `k` is being read (by pass 1's scan, pass 2 or the restore): when
-    /// `k` enters a chunk other than the one read before and the last (which pushes
-    /// fill, and which is never handed back), that chunk becomes the one read and the
-    /// other chunks of the file are handed back. Pass 1's scan reads its pending runs,
-    /// old and new, in turn: a run in an older chunk, and the blocks just pushed to the
-    /// last one after each of its blocks.
+    /// Whether the queue was given a file ([`Queue::keep_in`]).
+    pub fn is_in_file(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Says that entry `k` is being read (by pass 1's scan, pass 2 or the restore), for a
+    /// queue in a file (nothing otherwise): when `k` enters a chunk other than the one
+    /// read before and the last (which pushes fill, and which is never handed back),
+    /// that chunk becomes the one read and the other chunks of the file are handed back.
+    /// Pass 1's scan reads its pending runs, old and new, in turn: a run in an older
+    /// chunk, and the blocks just pushed to the last one after each of its blocks.
     #[inline(always)]
     pub fn note_read(&self, k: usize) {
-        if k >> CHUNK_SHIFT != self.reading.get() {
+        if self.file.is_some() && k >> CHUNK_SHIFT != self.seen.get() {
             self.read_from(k >> CHUNK_SHIFT);
         }
     }
 
-    /// [`Queue::note_read`] entering chunk `reading - 1` (the first vector if 0).
+    /// [`Queue::note_read`] entering chunk `seen - 1` (the first vector if 0).
     #[cold]
     #[inline(never)]
-    fn read_from(&self, reading: usize) {
-        if reading == self.chunks.len() {
+    fn read_from(&self, seen: usize) {
+        self.seen.set(seen);
+        if seen == self.chunks.len() {
             return; // the last chunk
         }
-        self.reading.set(reading);
-        if let Some(chunk) = reading.checked_sub(1).and_then(|j| self.chunks.get(j)) {
-            chunk.resident.set(true);
-            // Its pages may be touched by a reader looking ahead.
-            if let Some(next) = self.chunks.get(reading) {
-                next.resident.set(true);
+        self.reading.set(seen);
+        // Chunk `seen - 1` is read, and the next one may be by a reader looking ahead.
+        for pages in self
+            .pages
+            .iter()
+            .take(seen + 1)
+            .skip(seen.saturating_sub(1))
+        {
+            if pages.get() == Pages::FileReleased {
+                pages.set(Pages::FileHeld);
             }
         }
         self.release();
@@ -265,9 +284,9 @@ impl Queue {
         }
         let read = self.reading.get().wrapping_sub(1);
         let last = self.chunks.len().wrapping_sub(1);
-        for (j, chunk) in self.chunks.iter().enumerate() {
+        for (j, (chunk, pages)) in self.chunks.iter().zip(&self.pages).enumerate() {
             if j != read && j != last {
-                chunk.release();
+                chunk.release(pages);
             }
         }
     }
@@ -366,15 +385,19 @@ impl Queue {
         self.chunks
             .try_reserve(1)
             .map_err(|_| NoMemory(std::mem::size_of::<Chunk>() * (self.chunks.len() + 1)))?;
+        self.pages
+            .try_reserve(1)
+            .map_err(|_| NoMemory(std::mem::size_of::<Cell<Pages>>() * (self.pages.len() + 1)))?;
         let in_file = self
             .file
             .as_ref()
             .and_then(|f| Chunk::in_file(f, self.chunks.len()));
-        let chunk = match in_file {
-            Some(chunk) => chunk,
-            None => Chunk::new()?,
+        let (chunk, pages) = match in_file {
+            Some(chunk) => (chunk, Pages::FileHeld),
+            None => (Chunk::new()?, Pages::Memory),
         };
         self.chunks.push(chunk);
+        self.pages.push(Cell::new(pages));
         self.release();
         Ok(())
     }
@@ -424,24 +447,30 @@ impl Queue {
 
     /// Every entry, front to back.
     pub fn iter(&self) -> impl Iterator<Item = Entry> + '_ {
+        let chunks = self.chunks.iter().enumerate().flat_map(|(j, chunk)| {
+            self.note_read((j + 1) * CHUNK); // once a chunk, as it begins
+            chunk.entries()
+        });
         self.first
             .iter()
-            .chain(self.chunks.iter().flat_map(Chunk::entries))
+            .chain(chunks)
             .enumerate()
-            .map(|(i, &packed)| {
-                self.note_read(i);
-                self.entry(i, packed)
-            })
+            .map(|(i, &packed)| self.entry(i, packed))
     }
 
     /// Bytes of memory the queue holds now (of the chunks in a file, the two it may
     /// hold at a time).
     pub fn allocated_bytes(&self) -> usize {
-        let in_memory = self.chunks.iter().filter(|c| !c.in_file).count();
+        let in_memory = self
+            .pages
+            .iter()
+            .filter(|p| p.get() == Pages::Memory)
+            .count();
         let in_file = (self.chunks.len() - in_memory).min(2);
         let entries = self.first.capacity() + (in_memory + in_file) * CHUNK;
         entries * std::mem::size_of::<Packed>()
             + self.chunks.capacity() * std::mem::size_of::<Chunk>()
+            + self.pages.capacity() * std::mem::size_of::<Cell<Pages>>()
             + self.whole.capacity() * std::mem::size_of::<(usize, Entry)>()
     }
 }
@@ -631,7 +660,7 @@ mod tests {
                 }
             }
         }
-        assert!(q.chunks.iter().all(|c| c.in_file));
+        assert!(q.pages.iter().all(|p| p.get() != Pages::Memory));
         // The chunk read, the next one looked at, the last: 3 chunks; 2 of slack for
         // pages another test maps meanwhile.
         assert!(peak <= 5 * CHUNK_BYTES, "{peak} bytes of file pages held");

@@ -78,7 +78,15 @@ let () =
       if Hashtbl.hash w <> v_hash then failwith (what ^ ": hash");
       let _, small, _ = w and _, small0, _ = v in
       if compare small small0 <> 0 then failwith (what ^ ": compare");
-      Offheap.free h)
+      Offheap.free h;
+      (* The free waits for the end of the running major cycle (OCaml 4: of its marking),
+         and with it the recorded address the next load wants. *)
+      let tries = ref 0 in
+      while Offheap.pending_frees () > 0 && !tries < 20 do
+        incr tries;
+        Gc.full_major ();
+        Offheap.free (Offheap.copy ())
+      done)
     loads;
   (* Damage past 4 GiB, in the small blocks: located. *)
   let payload_at =
