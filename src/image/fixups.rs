@@ -23,6 +23,9 @@ pub struct FixUps {
     file: Option<File>,
     /// Entries in `file`.
     in_file: u64,
+    /// Whether making the file was tried (once: where it cannot be made, the entries
+    /// stay in memory).
+    tried: bool,
     /// Room for [`RECENT`] entries as bytes, to write or read the file through.
     bytes: Vec<u8>,
 }
@@ -70,7 +73,8 @@ impl FixUps {
     /// nothing without a file.
     #[cold]
     fn spill(&mut self, dir: Option<&Path>) -> Result<(), WriteError> {
-        if self.file.is_none() {
+        if !self.tried {
+            self.tried = true;
             self.file = dir.and_then(file::scratch_file);
         }
         let Some(f) = &mut self.file else {
