@@ -422,7 +422,7 @@ fn forge_word(bytes: &[u8], i: usize, w: Word) -> Vec<u8> {
     out[at..at + 8].copy_from_slice(&w.to_ne_bytes());
     let mut h = header(&out);
     let end = format::HEADER_BYTES + h.payload_bytes as usize;
-    let (customs, mut chunks) = format::decode_tables(&h, &out[end..]);
+    let (customs, mut chunks) = format::decode_tables(&h, &out[end..]).expect("memory");
     for (k, c) in out[format::HEADER_BYTES..end]
         .chunks(h.chunk_bytes as usize)
         .enumerate()
@@ -441,7 +441,7 @@ fn forge_word(bytes: &[u8], i: usize, w: Word) -> Vec<u8> {
 fn fix_up_table(image: &[u8]) -> Vec<u64> {
     let h = header(image);
     let end = format::HEADER_BYTES + h.payload_bytes as usize;
-    format::decode_tables(&h, &image[end..]).0
+    format::decode_tables(&h, &image[end..]).expect("memory").0
 }
 
 /// A value with shared Bigarrays of several kinds, a record over them, and an Int64.
@@ -740,7 +740,7 @@ fn streamed_images_equal_images_of_copies() {
     let image = image_of(&mut h, root);
     let hd = header(&image);
     let end = format::HEADER_BYTES + hd.payload_bytes as usize;
-    let (customs, chunks) = format::decode_tables(&hd, &image[end..]);
+    let (customs, chunks) = format::decode_tables(&hd, &image[end..]).expect("memory");
     for table in [false, true] {
         let (payload, mut p) = streamed(&mut h, root, table);
         assert!(payload == image[format::HEADER_BYTES..end], "table {table}");

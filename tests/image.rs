@@ -414,7 +414,7 @@ fn reseal_tables(
 ) -> Vec<u8> {
     let mut h = header(bytes);
     let payload_end = format::HEADER_BYTES + h.payload_bytes as usize;
-    let mut t = format::decode_tables(&h, &bytes[payload_end..]);
+    let mut t = format::decode_tables(&h, &bytes[payload_end..]).expect("memory");
     tables(&mut t);
     let payload = &bytes[format::HEADER_BYTES..payload_end];
     for (k, c) in payload.chunks(h.chunk_bytes as usize).enumerate() {
@@ -1036,7 +1036,8 @@ fn chunky_images_round_trip_on_any_number_of_threads() {
     let t = format::decode_tables(
         &h,
         &image[format::HEADER_BYTES + h.payload_bytes as usize..],
-    );
+    )
+    .expect("memory");
     assert!(
         t.1.iter().any(|c| c.first == format::NO_BLOCK),
         "a chunk covered by one block"
@@ -1098,7 +1099,7 @@ fn chunk_index_damage_is_refused() {
         }
     }
     // Forged entries, checksums recomputed: every lie about the first block is caught.
-    let t = format::decode_tables(&h, &image[payload_end..]);
+    let t = format::decode_tables(&h, &image[payload_end..]).expect("memory");
     let words = payload_words(&image);
     let mut starts = Vec::new();
     let mut i = 0;

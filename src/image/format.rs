@@ -415,19 +415,21 @@ pub fn encode_chunk_index(chunks: &[Chunk]) -> Vec<u8> {
     out
 }
 
-/// The fix-up table and the chunk index from `bytes` (exactly [`Header::tables_bytes`]).
-pub fn decode_tables(h: &Header, bytes: &[u8]) -> (Vec<u64>, Vec<Chunk>) {
+/// The fix-up table and the chunk index from `bytes` (exactly [`Header::tables_bytes`]);
+/// `None` when the memory for them cannot be had.
+pub fn decode_tables(h: &Header, bytes: &[u8]) -> Option<(Vec<u64>, Vec<Chunk>)> {
     let (table, index) = bytes.split_at(8 * h.customs as usize);
     let word = |c: &[u8]| u64::from_le_bytes(c.try_into().expect("8 bytes"));
-    let customs = table.chunks_exact(8).map(word).collect();
-    let chunks = index
-        .chunks_exact(16)
-        .map(|e| Chunk {
-            first: word(&e[..8]),
-            checksum: word(&e[8..]),
-        })
-        .collect();
-    (customs, chunks)
+    let mut customs = Vec::new();
+    customs.try_reserve_exact(table.len() / 8).ok()?;
+    customs.extend(table.chunks_exact(8).map(word));
+    let mut chunks = Vec::new();
+    chunks.try_reserve_exact(index.len() / 16).ok()?;
+    chunks.extend(index.chunks_exact(16).map(|e| Chunk {
+        first: word(&e[..8]),
+        checksum: word(&e[8..]),
+    }));
+    Some((customs, chunks))
 }
 
 /// The checksum of the tables after the payload (as [`encode_tables`] stores them).

@@ -539,7 +539,7 @@ fn decode_tables(
             "the fix-up table or the chunk index is damaged".into(),
         ));
     }
-    Ok(format::decode_tables(h, bytes))
+    format::decode_tables(h, bytes).ok_or(LoadError::OutOfMemory(2 * bytes.len()))
 }
 
 /// The checks and fix-ups of a payload now at `payload.as_ptr()`; returns the root and

@@ -306,7 +306,7 @@ fn tile_chunk(
                     }
                     Some(CustomKind::Bigarray) => {
                         let bytes = check_bigarray(fields, at, e.ocaml5)?;
-                        tiled.bigarrays.push((i + 1, bytes));
+                        push(&mut tiled.bigarrays, (i + 1, bytes))?;
                     }
                     Some(_) => {}
                 }
@@ -318,12 +318,12 @@ fn tile_chunk(
                 }
                 next_custom += 1;
             }
-            layout::FORWARD_TAG => tiled.forwards.push(i),
+            layout::FORWARD_TAG => push(&mut tiled.forwards, i)?,
             _ => {}
         }
         if tag == layout::ABSTRACT_TAG {
             // Not in the bitmap: no pointer field may point to a data block.
-            tiled.data_blocks.push(i + 1..i + 1 + wosize);
+            push(&mut tiled.data_blocks, i + 1..i + 1 + wosize)?;
         } else {
             let bit = i - range.start;
             bits[bit / 64] |= 1 << (bit % 64);
@@ -734,6 +734,15 @@ fn damaged_chunk(k: usize, chunk_words: usize, n: usize) -> LoadError {
             range.end * WORD_BYTES
         ),
     )
+}
+
+/// Appends `x` to `v`; [`LoadError::OutOfMemory`] when `v` cannot grow (a list that
+/// grows with the payload: the loader reports it, never aborts).
+fn push<T>(v: &mut Vec<T>, x: T) -> Result<(), LoadError> {
+    v.try_reserve(1)
+        .map_err(|_| LoadError::OutOfMemory((v.len() + 1) * std::mem::size_of::<T>()))?;
+    v.push(x);
+    Ok(())
 }
 
 /// The bytes of `words`.
