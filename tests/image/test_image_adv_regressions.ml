@@ -1,18 +1,18 @@
-(* Failing tests for bugs found by test_image_adv (built, not run by `dune build
-   @runtest`): run ./_build/default/tests/image/test_image_adv_bugs.exe.
+(* Regression tests of two bugs found by test_image_adv (both fixed; run by `dune build
+   @runtest`).
 
    1. "fix-up scratch file asked for at every custom block": where the image's directory
       has no O_TMPFILE (adv_shim.so with ADV_NO_TMPFILE=1 makes the kernel refuse them,
-      EOPNOTSUPP), FixUps::push (src/image/fixups.rs) calls spill at every push once 64 Ki
-      entries are in memory, and spill tries file::scratch_file again each time: one
+      EOPNOTSUPP), FixUps::push (src/image/fixups.rs) called spill at every push once 64
+      Ki entries were in memory, and spill tried file::scratch_file again each time: one
       failing open(2) per custom block past the 65536th (234 466 for 300k, 1.93M for 2M;
-      a write of 2M Int64 then takes ~2.8 s instead of ~0.3 s).
+      a write of 2M Int64 then took ~2.8 s instead of ~0.3 s). Now tried once.
 
    2. "load aborts under an address-space limit": Image.load of an image with many
-      Bigarrays under `ulimit -v` aborts the process (Rust "memory allocation of 131072
+      Bigarrays under `ulimit -v` aborted the process (Rust "memory allocation of 131072
       bytes failed", SIGABRT) instead of raising Out_of_memory: validate::check's tiling
-      grows Vecs with infallible pushes (tiled.data_blocks / bigarrays / forwards,
-      src/image/validate.rs ~lines 309-326) inside parallel(). *)
+      grew Vecs with infallible pushes (tiled.data_blocks / bigarrays / forwards,
+      src/image/validate.rs) inside parallel(). Now fallible. *)
 
 open OUnit2
 module Image = Offheap.Image
