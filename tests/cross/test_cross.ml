@@ -19,14 +19,7 @@ module R = Offheap.Region
 let pint = string_of_int
 let o = Sys.opaque_identity
 
-let settle () =
-  let tries = ref 0 in
-  while Offheap.pending_frees () > 0 && !tries < 20 do
-    incr tries;
-    Gc.full_major ();
-    Offheap.free (Offheap.copy ())
-  done;
-  assert_equal ~msg:"frees still pending" ~printer:pint 0 (Offheap.pending_frees ())
+let settle = Probes.settle
 
 let temp () = Filename.temp_file "offheap_cross" ".img"
 
@@ -55,18 +48,7 @@ let with_loaded ?key ?share p f =
 let data a = Ba_support.data (genarray_of_array1 a)
 let distance a b = Nativeint.to_int (Nativeint.sub (data a) (data b))
 
-let status_kb key =
-  let ic = open_in "/proc/self/status" in
-  let k = String.length key in
-  let rec find () =
-    let line = input_line ic in
-    if String.length line > k && String.sub line 0 k = key then
-      Scanf.sscanf (String.sub line k (String.length line - k)) " %d kB" Fun.id
-    else find ()
-  in
-  let kb = find () in
-  close_in ic;
-  kb
+let status_kb = Probes.status_kb
 
 (* {1 Regions holding Bigarrays} *)
 
@@ -541,9 +523,9 @@ let test_failed_adds_leak_nothing _ =
       | exception (Offheap.Not_copyable _ | Out_of_memory) -> ()
     in
     for _ = 1 to 50 do fail () done;
-    let vm = status_kb "VmSize:" and rss = status_kb "VmRSS:" in
+    let vm = status_kb "VmSize" and rss = status_kb "VmRSS" in
     for _ = 1 to 1000 do fail () done;
-    let vm' = status_kb "VmSize:" and rss' = status_kb "VmRSS:" in
+    let vm' = status_kb "VmSize" and rss' = status_kb "VmRSS" in
     assert_bool (Printf.sprintf "%s: VmSize %d -> %d kB" msg vm vm') (vm' < vm + 8192);
     assert_bool (Printf.sprintf "%s: VmRSS %d -> %d kB" msg rss rss') (rss' < rss + 8192);
     assert_bool (msg ^ ": stats unchanged") (R.stats r = before);
@@ -567,13 +549,13 @@ let test_failed_adds_leak_nothing _ =
   (* copies with an allocator that returns NULL *)
   let b = Region_support.budget_alloc 0 in
   let v = (List.init 300_000 Fun.id, Array1.create float64 c_layout 200_000) in
-  let vm = status_kb "VmSize:" in
+  let vm = status_kb "VmSize" in
   for _ = 1 to 1000 do
     match Offheap.copy ~alloc:b v with
     | _ -> assert_failure "copied"
     | exception Out_of_memory -> ()
   done;
-  let vm' = status_kb "VmSize:" in
+  let vm' = status_kb "VmSize" in
   assert_bool (Printf.sprintf "copies: VmSize %d -> %d kB" vm vm') (vm' < vm + 8192)
 
 (* A failed write leaves the earlier file as it was and no temporary file. *)
@@ -839,7 +821,7 @@ let test_region_image_roots _ =
 let limit_child () =
   let src = Array1.init float64 c_layout (8 lsl 20) float_of_int in
   (* about 130 MB of address space left *)
-  let limit = (status_kb "VmSize:" + (130 * 1024)) * 1024 in
+  let limit = (status_kb "VmSize" + (130 * 1024)) * 1024 in
   let cmd = Printf.sprintf "prlimit --pid %d --as=%d:unlimited" (Unix.getpid ()) limit in
   if Sys.command cmd <> 0 then failwith cmd;
   let ooms = ref 0 and added = ref 0 in

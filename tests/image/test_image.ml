@@ -20,11 +20,7 @@ let fresh_path () =
 
 let files_in_dir () = Array.to_list (Sys.readdir dir) |> List.sort compare
 
-
-let contains s sub =
-  let n = String.length sub in
-  let rec go i = i + n <= String.length s && (String.sub s i n = sub || go (i + 1)) in
-  go 0
+let contains = Probes.contains
 
 let read_file path =
   let ic = open_in_bin path in
@@ -519,16 +515,6 @@ let test_loads_beside_collections _ =
    buffer is 8 MiB; the traversal's queue (8 bytes a block, 24-32 MB here) lives in a
    file beside the image, of which the process holds a few 2 MiB chunks at a time, and
    so does the fix-up table (8 bytes a custom block) past 512 KiB. *)
-let status_kb field =
-  let ic = open_in "/proc/self/status" in
-  let rec find () =
-    let line = input_line ic in
-    match String.split_on_char ':' line with
-    | [ name; v ] when name = field -> Scanf.sscanf v " %d kB" Fun.id
-    | _ -> find ()
-  in
-  Fun.protect ~finally:(fun () -> close_in ic) find
-
 let test_write_memory _ =
   let shapes =
     [
@@ -542,13 +528,7 @@ let test_write_memory _ =
   List.iter
     (fun (name, v) ->
       let path = fresh_path () in
-      Gc.compact ();
-      let oc = open_out "/proc/self/clear_refs" in
-      output_string oc "5";
-      close_out oc;
-      let before = status_kb "VmRSS" in
-      Image.write path v;
-      let added_kb = status_kb "VmHWM" - before in
+      let added_kb = Probes.peak_added_kb (fun () -> Image.write path v) in
       assert_bool
         (Printf.sprintf "%s: the write added %d kB at its peak" name added_kb)
         (added_kb <= 20 * 1024);

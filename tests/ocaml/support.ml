@@ -89,26 +89,14 @@ let rss () =
   close_in ic;
   Scanf.sscanf line "%d %d" (fun _ resident -> resident * 4096)
 
-(** Hands back the frees that OCaml 5 defers to the end of a major cycle (nothing to do
-    on OCaml 4): complete major cycles, then let [copy] drain the pending list. *)
-let settle () =
-  let tries = ref 0 in
-  while Offheap.pending_frees () > 0 && !tries < 20 do
-    incr tries;
-    Gc.full_major ();
-    ignore (Offheap.copy () : unit Offheap.t)
-  done;
-  assert_equal ~msg:"frees still pending" ~printer:string_of_int 0
-    (Offheap.pending_frees ())
+(** {!Probes.settle}: hands back the frees that wait for the end of a major cycle. *)
+let settle = Probes.settle
 
 (* {1 Assertions} *)
 
 let pint = string_of_int
 
-let contains s sub =
-  let n = String.length s and m = String.length sub in
-  let rec at i = i + m <= n && (String.sub s i m = sub || at (i + 1)) in
-  at 0
+let contains = Probes.contains
 
 (** [f ()] raises [Invalid_argument] with a message containing [sub]; returns it. *)
 let raises_invalid ~sub f =

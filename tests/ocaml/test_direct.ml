@@ -157,18 +157,7 @@ let test_sharing_cycles _ =
 
 (* {1 Failures after pass 1 began writing} *)
 
-let status_kb key =
-  let ic = open_in "/proc/self/status" in
-  let k = String.length key in
-  let rec find () =
-    let line = input_line ic in
-    if String.length line > k && String.sub line 0 k = key then
-      Scanf.sscanf (String.sub line k (String.length line - k)) " %d kB" Fun.id
-    else find ()
-  in
-  let kb = find () in
-  close_in ic;
-  kb
+let status_kb = Probes.status_kb
 
 let test_failures _ =
   let pre = prefix () in
@@ -179,7 +168,7 @@ let test_failures _ =
       ("channel", (fun () -> Obj.repr stdout), ( = ) (Offheap.Custom "_chan"));
       ("unforced lazy", (fun () -> Obj.repr (lazy (o 1 + 1))), ( = ) Offheap.Unforced_lazy) ]
   in
-  let vm_before = status_kb "VmSize:" in
+  let vm_before = status_kb "VmSize" in
   for round = 1 to 4 do
     List.iter
       (fun (name, make, expected) ->
@@ -193,7 +182,7 @@ let test_failures _ =
     if round mod 2 = 0 then Gc.compact ()
   done;
   (* a reservation left behind would be 64 GiB of address space *)
-  let vm_after = status_kb "VmSize:" in
+  let vm_after = status_kb "VmSize" in
   assert_bool
     (Printf.sprintf "VmSize grew from %d to %d kB over 12 failed copies" vm_before vm_after)
     (vm_after < vm_before + (1 lsl 20));
@@ -236,15 +225,15 @@ let test_handles _ =
   settle ();
   (* the reservation is trimmed to the copy, and freeing gives it all back *)
   let bytes = (Offheap.measure v).bytes in
-  let vm_before = status_kb "VmSize:" in
+  let vm_before = status_kb "VmSize" in
   let live = List.init 5 (fun _ -> Offheap.copy v) in
-  let vm_live = status_kb "VmSize:" in
+  let vm_live = status_kb "VmSize" in
   assert_bool
     (Printf.sprintf "5 live copies of %d kB: VmSize %d -> %d kB" (bytes / 1024) vm_before vm_live)
     (vm_live < vm_before + (5 * ((bytes / 1024) + 4096)) + (64 * 1024));
   List.iter Offheap.free live;
   settle ();
-  let vm_after = status_kb "VmSize:" in
+  let vm_after = status_kb "VmSize" in
   assert_bool
     (Printf.sprintf "after the frees: VmSize %d -> %d kB" vm_before vm_after)
     (vm_after < vm_before + (64 * 1024))
@@ -298,7 +287,7 @@ let limits_child () =
   let oom = ref 0 in
   List.iter
     (fun extra ->
-      let limit = (status_kb "VmData:" * 1024) + extra in
+      let limit = (status_kb "VmData" * 1024) + extra in
       prlimit "data" (Printf.sprintf "%d:unlimited" limit);
       (match copy_ok "under a data limit" with () -> () | exception Out_of_memory -> incr oom);
       prlimit "data" "unlimited:unlimited";

@@ -27,14 +27,7 @@ let checksum = function
   | Array a -> Array.fold_left ( + ) (Array.length a) a
   | Tree t -> tree_sum t
 
-let settle () =
-  let tries = ref 0 in
-  while Offheap.pending_frees () > 0 && !tries < 20 do
-    incr tries;
-    Gc.full_major ();
-    ignore (Offheap.copy () : unit Offheap.t)
-  done;
-  if Offheap.pending_frees () > 0 then failwith "frees still pending"
+let settle = Probes.settle
 
 let child () =
   (* The sources: growing sizes up to 512k elements (a tree of 2^18 nodes), built once;
@@ -100,10 +93,7 @@ let vm_size_kb () =
   close_in ic;
   kb
 
-let contains s sub =
-  let n = String.length s and m = String.length sub in
-  let rec at i = i + m <= n && (String.sub s i m = sub || at (i + 1)) in
-  at 0
+let contains = Probes.contains
 
 let parent () =
   (* The child is this very program: the same executable, or in bytecode the same

@@ -14,19 +14,9 @@ let o = Sys.opaque_identity
 let str s = Bytes.to_string (Bytes.of_string s)
 
 (* The frees OCaml 5 defers to the end of a major cycle, handed back. *)
-let settle () =
-  let tries = ref 0 in
-  while Offheap.pending_frees () > 0 && !tries < 20 do
-    incr tries;
-    Gc.full_major ();
-    Offheap.free (Offheap.copy ())
-  done;
-  assert_equal ~msg:"frees still pending" ~printer:pint 0 (Offheap.pending_frees ())
+let settle = Probes.settle
 
-let contains s sub =
-  let n = String.length s and m = String.length sub in
-  let rec at i = i + m <= n && (String.sub s i m = sub || at (i + 1)) in
-  at 0
+let contains = Probes.contains
 
 let raises_invalid ~sub f =
   match f () with
