@@ -359,8 +359,7 @@ fn check_bigarray_data(
     address: Word,
     delta: Word,
 ) -> Result<(), LoadError> {
-    let data_blocks: Vec<&std::ops::Range<usize>> =
-        tiled.iter().flat_map(|t| &t.data_blocks).collect();
+    let data_blocks = gather(tiled.iter().map(|t| t.data_blocks.iter()))?;
     for &(field, bytes) in tiled.iter().flat_map(|t| &t.bigarrays) {
         let slot = field + bigarray::DATA_FIELD;
         let data = payload[slot];
@@ -682,7 +681,7 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Word, LoadError> {
 
     // Phase 4: Bigarray data, forward chains and the root.
     check_bigarray_data(payload, &tiled, e.address, delta)?;
-    let forwards: Vec<usize> = tiled.into_iter().flat_map(|t| t.forwards).collect();
+    let forwards = gather(tiled.iter().map(|t| t.forwards.iter().copied()))?;
     check_forward_chains(payload, &forwards)?;
     let root = e.root as Word;
     if layout::is_immediate(root) {
@@ -736,6 +735,19 @@ fn damaged_chunk(k: usize, chunk_words: usize, n: usize) -> LoadError {
     )
 }
 
+/// The items of every list of `lists`, in order, in one vector allocated at once;
+/// [`LoadError::OutOfMemory`] when it cannot be had.
+fn gather<T, I: ExactSizeIterator<Item = T>>(
+    lists: impl Iterator<Item = I> + Clone,
+) -> Result<Vec<T>, LoadError> {
+    let n = lists.clone().map(|l| l.len()).sum();
+    let mut all = Vec::new();
+    all.try_reserve_exact(n)
+        .map_err(|_| LoadError::OutOfMemory(n * std::mem::size_of::<T>()))?;
+    all.extend(lists.flatten());
+    Ok(all)
+}
+
 /// Appends `x` to `v`; [`LoadError::OutOfMemory`] when `v` cannot grow (a list that
 /// grows with the payload: the loader reports it, never aborts).
 fn push<T>(v: &mut Vec<T>, x: T) -> Result<(), LoadError> {
@@ -760,8 +772,10 @@ fn as_bytes(words: &[Word]) -> &[u8] {
 fn check_forward_chains(payload: &[Word], forwards: &[usize]) -> Result<(), LoadError> {
     let base = payload.as_ptr() as Word;
     // The forward blocks by the word of their header; 0 unseen, else the walk that saw it.
-    let mut seen: std::collections::HashMap<usize, usize> =
-        forwards.iter().map(|&i| (i, 0)).collect();
+    let mut seen = std::collections::HashMap::new();
+    seen.try_reserve(forwards.len())
+        .map_err(|_| LoadError::OutOfMemory(forwards.len() * 2 * WORD_BYTES))?;
+    seen.extend(forwards.iter().map(|&i| (i, 0usize)));
     for (walk, &start) in forwards.iter().enumerate() {
         let walk = walk + 1;
         let mut at = start;
