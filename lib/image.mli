@@ -116,8 +116,13 @@ module type S = sig
       replaced keeps its permissions (a new one gets [0o666] less the umask). When
       [path] is a symbolic link, its target is written (created if the link dangles),
       the link stays. The file is not synced to disk. The file is written as the copy
-      is made, through a buffer of 8 MiB: writing needs no copy of [v] in memory (the
-      traversal's own tables, 8 bytes a block and a visited set, are all it holds).
+      is made, through a buffer of 8 MiB: writing needs no copy of [v] in memory, nor
+      tables that grow with it (the traversal's queue, 8 bytes a block, and the table
+      of custom blocks go to unnamed files in the same directory, of which the process
+      holds a few MiB at a time; where the file system has no [O_TMPFILE] or no room,
+      they stay in memory). A payload of 32 MiB or more starts 2 MiB into the file,
+      after zeros, so that [~share:true] maps it with huge pages where the file system
+      caches the file in them.
       Other OCaml threads wait meanwhile (the copy reads the heap); on OCaml 5, other
       domains wait for the write of a value of more than 1024 blocks as they wait for
       a {!Offheap.copy} of it (the world is stopped).
