@@ -861,22 +861,7 @@ let limit_child () =
   exit 0
 
 let test_address_space_limit _ =
-  let program =
-    match Sys.backend_type with
-    | Sys.Native -> [ Sys.executable_name ]
-    | _ -> [ Unix.readlink "/proc/self/exe"; Sys.executable_name ]
-  in
-  let out = Filename.temp_file "offheap_cross" ".out" in
-  let cmd =
-    Printf.sprintf "exec %s limit-child > %s 2>&1"
-      (String.concat " " (List.map Filename.quote program))
-      (Filename.quote out)
-  in
-  let status = Sys.command cmd in
-  let ic = open_in_bin out in
-  let output = really_input_string ic (in_channel_length ic) in
-  close_in ic;
-  Sys.remove out;
+  let status, output = Probes.run_self [ "limit-child" ] in
   assert_equal ~msg:("the child: " ^ output) ~printer:pint 0 status;
   match
     Scanf.sscanf output "region: %d added, %d out of memory; copies: %d, %d out of memory"

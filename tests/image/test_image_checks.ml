@@ -13,16 +13,9 @@ let fresh_path () =
   incr counter;
   Filename.concat dir (Printf.sprintf "offheap-checks-%d-%d.img" (Unix.getpid ()) !counter)
 
-let read_file path =
-  let ic = open_in_bin path in
-  let s = really_input_string ic (in_channel_length ic) in
-  close_in ic;
-  s
+let read_file = Probes.read_file
 
-let write_file path s =
-  let oc = open_out_bin path in
-  output_string oc s;
-  close_out oc
+let write_file = Probes.write_file
 
 let ocaml5 = Scanf.sscanf Sys.ocaml_version "%d." (fun major -> major >= 5)
 let flat_float_array = Obj.tag (Obj.repr (Array.make 1 0.0)) = Obj.double_array_tag

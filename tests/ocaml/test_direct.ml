@@ -299,22 +299,9 @@ let limits_child () =
   exit 0
 
 let test_limits _ =
-  let program =
-    match Sys.backend_type with
-    | Sys.Native -> [ Sys.executable_name ]
-    | _ -> [ Unix.readlink "/proc/self/exe"; Sys.executable_name ]
+  let status, output =
+    Probes.run_self ~shell:(Printf.sprintf "ulimit -S -v %d &&" (8 lsl 20)) [ "limits-child" ]
   in
-  let out = Filename.temp_file "offheap_direct" ".out" in
-  let cmd =
-    Printf.sprintf "ulimit -S -v %d && exec %s limits-child > %s 2>&1" (8 lsl 20)
-      (String.concat " " (List.map Filename.quote program))
-      (Filename.quote out)
-  in
-  let status = Sys.command cmd in
-  let ic = open_in_bin out in
-  let output = really_input_string ic (in_channel_length ic) in
-  close_in ic;
-  Sys.remove out;
   assert_equal ~msg:("the child: " ^ output) ~printer:pint 0 status;
   assert_bool ("the child: " ^ output) (contains output "limits: ")
 

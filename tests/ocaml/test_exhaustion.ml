@@ -81,42 +81,15 @@ let child () =
   print_endline "recovered: later copies succeed";
   exit 0
 
-let vm_size_kb () =
-  let ic = open_in "/proc/self/status" in
-  let rec find () =
-    let line = input_line ic in
-    if String.length line > 7 && String.sub line 0 7 = "VmSize:" then
-      Scanf.sscanf line "VmSize: %d kB" Fun.id
-    else find ()
-  in
-  let kb = find () in
-  close_in ic;
-  kb
-
 let contains = Probes.contains
 
 let parent () =
-  (* The child is this very program: the same executable, or in bytecode the same
-     bytecode file run by the same ocamlrun (which finds the stubs' DLLs through
-     CAML_LD_LIBRARY_PATH, set by the dune rule). Its address space before it copies is
-     about the parent's now; it gets 320 MB more. *)
-  let program =
-    match Sys.backend_type with
-    | Sys.Native -> [ Sys.executable_name ]
-    | _ -> [ Unix.readlink "/proc/self/exe"; Sys.executable_name ]
+  (* The child is this very program ([Probes.run_self]). Its address space before it
+     copies is about the parent's now; it gets 320 MB more. *)
+  let limit_kb = Probes.status_kb "VmSize" + (320 * 1024) in
+  let status, output =
+    Probes.run_self ~shell:(Printf.sprintf "ulimit -v %d &&" limit_kb) [ "child" ]
   in
-  let limit_kb = vm_size_kb () + (320 * 1024) in
-  let out = Filename.temp_file "offheap_exhaustion" ".out" in
-  let cmd =
-    Printf.sprintf "ulimit -v %d && exec %s child > %s 2>&1" limit_kb
-      (String.concat " " (List.map Filename.quote program))
-      (Filename.quote out)
-  in
-  let status = Sys.command cmd in
-  let ic = open_in_bin out in
-  let output = really_input_string ic (in_channel_length ic) in
-  close_in ic;
-  Sys.remove out;
   print_string output;
   let ok = status = 0 && contains output "Out_of_memory after" && contains output "recovered" in
   if not ok then begin
