@@ -56,6 +56,11 @@ extern "C" {
 /// Frees may wait: while the major GC marks (see [`free_must_wait`]).
 pub const DEFERS_FREE: bool = true;
 
+/// Whether a stub holding the runtime runs alone: yes, the master lock lets one thread
+/// at a time run OCaml code or a stub, so what only stubs and OCaml code touch (a
+/// handle's fields) needs no atomic read-modify-write.
+pub const STUBS_RUN_ALONE: bool = true;
+
 /// Whether the free of a slab copy must wait as others do: no. The slab's regions stay
 /// registered as static data and never go back to `malloc`, so they never become part
 /// of the heap, and the marker skips pointers into them whatever they hold.

@@ -66,6 +66,10 @@ type StwHandler =
 /// Frees wait for the running major cycle.
 pub const DEFERS_FREE: bool = true;
 
+/// Whether a stub holding the runtime runs alone: no, other domains run OCaml code and
+/// stubs meanwhile.
+pub const STUBS_RUN_ALONE: bool = false;
+
 /// Whether the free of a slab copy must wait as others do: yes, a stale pointer into a
 /// slot that a later copy took may point inside one of its blocks, where the marker
 /// would read a field as a header.
