@@ -19,7 +19,6 @@
 //! `#[ocaml::sig]`, from which `lib/stubs.ml` is generated.
 
 use std::cell::RefCell;
-use std::sync::{Mutex, MutexGuard};
 
 use ocaml_sys::Value;
 
@@ -30,7 +29,7 @@ use crate::layout::{is_immediate, val_int, Word};
 use crate::outcome::StubOutcome;
 use crate::region::{Owner, Region, Registry, DEFAULT_CHUNK_BYTES};
 use crate::release::{self, Outcome};
-use crate::runtime;
+use crate::runtime::{self, StubGuard, StubLock};
 
 /// Fields of the region record.
 const CELL: usize = 0;
@@ -122,9 +121,9 @@ fn field(block: Value, i: usize) -> Word {
 }
 
 /// The `Cell` pointer inside the custom block `cell` (null when creating it failed).
-fn cell_ptr(cell: Word) -> *mut Mutex<Cell> {
+fn cell_ptr(cell: Word) -> *mut StubLock<Cell> {
     // SAFETY: a custom block of ours: field 0 the operations, field 1 the pointer.
-    unsafe { *(cell as *const *mut Mutex<Cell>).add(1) }
+    unsafe { *(cell as *const *mut StubLock<Cell>).add(1) }
 }
 
 /// The locked cell of the region record `r`; `None` for a record whose creation ran
@@ -135,13 +134,15 @@ fn cell_ptr(cell: Word) -> *mut Mutex<Cell> {
 /// does not answer the runtime's stop-the-world requests, so a holder that joins one
 /// (an allocation that starts a minor collection) waits for it forever. Stubs therefore
 /// drop the guard before building their OCaml result.
-fn lock<'a>(r: Value) -> Option<MutexGuard<'a, Cell>> {
+fn lock<'a>(r: Value) -> Option<StubGuard<'a, Cell>> {
     let ptr = cell_ptr(field(r, CELL));
     // SAFETY: the cell lives until the custom block is finalised, which cannot happen
     // while `r` (which points to it) is an argument of the running stub.
-    let mutex = unsafe { ptr.as_ref()? };
-    // Panics abort, so a poisoned mutex still guards a consistent region.
-    Some(mutex.lock().unwrap_or_else(|p| p.into_inner()))
+    let cell = unsafe { ptr.as_ref()? };
+    // SAFETY: only stubs call this, holding the runtime, and each drops the guard before
+    // it allocates on the OCaml heap or releases the runtime (see above), never locking
+    // a region twice.
+    Some(unsafe { cell.lock() })
 }
 
 /// The finaliser of the custom block: drops the cell (chunks of an unfreed region leak).
@@ -201,14 +202,14 @@ pub extern "C" fn offheap_region_cell(chunk_bytes: Value, alloc: Value) -> Value
     let block =
         unsafe { ocaml_sys::caml_alloc_custom(&CELL_OPS.0, std::mem::size_of::<Word>(), 0, 1) };
     // SAFETY: field 1 of the fresh custom block is its data word.
-    unsafe { *(block as *mut *mut Mutex<Cell>).add(1) = std::ptr::null_mut() };
-    let cell = Mutex::new(Cell {
+    unsafe { *(block as *mut *mut StubLock<Cell>).add(1) = std::ptr::null_mut() };
+    let cell = StubLock::new(Cell {
         freed: false,
         region: Region::new(chunk_bytes, later_chunk_bytes),
     });
-    let layout = std::alloc::Layout::new::<Mutex<Cell>>();
+    let layout = std::alloc::Layout::new::<StubLock<Cell>>();
     // SAFETY: a non-zero-sized layout.
-    let ptr = unsafe { std::alloc::alloc(layout) } as *mut Mutex<Cell>;
+    let ptr = unsafe { std::alloc::alloc(layout) } as *mut StubLock<Cell>;
     if ptr.is_null() {
         return val_int(1) as Value;
     }
@@ -216,7 +217,7 @@ pub extern "C" fn offheap_region_cell(chunk_bytes: Value, alloc: Value) -> Value
     // frees it with `Box::from_raw` (the global allocator, this layout).
     unsafe {
         ptr.write(cell);
-        *(block as *mut *mut Mutex<Cell>).add(1) = ptr;
+        *(block as *mut *mut StubLock<Cell>).add(1) = ptr;
     }
     block
 }

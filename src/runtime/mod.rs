@@ -13,7 +13,9 @@
 //!   cycle; OCaml 4: while the major GC marks, for the end of the marking), and the
 //!   counter to wait on; `SLAB_FREES_WAIT`, whether the frees of slab copies wait too;
 //! - `STUBS_RUN_ALONE`: whether a stub holding the runtime runs alone (OCaml 4's master
-//!   lock), so that a handle's state changes without an atomic read-modify-write.
+//!   lock), so that a handle's state changes without an atomic read-modify-write;
+//!   `StubLock`, data that only stubs use (a region's state): a mutex on OCaml 5, the
+//!   runtime lock alone on OCaml 4.
 //!
 //! Everything else in the crate is the same on both. `slab` serves small copies made
 //! with the default allocator from regions registered once.
@@ -25,7 +27,8 @@ pub mod slab;
 
 pub use backend::{
     free_must_wait, gc_allowance, major_cycles_completed, register, register_blocks,
-    reregister_shared, unregister, DEFERS_FREE, SLAB_FREES_WAIT, STUBS_RUN_ALONE,
+    reregister_shared, unregister, StubGuard, StubLock, DEFERS_FREE, SLAB_FREES_WAIT,
+    STUBS_RUN_ALONE,
 };
 #[cfg(ocaml5)]
 pub use backend::{try_without_stopping, with_world_stopped};

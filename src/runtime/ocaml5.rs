@@ -70,6 +70,31 @@ pub const DEFERS_FREE: bool = true;
 /// stubs meanwhile.
 pub const STUBS_RUN_ALONE: bool = false;
 
+/// Data that only stubs use (a region's state): other domains' stubs run meanwhile, so
+/// behind a mutex.
+pub struct StubLock<T>(std::sync::Mutex<T>);
+
+/// The data of a [`StubLock`], while a stub uses it.
+pub type StubGuard<'a, T> = std::sync::MutexGuard<'a, T>;
+
+impl<T> StubLock<T> {
+    /// `value`, for stubs to share.
+    pub const fn new(value: T) -> StubLock<T> {
+        StubLock(std::sync::Mutex::new(value))
+    }
+
+    /// The data, for the stub that runs, once other holders are done.
+    ///
+    /// # Safety
+    /// Called holding the runtime; the guard is dropped before anything that may wait
+    /// for the other domains (an allocation on the OCaml heap, a safepoint): a domain
+    /// waiting for this lock inside a stub does not answer them.
+    pub unsafe fn lock(&self) -> StubGuard<'_, T> {
+        // Panics abort, so a poisoned mutex still guards consistent data.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Whether the free of a slab copy must wait as others do: yes, a stale pointer into a
 /// slot that a later copy took may point inside one of its blocks, where the marker
 /// would read a field as a header.
