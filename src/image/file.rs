@@ -411,6 +411,10 @@ pub struct How {
     pub relocate: bool,
     /// Map the file (else read it).
     pub share: bool,
+    /// With `share`, read the file instead when the payload cannot go at its address:
+    /// relocating would make nearly every page private anyway (see
+    /// [`map_unwritten`]).
+    pub read_if_relocated: bool,
     /// The checks will read every page: a mapping is populated at once (one system call
     /// instead of a fault per page). Relocation always reads every page.
     pub reads_all: bool,
@@ -424,7 +428,8 @@ const READ_PIECE: usize = 8 << 20;
 /// Loads the payload of `f` (`bytes` bytes after the header page) into a reservation of
 /// `bytes + TAIL_BYTES` bytes: at `address` unless `how.relocate` or the address is
 /// taken, else where the kernel finds room. Read into it (private, on `how.threads`
-/// threads), or the file mapped over it (`how.share`).
+/// threads), or the file mapped over it (`how.share`, unless relocated and
+/// `how.read_if_relocated`). Returns where, how it is held, and whether it is mapped.
 ///
 /// # Errors
 /// [`LoadError::OutOfMemory`] when there is no room; [`LoadError::Io`] when the file
@@ -434,7 +439,7 @@ pub fn load_payload(
     bytes: usize,
     address: Word,
     how: &How,
-) -> Result<(*mut u8, Mapping), LoadError> {
+) -> Result<(*mut u8, Mapping, bool), LoadError> {
     let held = bytes + TAIL_BYTES;
     let at_recorded = if how.relocate {
         None
@@ -445,7 +450,8 @@ pub fn load_payload(
         Some(p) => (p, Mapping::Recorded),
         None => (reserve_anywhere(held)?, Mapping::Relocated),
     };
-    let filled = if how.share {
+    let mapped = how.share && !(mapping == Mapping::Relocated && how.read_if_relocated);
+    let filled = if mapped {
         map_file(
             f,
             how.payload_at,
@@ -471,7 +477,7 @@ pub fn load_payload(
         .map(|_| ())
     };
     match filled {
-        Ok(()) => Ok((base, mapping)),
+        Ok(()) => Ok((base, mapping, mapped)),
         Err(e) => {
             // SAFETY: the reservation just made; nothing refers to it.
             unsafe { unmap(base, held, mapping) };
@@ -535,6 +541,65 @@ fn map_file(
     })
     .into_iter()
     .collect()
+}
+
+/// Maps the file again, private and writable, over the runs of chunks of the payload at
+/// `base` (`bytes` bytes, chunks of `chunk_bytes`) that its load left as they are in the
+/// file (`unwritten[k]`, from the checks): a shared load that had to relocate a payload
+/// holding pointers nearly everywhere reads it (into huge pages, faster than a
+/// copy-on-write fault per 4 KiB page) and then shares what it did not write, the raw
+/// blocks, through the page cache as a mapped load does. Whole pages only: a run that
+/// ends in the payload's last page leaves that page as read.
+///
+/// # Errors
+/// The `mmap` error; the payload may then have lost a run of pages and must be dropped.
+///
+/// # Safety
+/// `base` is a payload loaded by [`load_payload`] from `f` (whose payload starts at
+/// `payload_at`), which nothing uses yet, and `unwritten` says of its chunks what the
+/// checks found.
+pub unsafe fn map_unwritten(
+    f: &File,
+    payload_at: u64,
+    base: *mut u8,
+    bytes: usize,
+    chunk_bytes: usize,
+    unwritten: &[bool],
+) -> std::io::Result<()> {
+    let page = super::format::PAGE_BYTES as usize;
+    let mut k = 0;
+    while k < unwritten.len() {
+        if !unwritten[k] {
+            k += 1;
+            continue;
+        }
+        let first = k;
+        while k < unwritten.len() && unwritten[k] {
+            k += 1;
+        }
+        // Chunks are a power of two of at least a page: `from` is a page boundary.
+        let from = first * chunk_bytes;
+        let to = (k * chunk_bytes).min(bytes) / page * page;
+        if to <= from {
+            continue;
+        }
+        // SAFETY: maps the file over pages of our own payload that nothing uses yet and
+        // that hold the file's bytes already (the caller's contract).
+        let p = unsafe {
+            libc::mmap(
+                base.add(from) as *mut libc::c_void,
+                to - from,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                f.as_raw_fd(),
+                (payload_at + from as u64) as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Releases a payload.

@@ -542,16 +542,27 @@ fn decode_tables(
     format::decode_tables(h, bytes).ok_or(LoadError::OutOfMemory(2 * bytes.len()))
 }
 
-/// The checks and fix-ups of a payload now at `payload.as_ptr()`; returns the root and
-/// the offset of its first Bigarray data (see [`validate::fix_customs`]).
+/// What [`finish`] found: the root, the offset of the payload's first Bigarray data (see
+/// [`validate::fix_customs`]), and the chunks the load left as they are in the file
+/// (when asked: see [`validate::Checked::unwritten`]).
+struct Finished {
+    root: Word,
+    data_at: usize,
+    unwritten: Vec<bool>,
+}
+
+/// The checks and fix-ups of a payload now at `payload.as_ptr()`. `mapped`: the payload
+/// is the file mapped (its relocation then writes on one thread); `find_unwritten`: say
+/// which chunks stay as in the file.
 fn finish(
     payload: &mut [Word],
     h: &format::Header,
     (customs, chunks): &(Vec<u64>, Vec<format::Chunk>),
     at_recorded: bool,
+    (mapped, find_unwritten): (bool, bool),
     opts: &Options,
     process: &Process,
-) -> Result<(Word, usize), LoadError> {
+) -> Result<Finished, LoadError> {
     let trusted = opts.trusted && at_recorded;
     let threads = if trusted && !opts.verify {
         1
@@ -572,22 +583,24 @@ fn finish(
         // Relocating a mapped file copies each page holding pointers at its first
         // write, and the faults of several threads on one mapping contend: one thread
         // relocated a 919 MB image in 0.46 s where two took 0.84 (`make bench-image`).
-        pointer_threads: if opts.share && !at_recorded {
-            1
-        } else {
-            threads
-        },
+        pointer_threads: if mapped && !at_recorded { 1 } else { threads },
+        find_unwritten,
     };
-    let root = if trusted {
+    let (root, unwritten) = if trusted {
         if opts.verify {
             validate::verify_chunks(payload, &expected)?;
         }
-        validate::trusted_root(payload, h.root)?
+        (validate::trusted_root(payload, h.root)?, Vec::new())
     } else {
-        validate::check(payload, &expected)?
+        let checked = validate::check(payload, &expected)?;
+        (checked.root, checked.unwritten)
     };
     let data_at = validate::fix_customs(payload, customs, &process.custom_ops)?;
-    Ok((root, data_at))
+    Ok(Finished {
+        root,
+        data_at,
+        unwritten,
+    })
 }
 
 /// An image checked and relocated in memory of its own.
@@ -627,7 +640,16 @@ pub fn load_bytes(bytes: &[u8], opts: &Options, process: &Process) -> Result<Dec
         trusted: false,
         ..opts.clone()
     };
-    let (root, _) = finish(&mut words, &h, &tables, false, &opts, process)?;
+    let root = finish(
+        &mut words,
+        &h,
+        &tables,
+        false,
+        (false, false),
+        &opts,
+        process,
+    )?
+    .root;
     Ok(Decoded { words, root })
 }
 
@@ -742,7 +764,7 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
         });
     }
     let reads_all = opts.verify || !opts.trusted;
-    let (base, mapping) = file::load_payload(
+    let (base, mapping, mapped) = file::load_payload(
         &f,
         bytes,
         h.address as Word,
@@ -750,6 +772,7 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
             payload_at: h.header_bytes,
             relocate: opts.relocate,
             share: opts.share,
+            read_if_relocated: holds_pointers_everywhere(&h),
             reads_all,
             // Asking the system for its cores costs system calls: not for a trusted
             // shared load, which maps the file without reading it.
@@ -761,11 +784,39 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
         },
     )?;
     let at_recorded = mapping == file::Mapping::Recorded;
+    // A shared load that read its payload: what it did not write is mapped back.
+    let share_back = opts.share && !mapped;
     // SAFETY: `load_payload` gave `bytes` bytes at `base`, word aligned, readable and
     // writable, private to this process, not yet shared with anything.
     let payload = unsafe { std::slice::from_raw_parts_mut(base as *mut Word, bytes / WORD_BYTES) };
-    match finish(payload, &h, &tables, at_recorded, opts, process) {
-        Ok((root, data_at)) => Ok(Loaded {
+    let finished = finish(
+        payload,
+        &h,
+        &tables,
+        at_recorded,
+        (mapped, share_back),
+        opts,
+        process,
+    )
+    .and_then(|done| {
+        if share_back {
+            // SAFETY: the payload just loaded from `f`, checked, used by nothing yet.
+            unsafe {
+                file::map_unwritten(
+                    &f,
+                    h.header_bytes,
+                    base,
+                    bytes,
+                    h.chunk_bytes as usize,
+                    &done.unwritten,
+                )
+            }
+            .map_err(LoadError::Io)?;
+        }
+        Ok(done)
+    });
+    match finished {
+        Ok(Finished { root, data_at, .. }) => Ok(Loaded {
             root,
             base,
             bytes,
@@ -783,4 +834,21 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
             Err(e)
         }
     }
+}
+
+/// The average block, in bytes, below which a payload is taken to hold pointers on
+/// nearly every page (the value of `make bench-image`: 75 bytes; a Bigarray's image
+/// with its index: some 9 KiB). A copy-on-write fault costs some 150 ns a KiB of the
+/// pages holding pointers, a read some 120 ns a KiB of the whole payload: reading pays
+/// only when nearly all pages hold pointers, which an average of a few words a block
+/// says (half the bytes in large raw blocks doubles the average).
+const DENSE_BLOCK_BYTES: u64 = 128;
+
+/// Whether the payload of `h` holds pointers on nearly every page, as far as its size
+/// and block count tell: then relocating it in a mapping would copy nearly every page
+/// one copy-on-write fault at a time (0.21 s for the 919 MB value of `make
+/// bench-image`), where reading it into huge pages and mapping back the chunks that
+/// hold only raw blocks costs about what a read load does (0.11 s).
+fn holds_pointers_everywhere(h: &format::Header) -> bool {
+    h.blocks > 0 && h.payload_bytes / h.blocks < DENSE_BLOCK_BYTES
 }

@@ -76,6 +76,20 @@ pub struct Expected<'a> {
     pub threads: usize,
     /// Threads to use for the pointer phase (which relocates), at least 1.
     pub pointer_threads: usize,
+    /// Whether [`check`] says which chunks the load leaves as they are in the file.
+    pub find_unwritten: bool,
+}
+
+/// What [`check`] found.
+#[derive(Debug)]
+pub struct Checked {
+    /// The root value.
+    pub root: Word,
+    /// For each chunk, whether no block that covers part of it may be written by the
+    /// load (only raw blocks other than custom ones: strings, floats, float arrays,
+    /// data blocks), so that its bytes stay those of the file; empty unless
+    /// [`Expected::find_unwritten`].
+    pub unwritten: Vec<bool>,
 }
 
 /// The smallest index whose work failed, shared by the threads so that chunks after a
@@ -152,6 +166,15 @@ struct Tiled {
     /// The Bigarrays whose headers lie in the chunk: the word of their first field (the
     /// operations) and their data's bytes.
     bigarrays: Vec<(usize, usize)>,
+    /// Whether a block whose header lies in the chunk may be written by the load: a
+    /// scannable block (its pointers relocated) or a custom block (its operations fixed
+    /// up, a Bigarray's data pointer relocated).
+    written: bool,
+}
+
+/// Whether a load may write to a block with header `hd` (see [`Tiled::written`]).
+fn may_be_written(hd: Header) -> bool {
+    hd.is_scannable() || hd.tag() == layout::CUSTOM_TAG
 }
 
 /// A Bigarray's custom block `fields` (operations first) at byte `at`, as an image may
@@ -225,6 +248,7 @@ fn tile_chunk(
     // last header, the last header of a block that is not a data block (`NONE` if none).
     const NONE: usize = usize::MAX;
     let (mut blocks, mut last_header, mut last_other) = (0, 0, NONE);
+    let mut written = false;
     while i < range.end {
         let hd = Header(payload[i]);
         let wosize = hd.wosize();
@@ -237,6 +261,7 @@ fn tile_chunk(
             let bit = i - range.start;
             bits[bit / 64] |= 1 << (bit % 64);
             (last_other, last_header) = (i, i);
+            written |= hd.is_scannable();
             blocks += 1;
             i += 1 + wosize;
             continue;
@@ -329,6 +354,7 @@ fn tile_chunk(
             bits[bit / 64] |= 1 << (bit % 64);
             last_other = i;
         }
+        written |= may_be_written(hd);
         blocks += 1;
         last_header = i;
         i += 1 + wosize;
@@ -347,6 +373,7 @@ fn tile_chunk(
     tiled.blocks = blocks;
     tiled.last_header = last_header;
     tiled.last_other = (last_other != NONE).then_some(last_other);
+    tiled.written = written;
     Ok(tiled)
 }
 
@@ -528,7 +555,7 @@ fn not_a_block(field: usize, header_at: usize, v: Word) -> LoadError {
 /// [`LoadError::Bad`] naming the first check that failed (see the module's
 /// documentation for which is first); [`LoadError::OutOfMemory`] when the bitmap cannot
 /// be had. The payload may then be half relocated and must be dropped.
-pub fn check(payload: &mut [Word], e: &Expected) -> Result<Word, LoadError> {
+pub fn check(payload: &mut [Word], e: &Expected) -> Result<Checked, LoadError> {
     let n = payload.len();
     let chunk_words = e.chunk_bytes / WORD_BYTES;
     let chunks = n.div_ceil(chunk_words);
@@ -657,6 +684,16 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Word, LoadError> {
         ));
     }
 
+    let unwritten = if e.find_unwritten {
+        let each = tiled
+            .iter()
+            .zip(&covers)
+            .map(|(t, cover)| !t.written && cover.is_none_or(|c| !may_be_written(c.header)));
+        gather(std::iter::once(each))?
+    } else {
+        Vec::new()
+    };
+
     // Phase 3: pointers, per chunk.
     let base = payload.as_ptr() as Word;
     let delta = base.wrapping_sub(e.address);
@@ -685,12 +722,15 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Word, LoadError> {
     check_forward_chains(payload, &forwards)?;
     let root = e.root as Word;
     if layout::is_immediate(root) {
-        return Ok(root);
+        return Ok(Checked { root, unwritten });
     }
     if starts.target(e.address + root, e.address, n).is_none() {
         return Err(bad("root", format!("offset {root} is not a block")));
     }
-    Ok(base + root)
+    Ok(Checked {
+        root: base + root,
+        unwritten,
+    })
 }
 
 /// Verifies the chunk checksums of `payload` only (a trusted load), on up to

@@ -566,6 +566,88 @@ let test_aligned_payload _ =
     (payload_at (read_file small));
   Sys.remove small
 
+(* Bytes of this process's mappings of the file [path] (its inode, in /proc/self/maps). *)
+let mapped_bytes path =
+  let inode = string_of_int (Unix.stat path).Unix.st_ino in
+  let ic = open_in "/proc/self/maps" in
+  let total = ref 0 in
+  (try
+     while true do
+       match String.split_on_char ' ' (input_line ic) |> List.filter (( <> ) "") with
+       | range :: _ :: _ :: _ :: ino :: _ when ino = inode -> (
+           match String.split_on_char '-' range with
+           | [ a; b ] -> total := !total + (int_of_string ("0x" ^ b) - int_of_string ("0x" ^ a))
+           | _ -> ())
+       | _ -> ()
+     done
+   with End_of_file -> close_in ic);
+  !total
+
+(* A shared load that must relocate a payload of small blocks reads it (relocating in
+   the mapping would copy nearly every page one fault at a time) and maps back the
+   chunks that hold raw blocks only: a long string and a float array stay shared with
+   the page cache, the chunks of pointers are private. A payload of large blocks is
+   relocated in the mapping as before. Either way the value is intact, and writing to
+   it never reaches the file. *)
+let test_shared_relocated _ =
+  let n = 400_000 in
+  let v = (Array.init n (fun i -> (i, i + 1)), String.make (8 lsl 20) 's', Array.make (1 lsl 20) 1.5) in
+  let path = fresh_path () in
+  Image.write path v;
+  (* Whether the copy is [v], after writing to its float array when [write]. In a
+     function of its own: no local of the caller's frame points into the copy when it
+     is freed (bytecode keeps locals until the function returns). *)
+  let intact ~write h =
+    let ((_, _, floats) as w) = Offheap.get h in
+    if write then begin
+      floats.(12345) <- 7.5;
+      floats.((1 lsl 20) - 1) <- 8.5
+    end;
+    if write then floats.(12345) = 7.5 && floats.((1 lsl 20) - 1) = 8.5 else same w v
+  in
+  (* Loads the image, checks it, and says how many bytes of the file it maps. *)
+  let load ?(write = false) ~share ~relocate () =
+    let h = if relocate then Image.load_relocated ~share path else Image.load ~share path in
+    assert_bool "intact" (intact ~write h);
+    let mapped = mapped_bytes path in
+    Offheap.free h;
+    Probes.settle ();
+    mapped
+  in
+  let payload = (Offheap.Image.info path).Offheap.Image.payload_bytes in
+  (* At the recorded address: the whole payload mapped. *)
+  let at_recorded = load ~share:true ~relocate:false () in
+  assert_bool
+    (Printf.sprintf "mapped at the recorded address: %d bytes of %d" at_recorded payload)
+    (at_recorded >= payload - 4096);
+  (* Relocated and read: nothing of the file stays mapped. *)
+  assert_equal ~msg:"read, relocated: bytes mapped" ~printer:string_of_int 0
+    (load ~share:false ~relocate:true ());
+  (* Relocated and shared: the string's and the float array's chunks (all but the one
+     or two each shares with other blocks), not the pairs'. *)
+  let shared = load ~write:true ~share:true ~relocate:true () in
+  assert_bool
+    (Printf.sprintf "relocated, shared: %d bytes mapped, at least 12 MiB" shared)
+    (shared >= 12 lsl 20);
+  assert_bool
+    (Printf.sprintf "relocated, shared: %d bytes mapped, not the pairs' %d" shared payload)
+    (shared <= payload - (n * 4 * 8));
+  (* The writes stayed in the process: the file holds [v]. *)
+  ignore (load ~share:false ~relocate:true () : int);
+  Sys.remove path;
+  (* Large blocks: relocated in the mapping, which holds all of the payload. *)
+  let big = (Array.make (2 lsl 20) 2.5, String.make (4 lsl 20) 'b', [ 1; 2; 3 ]) in
+  Image.write path big;
+  let h = Image.load_relocated ~share:true path in
+  assert_bool "large blocks intact" (same (Offheap.get h) big);
+  let mapped = mapped_bytes path in
+  assert_bool
+    (Printf.sprintf "large blocks, relocated: %d bytes mapped, the whole payload" mapped)
+    (mapped >= (20 lsl 20) - 4096);
+  Offheap.free h;
+  Probes.settle ();
+  Sys.remove path
+
 let () =
   at_exit (fun () ->
       if Unix.getpid () = main_pid && Sys.file_exists dir then begin
@@ -590,4 +672,5 @@ let () =
            "loads beside collections" >:: test_loads_beside_collections;
            "memory while writing" >:: test_write_memory;
            "payload at 2 MiB" >:: test_aligned_payload;
+           "shared and relocated" >:: test_shared_relocated;
          ])
