@@ -173,7 +173,12 @@ module type S = sig
       value is loaded}: a value of another shape or a crash (SIGBUS, SIGSEGV) would
       follow. Writing [cp new.img index.img] modifies in place. Replacing the file by a
       rename (what {!write} does, or [mv]) and deleting it are safe: the mapping keeps
-      the old file.
+      the old file. A shared load that must relocate (its address is taken here, say by
+      an earlier load of the same image) writes every pointer, which makes the pages
+      holding pointers private: when the payload is made of small blocks it is read
+      instead (into huge pages, faster than copying each page at its first write), and
+      only the MiB chunks of raw blocks (long strings, float arrays, Bigarray data) are
+      mapped back from the file and shared.
 
       A path that is not a regular file (a directory, a FIFO, a device) is refused with
       [Sys_error] ("not a regular file"), without blocking.
