@@ -240,7 +240,7 @@ pub unsafe fn take(h: Word) -> Option<Owned> {
         // SAFETY: read from a live state, in this stub.
         let record = unsafe { record_of(current) }.unwrap_or_default();
         let freed = val_int(-2 - record.transient_bytes as isize);
-        if runtime::STUBS_RUN_ALONE {
+        if runtime::stub_runs_alone() {
             // No other thread reads or writes the handle while this stub runs (a locked
             // compare-and-swap cost a free of a small copy a tenth of its time).
             state.store(freed, Ordering::Relaxed);

@@ -12,8 +12,9 @@
 //!   may wait (both), whether one made now must (OCaml 5: always, for the running
 //!   cycle; OCaml 4: while the major GC marks, for the end of the marking), and the
 //!   counter to wait on; `SLAB_FREES_WAIT`, whether the frees of slab copies wait too;
-//! - `STUBS_RUN_ALONE`: whether a stub holding the runtime runs alone (OCaml 4's master
-//!   lock), so that a handle's state changes without an atomic read-modify-write;
+//! - `stub_runs_alone()`: whether the stub that calls it runs alone (always on OCaml 4,
+//!   the master lock; on OCaml 5 when no other domain runs), so that a handle's state
+//!   changes without an atomic read-modify-write;
 //!   `StubLock`, data that only stubs use (a region's state): a mutex on OCaml 5, the
 //!   runtime lock alone on OCaml 4.
 //!
@@ -27,8 +28,8 @@ pub mod slab;
 
 pub use backend::{
     free_must_wait, gc_allowance, major_cycles_completed, register, register_blocks,
-    reregister_shared, unregister, StubGuard, StubLock, DEFERS_FREE, SLAB_FREES_WAIT,
-    STUBS_RUN_ALONE,
+    reregister_shared, stub_runs_alone, unregister, StubGuard, StubLock, DEFERS_FREE,
+    SLAB_FREES_WAIT,
 };
 #[cfg(ocaml5)]
 pub use backend::{try_without_stopping, with_world_stopped};

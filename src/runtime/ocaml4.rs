@@ -56,10 +56,12 @@ extern "C" {
 /// Frees may wait: while the major GC marks (see [`free_must_wait`]).
 pub const DEFERS_FREE: bool = true;
 
-/// Whether a stub holding the runtime runs alone: yes, the master lock lets one thread
-/// at a time run OCaml code or a stub, so what only stubs and OCaml code touch (a
-/// handle's fields) needs no atomic read-modify-write.
-pub const STUBS_RUN_ALONE: bool = true;
+/// Whether the stub that calls this runs alone: yes, the master lock lets one thread at
+/// a time run OCaml code or a stub, so what only stubs and OCaml code touch (a handle's
+/// fields) needs no atomic read-modify-write.
+pub fn stub_runs_alone() -> bool {
+    true
+}
 
 /// Data that only stubs use, each holding the runtime (a region's state): the master
 /// lock lets one of them in at a time already, so the data needs no lock of its own (a

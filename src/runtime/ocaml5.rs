@@ -66,9 +66,12 @@ type StwHandler =
 /// Frees wait for the running major cycle.
 pub const DEFERS_FREE: bool = true;
 
-/// Whether a stub holding the runtime runs alone: no, other domains run OCaml code and
-/// stubs meanwhile.
-pub const STUBS_RUN_ALONE: bool = false;
+/// Whether the stub that calls this (holding its domain's lock) runs alone: when no
+/// other domain runs, since a domain starts only from OCaml code (`Domain.spawn`), which
+/// no other domain runs meanwhile; else other domains run OCaml code and stubs.
+pub fn stub_runs_alone() -> bool {
+    !others_running()
+}
 
 /// Data that only stubs use (a region's state): other domains' stubs run meanwhile, so
 /// behind a mutex.
