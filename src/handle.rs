@@ -223,6 +223,17 @@ unsafe fn record_of(state: Word) -> Option<Record> {
     Some(unsafe { at.read() })
 }
 
+/// The allocator block of the handle `h` while it is live, `None` once freed.
+///
+/// # Safety
+/// `h` is a handle; called holding the runtime.
+pub unsafe fn alloc_if_live(h: Word) -> Option<Word> {
+    // SAFETY: the caller's contract.
+    let state = unsafe { field(h, STATE) }.load(Ordering::Acquire);
+    // SAFETY: as above; a live handle's field 1 is its allocator block.
+    is_live(state).then(|| unsafe { field(h, ALLOC) }.load(Ordering::Relaxed))
+}
+
 /// Takes the copy from the live handle `h`, leaving it freed with its statistics; `None`
 /// when it was freed already (by this thread or a concurrent one).
 ///

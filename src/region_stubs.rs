@@ -394,18 +394,25 @@ pub extern "C" fn offheap_region_free(r: Value) -> Value {
 
 /// Frees every chunk of `r` under its lock, allocating nothing on the OCaml heap.
 fn free_chunks(r: Value) -> Outcome {
+    let (alloc, image_owner) = (field(r, ALLOC), field(r, IMAGE_OWNER));
+    // The root that keeps the allocator block alive while the chunks wait, made before
+    // the region's lock is taken (see `release::Rooted`).
+    // SAFETY: `alloc` is the region's allocator block; called from a stub holding the
+    // runtime, with no lock held and nothing to drop yet.
+    let Some(root) = (unsafe { release::Rooted::new(alloc) }) else {
+        return Outcome::OutOfMemory;
+    };
     let Some(mut cell) = lock(r) else {
         return Outcome::AlreadyFreed;
     };
     if cell.freed {
         return Outcome::AlreadyFreed;
     }
-    let (alloc, image_owner) = (field(r, ALLOC), field(r, IMAGE_OWNER));
     let count = cell.region.chunk_count();
     // SAFETY: we hold the runtime and allocate nothing on the OCaml heap; the chunks'
     // allocator blocks are fields of `r`, alive for the call.
     unsafe {
-        release::free_all(count, || {
+        release::free_all(count, (alloc, root), || {
             cell.freed = true;
             let chunks = cell.region.take_chunks().into_iter().map(|c| Owned {
                 base: c.base,

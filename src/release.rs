@@ -21,7 +21,7 @@
 //! nothing when nothing is due.
 //!
 //! A waiting copy keeps its allocator block alive through a generational global root,
-//! except with the default allocator, whose functions ignore the block.
+//! except when the block's free function ignores it (the default allocator's).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -83,38 +83,112 @@ struct Pending {
     registered: bool,
 }
 
-/// An allocator block kept alive while its copy waits: a generational global root of
-/// its own, or nothing for the default allocator, whose functions ignore the block (it
-/// is then passed as the integer 0).
-struct Rooted(Option<Box<Word>>);
+/// An allocator block kept alive while its copies wait: a generational global root,
+/// shared by the entries of one `free` (a region's chunks), or nothing when the block's
+/// free function ignores it (the default allocator's, the slab's, a loaded image's
+/// owners: the block is then passed as the integer 0).
+///
+/// The root is made before `free` changes anything and before it takes a lock: making
+/// it allocates, fallibly here for its cell (`free` then raises `Out_of_memory` with the
+/// handle live), and in the runtime, which raises `Out_of_memory` itself when it cannot
+/// (through frames that then hold no lock and nothing to drop; the cell's 16 bytes are
+/// lost).
+pub struct Rooted(Option<std::ptr::NonNull<RootCell>>);
+
+/// The cell of a [`Rooted`]: the block (registered as a root) and the entries sharing it.
+struct RootCell {
+    block: Word,
+    entries: AtomicUsize,
+}
+
+/// Whether the free function `free` ignores its allocator block.
+fn ignores_block(free: FreeFn) -> bool {
+    [
+        offheap_free as FreeFn,
+        slab::free_fn,
+        crate::image::file::offheap_image_unmap_recorded,
+        crate::image::file::offheap_image_unmap_relocated,
+    ]
+    .iter()
+    .any(|&f| f as *const () == free as *const ())
+}
 
 impl Rooted {
-    /// Roots `alloc` unless `free` ignores it: the default allocator's, or the slab's.
+    /// A root of `alloc` for one entry, unless its free function ignores it; `None` when
+    /// there is no memory for the cell (nothing done).
     ///
     /// # Safety
-    /// `alloc` is an allocator block; called holding the runtime.
-    unsafe fn new(alloc: Word, free: FreeFn) -> Rooted {
-        if free as *const () == offheap_free as *const ()
-            || free as *const () == slab::free_fn as *const ()
-        {
-            return Rooted(None);
+    /// `alloc` is an allocator block; called holding the runtime, with no Rust lock held
+    /// and nothing to drop in the calling frames (see above).
+    pub unsafe fn new(alloc: Word) -> Option<Rooted> {
+        // SAFETY: the caller's contract.
+        if ignores_block(unsafe { CAllocator::new(alloc) }.free_fn()) {
+            return Some(Rooted(None));
         }
-        let mut cell = Box::new(alloc);
-        // SAFETY: a boxed cell that stays in place until `release` removes the root.
+        let layout = std::alloc::Layout::new::<RootCell>();
+        // SAFETY: a non-zero-sized layout.
+        let cell = std::ptr::NonNull::new(unsafe { std::alloc::alloc(layout) } as *mut RootCell)?;
+        // SAFETY: fresh memory for a `RootCell`, in place until `drop` removes the root.
         unsafe {
-            ocaml_sys::caml_register_generational_global_root(&mut *cell as *mut Word as *mut _)
-        };
-        Rooted(Some(cell))
+            cell.as_ptr().write(RootCell {
+                block: alloc,
+                entries: AtomicUsize::new(1),
+            });
+            ocaml_sys::caml_register_generational_global_root(std::ptr::addr_of_mut!(
+                (*cell.as_ptr()).block
+            ) as *mut _);
+        }
+        Some(Rooted(Some(cell)))
+    }
+
+    /// The same root for one more entry.
+    fn share(&self) -> Rooted {
+        if let Some(cell) = self.0 {
+            // SAFETY: a live cell (this entry holds it).
+            unsafe { cell.as_ref() }
+                .entries
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Rooted(self.0)
     }
 
     /// The allocator block.
     fn block(&self) -> Word {
-        self.0.as_deref().copied().unwrap_or(val_int(0))
+        // SAFETY: a live cell; the GC updates `block` only while no stub runs on it.
+        self.0
+            .map_or(val_int(0), |cell| unsafe { cell.as_ref() }.block)
     }
 }
 
-// SAFETY: the raw pointer is an allocation owned by this entry alone; the root is only
-// touched by whoever pops the entry, holding the runtime.
+impl Drop for Rooted {
+    /// The last entry sharing the root removes it. Runs holding the runtime (entries are
+    /// dropped by stubs only).
+    fn drop(&mut self) {
+        let Some(cell) = self.0 else { return };
+        // SAFETY: a live cell until the last entry is done with it.
+        if unsafe { cell.as_ref() }
+            .entries
+            .fetch_sub(1, Ordering::AcqRel)
+            != 1
+        {
+            return;
+        }
+        // SAFETY: the root registered by `new`, removed once (removing allocates nothing
+        // and never raises), then the cell `new` allocated with this layout.
+        unsafe {
+            ocaml_sys::caml_remove_generational_global_root(std::ptr::addr_of_mut!(
+                (*cell.as_ptr()).block
+            ) as *mut _);
+            std::alloc::dealloc(
+                cell.as_ptr() as *mut u8,
+                std::alloc::Layout::new::<RootCell>(),
+            );
+        }
+    }
+}
+
+// SAFETY: the raw pointers are an allocation owned by this entry alone and a root cell
+// shared only by entries, each touched by whoever pops it, holding the runtime.
 unsafe impl Send for Pending {}
 
 /// The queue, in the order of `after_cycle`.
@@ -179,6 +253,15 @@ pub unsafe fn free(h: Word) -> Outcome {
             }
         };
     }
+    // The root of the allocator block, made first (see `Rooted`).
+    // SAFETY: the caller's contract; no lock is held, nothing to drop yet.
+    let Some(alloc_block) = (unsafe { handle::alloc_if_live(h) }) else {
+        return Outcome::AlreadyFreed;
+    };
+    // SAFETY: as above; the block of a live handle is an allocator block.
+    let Some(root) = (unsafe { Rooted::new(alloc_block) }) else {
+        return Outcome::OutOfMemory;
+    };
     let mut queue = queue();
     if queue.try_reserve(1).is_err() {
         return Outcome::OutOfMemory;
@@ -213,8 +296,9 @@ pub unsafe fn free(h: Word) -> Outcome {
         base: owned.base,
         bytes: owned.bytes,
         free,
-        // SAFETY: `owned.alloc` is the handle's allocator block; we hold the runtime.
-        alloc: unsafe { Rooted::new(owned.alloc, free) },
+        // Another domain may have freed the handle and made it live again in between?
+        // No: a freed handle never becomes live, so `take` found `alloc_block`.
+        alloc: root,
         registered: !slab_copy,
     };
     if queue.is_empty() {
@@ -409,12 +493,7 @@ unsafe fn release_pending(entry: Pending) {
     if entry.registered {
         runtime::reregister_shared(entry.base, entry.bytes);
     }
-    if let Some(mut cell) = entry.alloc.0 {
-        // SAFETY: the root registered by `Rooted::new` for this cell.
-        unsafe {
-            ocaml_sys::caml_remove_generational_global_root(&mut *cell as *mut Word as *mut _)
-        };
-    }
+    // The entry's root goes with it (`Rooted`'s `drop`).
 }
 
 /// Copies waiting in the queue.
@@ -427,12 +506,18 @@ pub fn pending() -> usize {
 /// by the slab: a region's chunks, which came from their allocator whatever their
 /// size. `take` is called once
 /// the queue has room for `count` entries and returns them (at most `count`), or `None`
-/// when they were freed already. Their allocator blocks must be alive for the call.
+/// when they were freed already. Their allocator blocks must be alive for the call:
+/// `alloc`, kept alive while they wait by `root` (made by the caller with
+/// [`Rooted::new`] before it took any lock), or blocks whose free functions ignore them.
 ///
 /// # Safety
 /// Called from a stub holding the runtime, which allocates nothing on the OCaml heap
 /// until this returns; what `take` returns is unused by anything but the GC's marker.
-pub unsafe fn free_all(count: usize, take: impl FnOnce() -> Option<Vec<Owned>>) -> Outcome {
+pub unsafe fn free_all(
+    count: usize,
+    (alloc, root): (Word, Rooted),
+    take: impl FnOnce() -> Option<Vec<Owned>>,
+) -> Outcome {
     if !runtime::free_must_wait() {
         let Some(owned) = take() else {
             return Outcome::AlreadyFreed;
@@ -466,8 +551,13 @@ pub unsafe fn free_all(count: usize, take: impl FnOnce() -> Option<Vec<Owned>>) 
             base: owned.base,
             bytes: owned.bytes,
             free,
-            // SAFETY: as above; we hold the runtime.
-            alloc: unsafe { Rooted::new(owned.alloc, free) },
+            alloc: if owned.alloc == alloc {
+                root.share()
+            } else {
+                // Another owner (a loaded image's): its free function ignores its block.
+                debug_assert!(ignores_block(free), "only `alloc` needs a root");
+                Rooted(None)
+            },
             registered: true,
         }); // room reserved above
         entries += 1;
