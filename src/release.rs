@@ -20,8 +20,9 @@
 //! alarm of `lib/offheap.ml`); a drain stops at the first copy not due yet, so it costs
 //! nothing when nothing is due.
 //!
-//! A waiting copy keeps its allocator block alive through a generational global root,
-//! except when the block's free function ignores it (the default allocator's).
+//! A waiting copy keeps its allocator block alive through a slot that the GC scans as a
+//! root ([`Rooted`]), except when the block's free function ignores it (the default
+//! allocator's).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -83,22 +84,48 @@ struct Pending {
     registered: bool,
 }
 
-/// An allocator block kept alive while its copies wait: a generational global root,
-/// shared by the entries of one `free` (a region's chunks), or nothing when the block's
-/// free function ignores it (the default allocator's, the slab's, a loaded image's
-/// owners: the block is then passed as the integer 0).
+/// An allocator block kept alive while its copies wait: a slot of [`ROOTS`], shared by
+/// the entries of one `free` (a region's chunks), or nothing when the block's free
+/// function ignores it (the default allocator's, the slab's, a loaded image's owners:
+/// the block is then passed as the integer 0).
 ///
-/// The root is made before `free` changes anything and before it takes a lock: making
-/// it allocates, fallibly here for its cell (`free` then raises `Out_of_memory` with the
-/// handle live), and in the runtime, which raises `Out_of_memory` itself when it cannot
-/// (through frames that then hold no lock and nothing to drop; the cell's 16 bytes are
-/// lost).
-pub struct Rooted(Option<std::ptr::NonNull<RootCell>>);
+/// The GC scans the slots through the runtime's root-scanning hook
+/// (`runtime::install_roots_hook`), so keeping a block alive allocates only the slot,
+/// fallibly: the runtime's own global roots allocate when registered, and raise
+/// `Out_of_memory` from inside the stub when they cannot (on OCaml 5 holding the
+/// runtime's lock of roots, which later registrations then wait for forever).
+pub struct Rooted(Option<usize>);
 
-/// The cell of a [`Rooted`]: the block (registered as a root) and the entries sharing it.
-struct RootCell {
-    block: Word,
-    entries: AtomicUsize,
+/// The slots of [`Rooted`]: a block (or an immediate when free) and the entries sharing
+/// it, and the free slots. Locked by stubs (never across an allocation on the OCaml
+/// heap) and by the GC's scan, which runs while no stub does.
+struct RootTable {
+    slots: Vec<Word>,
+    entries: Vec<usize>,
+    free: Vec<usize>,
+}
+
+static ROOTS: Mutex<RootTable> = Mutex::new(RootTable {
+    slots: Vec::new(),
+    entries: Vec::new(),
+    free: Vec::new(),
+});
+
+fn roots() -> MutexGuard<'static, RootTable> {
+    // Nothing panics while the lock is held (panics abort anyway).
+    ROOTS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Calls `scan` on every slot that keeps a block alive: the GC's root scan
+/// (`runtime::install_roots_hook`), which may move the block and update the slot.
+pub fn scan_roots(mut scan: impl FnMut(&mut Word)) {
+    for slot in roots().slots.iter_mut() {
+        if !crate::layout::is_immediate(*slot) {
+            scan(slot);
+        }
+    }
 }
 
 /// Whether the free function `free` ignores its allocator block.
@@ -114,81 +141,66 @@ fn ignores_block(free: FreeFn) -> bool {
 }
 
 impl Rooted {
-    /// A root of `alloc` for one entry, unless its free function ignores it; `None` when
-    /// there is no memory for the cell (nothing done).
+    /// A slot keeping `alloc` alive for one entry, unless its free function ignores it;
+    /// `None` when there is no memory for the slot (nothing done).
     ///
     /// # Safety
-    /// `alloc` is an allocator block; called holding the runtime, with no Rust lock held
-    /// and nothing to drop in the calling frames (see above).
+    /// `alloc` is an allocator block; called holding the runtime.
     pub unsafe fn new(alloc: Word) -> Option<Rooted> {
         // SAFETY: the caller's contract.
         if ignores_block(unsafe { CAllocator::new(alloc) }.free_fn()) {
             return Some(Rooted(None));
         }
-        let layout = std::alloc::Layout::new::<RootCell>();
-        // SAFETY: a non-zero-sized layout.
-        let cell = std::ptr::NonNull::new(unsafe { std::alloc::alloc(layout) } as *mut RootCell)?;
-        // SAFETY: fresh memory for a `RootCell`, in place until `drop` removes the root.
-        unsafe {
-            cell.as_ptr().write(RootCell {
-                block: alloc,
-                entries: AtomicUsize::new(1),
-            });
-            ocaml_sys::caml_register_generational_global_root(std::ptr::addr_of_mut!(
-                (*cell.as_ptr()).block
-            ) as *mut _);
-        }
-        Some(Rooted(Some(cell)))
+        runtime::install_roots_hook();
+        let mut t = roots();
+        let i = match t.free.pop() {
+            Some(i) => i,
+            None => {
+                let n = t.slots.len();
+                t.slots.try_reserve(1).ok()?;
+                t.entries.try_reserve(1).ok()?;
+                // Room for every slot to be free at once: `drop` never allocates.
+                t.free.try_reserve(n + 1).ok()?;
+                t.slots.push(val_int(0));
+                t.entries.push(0);
+                n
+            }
+        };
+        t.slots[i] = alloc;
+        t.entries[i] = 1;
+        Some(Rooted(Some(i)))
     }
 
-    /// The same root for one more entry.
+    /// The same slot for one more entry.
     fn share(&self) -> Rooted {
-        if let Some(cell) = self.0 {
-            // SAFETY: a live cell (this entry holds it).
-            unsafe { cell.as_ref() }
-                .entries
-                .fetch_add(1, Ordering::Relaxed);
+        if let Some(i) = self.0 {
+            roots().entries[i] += 1;
         }
         Rooted(self.0)
     }
 
-    /// The allocator block.
+    /// The allocator block (where the GC has it now).
     fn block(&self) -> Word {
-        // SAFETY: a live cell; the GC updates `block` only while no stub runs on it.
-        self.0
-            .map_or(val_int(0), |cell| unsafe { cell.as_ref() }.block)
+        self.0.map_or(val_int(0), |i| roots().slots[i])
     }
 }
 
 impl Drop for Rooted {
-    /// The last entry sharing the root removes it. Runs holding the runtime (entries are
-    /// dropped by stubs only).
+    /// The last entry sharing the slot frees it.
     fn drop(&mut self) {
-        let Some(cell) = self.0 else { return };
-        // SAFETY: a live cell until the last entry is done with it.
-        if unsafe { cell.as_ref() }
-            .entries
-            .fetch_sub(1, Ordering::AcqRel)
-            != 1
-        {
-            return;
-        }
-        // SAFETY: the root registered by `new`, removed once (removing allocates nothing
-        // and never raises), then the cell `new` allocated with this layout.
-        unsafe {
-            ocaml_sys::caml_remove_generational_global_root(std::ptr::addr_of_mut!(
-                (*cell.as_ptr()).block
-            ) as *mut _);
-            std::alloc::dealloc(
-                cell.as_ptr() as *mut u8,
-                std::alloc::Layout::new::<RootCell>(),
-            );
+        let Some(i) = self.0 else { return };
+        let mut t = roots();
+        t.entries[i] -= 1;
+        if t.entries[i] == 0 {
+            t.slots[i] = val_int(0);
+            // Capacity for every slot (`new`).
+            t.free.push(i);
         }
     }
 }
 
-// SAFETY: the raw pointers are an allocation owned by this entry alone and a root cell
-// shared only by entries, each touched by whoever pops it, holding the runtime.
+// SAFETY: the raw pointer is an allocation owned by this entry alone, touched by
+// whoever pops the entry, holding the runtime.
 unsafe impl Send for Pending {}
 
 /// The queue, in the order of `after_cycle`.

@@ -16,7 +16,9 @@
 //!   the master lock; on OCaml 5 when no other domain runs), so that a handle's state
 //!   changes without an atomic read-modify-write;
 //!   `StubLock`, data that only stubs use (a region's state): a mutex on OCaml 5, the
-//!   runtime lock alone on OCaml 4.
+//!   runtime lock alone on OCaml 4;
+//! - `install_roots_hook()`: the GC scans the slots that keep allocator blocks alive
+//!   while their copies wait (`release::Rooted`), through the runtime's hook.
 //!
 //! Everything else in the crate is the same on both. `slab` serves small copies made
 //! with the default allocator from regions registered once.
@@ -27,9 +29,9 @@ mod backend;
 pub mod slab;
 
 pub use backend::{
-    free_must_wait, gc_allowance, major_cycles_completed, register, register_blocks,
-    reregister_shared, stub_runs_alone, unregister, StubGuard, StubLock, DEFERS_FREE,
-    SLAB_FREES_WAIT,
+    free_must_wait, gc_allowance, install_roots_hook, major_cycles_completed, register,
+    register_blocks, reregister_shared, stub_runs_alone, unregister, StubGuard, StubLock,
+    DEFERS_FREE, SLAB_FREES_WAIT,
 };
 #[cfg(ocaml5)]
 pub use backend::{try_without_stopping, with_world_stopped};

@@ -63,6 +63,46 @@ pub fn stub_runs_alone() -> bool {
     true
 }
 
+/// The runtime's action on a root during a scan (`caml/roots.h`: `scanning_action`).
+type ScanningAction = unsafe extern "C" fn(v: Word, slot: *mut Word);
+/// The runtime's hook for roots of its users (`caml_scan_roots_hook`).
+type ScanRootsHook = unsafe extern "C" fn(action: ScanningAction);
+
+extern "C" {
+    /// Called by every scan of the roots: minor collections, the start of a major
+    /// cycle's marking, compaction (`caml/roots.h`).
+    static mut caml_scan_roots_hook: Option<ScanRootsHook>;
+}
+
+/// The hook that was installed before ours, called by ours.
+static mut PREVIOUS_ROOTS_HOOK: Option<ScanRootsHook> = None;
+
+/// Our hook: the slots of `release::Rooted`, then the previous hook's roots.
+unsafe extern "C" fn scan_roots(action: ScanningAction) {
+    // SAFETY: the GC's action on a root, given the root's value and its slot, which
+    // stays in place for the scan (no stub changes the table while the GC runs).
+    crate::release::scan_roots(|slot| unsafe { action(*slot, slot) });
+    // SAFETY: written once, before our hook was installed.
+    if let Some(previous) = unsafe { PREVIOUS_ROOTS_HOOK } {
+        // SAFETY: the runtime's contract for hooks, passed on.
+        unsafe { previous(action) };
+    }
+}
+
+/// Installs the hook that scans the slots of `release::Rooted`, once. Called holding
+/// the runtime (no scan runs meanwhile).
+pub fn install_roots_hook() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        // SAFETY: we hold the runtime, so no GC reads the hook while it changes; the
+        // previous hook is kept and called by ours.
+        unsafe {
+            PREVIOUS_ROOTS_HOOK = caml_scan_roots_hook;
+            caml_scan_roots_hook = Some(scan_roots);
+        }
+    });
+}
+
 /// Data that only stubs use, each holding the runtime (a region's state): the master
 /// lock lets one of them in at a time already, so the data needs no lock of its own (a
 /// `Mutex`'s two locked instructions cost a `Region.add` of a small record a third of

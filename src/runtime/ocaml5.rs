@@ -73,6 +73,78 @@ pub fn stub_runs_alone() -> bool {
     !others_running()
 }
 
+/// The runtime's action on a root during a scan (`caml/roots.h`: `scanning_action`).
+type ScanningAction = unsafe extern "C" fn(data: *mut libc::c_void, v: Word, slot: *mut Word);
+/// The runtime's hook for roots of its users (`caml_scan_roots_hook`): the action, its
+/// flags and data, the domain whose roots are scanned.
+type ScanRootsHook = unsafe extern "C" fn(
+    action: ScanningAction,
+    flags: libc::c_int,
+    data: *mut libc::c_void,
+    domain: *mut libc::c_void,
+);
+
+extern "C" {
+    /// Called by every domain's scan of its roots: its part of a minor collection, the
+    /// start of a major cycle's marking, compaction (`caml/roots.h`; `_Atomic`).
+    static caml_scan_roots_hook: std::sync::atomic::AtomicPtr<libc::c_void>;
+}
+
+/// The hook that was installed before ours, called by ours (null for none).
+static PREVIOUS_ROOTS_HOOK: std::sync::atomic::AtomicPtr<libc::c_void> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+/// Our hook: the slots of `release::Rooted`, then the previous hook's roots. Every domain
+/// scans them (a domain that would be the only one could end): the table's lock makes
+/// the scans take turns, and the second scan of a slot finds what the first left (a
+/// promoted block, a marked one, a compacted one's new place), on which the action does
+/// nothing.
+unsafe extern "C" fn scan_roots(
+    action: ScanningAction,
+    flags: libc::c_int,
+    data: *mut libc::c_void,
+    domain: *mut libc::c_void,
+) {
+    // SAFETY: the GC's action on a root, given its data, the root's value and its slot,
+    // which stays in place for the scan (no stub changes the table while the GC runs).
+    crate::release::scan_roots(|slot| unsafe { action(data, *slot, slot) });
+    let previous = PREVIOUS_ROOTS_HOOK.load(Ordering::Acquire);
+    if !previous.is_null() {
+        // SAFETY: the hook that was installed, with the runtime's arguments.
+        unsafe {
+            std::mem::transmute::<*mut libc::c_void, ScanRootsHook>(previous)(
+                action, flags, data, domain,
+            )
+        };
+    }
+}
+
+/// Installs the hook that scans the slots of `release::Rooted`, once, keeping the one
+/// installed before (the threads library's) to call it.
+pub fn install_roots_hook() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        // SAFETY: the runtime's atomic hook; ours calls the previous one, stored before
+        // ours can run.
+        unsafe {
+            let ours = scan_roots as ScanRootsHook as *mut libc::c_void;
+            let mut previous = caml_scan_roots_hook.load(Ordering::Acquire);
+            loop {
+                PREVIOUS_ROOTS_HOOK.store(previous, Ordering::Release);
+                match caml_scan_roots_hook.compare_exchange(
+                    previous,
+                    ours,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => break,
+                    Err(now) => previous = now,
+                }
+            }
+        }
+    });
+}
+
 /// Data that only stubs use (a region's state): other domains' stubs run meanwhile, so
 /// behind a mutex.
 pub struct StubLock<T>(std::sync::Mutex<T>);
