@@ -148,27 +148,30 @@ unsafe fn build(node: &Node) -> Word {
             caml_alloc_initialized_string(s.len(), s.as_ptr() as *const ocaml_sys::Char) as Word
         },
         Node::Block(tag, children) => {
-            // The children are allocated first and kept in registered roots, since each
-            // allocation may move the ones before it; the slots never move (the vector
-            // is not grown while they are registered).
-            let mut slots: Vec<ocaml_sys::Value> =
-                vec![val_int(0) as ocaml_sys::Value; children.len()];
-            for (slot, child) in slots.iter_mut().zip(children) {
-                // SAFETY: the slot holds an immediate until the child is stored; the GC
-                // updates it while registered.
-                unsafe {
-                    ocaml_sys::caml_register_global_root(slot);
-                    *slot = build(child) as ocaml_sys::Value;
-                }
+            // The children are allocated first and kept in slots that the GC scans
+            // (`release::Rooted`: registering a runtime root allocates, and raises when
+            // it cannot), since each allocation may move the ones before it. With no
+            // memory for them, the outcome is `No_memory`.
+            let mut slots = Vec::new();
+            if slots.try_reserve_exact(children.len()).is_err() {
+                return val_int(1);
+            }
+            for child in children {
+                // SAFETY: forwarded; the slots keep the children built so far.
+                let built = unsafe { build(child) };
+                // SAFETY: we hold the runtime; nothing is allocated between the two.
+                let Some(slot) = (unsafe { crate::release::Rooted::value(built) }) else {
+                    return val_int(1);
+                };
+                slots.push(slot);
             }
             // SAFETY: a fresh small block of `children.len()` (1 or 2) fields, each
             // initialised with a plain store before anything else is allocated.
             unsafe {
                 let block = caml_alloc_small(children.len(), *tag);
                 let fields = block as *mut ocaml_sys::Value;
-                for (i, slot) in slots.iter_mut().enumerate() {
-                    *fields.add(i) = *slot;
-                    ocaml_sys::caml_remove_global_root(slot);
+                for (i, slot) in slots.iter().enumerate() {
+                    *fields.add(i) = slot.block() as ocaml_sys::Value;
                 }
                 block as Word
             }

@@ -151,6 +151,16 @@ impl Rooted {
         if ignores_block(unsafe { CAllocator::new(alloc) }.free_fn()) {
             return Some(Rooted(None));
         }
+        // SAFETY: the caller's contract.
+        unsafe { Rooted::value(alloc) }
+    }
+
+    /// A slot keeping any value `v` alive and telling where it is ([`Rooted::block`]),
+    /// for a stub that releases the runtime; `None` when there is no memory for it.
+    ///
+    /// # Safety
+    /// Called holding the runtime.
+    pub unsafe fn value(v: Word) -> Option<Rooted> {
         runtime::install_roots_hook();
         let mut t = roots();
         let i = match t.free.pop() {
@@ -166,7 +176,7 @@ impl Rooted {
                 n
             }
         };
-        t.slots[i] = alloc;
+        t.slots[i] = v;
         t.entries[i] = 1;
         Some(Rooted(Some(i)))
     }
@@ -179,8 +189,8 @@ impl Rooted {
         Rooted(self.0)
     }
 
-    /// The allocator block (where the GC has it now).
-    fn block(&self) -> Word {
+    /// The value kept (where the GC has it now).
+    pub fn block(&self) -> Word {
         self.0.map_or(val_int(0), |i| roots().slots[i])
     }
 }

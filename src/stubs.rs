@@ -83,13 +83,14 @@ fn copy(h: Word, copy_static: bool, v: Word) -> StubOutcome {
     // SAFETY: no Rust lock is held here; the copy neither allocates on the OCaml heap nor
     // calls into OCaml (the allocator's contract).
     unsafe { runtime::among_domains([h, v], |&[h, v]| copy_now(h, copy_static, v)) }
-        .unwrap_or_else(|| no_section("Offheap.copy"))
+        .unwrap_or_else(no_section)
 }
 
-/// The error of a copy that the runtime gave no stop-the-world section (it never does).
+/// The error of a copy that could not stop the other domains: there was no memory to
+/// keep its values while it waited (the runtime itself always runs the section).
 #[cold]
-fn no_section(what: &str) -> StubOutcome {
-    StubOutcome::Misuse(format!("{what}: the runtime ran no stop-the-world section"))
+fn no_section() -> StubOutcome {
+    StubOutcome::NoMemory
 }
 
 /// [`copy`] once the way of copying is settled.
@@ -180,7 +181,7 @@ fn measure(v: Word, stats: Word) -> StubOutcome {
     // SAFETY: as in `copy`: no Rust lock is held, the traversal neither allocates on the
     // OCaml heap nor calls into OCaml.
     unsafe { runtime::among_domains([v, stats], |&[v, stats]| measure_now(v, stats)) }
-        .unwrap_or_else(|| no_section("Offheap.measure"))
+        .unwrap_or_else(no_section)
 }
 
 /// [`measure`] once the way of measuring is settled.
@@ -342,30 +343,33 @@ extern "C" {
     fn caml_enter_blocking_section_no_pending();
 }
 
-/// Runs `f` with the runtime lock released, `roots` registered as roots meanwhile.
+/// Runs `f` with the runtime lock released, `roots` kept alive meanwhile; `None`, `f`
+/// not run, when there is no memory to keep them.
 ///
 /// While `f` runs, other threads (and on OCaml 5 other domains) run OCaml and collect:
 /// a young value held across the call in a local variable would be moved and the stub
 /// would write to its old place. The values a stub needs afterwards are therefore put in
-/// `roots`, which the collector updates, and read from there once `f` has returned. No
-/// signal handler runs on the way in (see [`caml_enter_blocking_section_no_pending`]),
-/// nor on the way out (`caml_leave_blocking_section` only records pending signals).
-fn unlocked<const N: usize, T>(roots: &mut [Word; N], f: impl FnOnce() -> T) -> T {
-    for root in roots.iter_mut() {
-        // SAFETY: we hold the runtime; `root` holds a value and stays in place (the
-        // caller's frame) until it is removed below.
-        unsafe { ocaml_sys::caml_register_generational_global_root(root as *mut Word as *mut _) };
+/// `roots`, kept in slots that the GC scans and updates (`release::Rooted`: the
+/// runtime's global roots allocate when registered and raise `Out_of_memory` when they
+/// cannot), and read back from there once `f` has returned. No signal handler runs on
+/// the way in (see [`caml_enter_blocking_section_no_pending`]), nor on the way out
+/// (`caml_leave_blocking_section` only records pending signals).
+fn unlocked<const N: usize, T>(roots: &mut [Word; N], f: impl FnOnce() -> T) -> Option<T> {
+    let mut slots = Vec::new();
+    slots.try_reserve_exact(N).ok()?;
+    for &v in roots.iter() {
+        // SAFETY: we hold the runtime.
+        slots.push(unsafe { release::Rooted::value(v) }?);
     }
     // SAFETY: every OCaml value the caller uses after `f` is in `roots`; `f` touches none.
     unsafe { caml_enter_blocking_section_no_pending() };
     let r = f();
     // SAFETY: pairs with the enter above.
     unsafe { ocaml_sys::caml_leave_blocking_section() };
-    for root in roots.iter_mut() {
-        // SAFETY: registered above; we hold the runtime again.
-        unsafe { ocaml_sys::caml_remove_generational_global_root(root as *mut Word as *mut _) };
+    for (root, slot) in roots.iter_mut().zip(&slots) {
+        *root = slot.block();
     }
-    r
+    Some(r)
 }
 
 /// `Image.write`: copies `v` (static data too) and writes its image to `path` with `key`.
@@ -400,7 +404,7 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> StubOutcom
     // SAFETY: as in `copy`: no Rust lock is held; the write neither allocates on the
     // OCaml heap nor calls into OCaml.
     let Some(written) = (unsafe { runtime::among_domains([word(v)], |&[v]| write(v)) }) else {
-        return no_section("Offheap.Image.write");
+        return no_section();
     };
     match written {
         Ok(()) => StubOutcome::Done,
@@ -449,10 +453,12 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
     };
     let process = image_process(flags & 8 != 0);
     let mut roots = [word(h), word(relocated_owner)];
-    let loaded = unlocked(&mut roots, || {
+    let Some(loaded) = unlocked(&mut roots, || {
         crate::fault::point("image-load");
         image::load_file(&path_of(&path), &opts, &process)
-    });
+    }) else {
+        return StubOutcome::NoMemory;
+    };
     // Where the handle and the allocator block are now.
     let [h, relocated_owner] = roots;
     let loaded = match loaded {
@@ -510,7 +516,8 @@ pub fn offheap_stub_image_info(path: Raw, fields: Raw, key: Raw) -> Value {
     // Where the int array and the key buffer are now.
     let [fields, key] = roots;
     let outcome = match header {
-        Ok(h) => {
+        None => StubOutcome::NoMemory,
+        Some(Ok(h)) => {
             let ints = [
                 h.version as usize,
                 h.ocaml_family as usize,
@@ -535,7 +542,7 @@ pub fn offheap_stub_image_info(path: Raw, fields: Raw, key: Raw) -> Value {
             }
             StubOutcome::Done
         }
-        Err(e) => load_failure("info", &path, e),
+        Some(Err(e)) => load_failure("info", &path, e),
     };
     value(outcome.into_value())
 }

@@ -184,8 +184,8 @@ pub fn may_stop_world() -> bool {
 /// `STOP_BEYOND_BLOCKS` blocks (`try_without_stopping`), then, for a larger value,
 /// with the other domains stopped (`with_world_stopped`: header marks, 8 bytes a
 /// block where a side table and its snapshot take some 100); `values` are rooted for
-/// the wait and `task` reads them afresh. Else `task` runs at once. `None` only when the
-/// runtime ran no section, which it never does.
+/// the wait and `task` reads them afresh. Else `task` runs at once. `None` when there
+/// was no memory to root them (the task did not run).
 ///
 /// # Safety
 /// Called from a stub holding the runtime, with no Rust lock held that another domain

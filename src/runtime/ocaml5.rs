@@ -55,8 +55,6 @@ extern "C" {
         data: *mut libc::c_void,
         leader_setup: Option<unsafe extern "C" fn(*mut libc::c_void)>,
     ) -> libc::c_int;
-    fn caml_register_generational_global_root(root: *mut Word);
-    fn caml_remove_generational_global_root(root: *mut Word);
 }
 
 /// A stop-the-world callback: `(domain state, data, participants, their states)`.
@@ -365,13 +363,14 @@ unsafe extern "C" fn run_section(
 /// Runs `task` while every other domain waits in a stop-the-world section, so that it
 /// may mark headers as if this domain were alone ([`visited_set`] then chooses header
 /// marks). `roots` are OCaml values the task needs: getting the section may first take
-/// part in another domain's section, which may move young blocks, so they are
-/// registered as roots for the call and the task reads them afresh (`task(roots)`).
+/// part in another domain's section, which may move young blocks, so they are kept in
+/// slots that the GC scans (`release::Rooted`) for the call and the task reads them
+/// afresh (`task(roots)`).
 ///
 /// The other domains wait for the whole task, as they would for a minor collection
 /// requested during it (a copy reaches no safe point). Returns the task's result; `None`
-/// only if the runtime ran a section without calling its callback on this thread, which
-/// it never does.
+/// when there was no memory for the slots (the task did not run), or if the runtime ran
+/// a section without calling its callback on this thread, which it never does.
 ///
 /// # Safety
 /// Called from a stub holding the domain lock, with no Rust lock held that another
@@ -381,18 +380,21 @@ pub unsafe fn with_world_stopped<const N: usize, R>(
     roots: &mut [Word; N],
     task: impl FnOnce(&[Word; N]) -> R,
 ) -> Option<R> {
-    for root in roots.iter_mut() {
-        // SAFETY: `root` holds a value and stays in place (the caller's frame) until it
-        // is removed below.
-        unsafe { caml_register_generational_global_root(root) };
+    let mut slots = Vec::new();
+    slots.try_reserve_exact(N).ok()?;
+    for &root in roots.iter() {
+        // SAFETY: we hold the domain lock.
+        slots.push(unsafe { crate::release::Rooted::value(root) }?);
     }
     let mut task = Some(task);
     let mut result = None;
-    let roots_at = roots as *const [Word; N];
     let mut run = || {
         if let Some(task) = task.take() {
-            // SAFETY: the registered roots, read now that no collection can run.
-            result = Some(task(unsafe { &*roots_at }));
+            // Where the values are now that no collection can run.
+            for (root, slot) in roots.iter_mut().zip(&slots) {
+                *root = slot.block();
+            }
+            result = Some(task(roots));
         }
     };
     let section = Section {
@@ -409,10 +411,6 @@ pub unsafe fn with_world_stopped<const N: usize, R>(
         caml_try_run_on_all_domains(run_section, &section as *const Section as *mut _, None)
     } == 0
     {}
-    for root in roots.iter_mut() {
-        // SAFETY: registered above.
-        unsafe { caml_remove_generational_global_root(root) };
-    }
     result
 }
 
