@@ -53,7 +53,7 @@ pub fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<(
 }
 
 /// The error for a path that is there but not a regular file (a directory, a FIFO, a
-/// socket, a device): neither loaded nor replaced by a write.
+/// socket, a device): never loaded, nor replaced by a write.
 fn not_a_regular_file() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")
 }
@@ -295,8 +295,9 @@ pub fn scratch_file(dir: &Path) -> Option<File> {
 /// target is as it was.
 ///
 /// # Errors
-/// `InvalidInput` ("not a regular file") when the target is there but is not a regular
-/// file (before `fill` is called), `fill`'s error, or the first I/O error.
+/// `InvalidInput` ("not a regular file") when the target is there but is neither a
+/// regular file nor a directory (before `fill` is called), `fill`'s error, or the first
+/// I/O error.
 pub fn write_atomically<E: From<std::io::Error>>(
     path: &Path,
     how: Temporary,
@@ -306,8 +307,11 @@ pub fn write_atomically<E: From<std::io::Error>>(
     let dir = directory_of(&target);
     let mode = match std::fs::metadata(&target) {
         // Renaming over a FIFO, a socket or a device would replace it with the image (as
-        // root, `/dev/null` too): anything but a regular file is refused, as by a load.
-        Ok(m) if !m.file_type().is_file() => return Err(not_a_regular_file().into()),
+        // root, `/dev/null` too): they are refused, as by a load. A directory is left to
+        // the rename, which fails ("Is a directory").
+        Ok(m) if !m.file_type().is_file() && !m.file_type().is_dir() => {
+            return Err(not_a_regular_file().into())
+        }
         Ok(m) => Some(m.permissions().mode() & 0o7777),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e.into()),
