@@ -142,7 +142,9 @@ module type S = sig
       for a pointer outside the OCaml heap (OCaml 4); or any other reason
       {!Offheap.copy} gives.
       @raise Invalid_argument when [key] is too long.
-      @raise Sys_error when the file cannot be written.
+      @raise Sys_error when the file cannot be written (a directory at [path]: "Is a
+      directory"), or [path] (or the target of its link) is a FIFO, a socket or a
+      device ("not a regular file": never replaced).
       @raise Out_of_memory when there is no memory for the copy. *)
 
   val load :

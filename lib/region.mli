@@ -199,7 +199,8 @@ module type S = sig
       (the limit of {!Offheap.Image.write} less the region images' prefix).
       @raise Offheap.Not_copyable as {!Offheap.Image.write} (a closure, an abstract
       block...).
-      @raise Sys_error when the file cannot be written.
+      @raise Sys_error when the file cannot be written, or [path] is a FIFO, a socket
+      or a device (as {!Offheap.Image.write}).
       @raise Out_of_memory when there is no memory for the copy. *)
 
   val load_image :

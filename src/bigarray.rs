@@ -14,7 +14,8 @@
 //!   (`caml_ba_create`, `caml_ba_reshape` refuse them).
 //! - `flags` = kind (`CAML_BA_KIND_MASK` 0xFF) | layout (`CAML_BA_FORTRAN_LAYOUT` 0x100) |
 //!   managed (`CAML_BA_EXTERNAL` 0, `CAML_BA_MANAGED` 0x200, `CAML_BA_MAPPED_FILE` 0x400;
-//!   mask 0x600) | on 5.x `CAML_BA_SUBARRAY` 0x800 (set by `sub` and `slice`).
+//!   mask 0x600; both bits in a view of a mapped array with NULL data, see [`read`]) |
+//!   on 5.x `CAML_BA_SUBARRAY` 0x800 (set by `sub` and `slice`).
 //! - Kinds 0..=12 on 4.13 (`FLOAT32` .. `CHAR`), 0..=13 on 5.3 (`FLOAT16` = 13, added in
 //!   5.2); element sizes `caml_ba_element_size[]`: 4 8 1 1 2 2 4 8 word word 8 16 1 (2).
 //! - `data` points to the first element of this array (a sub-array's own start, inside
@@ -106,9 +107,12 @@ pub fn read(fields: &[Word], ocaml5: bool) -> Result<Data, String> {
     }
     let flags = fields[FLAGS_FIELD];
     let extra = if ocaml5 { SUBARRAY } else { 0 };
-    if flags & !(KIND_MASK | LAYOUT_MASK | MANAGED_MASK | extra) != 0
-        || flags & MANAGED_MASK == MANAGED_MASK
-    {
+    // Both managed bits together are not refused: the runtime makes them. A view
+    // (`sub`, `slice`) of an array whose data pointer is NULL (a file mapped with no
+    // data: `Unix.map_file` of an empty file) gives `caml_ba_alloc` NULL data, which it
+    // takes for "allocate a buffer": it mallocs 0 bytes and adds `CAML_BA_MANAGED` to the
+    // source's `CAML_BA_MAPPED_FILE` (4.13 and 5.3). The copy's data is external anyway.
+    if flags & !(KIND_MASK | LAYOUT_MASK | MANAGED_MASK | extra) != 0 {
         return Err(format!("a Bigarray with flags {flags:#x}"));
     }
     let Some(mut bytes) = element_bytes(flags & KIND_MASK, ocaml5) else {

@@ -1114,7 +1114,8 @@ fn chunk_index_damage_is_refused() {
             format::NO_BLOCK,
             chunk.start as u64,
             chunk.end as u64,
-            truth + 8,
+            // Wrapping: `truth` may be NO_BLOCK (u64::MAX) when one block covers the chunk.
+            truth.wrapping_add(8),
         ];
         // Another real block start in the chunk (tiles, but not as the blocks before).
         lies.extend(

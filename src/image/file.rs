@@ -52,6 +52,12 @@ pub fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<(
     f.read_exact_at(buf, offset)
 }
 
+/// The error for a path that is there but not a regular file (a directory, a FIFO, a
+/// socket, a device): never loaded, nor replaced by a write.
+fn not_a_regular_file() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")
+}
+
 /// Opens the image at `path` for reading. The open does not block (`O_NONBLOCK`, cleared
 /// afterwards), so a FIFO or a device cannot hang it.
 ///
@@ -64,10 +70,7 @@ pub fn open_image(path: &Path) -> std::io::Result<File> {
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
     if !f.metadata()?.file_type().is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
+        return Err(not_a_regular_file());
     }
     let fd = f.as_raw_fd();
     // SAFETY: fcntl on a descriptor we own; no memory is passed.
@@ -292,7 +295,9 @@ pub fn scratch_file(dir: &Path) -> Option<File> {
 /// target is as it was.
 ///
 /// # Errors
-/// `fill`'s error, or the first I/O error.
+/// `InvalidInput` ("not a regular file") when the target is there but is neither a
+/// regular file nor a directory (before `fill` is called), `fill`'s error, or the first
+/// I/O error.
 pub fn write_atomically<E: From<std::io::Error>>(
     path: &Path,
     how: Temporary,
@@ -301,6 +306,12 @@ pub fn write_atomically<E: From<std::io::Error>>(
     let target = final_path(path)?;
     let dir = directory_of(&target);
     let mode = match std::fs::metadata(&target) {
+        // Renaming over a FIFO, a socket or a device would replace it with the image (as
+        // root, `/dev/null` too): they are refused, as by a load. A directory is left to
+        // the rename, which fails ("Is a directory").
+        Ok(m) if !m.file_type().is_file() && !m.file_type().is_dir() => {
+            return Err(not_a_regular_file().into())
+        }
         Ok(m) => Some(m.permissions().mode() & 0o7777),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(e.into()),

@@ -214,6 +214,22 @@ fn bad(check: &'static str, detail: String) -> LoadError {
     LoadError::Bad { check, detail }
 }
 
+/// How a key mismatch names a key: quoted, its first [`KEY_SHOWN`] bytes when it is
+/// longer (keys go up to 3992 bytes: two whole keys would make a message of pages).
+fn key_for_message(key: &[u8]) -> String {
+    if key.len() <= KEY_SHOWN {
+        return format!("{:?}", String::from_utf8_lossy(key));
+    }
+    format!(
+        "{:?}... ({} bytes)",
+        String::from_utf8_lossy(&key[..KEY_SHOWN]),
+        key.len()
+    )
+}
+
+/// The bytes of a long key that a message shows.
+const KEY_SHOWN: usize = 64;
+
 /// An address for a payload of `bytes` bytes, 2 MiB aligned, at random in
 /// [`format::ADDRESS_RANGE`] (the payload ends in it too).
 pub fn choose_address(bytes: usize) -> Word {
@@ -508,9 +524,9 @@ fn check_header(
         return Err(bad(
             "key",
             format!(
-                "the image was written with key {:?}, the program expects {:?}",
-                String::from_utf8_lossy(&h.key),
-                String::from_utf8_lossy(&opts.key)
+                "the image was written with key {}, the program expects {}",
+                key_for_message(&h.key),
+                key_for_message(&opts.key)
             ),
         ));
     }

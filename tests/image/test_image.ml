@@ -399,7 +399,42 @@ let test_not_regular_files _ =
       | exception Sys_error m ->
           assert_bool m (contains m path && contains m "not a regular file"))
     [ fifo; dir ];
-  Sys.remove fifo
+  Sys.remove fifo;
+  (* Nor are they written: the rename would replace a FIFO, a socket or a device (as
+     root, /dev/null) with the image. Through a symbolic link too; nothing is left
+     beside them. *)
+  let sub = fresh_path () ^ ".d" in
+  Unix.mkdir sub 0o700;
+  let fifo = Filename.concat sub "fifo" and link = Filename.concat sub "link" in
+  let subdir = Filename.concat sub "dir" in
+  Unix.mkfifo fifo 0o600;
+  Unix.symlink fifo link;
+  Unix.mkdir subdir 0o700;
+  let r = Offheap.Region.create () in
+  List.iter
+    (fun (what, write) ->
+      List.iter
+        (fun path ->
+          match write path with
+          | () -> assert_failure (what ^ " wrote " ^ path)
+          | exception Sys_error m ->
+              let why = if path = subdir then "Is a directory" else "not a regular file" in
+              assert_bool m (contains m path && contains m why))
+        [ fifo; link; subdir ])
+    [
+      ("Image.write", fun path -> Image.write path [ 1; 2 ]);
+      ("Region.write_image", fun path -> Offheap.Region.write_image path r []);
+    ];
+  Offheap.Region.free r;
+  assert_equal ~msg:"the FIFO stays a FIFO" Unix.S_FIFO (Unix.lstat fifo).Unix.st_kind;
+  assert_equal ~msg:"the link stays" Unix.S_LNK (Unix.lstat link).Unix.st_kind;
+  let left = Sys.readdir sub in
+  Array.sort compare left;
+  assert_equal ~msg:"nothing else left" ~printer:(String.concat " ")
+    [ "dir"; "fifo"; "link" ] (Array.to_list left);
+  List.iter Sys.remove [ link; fifo ];
+  Unix.rmdir subdir;
+  Unix.rmdir sub
 
 let test_names_modes_links _ =
   let sub = fresh_path () ^ ".d" in

@@ -109,7 +109,22 @@ let test_program_checks _ =
   let g = Lazy.force good in
   assert_load_refused ~msg:"key" ~key:"schema 2" Key_mismatch g;
   assert_load_refused ~msg:"no key" ~key:"" Key_mismatch g;
-  assert_equal ~msg:"info reads the key" key (info_of g).key
+  assert_equal ~msg:"info reads the key" key (info_of g).key;
+  (* Long keys are cut in the message: two keys of 3992 bytes made one of 8 KB. *)
+  let path = fresh_path () in
+  let long c = String.make 3992 c in
+  Image.write ~key:(long 'w') path [ 1 ];
+  (match Image.load ~key:(long 'e') path with
+  | h ->
+      Offheap.free h;
+      assert_failure "long key: accepted"
+  | exception Image.Invalid_image (Key_mismatch, m) ->
+      assert_bool ("a short message: " ^ m) (String.length m < 400 + String.length path);
+      assert_bool ("both keys named: " ^ m)
+        (contains m (String.make 64 'w') && contains m (String.make 64 'e')
+        && contains m "3992 bytes")
+  | exception Image.Invalid_image (_, m) -> assert_failure ("long key: " ^ m));
+  Sys.remove path
 
 let test_file_checks _ =
   let g = Lazy.force good in
