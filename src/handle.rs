@@ -228,10 +228,16 @@ unsafe fn record_of(state: Word) -> Option<Record> {
 /// # Safety
 /// `h` is a handle; called holding the runtime.
 pub unsafe fn alloc_if_live(h: Word) -> Option<Word> {
+    // The block first, then the state: a concurrent `take` makes the state freed before
+    // it overwrites the block with an integer (a release fence between), so a block
+    // read from a handle still live afterwards is the allocator block. An integer says
+    // freed whatever the order.
     // SAFETY: the caller's contract.
-    let state = unsafe { field(h, STATE) }.load(Ordering::Acquire);
-    // SAFETY: as above; a live handle's field 1 is its allocator block.
-    is_live(state).then(|| unsafe { field(h, ALLOC) }.load(Ordering::Relaxed))
+    let alloc = unsafe { field(h, ALLOC) }.load(Ordering::Relaxed);
+    std::sync::atomic::fence(Ordering::Acquire);
+    // SAFETY: as above.
+    let state = unsafe { field(h, STATE) }.load(Ordering::Relaxed);
+    (is_live(state) && !is_immediate(alloc)).then_some(alloc)
 }
 
 /// Takes the copy from the live handle `h`, leaving it freed with its statistics; `None`
