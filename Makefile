@@ -147,6 +147,7 @@ test-install-ocaml5:
 bench: build
 	dune exec --no-print-directory -- ./benches/bench.exe
 	dune exec --no-print-directory -- ./benches/region_bench.exe
+	dune exec --no-print-directory -- ./benches/bigarray_bench.exe
 	cargo bench --bench traversal
 
 bench-quick: build
