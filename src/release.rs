@@ -195,6 +195,33 @@ impl Rooted {
     }
 }
 
+/// Values kept alive, and followed when they move, while a stub lets the GC run (it
+/// releases the runtime, or waits for the other domains): one [`Rooted`] slot each.
+pub struct Kept(Vec<Rooted>);
+
+impl Kept {
+    /// Keeps `values`; `None` when there is no memory for the slots (nothing kept).
+    ///
+    /// # Safety
+    /// Called holding the runtime.
+    pub unsafe fn new(values: &[Word]) -> Option<Kept> {
+        let mut slots = Vec::new();
+        slots.try_reserve_exact(values.len()).ok()?;
+        for &v in values {
+            // SAFETY: the caller's contract.
+            slots.push(unsafe { Rooted::value(v) }?);
+        }
+        Some(Kept(slots))
+    }
+
+    /// Writes where the values are now into `values` (those given to [`Kept::new`]).
+    pub fn read_back(&self, values: &mut [Word]) {
+        for (v, slot) in values.iter_mut().zip(&self.0) {
+            *v = slot.block();
+        }
+    }
+}
+
 impl Drop for Rooted {
     /// The last entry sharing the slot frees it.
     fn drop(&mut self) {

@@ -83,14 +83,8 @@ fn copy(h: Word, copy_static: bool, v: Word) -> StubOutcome {
     // SAFETY: no Rust lock is held here; the copy neither allocates on the OCaml heap nor
     // calls into OCaml (the allocator's contract).
     unsafe { runtime::among_domains([h, v], |&[h, v]| copy_now(h, copy_static, v)) }
-        .unwrap_or_else(no_section)
-}
-
-/// The error of a copy that could not stop the other domains: there was no memory to
-/// keep its values while it waited (the runtime itself always runs the section).
-#[cold]
-fn no_section() -> StubOutcome {
-    StubOutcome::NoMemory
+        // None: no memory to keep `h` and `v` while the other domains stop.
+        .unwrap_or(StubOutcome::NoMemory)
 }
 
 /// [`copy`] once the way of copying is settled.
@@ -181,7 +175,7 @@ fn measure(v: Word, stats: Word) -> StubOutcome {
     // SAFETY: as in `copy`: no Rust lock is held, the traversal neither allocates on the
     // OCaml heap nor calls into OCaml.
     unsafe { runtime::among_domains([v, stats], |&[v, stats]| measure_now(v, stats)) }
-        .unwrap_or_else(no_section)
+        .unwrap_or(StubOutcome::NoMemory)
 }
 
 /// [`measure`] once the way of measuring is settled.
@@ -355,20 +349,14 @@ extern "C" {
 /// the way in (see [`caml_enter_blocking_section_no_pending`]), nor on the way out
 /// (`caml_leave_blocking_section` only records pending signals).
 fn unlocked<const N: usize, T>(roots: &mut [Word; N], f: impl FnOnce() -> T) -> Option<T> {
-    let mut slots = Vec::new();
-    slots.try_reserve_exact(N).ok()?;
-    for &v in roots.iter() {
-        // SAFETY: we hold the runtime.
-        slots.push(unsafe { release::Rooted::value(v) }?);
-    }
+    // SAFETY: we hold the runtime.
+    let kept = unsafe { release::Kept::new(roots) }?;
     // SAFETY: every OCaml value the caller uses after `f` is in `roots`; `f` touches none.
     unsafe { caml_enter_blocking_section_no_pending() };
     let r = f();
     // SAFETY: pairs with the enter above.
     unsafe { ocaml_sys::caml_leave_blocking_section() };
-    for (root, slot) in roots.iter_mut().zip(&slots) {
-        *root = slot.block();
-    }
+    kept.read_back(roots);
     Some(r)
 }
 
@@ -404,7 +392,7 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> StubOutcom
     // SAFETY: as in `copy`: no Rust lock is held; the write neither allocates on the
     // OCaml heap nor calls into OCaml.
     let Some(written) = (unsafe { runtime::among_domains([word(v)], |&[v]| write(v)) }) else {
-        return no_section();
+        return StubOutcome::NoMemory;
     };
     match written {
         Ok(()) => StubOutcome::Done,

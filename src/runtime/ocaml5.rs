@@ -380,20 +380,14 @@ pub unsafe fn with_world_stopped<const N: usize, R>(
     roots: &mut [Word; N],
     task: impl FnOnce(&[Word; N]) -> R,
 ) -> Option<R> {
-    let mut slots = Vec::new();
-    slots.try_reserve_exact(N).ok()?;
-    for &root in roots.iter() {
-        // SAFETY: we hold the domain lock.
-        slots.push(unsafe { crate::release::Rooted::value(root) }?);
-    }
+    // SAFETY: we hold the domain lock.
+    let kept = unsafe { crate::release::Kept::new(roots) }?;
     let mut task = Some(task);
     let mut result = None;
     let mut run = || {
         if let Some(task) = task.take() {
             // Where the values are now that no collection can run.
-            for (root, slot) in roots.iter_mut().zip(&slots) {
-                *root = slot.block();
-            }
+            kept.read_back(roots);
             result = Some(task(roots));
         }
     };
