@@ -4,6 +4,7 @@
 //! Its modules, each with one job:
 //!
 //! - [`layout`]: the OCaml block layout (headers, tags, colors, closure info).
+//! - [`message`]: error messages bounded in size for the OCaml strings that carry them.
 //! - [`copy`]: the traversal that copies a graph of blocks into one allocation; generic
 //!   over a [`copy::Heap`] (which addresses to copy), an [`alloc::Allocator`] and a
 //!   [`copy::visited::VisitedSet`], so it runs on the real runtime and on a fake heap.
@@ -32,6 +33,7 @@ pub mod copy;
 pub mod fault;
 pub mod image;
 pub mod layout;
+pub mod message;
 pub mod region;
 
 #[cfg(feature = "stubs")]

@@ -18,6 +18,7 @@ use ocaml_sys::{caml_alloc_initialized_string, caml_alloc_small};
 use crate::copy::CopyError;
 use crate::image::CheckKind;
 use crate::layout::{val_int, Word};
+use crate::message;
 
 /// Why a value cannot be copied or saved: the OCaml type `Outcome.reason`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,10 +144,16 @@ impl StubOutcome {
 unsafe fn build(node: &Node) -> Word {
     match node {
         Node::Int(i) => val_int(*i),
-        // SAFETY: copies `s.len()` bytes into a fresh OCaml string.
-        Node::Str(s) => unsafe {
-            caml_alloc_initialized_string(s.len(), s.as_ptr() as *const ocaml_sys::Char) as Word
-        },
+        Node::Str(s) => {
+            let mut buffer = [0u8; message::MESSAGE_MAX];
+            let bytes = message::bounded(s.as_bytes(), &mut buffer);
+            // SAFETY: copies `bytes.len()` bytes into a fresh OCaml string, small enough
+            // to come from the minor heap.
+            unsafe {
+                caml_alloc_initialized_string(bytes.len(), bytes.as_ptr() as *const ocaml_sys::Char)
+                    as Word
+            }
+        }
         Node::Block(tag, children) => {
             // The children are allocated first and kept in slots that the GC scans
             // (`release::Rooted`: registering a runtime root allocates, and raises when

@@ -436,6 +436,30 @@ let test_not_regular_files _ =
   Unix.rmdir subdir;
   Unix.rmdir sub
 
+(* Messages are bounded (1024 bytes: a longer OCaml string would come from the major
+   heap, whose allocation can raise through the stub): a path of 3 KiB is shortened in
+   the middle, its start and its file name kept. *)
+let test_long_path_message _ =
+  let long = String.concat "/" (List.init 300 (fun i -> Printf.sprintf "dir%06d" i)) in
+  let path = Filename.concat dir (long ^ "/missing.img") in
+  assert_bool "the path is longer than the bound" (String.length path > 3000);
+  List.iter
+    (fun (what, f) ->
+      match f () with
+      | () -> assert_failure (what ^ " of a missing path")
+      | exception Sys_error m ->
+          assert_bool (what ^ ": at most 1024 bytes: " ^ string_of_int (String.length m))
+            (String.length m <= 1024);
+          assert_bool (what ^ ": starts with the path's start: " ^ m)
+            (contains m (String.sub path 0 200));
+          assert_bool (what ^ ": keeps the file name: " ^ m) (contains m "/missing.img")
+      | exception e -> assert_failure (what ^ ": " ^ Printexc.to_string e))
+    [
+      ("Image.load", fun () -> ignore (Image.load path));
+      ("Image.info", fun () -> ignore (Image.info path));
+      ("Image.write", fun () -> Image.write path [ 1; 2 ]);
+    ]
+
 let test_names_modes_links _ =
   let sub = fresh_path () ^ ".d" in
   Unix.mkdir sub 0o700;
@@ -702,6 +726,7 @@ let () =
            "file changed after load" >:: test_file_changes_after_load;
            "last block of no fields" >:: test_last_block_of_no_fields;
            "not regular files" >:: test_not_regular_files;
+           "long path in a message" >:: test_long_path_message;
            "names, modes, links" >:: test_names_modes_links;
            "forged sizes" >:: test_forged_sizes;
            "loads beside collections" >:: test_loads_beside_collections;
