@@ -13,7 +13,7 @@ const MESSAGE_TAIL: usize = 256;
 const ELLIPSIS: &[u8] = b" [...] ";
 
 /// `message` when it fits in [`MESSAGE_MAX`] bytes; else its start and its last
-/// [`MESSAGE_TAIL`] bytes with [`ELLIPSIS`] between them, written into `buffer` (no
+/// `MESSAGE_TAIL` bytes with `ELLIPSIS` between them, written into `buffer` (no
 /// allocation: this runs on error paths, out of memory included). Bytes of a UTF-8
 /// character cut in two are kept as they are: an OCaml string is bytes.
 pub fn bounded<'a>(message: &'a [u8], buffer: &'a mut [u8; MESSAGE_MAX]) -> &'a [u8] {
