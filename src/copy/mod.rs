@@ -6,8 +6,12 @@
 //!    [`Queue`]. The walk goes depth first by groups ([`pending`]): the unseen children
 //!    of the block being scanned are queued together and scanned next, so trees built
 //!    depth first (maps, sets, ASTs) are read close to their allocation order and each
-//!    block's children follow it in the copy. The walk is iterative: its only memory is
-//!    the queue (8 bytes a block), the stack of [`pending`] runs (24 bytes per level of
+//!    block's children follow it in the copy. Below a block with many children scattered
+//!    over the heap (a hash table's buckets), the walk goes by batches instead
+//!    ([`Run::batched`]): the children of 64 blocks at a time, a level at a time, so
+//!    that the cache misses of 64 independent chains overlap instead of following one
+//!    another. The walk is iterative: its only memory is
+//!    the queue (8 bytes a block), the stack of [`pending`] runs (32 bytes per level of
 //!    the source's depth, none for a list), the visited set and, for a shared source,
 //!    the snapshot (below). All of it is allocated fallibly: running out is
 //!    [`CopyError::OutOfMemory`], like a NULL from the allocator.
@@ -562,6 +566,10 @@ struct Traversal<'a, H, V> {
     /// boxed numbers) the hardware prefetcher does better than software prefetching,
     /// which pass 2 then skips.
     jumps: usize,
+    /// Blocks discovered more than [`FAR_BYTES`] away from the one before: where the
+    /// children of a block are scattered over the heap, not laid out one after the
+    /// other ([`Run::batched`]).
+    scattered: usize,
     /// Peak bytes of pass 1's [`Pending`] stack (freed when pass 1 ends).
     pending_bytes: usize,
     /// Pass 1 writes the blocks at this offset (in words) and beyond into `reservation`
@@ -591,6 +599,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             root_in_block: 0,
             last_discovered: 0,
             jumps: 0,
+            scattered: 0,
             pending_bytes: 0,
             direct_from: usize::MAX,
             reservation: None,
@@ -665,6 +674,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             next: 0,
             end: 1,
             at: 0,
+            batched: false,
         };
         let outcome = pending.push(first).map_err(CopyError::from).and_then(|()| {
             // SAFETY: forwarded.
@@ -683,10 +693,17 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     /// Scans the blocks of `pending` and those they lead to, until none is left.
     /// `IN_FILE`: the queue is in a file ([`Queue::is_in_file`]), told where the scan
     /// reads (a copy's scan, with its queue in memory, is spared the test).
+    ///
+    /// A block's unseen children form a run scanned next, unless the block belongs to a
+    /// batched run ([`Run::batched`]): then the children of a whole batch of its blocks
+    /// ([`pending::BATCH`]) form one batched run, pushed once the batch is scanned.
     unsafe fn scan_pending<const IN_FILE: bool>(
         &mut self,
         pending: &mut Pending,
     ) -> Result<(), CopyError> {
+        // The batch being scanned: its last queue index, and where its children start
+        // in the queue and in the copy (or the snapshot).
+        let mut batch: Option<(usize, usize, usize)> = None;
         while let Some(run) = pending.top() {
             let k = run.next;
             if IN_FILE {
@@ -702,32 +719,51 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 0
             };
             pending.take(words);
-            if !entry.header.is_scannable() {
-                continue;
-            }
-            self.prefetch_ahead_in(k, run.end);
             let children = self.queue.len();
             let children_at = if V::SOURCE_SHARED {
                 self.snapshot.len()
             } else {
                 self.words
             };
-            if V::SOURCE_SHARED {
-                // SAFETY: queued entries are blocks of the source; the snapshot of
-                // block `k` starts at `run.at`.
-                unsafe { self.scan_snapshot(entry, run.at)? };
-            } else if run.at >= self.direct_from {
-                // SAFETY: a queued block of the source, at offset `run.at` of the copy,
-                // at or beyond `direct_from`.
-                unsafe { self.scan_block_direct(entry, run.at)? };
-            } else {
-                // SAFETY: queued entries are blocks of the source.
-                unsafe { self.scan_block(entry)? };
+            if run.batched && batch.is_none() {
+                batch = Some(((k + pending::BATCH).min(run.end) - 1, children, children_at));
             }
-            let children = Run {
-                next: children,
-                end: self.queue.len(),
-                at: children_at,
+            let scattered = self.scattered;
+            if entry.header.is_scannable() {
+                self.prefetch_ahead_in(k, run.end);
+                if V::SOURCE_SHARED {
+                    // SAFETY: queued entries are blocks of the source; the snapshot of
+                    // block `k` starts at `run.at`.
+                    unsafe { self.scan_snapshot(entry, run.at)? };
+                } else if run.at >= self.direct_from {
+                    // SAFETY: a queued block of the source, at offset `run.at` of the
+                    // copy, at or beyond `direct_from`.
+                    unsafe { self.scan_block_direct(entry, run.at)? };
+                } else {
+                    // SAFETY: queued entries are blocks of the source.
+                    unsafe { self.scan_block(entry)? };
+                }
+            }
+            let children = match batch {
+                None => {
+                    let n = self.queue.len() - children;
+                    Run {
+                        next: children,
+                        end: self.queue.len(),
+                        at: children_at,
+                        batched: n >= pending::BATCHED_FROM && (self.scattered - scattered) * 2 > n,
+                    }
+                }
+                Some((last, next, at)) if last == k => {
+                    batch = None;
+                    Run {
+                        next,
+                        end: self.queue.len(),
+                        at,
+                        batched: true,
+                    }
+                }
+                Some(_) => continue,
             };
             if let Err(e) = pending.push(children) {
                 // The memory the reservation holds may be what is missing.
@@ -969,7 +1005,9 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                     unsafe { self.snapshot_fields(entry)? };
                 }
                 self.words += hd.whsize();
-                self.jumps += usize::from(block.abs_diff(self.last_discovered) > JUMP_BYTES);
+                let distance = block.abs_diff(self.last_discovered);
+                self.jumps += usize::from(distance > JUMP_BYTES);
+                self.scattered += usize::from(distance > FAR_BYTES);
                 self.last_discovered = block;
                 if hd.is_scannable() {
                     prefetch_targets(block, hd.wosize().min(PREFETCH_FIELDS));
@@ -1325,6 +1363,10 @@ const PREFETCH_DISTANCE: usize = 8;
 /// Blocks discovered one after the other, or a pointer and its target, further apart
 /// than this count as a jump.
 const JUMP_BYTES: usize = 256;
+/// Blocks discovered one after the other further apart than this are scattered: the
+/// hardware prefetcher, which follows a few streams of nearby lines, cannot fetch them
+/// ahead.
+const FAR_BYTES: usize = 4096;
 /// The fields of one block whose targets are prefetched.
 const PREFETCH_FIELDS: usize = 8;
 

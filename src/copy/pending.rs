@@ -8,6 +8,10 @@
 //! whose children are not all scanned yet. A list needs one run at a time, a tree one
 //! per level of the path being walked (the depth of the source, never its size: a run is
 //! dropped as soon as its last block is taken).
+//!
+//! A batched run ([`Run::batched`]) is scanned a batch of blocks at a time: the children
+//! of the whole batch make one run, batched too, scanned before the next batch. The
+//! stack then holds one run per level of the batches' depth.
 
 use crate::alloc::NoMemory;
 
@@ -23,7 +27,24 @@ pub struct Run {
     /// Where block `next` starts: in the snapshot when the source is shared, else in
     /// the copy.
     pub at: usize,
+    /// Whether the run is scanned in batches ([`BATCH`]): the children of a batch of
+    /// its blocks are queued together and scanned, batched too, before the next batch.
+    pub batched: bool,
 }
+
+/// Blocks of a batched [`Run`] scanned before the children of any of them: enough for
+/// the prefetches of pass 1 to overlap the cache misses of as many independent blocks,
+/// few enough that the blocks of one batch stay together in the copy.
+pub const BATCH: usize = 64;
+
+/// The length from which a run is batched: a block with this many unseen children (a
+/// large array, a hash table's buckets). Its children are mostly unrelated to one
+/// another, and walking each child's descendants before the next child's chases one
+/// chain of pointers at a time (a hash table's buckets: one cache miss after another),
+/// where a batch walks 64 chains a level at a time. Values of no more blocks than the
+/// path of small values takes ([`super::small::LARGE_MAX_BLOCKS`]) hold no run this
+/// long, so both lay out every value they can both copy alike.
+pub const BATCHED_FROM: usize = super::small::LARGE_MAX_BLOCKS;
 
 /// A stack of [`Run`]s; [`Pending::top`] is the next block to scan.
 ///
@@ -44,6 +65,7 @@ impl Pending {
                 next: 0,
                 end: 0,
                 at: 0,
+                batched: false,
             },
             below: Vec::new(),
         }
@@ -121,6 +143,7 @@ mod tests {
             next: 0,
             end: 2,
             at: 0,
+            batched: false,
         })
         .unwrap();
         assert_eq!(
@@ -128,7 +151,8 @@ mod tests {
             Some(Run {
                 next: 0,
                 end: 2,
-                at: 0
+                at: 0,
+                batched: false,
             })
         );
         p.take(3);
@@ -136,12 +160,14 @@ mod tests {
             next: 2,
             end: 3,
             at: 7,
+            batched: false,
         })
         .unwrap();
         p.push(Run {
             next: 3,
             end: 3,
             at: 9,
+            batched: false,
         })
         .unwrap(); // empty: not kept
         assert_eq!(
@@ -149,7 +175,8 @@ mod tests {
             Some(Run {
                 next: 2,
                 end: 3,
-                at: 7
+                at: 7,
+                batched: false,
             })
         );
         p.take(0);
@@ -158,7 +185,8 @@ mod tests {
             Some(Run {
                 next: 1,
                 end: 2,
-                at: 3
+                at: 3,
+                batched: false,
             })
         );
         p.take(0);
@@ -172,6 +200,7 @@ mod tests {
             next: 0,
             end: 1,
             at: 0,
+            batched: false,
         })
         .unwrap();
         for k in 1..100_000 {
@@ -181,6 +210,7 @@ mod tests {
                 next: k,
                 end: k + 1,
                 at: 0,
+                batched: false,
             })
             .unwrap();
             assert!(p.below.is_empty());
