@@ -170,6 +170,34 @@ fn copies_written_by_pass_1_are_the_two_pass_copies() {
 }
 
 #[test]
+fn batched_copies_written_by_pass_1_are_the_two_pass_copies() {
+    // A hash table's buckets, scattered, of 20 000 chains (past the run length from
+    // which pass 1 walks in batches) with keys of 200 bytes (a copy of some 10 MB):
+    // pass 1 writes it in the batched order, as pass 2 would.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut h = FakeHeap::new(4 << 20);
+    let root = h.buckets(&mut Rng(5), 20_000, 200, true);
+    let mut adopting = Adopting { allocs: 0 };
+    // SAFETY: a well-formed value of the fake heap, which nothing else touches.
+    let direct = unsafe { copy::copy(root, &mut h, HeaderMarks::new(Color::C2), &mut adopting) }
+        .expect("copied by pass 1");
+    assert!(direct.bytes > 8 << 20, "a copy beyond 4 MiB");
+    assert_eq!(adopting.allocs, 0, "pass 1 wrote the copy");
+    let mut counting = Counting::new();
+    // SAFETY: as above.
+    let two_pass = unsafe { copy::copy(root, &mut h, HeaderMarks::new(Color::C2), &mut counting) }
+        .expect("copied in two passes");
+    assert!(relative_words(&direct) == relative_words(&two_pass));
+    let n = assert_isomorphic(&mut h, root, direct.root, direct.base as Word, direct.bytes);
+    assert_eq!(n, direct.blocks);
+    // SAFETY: each copy goes back to the allocator that made it.
+    unsafe {
+        adopting.free(direct.base, direct.bytes);
+        counting.free(two_pass.base, two_pass.bytes);
+    }
+}
+
+#[test]
 fn a_prefix_in_front_of_the_copy_is_kept_and_freed_with_it() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut h = FakeHeap::new(12 << 20);

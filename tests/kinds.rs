@@ -14,7 +14,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::HashSet;
 
-use fake_heap::{assert_isomorphic, Counting, FakeHeap, Rng, INT64_OPS};
+use fake_heap::{assert_isomorphic, bucket_label, Counting, FakeHeap, Rng, INT64_OPS};
 use offheap::alloc::{Allocator, Malloc};
 use offheap::copy::visited::{Budgeted, HeaderMarks, SideTable};
 use offheap::copy::{self, Copied, CopyError, Heap, Measured};
@@ -1274,49 +1274,7 @@ fn trees_are_laid_out_depth_first_by_groups() {
     }
 }
 
-/// A hash table's buckets: an array of `n` chains of 1 to 3 cells `[key, next or (),
-/// label]`, each key a string holding its own label. With `scattered`, every block is
-/// followed in the heap by a 4 KiB string that nothing points to, so that the cells the
-/// array leads to lie far apart, as a hash table's do.
-fn buckets(h: &mut FakeHeap, rng: &mut Rng, n: usize, scattered: bool) -> Word {
-    let mut label = 0isize;
-    let mut next_label = || {
-        label += 1;
-        label
-    };
-    let mut heads = Vec::new();
-    for _ in 0..n {
-        let mut next = layout::val_int(0);
-        for _ in 0..1 + rng.below(3) {
-            let key = h.string(format!("{}", next_label()).as_bytes());
-            if scattered {
-                h.string(&[0; 4096]);
-            }
-            next = h.block(0, &[key, next, layout::val_int(next_label())]);
-            if scattered {
-                h.string(&[0; 4096]);
-            }
-        }
-        heads.push(next);
-    }
-    heads.push(layout::val_int(next_label()));
-    h.block(0, &heads)
-}
-
-/// The label of a block of [`buckets`]: its last field, or a key's text.
-fn bucket_label(b: Word) -> isize {
-    let hd = header(b);
-    if hd.tag() == layout::STRING_TAG {
-        // SAFETY: `b` is a string of the fake heap or of a live copy.
-        let bytes = unsafe { std::slice::from_raw_parts(b as *const u8, hd.wosize() * WORD_BYTES) };
-        let text = bytes.split(|&c| c == 0).next().unwrap();
-        std::str::from_utf8(text).unwrap().parse().unwrap()
-    } else {
-        word_at(b, hd.wosize() - 1) as isize >> 1
-    }
-}
-
-/// The labels of the blocks of [`buckets`] in the order the copy lays them out, by the
+/// The labels of the blocks of [`FakeHeap::buckets`] in the order the copy lays them out, by the
 /// definition: the root, then its children; the children of a run are expanded depth
 /// first by groups, unless the run is batched (at least `BATCHED_FROM` blocks with
 /// scattered children, and every run that comes from a batch): then the unseen children
@@ -1365,13 +1323,14 @@ fn batched_order(root: Word, batched_from: usize) -> Vec<isize> {
 #[test]
 fn wide_runs_of_scattered_blocks_are_laid_out_in_batches() {
     // 20 000 chains: past the 16384 children from which a run may be batched, so that
-    // the path of small values never meets a batched run. Scattered, the buckets are
-    // walked in batches; laid out one after the other, depth first by groups.
+    // the path of small values never meets a batched run. Scattered (the array's heads
+    // in random order), the buckets are walked in batches; in allocation order, depth
+    // first by groups.
     let mut rng = Rng(43);
     for (scattered, batched_from) in [(true, 16384), (false, usize::MAX)] {
         let n = 20_000;
-        let mut h = FakeHeap::new(if scattered { 1100 * n * 3 } else { 16 * n * 3 });
-        let root = buckets(&mut h, &mut rng, n, scattered);
+        let mut h = FakeHeap::new(24 * n);
+        let root = h.buckets(&mut rng, n, 8, scattered);
         let expected = batched_order(root, batched_from);
         for s in ALL {
             let done = copy_ok(&mut h, root, s);

@@ -209,6 +209,36 @@ impl FakeHeap {
         fns
     }
 
+    /// A hash table's buckets: an array of `n` chains of 1 to 3 cells `[key, next or
+    /// (), label]`, each key a string of `key_bytes` bytes that starts with its own
+    /// label in decimal (then NULs), and a last field holding a label. The chains are
+    /// allocated one after the other; with `scattered`, the array holds their heads in
+    /// random order, so that the cells it leads to lie far apart, as a hash table's do.
+    /// [`bucket_label`] reads the labels back.
+    pub fn buckets(&mut self, rng: &mut Rng, n: usize, key_bytes: usize, scattered: bool) -> Word {
+        let mut label = 0isize;
+        let mut heads = Vec::new();
+        for _ in 0..n {
+            let mut next = layout::val_int(0);
+            for _ in 0..1 + rng.below(3) {
+                label += 1;
+                let mut key = format!("{label}").into_bytes();
+                key.resize(key_bytes.max(key.len()), 0);
+                let key = self.string(&key);
+                label += 1;
+                next = self.block(0, &[key, next, layout::val_int(label)]);
+            }
+            heads.push(next);
+        }
+        if scattered {
+            for i in (1..heads.len()).rev() {
+                heads.swap(i, rng.below(i + 1));
+            }
+        }
+        heads.push(layout::val_int(label + 1));
+        self.block(0, &heads)
+    }
+
     /// Field `i` of block `v`.
     pub fn field(&self, v: Word, i: usize) -> Word {
         // SAFETY: tests pass blocks of this heap and fields in range.
@@ -431,5 +461,22 @@ impl Rng {
     /// A number in `0..n`.
     pub fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
+    }
+}
+
+/// The label of a block of [`FakeHeap::buckets`], in the fake heap or in a copy: its last
+/// field, or a key's text.
+pub fn bucket_label(b: Word) -> isize {
+    // SAFETY: `b` is a block of the fake heap or of a live copy.
+    let hd = unsafe { layout::read_header(b) };
+    // SAFETY: as above; the block has `wosize` words.
+    let words = unsafe { std::slice::from_raw_parts(b as *const Word, hd.wosize()) };
+    if hd.tag() == layout::STRING_TAG {
+        // SAFETY: the words of a string, read as bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(b as *const u8, hd.wosize() * WORD_BYTES) };
+        let text = bytes.split(|&c| c == 0).next().unwrap_or(&[]);
+        std::str::from_utf8(text).unwrap().parse().unwrap()
+    } else {
+        words[hd.wosize() - 1] as isize >> 1
     }
 }
