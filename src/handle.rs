@@ -14,7 +14,9 @@
 //! - for a copy made with another allocator (which is asked for the copy's exact size,
 //!   as the original C library asked) and for a loaded image (a file mapping), in a
 //!   record allocated apart with `malloc`, which also holds the copy's address; `state`
-//!   holds the record's address `+ 3` (bit 1 tells the two apart);
+//!   holds the record's address `+ 3` (bit 1 tells the two apart); freed with the copy
+//!   (after the running major cycle on OCaml 5), not at `free`: another domain's stub
+//!   may still be reading it then ([`Apart`]);
 //! - for a copy that allocated nothing (an immediate or a shared root), nowhere:
 //!   `state` is 1 and the statistics are zero.
 //!
@@ -78,6 +80,42 @@ pub struct Owned {
     pub bytes: usize,
     /// The allocator block it came from.
     pub alloc: Word,
+}
+
+/// The record allocated apart of a handle, taken with its copy by [`take`] (none for a
+/// copy with its record in front, or nothing allocated). It is freed once the copy is
+/// released ([`Apart::free`]), not when the handle is freed: a stub of another domain
+/// that read the handle's state just before [`take`] swapped it may still read the
+/// record ([`record`], [`take`]) until that stub returns. On OCaml 5 the copy waits for
+/// the end of a major cycle, which cannot come while a stub runs; on OCaml 4 no other
+/// stub runs meanwhile. (Freed at [`take`], a concurrent `stats` read it freed: another
+/// copy's counts, or malloc's words.)
+#[must_use = "a record apart is freed with its copy"]
+pub struct Apart(*mut ApartRecord);
+
+impl Apart {
+    /// No record apart.
+    pub const fn none() -> Apart {
+        Apart(std::ptr::null_mut())
+    }
+
+    /// Whether there is no record.
+    pub fn is_none(&self) -> bool {
+        self.0.is_null()
+    }
+
+    /// Frees the record, if any.
+    ///
+    /// # Safety
+    /// No stub that read the handle's live state still runs: the copy is released now,
+    /// or the handle was never seen by another thread.
+    pub unsafe fn free(self) {
+        if !self.0.is_null() {
+            // SAFETY: allocated with malloc by `fill_apart`, taken once by `take`, freed
+            // once here (`self` is consumed); the caller's contract.
+            unsafe { libc::free(self.0 as *mut libc::c_void) };
+        }
+    }
 }
 
 /// An allocator that puts a [`Record`] in front of each allocation: the traversal sees
@@ -240,13 +278,14 @@ pub unsafe fn alloc_if_live(h: Word) -> Option<Word> {
     (is_live(state) && !is_immediate(alloc)).then_some(alloc)
 }
 
-/// Takes the copy from the live handle `h`, leaving it freed with its statistics; `None`
-/// when it was freed already (by this thread or a concurrent one).
+/// Takes the copy from the live handle `h`, leaving it freed with its statistics, and its
+/// record apart, to free once the copy is released; `None` when it was freed already (by
+/// this thread or a concurrent one).
 ///
 /// # Safety
 /// `h` is a handle; called holding the runtime, allocating nothing on the OCaml heap
 /// until this returns.
-pub unsafe fn take(h: Word) -> Option<Owned> {
+pub unsafe fn take(h: Word) -> Option<(Owned, Apart)> {
     // SAFETY: the caller's contract.
     let state = unsafe { field(h, STATE) };
     let mut current = state.load(Ordering::Acquire);
@@ -281,29 +320,31 @@ pub unsafe fn take(h: Word) -> Option<Owned> {
             (h as *mut ocaml_sys::Value).add(ALLOC),
             val_int(record.blocks as isize) as ocaml_sys::Value,
         );
-        let owned = if current == 1 {
-            Owned {
+        let taken = if current == 1 {
+            let owned = Owned {
                 base: std::ptr::null_mut(),
                 bytes: 0,
                 alloc,
-            }
+            };
+            (owned, Apart::none())
         } else if current & APART != 0 {
+            // The record is not freed here: see `Apart`.
             let apart = (current - 1 - APART) as *mut ApartRecord;
-            let base = (*apart).base;
-            libc::free(apart as *mut libc::c_void);
-            Owned {
-                base,
+            let owned = Owned {
+                base: (*apart).base,
                 bytes: record.bytes,
                 alloc,
-            }
+            };
+            (owned, Apart(apart))
         } else {
-            Owned {
+            let owned = Owned {
                 base: (current - 1) as *mut u8,
                 bytes: record.bytes + PREFIX_BYTES,
                 alloc,
-            }
+            };
+            (owned, Apart::none())
         };
-        Some(owned)
+        Some(taken)
     }
 }
 

@@ -422,10 +422,20 @@ fn free_chunks(r: Value) -> Outcome {
                     Owner::Image => image_owner,
                 },
             });
+            // Collected in place, into the vector of the chunks taken: no allocation
+            // that could fail during a free (tests/faults/test_free_oom; see the
+            // assertion below).
             Some(chunks.collect())
         })
     }
 }
+
+// The standard library collects a mapped `vec::IntoIter` in place when the items have the
+// same size and alignment: `free_chunks` relies on it to allocate nothing.
+const _: () = assert!(
+    std::mem::size_of::<Owned>() == std::mem::size_of::<crate::region::Chunk>()
+        && std::mem::align_of::<Owned>() == std::mem::align_of::<crate::region::Chunk>()
+);
 
 /// The `Outcome.t` of a region's free, as `offheap_stub_free` reports a handle's.
 fn freed(outcome: Outcome) -> StubOutcome {
@@ -460,9 +470,12 @@ pub extern "C" fn offheap_region_adopt(r: Value, h: Value, failed: Value) -> Val
         // SAFETY: `h` is a handle, `failed` never a root; nothing allocates meanwhile.
         let root = unsafe { handle::root_if_live(h as Word, failed as Word) };
         // SAFETY: as above.
-        let Some(owned) = (unsafe { handle::take(h as Word) }) else {
+        let Some((owned, apart)) = (unsafe { handle::take(h as Word) }) else {
             return failed;
         };
+        // SAFETY: the handle is the fresh one of `load_image`, which no other thread or
+        // domain has seen: no other stub reads its record.
+        unsafe { apart.free() };
         let adopted: Result<(), NoMemory> = if owned.base.is_null() {
             Ok(())
         } else {

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::alloc::{offheap_free, Allocator, CAllocator, FreeFn};
-use crate::handle::{self, Owned};
+use crate::handle::{self, Apart, Owned};
 use crate::layout::{val_int, Word};
 use crate::runtime::{self, slab};
 
@@ -82,6 +82,8 @@ struct Pending {
     /// shares with live registrations are registered again after `free` (a slab copy's
     /// slab stays registered).
     registered: bool,
+    /// The handle's record apart, freed with the copy (see [`Apart`]).
+    apart: Apart,
 }
 
 /// An allocator block kept alive while its copies wait: a slot of [`ROOTS`], shared by
@@ -236,8 +238,8 @@ impl Drop for Rooted {
     }
 }
 
-// SAFETY: the raw pointer is an allocation owned by this entry alone, touched by
-// whoever pops the entry, holding the runtime.
+// SAFETY: the raw pointers are allocations owned by this entry alone (the copy, the
+// handle's record apart), touched by whoever pops the entry, holding the runtime.
 unsafe impl Send for Pending {}
 
 /// The queue, in the order of `after_cycle`.
@@ -295,9 +297,13 @@ pub unsafe fn free(h: Word) -> Outcome {
         // SAFETY: the caller's contract.
         return match unsafe { handle::take(h) } {
             None => Outcome::AlreadyFreed,
-            Some(owned) => {
-                // SAFETY: the handle owned this copy and gave it up to us alone.
-                unsafe { release_now(owned) };
+            Some((owned, apart)) => {
+                // SAFETY: the handle owned this copy and gave it up to us alone; no stub
+                // runs meanwhile (OCaml 4's master lock) to read its record apart.
+                unsafe {
+                    release_now(owned);
+                    apart.free();
+                }
                 Outcome::Done(0)
             }
         };
@@ -316,18 +322,26 @@ pub unsafe fn free(h: Word) -> Outcome {
         return Outcome::OutOfMemory;
     }
     // SAFETY: the caller's contract.
-    let Some(owned) = (unsafe { handle::take(h) }) else {
+    let Some((owned, apart)) = (unsafe { handle::take(h) }) else {
         return Outcome::AlreadyFreed;
     };
     if owned.base.is_null() {
+        // Nothing allocated: no record apart either (`handle::fill`).
+        debug_assert!(apart.is_none(), "a record apart without a copy");
+        // SAFETY: none to free; forgotten otherwise.
+        unsafe { apart.free() };
         return Outcome::Done(0);
     }
     // SAFETY: `owned.alloc` is an allocator block, alive (the handle holds it).
     let alloc = unsafe { CAllocator::new(owned.alloc) };
     let slab_copy = slab::is_slab_copy(&alloc, owned.bytes);
     if slab_copy && !runtime::SLAB_FREES_WAIT {
-        // SAFETY: a slab copy of this size, which the handle gave up to us alone.
-        unsafe { slab::free(owned.base, owned.bytes) };
+        // SAFETY: a slab copy of this size, which the handle gave up to us alone, made
+        // with the default allocator: its record is in front of it, none apart.
+        unsafe {
+            slab::free(owned.base, owned.bytes);
+            apart.free();
+        }
         return Outcome::Done(0);
     }
     let free = if slab_copy {
@@ -349,6 +363,7 @@ pub unsafe fn free(h: Word) -> Outcome {
         // No: a freed handle never becomes live, so `take` found `alloc_block`.
         alloc: root,
         registered: !slab_copy,
+        apart,
     };
     if queue.is_empty() {
         OLDEST_CYCLE.store(entry.after_cycle, Ordering::Relaxed);
@@ -542,6 +557,9 @@ unsafe fn release_pending(entry: Pending) {
     if entry.registered {
         runtime::reregister_shared(entry.base, entry.bytes);
     }
+    // SAFETY: the cycle that ran at its `free` has ended: no stub that read the handle
+    // live still runs.
+    unsafe { entry.apart.free() };
     // The entry's root goes with it (`Rooted`'s `drop`).
 }
 
@@ -608,6 +626,8 @@ pub unsafe fn free_all(
                 Rooted(None)
             },
             registered: true,
+            // Chunks have no handle.
+            apart: Apart::none(),
         }); // room reserved above
         entries += 1;
         bytes += owned.bytes;

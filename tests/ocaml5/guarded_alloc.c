@@ -5,6 +5,7 @@
 #define _GNU_SOURCE
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -41,6 +42,27 @@ value guarded_alloc_make(value unit) {
   value a = caml_alloc_small(2, Abstract_tag);
   Field(a, 0) = (value)guarded_alloc;
   Field(a, 1) = (value)guarded_free;
+  return a;
+}
+
+/* A plain allocator, malloc and free, that is not offheap's default: the handles of its
+   copies keep their record apart (as a loaded image's do). */
+static void *plain_alloc(value allocator, size_t size) {
+  (void)allocator;
+  return malloc(size);
+}
+
+static void plain_free(value allocator, void *ptr, size_t size) {
+  (void)allocator;
+  (void)size;
+  free(ptr);
+}
+
+value guarded_plain_make(value unit) {
+  (void)unit;
+  value a = caml_alloc_small(2, Abstract_tag);
+  Field(a, 0) = (value)plain_alloc;
+  Field(a, 1) = (value)plain_free;
   return a;
 }
 
