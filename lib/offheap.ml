@@ -111,15 +111,31 @@ let is_offheap v = Ext.offheap_stub_is_offheap v
 let with_copy ?alloc v f =
   let h = copy ?alloc v in
   (* [get h] goes straight to [f]: no local of this frame holds the copy once [f] has
-     returned (OCaml 5 bytecode keeps locals until the function returns). *)
+     returned (OCaml 5 bytecode keeps locals until the function returns).
+
+     Once [f] has returned or raised, the free stub is called directly, not [free]: the
+     entry of a function is a poll point (native code and bytecode), where a signal that
+     came during [f] (a timeout while [f] read the copy without allocating) would run
+     its handler, and an exception from it would leave the copy to no one. Between [f]
+     and the stub nothing polls; after the stub the copy is freed, and an exception
+     (from the GC work the free asks for) loses nothing. *)
   match f (get h) with
-  | r ->
-      free h;
-      r
-  | exception e ->
+  | r -> (
+      match Ext.offheap_stub_free h with
+      | Outcome.Done -> r
+      | Done_slice words ->
+          pay_gc_work words;
+          r
+      | e -> Outcome.fail e)
+  | exception e -> (
+      let freed = Ext.offheap_stub_free h in
       let backtrace = Printexc.get_raw_backtrace () in
-      free h;
-      Printexc.raise_with_backtrace e backtrace
+      match freed with
+      | Outcome.Done -> Printexc.raise_with_backtrace e backtrace
+      | Done_slice words ->
+          pay_gc_work words;
+          Printexc.raise_with_backtrace e backtrace
+      | failed -> Outcome.fail failed)
 
 (* Images (image.ml): handles to loaded payloads are ordinary handles whose allocator
    block unmaps; the load stub fills a fresh handle as the copy stub does. *)

@@ -52,6 +52,23 @@ pub fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<(
     f.read_exact_at(buf, offset)
 }
 
+/// The error of a load for a failed [`read_exact_at`]: a file that ends before the
+/// bytes its size promised when the load began was made shorter meanwhile (rewritten in
+/// place): it fails the file size check, as a file truncated before the load does.
+/// Other errors are the system's.
+pub fn load_read_error(e: std::io::Error) -> LoadError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        LoadError::Bad {
+            check: "file size",
+            detail: "the file became shorter while it was read (modified in place during \
+                     the load)"
+                .into(),
+        }
+    } else {
+        LoadError::Io(e)
+    }
+}
+
 /// The error for a path that is there but not a regular file (a directory, a FIFO, a
 /// socket, a device): never loaded, nor replaced by a write.
 fn not_a_regular_file() -> std::io::Error {
@@ -444,7 +461,8 @@ const READ_PIECE: usize = 8 << 20;
 ///
 /// # Errors
 /// [`LoadError::OutOfMemory`] when there is no room; [`LoadError::Io`] when the file
-/// cannot be read or mapped. Nothing stays mapped then.
+/// cannot be read or mapped; the file size check ([`load_read_error`]) when it became
+/// shorter while read. Nothing stays mapped then.
 pub fn load_payload(
     f: &File,
     bytes: usize,
@@ -492,7 +510,7 @@ pub fn load_payload(
         Err(e) => {
             // SAFETY: the reservation just made; nothing refers to it.
             unsafe { unmap(base, held, mapping) };
-            Err(LoadError::Io(e))
+            Err(load_read_error(e))
         }
     }
 }

@@ -703,7 +703,7 @@ pub fn read_header(path: &Path) -> Result<format::Header, LoadError> {
     let f = file::open_image(path).map_err(LoadError::Io)?;
     let file_bytes = f.metadata().map_err(LoadError::Io)?.len();
     let mut page = vec![0u8; HEADER_BYTES.min(file_bytes as usize)];
-    file::read_exact_at(&f, &mut page, 0).map_err(LoadError::Io)?;
+    file::read_exact_at(&f, &mut page, 0).map_err(file::load_read_error)?;
     format::Header::decode(&page)
 }
 
@@ -747,7 +747,7 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
     let f = file::open_image(path).map_err(LoadError::Io)?;
     let file_bytes = f.metadata().map_err(LoadError::Io)?.len();
     let mut page = vec![0u8; HEADER_BYTES.min(file_bytes as usize)];
-    file::read_exact_at(&f, &mut page, 0).map_err(LoadError::Io)?;
+    file::read_exact_at(&f, &mut page, 0).map_err(file::load_read_error)?;
     let h = format::Header::decode(&page)?;
     check_header(&h, file_bytes, opts, process)?;
     let mut tables_raw = Vec::new();
@@ -756,7 +756,7 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
         .map_err(|_| LoadError::OutOfMemory(h.tables_bytes() as usize))?;
     tables_raw.resize(h.tables_bytes() as usize, 0);
     file::read_exact_at(&f, &mut tables_raw, h.header_bytes + h.payload_bytes)
-        .map_err(LoadError::Io)?;
+        .map_err(file::load_read_error)?;
     let tables = decode_tables(&h, &tables_raw, opts.verify)?;
     if opts.verify && h.header_bytes > HEADER_BYTES as u64 {
         let mut padding = Vec::new();
@@ -765,7 +765,8 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
             .try_reserve_exact(n)
             .map_err(|_| LoadError::OutOfMemory(n))?;
         padding.resize(n, 0);
-        file::read_exact_at(&f, &mut padding, HEADER_BYTES as u64).map_err(LoadError::Io)?;
+        file::read_exact_at(&f, &mut padding, HEADER_BYTES as u64)
+            .map_err(file::load_read_error)?;
         check_padding(&padding)?;
     }
     let bytes = h.payload_bytes as usize;

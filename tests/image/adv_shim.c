@@ -7,6 +7,8 @@
    ADV_NO_FALLOCATE=1     fallocate fails with EOPNOTSUPP
    ADV_ENOSPC_AFTER=N     fallocate fails with ENOSPC after N calls that worked
    ADV_NO_SHARED_MMAP=1   mmap of a file, shared, fails with ENODEV
+   ADV_SHRINK_AT_PREAD=N  the Nth pread (from 1) first truncates its file to the offset
+                          it reads at, as a writer rewriting the file in place would
    ADV_REPORT=PATH        at exit, writes "O_TMPFILE-opens fallocates" to PATH */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -17,6 +19,7 @@
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/types.h>
+#include <unistd.h>
 
 static long tmpfile_opens, fallocates;
 
@@ -92,3 +95,21 @@ void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
   return real(addr, len, prot, flags, fd, off);
 }
 void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) __attribute__((alias("mmap64")));
+
+static long preads;
+
+ssize_t pread64(int fd, void *buf, size_t count, off_t off) {
+  static ssize_t (*real)(int, void *, size_t, off_t);
+  if (!real) real = dlsym(RTLD_NEXT, "pread64");
+  if (++preads == env("ADV_SHRINK_AT_PREAD")) {
+    /* the file is open read-only: truncated by its name */
+    char link[64], path[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (n < 0) abort();
+    path[n] = 0;
+    if (truncate(path, off) != 0) abort();
+  }
+  return real(fd, buf, count, off);
+}
+ssize_t pread(int fd, void *buf, size_t count, off_t off) __attribute__((alias("pread64")));

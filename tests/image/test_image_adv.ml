@@ -604,6 +604,18 @@ let child () =
       Offheap.free h;
       Sys.remove p;
       exit 0
+  | [ _; "child"; "shrink-load"; p ] -> (
+      (* adv_shim.so's ADV_SHRINK_AT_PREAD truncates the file at one of the load's reads. *)
+      match Image.load ~threads:1 p with
+      | h ->
+          Offheap.free h;
+          exit 0
+      | exception Image.Invalid_image (Truncated, m) ->
+          print_string m;
+          exit 5
+      | exception e ->
+          print_string (Printexc.to_string e);
+          exit 1)
   | [ _; "child"; "load"; p; n ] -> (
       (* The value in the heap too, as in a round trip, then the load. *)
       let v = customs (int_of_string n) in
@@ -756,6 +768,40 @@ let test_load_abort _ =
   Sys.remove err;
   Sys.remove p
 
+(* A file rewritten in place while it is loaded (not a rename, which the load does not
+   see) can end before the bytes its size promised when the load began: each read of the
+   load in turn finds it truncated at its offset (adv_shim.so, ADV_SHRINK_AT_PREAD). The
+   load refuses it as a truncated file, as it refuses a file truncated before; it raised
+   Sys_error "...: failed to fill whole buffer", the message of a Rust library call. *)
+let test_shrinks_while_loaded _ =
+  if not (Sys.file_exists shim) then skip_if true "no adv_shim.so";
+  let src = fresh_path () in
+  Image.write src (Array.init 300_000 (fun i -> (i, string_of_int i)));
+  let image = read_file src in
+  let out = fresh_path () in
+  let rec go n =
+    let p = fresh_path () in
+    write_file p image;
+    let cmd =
+      Printf.sprintf "env LD_PRELOAD=%s ADV_SHRINK_AT_PREAD=%d %s child shrink-load %s >%s"
+        (Filename.quote shim) n (Filename.quote exe) (Filename.quote p) (Filename.quote out)
+    in
+    let rc = Sys.command cmd in
+    let said = read_file out in
+    Sys.remove p;
+    match rc with
+    | 0 -> n
+    | 5 ->
+        assert_bool (Printf.sprintf "read %d: %S" n said) (contains said "file size");
+        go (n + 1)
+    | rc -> assert_failure (Printf.sprintf "read %d: exit %d, %S" n rc said)
+  in
+  (* The header, the tables, the payload's pieces: then a read that comes too late. *)
+  let reads = go 1 in
+  assert_bool (Printf.sprintf "%d reads" reads) (reads >= 4);
+  Sys.remove out;
+  Sys.remove src
+
 let () =
   if Array.length Sys.argv > 1 && Sys.argv.(1) = "child" then child ()
   else begin
@@ -779,5 +825,6 @@ let () =
              "wide and deep values" >:: test_wide_deep;
              "fix-up scratch file asked for at every custom block" >:: test_scratch_retries;
              "load aborts under an address-space limit" >:: test_load_abort;
+             "file shrinking while it is loaded" >:: test_shrinks_while_loaded;
            ])
   end

@@ -305,3 +305,12 @@ value test_capi_copy_unchanged(value root, value blocks, value copy_static) {
 value test_header_color(value v) {
   return Val_long((Hd_val(v) >> 8) & 3);
 }
+
+/* Sends SIGUSR1 to the calling thread: the runtime's handler records it, and its OCaml
+ * handler runs at the next point where OCaml code polls (not here: a C call does not). */
+#include <signal.h>
+value test_pend_sigusr1(value unit) {
+  (void)unit;
+  raise(SIGUSR1);
+  return Val_unit;
+}

@@ -36,6 +36,11 @@ external capi_copy_unchanged : Obj.t -> Obj.t array -> bool -> int array
 
 external header_color : Obj.t -> int = "test_header_color"
 
+external pend_sigusr1 : unit -> unit = "test_pend_sigusr1" [@@noalloc]
+(** Sends SIGUSR1 to the calling thread: its OCaml handler runs at the next poll point of
+    OCaml code (a function's entry, an allocation, the end of a [try] in bytecode), not
+    inside this call. *)
+
 type counts = {
   id : int;
   allocs : int;

@@ -108,10 +108,57 @@ let test_threads_free_once _ =
   done;
   assert_no_leak ~msg:"threads freeing one handle" a
 
+(* [with_copy] frees its copy whatever a signal handler raises once [f] has returned
+   or raised: a signal that came during [f] (a timeout while [f] reads the copy without
+   allocating) is handled at the first poll point after it, and with_copy must not call
+   a function (whose entry polls, in native code and in bytecode) before freeing. The
+   handler sends itself a second signal: bytecode handles the first at the end of
+   with_copy's [try], inside it, and the second at the next poll, which must not come
+   before the free of the exception's path either. *)
+exception Pending
+
+let test_with_copy_pending_signal _ =
+  let id = fresh_id () in
+  let a = counting_alloc id in
+  let armed = ref false and calls = ref 0 and raised = ref 0 in
+  let handler _ =
+    if !armed then (
+      incr calls;
+      if !calls = 1 then pend_sigusr1 ();
+      raise Pending)
+  in
+  let old = Sys.signal Sys.sigusr1 (Sys.Signal_handle handler) in
+  let v = big_list 1000 in
+  let round f =
+    calls := 0;
+    armed := true;
+    (match Offheap.with_copy ~alloc:a v f with
+    | n -> assert_equal ~printer:pint 1000 n
+    | exception Pending -> incr raised);
+    armed := false
+  in
+  Fun.protect
+    ~finally:(fun () -> Sys.set_signal Sys.sigusr1 old)
+    (fun () ->
+      for _ = 1 to 10 do
+        (* [f] returns with a signal pending *)
+        round (fun c ->
+            pend_sigusr1 ();
+            List.length c);
+        (* [f] raises with a signal pending *)
+        round (fun _ ->
+            pend_sigusr1 ();
+            raise Pending)
+      done);
+  assert_bool "the handler raised" (!raised >= 10);
+  assert_no_leak ~msg:"with_copy interrupted after f" a
+
 let () =
   run_test_tt_main
     ("interrupts"
     >::: [
            "SIGALRM raising during copies and frees" >:: test_alarm_copy_free;
            "threads freeing one handle" >:: test_threads_free_once;
+           "with_copy frees when a pending signal raises after f"
+           >:: test_with_copy_pending_signal;
          ])
