@@ -121,8 +121,9 @@ offheap_buffer_t offheap_copy_with_free(value v, void *data, alloc_t alloc_fn,
  * neighbouring copy (Offheap.free, Region.free) would then unregister a shared page
  * under the buffer, and a caml_page_table_remove of the buffer would unregister pages
  * under its neighbours. Returns 1, or 0 when the page table could not grow (nothing is
- * registered then). On OCaml 5 (no page table) does nothing and returns 1. Call with the
- * runtime lock held, once per buffer. */
+ * registered then). A buffer of no bytes (offheap_copy's { NULL, 0 } when nothing was
+ * copied) registers nothing and returns 1. On OCaml 5 (no page table) does nothing and
+ * returns 1. Call with the runtime lock held, once per buffer. */
 int offheap_register(void *ptr, size_t size);
 
 /* Undoes offheap_register(ptr, size) once no value in the buffer is used any more,

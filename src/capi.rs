@@ -108,8 +108,9 @@ pub unsafe extern "C" fn offheap_copy_with_free(
 /// in OCaml 4's page table, as offheap registers its own copies: with the pages it shares
 /// with other registered memory counted, so that freeing a neighbouring copy (or this
 /// buffer, by [`offheap_unregister`]) leaves the other's pages registered. Returns 1, or
-/// 0 when the page table could not grow (nothing registered then). On OCaml 5, which
-/// has no page table, does nothing and returns 1.
+/// 0 when the page table could not grow (nothing registered then). A buffer of no bytes
+/// (`{ NULL, 0 }`, nothing copied) registers nothing. On OCaml 5, which has no page
+/// table, does nothing and returns 1.
 ///
 /// # Safety
 /// Called with the OCaml runtime held; `ptr` is the start of a buffer of `size` bytes

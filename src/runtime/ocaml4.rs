@@ -569,6 +569,12 @@ pub fn register(base: *mut u8, bytes: usize) -> bool {
 /// there was no memory to remember the registration.
 pub fn register_blocks(base: *mut u8, bytes: usize, blocks: usize) -> bool {
     let blocks = blocks.min(bytes);
+    if bytes == 0 {
+        // An empty buffer (`offheap_copy`'s `{ NULL, 0 }` when nothing was copied):
+        // nothing to register. Its page span would be the page before `base`, or for
+        // NULL every page of the address space.
+        return true;
+    }
     let mut guard = registrations();
     let regs = guard.get_or_insert_with(Registrations::new);
     let partial = blocks < bytes;
@@ -597,6 +603,9 @@ pub fn register_blocks(base: *mut u8, bytes: usize, blocks: usize) -> bool {
 /// registration still occupies. Never removes a page it did not register: OCaml 4's
 /// `caml_page_table_remove` inserts an entry for a page it does not know.
 pub fn unregister(base: *mut u8, bytes: usize) {
+    if bytes == 0 {
+        return; // an empty buffer: `register_blocks` registered nothing
+    }
     let mut guard = registrations();
     let regs = guard.get_or_insert_with(Registrations::new);
     let bytes = if regs.partial.is_empty() {

@@ -6,6 +6,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#define CAML_INTERNALS
+#include <caml/address_class.h>
+#include <caml/version.h>
 #include <caml/alloc.h>
 #include <caml/fail.h>
 #include <caml/memory.h>
@@ -103,4 +106,41 @@ value capi_test_release(value address, value size) {
   offheap_unregister(p, Long_val(size));
   free(p);
   return Val_unit;
+}
+
+/* Whether the page of [p] is static data in OCaml 4's page table (0 on OCaml 5). */
+static long static_page(void *p) {
+#if OCAML_VERSION_MAJOR < 5
+  return (caml_page_table_lookup(p) & In_static_data) != 0;
+#else
+  (void)p;
+  return 0;
+#endif
+}
+
+/* Empty buffers registered as any buffer of offheap_copy: its result for [v] when
+ * nothing is copied ({ NULL, 0 }), then a buffer of no bytes in the middle of a page
+ * of malloc'd memory. Returns [| what offheap_register returned for each; whether
+ * the page of the second was static data while registered; whether it is after
+ * offheap_unregister |]. */
+value capi_test_register_empty(value v) {
+  CAMLparam1(v);
+  CAMLlocal1(r);
+  offheap_buffer_t buf = offheap_copy(v, NULL, malloc_alloc, 0);
+  int first = offheap_register(buf.ptr, buf.size);
+  offheap_unregister(buf.ptr, buf.size);
+  char *page = malloc(3 * 4096);
+  if (page == NULL) caml_raise_out_of_memory();
+  char *inside = (char *)(((uintptr_t)page + 4096) & ~(uintptr_t)4095) + 24;
+  int second = offheap_register(inside, 0);
+  long during = static_page(inside);
+  offheap_unregister(inside, 0);
+  long after = static_page(inside);
+  free(page);
+  r = caml_alloc_tuple(4);
+  Store_field(r, 0, Val_long(first));
+  Store_field(r, 1, Val_long(second));
+  Store_field(r, 2, Val_long(during));
+  Store_field(r, 3, Val_long(after));
+  CAMLreturn(r);
 }

@@ -29,3 +29,8 @@ external registered_copy : 'a -> 'a * nativeint * int = "capi_test_registered_co
 
 (** [release address size]: the buffer unregistered (offheap_unregister) and freed. *)
 external release : nativeint -> int -> unit = "capi_test_release"
+
+(** [register_empty v]: offheap_copy's result for [v] when nothing is copied, then a
+    buffer of no bytes inside a page, registered and unregistered; what the two
+    registrations returned, and whether the page was static data during and after. *)
+external register_empty : 'a -> int * int * int * int = "capi_test_register_empty"

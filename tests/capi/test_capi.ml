@@ -109,6 +109,17 @@ let test_registered_beside_copies _ =
   Array.iteri (fun i (before, _) -> same ~msg:"a copy" (Offheap.get before) (big i)) copies;
   Array.iter (fun (before, _) -> Offheap.free before) copies
 
+(* An empty buffer registers nothing: offheap_copy's { NULL, 0 } (nothing copied)
+   registered as any buffer of it took the pages from 0 to the end of the address space
+   (the page table grew until the memory ran out), and a buffer of no bytes inside a
+   page registered that page. *)
+let test_register_empty _ =
+  let first, second, during, after = register_empty 42 in
+  assert_equal ~msg:"offheap_register(NULL, 0)" ~printer:string_of_int 1 first;
+  assert_equal ~msg:"offheap_register(p, 0)" ~printer:string_of_int 1 second;
+  assert_equal ~msg:"the page of p registered" ~printer:string_of_int 0 during;
+  assert_equal ~msg:"the page of p after offheap_unregister" ~printer:string_of_int 0 after
+
 let () =
   run_test_tt_main
     ("offheap C interface"
@@ -119,4 +130,5 @@ let () =
            "allocator returns NULL" >:: test_null;
            "misaligned memory" >:: test_misaligned;
            "registered beside copies" >:: test_registered_beside_copies;
+           "empty buffers register nothing" >:: test_register_empty;
          ])
