@@ -153,8 +153,6 @@ module Region = Region.Make (struct
   type nonrec 'a handle = 'a t
 
   let malloc = malloc
-
-  let free_handle = free
   let handle_blocks h = (stats h).blocks
   let image_write ?key path v = Image.write ?key path v
   let image_load ?key ?verify ?share path = Image.load ?key ?verify ?share path

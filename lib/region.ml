@@ -7,7 +7,6 @@ module type BASE = sig
   type 'a handle
 
   val malloc : alloc
-  val free_handle : 'a handle -> unit
   val handle_blocks : 'a handle -> int
   val image_write : ?key:string -> string -> 'a -> unit
   val image_load : ?key:string -> ?verify:bool -> ?share:bool -> string -> 'a handle
@@ -109,14 +108,15 @@ module Make (B : BASE) = struct
     Ext.offheap_region_stats r f;
     { bytes = f.(0); reserved = f.(1); blocks = f.(2); chunks = f.(3); values = f.(4) }
 
-  let free r =
-    match Ext.offheap_region_free r with
+  (* What a free stub's outcome asks for: the GC work of Offheap.free
+     (src/release.rs), or its error. Freed already: an exception from here on loses
+     nothing. *)
+  let after_free = function
     | Outcome.Done -> ()
-    | Done_slice words ->
-        (* Freed already: an exception from here on loses nothing. The work of
-           Offheap.free (src/release.rs). *)
-        B.pay_gc_work words
+    | Done_slice words -> B.pay_gc_work words
     | e -> Outcome.fail e
+
+  let free r = after_free (Ext.offheap_region_free r)
 
   (* Region images are images whose key is this prefix and the user's: a plain image
      does not load as a region, nor a region image as a plain one. *)
@@ -157,24 +157,27 @@ module Make (B : BASE) = struct
        for signals in bytecode. *)
     let root = Ext.offheap_region_adopt r h failed in
     if root == failed then (
-      B.free_handle h;
+      after_free (Ext.offheap_stub_free h);
       raise Out_of_memory);
     (* From here [r] owns the payload and only this frame holds [r]: whatever raises
        before the result is made (a signal handler's exception at the first poll point,
        often for a signal that came during the load) frees it. The result is made
-       inside the handler's scope; returning it takes no call nor allocation. *)
+       inside the handler's scope; returning it takes no call nor allocation. The
+       failure paths call the free stubs themselves, not [free] (here and for [h] above):
+       the entry of a function is a poll point, where a signal handler's exception
+       would leave the payload to no one (as in [Offheap.with_copy]). *)
     match
       stub_count_loaded r (B.handle_blocks h);
       match roots_of root with Some roots -> Some (r, roots) | None -> None
     with
     | Some loaded -> loaded
     | None ->
-        free r;
+        after_free (Ext.offheap_region_free r);
         raise
           (Outcome.Invalid_image
              ( Bad_structure,
                Printf.sprintf "Offheap.Region.load_image: %s: not a region image" path ))
     | exception e ->
-        free r;
+        after_free (Ext.offheap_region_free r);
         raise e
 end

@@ -11,9 +11,6 @@ module type BASE = sig
   val malloc : alloc
   (** The default allocator of chunks. *)
 
-  val free_handle : 'a handle -> unit
-  (** {!Offheap.free}. *)
-
   val handle_blocks : 'a handle -> int
   (** The [blocks] of {!Offheap.stats}, also after the handle was freed. *)
 
