@@ -77,7 +77,9 @@ type +'a t
 type reason =
   | Abstract  (** an [Abstract_tag] block: C data the runtime cannot look into *)
   | Unforced_lazy  (** a lazy value not forced yet: force it before copying *)
-  | Forcing_lazy  (** a lazy value being forced by another domain (OCaml 5) *)
+  | Forcing_lazy
+      (** a lazy value being forced (OCaml 5): by another domain, or by the computation
+          that is copying it (OCaml 4 says [Unforced_lazy] for the latter) *)
   | Continuation  (** a continuation, captured by an effect handler (OCaml 5) *)
   | Closure  (** a closure, in an image (a copy can hold closures, an image cannot) *)
   | Outside_heap
@@ -138,8 +140,8 @@ val copy : ?alloc:alloc -> 'a -> 'a t
     @raise Not_copyable when a block that cannot be copied is reachable from [v],
     with the {!reason}: an abstract block, a custom block other than [Int32], [Int64],
     [Nativeint] and Bigarrays (for example a channel), an unforced lazy value (force it
-    first), or on OCaml 5 a continuation or a lazy value that another domain is
-    forcing. A Bigarray is copied with its data (see {!section-bigarrays}). [v] is left
+    first), or on OCaml 5 a continuation or a lazy value being forced (by another
+    domain, or by the computation that copies it). A Bigarray is copied with its data (see {!section-bigarrays}). [v] is left
     exactly as it was and nothing is allocated.
     @raise Invalid_argument when the allocator returns memory that is not word aligned.
     @raise Out_of_memory when the allocator returns [NULL], or the traversal cannot get

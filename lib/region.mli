@@ -218,7 +218,9 @@ module type S = sig
       [key] is the guard. The roots point into the region: no variable may still hold
       them when it is freed (the rules of {!free}); in bytecode, where a
       function's locals live until it returns, use them in a function that returns
-      before the [free], or make the [free] the last thing done, as in the example.
+      before the [free], or, in a program of one domain, make the [free] the last thing
+      done, as in the example (with several domains, another domain may end a major
+      cycle between the [free] and the end of the frame that still holds them).
 
       {[
         let r, roots = Offheap.Region.load_image ~key:"v1" "names.img" in

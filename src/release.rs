@@ -371,7 +371,7 @@ pub unsafe fn free(h: Word) -> Outcome {
     // Capacity reserved above.
     queue.push_back(entry);
     // SAFETY: we hold the runtime (the caller's contract).
-    Outcome::Done(unsafe { account(&queue, 1, owned.bytes) })
+    Outcome::Done(unsafe { account(&mut queue, 1, owned.bytes) })
 }
 
 /// The debt that the free now starting pays (words of major-slice work): 0 when a major
@@ -428,20 +428,42 @@ unsafe fn owe(waiting: usize, bytes: usize) -> usize {
     0
 }
 
-/// Counts `entries` more waiting, of `bytes` in all, and returns the work the free pays:
-/// the debt of earlier frees (this free's own is paid by the next one), or
-/// [`FINISH_CYCLE`] when the queue has grown too long for slices.
+/// Counts the last `entries` of the queue, just pushed by one free, of `bytes` in all,
+/// and returns the work the free pays: the debt of earlier frees (this free's own is paid
+/// by the next one), or [`FINISH_CYCLE`] when the queue has grown too long for slices.
+///
+/// A free that pays keeps its own entries one cycle more. Its GC work, done before it
+/// returns, may end the running cycle and begin the next, whose marking starts from the
+/// roots of that moment: the free's caller may still hold the freed value in a variable
+/// it drops only once the free has returned (bytecode keeps a function's locals until it
+/// returns, and a loop's until its body ends). Released at the end of that cycle, as the
+/// drain after the work would release them, the entries' memory was read by the new
+/// cycle's marker (region images loaded, read and freed in a loop of a bytecode program,
+/// the free the last thing of the loop's body: a segfault in the marker).
 ///
 /// # Safety
 /// Called holding the runtime.
-unsafe fn account(held: &MutexGuard<'_, VecDeque<Pending>>, entries: usize, bytes: usize) -> usize {
+unsafe fn account(
+    held: &mut MutexGuard<'_, VecDeque<Pending>>,
+    entries: usize,
+    bytes: usize,
+) -> usize {
     let due = debt_due();
     let waiting = add_waiting(held, entries as isize, bytes as isize);
     // SAFETY: as above.
-    match unsafe { owe(waiting, bytes) } {
+    let work = match unsafe { owe(waiting, bytes) } {
         0 => due,
         finish => finish,
+    };
+    if work != 0 {
+        let first = held.len() - entries;
+        // The last entries: they stay in the order of `after_cycle`. `OLDEST_CYCLE` may
+        // now be below the oldest entry's cycle, which only costs a drain a lock.
+        for entry in held.range_mut(first..) {
+            entry.after_cycle += runtime::COUNTS_PER_CYCLE;
+        }
     }
+    work
 }
 
 /// Gives the copy `owned` back now: to the slab when it is a slab copy (the test that
@@ -633,5 +655,5 @@ pub unsafe fn free_all(
         bytes += owned.bytes;
     }
     // SAFETY: we hold the runtime (the caller's contract).
-    Outcome::Done(unsafe { account(&queue, entries, bytes) })
+    Outcome::Done(unsafe { account(&mut queue, entries, bytes) })
 }

@@ -31,7 +31,7 @@ pub mod slab;
 pub use backend::{
     free_must_wait, gc_allowance, install_roots_hook, major_cycles_completed, register,
     register_blocks, reregister_shared, stub_runs_alone, unregister, StubGuard, StubLock,
-    DEFERS_FREE, SLAB_FREES_WAIT,
+    COUNTS_PER_CYCLE, DEFERS_FREE, SLAB_FREES_WAIT,
 };
 #[cfg(ocaml5)]
 pub use backend::{try_without_stopping, with_world_stopped};

@@ -56,6 +56,10 @@ extern "C" {
 /// Frees may wait: while the major GC marks (see [`free_must_wait`]).
 pub const DEFERS_FREE: bool = true;
 
+/// How much [`major_cycles_completed`] grows over one whole major cycle (a marking
+/// begins and ends).
+pub const COUNTS_PER_CYCLE: usize = 2;
+
 /// Whether the stub that calls this runs alone: yes, the master lock lets one thread at
 /// a time run OCaml code or a stub, so what only stubs and OCaml code touch (a handle's
 /// fields) needs no atomic read-modify-write.

@@ -64,6 +64,9 @@ type StwHandler =
 /// Frees wait for the running major cycle.
 pub const DEFERS_FREE: bool = true;
 
+/// How much [`major_cycles_completed`] grows over one whole major cycle.
+pub const COUNTS_PER_CYCLE: usize = 1;
+
 /// Whether the stub that calls this (holding its domain's lock) runs alone: when no
 /// other domain runs, since a domain starts only from OCaml code (`Domain.spawn`), which
 /// no other domain runs meanwhile; else other domains run OCaml code and stubs.
