@@ -8,10 +8,10 @@
 //!    depth first (maps, sets, ASTs) are read close to their allocation order and each
 //!    block's children follow it in the copy. Below a block with many children scattered
 //!    over the heap (a hash table's buckets), the walk goes by batches instead
-//!    ([`Run::batched`]): the children of 64 blocks at a time, a level at a time, so
-//!    that the cache misses of 64 independent chains overlap instead of following one
-//!    another. The walk is iterative: its only memory is
-//!    the queue (8 bytes a block), the stack of [`pending`] runs (32 bytes per level of
+//!    ([`pending::BATCHED_FROM`]): the children of 64 blocks at a time, a level at a
+//!    time, so that the cache misses of 64 independent chains overlap instead of
+//!    following one another. The walk is iterative: its only memory is
+//!    the queue (8 bytes a block), the stack of [`pending`] runs (24 bytes per level of
 //!    the source's depth, none for a list), the visited set and, for a shared source,
 //!    the snapshot (below). All of it is allocated fallibly: running out is
 //!    [`CopyError::OutOfMemory`], like a NULL from the allocator.
@@ -566,10 +566,6 @@ struct Traversal<'a, H, V> {
     /// boxed numbers) the hardware prefetcher does better than software prefetching,
     /// which pass 2 then skips.
     jumps: usize,
-    /// Blocks discovered more than [`FAR_BYTES`] away from the one before: where the
-    /// children of a block are scattered over the heap, not laid out one after the
-    /// other ([`Run::batched`]).
-    scattered: usize,
     /// Peak bytes of pass 1's [`Pending`] stack (freed when pass 1 ends).
     pending_bytes: usize,
     /// Pass 1 writes the blocks at this offset (in words) and beyond into `reservation`
@@ -599,7 +595,6 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             root_in_block: 0,
             last_discovered: 0,
             jumps: 0,
-            scattered: 0,
             pending_bytes: 0,
             direct_from: usize::MAX,
             reservation: None,
@@ -674,7 +669,6 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             next: 0,
             end: 1,
             at: 0,
-            batched: false,
         };
         let outcome = pending.push(first).map_err(CopyError::from).and_then(|()| {
             // SAFETY: forwarded.
@@ -694,84 +688,168 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     /// `IN_FILE`: the queue is in a file ([`Queue::is_in_file`]), told where the scan
     /// reads (a copy's scan, with its queue in memory, is spared the test).
     ///
-    /// A block's unseen children form a run scanned next, unless the block belongs to a
-    /// batched run ([`Run::batched`]): then the children of a whole batch of its blocks
-    /// ([`pending::BATCH`]) form one batched run, pushed once the batch is scanned.
+    /// A block's unseen children form a run scanned next; when they are many and
+    /// scattered, in batches ([`Self::scan_batches`]).
     unsafe fn scan_pending<const IN_FILE: bool>(
         &mut self,
         pending: &mut Pending,
     ) -> Result<(), CopyError> {
-        // The batch being scanned: its last queue index, and where its children start
-        // in the queue and in the copy (or the snapshot).
-        let mut batch: Option<(usize, usize, usize)> = None;
         while let Some(run) = pending.top() {
             let k = run.next;
-            if IN_FILE {
-                self.queue.note_read(k);
+            // SAFETY: `run` is the top run.
+            let entry = unsafe { self.take_next::<IN_FILE>(pending, k) };
+            if !entry.header.is_scannable() {
+                continue;
             }
-            // SAFETY: `k` is below the queue's length: runs hold queued indices.
-            let entry = unsafe { self.queue.get(k).unwrap_unchecked() };
-            let words = if !V::SOURCE_SHARED {
-                entry.header.whsize()
-            } else if entry.header.is_scannable() {
-                entry.header.wosize()
-            } else {
-                0
-            };
-            pending.take(words);
+            self.prefetch_ahead_in(k, run.end);
             let children = self.queue.len();
-            let children_at = if V::SOURCE_SHARED {
-                self.snapshot.len()
+            let children_at = self.children_at();
+            // SAFETY: a queued block, the top run's next, which starts at `run.at`.
+            unsafe { self.scan_entry(entry, run.at)? };
+            let n = self.queue.len() - children;
+            if n >= pending::BATCHED_FROM && self.scattered(children, self.queue.len()) {
+                // SAFETY: forwarded.
+                unsafe { self.scan_batches::<IN_FILE>(pending, children, children_at)? };
             } else {
-                self.words
-            };
-            if run.batched && batch.is_none() {
-                batch = Some(((k + pending::BATCH).min(run.end) - 1, children, children_at));
+                self.push_run(pending, children, children_at)?;
             }
-            let scattered = self.scattered;
-            if entry.header.is_scannable() {
-                self.prefetch_ahead_in(k, run.end);
-                if V::SOURCE_SHARED {
-                    // SAFETY: queued entries are blocks of the source; the snapshot of
-                    // block `k` starts at `run.at`.
-                    unsafe { self.scan_snapshot(entry, run.at)? };
-                } else if run.at >= self.direct_from {
-                    // SAFETY: a queued block of the source, at offset `run.at` of the
-                    // copy, at or beyond `direct_from`.
-                    unsafe { self.scan_block_direct(entry, run.at)? };
-                } else {
-                    // SAFETY: queued entries are blocks of the source.
-                    unsafe { self.scan_block(entry)? };
+        }
+        Ok(())
+    }
+
+    /// Scans the blocks queued from index `next` on (the first at `at`: [`Run::at`]),
+    /// many children of one block scattered over the heap, and those they lead to, in
+    /// batches: the next [`pending::BATCH`] blocks of the top run, then the children of
+    /// them all as one run, scanned the same way before the rest of the batch's run.
+    /// Walking a hash table's buckets one chain after another meets one cache miss after
+    /// another; a batch walks 64 chains a level at a time, and the prefetches overlap
+    /// their misses. Returns once they are all scanned.
+    #[cold]
+    #[inline(never)]
+    unsafe fn scan_batches<const IN_FILE: bool>(
+        &mut self,
+        pending: &mut Pending,
+        next: usize,
+        at: usize,
+    ) -> Result<(), CopyError> {
+        // The runs above `floor` are those of the batches.
+        let floor = pending.depth();
+        self.push_run(pending, next, at)?;
+        while pending.depth() > floor {
+            // SAFETY: a run is left above `floor`.
+            let run = unsafe { pending.top().unwrap_unchecked() };
+            let children = self.queue.len();
+            let children_at = self.children_at();
+            let mut at = run.at;
+            for k in run.next..(run.next + pending::BATCH).min(run.end) {
+                // SAFETY: nothing is pushed until the batch ends: `run`, advanced, is
+                // still the top run, and `k` its next block.
+                let entry = unsafe { self.take_next::<IN_FILE>(pending, k) };
+                if entry.header.is_scannable() {
+                    self.prefetch_ahead_in(k, run.end);
+                    // SAFETY: a queued block, which starts at `at`.
+                    unsafe { self.scan_entry(entry, at)? };
                 }
+                at += self.run_words(entry);
             }
-            let children = match batch {
-                None => {
-                    let n = self.queue.len() - children;
-                    Run {
-                        next: children,
-                        end: self.queue.len(),
-                        at: children_at,
-                        batched: n >= pending::BATCHED_FROM && (self.scattered - scattered) * 2 > n,
-                    }
-                }
-                Some((last, next, at)) if last == k => {
-                    batch = None;
-                    Run {
-                        next,
-                        end: self.queue.len(),
-                        at,
-                        batched: true,
-                    }
-                }
-                Some(_) => continue,
-            };
-            if let Err(e) = pending.push(children) {
-                // The memory the reservation holds may be what is missing.
-                if !self.stop_direct() {
-                    return Err(e.into());
-                }
-                pending.push(children)?;
+            self.push_run(pending, children, children_at)?;
+        }
+        Ok(())
+    }
+
+    /// Takes block `k`, the next of the top run of `pending`, and returns its entry.
+    ///
+    /// # Safety
+    /// `k` is the `next` of the top run of `pending`.
+    #[inline(always)]
+    unsafe fn take_next<const IN_FILE: bool>(&self, pending: &mut Pending, k: usize) -> Entry {
+        if IN_FILE {
+            self.queue.note_read(k);
+        }
+        // SAFETY: `k` is below the queue's length: runs hold queued indices.
+        let entry = unsafe { self.queue.get(k).unwrap_unchecked() };
+        pending.take(self.run_words(entry));
+        entry
+    }
+
+    /// The words a queued block takes where [`Run::at`] counts: in the copy, or in the
+    /// snapshot when the source is shared (its fields, if it is scannable).
+    #[inline(always)]
+    fn run_words(&self, entry: Entry) -> usize {
+        if !V::SOURCE_SHARED {
+            entry.header.whsize()
+        } else if entry.header.is_scannable() {
+            entry.header.wosize()
+        } else {
+            0
+        }
+    }
+
+    /// Pass 1 for one queued scannable block, which starts at `at` ([`Run::at`]):
+    /// discovers what its fields lead to, from the snapshot, or writing the block when
+    /// pass 1 writes it, or reading the source.
+    ///
+    /// # Safety
+    /// `entry` is a queued scannable block of the source, at `at`.
+    #[inline(always)]
+    unsafe fn scan_entry(&mut self, entry: Entry, at: usize) -> Result<(), CopyError> {
+        // SAFETY (all three): queued entries are blocks of the source, this one at `at`.
+        unsafe {
+            if V::SOURCE_SHARED {
+                self.scan_snapshot(entry, at)
+            } else if at >= self.direct_from {
+                self.scan_block_direct(entry, at)
+            } else {
+                self.scan_block(entry)
             }
+        }
+    }
+
+    /// Whether the blocks queued at indices `from..to` are scattered over the heap: more
+    /// than half of the first [`SCATTER_SAMPLE`] of them lie more than [`FAR_BYTES`]
+    /// from the one queued before. Asked only of a block's many children
+    /// ([`pending::BATCHED_FROM`]), once.
+    #[cold]
+    #[inline(never)]
+    fn scattered(&self, from: usize, to: usize) -> bool {
+        let to = to.min(from + SCATTER_SAMPLE);
+        let block = |i| self.queue.get(i).map_or(0, |e: Entry| e.block);
+        let mut last = block(from);
+        let mut far = 0;
+        for i in from + 1..to {
+            let next = block(i);
+            far += usize::from(next.abs_diff(last) > FAR_BYTES);
+            last = next;
+        }
+        far * 2 > to - from
+    }
+
+    /// Where the blocks discovered next start: in the snapshot when the source is
+    /// shared, else in the copy ([`Run::at`]).
+    #[inline(always)]
+    fn children_at(&self) -> usize {
+        if V::SOURCE_SHARED {
+            self.snapshot.len()
+        } else {
+            self.words
+        }
+    }
+
+    /// Pushes onto `pending` the run of the blocks queued from index `next` on, the first
+    /// at `at` ([`Run::at`]).
+    #[inline(always)]
+    fn push_run(&mut self, pending: &mut Pending, next: usize, at: usize) -> Result<(), CopyError> {
+        let run = Run {
+            next,
+            end: self.queue.len(),
+            at,
+        };
+        if let Err(e) = pending.push(run) {
+            // The memory the reservation holds may be what is missing.
+            if !self.stop_direct() {
+                return Err(e.into());
+            }
+            pending.push(run)?;
         }
         Ok(())
     }
@@ -1005,9 +1083,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                     unsafe { self.snapshot_fields(entry)? };
                 }
                 self.words += hd.whsize();
-                let distance = block.abs_diff(self.last_discovered);
-                self.jumps += usize::from(distance > JUMP_BYTES);
-                self.scattered += usize::from(distance > FAR_BYTES);
+                self.jumps += usize::from(block.abs_diff(self.last_discovered) > JUMP_BYTES);
                 self.last_discovered = block;
                 if hd.is_scannable() {
                     prefetch_targets(block, hd.wosize().min(PREFETCH_FIELDS));
@@ -1363,10 +1439,12 @@ const PREFETCH_DISTANCE: usize = 8;
 /// Blocks discovered one after the other, or a pointer and its target, further apart
 /// than this count as a jump.
 const JUMP_BYTES: usize = 256;
-/// Blocks discovered one after the other further apart than this are scattered: the
+/// Blocks queued one after the other further apart than this are scattered: the
 /// hardware prefetcher, which follows a few streams of nearby lines, cannot fetch them
 /// ahead.
 const FAR_BYTES: usize = 4096;
+/// The children of a block [`Traversal::scattered`] looks at.
+const SCATTER_SAMPLE: usize = 4096;
 /// The fields of one block whose targets are prefetched.
 const PREFETCH_FIELDS: usize = 8;
 

@@ -9,9 +9,10 @@
 //! per level of the path being walked (the depth of the source, never its size: a run is
 //! dropped as soon as its last block is taken).
 //!
-//! A batched run ([`Run::batched`]) is scanned a batch of blocks at a time: the children
-//! of the whole batch make one run, batched too, scanned before the next batch. The
-//! stack then holds one run per level of the batches' depth.
+//! The many children of a block scattered over the heap (a hash table's buckets) are
+//! scanned in batches instead ([`BATCHED_FROM`]): the children of a batch of them make
+//! one run, scanned the same way before the next batch, and so on down. Such runs are
+//! always above the others on the stack ([`Pending::depth`] tells where they begin).
 
 use crate::alloc::NoMemory;
 
@@ -27,12 +28,9 @@ pub struct Run {
     /// Where block `next` starts: in the snapshot when the source is shared, else in
     /// the copy.
     pub at: usize,
-    /// Whether the run is scanned in batches ([`BATCH`]): the children of a batch of
-    /// its blocks are queued together and scanned, batched too, before the next batch.
-    pub batched: bool,
 }
 
-/// Blocks of a batched [`Run`] scanned before the children of any of them: enough for
+/// Blocks of a batched run scanned before the children of any of them: enough for
 /// the prefetches of pass 1 to overlap the cache misses of as many independent blocks,
 /// few enough that the blocks of one batch stay together in the copy.
 pub const BATCH: usize = 64;
@@ -65,7 +63,6 @@ impl Pending {
                 next: 0,
                 end: 0,
                 at: 0,
-                batched: false,
             },
             below: Vec::new(),
         }
@@ -117,6 +114,11 @@ impl Pending {
         self.top.at += words;
     }
 
+    /// The number of runs with blocks left to scan.
+    pub fn depth(&self) -> usize {
+        self.below.len() + usize::from(self.top.next != self.top.end)
+    }
+
     /// Bytes of memory the stack holds now.
     pub fn allocated_bytes(&self) -> usize {
         self.below.capacity() * std::mem::size_of::<Run>()
@@ -143,7 +145,6 @@ mod tests {
             next: 0,
             end: 2,
             at: 0,
-            batched: false,
         })
         .unwrap();
         assert_eq!(
@@ -152,7 +153,6 @@ mod tests {
                 next: 0,
                 end: 2,
                 at: 0,
-                batched: false,
             })
         );
         p.take(3);
@@ -160,14 +160,12 @@ mod tests {
             next: 2,
             end: 3,
             at: 7,
-            batched: false,
         })
         .unwrap();
         p.push(Run {
             next: 3,
             end: 3,
             at: 9,
-            batched: false,
         })
         .unwrap(); // empty: not kept
         assert_eq!(
@@ -176,7 +174,6 @@ mod tests {
                 next: 2,
                 end: 3,
                 at: 7,
-                batched: false,
             })
         );
         p.take(0);
@@ -186,7 +183,6 @@ mod tests {
                 next: 1,
                 end: 2,
                 at: 3,
-                batched: false,
             })
         );
         p.take(0);
@@ -200,7 +196,6 @@ mod tests {
             next: 0,
             end: 1,
             at: 0,
-            batched: false,
         })
         .unwrap();
         for k in 1..100_000 {
@@ -210,7 +205,6 @@ mod tests {
                 next: k,
                 end: k + 1,
                 at: 0,
-                batched: false,
             })
             .unwrap();
             assert!(p.below.is_empty());
