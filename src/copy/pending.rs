@@ -190,6 +190,27 @@ mod tests {
     }
 
     #[test]
+    fn depth_counts_the_runs_with_blocks_left() {
+        let mut p = Pending::new();
+        assert_eq!(p.depth(), 0);
+        let run = |next, end| Run { next, end, at: 0 };
+        p.push(run(0, 2)).unwrap();
+        p.push(run(2, 2)).unwrap(); // empty: not kept
+        assert_eq!(p.depth(), 1);
+        p.push(run(2, 3)).unwrap();
+        assert_eq!(p.depth(), 2);
+        p.top();
+        p.take(0);
+        assert_eq!(p.depth(), 1, "the top run spent");
+        p.top();
+        p.take(0);
+        p.top();
+        p.take(0);
+        assert_eq!(p.depth(), 0);
+        assert_eq!(p.top(), None);
+    }
+
+    #[test]
     fn a_chain_holds_one_run() {
         let mut p = Pending::new();
         p.push(Run {
