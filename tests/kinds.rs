@@ -1250,6 +1250,18 @@ fn grouped_depth_first(h: &FakeHeap, root: Word) -> Vec<isize> {
     out
 }
 
+/// `label` of every block of the copy `c`, in the order the copy lays them out.
+fn labels_in_copy(c: &Copied, label: impl Fn(Word) -> isize) -> Vec<isize> {
+    let mut at = 0;
+    let mut labels = Vec::new();
+    while at < c.bytes / WORD_BYTES {
+        let block = c.base as Word + (at + 1) * WORD_BYTES;
+        labels.push(label(block));
+        at += header(block).wosize() + 1;
+    }
+    labels
+}
+
 #[test]
 fn trees_are_laid_out_depth_first_by_groups() {
     let mut rng = Rng(41);
@@ -1260,14 +1272,9 @@ fn trees_are_laid_out_depth_first_by_groups() {
         assert_eq!(expected.len(), nodes);
         for s in ALL {
             let done = copy_ok(&mut h, root, s);
-            let mut at = 0;
-            let mut labels = Vec::new();
-            while at < done.c.bytes / WORD_BYTES {
-                let block = done.c.base as Word + (at + 1) * WORD_BYTES;
-                let n = header(block).wosize();
-                labels.push(word_at(block, n - 1) as isize >> 1);
-                at += n + 1;
-            }
+            let labels = labels_in_copy(&done.c, |block| {
+                word_at(block, header(block).wosize() - 1) as isize >> 1
+            });
             assert_eq!(labels, expected, "{s:?}: {nodes} nodes");
             done.free();
         }
@@ -1334,13 +1341,7 @@ fn wide_runs_of_scattered_blocks_are_laid_out_in_batches() {
         let expected = batched_order(root, batched_from);
         for s in ALL {
             let done = copy_ok(&mut h, root, s);
-            let mut at = 0;
-            let mut labels = Vec::new();
-            while at < done.c.bytes / WORD_BYTES {
-                let block = done.c.base as Word + (at + 1) * WORD_BYTES;
-                labels.push(bucket_label(block));
-                at += header(block).wosize() + 1;
-            }
+            let labels = labels_in_copy(&done.c, bucket_label);
             assert_eq!(labels.len(), expected.len(), "{s:?}, scattered {scattered}");
             let first_difference = labels.iter().zip(&expected).position(|(a, b)| a != b);
             assert_eq!(first_difference, None, "{s:?}, scattered {scattered}");

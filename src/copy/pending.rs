@@ -35,8 +35,9 @@ pub struct Run {
 /// few enough that the blocks of one batch stay together in the copy.
 pub const BATCH: usize = 64;
 
-/// The length from which a run is batched: a block with this many unseen children (a
-/// large array, a hash table's buckets). Its children are mostly unrelated to one
+/// The length from which a run may be batched: a block with this many unseen children
+/// (a large array, a hash table's buckets), batched when they also lie scattered over
+/// the heap (`Traversal::scattered`). Such children are mostly unrelated to one
 /// another, and walking each child's descendants before the next child's chases one
 /// chain of pointers at a time (a hash table's buckets: one cache miss after another),
 /// where a batch walks 64 chains a level at a time. Values of no more blocks than the

@@ -37,12 +37,18 @@ static void guarded_free(value allocator, void *ptr, size_t size) {
   atomic_fetch_add(&frees, 1);
 }
 
+/* An allocator block: the two functions in an Abstract_tag block. */
+static value allocator_block(void *(*alloc)(value, size_t),
+                             void (*free_fn)(value, void *, size_t)) {
+  value a = caml_alloc_small(2, Abstract_tag);
+  Field(a, 0) = (value)alloc;
+  Field(a, 1) = (value)free_fn;
+  return a;
+}
+
 value guarded_alloc_make(value unit) {
   (void)unit;
-  value a = caml_alloc_small(2, Abstract_tag);
-  Field(a, 0) = (value)guarded_alloc;
-  Field(a, 1) = (value)guarded_free;
-  return a;
+  return allocator_block(guarded_alloc, guarded_free);
 }
 
 /* A plain allocator, malloc and free, that is not offheap's default: the handles of its
@@ -60,10 +66,7 @@ static void plain_free(value allocator, void *ptr, size_t size) {
 
 value guarded_plain_make(value unit) {
   (void)unit;
-  value a = caml_alloc_small(2, Abstract_tag);
-  Field(a, 0) = (value)plain_alloc;
-  Field(a, 1) = (value)plain_free;
-  return a;
+  return allocator_block(plain_alloc, plain_free);
 }
 
 value guarded_alloc_counts(value unit) {
