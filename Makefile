@@ -92,14 +92,19 @@ test-doc: deps
 	if [ -n "$$out" ]; then echo "$$out"; echo "dune build @doc: odoc warns"; exit 1; fi; \
 	echo "dune build @doc: no warnings (but that Debian ships no odoc files for Stdlib)"
 
-# A panic inside a stub aborts the process with its message (tests/faults/): the stubs
-# built with the cargo feature fault-injection, in a build directory of their own.
+# The stubs built with the cargo feature fault-injection, in a build directory of their
+# own (tests/faults/): a panic inside a stub aborts the process with its message; loaded
+# images freed in loops, released payloads kept unreadable (OFFHEAP_POISON_RELEASED).
 FAULTS_BUILD := _build_faults
+FAULTS_BC := CAML_LD_LIBRARY_PATH=$(FAULTS_BUILD)/default/lib $(FAULTS_BUILD)/default/tests/faults
 test-faults: deps
 	OFFHEAP_CARGO_FEATURES=fault-injection dune build --build-dir $(FAULTS_BUILD) \
-	  tests/faults/test_panics.exe tests/faults/test_panics.bc
+	  tests/faults/test_panics.exe tests/faults/test_panics.bc \
+	  tests/faults/test_released.exe tests/faults/test_released.bc
 	$(FAULTS_BUILD)/default/tests/faults/test_panics.exe
-	CAML_LD_LIBRARY_PATH=$(FAULTS_BUILD)/default/lib $(FAULTS_BUILD)/default/tests/faults/test_panics.bc
+	$(FAULTS_BC)/test_panics.bc
+	OFFHEAP_POISON_RELEASED=1 $(FAULTS_BUILD)/default/tests/faults/test_released.exe
+	OFFHEAP_POISON_RELEASED=1 $(FAULTS_BC)/test_released.bc
 
 # The same OCaml tests on OCaml 5.3, in a Debian trixie chroot (created on first use;
 # the Rust tests do not depend on the OCaml version).

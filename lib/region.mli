@@ -216,10 +216,11 @@ module type S = sig
       The region can be written again with {!write_image}, and must be freed with
       {!free}. The types of the roots are the caller's promise, as with [Marshal]: the
       [key] is the guard. The roots point into the region: no variable may still hold
-      them when it is freed (the rules of {!free}); in bytecode, where a
-      function's locals live until it returns, use them in a function that returns
-      before the [free] (on OCaml 5, loads read and freed in a loop whose body holds
-      the roots, the [free] last, crashed the GC now and then).
+      them when it is freed (the rules of {!free}). In bytecode a function's locals
+      live until it returns (a loop body's until the body ends), used or not: read
+      the roots in a function that returns before the [free], or in the body of a loop
+      that ends with it, never in the function that goes on running after the
+      [free].
 
       {[
         (* The roots, and what they lead to, stay in this function. *)

@@ -1,11 +1,17 @@
-//! Panic injection for the tests of what happens when a stub panics (feature
-//! `fault-injection`, never in a release build of the library).
+//! Faults for tests (feature `fault-injection`, never in a release build of the
+//! library): panics injected in stubs, and released image memory kept unreadable.
 //!
 //! [`point`] marks a place where a panic is injected when the environment variable
 //! `OFFHEAP_INJECT_PANIC` names it. Without the feature it is an empty inline function.
 //! Points: `measure`, `write`, `restore` (the traversal's passes), `image-write` (the
 //! image write stub, which holds the runtime: the copy goes to the file as it is made)
 //! and `image-load` (the image load stub, while the runtime lock is released).
+//!
+//! [`poison_released`] tells the image code to keep the address range of a released
+//! payload mapped but unreadable (`PROT_NONE`) when `OFFHEAP_POISON_RELEASED` is set:
+//! an address is then never reused, so a read of a released payload (the GC following a
+//! pointer that a free let through too early) faults at once, where a reused range would
+//! hide it (`tests/faults/test_released.ml`).
 
 /// Panics if `OFFHEAP_INJECT_PANIC` is `name` (read once per process).
 #[cfg(feature = "fault-injection")]
@@ -22,3 +28,18 @@ pub fn point(name: &str) {
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
 pub fn point(_name: &str) {}
+
+/// Whether released payloads are kept unreadable (`OFFHEAP_POISON_RELEASED` set; read
+/// once per process).
+#[cfg(feature = "fault-injection")]
+pub fn poison_released() -> bool {
+    static POISON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *POISON.get_or_init(|| std::env::var_os("OFFHEAP_POISON_RELEASED").is_some())
+}
+
+/// Without the feature `fault-injection`: never.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn poison_released() -> bool {
+    false
+}

@@ -254,32 +254,6 @@ static PENDING_COUNT: AtomicUsize = AtomicUsize::new(0);
 /// under the lock.
 static OLDEST_CYCLE: AtomicUsize = AtomicUsize::new(usize::MAX);
 
-/// Counts of [`runtime::major_cycles_completed`] that every freed copy waits beyond the
-/// cycle running at its free: one whole cycle more in a bytecode program on OCaml 5
-/// ([`hold_longer_in_bytecode`]), none otherwise.
-///
-/// Bytecode keeps a function's locals on its stack until they are overwritten or it
-/// returns (a loop's until its body ends), and the GC scans them all: a variable that
-/// pointed into a copy, dead once the copy is freed, is still a root to the cycle that
-/// begins after the free's, which would read the copy's memory released at the end of
-/// the free's cycle (region images loaded, read and freed in a loop: a segfault in the
-/// marker). Native code's frames tell the GC which slots are live.
-static EXTRA_WAIT: AtomicUsize = AtomicUsize::new(0);
-
-/// Makes every freed copy wait one major cycle more ([`EXTRA_WAIT`]): called once by a
-/// bytecode program, when the library is initialised. Nothing on OCaml 4, whose frees
-/// wait only for the running marking, and whose marker skips pointers outside the
-/// heap's pages.
-pub fn hold_longer_in_bytecode() {
-    #[cfg(ocaml5)]
-    EXTRA_WAIT.store(runtime::COUNTS_PER_CYCLE, Ordering::Relaxed);
-}
-
-/// The `after_cycle` of a copy freed now.
-fn after_cycle_now() -> usize {
-    runtime::major_cycles_completed() + EXTRA_WAIT.load(Ordering::Relaxed)
-}
-
 fn queue() -> MutexGuard<'static, VecDeque<Pending>> {
     // Nothing panics while the lock is held (panics abort anyway), so a poisoned lock
     // still guards a consistent queue.
@@ -381,7 +355,7 @@ pub unsafe fn free(h: Word) -> Outcome {
         runtime::unregister(owned.base, owned.bytes);
     }
     let entry = Pending {
-        after_cycle: after_cycle_now(),
+        after_cycle: runtime::major_cycles_completed(),
         base: owned.base,
         bytes: owned.bytes,
         free,
@@ -652,7 +626,7 @@ pub unsafe fn free_all(
         return Outcome::AlreadyFreed;
     };
     debug_assert!(owned.len() <= count, "room reserved for {count} entries");
-    let after_cycle = after_cycle_now();
+    let after_cycle = runtime::major_cycles_completed();
     if queue.is_empty() {
         OLDEST_CYCLE.store(after_cycle, Ordering::Relaxed);
     }
