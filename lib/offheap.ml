@@ -92,8 +92,9 @@ let free h =
          work owed by earlier frees past the limit, when no cycle has ended since (at
          most one cycle's work): a program that allocates little pays for the cycles
          after which its memory goes back (src/release.rs). [max_int] when frees wait
-         at four times the limit because no cycle ends (another domain that allocates
-         only short-lived blocks does no major work): the cycle is finished. What the
+         at four times the limit beside other domains, where no cycle may end (a domain
+         that allocates only short-lived blocks does no major work): the cycle is
+         finished. What the
          end of a cycle made due goes back at once (the alarm may have run before). *)
       pay_gc_work words
   | e -> Outcome.fail e
