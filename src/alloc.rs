@@ -194,7 +194,7 @@ pub(crate) fn map_aligned(len: usize, prot: libc::c_int) -> *mut u8 {
 /// `ptr` came from `map_huge(bytes)` and nothing uses the memory any more.
 pub unsafe fn unmap_huge(ptr: *mut u8, bytes: usize) {
     // SAFETY: the caller passes a whole mapping made by `map_huge`.
-    unsafe { libc::munmap(ptr as *mut libc::c_void, round_up(bytes.max(1), HUGE_PAGE)) };
+    unsafe { crate::fault::release_mapping(ptr, round_up(bytes.max(1), HUGE_PAGE)) };
 }
 
 /// A zero-filled array for the traversal's own tables: from [`HUGE_PAGE`] bytes on, a

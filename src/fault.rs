@@ -7,11 +7,12 @@
 //! image write stub, which holds the runtime: the copy goes to the file as it is made)
 //! and `image-load` (the image load stub, while the runtime lock is released).
 //!
-//! [`poison_released`] tells the image code to keep the address range of a released
-//! payload mapped but unreadable (`PROT_NONE`) when `OFFHEAP_POISON_RELEASED` is set:
-//! an address is then never reused, so a read of a released payload (the GC following a
-//! pointer that a free let through too early) faults at once, where a reused range would
-//! hide it (`tests/faults/test_released.ml`).
+//! [`release_mapping`] releases the mappings that hold copies (loaded image payloads, the
+//! default allocator's large copies and region chunks): when `OFFHEAP_POISON_RELEASED`
+//! is set it keeps their address range reserved but unreadable (`PROT_NONE`) instead of
+//! unmapping it. An address is then never reused, so a read of released memory (the GC
+//! following a pointer that a free let through too early) faults at once, where a
+//! reused range would hide it (`tests/faults/test_released.ml`).
 
 /// Panics if `OFFHEAP_INJECT_PANIC` is `name` (read once per process).
 #[cfg(feature = "fault-injection")]
@@ -29,10 +30,10 @@ pub fn point(name: &str) {
 #[inline(always)]
 pub fn point(_name: &str) {}
 
-/// Whether released payloads are kept unreadable (`OFFHEAP_POISON_RELEASED` set; read
+/// Whether released mappings are kept unreadable (`OFFHEAP_POISON_RELEASED` set; read
 /// once per process).
 #[cfg(feature = "fault-injection")]
-pub fn poison_released() -> bool {
+fn poison_released() -> bool {
     static POISON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *POISON.get_or_init(|| std::env::var_os("OFFHEAP_POISON_RELEASED").is_some())
 }
@@ -40,6 +41,24 @@ pub fn poison_released() -> bool {
 /// Without the feature `fault-injection`: never.
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
-pub fn poison_released() -> bool {
+fn poison_released() -> bool {
     false
+}
+
+/// Releases the mapping of `len` bytes at `ptr`: unmaps it, or (poisoned, tests only)
+/// drops its pages and keeps the range reserved and unreadable.
+///
+/// # Safety
+/// `ptr` and `len` are a whole mapping, or whole pages of one, that nothing uses any more.
+pub unsafe fn release_mapping(ptr: *mut u8, len: usize) {
+    let p = ptr as *mut libc::c_void;
+    // SAFETY: the caller's contract: our own pages, unused.
+    unsafe {
+        if poison_released() {
+            libc::madvise(p, len, libc::MADV_DONTNEED);
+            libc::mprotect(p, len, libc::PROT_NONE);
+        } else {
+            libc::munmap(p, len);
+        }
+    }
 }

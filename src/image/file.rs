@@ -639,15 +639,9 @@ pub unsafe fn map_unwritten(
 pub unsafe fn unmap(base: *mut u8, held: usize, mapping: Mapping) {
     match mapping {
         Mapping::None => {}
-        // SAFETY: the caller's contract: a whole reservation of `held` bytes. Poisoned
-        // (tests only), its pages are dropped and the range stays reserved.
+        // SAFETY: the caller's contract: a whole reservation of `held` bytes.
         Mapping::Recorded | Mapping::Relocated => unsafe {
-            if crate::fault::poison_released() {
-                libc::madvise(base as *mut libc::c_void, held, libc::MADV_DONTNEED);
-                libc::mprotect(base as *mut libc::c_void, held, libc::PROT_NONE);
-            } else {
-                libc::munmap(base as *mut libc::c_void, held);
-            }
+            crate::fault::release_mapping(base, held);
         },
     }
 }

@@ -1,12 +1,13 @@
-(* Loaded images freed in loops, with released payloads kept unreadable: a free that let
-   the GC read a payload after handing it back faults at once.
+(* Copies freed in loops, with released memory kept unreadable: a free that let the GC
+   read a copy after handing its memory back faults at once. Loaded images, large
+   copies and regions growing by 2 MiB chunks (the mappings of the default allocator).
 
    Needs the library built with the cargo feature fault-injection and
-   OFFHEAP_POISON_RELEASED set (make test-faults; src/fault.rs): a released payload's
+   OFFHEAP_POISON_RELEASED set (make test-faults; src/fault.rs): a released mapping's
    range then stays reserved and unreadable instead of being unmapped. Without it, the
-   next load usually takes the same range back, and a read that came too late finds a
-   payload there: the bug stays hidden (it showed as a rare crash of the OCaml 5
-   bytecode marker). Every loop runs long enough for many major cycles to end between
+   next copy usually takes the same range back, and a read that came too late finds a
+   copy there: the bug stays hidden (it showed as a rare crash of the OCaml 5 bytecode
+   marker). Every loop runs long enough for many major cycles to end between
    its frees, in native code and in bytecode, on OCaml 4 and 5.
 
    The values written stay in functions that return before their region is freed (the
@@ -72,7 +73,11 @@ let test_handles _ =
       Offheap.Image.write p (pairs 3000);
       for i = 1 to 300 do
         let h = Offheap.Image.load ~share:(i mod 2 = 0) p in
-        check 3000 (Offheap.get h);
+        let m = Offheap.get h in
+        check 3000 m;
+        (* A heap array of pointers into the image, as in [test_large_copies]. *)
+        let pointers = Array.of_list m in
+        assert_equal ~msg:"the first pair" ("0", 0) pointers.(0);
         churn ();
         Offheap.free h
       done)
@@ -89,6 +94,35 @@ let test_paying_frees _ =
         R.free r
       done)
 
+(* Copies of some megabytes (the default allocator maps them, from 4 MiB on). Each
+   round also makes a heap array of pointers into its copy, dead at the free: a cycle
+   that began while it lived marks its fields after the free, a slice at a time, and
+   reads the copy's headers through them until the cycle ends. *)
+let records n = Array.init n (fun i -> (i, string_of_int i, float_of_int i))
+
+let test_large_copies _ =
+  let v = records 100_000 in
+  for _ = 1 to 100 do
+    let h = Offheap.copy v in
+    let c = Offheap.get h in
+    assert_bool "a mapped copy" ((Offheap.stats h).bytes >= 4 lsl 20);
+    let pointers = Array.map Fun.id c in
+    assert_equal ~msg:"the last record" v.(99_999) pointers.(99_999);
+    churn ();
+    Offheap.free h
+  done
+
+(* Regions grown past their first chunk (chunks of 2 MiB, mapped), read and freed. *)
+let test_growing_regions _ =
+  for _ = 1 to 40 do
+    let r = R.create () in
+    let parts = List.init 8 (fun _ -> R.add r (pairs 20_000)) in
+    assert_bool "several chunks" ((R.stats r).chunks > 2);
+    List.iter (check 20_000) parts;
+    churn ();
+    R.free r
+  done
+
 let () =
   run_test_tt_main
     ("released payloads"
@@ -97,4 +131,6 @@ let () =
            "region images read in a function" >:: test_region_function;
            "image handles read and freed in a loop" >:: test_handles;
            "large images freed faster than cycles end" >:: test_paying_frees;
+           "large copies read and freed in a loop" >:: test_large_copies;
+           "growing regions read and freed in a loop" >:: test_growing_regions;
          ])
