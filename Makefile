@@ -100,11 +100,15 @@ FAULTS_BC := CAML_LD_LIBRARY_PATH=$(FAULTS_BUILD)/default/lib $(FAULTS_BUILD)/de
 test-faults: deps
 	OFFHEAP_CARGO_FEATURES=fault-injection dune build --build-dir $(FAULTS_BUILD) \
 	  tests/faults/test_panics.exe tests/faults/test_panics.bc \
-	  tests/faults/test_released.exe tests/faults/test_released.bc
+	  tests/faults/test_released.exe tests/faults/test_released.bc \
+	  tests/faults/test_released5.exe tests/faults/test_released5.bc
 	$(FAULTS_BUILD)/default/tests/faults/test_panics.exe
 	$(FAULTS_BC)/test_panics.bc
 	OFFHEAP_POISON_RELEASED=1 $(FAULTS_BUILD)/default/tests/faults/test_released.exe
 	OFFHEAP_POISON_RELEASED=1 $(FAULTS_BC)/test_released.bc
+	if [ "$$(ocamlfind ocamlc -version | cut -d. -f1)" -ge 5 ]; then \
+	  OFFHEAP_POISON_RELEASED=1 $(FAULTS_BUILD)/default/tests/faults/test_released5.exe -runner sequential && \
+	  OFFHEAP_POISON_RELEASED=1 $(FAULTS_BC)/test_released5.bc -runner sequential; fi
 
 # The same OCaml tests on OCaml 5.3, in a Debian trixie chroot (created on first use;
 # the Rust tests do not depend on the OCaml version).

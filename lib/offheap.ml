@@ -58,6 +58,11 @@ let malloc = stub_malloc ()
    (OCaml 5), or its marking (OCaml 4, when it was marking; src/release.rs): at the end
    of a later cycle (this alarm), or at the next [copy] or [free]. *)
 let () = if stub_defers_free () then ignore (Gc.create_alarm stub_drain : Gc.alarm)
+
+(* Bytecode keeps dead locals on the stack until the function returns, where the GC
+   scans them, and another domain or thread may begin a cycle before then: on OCaml 5 a
+   freed copy waits one cycle more (src/release.rs, [EXTRA_WAIT]). *)
+let () = if Sys.backend_type = Sys.Bytecode then Ext.offheap_stub_bytecode ()
 let pending_frees = stub_pending_frees
 
 let fresh alloc = { root = Obj.repr 0; alloc; state = fresh_state }

@@ -25,6 +25,7 @@ struct
   external offheap_region_stats : region -> int array -> unit = "offheap_region_stats" [@@noalloc]
 
   (* src/stubs.rs *)
+  external offheap_stub_bytecode : unit -> unit = "offheap_stub_bytecode"
   external offheap_stub_copy : 'a handle -> bool -> 'a -> Outcome.t = "offheap_stub_copy"
   external offheap_stub_defers_free : unit -> bool = "offheap_stub_defers_free"
   external offheap_stub_drain : unit -> unit = "offheap_stub_drain"

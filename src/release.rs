@@ -261,6 +261,35 @@ static PENDING_COUNT: AtomicUsize = AtomicUsize::new(0);
 /// under the lock.
 static OLDEST_CYCLE: AtomicUsize = AtomicUsize::new(usize::MAX);
 
+/// Counts of [`runtime::major_cycles_completed`] that every freed copy waits beyond the
+/// cycle running at its free: one whole cycle more in a bytecode program on OCaml 5
+/// ([`hold_longer_in_bytecode`]), none otherwise.
+///
+/// Bytecode keeps a function's locals on its stack until it returns (a loop body's
+/// until the body ends), used or not, and the GC scans them all. A free that is the last
+/// thing of a loop's body leaves, for a moment, variables that lead into the freed copy
+/// (its value, a heap array of pointers into it). Another domain, or another thread at a
+/// poll point, may begin a major cycle in that moment: its marking then starts from those
+/// variables and follows them into the copy, slice after slice, during that cycle, the
+/// one after the free's, whose start released the copy. `tests/faults/test_released5`
+/// (a second domain ending cycles, released memory kept unreadable) crashed so in 2 runs
+/// of 3 without this wait. Native code's frames tell the GC which slots are live.
+static EXTRA_WAIT: AtomicUsize = AtomicUsize::new(0);
+
+/// Makes every freed copy wait one major cycle more ([`EXTRA_WAIT`]): called once by a
+/// bytecode program, when the library is initialised. Nothing on OCaml 4, whose frees
+/// wait only for the running marking, and whose marker skips pointers outside the
+/// heap's pages.
+pub fn hold_longer_in_bytecode() {
+    #[cfg(ocaml5)]
+    EXTRA_WAIT.store(runtime::COUNTS_PER_CYCLE, Ordering::Relaxed);
+}
+
+/// The `after_cycle` of a copy freed now.
+fn after_cycle_now() -> usize {
+    runtime::major_cycles_completed() + EXTRA_WAIT.load(Ordering::Relaxed)
+}
+
 fn queue() -> MutexGuard<'static, VecDeque<Pending>> {
     // Nothing panics while the lock is held (panics abort anyway), so a poisoned lock
     // still guards a consistent queue.
@@ -362,7 +391,7 @@ pub unsafe fn free(h: Word) -> Outcome {
         runtime::unregister(owned.base, owned.bytes);
     }
     let entry = Pending {
-        after_cycle: runtime::major_cycles_completed(),
+        after_cycle: after_cycle_now(),
         base: owned.base,
         bytes: owned.bytes,
         free,
@@ -633,7 +662,7 @@ pub unsafe fn free_all(
         return Outcome::AlreadyFreed;
     };
     debug_assert!(owned.len() <= count, "room reserved for {count} entries");
-    let after_cycle = runtime::major_cycles_completed();
+    let after_cycle = after_cycle_now();
     if queue.is_empty() {
         OLDEST_CYCLE.store(after_cycle, Ordering::Relaxed);
     }

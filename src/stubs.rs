@@ -268,6 +268,15 @@ pub fn offheap_stub_defers_free(_unit: Raw) -> Value {
     value(val_int(runtime::DEFERS_FREE as isize))
 }
 
+/// Called once by a bytecode program: freed copies wait one major cycle more there
+/// (`release::hold_longer_in_bytecode`).
+#[ocaml::native_func]
+#[ocaml::sig("unit -> unit")]
+pub fn offheap_stub_bytecode(_unit: Raw) -> Value {
+    release::hold_longer_in_bytecode();
+    value(val_int(0))
+}
+
 /// Freed copies waiting for the end of a major cycle.
 #[ocaml::native_func]
 #[ocaml::sig("unit -> int")]
