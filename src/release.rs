@@ -272,8 +272,8 @@ static OLDEST_CYCLE: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// poll point, may begin a major cycle in that moment: its marking then starts from those
 /// variables and follows them into the copy, slice after slice, during that cycle, the
 /// one after the free's, whose start released the copy. `tests/faults/test_released5`
-/// (a second domain ending cycles, released memory kept unreadable) crashed so in 2 runs
-/// of 3 without this wait. Native code's frames tell the GC which slots are live.
+/// (a second domain ending cycles, released memory kept unreadable) crashed so in 2 or 3
+/// runs of 4 without this wait. Native code's frames tell the GC which slots are live.
 static EXTRA_WAIT: AtomicUsize = AtomicUsize::new(0);
 
 /// Makes every freed copy wait one major cycle more ([`EXTRA_WAIT`]): called once by a
