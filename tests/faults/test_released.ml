@@ -7,8 +7,8 @@
    range then stays reserved and unreadable instead of being unmapped. Without it, the
    next copy usually takes the same range back, and a read that came too late finds a
    copy there: the bug stays hidden (it showed as a rare crash of the OCaml 5 bytecode
-   marker). Every loop runs long enough for many major cycles to end between
-   its frees, in native code and in bytecode, on OCaml 4 and 5.
+   marker). Major cycles end during the loops (the frees past the limit of waiting
+   bytes pay for them), in native code and in bytecode, on OCaml 4 and 5.
 
    The values written stay in functions that return before their region is freed (the
    rules of Region.free): bytecode keeps a function's locals on its stack until it
