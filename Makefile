@@ -93,22 +93,23 @@ test-doc: deps
 	echo "dune build @doc: no warnings (but that Debian ships no odoc files for Stdlib)"
 
 # The stubs built with the cargo feature fault-injection, in a build directory of their
-# own (tests/faults/): a panic inside a stub aborts the process with its message; loaded
-# images freed in loops, released payloads kept unreadable (OFFHEAP_POISON_RELEASED).
+# own (tests/faults/): a panic inside a stub aborts the process with its message; copies
+# freed in loops, their released memory kept unreadable (OFFHEAP_POISON_RELEASED; the
+# tests beside a second domain on OCaml 5 only).
 FAULTS_BUILD := _build_faults
-FAULTS_BC := CAML_LD_LIBRARY_PATH=$(FAULTS_BUILD)/default/lib $(FAULTS_BUILD)/default/tests/faults
+FAULTS := $(FAULTS_BUILD)/default/tests/faults
+FAULTS_BYTECODE := CAML_LD_LIBRARY_PATH=$(FAULTS_BUILD)/default/lib
+POISONED := OFFHEAP_POISON_RELEASED=1
 test-faults: deps
 	OFFHEAP_CARGO_FEATURES=fault-injection dune build --build-dir $(FAULTS_BUILD) \
-	  tests/faults/test_panics.exe tests/faults/test_panics.bc \
-	  tests/faults/test_released.exe tests/faults/test_released.bc \
-	  tests/faults/test_released5.exe tests/faults/test_released5.bc
-	$(FAULTS_BUILD)/default/tests/faults/test_panics.exe
-	$(FAULTS_BC)/test_panics.bc
-	OFFHEAP_POISON_RELEASED=1 $(FAULTS_BUILD)/default/tests/faults/test_released.exe
-	OFFHEAP_POISON_RELEASED=1 $(FAULTS_BC)/test_released.bc
+	  $(foreach t,test_panics test_released test_released5,tests/faults/$(t).exe tests/faults/$(t).bc)
+	$(FAULTS)/test_panics.exe
+	$(FAULTS_BYTECODE) $(FAULTS)/test_panics.bc
+	$(POISONED) $(FAULTS)/test_released.exe
+	$(POISONED) $(FAULTS_BYTECODE) $(FAULTS)/test_released.bc
 	if [ "$$(ocamlfind ocamlc -version | cut -d. -f1)" -ge 5 ]; then \
-	  OFFHEAP_POISON_RELEASED=1 $(FAULTS_BUILD)/default/tests/faults/test_released5.exe -runner sequential && \
-	  OFFHEAP_POISON_RELEASED=1 $(FAULTS_BC)/test_released5.bc -runner sequential; fi
+	  $(POISONED) $(FAULTS)/test_released5.exe -runner sequential && \
+	  $(POISONED) $(FAULTS_BYTECODE) $(FAULTS)/test_released5.bc -runner sequential; fi
 
 # The same OCaml tests on OCaml 5.3, in a Debian trixie chroot (created on first use;
 # the Rust tests do not depend on the OCaml version).

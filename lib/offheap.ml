@@ -99,8 +99,8 @@ let free h =
          after which its memory goes back (src/release.rs). [max_int] when frees wait
          at four times the limit beside other domains, where no cycle may end (a domain
          that allocates only short-lived blocks does no major work): the cycle is
-         finished. What the
-         end of a cycle made due goes back at once (the alarm may have run before). *)
+         finished. What the end of a cycle made due goes back at once (the alarm may
+         have run before). *)
       pay_gc_work words
   | e -> Outcome.fail e
 

@@ -1,5 +1,6 @@
 //! Faults for tests (feature `fault-injection`, never in a release build of the
-//! library): panics injected in stubs, and released image memory kept unreadable.
+//! library): panics injected in stubs, and the released memory of copies kept
+//! unreadable.
 //!
 //! [`point`] marks a place where a panic is injected when the environment variable
 //! `OFFHEAP_INJECT_PANIC` names it. Without the feature it is an empty inline function.
