@@ -138,7 +138,9 @@ module type S = sig
   (** [free r] releases every chunk of [r], in time proportional to the number of
       chunks, not of values. Every value taken from [r] is dangling from then on (the
       rules of {!Offheap.free}, including that no root may still point into [r]; the
-      memory goes back once the running major cycle (OCaml 4: marking) has ended). Of
+      memory goes back once the running major cycle (OCaml 4: marking) has ended; on
+      OCaml 5 the pages of chunks of the default allocator may go back at once, see
+      {!Offheap.free}). Of
       several domains freeing [r] at once, exactly one succeeds.
 
       {[

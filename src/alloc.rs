@@ -197,6 +197,56 @@ pub unsafe fn unmap_huge(ptr: *mut u8, bytes: usize) {
     unsafe { crate::fault::release_mapping(ptr, round_up(bytes.max(1), HUGE_PAGE)) };
 }
 
+/// The smallest page of the system: the unit of [`discard`].
+const SMALL_PAGE: usize = 4096;
+
+/// Gives the pages of `len` bytes at `ptr` back to the system, keeping the range mapped:
+/// private anonymous pages then read as zeros, pages of a private file mapping as the
+/// file, and they cost no memory until written again. Advice: when the system refuses
+/// it, the pages stay as they were until the range is released.
+///
+/// # Safety
+/// `ptr` is page aligned; the range lies in a private mapping of ours that nothing reads
+/// but a GC marker following a pointer left from before a free (see `release`).
+pub unsafe fn discard(ptr: *mut u8, len: usize) {
+    if len > 0 {
+        // SAFETY: the caller's contract: our own pages, whose contents nothing needs.
+        unsafe { libc::madvise(ptr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    }
+}
+
+/// Whether address space that holds no memory still costs the process something: it
+/// has a limit on its address space (`ulimit -v`), or the kernel counts every writable
+/// private mapping against a strict commit limit (`vm.overcommit_memory` 2), which pages
+/// dropped by [`discard`] do not lower. Asked once per process.
+pub fn address_space_counts() -> bool {
+    static COUNTS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *COUNTS.get_or_init(|| {
+        let mut limit = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: `limit` is a valid `rlimit` to fill.
+        let limited = unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } == 0
+            && limit.rlim_cur != libc::RLIM_INFINITY;
+        let strict = std::fs::read("/proc/sys/vm/overcommit_memory")
+            .is_ok_and(|mode| mode.first() == Some(&b'2'));
+        limited || strict
+    })
+}
+
+/// [`discard`] for a [`map_huge`] mapping, from its byte `keep` on (rounded up to a
+/// page) to its end.
+///
+/// # Safety
+/// `ptr` came from `map_huge(bytes)`; what lies past `keep` is as [`discard`] requires.
+pub unsafe fn discard_huge(ptr: *mut u8, bytes: usize, keep: usize) {
+    let len = round_up(bytes.max(1), HUGE_PAGE);
+    let from = round_up(keep, SMALL_PAGE).min(len);
+    // SAFETY: inside the mapping, page aligned (the mapping is); the caller's contract.
+    unsafe { discard(ptr.add(from), len - from) };
+}
+
 /// A zero-filled array for the traversal's own tables: from [`HUGE_PAGE`] bytes on, a
 /// [`map_huge`] mapping (zeroed by the kernel, one page fault per 2 MiB), else the heap.
 /// An array of length 0 holds no memory.

@@ -23,12 +23,29 @@
 //! A waiting copy keeps its allocator block alive through a slot that the GC scans as a
 //! root ([`Rooted`]), except when the block's free function ignores it (the default
 //! allocator's).
+//!
+//! On OCaml 5 ([`runtime::DISCARDS_AT_FREE`]) the memory of a waiting copy that lies in
+//! a mapping of offheap's own (the default allocator's copies of [`alloc::LARGE_BYTES`]
+//! and more, region chunks, loaded image payloads) goes back to the system at the free
+//! itself ([`discard_at_free`]) when waiting would pass the limit past which frees owe GC
+//! work ([`passes_limit`]): its pages are dropped and its address range stays mapped
+//! until the release. A marker that follows a pointer left from before the free then
+//! reads zeros (or, in a mapped image, the file's bytes: headers of the color no GC
+//! marks). A zero header is a block of no fields, tag 0, in one of the three colors the
+//! GC gives heap blocks: the marker skips it, or marks it by writing its header (a page
+//! of the range comes back, zeroed) and finds nothing to scan. The address range, which
+//! nothing else can take meanwhile, is what waits for the end of the cycle. So a program
+//! that frees large copies gets their memory back at once, whether or not major cycles
+//! end, and its frees owe GC work only for the ranges waiting ([`DISCARDED_WEIGHT`]).
+//! Below the limit a free only queues the copy (dropping the pages of 80 MB takes a
+//! quarter of a millisecond, and most copies come back at the end of a cycle that ends
+//! soon).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::alloc::{offheap_free, Allocator, CAllocator, FreeFn};
+use crate::alloc::{self, offheap_free, Allocator, CAllocator, FreeFn};
 use crate::handle::{self, Apart, Owned};
 use crate::layout::{val_int, Word};
 use crate::runtime::{self, slab};
@@ -69,6 +86,46 @@ const STALL_FACTOR: usize = 4;
 /// none came back.
 pub const FINISH_CYCLE: usize = (isize::MAX >> 1) as usize;
 
+/// What a waiting copy whose pages went back at its free ([`discard_at_free`]) counts in
+/// the bytes waiting: its address range and the kernel's tables for it. It keeps the
+/// number of such ranges waiting bounded (past the limit, at least 128, frees owe GC work
+/// for them; beside other domains, past four times the limit they finish the cycle),
+/// far below the system's limit on mappings (65530 by default). Where address space
+/// counts ([`alloc::address_space_counts`]: `ulimit -v`, a strict commit limit), such a
+/// copy counts its whole size, as it did before its pages went back at the free.
+const DISCARDED_WEIGHT: usize = 64 << 10;
+
+/// The bytes that may wait before frees owe GC work: [`PENDING_LIMIT`], or the larger
+/// allowance of a larger heap ([`runtime::gc_allowance`]).
+///
+/// # Safety
+/// Called holding the runtime.
+unsafe fn limit() -> usize {
+    // SAFETY: the caller holds the runtime.
+    PENDING_LIMIT.max(unsafe { runtime::gc_allowance() }.0)
+}
+
+/// Whether `waiting` bytes waiting pass the limit past which frees owe GC work (the
+/// runtime's allowance asked only past [`PENDING_LIMIT`]).
+///
+/// # Safety
+/// Called holding the runtime.
+unsafe fn passes_limit(waiting: usize) -> bool {
+    // SAFETY: the caller holds the runtime.
+    waiting > PENDING_LIMIT && waiting > unsafe { limit() }
+}
+
+/// What a copy of `bytes` bytes counts in the bytes waiting: its size, or
+/// [`DISCARDED_WEIGHT`] when its pages go back at its free (`discard`) and address space
+/// costs nothing.
+fn counted(bytes: usize, discard: bool) -> usize {
+    if discard && !alloc::address_space_counts() {
+        DISCARDED_WEIGHT
+    } else {
+        bytes
+    }
+}
+
 /// Words of major GC work owed by frees past the limit, not yet paid.
 static DEBT: AtomicUsize = AtomicUsize::new(0);
 /// The major cycles completed when the debt began (a free owing from 0): once more have
@@ -81,6 +138,8 @@ struct Pending {
     after_cycle: usize,
     base: *mut u8,
     bytes: usize,
+    /// What it counts in [`PENDING_BYTES`]: `bytes`, or [`DISCARDED_WEIGHT`].
+    counted: usize,
     /// The allocator's free function (field 1 of its block).
     free: FreeFn,
     /// The allocator block, passed to `free`.
@@ -147,6 +206,39 @@ fn ignores_block(free: FreeFn) -> bool {
     ]
     .iter()
     .any(|&f| f as *const () == free as *const ())
+}
+
+/// Whether a copy of `bytes` bytes freed with `free` lies in a mapping of offheap's own,
+/// whose pages [`discard_at_free`] gives back: the default allocator's large copies and
+/// region chunks ([`alloc::maps_huge`]), and loaded image payloads; on OCaml 5 only
+/// ([`runtime::DISCARDS_AT_FREE`]).
+fn discards(free: FreeFn, bytes: usize) -> bool {
+    let is = |f: FreeFn| f as *const () == free as *const ();
+    runtime::DISCARDS_AT_FREE
+        && (is(offheap_free) && alloc::maps_huge(bytes)
+            || is(crate::image::file::offheap_image_unmap_recorded)
+            || is(crate::image::file::offheap_image_unmap_relocated))
+}
+
+/// Gives back to the system the pages of a copy just queued (see the module's
+/// documentation), those of its first `keep` bytes excepted (a copy's [`handle::Record`],
+/// which a stub of another domain may read until it returns).
+///
+/// # Safety
+/// `discards(free, bytes)`; the copy at `base` was queued by this stub, which holds the
+/// runtime and has not returned since: no cycle can end before it returns (ending one
+/// takes every domain to a safe point), so the copy is not released yet.
+unsafe fn discard_at_free(free: FreeFn, base: *mut u8, bytes: usize, keep: usize) {
+    // SAFETY (both): the caller's contract; nothing but a marker following a pointer
+    // from before the free reads the copy now, and zeros are safe for it (module docs).
+    unsafe {
+        if free as *const () == offheap_free as *const () {
+            alloc::discard_huge(base, bytes, keep);
+        } else {
+            // A payload's reservation is page aligned; nothing lies in front of it.
+            alloc::discard(base, bytes);
+        }
+    }
 }
 
 impl Rooted {
@@ -390,10 +482,15 @@ pub unsafe fn free(h: Word) -> Outcome {
         // copies; the marker goes by the heap's pages alone.
         runtime::unregister(owned.base, owned.bytes);
     }
+    // SAFETY (`passes_limit`): we hold the runtime (the caller's contract).
+    let discard = discards(free, owned.bytes)
+        && unsafe { passes_limit(PENDING_BYTES.load(Ordering::Relaxed) + owned.bytes) };
+    let counted = counted(owned.bytes, discard);
     let entry = Pending {
         after_cycle: after_cycle_now(),
         base: owned.base,
         bytes: owned.bytes,
+        counted,
         free,
         // Another domain may have freed the handle and made it live again in between?
         // No: a freed handle never becomes live, so `take` found `alloc_block`.
@@ -407,7 +504,16 @@ pub unsafe fn free(h: Word) -> Outcome {
     // Capacity reserved above.
     queue.push_back(entry);
     // SAFETY: we hold the runtime (the caller's contract).
-    Outcome::Done(unsafe { account(&mut queue, 1, owned.bytes) })
+    let work = unsafe { account(&mut queue, 1, counted) };
+    // Outside the lock, which other domains' frees and drains take: dropping the pages
+    // of a large copy takes a while.
+    drop(queue);
+    if discard {
+        // SAFETY: just queued by this stub, which holds the runtime; the record in front
+        // of the copy stays (see `handle::take`).
+        unsafe { discard_at_free(free, owned.base, owned.bytes, handle::PREFIX_BYTES) };
+    }
+    Outcome::Done(work)
 }
 
 /// The debt that the free now starting pays (words of major-slice work): 0 when a major
@@ -579,7 +685,7 @@ unsafe fn drain_queued() {
                     _ => break,
                 }
                 let entry = queue.pop_front();
-                bytes += entry.as_ref().map_or(0, |e| e.bytes);
+                bytes += entry.as_ref().map_or(0, |e| e.counted);
                 batch[taken] = entry;
                 taken += 1;
             }
@@ -667,14 +773,25 @@ pub unsafe fn free_all(
         OLDEST_CYCLE.store(after_cycle, Ordering::Relaxed);
     }
     let (mut entries, mut bytes) = (0, 0);
-    for owned in owned.into_iter().filter(|o| !o.base.is_null()) {
+    // The chunks' pages go back now when all of them waiting would pass the limit.
+    let all: usize = owned.iter().map(|o| o.bytes).sum();
+    // SAFETY: we hold the runtime (the caller's contract).
+    let past = unsafe { passes_limit(PENDING_BYTES.load(Ordering::Relaxed) + all) };
+    // The allocator's free function of each chunk, and whether its pages go back now.
+    let how = |o: &Owned| {
         // SAFETY: an allocator block, alive for the call (the caller's contract).
-        let free = unsafe { CAllocator::new(owned.alloc) }.free_fn();
+        let free = unsafe { CAllocator::new(o.alloc) }.free_fn();
+        (free, past && discards(free, o.bytes))
+    };
+    for owned in owned.iter().filter(|o| !o.base.is_null()) {
+        let (free, discard) = how(owned);
         runtime::unregister(owned.base, owned.bytes);
+        let counted = counted(owned.bytes, discard);
         queue.push_back(Pending {
             after_cycle,
             base: owned.base,
             bytes: owned.bytes,
+            counted,
             free,
             alloc: if owned.alloc == alloc {
                 root.share()
@@ -688,8 +805,17 @@ pub unsafe fn free_all(
             apart: Apart::none(),
         }); // room reserved above
         entries += 1;
-        bytes += owned.bytes;
+        bytes += counted;
     }
     // SAFETY: we hold the runtime (the caller's contract).
-    Outcome::Done(unsafe { account(&mut queue, entries, bytes) })
+    let work = unsafe { account(&mut queue, entries, bytes) };
+    drop(queue);
+    for owned in owned.iter().filter(|o| !o.base.is_null()) {
+        if let (free, true) = how(owned) {
+            // SAFETY: just queued by this stub, which holds the runtime; chunks have no
+            // record.
+            unsafe { discard_at_free(free, owned.base, owned.bytes, 0) };
+        }
+    }
+    Outcome::Done(work)
 }
