@@ -197,9 +197,6 @@ pub unsafe fn unmap_huge(ptr: *mut u8, bytes: usize) {
     unsafe { crate::fault::release_mapping(ptr, round_up(bytes.max(1), HUGE_PAGE)) };
 }
 
-/// The smallest page of the system: the unit of [`discard`].
-const SMALL_PAGE: usize = 4096;
-
 /// Gives the pages of `len` bytes at `ptr` back to the system, keeping the range mapped:
 /// private anonymous pages then read as zeros, pages of a private file mapping as the
 /// file, and they cost no memory until written again. Advice: when the system refuses
@@ -207,7 +204,8 @@ const SMALL_PAGE: usize = 4096;
 ///
 /// # Safety
 /// `ptr` is page aligned; the range lies in a private mapping of ours that nothing reads
-/// but a GC marker following a pointer left from before a free (see `release`).
+/// but a GC marker following a pointer left from before a free, or a racing `stats`
+/// (see `release`).
 pub unsafe fn discard(ptr: *mut u8, len: usize) {
     if len > 0 {
         // SAFETY: the caller's contract: our own pages, whose contents nothing needs.
@@ -235,16 +233,13 @@ pub fn address_space_counts() -> bool {
     })
 }
 
-/// [`discard`] for a [`map_huge`] mapping, from its byte `keep` on (rounded up to a
-/// page) to its end.
+/// [`discard`] for the whole of a [`map_huge`] mapping.
 ///
 /// # Safety
-/// `ptr` came from `map_huge(bytes)`; what lies past `keep` is as [`discard`] requires.
-pub unsafe fn discard_huge(ptr: *mut u8, bytes: usize, keep: usize) {
-    let len = round_up(bytes.max(1), HUGE_PAGE);
-    let from = round_up(keep, SMALL_PAGE).min(len);
-    // SAFETY: inside the mapping, page aligned (the mapping is); the caller's contract.
-    unsafe { discard(ptr.add(from), len - from) };
+/// `ptr` came from `map_huge(bytes)`; its contents are as [`discard`] requires.
+pub unsafe fn discard_huge(ptr: *mut u8, bytes: usize) {
+    // SAFETY: the whole mapping, page aligned; the caller's contract.
+    unsafe { discard(ptr, round_up(bytes.max(1), HUGE_PAGE)) };
 }
 
 /// A zero-filled array for the traversal's own tables: from [`HUGE_PAGE`] bytes on, a

@@ -221,19 +221,22 @@ fn discards(free: FreeFn, bytes: usize) -> bool {
 }
 
 /// Gives back to the system the pages of a copy just queued (see the module's
-/// documentation), those of its first `keep` bytes excepted (a copy's [`handle::Record`],
-/// which a stub of another domain may read until it returns).
+/// documentation). A copy's [`handle::Record`], in front of it, goes too: a `stats` of
+/// another domain that read the handle live just before the free then reads zeros
+/// (keeping the record's page kept its whole huge page: some 2 MiB of memory a copy,
+/// counted nowhere until the kernel splits it).
 ///
 /// # Safety
 /// `discards(free, bytes)`; the copy at `base` was queued by this stub, which holds the
 /// runtime and has not returned since: no cycle can end before it returns (ending one
 /// takes every domain to a safe point), so the copy is not released yet.
-unsafe fn discard_at_free(free: FreeFn, base: *mut u8, bytes: usize, keep: usize) {
+unsafe fn discard_at_free(free: FreeFn, base: *mut u8, bytes: usize) {
     // SAFETY (both): the caller's contract; nothing but a marker following a pointer
-    // from before the free reads the copy now, and zeros are safe for it (module docs).
+    // from before the free, or a racing `stats`, reads the copy now, and zeros are safe
+    // for both (module docs).
     unsafe {
         if free as *const () == offheap_free as *const () {
-            alloc::discard_huge(base, bytes, keep);
+            alloc::discard_huge(base, bytes);
         } else {
             // A payload's reservation is page aligned; nothing lies in front of it.
             alloc::discard(base, bytes);
@@ -509,9 +512,8 @@ pub unsafe fn free(h: Word) -> Outcome {
     // of a large copy takes a while.
     drop(queue);
     if discard {
-        // SAFETY: just queued by this stub, which holds the runtime; the record in front
-        // of the copy stays (see `handle::take`).
-        unsafe { discard_at_free(free, owned.base, owned.bytes, handle::PREFIX_BYTES) };
+        // SAFETY: just queued by this stub, which holds the runtime.
+        unsafe { discard_at_free(free, owned.base, owned.bytes) };
     }
     Outcome::Done(work)
 }
@@ -812,9 +814,8 @@ pub unsafe fn free_all(
     drop(queue);
     for owned in owned.iter().filter(|o| !o.base.is_null()) {
         if let (free, true) = how(owned) {
-            // SAFETY: just queued by this stub, which holds the runtime; chunks have no
-            // record.
-            unsafe { discard_at_free(free, owned.base, owned.bytes, 0) };
+            // SAFETY: just queued by this stub, which holds the runtime.
+            unsafe { discard_at_free(free, owned.base, owned.bytes) };
         }
     }
     Outcome::Done(work)
