@@ -227,8 +227,11 @@ pub fn address_space_counts() -> bool {
         // SAFETY: `limit` is a valid `rlimit` to fill.
         let limited = unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } == 0
             && limit.rlim_cur != libc::RLIM_INFINITY;
-        let strict = std::fs::read("/proc/sys/vm/overcommit_memory")
-            .is_ok_and(|mode| mode.first() == Some(&b'2'));
+        // Its first byte, read into a buffer of our own: no allocation that could fail.
+        let mut mode = [0u8; 1];
+        let strict = std::fs::File::open("/proc/sys/vm/overcommit_memory")
+            .and_then(|mut f| std::io::Read::read(&mut f, &mut mode))
+            .is_ok_and(|n| n == 1 && mode[0] == b'2');
         limited || strict
     })
 }

@@ -95,14 +95,16 @@ pub const FINISH_CYCLE: usize = (isize::MAX >> 1) as usize;
 /// copy counts its whole size, as it did before its pages went back at the free.
 const DISCARDED_WEIGHT: usize = 64 << 10;
 
-/// The bytes that may wait before frees owe GC work: [`PENDING_LIMIT`], or the larger
-/// allowance of a larger heap ([`runtime::gc_allowance`]).
+/// The bytes that may wait before frees owe GC work ([`PENDING_LIMIT`], or the larger
+/// allowance of a larger heap), and the words of work a major cycle costs
+/// ([`runtime::gc_allowance`]).
 ///
 /// # Safety
 /// Called holding the runtime.
-unsafe fn limit() -> usize {
+unsafe fn limit_and_cycle_work() -> (usize, usize) {
     // SAFETY: the caller holds the runtime.
-    PENDING_LIMIT.max(unsafe { runtime::gc_allowance() }.0)
+    let (allowance, cycle_work) = unsafe { runtime::gc_allowance() };
+    (PENDING_LIMIT.max(allowance), cycle_work)
 }
 
 /// Whether `waiting` bytes waiting pass the limit past which frees owe GC work (the
@@ -112,7 +114,7 @@ unsafe fn limit() -> usize {
 /// Called holding the runtime.
 unsafe fn passes_limit(waiting: usize) -> bool {
     // SAFETY: the caller holds the runtime.
-    waiting > PENDING_LIMIT && waiting > unsafe { limit() }
+    waiting > PENDING_LIMIT && waiting > unsafe { limit_and_cycle_work() }.0
 }
 
 /// What a copy of `bytes` bytes counts in the bytes waiting: its size, or
@@ -552,8 +554,7 @@ unsafe fn owe(waiting: usize, bytes: usize) -> usize {
         return 0;
     }
     // SAFETY: the caller holds the runtime.
-    let (allowance, cycle_work) = unsafe { runtime::gc_allowance() };
-    let limit = PENDING_LIMIT.max(allowance);
+    let (limit, cycle_work) = unsafe { limit_and_cycle_work() };
     if waiting <= limit {
         return 0;
     }
