@@ -109,6 +109,56 @@ fn big_value(h: &mut FakeHeap, records: usize, seed: u64) -> Word {
     prev
 }
 
+/// [`big_value`]'s kinds of blocks in a tree whose nodes lie scattered (a `Map` of
+/// random keys): `nodes` nodes `[children..., string, float, Int64, closure, other,
+/// big, label]`, where pass 1 goes on by batches after its first blocks. `other` is a
+/// shared static block, a node seen before (sharing, and cycles through the tree), a
+/// float array or a block of 20 fields; `big` a 6 MB string in one late node. Returns
+/// the root and the node of label `nodes - 1`, at the bottom right of the tree: one of
+/// the last discovered.
+fn scattered_value(h: &mut FakeHeap, nodes: usize, seed: u64) -> (Word, Word) {
+    let shared_static = h.static_block(0, &[layout::val_int(7)]);
+    let mut made: Vec<Word> = Vec::new();
+    let mut closure = h.closure(&[1, 2], &[layout::val_int(1)])[1];
+    let mut extra = |h: &mut FakeHeap, rng: &mut Rng, i: usize| -> Vec<Word> {
+        let s = h.string(format!("node {i} {}", rng.next()).as_bytes());
+        let f = h.float(i as f64 * 0.5);
+        let n = h.int64(-(i as i64));
+        if rng.below(4) == 0 {
+            let fns = h.closure(&[1, 2], &[s, f]);
+            closure = fns[rng.below(2)];
+        }
+        let other = match rng.below(8) {
+            0 => shared_static,
+            1 | 2 if !made.is_empty() => made[rng.below(made.len())],
+            3 if i.is_multiple_of(1000) => h.float_array(&[1.5; 20]),
+            4 if i % 1000 == 1 => {
+                let fields: Vec<Word> = (0..20).map(|k| if k % 2 == 0 { s } else { f }).collect();
+                h.block(3, &fields)
+            }
+            _ => layout::val_int(i as isize),
+        };
+        let big = if i == nodes - 2 {
+            h.string(&vec![b'x'; 6 << 20])
+        } else {
+            layout::val_int(0)
+        };
+        made.push(s);
+        made.push(n);
+        vec![s, f, n, closure, other, big]
+    };
+    let all = h.binary_tree(&mut Rng(seed), nodes, true, &mut extra);
+    (all[nodes / 2], all[nodes - 1])
+}
+
+/// Sets the field `other` of a node of [`scattered_value`].
+fn set_other(h: &mut FakeHeap, node: Word, other: Word) {
+    // SAFETY: a block of the fake heap.
+    let wosize = unsafe { layout::read_header(node) }.wosize();
+    // [children..., string, float, Int64, closure, other, big, label]
+    h.set(node, wosize - 3, other);
+}
+
 /// The copy's words with every pointer into it made relative to its start, so that two
 /// copies at different addresses compare equal when laid out alike.
 fn relative_words(c: &Copied) -> Vec<Word> {
@@ -194,6 +244,122 @@ fn batched_copies_written_by_pass_1_are_the_two_pass_copies() {
     unsafe {
         adopting.free(direct.base, direct.bytes);
         counting.free(two_pass.base, two_pass.bytes);
+    }
+}
+
+#[test]
+fn scattered_copies_written_by_pass_1_by_batches_are_the_two_pass_copies() {
+    // Pass 1 goes on by batches here, every pointer it writes into the copy deferred:
+    // the copy is the one two passes make, and the one the side table (its snapshot)
+    // makes.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for (nodes, seed) in [(40_000, 11), (150_000, 12)] {
+        let mut h = FakeHeap::new(6 << 20);
+        let (root, _) = scattered_value(&mut h, nodes, seed);
+        let before = h.snapshot();
+        let mut adopting = Adopting { allocs: 0 };
+        // SAFETY: a well-formed value of the fake heap, which nothing else touches.
+        let direct =
+            unsafe { copy::copy(root, &mut h, HeaderMarks::new(Color::C2), &mut adopting) }
+                .expect("copied by pass 1");
+        assert!(direct.bytes > 8 << 20, "{nodes}: a copy beyond 4 MiB");
+        assert_eq!(adopting.allocs, 0, "{nodes}: pass 1 wrote the copy");
+        assert!(before == h.snapshot(), "{nodes}: source restored");
+        let n = assert_isomorphic(&mut h, root, direct.root, direct.base as Word, direct.bytes);
+        assert_eq!(n, direct.blocks);
+        let mut counting = Counting::new();
+        // SAFETY: as above.
+        let two_pass =
+            unsafe { copy::copy(root, &mut h, HeaderMarks::new(Color::C2), &mut counting) }
+                .expect("copied in two passes");
+        // SAFETY: as above.
+        let shared = unsafe { copy::copy(root, &mut h, SideTable::new(), &mut counting) }
+            .expect("copied from a snapshot");
+        assert!(before == h.snapshot(), "{nodes}: source restored");
+        let words = relative_words(&direct);
+        assert!(
+            words == relative_words(&two_pass),
+            "{nodes}: pass 1 wrote what pass 2 writes"
+        );
+        assert!(
+            words == relative_words(&shared),
+            "{nodes}: the snapshot's copy is the same"
+        );
+        // SAFETY: each copy goes back to the allocator that made it.
+        unsafe {
+            adopting.free(direct.base, direct.bytes);
+            counting.free(two_pass.base, two_pass.bytes);
+            counting.free(shared.base, shared.bytes);
+        }
+    }
+}
+
+#[test]
+fn errors_met_by_batches_leave_the_source_and_no_memory() {
+    // The bad block hangs from one of the last nodes discovered, long after pass 1 went
+    // on by batches, with pointers still waiting in its ring.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut h = FakeHeap::new(6 << 20);
+    let (root, last) = scattered_value(&mut h, 150_000, 13);
+    let abs = h.block(layout::ABSTRACT_TAG, &[0x1234]);
+    let foreign = h.foreign_custom();
+    let vm_before = vm_size_kb();
+    for (bad, expected) in [
+        (abs, CopyError::Abstract),
+        (foreign, CopyError::Custom("_bigarr02".into())),
+    ] {
+        set_other(&mut h, last, bad);
+        let before = h.snapshot();
+        for with_table in [false, true] {
+            let mut adopting = Adopting { allocs: 0 };
+            // SAFETY: a well-formed value of the fake heap, which nothing else touches.
+            let e = unsafe {
+                if with_table {
+                    copy::copy(root, &mut h, SideTable::new(), &mut adopting)
+                } else {
+                    copy::copy(root, &mut h, HeaderMarks::new(Color::C2), &mut adopting)
+                }
+            }
+            .expect_err("refused");
+            assert_eq!(e, expected);
+            assert_eq!(adopting.allocs, 0);
+            assert!(before == h.snapshot(), "source restored after {e:?}");
+        }
+    }
+    assert!(
+        vm_size_kb() < vm_before + (16 << 20),
+        "reservations unmapped"
+    );
+}
+
+#[test]
+fn a_bigarray_met_by_batches_hands_the_copy_to_pass_2() {
+    // Pass 1 stops writing in the middle of a batch, pointers waiting in its ring for
+    // places in the reservation it gives back: pass 2 writes the whole copy.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut h = FakeHeap::new(6 << 20);
+    let (root, last) = scattered_value(&mut h, 150_000, 14);
+    let data = h.data(4096, &mut Rng(15));
+    let ba = h.bigarray_block(BIGARRAY_OPS.as_ptr() as Word, data, 0, 0, &[512]);
+    set_other(&mut h, last, ba);
+    let before = h.snapshot();
+    for with_table in [false, true] {
+        let mut adopting = Adopting { allocs: 0 };
+        // SAFETY: a well-formed value of the fake heap, which nothing else touches.
+        let c = unsafe {
+            if with_table {
+                copy::copy(root, &mut h, SideTable::new(), &mut adopting)
+            } else {
+                copy::copy(root, &mut h, HeaderMarks::new(Color::C2), &mut adopting)
+            }
+        }
+        .expect("copied");
+        assert_eq!(adopting.allocs, 1, "the copy written by pass 2");
+        assert!(before == h.snapshot(), "source restored");
+        let n = assert_isomorphic(&mut h, root, c.root, c.base as Word, c.bytes);
+        assert_eq!(n + 1, c.blocks, "and the Bigarray's data block");
+        // SAFETY: from this allocator, with this size.
+        unsafe { adopting.free(c.base, c.bytes) };
     }
 }
 

@@ -11,9 +11,12 @@ mod fake_heap;
 
 use std::collections::HashSet;
 
-use fake_heap::{assert_isomorphic, FakeHeap, BIGARRAY_OPS, INT64_OPS};
+use fake_heap::{assert_isomorphic, FakeHeap, Rng, BIGARRAY_OPS, INT64_OPS};
 use offheap::alloc::{Allocator, Malloc};
-use offheap::copy::{self, visited::SideTable};
+use offheap::copy::{
+    self,
+    visited::{HeaderMarks, SideTable},
+};
 use offheap::image::{self, file, format, LoadError, Options, Process, WriteError};
 use offheap::layout::{self, Color, Header, Word, WORD_BYTES};
 use proptest::prelude::*;
@@ -185,6 +188,41 @@ fn big_blocks_and_long_lists() {
     let wide: Vec<Word> = (0..5000).map(|k| layout::val_int(k as isize)).collect();
     let wide = heap.block(0, &wide);
     let root = heap.block(0, &[list, wide]);
+    round_trip(&mut heap, root);
+}
+
+#[test]
+fn scattered_values_stream_with_their_queue_in_a_file() {
+    // A tree of 300 000 nodes lying scattered, a string each: pass 1 goes on by batches,
+    // its queue past its first 256 Ki entries in a file, as `Image.write` makes it. The
+    // payload streamed is the one made from a copy in memory, and loads as a copy of
+    // the source.
+    let n = 300_000;
+    let mut heap = FakeHeap::new(10 * n);
+    let nodes = heap.binary_tree(&mut Rng(21), n, true, &mut |h, _, i| {
+        vec![h.string(format!("key {i}").as_bytes())]
+    });
+    let root = nodes[n / 2];
+    let image = image_of(&mut heap, root, b"").expect("encodes");
+    let end = format::HEADER_BYTES + header(&image).payload_bytes as usize;
+    let before = heap.snapshot();
+    let ops = process().custom_ops;
+    let mut out = Vec::new();
+    let mut w =
+        image::writer::PayloadWriter::new(&mut out, Some(ADDRESS), &ops, format::CHUNK_BYTES)
+            .unwrap();
+    w.writes_a_file(std::env::temp_dir());
+    // SAFETY: the fake heap's value, nothing else touching it.
+    let written =
+        unsafe { copy::copy_into(root, &mut heap, HeaderMarks::new(Color::C2), &mut w) }.unwrap();
+    let (payload, _) = w.finish().unwrap();
+    assert_eq!(written.blocks, 2 * n);
+    assert_eq!(written.bytes as u64, payload.bytes);
+    assert!(
+        out == image[format::HEADER_BYTES..end],
+        "the payload of the copy"
+    );
+    assert!(before == heap.snapshot(), "source restored");
     round_trip(&mut heap, root);
 }
 

@@ -1283,11 +1283,13 @@ fn trees_are_laid_out_depth_first_by_groups() {
 
 /// The labels of the blocks of [`FakeHeap::buckets`] in the order the copy lays them out, by the
 /// definition: the root, then its children; the children of a run are expanded depth
-/// first by groups, unless the run is batched (at least `BATCHED_FROM` blocks with
-/// scattered children, and every run that comes from a batch): then the unseen children
-/// of each group of `BATCH` blocks, followed by their own expansion, batched too.
+/// first by groups, unless the run is batched (the root's children when there are
+/// `batched_from` of them: pass 1 then switches to batches as soon as it has scanned
+/// the root, the queue past `breadth::SWITCH_FROM` blocks, many waiting and scattered;
+/// and every run that comes from a batch): then the unseen children of each group of
+/// `BATCH` blocks, followed by their own expansion, batched too.
 fn batched_order(root: Word, batched_from: usize) -> Vec<isize> {
-    const BATCH: usize = 64;
+    const BATCH: usize = offheap::copy::breadth::BATCH;
     let children = |b: Word, seen: &mut HashSet<Word>| -> Vec<Word> {
         let hd = header(b);
         if hd.tag() == layout::STRING_TAG {
@@ -1329,10 +1331,10 @@ fn batched_order(root: Word, batched_from: usize) -> Vec<isize> {
 
 #[test]
 fn wide_runs_of_scattered_blocks_are_laid_out_in_batches() {
-    // 20 000 chains: past the 16384 children from which a run may be batched, so that
-    // the path of small values never meets a batched run. Scattered (the array's heads
-    // in random order), the buckets are walked in batches; in allocation order, depth
-    // first by groups.
+    // 20 000 chains: past the 16384 blocks from which pass 1 may switch to batches, so
+    // that the path of small values never meets a batched run. Scattered (the array's
+    // heads in random order), the buckets are walked in batches; in allocation order,
+    // depth first by groups.
     let mut rng = Rng(43);
     for (scattered, batched_from) in [(true, 16384), (false, usize::MAX)] {
         let n = 20_000;
@@ -1345,6 +1347,46 @@ fn wide_runs_of_scattered_blocks_are_laid_out_in_batches() {
             assert_eq!(labels.len(), expected.len(), "{s:?}, scattered {scattered}");
             let first_difference = labels.iter().zip(&expected).position(|(a, b)| a != b);
             assert_eq!(first_difference, None, "{s:?}, scattered {scattered}");
+            done.free();
+        }
+    }
+}
+
+#[test]
+fn scattered_trees_go_on_by_batches_once_past_the_small_values() {
+    // A tree whose nodes lie far from their children is walked depth first by groups
+    // until the queue passes `breadth::SWITCH_FROM` blocks (as the path of small values
+    // lays out what it copies), then by batches; built depth first, it stays depth
+    // first by groups to the end. Every strategy (header marks, and the side table
+    // with its snapshot) gives a copy of the same shape either way.
+    let n = 60_000;
+    let first = offheap::copy::breadth::SWITCH_FROM + 1;
+    for scattered in [true, false] {
+        let mut h = FakeHeap::new(4 * n);
+        let root = h.binary_tree(&mut Rng(47), n, scattered, &mut |_, _, _| Vec::new())[n / 2];
+        let expected = grouped_depth_first(&h, root);
+        assert_eq!(expected.len(), n);
+        for s in ALL {
+            let done = copy_ok(&mut h, root, s);
+            let labels = labels_in_copy(&done.c, |block| {
+                word_at(block, header(block).wosize() - 1) as isize >> 1
+            });
+            let mut sorted = labels.clone();
+            sorted.sort_unstable();
+            assert!(
+                sorted.iter().copied().eq(0..n as isize),
+                "{s:?}: every node once"
+            );
+            assert_eq!(
+                labels[..first],
+                expected[..first],
+                "{s:?}: depth first at first"
+            );
+            if scattered {
+                assert_ne!(labels, expected, "{s:?}: by batches from there");
+            } else {
+                assert_eq!(labels, expected, "{s:?}: depth first by groups throughout");
+            }
             done.free();
         }
     }

@@ -5,12 +5,12 @@
 //!    an offset in the copy, in the order it is first seen, and records it in the
 //!    [`Queue`]. The walk goes depth first by groups ([`pending`]): the unseen children
 //!    of the block being scanned are queued together and scanned next, so trees built
-//!    depth first (maps, sets, ASTs) are read close to their allocation order and each
-//!    block's children follow it in the copy. Below a block with many children scattered
-//!    over the heap (a hash table's buckets), the walk goes by batches instead
-//!    ([`pending::BATCHED_FROM`]): the children of 64 blocks at a time, a level at a
-//!    time, so that the cache misses of 64 independent chains overlap instead of
-//!    following one another. The walk is iterative: its only memory is
+//!    depth first (ASTs, lists) are read close to their allocation order and each
+//!    block's children follow it in the copy. Where the blocks it discovers lie
+//!    scattered over the heap and many wait to be scanned (a `Map` of random keys, a
+//!    hash table's buckets), it goes on breadth first instead ([`breadth`]), so that
+//!    the cache misses of many blocks overlap instead of following one another. The
+//!    walk is iterative: its only memory is
 //!    the queue (8 bytes a block), the stack of [`pending`] runs (24 bytes per level of
 //!    the source's depth, none for a list), the visited set and, for a shared source,
 //!    the snapshot (below). All of it is allocated fallibly: running out is
@@ -58,6 +58,7 @@
 //! addresses are to be copied, an [`Allocator`] gives memory, a [`VisitedSet`] remembers
 //! what was seen. The same code runs on OCaml 4, OCaml 5 and the fake heap of the tests.
 
+pub mod breadth;
 pub mod data;
 pub mod direct;
 pub mod pending;
@@ -580,6 +581,9 @@ struct Traversal<'a, H, V> {
     direct_from_k: usize,
     /// Bytes of the mapping before the copy ([`Output::adopts`]).
     direct_prefix: usize,
+    /// Pass 1 walks breadth first ([`breadth`]): a block discovered is scanned long
+    /// after, and fetching what its fields point to at once would be wasted.
+    breadth_first: bool,
 }
 
 impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
@@ -600,6 +604,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             reservation: None,
             direct_from_k: 0,
             direct_prefix: 0,
+            breadth_first: false,
         }
     }
 
@@ -674,9 +679,9 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             // SAFETY: forwarded.
             unsafe {
                 if self.queue.is_in_file() {
-                    self.scan_pending::<true>(&mut pending)
+                    self.scan::<true>(&mut pending)
                 } else {
-                    self.scan_pending::<false>(&mut pending)
+                    self.scan::<false>(&mut pending)
                 }
             }
         });
@@ -684,17 +689,39 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         outcome
     }
 
-    /// Scans the blocks of `pending` and those they lead to, until none is left.
-    /// `IN_FILE`: the queue is in a file ([`Queue::is_in_file`]), told where the scan
-    /// reads (a copy's scan, with its queue in memory, is spared the test).
-    ///
-    /// A block's unseen children form a run scanned next; when they are many and
-    /// scattered, in batches ([`Self::scan_batches`]).
+    /// Scans the blocks of `pending` and those they lead to, until none is left: depth
+    /// first by groups, or breadth first from the point where the blocks discovered lie
+    /// scattered ([`breadth`]), which is asked once the queue holds more than
+    /// [`breadth::SWITCH_FROM`] blocks, then each time it has grown four times.
+    unsafe fn scan<const IN_FILE: bool>(&mut self, pending: &mut Pending) -> Result<(), CopyError> {
+        let mut ask_after = breadth::SWITCH_FROM;
+        loop {
+            // SAFETY: forwarded.
+            unsafe { self.scan_pending::<IN_FILE>(pending, ask_after)? };
+            if pending.depth() == 0 {
+                return Ok(());
+            }
+            if self.breadth_first_from_here(pending) {
+                // SAFETY: forwarded.
+                return unsafe { self.scan_by_batches::<IN_FILE>(pending) };
+            }
+            ask_after = self.queue.len().saturating_mul(4);
+        }
+    }
+
+    /// Scans the blocks of `pending` and those they lead to, depth first by groups, until
+    /// none is left or the queue holds more than `until` blocks. `IN_FILE`: the queue is
+    /// in a file ([`Queue::is_in_file`]), told where the scan reads (a copy's scan, with
+    /// its queue in memory, is spared the test).
     unsafe fn scan_pending<const IN_FILE: bool>(
         &mut self,
         pending: &mut Pending,
+        until: usize,
     ) -> Result<(), CopyError> {
-        while let Some(run) = pending.top() {
+        while self.queue.len() <= until {
+            let Some(run) = pending.top() else {
+                break;
+            };
             let k = run.next;
             // SAFETY: `run` is the top run.
             let entry = unsafe { self.take_next::<IN_FILE>(pending, k) };
@@ -706,52 +733,6 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             let children_at = self.children_at();
             // SAFETY: a queued block, the top run's next, which starts at `run.at`.
             unsafe { self.scan_entry(entry, run.at)? };
-            let n = self.queue.len() - children;
-            if n >= pending::BATCHED_FROM && self.scattered(children, self.queue.len()) {
-                // SAFETY: forwarded.
-                unsafe { self.scan_batches::<IN_FILE>(pending, children, children_at)? };
-            } else {
-                self.push_run(pending, children, children_at)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Scans the blocks queued from index `next` on (the first at `at`: [`Run::at`]),
-    /// many children of one block scattered over the heap, and those they lead to, in
-    /// batches: the next [`pending::BATCH`] blocks of the top run, then the children of
-    /// them all as one run, scanned the same way before the rest of the batch's run.
-    /// Walking a hash table's buckets one chain after another meets one cache miss after
-    /// another; a batch walks 64 chains a level at a time, and the prefetches overlap
-    /// their misses. Returns once they are all scanned.
-    #[cold]
-    #[inline(never)]
-    unsafe fn scan_batches<const IN_FILE: bool>(
-        &mut self,
-        pending: &mut Pending,
-        next: usize,
-        at: usize,
-    ) -> Result<(), CopyError> {
-        // The runs above `floor` are those of the batches.
-        let floor = pending.depth();
-        self.push_run(pending, next, at)?;
-        while pending.depth() > floor {
-            // SAFETY: a run is left above `floor`.
-            let run = unsafe { pending.top().unwrap_unchecked() };
-            let children = self.queue.len();
-            let children_at = self.children_at();
-            let mut at = run.at;
-            for k in run.next..(run.next + pending::BATCH).min(run.end) {
-                // SAFETY: nothing is pushed until the batch ends: `run`, advanced, is
-                // still the top run, and `k` its next block.
-                let entry = unsafe { self.take_next::<IN_FILE>(pending, k) };
-                if entry.header.is_scannable() {
-                    self.prefetch_ahead_in(k, run.end);
-                    // SAFETY: a queued block, which starts at `at`.
-                    unsafe { self.scan_entry(entry, at)? };
-                }
-                at += self.run_words(entry);
-            }
             self.push_run(pending, children, children_at)?;
         }
         Ok(())
@@ -807,8 +788,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
 
     /// Whether the blocks queued at indices `from..to` are scattered over the heap: more
     /// than half of the first [`SCATTER_SAMPLE`] of them lie more than [`FAR_BYTES`]
-    /// from the one queued before. Asked only of a block's many children
-    /// ([`pending::BATCHED_FROM`]), once.
+    /// from the one queued before.
     #[cold]
     #[inline(never)]
     fn scattered(&self, from: usize, to: usize) -> bool {
@@ -1085,7 +1065,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 self.words += hd.whsize();
                 self.jumps += usize::from(block.abs_diff(self.last_discovered) > JUMP_BYTES);
                 self.last_discovered = block;
-                if hd.is_scannable() {
+                if hd.is_scannable() && !self.breadth_first {
                     prefetch_targets(block, hd.wosize().min(PREFETCH_FIELDS));
                 }
                 if offset >= self.direct_from {

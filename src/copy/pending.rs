@@ -9,10 +9,8 @@
 //! per level of the path being walked (the depth of the source, never its size: a run is
 //! dropped as soon as its last block is taken).
 //!
-//! The many children of a block scattered over the heap (a hash table's buckets) are
-//! scanned in batches instead ([`BATCHED_FROM`]): the children of a batch of them make
-//! one run, scanned the same way before the next batch, and so on down. Such runs are
-//! always above the others on the stack ([`Pending::depth`] tells where they begin).
+//! Where the blocks discovered lie scattered, pass 1 goes on breadth first from the
+//! runs left here ([`super::breadth`]).
 
 use crate::alloc::NoMemory;
 
@@ -29,21 +27,6 @@ pub struct Run {
     /// the copy.
     pub at: usize,
 }
-
-/// Blocks of a batched run scanned before the children of any of them: enough for
-/// the prefetches of pass 1 to overlap the cache misses of as many independent blocks,
-/// few enough that the blocks of one batch stay together in the copy.
-pub const BATCH: usize = 64;
-
-/// The length from which a run may be batched: a block with this many unseen children
-/// (a large array, a hash table's buckets), batched when they also lie scattered over
-/// the heap (`Traversal::scattered`). Such children are mostly unrelated to one
-/// another, and walking each child's descendants before the next child's chases one
-/// chain of pointers at a time (a hash table's buckets: one cache miss after another),
-/// where a batch walks 64 chains a level at a time. Values of no more blocks than the
-/// path of small values takes ([`super::small::LARGE_MAX_BLOCKS`]) hold no run this
-/// long, so both lay out every value they can both copy alike.
-pub const BATCHED_FROM: usize = super::small::LARGE_MAX_BLOCKS;
 
 /// A stack of [`Run`]s; [`Pending::top`] is the next block to scan.
 ///
@@ -118,6 +101,19 @@ impl Pending {
     /// The number of runs with blocks left to scan.
     pub fn depth(&self) -> usize {
         self.below.len() + usize::from(self.top.next != self.top.end)
+    }
+
+    /// The number of blocks left to scan, at least `at_least` if not all were counted:
+    /// the count stops there (the stack of a deep source is long).
+    pub fn waiting(&self, at_least: usize) -> usize {
+        let mut n = self.top.end - self.top.next;
+        for run in self.below.iter().rev() {
+            if n >= at_least {
+                break;
+            }
+            n += run.end - run.next;
+        }
+        n
     }
 
     /// Bytes of memory the stack holds now.
@@ -209,6 +205,26 @@ mod tests {
         p.take(0);
         assert_eq!(p.depth(), 0);
         assert_eq!(p.top(), None);
+    }
+
+    #[test]
+    fn waiting_counts_the_blocks_left_up_to_the_bound() {
+        let mut p = Pending::new();
+        assert_eq!(p.waiting(8), 0);
+        let run = |next, end| Run { next, end, at: 0 };
+        p.push(run(0, 3)).unwrap();
+        p.push(run(3, 5)).unwrap();
+        p.push(run(5, 6)).unwrap();
+        assert_eq!(p.waiting(100), 6);
+        p.top();
+        p.take(0);
+        assert_eq!(p.waiting(100), 5, "the top run spent");
+        assert_eq!(
+            p.waiting(1),
+            2,
+            "stops at the first run that reaches the bound"
+        );
+        assert!(p.waiting(3) >= 3);
     }
 
     #[test]

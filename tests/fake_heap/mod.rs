@@ -239,6 +239,58 @@ impl FakeHeap {
         self.block(0, &heads)
     }
 
+    /// A balanced binary tree of `n` nodes `[children..., extra..., label]`: a node's
+    /// 0 to 2 children, the fields `extra` makes for it (made just before the node, so
+    /// that they lie beside it), then its in-order index as an immediate. With
+    /// `scattered` the nodes are made in random order, so that a node lies far from its
+    /// children, as in a `Map` of random keys; else in depth-first order (each node
+    /// before its children, left subtree first), as a tree built depth first. Returns
+    /// the nodes by label; the root is node `n / 2`.
+    pub fn binary_tree(
+        &mut self,
+        rng: &mut Rng,
+        n: usize,
+        scattered: bool,
+        extra: &mut dyn FnMut(&mut FakeHeap, &mut Rng, usize) -> Vec<Word>,
+    ) -> Vec<Word> {
+        let mut kids: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut preorder = Vec::with_capacity(n);
+        let mut ranges = vec![(0, n)];
+        while let Some((lo, hi)) = ranges.pop() {
+            let mid = (lo + hi) / 2;
+            preorder.push(mid);
+            if mid + 1 < hi {
+                ranges.push((mid + 1, hi));
+            }
+            if lo < mid {
+                ranges.push((lo, mid));
+                kids[mid].push((lo + mid) / 2);
+            }
+            if mid + 1 < hi {
+                kids[mid].push((mid + 1 + hi) / 2);
+            }
+        }
+        let mut order = preorder;
+        if scattered {
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.below(i + 1));
+            }
+        }
+        let mut addr = vec![0; n];
+        for &i in &order {
+            let mut fields = vec![layout::val_int(0); kids[i].len()];
+            fields.extend(extra(self, rng, i));
+            fields.push(layout::val_int(i as isize));
+            addr[i] = self.block(0, &fields);
+        }
+        for (i, kids) in kids.iter().enumerate() {
+            for (j, &k) in kids.iter().enumerate() {
+                self.set(addr[i], j, addr[k]);
+            }
+        }
+        addr
+    }
+
     /// Field `i` of block `v`.
     pub fn field(&self, v: Word, i: usize) -> Word {
         // SAFETY: tests pass blocks of this heap and fields in range.

@@ -192,6 +192,82 @@ let test_failures _ =
   assert_equal ~msg:"the prefix" (String.make (mb 5) 'p') pre;
   check_large "after the failures" v
 
+(* {1 Scattered values: pass 1 by batches} *)
+
+module SMap = Map.Make (String)
+module ISet = Set.Make (Int)
+
+(* Trees and tables of random keys, whose blocks lie all over the heap: pass 1 goes on by
+   batches after its first 16384 blocks (src/copy/breadth.rs). A [Map] of 60 000 random
+   strings to every kind of block (closures, infix pointers, lazy values, objects, boxed
+   integers, float arrays), a [Set] of random ints, a [Hashtbl] of the same keys, all
+   sharing their keys; copied with the default allocator (pass 1 writes the copy) and
+   with a C allocator (pass 2 writes it), equal by every polymorphic operation; then
+   failures hung from the last key (the rightmost node, among the last blocks
+   discovered), which leave the source as it was. *)
+let scattered_values () =
+  let st = Random.State.make [| 29 |] in
+  let letter _ = Char.chr (97 + Random.State.int st 26) in
+  let key _ = str (String.init (8 + Random.State.int st 12) letter) in
+  let keys = Array.init 60_000 key in
+  let map = Array.fold_left (fun m k -> SMap.add k (String.length k, k) m) SMap.empty keys in
+  let set = Array.fold_left (fun s _ -> ISet.add (Random.State.bits st) s) ISet.empty keys in
+  let table = Hashtbl.create 16 in
+  Array.iteri (fun i k -> Hashtbl.replace table k (o (float_of_int i), [ k ])) keys;
+  (keys, map, set, table)
+
+let test_scattered _ =
+  let keys, map, set, table = scattered_values () in
+  let map_of f = Array.fold_left (fun m k -> SMap.add k (f k) m) SMap.empty keys in
+  let kinds_map = map_of (fun k -> kinds (String.length k)) in
+  let closures = map_of (fun k -> make_parity (o (String.length k mod 5))) in
+  check_large "a Map of random strings" (prefix (), map);
+  check_large "a Set of random ints" (prefix (), set);
+  check_large "a Hashtbl of random strings" (prefix (), table);
+  check_large "all of them, sharing keys" (map, set, table, keys);
+  check_large "a Map to every kind" (prefix (), kinds_map);
+  with_copy closures (fun h ->
+      SMap.iter
+        (fun k p ->
+          let n = (String.length k mod 5) + 4 in
+          assert_bool "even" (p.even n);
+          assert_bool "not odd" (not (p.odd n)))
+        (Offheap.get h));
+  let a = counting_alloc (fresh_id ()) in
+  let v = (map, set, table) in
+  let m = Offheap.measure v in
+  with_copy ~alloc:a v (fun h ->
+      let c = counts a in
+      assert_equal ~msg:"one alloc" ~printer:pint 1 c.allocs;
+      assert_equal ~msg:"of the copy's size" ~printer:pint m.bytes c.last_size;
+      assert_equal ~msg:"stats" ~printer:pint m.bytes (Offheap.stats h).bytes;
+      assert_bool "a C allocator's copy, =" (Offheap.get h = v);
+      assert_bool "Marshal bytes" (Marshal.to_string (Offheap.get h) [] = Marshal.to_string v []));
+  assert_no_leak ~msg:"scattered, C allocator" a
+
+let test_scattered_failures _ =
+  let keys, map, _, _ = scattered_values () in
+  let last, _ = SMap.max_binding map in
+  let expected = Marshal.to_string map [] in
+  let vm_before = status_kb "VmSize" in
+  List.iter
+    (fun (name, make, expected) ->
+      let bad = SMap.add last (0, Obj.obj (make ())) map in
+      let r = not_copyable (fun () -> Offheap.copy (prefix (), bad)) in
+      assert_bool (name ^ ": " ^ Printexc.to_string (Offheap.Not_copyable r)) (expected r);
+      let a = counting_alloc (fresh_id ()) in
+      let r = not_copyable (fun () -> Offheap.copy ~alloc:a bad) in
+      assert_bool (name ^ ", C allocator") (expected r);
+      assert_equal ~msg:(name ^ ": nothing allocated") ~printer:pint 0 (counts a).allocs;
+      Gc.compact ())
+    [ ("abstract", abstract_block, ( = ) Offheap.Abstract);
+      ("channel", (fun () -> Obj.repr stdout), ( = ) (Offheap.Custom "_chan"));
+      ("unforced lazy", (fun () -> Obj.repr (lazy (o 1 + 1))), ( = ) Offheap.Unforced_lazy) ];
+  assert_bool "VmSize: reservations unmapped" (status_kb "VmSize" < vm_before + (1 lsl 20));
+  assert_bool "the source as it was" (Marshal.to_string map [] = expected);
+  assert_equal ~printer:pint (Array.length keys) (SMap.cardinal map);
+  check_large "after the failures" (prefix (), map)
+
 (* {1 Allocators, handles, copies of copies} *)
 
 let test_c_allocator _ =
@@ -316,6 +392,8 @@ let () =
            "Marshal with closures" >:: test_closures_marshal;
            "sharing and cycles" >:: test_sharing_cycles;
            "failures after pass 1 began writing" >:: test_failures;
+           "scattered maps, sets and tables, by batches" >:: test_scattered;
+           "failures met by batches" >:: test_scattered_failures;
            "a C allocator: one alloc of the exact size" >:: test_c_allocator;
            "with_copy, delete" >:: test_handles;
            "a copy holding another copy" >:: test_copy_of_copy;
