@@ -63,6 +63,14 @@ pub const SWITCH_FROM: usize = super::small::LARGE_MAX_BLOCKS;
 /// more).
 pub const WIDE: usize = 8;
 
+/// Blocks queued one after the other further apart than this are far apart: the
+/// hardware prefetcher, which follows a few streams of nearby lines, cannot fetch them
+/// ahead.
+const FAR_BYTES: usize = 4096;
+
+/// The blocks queued last that [`Traversal::breadth_first_from_here`] looks at.
+const SCATTER_SAMPLE: usize = 4096;
+
 /// Where a deferred pointer's translation goes: nowhere (pass 2 translates it), or word
 /// `to` of the copy that pass 1 writes, or of the snapshot when the source is shared.
 const NOWHERE: usize = usize::MAX;
@@ -122,14 +130,30 @@ impl Default for Deferred {
 }
 
 impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
-    /// Whether pass 1 should walk the rest of the source breadth first: the last
-    /// blocks it discovered lie scattered over the heap, and at least [`WIDE`] blocks
-    /// wait to be scanned (not a list, whose blocks come one at a time whatever the
-    /// order).
+    /// Whether pass 1 should go on by batches: at least [`WIDE`] blocks wait to be
+    /// scanned (not a list, whose blocks come one at a time whatever the order), and
+    /// the last blocks it queued lie scattered over the heap: more than a third of the
+    /// last [`SCATTER_SAMPLE`] lie more than [`FAR_BYTES`] from the one queued before.
+    ///
+    /// A third, not a half: on OCaml 5.3 the nodes of an AST built depth first lie in
+    /// the pools of their sizes, 46-48% of them far from the one before, and batches
+    /// copy it 10% faster (84-86 -> 74-78 ms); on OCaml 4.13 the same AST has 1%.
+    /// Sources laid out in the order of the walk (lists, arrays of records) have none.
     pub(super) fn breadth_first_from_here(&self, pending: &Pending) -> bool {
-        let len = self.queue.len();
-        pending.waiting(WIDE) >= WIDE
-            && self.scattered(len.saturating_sub(super::SCATTER_SAMPLE), len)
+        if pending.waiting(WIDE) < WIDE {
+            return false;
+        }
+        let to = self.queue.len();
+        let from = to.saturating_sub(SCATTER_SAMPLE);
+        let block = |i| self.queue.get(i).map_or(0, |e: Entry| e.block);
+        let mut last = block(from);
+        let mut far = 0;
+        for i in from + 1..to {
+            let next = block(i);
+            far += usize::from(next.abs_diff(last) > FAR_BYTES);
+            last = next;
+        }
+        far * 3 > to - from
     }
 
     /// Pass 1 from here to its end, by batches: the next [`BATCH`] blocks of the top run

@@ -786,24 +786,6 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         }
     }
 
-    /// Whether the blocks queued at indices `from..to` are scattered over the heap: more
-    /// than half of the first [`SCATTER_SAMPLE`] of them lie more than [`FAR_BYTES`]
-    /// from the one queued before.
-    #[cold]
-    #[inline(never)]
-    fn scattered(&self, from: usize, to: usize) -> bool {
-        let to = to.min(from + SCATTER_SAMPLE);
-        let block = |i| self.queue.get(i).map_or(0, |e: Entry| e.block);
-        let mut last = block(from);
-        let mut far = 0;
-        for i in from + 1..to {
-            let next = block(i);
-            far += usize::from(next.abs_diff(last) > FAR_BYTES);
-            last = next;
-        }
-        far * 2 > to - from
-    }
-
     /// Where the blocks discovered next start: in the snapshot when the source is
     /// shared, else in the copy ([`Run::at`]).
     #[inline(always)]
@@ -1419,12 +1401,6 @@ const PREFETCH_DISTANCE: usize = 8;
 /// Blocks discovered one after the other, or a pointer and its target, further apart
 /// than this count as a jump.
 const JUMP_BYTES: usize = 256;
-/// Blocks queued one after the other further apart than this are scattered: the
-/// hardware prefetcher, which follows a few streams of nearby lines, cannot fetch them
-/// ahead.
-const FAR_BYTES: usize = 4096;
-/// The children of a block [`Traversal::scattered`] looks at.
-const SCATTER_SAMPLE: usize = 4096;
 /// The fields of one block whose targets are prefetched.
 const PREFETCH_FIELDS: usize = 8;
 
