@@ -159,6 +159,57 @@ fn set_other(h: &mut FakeHeap, node: Word, other: Word) {
     h.set(node, wosize - 3, other);
 }
 
+/// `copy::copy` of `root` with a side table (`with_table`) or header marks.
+fn copy_either<A: Allocator>(
+    h: &mut FakeHeap,
+    root: Word,
+    with_table: bool,
+    alloc: &mut A,
+) -> Result<Copied, CopyError> {
+    // SAFETY: the tests' values are well formed, and nothing else touches them.
+    unsafe {
+        if with_table {
+            copy::copy(root, h, SideTable::new(), alloc)
+        } else {
+            copy::copy(root, h, HeaderMarks::new(Color::C2), alloc)
+        }
+    }
+}
+
+/// Hangs the abstract block `abs`, then the foreign custom block `foreign`, in the
+/// value of `root` (`hang`), and copies it with each visited set of `tables` in turn
+/// (`true`: the side table): every copy is refused with the block's error, allocates
+/// nothing and leaves the source as it was, and no reservation stays mapped.
+fn assert_refusals_leave_everything(
+    h: &mut FakeHeap,
+    root: Word,
+    abs: Word,
+    foreign: Word,
+    tables: &[bool],
+    hang: impl Fn(&mut FakeHeap, Word),
+) {
+    let vm_before = vm_size_kb();
+    for (bad, expected) in [
+        (abs, CopyError::Abstract),
+        (foreign, CopyError::Custom("_bigarr02".into())),
+    ] {
+        hang(h, bad);
+        let before = h.snapshot();
+        for &with_table in tables {
+            let mut adopting = Adopting { allocs: 0 };
+            let e = copy_either(h, root, with_table, &mut adopting).expect_err("refused");
+            assert_eq!(e, expected);
+            assert_eq!(adopting.allocs, 0);
+            assert!(before == h.snapshot(), "source restored after {e:?}");
+        }
+    }
+    // A reservation left mapped would be 64 GiB of address space each.
+    assert!(
+        vm_size_kb() < vm_before + (16 << 20),
+        "reservations unmapped"
+    );
+}
+
 /// The copy's words with every pointer into it made relative to its start, so that two
 /// copies at different addresses compare equal when laid out alike.
 fn relative_words(c: &Copied) -> Vec<Word> {
@@ -303,33 +354,9 @@ fn errors_met_by_batches_leave_the_source_and_no_memory() {
     let (root, last) = scattered_value(&mut h, 150_000, 13);
     let abs = h.block(layout::ABSTRACT_TAG, &[0x1234]);
     let foreign = h.foreign_custom();
-    let vm_before = vm_size_kb();
-    for (bad, expected) in [
-        (abs, CopyError::Abstract),
-        (foreign, CopyError::Custom("_bigarr02".into())),
-    ] {
-        set_other(&mut h, last, bad);
-        let before = h.snapshot();
-        for with_table in [false, true] {
-            let mut adopting = Adopting { allocs: 0 };
-            // SAFETY: a well-formed value of the fake heap, which nothing else touches.
-            let e = unsafe {
-                if with_table {
-                    copy::copy(root, &mut h, SideTable::new(), &mut adopting)
-                } else {
-                    copy::copy(root, &mut h, HeaderMarks::new(Color::C2), &mut adopting)
-                }
-            }
-            .expect_err("refused");
-            assert_eq!(e, expected);
-            assert_eq!(adopting.allocs, 0);
-            assert!(before == h.snapshot(), "source restored after {e:?}");
-        }
-    }
-    assert!(
-        vm_size_kb() < vm_before + (16 << 20),
-        "reservations unmapped"
-    );
+    assert_refusals_leave_everything(&mut h, root, abs, foreign, &[false, true], |h, bad| {
+        set_other(h, last, bad)
+    });
 }
 
 #[test]
@@ -345,15 +372,7 @@ fn a_bigarray_met_by_batches_hands_the_copy_to_pass_2() {
     let before = h.snapshot();
     for with_table in [false, true] {
         let mut adopting = Adopting { allocs: 0 };
-        // SAFETY: a well-formed value of the fake heap, which nothing else touches.
-        let c = unsafe {
-            if with_table {
-                copy::copy(root, &mut h, SideTable::new(), &mut adopting)
-            } else {
-                copy::copy(root, &mut h, HeaderMarks::new(Color::C2), &mut adopting)
-            }
-        }
-        .expect("copied");
+        let c = copy_either(&mut h, root, with_table, &mut adopting).expect("copied");
         assert_eq!(adopting.allocs, 1, "the copy written by pass 2");
         assert!(before == h.snapshot(), "source restored");
         let n = assert_isomorphic(&mut h, root, c.root, c.base as Word, c.bytes);
@@ -402,27 +421,13 @@ fn errors_after_pass_1_began_writing_leave_the_source_and_no_memory() {
     while h.field(first, 4) != root {
         first = h.field(first, 4);
     }
-    let vm_before = vm_size_kb();
-    for (bad, expected) in [
-        (abs, CopyError::Abstract),
-        (foreign, CopyError::Custom("_bigarr02".into())),
-    ] {
-        h.set(first, 5, bad);
-        let before = h.snapshot();
-        for _ in 0..3 {
-            let mut adopting = Adopting { allocs: 0 };
-            // SAFETY: a well-formed value of the fake heap, which nothing else touches.
-            let e = unsafe { copy::copy(root, &mut h, HeaderMarks::new(Color::C2), &mut adopting) }
-                .expect_err("refused");
-            assert_eq!(e, expected);
-            assert_eq!(adopting.allocs, 0);
-            assert!(before == h.snapshot(), "source restored after {e:?}");
-        }
-    }
-    // A reservation left mapped would be 64 GiB of address space each.
-    assert!(
-        vm_size_kb() < vm_before + (16 << 20),
-        "reservations unmapped"
+    assert_refusals_leave_everything(
+        &mut h,
+        root,
+        abs,
+        foreign,
+        &[false, false, false],
+        |h, bad| h.set(first, 5, bad),
     );
 }
 
@@ -437,15 +442,7 @@ fn a_copy_with_a_bigarray_is_written_by_pass_2() {
     let holder = h.block(0, &[root, ba]);
     for with_table in [false, true] {
         let mut adopting = Adopting { allocs: 0 };
-        // SAFETY: a well-formed value of the fake heap, which nothing else touches.
-        let c = unsafe {
-            if with_table {
-                copy::copy(holder, &mut h, SideTable::with_capacity(0), &mut adopting)
-            } else {
-                copy::copy(holder, &mut h, HeaderMarks::new(Color::C2), &mut adopting)
-            }
-        }
-        .expect("copied");
+        let c = copy_either(&mut h, holder, with_table, &mut adopting).expect("copied");
         assert_eq!(
             adopting.allocs, 1,
             "one allocation, the copy written by pass 2"

@@ -1285,11 +1285,11 @@ fn trees_are_laid_out_depth_first_by_groups() {
 /// definition: the root, then its children; the children of a run are expanded depth
 /// first by groups, unless the run is batched (the root's children when there are
 /// `batched_from` of them: pass 1 then switches to batches as soon as it has scanned
-/// the root, the queue past `breadth::SWITCH_FROM` blocks, many waiting and scattered;
+/// the root, the queue past `batches::SWITCH_FROM` blocks, many waiting and scattered;
 /// and every run that comes from a batch): then the unseen children of each group of
 /// `BATCH` blocks, followed by their own expansion, batched too.
 fn batched_order(root: Word, batched_from: usize) -> Vec<isize> {
-    const BATCH: usize = offheap::copy::breadth::BATCH;
+    const BATCH: usize = offheap::copy::batches::BATCH;
     let children = |b: Word, seen: &mut HashSet<Word>| -> Vec<Word> {
         let hd = header(b);
         if hd.tag() == layout::STRING_TAG {
@@ -1355,12 +1355,12 @@ fn wide_runs_of_scattered_blocks_are_laid_out_in_batches() {
 #[test]
 fn scattered_trees_go_on_by_batches_once_past_the_small_values() {
     // A tree whose nodes lie far from their children is walked depth first by groups
-    // until the queue passes `breadth::SWITCH_FROM` blocks (as the path of small values
+    // until the queue passes `batches::SWITCH_FROM` blocks (as the path of small values
     // lays out what it copies), then by batches; built depth first, it stays depth
     // first by groups to the end. Every strategy (header marks, and the side table
     // with its snapshot) gives a copy of the same shape either way.
     let n = 60_000;
-    let first = offheap::copy::breadth::SWITCH_FROM + 1;
+    let first = offheap::copy::batches::SWITCH_FROM + 1;
     for scattered in [true, false] {
         let mut h = FakeHeap::new(4 * n);
         let root = h.binary_tree(&mut Rng(47), n, scattered, &mut |_, _, _| Vec::new())[n / 2];

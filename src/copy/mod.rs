@@ -8,7 +8,7 @@
 //!    depth first (ASTs, lists) are read close to their allocation order and each
 //!    block's children follow it in the copy. Where the blocks it discovers lie
 //!    scattered over the heap and many wait to be scanned (a `Map` of random keys, a
-//!    hash table's buckets), it goes on breadth first instead ([`breadth`]), so that
+//!    hash table's buckets), it goes on by batches instead ([`batches`]), so that
 //!    the cache misses of many blocks overlap instead of following one another. The
 //!    walk is iterative: its only memory is
 //!    the queue (8 bytes a block), the stack of [`pending`] runs (24 bytes per level of
@@ -58,7 +58,7 @@
 //! addresses are to be copied, an [`Allocator`] gives memory, a [`VisitedSet`] remembers
 //! what was seen. The same code runs on OCaml 4, OCaml 5 and the fake heap of the tests.
 
-pub mod breadth;
+pub mod batches;
 pub mod data;
 pub mod direct;
 pub mod pending;
@@ -581,9 +581,9 @@ struct Traversal<'a, H, V> {
     direct_from_k: usize,
     /// Bytes of the mapping before the copy ([`Output::adopts`]).
     direct_prefix: usize,
-    /// Pass 1 walks breadth first ([`breadth`]): a block discovered is scanned long
-    /// after, and fetching what its fields point to at once would be wasted.
-    breadth_first: bool,
+    /// Pass 1 goes by batches ([`batches`]): a block discovered is scanned after the
+    /// rest of its batch, and fetching what its fields point to at once would be wasted.
+    by_batches: bool,
 }
 
 impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
@@ -604,7 +604,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
             reservation: None,
             direct_from_k: 0,
             direct_prefix: 0,
-            breadth_first: false,
+            by_batches: false,
         }
     }
 
@@ -690,18 +690,18 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     }
 
     /// Scans the blocks of `pending` and those they lead to, until none is left: depth
-    /// first by groups, or breadth first from the point where the blocks discovered lie
-    /// scattered ([`breadth`]), which is asked once the queue holds more than
-    /// [`breadth::SWITCH_FROM`] blocks, then each time it has grown four times.
+    /// first by groups, or by batches from the point where the blocks discovered lie
+    /// scattered ([`batches`]), which is asked once the queue holds more than
+    /// [`batches::SWITCH_FROM`] blocks, then each time it has grown four times.
     unsafe fn scan<const IN_FILE: bool>(&mut self, pending: &mut Pending) -> Result<(), CopyError> {
-        let mut ask_after = breadth::SWITCH_FROM;
+        let mut ask_after = batches::SWITCH_FROM;
         loop {
             // SAFETY: forwarded.
             unsafe { self.scan_pending::<IN_FILE>(pending, ask_after)? };
             if pending.depth() == 0 {
                 return Ok(());
             }
-            if self.breadth_first_from_here(pending) {
+            if self.by_batches_from_here(pending) {
                 // SAFETY: forwarded.
                 return unsafe { self.scan_by_batches::<IN_FILE>(pending) };
             }
@@ -1047,7 +1047,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 self.words += hd.whsize();
                 self.jumps += usize::from(block.abs_diff(self.last_discovered) > JUMP_BYTES);
                 self.last_discovered = block;
-                if hd.is_scannable() && !self.breadth_first {
+                if hd.is_scannable() && !self.by_batches {
                     prefetch_targets(block, hd.wosize().min(PREFETCH_FIELDS));
                 }
                 if offset >= self.direct_from {

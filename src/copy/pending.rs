@@ -9,8 +9,8 @@
 //! per level of the path being walked (the depth of the source, never its size: a run is
 //! dropped as soon as its last block is taken).
 //!
-//! Where the blocks discovered lie scattered, pass 1 goes on breadth first from the
-//! runs left here ([`super::breadth`]).
+//! Where the blocks discovered lie scattered, pass 1 goes on by batches from the
+//! runs left here ([`super::batches`]).
 
 use crate::alloc::NoMemory;
 

@@ -198,7 +198,7 @@ module SMap = Map.Make (String)
 module ISet = Set.Make (Int)
 
 (* Trees and tables of random keys, whose blocks lie all over the heap: pass 1 goes on by
-   batches after its first 16384 blocks (src/copy/breadth.rs). A [Map] of 60 000 random
+   batches after its first 16384 blocks (src/copy/batches.rs). A [Map] of 60 000 random
    strings to every kind of block (closures, infix pointers, lazy values, objects, boxed
    integers, float arrays), a [Set] of random ints, a [Hashtbl] of the same keys, all
    sharing their keys; copied with the default allocator (pass 1 writes the copy) and

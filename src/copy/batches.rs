@@ -10,7 +10,7 @@
 //! each waits for the one before, 5.5 ns when the addresses are known ahead).
 //!
 //! So once pass 1 sees that the blocks it discovers lie scattered and that many wait to
-//! be scanned (`Traversal::breadth_first_from_here`), it goes on by batches: the next
+//! be scanned (`Traversal::by_batches_from_here`), it goes on by batches: the next
 //! [`BATCH`] blocks of the top run are scanned, and the blocks they lead to make one
 //! run, scanned next the same way (`Traversal::scan_by_batches`): breadth first
 //! within a batch, depth first from batch to batch, so that the blocks waiting stay
@@ -53,12 +53,12 @@ pub const SCAN_AHEAD: usize = 16;
 /// stay in the cache until scanned (measured: 64 to 1024 within 5% of one another).
 pub const BATCH: usize = 256;
 
-/// Pass 1 decides whether to go breadth first once the queue holds more than this many
+/// Pass 1 decides whether to go on by batches once the queue holds more than this many
 /// blocks, then each time it has grown four times: never for a value the path of small
 /// values copies ([`super::small::LARGE_MAX_BLOCKS`]).
 pub const SWITCH_FROM: usize = super::small::LARGE_MAX_BLOCKS;
 
-/// Blocks waiting to be scanned from which pass 1 may go breadth first: a binary tree
+/// Blocks waiting to be scanned from which pass 1 may go on by batches: a binary tree
 /// 16 levels deep has some 8 on its stack, a list one or two (a list of records a few
 /// more).
 pub const WIDE: usize = 8;
@@ -68,7 +68,7 @@ pub const WIDE: usize = 8;
 /// ahead.
 const FAR_BYTES: usize = 4096;
 
-/// The blocks queued last that [`Traversal::breadth_first_from_here`] looks at.
+/// The blocks queued last that [`Traversal::by_batches_from_here`] looks at.
 const SCATTER_SAMPLE: usize = 4096;
 
 /// Where a deferred pointer's translation goes: nowhere (pass 2 translates it), or word
@@ -139,7 +139,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     /// the pools of their sizes, 46-48% of them far from the one before, and batches
     /// copy it 10% faster (84-86 -> 74-78 ms); on OCaml 4.13 the same AST has 1%.
     /// Sources laid out in the order of the walk (lists, arrays of records) have none.
-    pub(super) fn breadth_first_from_here(&self, pending: &Pending) -> bool {
+    pub(super) fn by_batches_from_here(&self, pending: &Pending) -> bool {
         if pending.waiting(WIDE) < WIDE {
             return false;
         }
@@ -168,7 +168,7 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
         &mut self,
         pending: &mut Pending,
     ) -> Result<(), CopyError> {
-        self.breadth_first = true;
+        self.by_batches = true;
         let mut ring = Deferred::new();
         while let Some(run) = pending.top() {
             let children = self.queue.len();
