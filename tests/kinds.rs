@@ -1415,6 +1415,38 @@ fn million_deep_tree_with_a_pending_sibling_at_every_level() {
 }
 
 #[test]
+fn million_deep_scattered_tree_by_batches() {
+    // The same shape, its blocks made in random order: pass 1 goes on by batches with
+    // some 8000 runs on its stack, and goes a million levels down one batch of two
+    // blocks at a time.
+    let n = 1_000_000;
+    let mut h = FakeHeap::new(6 * n + 64);
+    let mut rng = Rng(53);
+    let mut order: Vec<usize> = (0..2 * n).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    let mut nodes = vec![0; n];
+    let mut floats = vec![0; n];
+    for &i in &order {
+        if i < n {
+            nodes[i] = h.block(0, &[layout::val_int(0), layout::val_int(0)]);
+        } else {
+            floats[i - n] = h.float(i as f64);
+        }
+    }
+    let bottom = h.string(b"bottom");
+    for k in 0..n {
+        let below = if k == 0 { bottom } else { nodes[k - 1] };
+        h.set(nodes[k], 0, below);
+        h.set(nodes[k], 1, floats[k]);
+    }
+    for s in ALL {
+        copy_ok(&mut h, nodes[n - 1], s).free();
+    }
+}
+
+#[test]
 fn transient_memory_is_8_bytes_a_block_with_header_marks() {
     let n = 1_000_000;
     let mut h = FakeHeap::new(3 * n + 16);
