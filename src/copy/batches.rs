@@ -190,9 +190,8 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 at += self.run_words(entry);
             }
             while !ring.is_empty() {
-                let (v, to) = ring.pop();
-                // SAFETY: a pointer read from a field of a block of the source graph.
-                unsafe { self.resolve(v, to)? };
+                // SAFETY: the ring holds what `scan_deferring` put there.
+                unsafe { self.resolve_oldest(&mut ring)? };
             }
             self.push_run(pending, children, children_at)?;
         }
@@ -241,12 +240,15 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                 prefetch(field.wrapping_sub(WORD_BYTES));
                 prefetch(field.wrapping_add(4 * WORD_BYTES));
                 if ring.is_full() {
-                    let (v, to) = ring.pop();
-                    // SAFETY: a pointer read from a field of a block of the source graph.
-                    unsafe { self.resolve(v, to)? };
+                    // SAFETY: the ring holds what this function put there.
+                    unsafe { self.resolve_oldest(ring)? };
                 }
-                let to = if V::SOURCE_SHARED || at >= self.direct_from {
-                    at + usize::from(!V::SOURCE_SHARED) + i
+                // Its field's word in the snapshot, or in the block's place in the copy
+                // (after its header), or nowhere: pass 2 writes the block.
+                let to = if V::SOURCE_SHARED {
+                    at + i
+                } else if at >= self.direct_from {
+                    at + 1 + i
                 } else {
                     NOWHERE
                 };
@@ -270,35 +272,45 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     /// where [`Self::scan_deferring`] said that field goes.
     #[inline(always)]
     unsafe fn resolve(&mut self, v: Word, to: usize) -> Result<(), CopyError> {
-        let word = if self.heap.should_copy(v) {
+        // The bytes from the copy's start to `v`'s copy, when `v` is copied.
+        let relative = if self.heap.should_copy(v) {
             // SAFETY: forwarded; a pointer to a block to copy.
             let (offset, in_block) = unsafe { self.discover(v)? };
-            let relative = (offset + 1) * WORD_BYTES + in_block;
-            if V::SOURCE_SHARED {
-                if to != NOWHERE {
-                    self.snapshot[to] = relative | RELOCATED;
-                }
-                return Ok(());
-            }
-            self.reservation
-                .as_ref()
-                .map_or(0, |r| r.base() as Word + relative)
-        } else if V::SOURCE_SHARED {
-            // The snapshot holds it already.
-            return Ok(());
+            Some((offset + 1) * WORD_BYTES + in_block)
         } else {
-            v
+            None
         };
         if to == NOWHERE {
             return Ok(());
         }
-        if let Some(reservation) = self.reservation.as_ref() {
+        if V::SOURCE_SHARED {
+            // A pointer not copied: the snapshot holds it already.
+            if let Some(relative) = relative {
+                self.snapshot[to] = relative | RELOCATED;
+            }
+        } else if let Some(reservation) = self.reservation.as_ref() {
+            let base = reservation.base() as Word;
             // SAFETY: word `to` of the copy is a field of a block at or beyond
             // `direct_from`, whose place was committed when it was discovered; the
             // reservation is still there, so nothing was given back.
-            unsafe { (reservation.base() as *mut Word).add(to).write(word) };
+            unsafe {
+                (base as *mut Word)
+                    .add(to)
+                    .write(relative.map_or(v, |r| base + r))
+            };
         }
         Ok(())
+    }
+
+    /// [`Self::resolve`] for the oldest pointer of `ring`, which is not empty.
+    ///
+    /// # Safety
+    /// The pointers of `ring` were put there by [`Self::scan_deferring`].
+    #[inline(always)]
+    unsafe fn resolve_oldest(&mut self, ring: &mut Deferred) -> Result<(), CopyError> {
+        let (v, to) = ring.pop();
+        // SAFETY: a pointer read from a field of a block of the source graph.
+        unsafe { self.resolve(v, to) }
     }
 
     /// The first field of the place in the reservation of the block at offset `at`.
