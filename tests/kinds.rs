@@ -1447,6 +1447,43 @@ fn million_deep_scattered_tree_by_batches() {
 }
 
 #[test]
+fn scattered_cyclic_graph_by_batches() {
+    // 50 000 nodes made in random order, each with 1 to 3 edges to random nodes (cycles,
+    // sharing, self loops), a string and, for one node in 8, a closure of two
+    // functions whose infix pointer is another node's edge: past the point where pass 1
+    // goes on by batches, every strategy copies the same graph.
+    let n = 50_000;
+    let mut h = FakeHeap::new(24 * n);
+    let mut rng = Rng(59);
+    let nodes: Vec<Word> = (0..n)
+        .map(|i| {
+            let s = h.string(format!("node {i}").as_bytes());
+            let zero = layout::val_int(0);
+            h.block(0, &[s, zero, zero, zero, zero])
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    let mut last_infix = layout::val_int(0);
+    for &i in &order {
+        for e in 1..=1 + rng.below(3) {
+            h.set(nodes[i], e, nodes[rng.below(n)]);
+        }
+        if rng.below(8) == 0 {
+            let fns = h.closure(&[1, 2], &[nodes[rng.below(n)]]);
+            h.set(nodes[i], 4, last_infix);
+            last_infix = fns[1];
+        }
+    }
+    let root = h.block(0, &[nodes[order[0]], last_infix]);
+    for s in ALL {
+        copy_ok(&mut h, root, s).free();
+    }
+}
+
+#[test]
 fn transient_memory_is_8_bytes_a_block_with_header_marks() {
     let n = 1_000_000;
     let mut h = FakeHeap::new(3 * n + 16);
