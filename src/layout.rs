@@ -126,6 +126,13 @@ impl Header {
     }
 }
 
+/// The bytes of `words`, in memory order (what a file of them holds).
+pub fn words_as_bytes(words: &[Word]) -> &[u8] {
+    // SAFETY: the same memory, read as bytes: any byte pattern is a valid u8, and u8's
+    // alignment is 1.
+    unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, std::mem::size_of_val(words)) }
+}
+
 /// Whether `v` is an immediate (low bit set) rather than a pointer.
 #[inline(always)]
 pub const fn is_immediate(v: Word) -> bool {

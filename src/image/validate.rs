@@ -22,15 +22,17 @@
 //!    sizes, tags, string padding, custom blocks against the fix-up table, Bigarray
 //!    blocks (kind, layout, dimensions, flags), data blocks after the others. Raw blocks
 //!    (strings, floats, boxed integers) cost their header and, for a string, its last
-//!    word: their contents are never read. Block starts go into a bitmap, each chunk
-//!    writing its own words of it.
+//!    word: their contents are never read. Block starts go into a bitmap, and the
+//!    starts of scannable blocks into another, each chunk writing its own words of
+//!    them.
 //! 2. **join** (one thread, a few words per chunk): the index is consistent (every chunk's
 //!    first block is where the blocks of the chunks before it end, the last ends at the
 //!    payload's end), so the blocks of all chunks tile the payload exactly; block and
 //!    custom counts; no data block before a block of a later chunk.
 //! 3. **pointers** (parallel): every word of the chunk that is a field of a scannable
 //!    block (the block that covers the chunk's start included) is checked against the
-//!    bitmap and relocated.
+//!    bitmap of block starts and relocated; the scannable blocks are found by their
+//!    bitmap, so raw blocks are not read again.
 //! 4. Bigarray data (each Bigarray's data inside one data block, of any chunk; its
 //!    pointer relocated), forward chains and the root (one thread, Bigarrays and
 //!    forward blocks only).
@@ -209,13 +211,29 @@ fn chunk_range(k: usize, chunk_words: usize, n: usize) -> std::ops::Range<usize>
     k * chunk_words..((k + 1) * chunk_words).min(n)
 }
 
-/// Phase 1 for chunk `k`: its blocks from its first header. `bits` is the chunk's part
-/// of the block-start bitmap (one bit per word, set at headers).
+/// One chunk's words of phase 1's two bitmaps (a bit per payload word, from the chunk's
+/// first): the block starts, and the starts of scannable blocks, whose fields phase 3
+/// checks.
+struct ChunkBits<'a> {
+    starts: &'a mut [u64],
+    scannable: &'a mut [u64],
+}
+
+impl ChunkBits<'_> {
+    /// Records the start of a block at word `bit` of the chunk.
+    #[inline(always)]
+    fn set(&mut self, bit: usize, scannable: bool) {
+        self.starts[bit / 64] |= 1 << (bit % 64);
+        self.scannable[bit / 64] |= (scannable as u64) << (bit % 64);
+    }
+}
+
+/// Phase 1 for chunk `k`: its blocks from its first header, recorded in `bits`.
 fn tile_chunk(
     payload: &[Word],
     k: usize,
     e: &Expected,
-    bits: &mut [u64],
+    mut bits: ChunkBits,
 ) -> Result<Tiled, LoadError> {
     let n = payload.len();
     let chunk_words = e.chunk_bytes / WORD_BYTES;
@@ -258,8 +276,7 @@ fn tile_chunk(
             && plain_block(hd.tag(), &payload[i + 1..i + 1 + wosize])
         {
             // What the checks below accept with nothing more to record than the block.
-            let bit = i - range.start;
-            bits[bit / 64] |= 1 << (bit % 64);
+            bits.set(i - range.start, hd.is_scannable());
             (last_other, last_header) = (i, i);
             written |= hd.is_scannable();
             blocks += 1;
@@ -350,8 +367,7 @@ fn tile_chunk(
             // Not in the bitmap: no pointer field may point to a data block.
             push(&mut tiled.data_blocks, i + 1..i + 1 + wosize)?;
         } else {
-            let bit = i - range.start;
-            bits[bit / 64] |= 1 << (bit % 64);
+            bits.set(i - range.start, hd.is_scannable());
             last_other = i;
         }
         written |= may_be_written(hd);
@@ -451,8 +467,9 @@ struct Cover {
     header: Header,
 }
 
-/// Phase 3 for one chunk (`words`, starting at word `start` of a payload of `n` words):
-/// checks and relocates every pointer field in it.
+/// Phase 3 for one chunk (`words`, starting at word `start` of a payload of `n` words,
+/// with `scannable`, phase 1's bitmap of its scannable blocks' headers): checks and
+/// relocates every pointer field in it. Raw blocks are not read again.
 #[allow(clippy::too_many_arguments)]
 fn pointers_chunk(
     words: &mut [Word],
@@ -460,28 +477,30 @@ fn pointers_chunk(
     n: usize,
     first: u64,
     cover: Option<Cover>,
+    scannable: &[u64],
     starts: &Starts,
     address: Word,
     delta: Word,
 ) -> Result<(), LoadError> {
     let end = start + words.len();
-    let first_header = if first == NO_BLOCK {
-        end
-    } else {
-        first as usize / WORD_BYTES
-    };
     if let Some(c) = cover {
         if c.header.is_scannable() {
+            let first_header = if first == NO_BLOCK {
+                end
+            } else {
+                first as usize / WORD_BYTES
+            };
             let fields = start..first_header.min(c.at + 1 + c.header.wosize());
             check_fields(words, start, fields, c.at, starts, address, n, delta)?;
         }
     }
-    let mut i = first_header;
-    while i < end {
-        // A header phase 1 checked; its fields may run past the chunk.
-        let hd = Header(words[i - start]);
-        let block_end = i + 1 + hd.wosize();
-        if hd.is_scannable() {
+    for (w, &word) in scannable.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            // A header phase 1 checked; its fields may run past the chunk.
+            let i = start + w * 64 + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            let block_end = i + 1 + Header(words[i - start]).wosize();
             check_fields(
                 words,
                 start,
@@ -493,7 +512,6 @@ fn pointers_chunk(
                 delta,
             )?;
         }
-        i = block_end;
     }
     Ok(())
 }
@@ -567,33 +585,38 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Checked, LoadError> {
     }
     let bits_per_chunk = chunk_words / 64;
     // Zeroed by the kernel as each thread first writes its part (in huge pages from 2
-    // MiB on): filling it here took a page fault per 4 KiB on one thread, 4% of a
+    // MiB on): filling them here took a page fault per 4 KiB on one thread, 4% of a
     // verified load of a 919 MB image.
     // SAFETY: all-zero bytes are a valid `u64`.
-    let mut bits = unsafe { ZeroedArray::<u64>::new(chunks * bits_per_chunk) }
+    let zeroed = || unsafe { ZeroedArray::<u64>::new(chunks * bits_per_chunk) };
+    let (mut starts, mut scannable) = zeroed()
+        .and_then(|starts| Ok((starts, zeroed()?)))
         .map_err(|NoMemory(bytes)| LoadError::OutOfMemory(bytes))?;
 
     // Phase 1: checksums and tiling, per chunk.
     let failed = FirstFailure::new();
     let shared: &[Word] = payload;
-    let tiled = parallel(
-        bits.chunks_mut(bits_per_chunk).collect(),
-        e.threads,
-        |k, bits: &mut [u64]| {
-            let range = chunk_range(k, chunk_words, n);
-            if e.verify && format::chunk_checksum(as_bytes(&shared[range])) != e.chunks[k].checksum
-            {
-                return Err(ChunkFailure::Damaged);
-            }
-            if failed.before(k) {
-                return Err(ChunkFailure::Skipped);
-            }
-            tile_chunk(shared, k, e, bits).map_err(|err| {
-                failed.record(k);
-                ChunkFailure::Bad(err)
-            })
-        },
-    );
+    let bitmaps = starts
+        .chunks_mut(bits_per_chunk)
+        .zip(scannable.chunks_mut(bits_per_chunk))
+        .map(|(starts, scannable)| ChunkBits { starts, scannable })
+        .collect();
+    let tiled = parallel(bitmaps, e.threads, |k, bits| {
+        let range = chunk_range(k, chunk_words, n);
+        if e.verify
+            && format::chunk_checksum(layout::words_as_bytes(&shared[range]))
+                != e.chunks[k].checksum
+        {
+            return Err(ChunkFailure::Damaged);
+        }
+        if failed.before(k) {
+            return Err(ChunkFailure::Skipped);
+        }
+        tile_chunk(shared, k, e, bits).map_err(|err| {
+            failed.record(k);
+            ChunkFailure::Bad(err)
+        })
+    });
     if let Some(k) = tiled
         .iter()
         .position(|t| matches!(t, Err(ChunkFailure::Damaged)))
@@ -697,16 +720,20 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Checked, LoadError> {
     // Phase 3: pointers, per chunk.
     let base = payload.as_ptr() as Word;
     let delta = base.wrapping_sub(e.address);
-    let starts = Starts { bits: &bits };
-    let work: Vec<(&mut [Word], Option<Cover>)> =
-        payload.chunks_mut(chunk_words).zip(covers).collect();
-    let checked = parallel(work, e.pointer_threads, |k, (words, cover)| {
+    let starts = Starts { bits: &starts };
+    let work: Vec<_> = payload
+        .chunks_mut(chunk_words)
+        .zip(scannable.chunks(bits_per_chunk))
+        .zip(covers)
+        .collect();
+    let checked = parallel(work, e.pointer_threads, |k, ((words, scannable), cover)| {
         pointers_chunk(
             words,
             k * chunk_words,
             n,
             e.chunks[k].first,
             cover,
+            scannable,
             &starts,
             e.address,
             delta,
@@ -754,7 +781,7 @@ pub fn verify_chunks(payload: &[Word], e: &Expected) -> Result<(), LoadError> {
     let damaged = parallel(
         payload.chunks(chunk_words).collect(),
         e.threads,
-        |k, words| format::chunk_checksum(as_bytes(words)) != e.chunks[k].checksum,
+        |k, words| format::chunk_checksum(layout::words_as_bytes(words)) != e.chunks[k].checksum,
     );
     match damaged.iter().position(|&d| d) {
         Some(k) => Err(damaged_chunk(k, chunk_words, n)),
@@ -795,13 +822,6 @@ fn push<T>(v: &mut Vec<T>, x: T) -> Result<(), LoadError> {
         .map_err(|_| LoadError::OutOfMemory((v.len() + 1) * std::mem::size_of::<T>()))?;
     v.push(x);
     Ok(())
-}
-
-/// The bytes of `words`.
-fn as_bytes(words: &[Word]) -> &[u8] {
-    // SAFETY: the same memory, read as bytes (any byte pattern is a valid u8, and u8's
-    // alignment is 1).
-    unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, std::mem::size_of_val(words)) }
 }
 
 /// Refuses a cycle of forward blocks (each the only field of the one before): compare
