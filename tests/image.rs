@@ -227,6 +227,44 @@ fn scattered_values_stream_with_their_queue_in_a_file() {
 }
 
 #[test]
+fn streamed_files_of_many_buffers_load_back() {
+    // As `Image.write` writes: the traversal streams the payload to a file, its full
+    // buffers written by the writer's own thread while the next fills. 600 000 nodes
+    // with a string each, some 38 MB of payload: five buffers, the last one partly
+    // full, after the zeros that put the payload 2 MiB into the file. Loaded back, read and mapped, it is a copy
+    // of the source, which is left as it was.
+    let n = 600_000;
+    let mut heap = FakeHeap::new(10 * n);
+    let nodes = heap.binary_tree(&mut Rng(22), n, true, &mut |h, _, i| {
+        vec![h.string(format!("the key of node {i}").as_bytes())]
+    });
+    let root = nodes[n / 2];
+    let before = heap.snapshot();
+    let (_dir, path) = temp_path("streamed.img");
+    image::write_with(&path, b"", &process(), |w| {
+        // SAFETY: the fake heap's value, nothing else touching it.
+        let written = unsafe { copy::copy_into(root, &mut heap, HeaderMarks::new(Color::C2), w) }
+            .map_err(WriteError::NotCopyable)?;
+        assert!(written.bytes > 4 * image::writer::BUFFER_WORDS * WORD_BYTES);
+        Ok(written.root)
+    })
+    .unwrap();
+    assert!(before == heap.snapshot(), "source restored");
+    let h = format::Header::decode(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(h.header_bytes, format::PAYLOAD_AT);
+    for share in [false, true] {
+        let opts = Options {
+            share,
+            ..verified()
+        };
+        let l = image::load_file(&path, &opts, &process()).unwrap();
+        check_loaded(&mut heap, root, &l);
+        // SAFETY: loaded above, unused from here on.
+        unsafe { file::unmap(l.base, l.held(), l.mapping) };
+    }
+}
+
+#[test]
 fn sharing_and_cycles_kept() {
     let mut heap = FakeHeap::new(256);
     let s = heap.string(b"shared");
@@ -287,10 +325,37 @@ fn parts<'a>(parts: &'a [&'a [u8]]) -> impl FnMut(&mut std::fs::File) -> std::io
     }
 }
 
-fn temp_path(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("offheap-image-test-{}", std::process::id()));
+/// A directory of this test's own, removed with what it holds when dropped (when the
+/// test fails too).
+struct ScratchDir(std::path::PathBuf);
+
+impl std::ops::Deref for ScratchDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh empty directory named after `name`.
+fn fresh_dir(name: &str) -> ScratchDir {
+    let dir =
+        std::env::temp_dir().join(format!("offheap-image-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    ScratchDir(dir)
+}
+
+/// A path `name` in a fresh directory, which goes when the first is dropped.
+fn temp_path(name: &str) -> (ScratchDir, std::path::PathBuf) {
+    let dir = fresh_dir(name);
+    let path = dir.join(name);
+    (dir, path)
 }
 
 fn write_mixed(path: &std::path::Path, key: &[u8]) -> (FakeHeap, Word) {
@@ -316,7 +381,7 @@ fn check_loaded(heap: &mut FakeHeap, src: Word, l: &image::Loaded) {
 
 #[test]
 fn file_loads_at_its_address_then_relocated() {
-    let path = temp_path("mixed.img");
+    let (_dir, path) = temp_path("mixed.img");
     let (mut heap, root) = write_mixed(&path, b"schema 1");
     let opts = Options {
         key: b"schema 1".to_vec(),
@@ -359,12 +424,11 @@ fn file_loads_at_its_address_then_relocated() {
         // SAFETY: loaded above, unused from here on.
         unsafe { file::unmap(l.base, l.held(), l.mapping) };
     }
-    let _ = std::fs::remove_file(&path);
 }
 
 #[test]
 fn failed_write_leaves_no_file() {
-    let path = temp_path("closure.img");
+    let (_dir, path) = temp_path("closure.img");
     std::fs::write(&path, b"previous").unwrap();
     let mut heap = FakeHeap::new(256);
     let fns = heap.closure(&[1], &[]);
@@ -384,7 +448,6 @@ fn failed_write_leaves_no_file() {
         .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
         .collect();
     assert!(leftovers.is_empty());
-    let _ = std::fs::remove_file(&path);
     // An unwritable place: the error names the path, nothing is created.
     let nowhere = std::path::Path::new("/nonexistent-dir/x.img");
     let mut heap = FakeHeap::new(64);
@@ -838,11 +901,10 @@ fn addresses_out_of_the_writers_range_are_refused() {
         let m = reseal(image, |h| h.address = address);
         assert_eq!(check_of(load(&m, true)), "header", "address {address:#x}");
         // From a file too, before anything is mapped.
-        let path = temp_path("forged-address.img");
+        let (_dir, path) = temp_path("forged-address.img");
         std::fs::write(&path, &m).unwrap();
         let e = image::load_file(&path, &verified(), &process()).unwrap_err();
         assert_eq!(e.check(), Some("header"), "{e}");
-        let _ = std::fs::remove_file(&path);
     }
     // Every address the writer picks is accepted.
     for bytes in [0usize, 8, 4096, 1 << 30, 1 << 40] {
@@ -856,7 +918,7 @@ fn addresses_out_of_the_writers_range_are_refused() {
 
 #[test]
 fn a_last_block_of_no_fields_lies_in_held_memory() {
-    let path = temp_path("last-empty.img");
+    let (_dir, path) = temp_path("last-empty.img");
     let mut heap = FakeHeap::new(1024);
     heap.copy_static = true;
     let s = heap.string(b"a string first");
@@ -894,7 +956,6 @@ fn a_last_block_of_no_fields_lies_in_held_memory() {
         // SAFETY: loaded above, unused from here on.
         unsafe { file::unmap(l.base, l.held(), l.mapping) };
     }
-    let _ = std::fs::remove_file(&path);
 }
 
 /// Loads `path` on another thread: the error, or a failure after 10 s (a blocked open).
@@ -911,8 +972,7 @@ fn load_error_within_seconds(path: std::path::PathBuf) -> LoadError {
 
 #[test]
 fn non_regular_files_are_refused_without_blocking() {
-    let fifo = temp_path("fifo.img");
-    let _ = std::fs::remove_file(&fifo);
+    let (_dir, fifo) = temp_path("fifo.img");
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: a NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
@@ -922,7 +982,6 @@ fn non_regular_files_are_refused_without_blocking() {
             e => panic!("{}: {e}", path.display()),
         }
     }
-    let _ = std::fs::remove_file(&fifo);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -930,14 +989,6 @@ fn non_regular_files_are_refused_without_blocking() {
 // ---------------------------------------------------------------------------------------
 
 const BOTH: [file::Temporary; 2] = [file::Temporary::Unnamed, file::Temporary::Named];
-
-/// A fresh empty directory.
-fn fresh_dir(name: &str) -> std::path::PathBuf {
-    let dir = temp_path(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn names_in(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -968,7 +1019,6 @@ fn writes_work_for_the_longest_names_and_leave_nothing() {
         expected.push(format!("x.img.tmp.{}.0", std::process::id()));
         expected.sort();
         assert_eq!(names_in(&dir), expected, "{how:?}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
@@ -983,7 +1033,6 @@ fn failed_writes_leave_no_temporary_file() {
         let e = file::write_atomically(&target, how, parts(&[b"data"])).unwrap_err();
         assert!(e.raw_os_error().is_some(), "{e}");
         assert_eq!(names_in(&dir), ["target"], "{how:?}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
@@ -1001,7 +1050,6 @@ fn replaced_files_keep_their_mode() {
             let got = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
             assert_eq!(got, mode, "{how:?}");
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
@@ -1038,7 +1086,6 @@ fn writes_through_symbolic_links_write_their_target() {
         std::os::unix::fs::symlink(&a, &b).unwrap();
         let e = file::write_atomically(&a, how, parts(&[b"x"])).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ELOOP));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

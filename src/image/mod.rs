@@ -24,6 +24,7 @@
 //! Nothing here knows ocaml-rs: the stubs give a [`Process`] (what the running program
 //! is) and register the result with the runtime.
 
+pub mod background;
 pub mod file;
 pub mod fixups;
 pub mod format;
@@ -404,6 +405,7 @@ pub fn write_with(
         let mut w =
             writer::PayloadWriter::new(&mut *f, None, &process.custom_ops, format::CHUNK_BYTES)?;
         w.writes_a_file(dir.take().expect("the file is filled once"));
+        w.writes_in_background();
         let root = fill(&mut w)?;
         let (mut payload, _) = w.finish()?;
         let address = payload.address;

@@ -17,6 +17,7 @@ use std::io::Write;
 
 use xxhash_rust::xxh3::Xxh3;
 
+use super::background::Background;
 use super::fixups::FixUps;
 use super::format::{Chunk, CustomKind, ALIGNED_FROM, HEADER_BYTES, NO_BLOCK, PAYLOAD_AT};
 use super::{file, WriteError};
@@ -85,6 +86,9 @@ pub struct PayloadWriter<'a, W> {
     /// their own ([`Output::queue_file`], [`FixUps`]), when the writer writes a file
     /// ([`PayloadWriter::writes_a_file`]); `None`: memory.
     scratch_dir: Option<std::path::PathBuf>,
+    /// The thread that writes full buffers, when there is one
+    /// ([`PayloadWriter::writes_in_background`]).
+    background: Option<Background>,
     payload: Payload,
     error: Option<WriteError>,
 }
@@ -126,6 +130,7 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
             hashed: 0,
             closed: 0,
             scratch_dir: None,
+            background: None,
             payload: Payload {
                 address: 0,
                 payload_at: HEADER_BYTES as u64,
@@ -184,11 +189,10 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
     fn pad_payload(&mut self) {
         let words = (PAYLOAD_AT as usize - HEADER_BYTES) / WORD_BYTES;
         self.buf[..words].fill(0);
-        // SAFETY: the buffer's first `words` words, read as bytes.
-        let zeros = unsafe {
-            std::slice::from_raw_parts(self.buf.as_ptr() as *const u8, words * WORD_BYTES)
-        };
-        match self.out.write_all(zeros) {
+        match self
+            .out
+            .write_all(layout::words_as_bytes(&self.buf[..words]))
+        {
             Ok(()) => self.payload.payload_at = PAYLOAD_AT,
             Err(e) => self.error = Some(WriteError::Io(e)),
         }
@@ -209,10 +213,7 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
             let (fields, shift) = self.moved[k].clone();
             let (first, end) = (fields.start / WORD_BYTES, fields.end / WORD_BYTES);
             self.feed_words(&words[at..first]);
-            // SAFETY: the data block's fields, inside `words`.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(words[first..end].as_ptr() as *const u8, fields.len())
-            };
+            let bytes = layout::words_as_bytes(&words[first..end]);
             // The data's first possible byte: the end of the slack, wherever it starts.
             let old = (self.source + fields.start).next_multiple_of(data::DATA_ALIGN)
                 - self.source
@@ -279,11 +280,11 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
             self.error = Some(e);
         } else {
             self.hash(&buf[..filled]);
-            // SAFETY: the buffer's words, read as bytes.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(buf.as_ptr() as *const u8, filled * WORD_BYTES)
+            let written = match &mut self.background {
+                Some(background) => background.write(&mut buf, filled),
+                None => self.out.write_all(layout::words_as_bytes(&buf[..filled])),
             };
-            if let Err(e) = self.out.write_all(bytes) {
+            if let Err(e) = written {
                 self.error = Some(WriteError::Io(e));
             }
         }
@@ -369,11 +370,7 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
     fn hash(&mut self, mut words: &[Word]) {
         while !words.is_empty() {
             let take = (self.chunk_words - self.hashed).min(words.len());
-            // SAFETY: the words, read as bytes.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(words.as_ptr() as *const u8, take * WORD_BYTES)
-            };
-            self.hasher.update(bytes);
+            self.hasher.update(layout::words_as_bytes(&words[..take]));
             self.hashed += take;
             words = &words[take..];
             if self.hashed == self.chunk_words {
@@ -405,6 +402,11 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
     /// [`WriteError::Io`] for the output's.
     pub fn finish(mut self) -> Result<(Payload, W), WriteError> {
         self.flush();
+        if let Some(background) = self.background.take() {
+            if let Err(e) = background.finish() {
+                self.error.get_or_insert(WriteError::Io(e));
+            }
+        }
         if self.address == 0 {
             // Nothing was written (an immediate root): an address all the same.
             self.settle(0);
@@ -420,6 +422,15 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
         self.payload.bytes = (self.done * WORD_BYTES) as u64;
         self.payload.address = self.address;
         Ok((self.payload, self.out))
+    }
+}
+
+impl PayloadWriter<'_, &mut std::fs::File> {
+    /// Says that full buffers go to the file on a thread of their own ([`Background`]),
+    /// while the traversal fills the next; where there is no thread or memory for a
+    /// second buffer, they are written here as before.
+    pub fn writes_in_background(&mut self) {
+        self.background = Background::start(self.out, BUFFER_WORDS);
     }
 }
 
