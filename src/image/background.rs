@@ -12,23 +12,51 @@
 //! has returned, the file is where sequential writes of every buffer would have left it.
 
 use std::io::Write;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use crate::layout::{self, Word};
 
-/// A buffer to write: its words, of which the first `.1` are written.
-type Job = (Vec<Word>, usize);
+/// What the traversal and the thread hand each other, under [`Shared::state`].
+struct State {
+    /// A buffer to write and how many of its words: set by the traversal, taken by the
+    /// thread.
+    job: Option<(Vec<Word>, usize)>,
+    /// The buffer last written, or the error that ended the thread: set by the thread,
+    /// taken by the traversal.
+    written: Option<std::io::Result<Vec<Word>>>,
+    /// No more jobs: the thread ends once it has written the one it holds.
+    closed: bool,
+}
 
-/// The writing thread, the buffers it owes and the spare buffer. See the module's
+/// The state and the condition both sides wait on.
+///
+/// The thread allocates nothing (a futex-based lock and condition, `write(2)`): a
+/// thread's first `malloc` gives it an arena of its own, 64 MiB of address space that
+/// glibc keeps after the thread ends, which under `ulimit -v` left the OCaml 5 runtime
+/// without room for its minor collections (`mpsc` channels allocate on the receiving
+/// side).
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed.wait(guard).unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The writing thread, the buffer it owes and the spare buffer. See the module's
 /// documentation.
 pub struct Background {
-    /// Jobs to the thread; `None` once closed.
-    jobs: Option<Sender<Job>>,
-    /// Buffers written (or the error that stopped the thread), in order.
-    written: Receiver<std::io::Result<Vec<Word>>>,
-    /// Buffers handed to the thread and not received back.
-    in_flight: usize,
+    shared: Arc<Shared>,
+    /// Whether a buffer handed to the thread has not been received back.
+    in_flight: bool,
     /// An empty buffer to hand out before any comes back.
     spare: Option<Vec<Word>>,
     thread: Option<JoinHandle<()>>,
@@ -42,29 +70,24 @@ impl Background {
         let mut spare = Vec::new();
         spare.try_reserve_exact(words).ok()?;
         spare.resize(words, 0);
-        let mut out = file.try_clone().ok()?;
-        let (jobs, to_write) = channel::<Job>();
-        let (done, written) = channel();
+        let out = file.try_clone().ok()?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                job: None,
+                written: None,
+                closed: false,
+            }),
+            changed: Condvar::new(),
+        });
+        let theirs = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("offheap-image-write".into())
             .stack_size(256 * 1024)
-            .spawn(move || {
-                block_signals();
-                for (buf, words) in to_write {
-                    let r = out
-                        .write_all(layout::words_as_bytes(&buf[..words]))
-                        .map(|()| buf);
-                    let failed = r.is_err();
-                    if done.send(r).is_err() || failed {
-                        return;
-                    }
-                }
-            })
+            .spawn(move || write_jobs(out, &theirs))
             .ok()?;
         Some(Background {
-            jobs: Some(jobs),
-            written,
-            in_flight: 0,
+            shared,
+            in_flight: false,
             spare: Some(spare),
             thread: Some(thread),
         })
@@ -75,55 +98,77 @@ impl Background {
     /// the buffer written before, once its write has ended.
     ///
     /// # Errors
-    /// The error of an earlier write; `buf` is then left as it is.
+    /// The error of the write before; `buf` is then left as it is.
     pub fn write(&mut self, buf: &mut Vec<Word>, words: usize) -> std::io::Result<()> {
         let free = match self.spare.take() {
             Some(spare) => spare,
             None => self.receive()?,
         };
         let full = std::mem::replace(buf, free);
-        let Some(jobs) = &self.jobs else {
-            return Err(stopped());
-        };
-        match jobs.send((full, words)) {
-            Ok(()) => {
-                self.in_flight += 1;
-                Ok(())
-            }
-            Err(std::sync::mpsc::SendError((full, _))) => {
-                // Not written: the thread ended after a failed write.
-                self.spare = Some(full);
-                Err(stopped())
-            }
-        }
+        self.shared.lock().job = Some((full, words));
+        self.shared.changed.notify_all();
+        self.in_flight = true;
+        Ok(())
     }
 
-    /// Waits for every write handed to the thread, and ends it.
+    /// Waits for the write handed to the thread, and ends it.
     ///
     /// # Errors
-    /// The first write's error.
+    /// That write's error.
     pub fn finish(mut self) -> std::io::Result<()> {
-        self.jobs = None;
-        while self.in_flight > 0 {
+        if self.in_flight {
             self.receive()?;
         }
         Ok(())
     }
 
-    /// The next buffer the thread wrote, once written.
+    /// The buffer handed to the thread, once written.
     fn receive(&mut self) -> std::io::Result<Vec<Word>> {
-        if self.in_flight == 0 {
+        if !self.in_flight {
             return Err(stopped());
         }
-        self.in_flight -= 1;
-        self.written.recv().unwrap_or_else(|_| Err(stopped()))
+        self.in_flight = false;
+        let mut state = self.shared.lock();
+        loop {
+            if let Some(written) = state.written.take() {
+                return written;
+            }
+            state = self.shared.wait(state);
+        }
+    }
+}
+
+/// The thread: writes each job to `out` and hands its buffer back, until the jobs are
+/// closed or a write fails.
+fn write_jobs(mut out: std::fs::File, shared: &Shared) {
+    block_signals();
+    let mut state = shared.lock();
+    loop {
+        if let Some((buf, words)) = state.job.take() {
+            drop(state);
+            let written = out
+                .write_all(layout::words_as_bytes(&buf[..words]))
+                .map(|()| buf);
+            let failed = written.is_err();
+            state = shared.lock();
+            state.written = Some(written);
+            shared.changed.notify_all();
+            if failed {
+                return;
+            }
+        } else if state.closed {
+            return;
+        } else {
+            state = shared.wait(state);
+        }
     }
 }
 
 impl Drop for Background {
     /// Closes the jobs and waits for the thread: nothing writes to the file afterwards.
     fn drop(&mut self) {
-        self.jobs = None;
+        self.shared.lock().closed = true;
+        self.shared.changed.notify_all();
         if let Some(thread) = self.thread.take() {
             // The thread's closure does not panic (`panic = "abort"` besides).
             let _ = thread.join();
@@ -131,8 +176,8 @@ impl Drop for Background {
     }
 }
 
-/// The error of a thread that stopped without saying why (it cannot: it ends only when
-/// its jobs are closed or after sending an error).
+/// The error for a buffer received that was never handed out (a caller's slip: the
+/// writer hands one out before each it receives).
 fn stopped() -> std::io::Error {
     std::io::Error::other("the image's writing thread stopped")
 }
