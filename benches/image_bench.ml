@@ -177,13 +177,14 @@ let main () =
       ("private-trusted", "`Image.load ~trusted:true ~verify:false` (read)");
       ("shared", "`Image.load ~share:true` (mapped; checksum and structure verified)");
       ( "shared-relocated",
-        "`Image.load ~share:true`, relocated (mapped; checksum and structure verified)" );
+        "`Image.load ~share:true`, relocated (read, raw chunks mapped back; checksum and \
+         structure verified)" );
       ("shared-trusted", "`Image.load ~share:true ~trusted:true ~verify:false` (mapped)");
       ("private-1", "`Image.load ~threads:1` (read; checksum and structure verified)");
       ("shared-1", "`Image.load ~share:true ~threads:1` (mapped; checksum and structure verified)");
       ( "shared-relocated-1",
-        "`Image.load ~share:true ~threads:1`, relocated (mapped; checksum and structure verified)"
-      );
+        "`Image.load ~share:true ~threads:1`, relocated (read, raw chunks mapped back; checksum \
+         and structure verified)" );
     ]
   in
   let path_of mode = if mode = "marshal" then marshal_path else image_path in
