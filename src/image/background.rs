@@ -179,7 +179,7 @@ impl Drop for Background {
 /// The error for a buffer received that was never handed out (a caller's slip: the
 /// writer hands one out before each it receives).
 fn stopped() -> std::io::Error {
-    std::io::Error::other("the image's writing thread stopped")
+    std::io::Error::other("no buffer was handed to the image's writing thread")
 }
 
 /// Blocks every signal in the calling thread, so that the process's signals go to its
