@@ -116,7 +116,9 @@ module type S = sig
       replaced keeps its permissions (a new one gets [0o666] less the umask). When
       [path] is a symbolic link, its target is written (created if the link dangles),
       the link stays. The file is not synced to disk. The file is written as the copy
-      is made, through a buffer of 8 MiB: writing needs no copy of [v] in memory, nor
+      is made, through two buffers of 8 MiB (a thread of the writer's own writes one
+      to the file while the copy fills the other): writing needs no copy of [v] in
+      memory, nor
       tables that grow with it (the traversal's queue, 8 bytes a block, and the table
       of custom blocks go to unnamed files in the same directory, of which the process
       holds a few MiB at a time; where the file system has no [O_TMPFILE] or no room,
