@@ -227,6 +227,53 @@ fn scattered_values_stream_with_their_queue_in_a_file() {
 }
 
 #[test]
+fn the_writing_thread_writes_buffers_in_order() {
+    // Buffers of every length up to the buffer's size, each filled with its number,
+    // handed over one after the other: the file holds them in order, and each buffer
+    // handed back has the full size.
+    use image::background::Background;
+    let (_dir, path) = temp_path("ordered.bin");
+    let f = std::fs::File::create(&path).unwrap();
+    let size = 1000;
+    let mut b = Background::start(&f, size).unwrap();
+    let mut buf = vec![0 as Word; size];
+    let mut expected = Vec::new();
+    for k in 0..64 {
+        let words = (k * 37) % (size + 1);
+        buf[..words].fill(k as Word);
+        expected.extend(std::iter::repeat_n(k as Word, words));
+        b.write(&mut buf, words).unwrap();
+        assert_eq!(buf.len(), size);
+    }
+    b.finish().unwrap();
+    assert!(std::fs::read(&path).unwrap() == layout::words_as_bytes(&expected));
+}
+
+#[test]
+fn the_writing_thread_reports_its_error_and_keeps_a_buffer() {
+    // A descriptor open for reading only: the thread's first write fails. The next
+    // hand-over reports it (EBADF) and leaves the caller its buffer; nothing was
+    // written; the thread has ended, and dropping the writer returns.
+    use image::background::Background;
+    let (_dir, path) = temp_path("read-only.bin");
+    std::fs::write(&path, b"").unwrap();
+    let f = std::fs::File::open(&path).unwrap();
+    let mut b = Background::start(&f, 16).unwrap();
+    let mut buf = vec![7 as Word; 16];
+    b.write(&mut buf, 16).unwrap();
+    let e = b.write(&mut buf, 16).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+    assert_eq!(buf.len(), 16);
+    drop(b);
+    // Ended after a write that failed in `finish` too.
+    let mut b = Background::start(&f, 16).unwrap();
+    b.write(&mut buf, 16).unwrap();
+    let e = b.finish().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+    assert!(std::fs::read(&path).unwrap().is_empty());
+}
+
+#[test]
 fn streamed_files_of_many_buffers_load_back() {
     // As `Image.write` writes: the traversal streams the payload to a file, its full
     // buffers written by the writer's own thread while the next fills. 600 000 nodes
