@@ -191,6 +191,17 @@ fn big_blocks_and_long_lists() {
     round_trip(&mut heap, root);
 }
 
+/// A binary tree of `n` nodes lying scattered over a fake heap, each with a string
+/// (`"{key} {i}"` for node `i`), and its root.
+fn scattered_tree(n: usize, seed: u64, key: &str) -> (FakeHeap, Word) {
+    let mut heap = FakeHeap::new(10 * n);
+    let nodes = heap.binary_tree(&mut Rng(seed), n, true, &mut |h, _, i| {
+        vec![h.string(format!("{key} {i}").as_bytes())]
+    });
+    let root = nodes[n / 2];
+    (heap, root)
+}
+
 #[test]
 fn scattered_values_stream_with_their_queue_in_a_file() {
     // A tree of 300 000 nodes lying scattered, a string each: pass 1 goes on by batches,
@@ -198,11 +209,7 @@ fn scattered_values_stream_with_their_queue_in_a_file() {
     // payload streamed is the one made from a copy in memory, and loads as a copy of
     // the source.
     let n = 300_000;
-    let mut heap = FakeHeap::new(10 * n);
-    let nodes = heap.binary_tree(&mut Rng(21), n, true, &mut |h, _, i| {
-        vec![h.string(format!("key {i}").as_bytes())]
-    });
-    let root = nodes[n / 2];
+    let (mut heap, root) = scattered_tree(n, 21, "key");
     let image = image_of(&mut heap, root, b"").expect("encodes");
     let end = format::HEADER_BYTES + header(&image).payload_bytes as usize;
     let before = heap.snapshot();
@@ -278,14 +285,9 @@ fn streamed_files_of_many_buffers_load_back() {
     // As `Image.write` writes: the traversal streams the payload to a file, its full
     // buffers written by the writer's own thread while the next fills. 600 000 nodes
     // with a string each, some 38 MB of payload: five buffers, the last one partly
-    // full, after the zeros that put the payload 2 MiB into the file. Loaded back, read and mapped, it is a copy
-    // of the source, which is left as it was.
-    let n = 600_000;
-    let mut heap = FakeHeap::new(10 * n);
-    let nodes = heap.binary_tree(&mut Rng(22), n, true, &mut |h, _, i| {
-        vec![h.string(format!("the key of node {i}").as_bytes())]
-    });
-    let root = nodes[n / 2];
+    // full, after the zeros that put the payload 2 MiB into the file. Loaded back, read
+    // and mapped, it is a copy of the source, which is left as it was.
+    let (mut heap, root) = scattered_tree(600_000, 22, "the key of node");
     let before = heap.snapshot();
     let (_dir, path) = temp_path("streamed.img");
     image::write_with(&path, b"", &process(), |w| {

@@ -1250,6 +1250,12 @@ fn grouped_depth_first(h: &FakeHeap, root: Word) -> Vec<isize> {
     out
 }
 
+/// The label a tree node of [`FakeHeap::binary_tree`] or `labelled_tree` holds: its
+/// last field, an OCaml integer.
+fn last_field_label(block: Word) -> isize {
+    word_at(block, header(block).wosize() - 1) as isize >> 1
+}
+
 /// `label` of every block of the copy `c`, in the order the copy lays them out.
 fn labels_in_copy(c: &Copied, label: impl Fn(Word) -> isize) -> Vec<isize> {
     let mut at = 0;
@@ -1272,9 +1278,7 @@ fn trees_are_laid_out_depth_first_by_groups() {
         assert_eq!(expected.len(), nodes);
         for s in ALL {
             let done = copy_ok(&mut h, root, s);
-            let labels = labels_in_copy(&done.c, |block| {
-                word_at(block, header(block).wosize() - 1) as isize >> 1
-            });
+            let labels = labels_in_copy(&done.c, last_field_label);
             assert_eq!(labels, expected, "{s:?}: {nodes} nodes");
             done.free();
         }
@@ -1368,9 +1372,7 @@ fn scattered_trees_go_on_by_batches_once_past_the_small_values() {
         assert_eq!(expected.len(), n);
         for s in ALL {
             let done = copy_ok(&mut h, root, s);
-            let labels = labels_in_copy(&done.c, |block| {
-                word_at(block, header(block).wosize() - 1) as isize >> 1
-            });
+            let labels = labels_in_copy(&done.c, last_field_label);
             let mut sorted = labels.clone();
             sorted.sort_unstable();
             assert!(
