@@ -103,9 +103,8 @@ fn copy_now(h: Word, copy_static: bool, v: Word) -> StubOutcome {
             |copied| {
                 let (start, total) = WithRecord::<()>::allocation(copied);
                 // The record and the blocks: not the Bigarray data.
-                let blocks = total - copied.bytes + copied.blocks_bytes();
                 if !runtime::slab::is_slab_copy(&allocator, total)
-                    && !runtime::register_blocks(start, total, blocks)
+                    && !runtime::register_copy(start, total, copied)
                 {
                     return false;
                 }
@@ -118,7 +117,7 @@ fn copy_now(h: Word, copy_static: bool, v: Word) -> StubOutcome {
     } else {
         // Another allocator is asked for the copy's exact size; the record is apart.
         copy_into(h, v, copy_static, allocator, |copied| {
-            if !runtime::register_blocks(copied.base, copied.bytes, copied.blocks_bytes()) {
+            if !runtime::register_copy(copied.base, copied.bytes, copied) {
                 return false;
             }
             // SAFETY: as above.

@@ -13,16 +13,18 @@
 //!   and Marshal treat it as OCaml values: the pages of its blocks, not those of the
 //!   Bigarray data after them, which only custom blocks point to (a gigabyte of data
 //!   would take a quarter of a million entries, never removed: the table only marks
-//!   them as kind 0). The table works in whole pages and two copies can share a page at
-//!   their ends, so the end pages are reference-counted.
+//!   them as kind 0), and of a copy of few large blocks only the pages where its blocks
+//!   start ([`register_copy`]). The table works in whole pages and two copies can share
+//!   a page at their ends, so the end pages are reference-counted.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Mutex;
 
 use crate::copy::visited::HeaderMarks;
+use crate::copy::Copied;
 use crate::copy::Heap;
-use crate::layout::{Color, Word, WORD_BYTES};
+use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 
 const IN_HEAP: i32 = 1;
 const IN_YOUNG: i32 = 2;
@@ -470,9 +472,19 @@ struct Registrations {
     /// Live registrations per page, for the pages a registration covers only partly
     /// (its first and last): the only ones another registration can occupy too.
     shared: HashMap<usize, usize, ByAddress>,
-    /// Allocations registered only in part, by their start: the bytes registered (the
-    /// blocks; the Bigarray data after them is not, see [`register_blocks`]).
-    partial: HashMap<usize, usize, ByAddress>,
+    /// Allocations registered only in part, by their start.
+    partial: HashMap<usize, Partial, ByAddress>,
+}
+
+/// What was registered of an allocation registered only in part.
+struct Partial {
+    /// The bytes of its blocks (the Bigarray data after them is not registered, see
+    /// [`register_blocks`]).
+    blocks: usize,
+    /// The runs of pages of the blocks registered, in order, when not all of them (of
+    /// a copy of large blocks, the pages where blocks start, see [`register_copy`]);
+    /// empty when all of them are.
+    runs: Vec<PageRun>,
 }
 
 impl Registrations {
@@ -483,6 +495,9 @@ impl Registrations {
         }
     }
 }
+
+/// Pages `.0..=.1`.
+type PageRun = (usize, usize);
 
 /// The hasher of the maps of [`Registrations`], keyed by page numbers and addresses that
 /// no one else chooses: one multiplication (Fibonacci hashing), where the standard
@@ -578,6 +593,65 @@ pub fn register(base: *mut u8, bytes: usize) -> bool {
 /// allocation removes what was registered. False when the page table could not grow or
 /// there was no memory to remember the registration.
 pub fn register_blocks(base: *mut u8, bytes: usize, blocks: usize) -> bool {
+    register_runs(base, bytes, blocks, None)
+}
+
+/// Copies whose blocks span this many pages each on average, or more, are walked by
+/// [`register_copy`]: reading a header costs less than registering a page.
+const WALK_FROM_PAGES_PER_BLOCK: usize = 2;
+
+/// Registers the allocation `[start, start + total)` that ends with the copy `copied`
+/// (the handle's record may come before it) as [`register_blocks`] does, but of a copy
+/// of few large blocks (a big string, a float array, an array of a few large strings)
+/// only the pages that hold a block's header or its first field, and every page of a
+/// closure. The runtime looks up the address of a value only, which is a block's first
+/// field, or for an infix pointer a place inside a closure; so the other pages of a
+/// block need no entry, and each entry costs the copy and its free a hash-table update
+/// (some 0.3 ms each for the 25 600 pages of a 100 MB string) and stays in the table
+/// for good. False as for [`register_blocks`].
+pub fn register_copy(start: *mut u8, total: usize, copied: &Copied) -> bool {
+    let blocks = total - copied.bytes + copied.blocks_bytes();
+    if copied.bytes == 0 || blocks == 0 {
+        return register_blocks(start, total, blocks);
+    }
+    let (first, last) = page_span(start, blocks);
+    let pages = last - first + 1;
+    if copied.blocks.saturating_mul(WALK_FROM_PAGES_PER_BLOCK) > pages {
+        return register_blocks(start, total, blocks);
+    }
+    let mut runs = Vec::new();
+    if runs.try_reserve_exact(copied.blocks + 1).is_err() {
+        return register_blocks(start, total, blocks);
+    }
+    // The blocks end before the Bigarray data, if any.
+    let blocks_end = start as usize + total - copied.data_bytes;
+    let mut from = first;
+    let mut hd_at = copied.base as usize;
+    for _ in 0..copied.blocks {
+        if hd_at >= blocks_end {
+            break;
+        }
+        // SAFETY: `hd_at` is the header of a block of the copy just made, inside the
+        // allocation: the copy is its blocks one after the other from `copied.base`.
+        let hd = Header(unsafe { *(hd_at as *const Word) });
+        let next = hd_at + hd.whsize() * WORD_BYTES;
+        let field_page = (hd_at + WORD_BYTES) >> PAGE_LOG;
+        let next_page = (next >> PAGE_LOG).min(last + 1);
+        if hd.tag() != layout::CLOSURE_TAG && next_page > field_page + 1 {
+            runs.push((from, field_page));
+            from = next_page;
+        }
+        hd_at = next;
+    }
+    if from <= last {
+        runs.push((from, last));
+    }
+    register_runs(start, total, blocks, Some(runs))
+}
+
+/// Registers `runs` (all the pages of the first `blocks` bytes when `None`) of the
+/// allocation `[base, base + bytes)`, and remembers what [`unregister`] is to remove.
+fn register_runs(base: *mut u8, bytes: usize, blocks: usize, runs: Option<Vec<PageRun>>) -> bool {
     let blocks = blocks.min(bytes);
     if bytes == 0 {
         // An empty buffer (`offheap_copy`'s `{ NULL, 0 }` when nothing was copied):
@@ -585,65 +659,97 @@ pub fn register_blocks(base: *mut u8, bytes: usize, blocks: usize) -> bool {
         // NULL every page of the address space.
         return true;
     }
+    let span = page_span(base, blocks);
+    let runs = runs.filter(|runs| runs[..] != [span]).unwrap_or_default();
+    let partial = blocks < bytes || !runs.is_empty();
     let mut guard = registrations();
     let regs = guard.get_or_insert_with(Registrations::new);
-    let partial = blocks < bytes;
     if partial && regs.partial.try_reserve(1).is_err() {
         return false;
     }
-    let ends = end_pages(base, blocks);
     if regs.shared.try_reserve(2).is_err() {
         return false;
     }
-    let (first, last) = page_span(base, blocks);
-    if !set_pages(true, first, last) {
-        return false;
+    let to_add = if runs.is_empty() { &[span][..] } else { &runs };
+    for (k, &(from, to)) in to_add.iter().enumerate() {
+        if !set_pages(true, from, to) {
+            // Undo: the runs before and what this one added, but the end pages that
+            // another live registration occupies.
+            let (keep_first, keep_last) = shared_ends(regs, span, end_pages(base, blocks));
+            remove_runs(&to_add[..=k], span, keep_first, keep_last);
+            return false;
+        }
     }
-    for page in ends {
+    for page in end_pages(base, blocks) {
         *regs.shared.entry(page).or_insert(0) += 1;
     }
     if partial {
-        regs.partial.insert(base as usize, blocks);
+        regs.partial.insert(base as usize, Partial { blocks, runs });
     }
     true
 }
 
-/// Unregisters the allocation `[base, base + bytes)` (what [`register`] or
-/// [`register_blocks`] registered of it), keeping the end pages that another live
-/// registration still occupies. Never removes a page it did not register: OCaml 4's
-/// `caml_page_table_remove` inserts an entry for a page it does not know.
+/// Whether the first and the last page of `span` are occupied by another live
+/// registration, among its end pages `ends`.
+fn shared_ends(
+    regs: &Registrations,
+    span: PageRun,
+    ends: impl Iterator<Item = usize>,
+) -> (bool, bool) {
+    let (mut keep_first, mut keep_last) = (false, false);
+    for page in ends {
+        if regs.shared.get(&page).is_some_and(|&count| count > 0) {
+            keep_first |= page == span.0;
+            keep_last |= page == span.1;
+        }
+    }
+    (keep_first, keep_last)
+}
+
+/// Removes the pages of `runs`, which lie in `span`, but its first page when
+/// `keep_first` and its last when `keep_last`.
+fn remove_runs(runs: &[PageRun], span: PageRun, keep_first: bool, keep_last: bool) {
+    for &(mut from, mut to) in runs {
+        if keep_first && from == span.0 {
+            from += 1;
+        }
+        if keep_last && to == span.1 {
+            to = to.wrapping_sub(1);
+        }
+        if from <= to && to != usize::MAX {
+            set_pages(false, from, to);
+        }
+    }
+}
+
+/// Unregisters the allocation `[base, base + bytes)` (what [`register`],
+/// [`register_blocks`] or [`register_copy`] registered of it), keeping the end pages
+/// that another live registration still occupies. Never removes a page it did not
+/// register: OCaml 4's `caml_page_table_remove` inserts an entry for a page it does not
+/// know.
 pub fn unregister(base: *mut u8, bytes: usize) {
     if bytes == 0 {
         return; // an empty buffer: `register_blocks` registered nothing
     }
     let mut guard = registrations();
     let regs = guard.get_or_insert_with(Registrations::new);
-    let bytes = if regs.partial.is_empty() {
-        bytes
+    let partial = if regs.partial.is_empty() {
+        None
     } else {
-        regs.partial.remove(&(base as usize)).unwrap_or(bytes)
+        regs.partial.remove(&(base as usize))
     };
-    let (mut first, mut last) = page_span(base, bytes);
-    let (mut keep_first, mut keep_last) = (false, false);
-    for page in end_pages(base, bytes) {
+    let (blocks, runs) = partial.map_or((bytes, Vec::new()), |p| (p.blocks, p.runs));
+    let span = page_span(base, blocks);
+    for page in end_pages(base, blocks) {
         let count = regs.shared.entry(page).or_insert(1);
         *count -= 1;
         if *count == 0 {
             regs.shared.remove(&page);
-        } else {
-            keep_first |= page == first;
-            keep_last |= page == last;
         }
     }
-    if keep_first {
-        first += 1;
-    }
-    if keep_last {
-        last = last.wrapping_sub(1);
-    }
-    if first <= last && last != usize::MAX {
-        set_pages(false, first, last);
-    }
+    let (keep_first, keep_last) = shared_ends(regs, span, end_pages(base, blocks));
+    let removed = if runs.is_empty() { &[span][..] } else { &runs };
+    remove_runs(removed, span, keep_first, keep_last);
 }
 
 /// After a custom allocator's `free`: registers again the end pages of

@@ -462,6 +462,11 @@ pub fn register_blocks(_base: *mut u8, _bytes: usize, _blocks: usize) -> bool {
     true
 }
 
+/// Nothing to register: OCaml 5 has no page table.
+pub fn register_copy(_start: *mut u8, _total: usize, _copied: &crate::copy::Copied) -> bool {
+    true
+}
+
 /// Nothing to unregister.
 pub fn unregister(_base: *mut u8, _bytes: usize) {}
 

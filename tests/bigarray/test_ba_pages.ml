@@ -1,8 +1,9 @@
 (* OCaml 4's page table and Bigarray data (issue 13): a copy or an image registers the
    pages of its blocks, not those of its Bigarray data; free gives back exactly what was
    registered (4.13's caml_page_table_remove of a page it never saw inserts an entry, so
-   the table would grow with every cycle); everything still works on the copy. On OCaml
-   5 (no page table) the same values are copied, used and freed. *)
+   the table would grow with every cycle); everything still works on the copy. A copy of
+   few large blocks registers the pages where blocks start, not the pages inside them
+   (issue 9). On OCaml 5 (no page table) the same values are copied, used and freed. *)
 
 open OUnit2
 open Bigarray
@@ -237,6 +238,84 @@ let test_occupancy_fresh_places _ =
           assert_bool "added" (compare v (Offheap.Region.add r v) = 0);
           Offheap.Region.free r))
 
+(* Large blocks (issue 9): a copy whose blocks are few and large registers the pages
+   that hold a block's header or first field (a value's address), not the pages inside
+   a block, which no value points into. Every block of the copy still works with
+   compare, hash and Marshal, and free removes exactly what was registered. The shapes
+   put large blocks first, last, between small ones, at odd offsets within pages, and
+   one large block of pointers. *)
+let large_shapes () =
+  let sized i = String.init ((3 + (i * 5)) * 4096 + (i * 24) + 5) (fun k -> Char.chr ((k + i) land 255)) in
+  [
+    ("a string of 1 MiB", [ Obj.repr (sized 50) ]);
+    ("a float array of 100k", [ Obj.repr (Array.init 100_000 float_of_int) ]);
+    ("large strings between small blocks",
+     List.concat (List.init 6 (fun i -> [ Obj.repr (sized i); Obj.repr (string_of_int i, [ i ]) ])));
+    ("an array of 60k small ints, then strings",
+     [ Obj.repr (Array.init 60_000 (fun i -> i land 255)); Obj.repr (sized 2); Obj.repr (String.make 1 (Char.chr 120)) ]);
+  ]
+
+(* The page-aligned addresses strictly inside the block [b] of [bytes] bytes of fields,
+   past its first field's page and before the page of the word after it. *)
+let inside_pages b bytes =
+  let first = Nativeint.(mul (add (div b page) 1n) page) in
+  let stop = Nativeint.(mul (div (add b (of_int bytes)) page) page) in
+  let rec go a acc = if a >= stop then List.rev acc else go (Nativeint.add a page) (a :: acc) in
+  go first []
+
+let block_bytes (o : Obj.t) =
+  if Obj.tag o = Obj.string_tag then String.length (Obj.obj o) + 1 else Obj.size o * (Sys.word_size / 8)
+
+let test_large_blocks _ =
+  List.iter
+    (fun (msg, blocks) ->
+      let v = Array.of_list blocks in
+      List.iter
+        (fun alloc ->
+          let h = Offheap.copy ?alloc v in
+          let c = Offheap.get h in
+          assert_bool (msg ^ ": compare") (compare v c = 0);
+          assert_equal ~msg:(msg ^ ": hash") (Hashtbl.hash v) (Hashtbl.hash c);
+          assert_bool (msg ^ ": Marshal") (compare v (Marshal.from_string (Marshal.to_string c []) 0) = 0);
+          Array.iteri
+            (fun i b ->
+              assert_bool (Printf.sprintf "%s: block %d, compare" msg i) (compare v.(i) b = 0);
+              assert_equal ~msg:(Printf.sprintf "%s: block %d, hash" msg i)
+                (Hashtbl.hash v.(i)) (Hashtbl.hash b))
+            c;
+          let starts = address (Obj.repr c) :: Array.to_list (Array.map address c) in
+          let insides =
+            List.concat_map (fun b -> inside_pages (address b) (block_bytes b)) (Array.to_list c)
+          in
+          if not ocaml5 then begin
+            List.iter
+              (fun b ->
+                assert_equal ~msg:(Printf.sprintf "%s: block at %nx registered" msg b)
+                  ~printer:string_of_int in_static_data (page_kind b land in_static_data))
+              starts;
+            List.iter
+              (fun p ->
+                assert_equal ~msg:(Printf.sprintf "%s: page %nx inside a block registered" msg p)
+                  ~printer:string_of_int 0 (page_kind p))
+              insides
+          end;
+          Offheap.free h;
+          check_freed ~msg (starts, insides))
+        [ None; Some (counting ()) ])
+    (large_shapes ())
+
+(* Copies of large strings where no copy was before: each adds the entries of the pages
+   where its blocks start (the first, the large string's first field, the word after
+   it, the last), never one per page of the string. *)
+let test_occupancy_large_blocks _ =
+  without_compaction (fun () ->
+      let v = (List.init 5 string_of_int, String.make (256 * 4096) 'x', [ 1; 2 ]) in
+      let alloc = arena_alloc () in
+      assert_growth ~msg:"large copies at fresh places" ~cycles:100 ~per_cycle:4 (fun _ ->
+          let h = Offheap.copy ~alloc v in
+          assert_bool "copied" (compare v (Offheap.get h) = 0);
+          Offheap.free h))
+
 let () =
   run_test_tt_main
     ("bigarray pages"
@@ -247,4 +326,6 @@ let () =
            "region images register blocks, not data" >:: test_region_image;
            "occupancy flat over cycles" >:: test_occupancy_flat;
            "occupancy over copies at fresh places" >:: test_occupancy_fresh_places;
+           "large blocks: the pages where blocks start" >:: test_large_blocks;
+           "occupancy over copies of large blocks" >:: test_occupancy_large_blocks;
          ])
