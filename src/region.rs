@@ -36,10 +36,17 @@ use crate::layout::WORD_BYTES;
 pub trait Registry {
     /// Registers `[base, base + bytes)`; false when the runtime has no memory for it.
     fn register(&mut self, base: *mut u8, bytes: usize) -> bool;
-    /// Registers the first `blocks` bytes of `[base, base + bytes)` (an add's own chunk:
-    /// its blocks, not the Bigarray data after them, see `runtime::register_blocks`);
+    /// Registers the first `blocks` bytes of `[base, base + bytes)`, an add's own chunk
+    /// holding `copied` at its start: its blocks, not the Bigarray data after them, and
+    /// of few large blocks the pages where they start (see `runtime::register_copy`);
     /// [`Registry::unregister`] of the chunk removes what was registered.
-    fn register_blocks(&mut self, base: *mut u8, bytes: usize, blocks: usize) -> bool;
+    fn register_copy(
+        &mut self,
+        base: *mut u8,
+        bytes: usize,
+        blocks: usize,
+        copied: &Copied,
+    ) -> bool;
     /// Unregisters `[base, base + bytes)`, registered before.
     fn unregister(&mut self, base: *mut u8, bytes: usize);
     /// Called after the allocator freed `[base, base + bytes)`: registers again what
@@ -54,7 +61,7 @@ impl Registry for NoRegistry {
     fn register(&mut self, _base: *mut u8, _bytes: usize) -> bool {
         true
     }
-    fn register_blocks(&mut self, _base: *mut u8, _bytes: usize, _blocks: usize) -> bool {
+    fn register_copy(&mut self, _: *mut u8, _: usize, _: usize, _: &Copied) -> bool {
         true
     }
     fn unregister(&mut self, _base: *mut u8, _bytes: usize) {}
@@ -216,7 +223,7 @@ impl Region {
                     } else {
                         copied.blocks_bytes()
                     };
-                    if own && !registry.register_blocks(chunk.base, chunk.bytes, blocks) {
+                    if own && !registry.register_copy(chunk.base, chunk.bytes, blocks, &copied) {
                         // SAFETY: taken during this add; the copy in it is dropped here.
                         unsafe { alloc.free(chunk.base, chunk.bytes) };
                         self.range = saved;
@@ -437,7 +444,7 @@ mod tests {
         }
     }
 
-    /// A registry that records its calls and refuses `register_blocks` when `refuse`.
+    /// A registry that records its calls and refuses `register_copy` when `refuse`.
     #[derive(Default)]
     struct Recording {
         calls: Vec<(&'static str, usize, usize)>,
@@ -449,8 +456,14 @@ mod tests {
             self.calls.push(("register", base as usize, bytes));
             true
         }
-        fn register_blocks(&mut self, base: *mut u8, bytes: usize, blocks: usize) -> bool {
-            self.calls.push(("register_blocks", base as usize, blocks));
+        fn register_copy(
+            &mut self,
+            base: *mut u8,
+            bytes: usize,
+            blocks: usize,
+            _: &Copied,
+        ) -> bool {
+            self.calls.push(("register_copy", base as usize, blocks));
             assert!(blocks <= bytes);
             !self.refuse
         }
@@ -485,7 +498,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             reg.calls,
-            [("register_blocks", big.base as usize, 3000 + WORD_BYTES)]
+            [("register_copy", big.base as usize, 3000 + WORD_BYTES)]
         );
         reg.calls.clear();
         // Without data: the whole chunk, its tail word included.
@@ -494,7 +507,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             reg.calls,
-            [("register_blocks", plain.base as usize, 10_000 + WORD_BYTES)]
+            [("register_copy", plain.base as usize, 10_000 + WORD_BYTES)]
         );
         // A refused registration: the add fails, nothing unregistered, region unchanged.
         let before = (r.stats(), r.range.cursor, r.range.limit, r.chunks.clone());
@@ -505,7 +518,7 @@ mod tests {
         });
         assert!(matches!(e, Err(CopyError::OutOfMemory(_))), "{e:?}");
         assert_eq!(reg.calls.len(), 1, "{:?}", reg.calls);
-        assert_eq!(reg.calls[0].0, "register_blocks");
+        assert_eq!(reg.calls[0].0, "register_copy");
         assert_eq!(
             (r.stats(), r.range.cursor, r.range.limit, r.chunks.clone()),
             before

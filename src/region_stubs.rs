@@ -23,7 +23,7 @@ use std::cell::RefCell;
 use ocaml_sys::Value;
 
 use crate::alloc::{CAllocator, NoMemory};
-use crate::copy::CopyError;
+use crate::copy::{Copied, CopyError};
 use crate::handle::{self, Owned};
 use crate::layout::{is_immediate, val_int, Word};
 use crate::outcome::StubOutcome;
@@ -103,8 +103,14 @@ impl Registry for RuntimeRegistry {
     fn register(&mut self, base: *mut u8, bytes: usize) -> bool {
         runtime::register(base, bytes)
     }
-    fn register_blocks(&mut self, base: *mut u8, bytes: usize, blocks: usize) -> bool {
-        runtime::register_blocks(base, bytes, blocks)
+    fn register_copy(
+        &mut self,
+        base: *mut u8,
+        bytes: usize,
+        blocks: usize,
+        copied: &Copied,
+    ) -> bool {
+        runtime::register_copy(base, bytes, blocks, copied)
     }
     fn unregister(&mut self, base: *mut u8, bytes: usize) {
         runtime::unregister(base, bytes)

@@ -103,8 +103,9 @@ fn copy_now(h: Word, copy_static: bool, v: Word) -> StubOutcome {
             |copied| {
                 let (start, total) = WithRecord::<()>::allocation(copied);
                 // The record and the blocks: not the Bigarray data.
+                let blocks = total - copied.bytes + copied.blocks_bytes();
                 if !runtime::slab::is_slab_copy(&allocator, total)
-                    && !runtime::register_copy(start, total, copied)
+                    && !runtime::register_copy(start, total, blocks, copied)
                 {
                     return false;
                 }
@@ -117,7 +118,8 @@ fn copy_now(h: Word, copy_static: bool, v: Word) -> StubOutcome {
     } else {
         // Another allocator is asked for the copy's exact size; the record is apart.
         copy_into(h, v, copy_static, allocator, |copied| {
-            if !runtime::register_copy(copied.base, copied.bytes, copied) {
+            let blocks = copied.blocks_bytes();
+            if !runtime::register_copy(copied.base, copied.bytes, blocks, copied) {
                 return false;
             }
             // SAFETY: as above.

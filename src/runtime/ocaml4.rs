@@ -600,17 +600,18 @@ pub fn register_blocks(base: *mut u8, bytes: usize, blocks: usize) -> bool {
 /// [`register_copy`]: reading a header costs less than registering a page.
 const WALK_FROM_PAGES_PER_BLOCK: usize = 2;
 
-/// Registers the allocation `[start, start + total)` that ends with the copy `copied`
-/// (the handle's record may come before it) as [`register_blocks`] does, but of a copy
-/// of few large blocks (a big string, a float array, an array of a few large strings)
-/// only the pages that hold a block's header or its first field, and every page of a
-/// closure. The runtime looks up the address of a value only, which is a block's first
-/// field, or for an infix pointer a place inside a closure; so the other pages of a
-/// block need no entry, and each entry costs the copy and its free a hash-table update
-/// (some 0.3 ms each for the 25 600 pages of a 100 MB string) and stays in the table
-/// for good. False as for [`register_blocks`].
-pub fn register_copy(start: *mut u8, total: usize, copied: &Copied) -> bool {
-    let blocks = total - copied.bytes + copied.blocks_bytes();
+/// Registers the first `blocks` bytes of the allocation `[start, start + total)`, which
+/// hold the copy `copied` (after the handle's record, or followed by the rest of a
+/// region's chunk), as [`register_blocks`] does; but of a copy of few large blocks (a big
+/// string, a float array, an array of a few large strings) only the pages that hold a
+/// block's header or its first field, and every page of a closure. The runtime looks up
+/// the address of a value only, which is a block's first field, or for an infix pointer
+/// a place inside a closure; so the other pages of a block need no entry, and each entry
+/// costs the copy and its free a hash-table update (some 0.3 ms each for the 25 600
+/// pages of a 100 MB string) and stays in the table for good. False as for
+/// [`register_blocks`].
+pub fn register_copy(start: *mut u8, total: usize, blocks: usize, copied: &Copied) -> bool {
+    let blocks = blocks.min(total);
     if copied.bytes == 0 || blocks == 0 {
         return register_blocks(start, total, blocks);
     }
@@ -624,7 +625,7 @@ pub fn register_copy(start: *mut u8, total: usize, copied: &Copied) -> bool {
         return register_blocks(start, total, blocks);
     }
     // The blocks end before the Bigarray data, if any.
-    let blocks_end = start as usize + total - copied.data_bytes;
+    let blocks_end = copied.base as usize + copied.bytes - copied.data_bytes;
     let mut from = first;
     let mut hd_at = copied.base as usize;
     for _ in 0..copied.blocks {

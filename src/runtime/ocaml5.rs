@@ -463,7 +463,12 @@ pub fn register_blocks(_base: *mut u8, _bytes: usize, _blocks: usize) -> bool {
 }
 
 /// Nothing to register: OCaml 5 has no page table.
-pub fn register_copy(_start: *mut u8, _total: usize, _copied: &crate::copy::Copied) -> bool {
+pub fn register_copy(
+    _start: *mut u8,
+    _total: usize,
+    _blocks: usize,
+    _copied: &crate::copy::Copied,
+) -> bool {
     true
 }
 

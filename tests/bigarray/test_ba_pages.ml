@@ -266,14 +266,24 @@ let inside_pages b bytes =
 let block_bytes (o : Obj.t) =
   if Obj.tag o = Obj.string_tag then String.length (Obj.obj o) + 1 else Obj.size o * (Sys.word_size / 8)
 
+(* Ways to make a copy: [(name, copy)], where [copy v] returns the copy and its free. *)
+let copiers () =
+  [
+    ("default allocator", fun v -> let h = Offheap.copy v in (Offheap.get h, fun () -> Offheap.free h));
+    ("another allocator",
+     fun v -> let h = Offheap.copy ~alloc:(counting ()) v in (Offheap.get h, fun () -> Offheap.free h));
+    ("a region's own chunk",
+     fun v -> let r = Offheap.Region.create () in (Offheap.Region.add r v, fun () -> Offheap.Region.free r));
+  ]
+
 let test_large_blocks _ =
   List.iter
-    (fun (msg, blocks) ->
+    (fun (shape, blocks) ->
       let v = Array.of_list blocks in
       List.iter
-        (fun alloc ->
-          let h = Offheap.copy ?alloc v in
-          let c = Offheap.get h in
+        (fun (how, copy) ->
+          let msg = shape ^ ", " ^ how in
+          let c, free = copy v in
           assert_bool (msg ^ ": compare") (compare v c = 0);
           assert_equal ~msg:(msg ^ ": hash") (Hashtbl.hash v) (Hashtbl.hash c);
           assert_bool (msg ^ ": Marshal") (compare v (Marshal.from_string (Marshal.to_string c []) 0) = 0);
@@ -299,9 +309,9 @@ let test_large_blocks _ =
                   ~printer:string_of_int 0 (page_kind p))
               insides
           end;
-          Offheap.free h;
+          free ();
           check_freed ~msg (starts, insides))
-        [ None; Some (counting ()) ])
+        (copiers ()))
     (large_shapes ())
 
 (* Copies of large strings where no copy was before: each adds the entries of the pages
