@@ -120,8 +120,9 @@ unsafe impl VisitedSet for HeaderMarks {
 }
 
 /// How many queue entries ahead [`HeaderMarks::restore`] (and [`MarksOutside`]'s)
-/// fetches a header.
-const RESTORE_AHEAD: usize = 16;
+/// fetches a header: 64, not 16, puts back the 2M headers of a `Map` of 1M random keys
+/// in 8.1-9.0 ms instead of 9.2-10.5 (OCaml 5.3, rounds in turn); 128 no faster.
+const RESTORE_AHEAD: usize = 64;
 
 /// Slots of one [`SideTable`] window: the words of a 4 KiB page.
 const WINDOW: usize = 4096 / WORD_BYTES;
