@@ -674,8 +674,9 @@ fn register_runs(base: *mut u8, bytes: usize, blocks: usize, runs: Option<Vec<Pa
     let to_add = if runs.is_empty() { &[span][..] } else { &runs };
     for (k, &(from, to)) in to_add.iter().enumerate() {
         if !set_pages(true, from, to) {
-            // Undo: the runs before and what this one added, but the end pages that
-            // another live registration occupies.
+            // Undo: the runs before and this one, but the end pages that another live
+            // registration occupies. A page of this run that the table could not add
+            // gets an entry of kind 0, which classifies nothing (not static data).
             let (keep_first, keep_last) = shared_ends(regs, span, end_pages(base, blocks));
             remove_runs(&to_add[..=k], span, keep_first, keep_last);
             return false;
