@@ -44,6 +44,22 @@ let block_addresses c =
     [ Obj.repr c; Obj.repr (List.nth l 49); Obj.repr d; Obj.repr s; Obj.repr r; Obj.repr sm;
       Obj.repr a.(99) ]
 
+(* On OCaml 4: the pages of the addresses [blocks] are registered as static data, the
+   pages [pages] are not ([unregistered] names one of them in a failure). *)
+let assert_pages ~msg ~(unregistered : (string -> nativeint -> string, unit, string) format)
+    blocks pages =
+  if not ocaml5 then begin
+    List.iter
+      (fun b ->
+        assert_equal ~msg:(Printf.sprintf "%s: block at %nx registered" msg b) ~printer:string_of_int
+          in_static_data (page_kind b land in_static_data))
+      blocks;
+    List.iter
+      (fun p ->
+        assert_equal ~msg:(Printf.sprintf unregistered msg p) ~printer:string_of_int 0 (page_kind p))
+      pages
+  end
+
 (* Checks the copy [c] of [v] in place: equal, usable, its blocks registered, its data
    not. Returns the probed addresses (blocks, data pages) for checking after free. *)
 let check ~msg v c =
@@ -72,18 +88,7 @@ let check ~msg v c =
   assert_bool (msg ^ ": equal again") (compare v c = 0);
   let blocks = block_addresses c in
   let pages = data_pages (data_of d) (Array1.size_in_bytes d) in
-  if not ocaml5 then begin
-    List.iter
-      (fun b ->
-        assert_equal ~msg:(Printf.sprintf "%s: block at %nx registered" msg b) ~printer:string_of_int
-          in_static_data (page_kind b land in_static_data))
-      blocks;
-    List.iter
-      (fun p ->
-        assert_equal ~msg:(Printf.sprintf "%s: data page %nx not registered" msg p)
-          ~printer:string_of_int 0 (page_kind p))
-      pages
-  end;
+  assert_pages ~msg ~unregistered:"%s: data page %nx not registered" blocks pages;
   (blocks, pages)
 
 (* After free: nothing of the copy is left in the page table. *)
@@ -297,18 +302,7 @@ let test_large_blocks _ =
           let insides =
             List.concat_map (fun b -> inside_pages (address b) (block_bytes b)) (Array.to_list c)
           in
-          if not ocaml5 then begin
-            List.iter
-              (fun b ->
-                assert_equal ~msg:(Printf.sprintf "%s: block at %nx registered" msg b)
-                  ~printer:string_of_int in_static_data (page_kind b land in_static_data))
-              starts;
-            List.iter
-              (fun p ->
-                assert_equal ~msg:(Printf.sprintf "%s: page %nx inside a block registered" msg p)
-                  ~printer:string_of_int 0 (page_kind p))
-              insides
-          end;
+          assert_pages ~msg ~unregistered:"%s: page %nx inside a block registered" starts insides;
           free ();
           check_freed ~msg (starts, insides))
         (copiers ()))
