@@ -95,14 +95,17 @@ test-doc: deps
 # The stubs built with the cargo feature fault-injection, in a build directory of their
 # own (tests/faults/): a panic inside a stub aborts the process with its message; copies
 # freed in loops, their released memory kept unreadable (OFFHEAP_POISON_RELEASED; the
-# tests beside a second domain on OCaml 5 only).
+# tests beside a second domain on OCaml 5 only); every operation with memory failing at
+# each of its allocations (test_alloc_oom, native only).
 FAULTS_BUILD := _build_faults
 FAULTS := $(FAULTS_BUILD)/default/tests/faults
 FAULTS_BYTECODE := CAML_LD_LIBRARY_PATH=$(FAULTS_BUILD)/default/lib
 POISONED := OFFHEAP_POISON_RELEASED=1
 test-faults: deps
 	OFFHEAP_CARGO_FEATURES=fault-injection dune build --build-dir $(FAULTS_BUILD) \
-	  $(foreach t,test_panics test_released test_released5,tests/faults/$(t).exe tests/faults/$(t).bc)
+	  $(foreach t,test_panics test_released test_released5,tests/faults/$(t).exe tests/faults/$(t).bc) \
+	  tests/faults/test_alloc_oom.exe
+	$(FAULTS)/test_alloc_oom.exe
 	$(FAULTS)/test_panics.exe
 	$(FAULTS_BYTECODE) $(FAULTS)/test_panics.bc
 	$(POISONED) $(FAULTS)/test_released.exe

@@ -15,6 +15,26 @@ use crate::layout::Word;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NoMemory(pub usize);
 
+/// `value` in a box of its own, or `None` when there is no memory for it (`Box::new`
+/// aborts the process instead).
+pub fn try_box<T>(value: T) -> Option<Box<T>> {
+    let layout = std::alloc::Layout::new::<T>();
+    if layout.size() == 0 {
+        return Some(Box::new(value));
+    }
+    // SAFETY: a layout of non-zero size.
+    let p = unsafe { std::alloc::alloc(layout) } as *mut T;
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: `p` is fresh memory of `T`'s layout from the global allocator, which
+    // `Box` frees with that layout.
+    unsafe {
+        p.write(value);
+        Some(Box::from_raw(p))
+    }
+}
+
 /// A source of memory for copies.
 pub trait Allocator {
     /// `bytes` bytes, word aligned, or null when the memory cannot be had.

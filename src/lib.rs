@@ -14,6 +14,8 @@
 //!   relocation).
 //! - [`region`]: regions: chunks that values are added to by bump allocation, rolled
 //!   back when an add fails.
+//! - [`thread_end`]: what a thread keeps between copies, given back when it ends
+//!   (without `thread_local!` destructors, whose registration can abort).
 //! - `region_stubs` (feature `stubs`): the externals of `lib/region.ml`.
 //! - `runtime` (feature `stubs`): what differs between OCaml 4 and OCaml 5: which
 //!   addresses to copy, the visited set, page-table registration, deferred frees.
@@ -35,6 +37,7 @@ pub mod image;
 pub mod layout;
 pub mod message;
 pub mod region;
+pub mod thread_end;
 
 #[cfg(feature = "stubs")]
 mod capi;

@@ -1,5 +1,8 @@
 //! Messages handed to OCaml, bounded in size so that their strings come from the minor
-//! heap, whose allocation never raises (see [`MESSAGE_MAX`]).
+//! heap, whose allocation never raises (see [`MESSAGE_MAX`]), and formatted without
+//! aborting when memory runs out ([`try_format`]).
+
+use std::fmt;
 
 /// The longest message a stub hands to OCaml, in bytes. A string of more than
 /// `Max_young_wosize` words (2 KiB on 64 bits) is allocated in the major heap, whose
@@ -28,6 +31,39 @@ pub fn bounded<'a>(message: &'a [u8], buffer: &'a mut [u8; MESSAGE_MAX]) -> &'a 
     &buffer[..]
 }
 
+/// `args` formatted into a fresh string; `None` when there is no memory for it (where
+/// `format!` would abort the process): messages of errors that memory running out may
+/// cause.
+pub fn try_format(args: fmt::Arguments<'_>) -> Option<String> {
+    struct Fallible(String);
+    impl fmt::Write for Fallible {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            self.0.try_reserve(s.len()).map_err(|_| fmt::Error)?;
+            self.0.push_str(s);
+            Ok(())
+        }
+    }
+    let mut out = Fallible(String::new());
+    fmt::write(&mut out, args).ok()?;
+    Some(out.0)
+}
+
+/// Bytes shown as text, as `String::from_utf8_lossy` shows them (each invalid sequence
+/// as U+FFFD), without allocating.
+pub struct Lossy<'a>(pub &'a [u8]);
+
+impl fmt::Display for Lossy<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for chunk in self.0.utf8_chunks() {
+            f.write_str(chunk.valid())?;
+            if !chunk.invalid().is_empty() {
+                f.write_str("\u{FFFD}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,6 +74,19 @@ mod tests {
         let m = vec![b'x'; MESSAGE_MAX];
         assert_eq!(bounded(&m, &mut buffer), &m[..]);
         assert_eq!(bounded(b"", &mut buffer), b"");
+    }
+
+    #[test]
+    fn formatting_and_lossy_bytes() {
+        assert_eq!(
+            try_format(format_args!("{}: {}", Lossy(b"a\xffb"), 7)).as_deref(),
+            Some("a\u{FFFD}b: 7")
+        );
+        let bytes = b"ok \xe2\x82 \xc3\xa9 \xf0";
+        assert_eq!(
+            Lossy(bytes).to_string(),
+            String::from_utf8_lossy(bytes).into_owned()
+        );
     }
 
     #[test]

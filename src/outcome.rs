@@ -84,33 +84,41 @@ enum Node<'a> {
     Block(u8, Vec<Node<'a>>),
 }
 
+/// A block of tag `tag` and `children`; `None` when there is no memory for its list
+/// (`vec!` would abort).
+fn block<const N: usize>(tag: u8, children: [Node<'_>; N]) -> Option<Node<'_>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(N).ok()?;
+    v.extend(children);
+    Some(Node::Block(tag, v))
+}
+
 impl Reason {
-    fn node(&self) -> Node<'_> {
-        match self {
+    fn node(&self) -> Option<Node<'_>> {
+        Some(match self {
             Reason::Abstract => Node::Int(0),
             Reason::UnforcedLazy => Node::Int(1),
             Reason::ForcingLazy => Node::Int(2),
             Reason::Continuation => Node::Int(3),
             Reason::Closure => Node::Int(4),
             Reason::OutsideHeap => Node::Int(5),
-            Reason::Custom(name) => Node::Block(0, vec![Node::Str(name)]),
-            Reason::BadBigarray(what) => Node::Block(1, vec![Node::Str(what)]),
-        }
+            Reason::Custom(name) => block(0, [Node::Str(name)])?,
+            Reason::BadBigarray(what) => block(1, [Node::Str(what)])?,
+        })
     }
 }
 
 impl StubOutcome {
-    fn node(&self) -> Node<'_> {
+    /// The tree of the outcome; `None` when there is no memory for it.
+    fn node(&self) -> Option<Node<'_>> {
         match self {
-            StubOutcome::Done => Node::Int(0),
-            StubOutcome::NoMemory => Node::Int(1),
-            StubOutcome::CannotCopy(reason) => Node::Block(0, vec![reason.node()]),
-            StubOutcome::Misuse(m) => Node::Block(1, vec![Node::Str(m)]),
-            StubOutcome::System(m) => Node::Block(2, vec![Node::Str(m)]),
-            StubOutcome::BadImage(check, m) => {
-                Node::Block(3, vec![Node::Int(*check as isize), Node::Str(m)])
-            }
-            StubOutcome::DoneSlice(words) => Node::Block(4, vec![Node::Int(*words as isize)]),
+            StubOutcome::Done => Some(Node::Int(0)),
+            StubOutcome::NoMemory => Some(Node::Int(1)),
+            StubOutcome::CannotCopy(reason) => block(0, [reason.node()?]),
+            StubOutcome::Misuse(m) => block(1, [Node::Str(m)]),
+            StubOutcome::System(m) => block(2, [Node::Str(m)]),
+            StubOutcome::BadImage(check, m) => block(3, [Node::Int(*check as isize), Node::Str(m)]),
+            StubOutcome::DoneSlice(words) => block(4, [Node::Int(*words as isize)]),
         }
     }
 
@@ -131,9 +139,12 @@ impl StubOutcome {
     #[cold]
     #[inline(never)]
     fn into_block(self) -> Word {
-        // SAFETY: called from a stub holding the runtime, with no raw OCaml value kept
-        // across the call.
-        unsafe { build(&self.node()) }
+        match self.node() {
+            // SAFETY: called from a stub holding the runtime, with no raw OCaml value
+            // kept across the call.
+            Some(node) => unsafe { build(&node) },
+            None => val_int(1),
+        }
     }
 }
 

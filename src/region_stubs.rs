@@ -19,6 +19,7 @@
 //! `#[ocaml::sig]`, from which `lib/stubs.ml` is generated.
 
 use std::cell::RefCell;
+use std::mem::ManuallyDrop;
 
 use ocaml_sys::Value;
 
@@ -90,10 +91,21 @@ impl Errors {
 }
 
 thread_local! {
-    /// The errors of this thread's failed adds, until the OCaml side asks.
-    static LAST_ERRORS: RefCell<Errors> = const {
-        RefCell::new(Errors { slots: [const { None }; KEPT_ERRORS], len: 0 })
+    /// The errors of this thread's failed adds, until the OCaml side asks. Without a
+    /// destructor ([`crate::thread_end`]): what is left is dropped when the thread ends.
+    static LAST_ERRORS: RefCell<ManuallyDrop<Errors>> = const {
+        RefCell::new(ManuallyDrop::new(Errors { slots: [const { None }; KEPT_ERRORS], len: 0 }))
     };
+}
+
+/// Drops the errors of the calling thread's failed adds that were never asked for: its
+/// thread ends.
+pub(crate) fn thread_ends() {
+    LAST_ERRORS.with(|errors| {
+        if let Ok(mut errors) = errors.try_borrow_mut() {
+            while errors.pop_if(|_| true).is_some() {}
+        }
+    });
 }
 
 /// The runtime's registry: OCaml 4's page table, nothing on OCaml 5.
@@ -313,6 +325,9 @@ fn add(r: Value, v: Value, failed: Value, deep: Value) -> Value {
 
 #[cold]
 fn failure(e: AddError, failed: Value) -> Value {
+    // Errors never asked for are dropped at the thread's end, once it is watched (else,
+    // with no memory for that, they stay: at most `KEPT_ERRORS`).
+    crate::thread_end::watched();
     LAST_ERRORS.with(|errors| errors.borrow_mut().push(e));
     failed
 }

@@ -292,43 +292,59 @@ pub fn offheap_stub_pending_frees(_unit: Raw) -> Value {
 // ---------------------------------------------------------------------------------------
 
 use crate::image::{self, file, CheckKind, LoadError, WriteError};
+use crate::message::{try_format, Lossy};
 
-/// The bytes of the OCaml string `s`.
-fn string_bytes(s: Raw) -> Vec<u8> {
+/// The bytes of the OCaml string `s`; `None` when there is no memory for them.
+fn string_bytes(s: Raw) -> Option<Vec<u8>> {
     // SAFETY: `s` is an OCaml string, alive during the call; its length is read from
     // its header and padding, then its bytes copied.
-    unsafe {
+    let bytes = unsafe {
         let len = ocaml_sys::caml_string_length(s.0);
-        std::slice::from_raw_parts(word(s) as *const u8, len).to_vec()
-    }
-}
-
-fn path_of(bytes: &[u8]) -> std::path::PathBuf {
-    use std::os::unix::ffi::OsStrExt;
-    std::path::PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
-}
-
-/// The message of `Sys_error` for `e` on `path`, as the standard library words it.
-fn sys_error(path: &[u8], e: &std::io::Error) -> String {
-    let reason = match e.raw_os_error() {
-        // SAFETY: strerror returns a NUL-terminated static or thread-local string.
-        Some(code) => unsafe { std::ffi::CStr::from_ptr(libc::strerror(code)) }
-            .to_string_lossy()
-            .into_owned(),
-        None => e.to_string(),
+        std::slice::from_raw_parts(word(s) as *const u8, len)
     };
-    format!("{}: {reason}", String::from_utf8_lossy(path))
+    let mut v = Vec::new();
+    v.try_reserve_exact(bytes.len()).ok()?;
+    v.extend_from_slice(bytes);
+    Some(v)
+}
+
+fn path_of(bytes: &[u8]) -> &std::path::Path {
+    use std::os::unix::ffi::OsStrExt;
+    std::path::Path::new(std::ffi::OsStr::from_bytes(bytes))
+}
+
+/// The outcome of the system error `e` on `path`: `Sys_error` with the path and the
+/// system's reason, or `No_memory` for a lack of memory (and when there is no memory
+/// for the message).
+fn sys_error(path: &[u8], e: &std::io::Error) -> StubOutcome {
+    if e.raw_os_error() == Some(libc::ENOMEM) || e.kind() == std::io::ErrorKind::OutOfMemory {
+        return StubOutcome::NoMemory;
+    }
+    let message = match e.raw_os_error() {
+        Some(code) => {
+            // SAFETY: strerror returns a NUL-terminated static or thread-local string.
+            let reason = unsafe { std::ffi::CStr::from_ptr(libc::strerror(code)) };
+            try_format(format_args!(
+                "{}: {}",
+                Lossy(path),
+                Lossy(reason.to_bytes())
+            ))
+        }
+        None => try_format(format_args!("{}: {e}", Lossy(path))),
+    };
+    message.map_or(StubOutcome::NoMemory, StubOutcome::System)
 }
 
 /// The outcome of a failed load of `path` (`op`: "load" or "info").
 fn load_failure(op: &str, path: &[u8], e: LoadError) -> StubOutcome {
     match e {
-        LoadError::Io(e) => StubOutcome::System(sys_error(path, &e)),
+        LoadError::Io(e) => sys_error(path, &e),
         LoadError::OutOfMemory(_) => StubOutcome::NoMemory,
-        e => StubOutcome::BadImage(
-            e.check_kind().unwrap_or(CheckKind::BadStructure),
-            format!("Offheap.Image.{op}: {}: {e}", String::from_utf8_lossy(path)),
-        ),
+        e => {
+            let kind = e.check_kind().unwrap_or(CheckKind::BadStructure);
+            try_format(format_args!("Offheap.Image.{op}: {}: {e}", Lossy(path)))
+                .map_or(StubOutcome::NoMemory, |m| StubOutcome::BadImage(kind, m))
+        }
     }
 }
 
@@ -382,12 +398,13 @@ pub fn offheap_stub_image_write(path: Raw, key: Raw, flat_float_array: Raw, v: R
 /// (the traversal's write pass feeds the image writer), with the runtime held: the
 /// traversal reads the heap.
 fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> StubOutcome {
-    let path = string_bytes(path);
-    let key = string_bytes(key);
+    let (Some(path), Some(key)) = (string_bytes(path), string_bytes(key)) else {
+        return StubOutcome::NoMemory;
+    };
     let process = image_process(word(flat_float_array) != val_int(0));
     crate::fault::point("image-write");
     let write = |v: Word| {
-        image::write_with(&path_of(&path), &key, &process, |out| {
+        image::write_with(path_of(&path), &key, &process, |out| {
             // SAFETY: we hold the runtime and allocate nothing on the OCaml heap until
             // the copy returns; the writer does not call into OCaml.
             match unsafe { runtime::copy_value_into(v, true, out) } {
@@ -406,15 +423,18 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> StubOutcom
     };
     match written {
         Ok(()) => StubOutcome::Done,
-        Err(WriteError::Io(e)) => StubOutcome::System(sys_error(&path, &e)),
+        Err(WriteError::Io(e)) => sys_error(&path, &e),
         Err(WriteError::OutOfMemory) => StubOutcome::NoMemory,
         Err(WriteError::NotCopyable(e)) => e.into(),
         Err(WriteError::Closure) => StubOutcome::CannotCopy(Reason::Closure),
         Err(WriteError::OutsideHeap(_)) => StubOutcome::CannotCopy(Reason::OutsideHeap),
-        Err(WriteError::Custom(ops)) => {
-            StubOutcome::CannotCopy(Reason::Custom(runtime::custom_identifier(ops)))
+        Err(WriteError::Custom(ops)) => match runtime::custom_identifier(ops) {
+            Ok(name) => StubOutcome::CannotCopy(Reason::Custom(name)),
+            Err(_) => StubOutcome::NoMemory,
+        },
+        Err(e @ WriteError::KeyTooLong(_)) => {
+            try_format(format_args!("{e}")).map_or(StubOutcome::NoMemory, StubOutcome::Misuse)
         }
-        Err(e @ WriteError::KeyTooLong(_)) => StubOutcome::Misuse(e.to_string()),
     }
 }
 
@@ -439,10 +459,12 @@ pub fn offheap_stub_image_load(
 
 /// The body of [`offheap_stub_image_load`].
 fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> StubOutcome {
-    let path = string_bytes(path);
+    let (Some(path), Some(key)) = (string_bytes(path), string_bytes(key)) else {
+        return StubOutcome::NoMemory;
+    };
     let flags = word(flags) as isize >> 1;
     let opts = image::Options {
-        key: string_bytes(key),
+        key,
         verify: flags & 1 != 0,
         trusted: flags & 2 != 0,
         relocate: flags & 4 != 0,
@@ -453,7 +475,7 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
     let mut roots = [word(h), word(relocated_owner)];
     let Some(loaded) = unlocked(&mut roots, || {
         crate::fault::point("image-load");
-        image::load_file(&path_of(&path), &opts, &process)
+        image::load_file(path_of(&path), &opts, &process)
     }) else {
         return StubOutcome::NoMemory;
     };
@@ -508,12 +530,19 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
 #[ocaml::native_func]
 #[ocaml::sig("string -> int array -> bytes -> Outcome.t")]
 pub fn offheap_stub_image_info(path: Raw, fields: Raw, key: Raw) -> Value {
-    let path = string_bytes(path);
+    value(image_info(path, fields, key).into_value())
+}
+
+/// The body of [`offheap_stub_image_info`].
+fn image_info(path: Raw, fields: Raw, key: Raw) -> StubOutcome {
+    let Some(path) = string_bytes(path) else {
+        return StubOutcome::NoMemory;
+    };
     let mut roots = [word(fields), word(key)];
-    let header = unlocked(&mut roots, || image::read_header(&path_of(&path)));
+    let header = unlocked(&mut roots, || image::read_header(path_of(&path)));
     // Where the int array and the key buffer are now.
     let [fields, key] = roots;
-    let outcome = match header {
+    match header {
         None => StubOutcome::NoMemory,
         Some(Ok(h)) => {
             let ints = [
@@ -541,8 +570,7 @@ pub fn offheap_stub_image_info(path: Raw, fields: Raw, key: Raw) -> Value {
             StubOutcome::Done
         }
         Some(Err(e)) => load_failure("info", &path, e),
-    };
-    value(outcome.into_value())
+    }
 }
 
 /// The longest key an image can have (`format::MAX_KEY`): the size of the key buffer

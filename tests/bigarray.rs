@@ -443,7 +443,7 @@ fn forge_word(bytes: &[u8], i: usize, w: Word) -> Vec<u8> {
     {
         chunks[k].checksum = format::chunk_checksum(c);
     }
-    let tables = format::encode_tables(&customs, &chunks);
+    let tables = format::encode_tables(&customs, &chunks).expect("memory");
     h.checksum = format::tables_checksum(&tables);
     out[..format::HEADER_BYTES].copy_from_slice(&h.encode());
     out.truncate(end);

@@ -570,10 +570,10 @@ fn reseal_tables(
     for (k, c) in payload.chunks(h.chunk_bytes as usize).enumerate() {
         t.1[k].checksum = format::chunk_checksum(c);
     }
-    let table_bytes = format::encode_tables(&t.0, &t.1);
+    let table_bytes = format::encode_tables(&t.0, &t.1).expect("memory");
     h.checksum = format::tables_checksum(&table_bytes);
     edit(&mut h);
-    let mut out = h.encode();
+    let mut out = h.encode().to_vec();
     out.extend_from_slice(payload);
     out.extend_from_slice(&table_bytes);
     out

@@ -17,12 +17,13 @@ fn items_are_all_done_when_threads_are_refused() {
         &limit,
     );
     let spawned = std::sync::Mutex::new(std::collections::HashSet::new());
-    let results = parallel(items.clone(), 2000, |k, item| {
+    let results = parallel(items.iter().copied(), 2000, |k, item| {
         spawned.lock().unwrap().insert(std::thread::current().id());
         // A little work, so that threads that were made take part.
         std::thread::sleep(std::time::Duration::from_micros(50));
         (k, item * 2)
-    });
+    })
+    .expect("memory for the results");
     address_limit::set(limit.rlim_cur, &limit);
     let threads = spawned.lock().unwrap().len();
     assert_eq!(results.len(), items.len());

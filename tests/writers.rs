@@ -44,7 +44,7 @@ impl Heap for Writer {
         self.heap.is_copyable_custom(ops)
     }
 
-    fn custom_name(&self, ops: Word) -> String {
+    fn custom_name(&self, ops: Word) -> Result<String, offheap::alloc::NoMemory> {
         self.heap.custom_name(ops)
     }
 

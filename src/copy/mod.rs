@@ -88,8 +88,9 @@ pub trait Heap {
     /// copied as they are (Int32, Int64, Nativeint).
     fn is_copyable_custom(&self, ops: Word) -> bool;
 
-    /// A name for the custom operations at `ops`, for error messages.
-    fn custom_name(&self, ops: Word) -> String;
+    /// A name for the custom operations at `ops`, for error messages; [`NoMemory`] when
+    /// there is no memory for it.
+    fn custom_name(&self, ops: Word) -> Result<String, NoMemory>;
 
     /// Whether tags 244 and 245 are OCaml 5's lazy-being-forced and continuation tags
     /// (on OCaml 4 they are ordinary constructor tags).
@@ -1169,7 +1170,10 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
                     // SAFETY: a custom block of the source with this header.
                     unsafe { self.note_bigarray(block, hd, copy_ops) }
                 } else {
-                    Err(CopyError::Custom(self.heap.custom_name(ops)))
+                    Err(self
+                        .heap
+                        .custom_name(ops)
+                        .map_or_else(CopyError::from, CopyError::Custom))
                 }
             }
             layout::LAZY_TAG => Err(CopyError::UnforcedLazy),

@@ -488,7 +488,8 @@ impl Drop for Queue {
 }
 
 thread_local! {
-    /// The thread's spare first vector: empty, of capacity [`FIRST_CHUNK`], or no memory.
+    /// The thread's spare first vector: the storage of an empty vector of capacity
+    /// [`FIRST_CHUNK`], or null.
     ///
     /// A queue takes it at its first push and gives it back when it is dropped, so a
     /// copy of a few blocks allocates nothing for its queue (a `malloc` and a `free` were
@@ -497,8 +498,9 @@ thread_local! {
     /// allocates its own, fallibly, as every queue did before; an OCaml 5 domain is a
     /// thread of its own. Only a vector of exactly [`FIRST_CHUNK`] entries is kept, so a
     /// thread holds at most [`SPARE_BYTES`] and a copy reports the same transient memory
-    /// whatever ran before it; the spare is freed when its thread ends.
-    static SPARE: std::cell::Cell<Vec<Packed>> = const { std::cell::Cell::new(Vec::new()) };
+    /// whatever ran before it; the spare is freed when its thread ends
+    /// ([`crate::thread_end`]), and a thread whose end cannot be watched keeps none.
+    static SPARE: Cell<*mut Packed> = const { Cell::new(std::ptr::null_mut()) };
 }
 
 /// Bytes of the spare first vector a thread may keep between copies.
@@ -506,33 +508,36 @@ pub const SPARE_BYTES: usize = FIRST_CHUNK * std::mem::size_of::<Packed>();
 
 /// The thread's spare first vector, if it has one.
 fn take_spare() -> Option<Vec<Packed>> {
-    // Fails only while the thread is being torn down: then there is no spare.
-    let spare = SPARE.try_with(std::cell::Cell::take).ok()?;
-    (spare.capacity() != 0).then_some(spare)
+    let p = SPARE.replace(std::ptr::null_mut());
+    // SAFETY: a non-null spare is the storage of a vector of capacity `FIRST_CHUNK`,
+    // given up by `give_spare` and owned by nothing else since.
+    (!p.is_null()).then(|| unsafe { Vec::from_raw_parts(p, 0, FIRST_CHUNK) })
 }
 
-/// Keeps `first`, emptied, as the thread's spare if it has the spare's size; frees it
-/// otherwise (and frees the spare it replaces, if a nested queue gave one back
-/// meanwhile).
-fn give_spare(mut first: Vec<Packed>) {
-    if first.capacity() != FIRST_CHUNK {
+/// Keeps `first`, emptied, as the thread's spare if it has the spare's size and the
+/// thread's end is watched; frees it otherwise (and frees the spare it replaces, if a
+/// nested queue gave one back meanwhile).
+fn give_spare(first: Vec<Packed>) {
+    if first.capacity() != FIRST_CHUNK || !crate::thread_end::watched() {
         return;
     }
-    first.clear();
-    // While the thread is being torn down the vector is freed instead.
-    let _ = SPARE.try_with(|spare| spare.replace(first));
+    let mut first = std::mem::ManuallyDrop::new(first);
+    drop(take_spare());
+    SPARE.set(first.as_mut_ptr());
+}
+
+/// Frees the thread's spare: its thread ends.
+pub(crate) fn thread_ends() {
+    drop(take_spare());
 }
 
 /// Bytes the calling thread's spare first vector holds now: 0 or [`SPARE_BYTES`].
 pub fn thread_spare_bytes() -> usize {
-    SPARE
-        .try_with(|spare| {
-            let v = spare.take();
-            let bytes = v.capacity() * std::mem::size_of::<Packed>();
-            spare.set(v);
-            bytes
-        })
-        .unwrap_or(0)
+    if SPARE.get().is_null() {
+        0
+    } else {
+        SPARE_BYTES
+    }
 }
 
 #[cfg(test)]

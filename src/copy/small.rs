@@ -43,7 +43,7 @@
 //! domains write to the source, as `read_field` (in `copy`) explains: every field of the
 //! copy holds a value that the field held at some moment.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::mem::MaybeUninit;
 
 use super::{first_value_of, read_field, Heap, Measured, Output, Written};
@@ -277,42 +277,55 @@ impl LargeSpace {
 const KEEP_WORDS: usize = 16 * 1024;
 
 thread_local! {
-    /// This thread's space for walks beyond the stack, once it has made one.
-    static LARGE_SPACE: RefCell<Option<Box<LargeSpace>>> = const { RefCell::new(None) };
+    /// This thread's space for walks beyond the stack, once it has made one (a box given
+    /// up by `Box::into_raw`), else null; null too while a walk uses it.
+    static LARGE_SPACE: Cell<*mut LargeSpace> = const { Cell::new(std::ptr::null_mut()) };
+    /// Whether a walk of this thread uses its space now.
+    static LARGE_SPACE_BUSY: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Runs `walk` in this thread's [`LargeSpace`], made when it has none; gives the space
-/// back when the walk used more than [`KEEP_WORDS`]. `None` when there is no memory for
-/// the space, or when the thread's space is in use (a copy made from a C allocator called
-/// by a copy).
+/// back when the walk used more than [`KEEP_WORDS`], or when the thread's end is not
+/// watched ([`crate::thread_end`]). `None` when there is no memory for the space, or
+/// when the thread's space is in use (a copy made from a C allocator called by a copy).
 fn with_large_space<R>(walk: impl FnOnce(&mut LargeSpace) -> (R, usize)) -> Option<R> {
-    LARGE_SPACE
-        .try_with(|cell| {
-            let mut slot = cell.try_borrow_mut().ok()?;
-            let space = match &mut *slot {
-                Some(space) => space,
-                empty => empty.insert(LargeSpace::boxed()?),
-            };
-            let (result, words) = walk(space);
-            if words > KEEP_WORDS {
-                *slot = None;
-            }
-            Some(result)
-        })
-        .ok()
-        .flatten()
+    if LARGE_SPACE_BUSY.get() {
+        return None;
+    }
+    let kept = LARGE_SPACE.replace(std::ptr::null_mut());
+    let mut space = if kept.is_null() {
+        LargeSpace::boxed()?
+    } else {
+        // SAFETY: a box given up by `Box::into_raw` below, owned by nothing else since.
+        unsafe { Box::from_raw(kept) }
+    };
+    LARGE_SPACE_BUSY.set(true);
+    let (result, words) = walk(&mut space);
+    LARGE_SPACE_BUSY.set(false);
+    if words <= KEEP_WORDS && crate::thread_end::watched() {
+        LARGE_SPACE.set(Box::into_raw(space));
+    }
+    Some(result)
+}
+
+/// Frees the thread's space: its thread ends.
+pub(crate) fn thread_ends() {
+    let kept = LARGE_SPACE.replace(std::ptr::null_mut());
+    if !kept.is_null() {
+        // SAFETY: as in `with_large_space`.
+        drop(unsafe { Box::from_raw(kept) });
+    }
 }
 
 /// Bytes of the space for walks beyond the stack that this thread keeps for its next
-/// copies: [`LARGE_SPACE_BYTES`] once it has made such a walk, 0 before (and after a
-/// walk of more than `KEEP_WORDS`, which gives it back).
+/// copies: [`LARGE_SPACE_BYTES`] once it has made such a walk, 0 before (and while a
+/// walk uses it, and after a walk of more than `KEEP_WORDS`, which gives it back).
 pub fn thread_space_bytes() -> usize {
-    LARGE_SPACE
-        .try_with(|cell| match cell.try_borrow() {
-            Ok(slot) if slot.is_some() => LARGE_SPACE_BYTES,
-            _ => 0,
-        })
-        .unwrap_or(0)
+    if LARGE_SPACE.get().is_null() {
+        0
+    } else {
+        LARGE_SPACE_BYTES
+    }
 }
 
 /// The walk over a value and the copy it builds, in a space `S` of `B` blocks, `W` words

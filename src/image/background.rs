@@ -12,9 +12,10 @@
 //! has returned, the file is where sequential writes of every buffer would have left it.
 
 use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Condvar, Mutex, MutexGuard};
 
+use super::thread::{self, Job, Thread};
+use crate::alloc::try_box;
 use crate::layout::{self, Word};
 
 /// What the traversal and the thread hand each other, under [`Shared::state`].
@@ -29,7 +30,7 @@ struct State {
     closed: bool,
 }
 
-/// The state and the condition both sides wait on.
+/// The state and the condition both sides wait on, and the file the thread writes to.
 ///
 /// The thread allocates nothing (a futex-based lock and condition, `write(2)`): a
 /// thread's first `malloc` gives it an arena of its own, 64 MiB of address space that
@@ -39,6 +40,35 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     changed: Condvar,
+    /// A duplicate of the image file's descriptor: the thread's alone.
+    out: std::fs::File,
+}
+
+impl Job for Shared {
+    /// The thread: writes each job to the file and hands its buffer back, until the jobs
+    /// are closed or a write fails.
+    fn run(&self) {
+        let mut state = self.lock();
+        loop {
+            if let Some((buf, words)) = state.job.take() {
+                drop(state);
+                let written = (&self.out)
+                    .write_all(layout::words_as_bytes(&buf[..words]))
+                    .map(|()| buf);
+                let failed = written.is_err();
+                state = self.lock();
+                state.written = Some(written);
+                self.changed.notify_all();
+                if failed {
+                    return;
+                }
+            } else if state.closed {
+                return;
+            } else {
+                state = self.wait(state);
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -54,12 +84,14 @@ impl Shared {
 /// The writing thread, the buffer it owes and the spare buffer. See the module's
 /// documentation.
 pub struct Background {
-    shared: Arc<Shared>,
+    /// Boxed, so that it stays in place while the thread runs; dropped after the thread
+    /// is joined (see `Drop`).
+    shared: Box<Shared>,
     /// Whether a buffer handed to the thread has not been received back.
     in_flight: bool,
     /// An empty buffer to hand out before any comes back.
     spare: Option<Vec<Word>>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<Thread>,
 }
 
 impl Background {
@@ -71,20 +103,17 @@ impl Background {
         spare.try_reserve_exact(words).ok()?;
         spare.resize(words, 0);
         let out = file.try_clone().ok()?;
-        let shared = Arc::new(Shared {
+        let shared = try_box(Shared {
             state: Mutex::new(State {
                 job: None,
                 written: None,
                 closed: false,
             }),
             changed: Condvar::new(),
-        });
-        let theirs = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("offheap-image-write".into())
-            .stack_size(256 * 1024)
-            .spawn(move || write_jobs(out, &theirs))
-            .ok()?;
+            out,
+        })?;
+        // SAFETY: `shared` is boxed and dropped only after the thread is joined (`Drop`).
+        let thread = unsafe { thread::spawn(&*shared) }?;
         Some(Background {
             shared,
             in_flight: false,
@@ -138,40 +167,13 @@ impl Background {
     }
 }
 
-/// The thread: writes each job to `out` and hands its buffer back, until the jobs are
-/// closed or a write fails.
-fn write_jobs(mut out: std::fs::File, shared: &Shared) {
-    block_signals();
-    let mut state = shared.lock();
-    loop {
-        if let Some((buf, words)) = state.job.take() {
-            drop(state);
-            let written = out
-                .write_all(layout::words_as_bytes(&buf[..words]))
-                .map(|()| buf);
-            let failed = written.is_err();
-            state = shared.lock();
-            state.written = Some(written);
-            shared.changed.notify_all();
-            if failed {
-                return;
-            }
-        } else if state.closed {
-            return;
-        } else {
-            state = shared.wait(state);
-        }
-    }
-}
-
 impl Drop for Background {
     /// Closes the jobs and waits for the thread: nothing writes to the file afterwards.
     fn drop(&mut self) {
         self.shared.lock().closed = true;
         self.shared.changed.notify_all();
         if let Some(thread) = self.thread.take() {
-            // The thread's closure does not panic (`panic = "abort"` besides).
-            let _ = thread.join();
+            thread.join();
         }
     }
 }
@@ -180,15 +182,4 @@ impl Drop for Background {
 /// writer hands one out before each it receives).
 fn stopped() -> std::io::Error {
     std::io::Error::other("no buffer was handed to the image's writing thread")
-}
-
-/// Blocks every signal in the calling thread, so that the process's signals go to its
-/// OCaml threads, never to this one.
-fn block_signals() {
-    // SAFETY: a local signal set, filled and passed to `pthread_sigmask` for this thread.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, std::ptr::null_mut());
-    }
 }

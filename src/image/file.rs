@@ -100,7 +100,7 @@ pub fn open_image(path: &Path) -> std::io::Result<File> {
 }
 
 /// Eight random bytes as 16 hex digits (`getrandom`, else the clock, pid and a counter).
-fn random_hex() -> String {
+fn random_hex() -> [u8; 16] {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut bytes = [0u8; 8];
     // SAFETY: writes at most 8 bytes into `bytes`.
@@ -118,29 +118,72 @@ fn random_hex() -> String {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 .wrapping_mul(0x9E37_79B9_7F4A_7C15)
     };
-    format!("{n:016x}")
+    let mut hex = [0u8; 16];
+    for (i, h) in hex.iter_mut().enumerate() {
+        *h = b"0123456789abcdef"[(n >> (60 - 4 * i)) as usize & 15];
+    }
+    hex
+}
+
+/// The error for memory that a path could not have.
+fn no_memory() -> std::io::Error {
+    std::io::Error::from(std::io::ErrorKind::OutOfMemory)
+}
+
+/// The bytes of `parts` one after the other, with `tail` bytes of room beyond;
+/// `OutOfMemory` when they cannot be had (`PathBuf`'s own operations abort instead).
+fn concat(parts: &[&[u8]], tail: usize) -> std::io::Result<Vec<u8>> {
+    let len = parts.iter().map(|p| p.len()).sum::<usize>();
+    let mut v = Vec::new();
+    v.try_reserve_exact(len + tail).map_err(|_| no_memory())?;
+    for p in parts {
+        v.extend_from_slice(p);
+    }
+    Ok(v)
+}
+
+/// The path made of `parts` one after the other.
+fn path_of(parts: &[&[u8]]) -> std::io::Result<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(concat(
+        parts, 0,
+    )?)))
 }
 
 /// The path `path` designates once its symbolic links are followed: writing an image
 /// through a link writes its target (a dangling link: the target it names is created).
 ///
 /// # Errors
-/// An error reading a link; `ELOOP` after 40 links.
+/// An error reading a link; `ELOOP` after 40 links; `OutOfMemory`.
 pub fn final_path(path: &Path) -> std::io::Result<PathBuf> {
-    let mut p = path.to_path_buf();
+    let mut p = path_of(&[path.as_os_str().as_bytes()])?;
+    let mut link = [0u8; libc::PATH_MAX as usize];
     for _ in 0..40 {
-        match std::fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_symlink() => {
-                let link = std::fs::read_link(&p)?;
-                p = match p.parent() {
-                    Some(dir) if link.is_relative() => dir.join(link),
-                    _ => link,
-                };
-            }
-            Ok(_) => return Ok(p),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(p),
-            Err(e) => return Err(e),
+        let c = c_path(&p)?;
+        // SAFETY: a NUL-terminated path and a buffer of `link.len()` bytes, which
+        // `readlink` fills without a terminating NUL.
+        let n = unsafe {
+            libc::readlink(
+                c.as_ptr(),
+                link.as_mut_ptr() as *mut libc::c_char,
+                link.len(),
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                // Not a link, or nothing there: the path is final.
+                Some(libc::EINVAL | libc::ENOENT) => Ok(p),
+                _ => Err(e),
+            };
         }
+        let link = &link[..n as usize];
+        p = match p.parent() {
+            Some(dir) if link.first() != Some(&b'/') && !dir.as_os_str().is_empty() => {
+                path_of(&[dir.as_os_str().as_bytes(), b"/", link])?
+            }
+            _ => path_of(&[link])?,
+        };
     }
     Err(std::io::Error::from_raw_os_error(libc::ELOOP))
 }
@@ -155,14 +198,21 @@ pub enum Temporary {
     Named,
 }
 
+/// `p` as a C string; `EINVAL` when it holds a NUL byte, `OutOfMemory`.
 fn c_path(p: &Path) -> std::io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+    let mut v = concat(&[p.as_os_str().as_bytes()], 1)?;
+    v.push(0);
+    CString::from_vec_with_nul(v).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 /// A fresh random name in `dir` for a temporary file.
-fn temporary_name(dir: &Path) -> PathBuf {
-    dir.join(format!(".offheap-{}.tmp", random_hex()))
+fn temporary_name(dir: &Path) -> std::io::Result<PathBuf> {
+    path_of(&[
+        dir.as_os_str().as_bytes(),
+        b"/.offheap-",
+        &random_hex(),
+        b".tmp",
+    ])
 }
 
 /// Fills the file with `fill`, then gives it `mode` (when the target existed).
@@ -196,7 +246,7 @@ fn write_named<E: From<std::io::Error>>(
     mode: Option<u32>,
 ) -> Result<(), E> {
     let (mut f, tmp) = loop {
-        let tmp = temporary_name(dir);
+        let tmp = temporary_name(dir)?;
         match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -248,9 +298,17 @@ fn write_unnamed<E: From<std::io::Error>>(
     // SAFETY: `fd` was just opened and nothing else owns it.
     let mut f = unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
     fill_file(&mut f, fill, mode)?;
-    let proc_path = CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number");
+    // "/proc/self/fd/" and the descriptor's digits, NUL-terminated, on the stack.
+    let mut proc_path = [0u8; 40];
+    let len = {
+        let mut out = &mut proc_path[..];
+        write!(out, "/proc/self/fd/{fd}\0").map_err(|_| no_memory())?;
+        40 - out.len()
+    };
+    let proc_path = std::ffi::CStr::from_bytes_with_nul(&proc_path[..len])
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     let tmp = loop {
-        let tmp = temporary_name(dir);
+        let tmp = temporary_name(dir)?;
         let ctmp = c_path(&tmp)?;
         // SAFETY: two NUL-terminated paths; links the open file `fd` designates.
         let r = unsafe {
@@ -277,10 +335,10 @@ fn write_unnamed<E: From<std::io::Error>>(
 }
 
 /// The directory `target` is in (`.` for a bare name).
-fn directory_of(target: &Path) -> PathBuf {
+fn directory_of(target: &Path) -> std::io::Result<PathBuf> {
     match target.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
+        Some(d) if !d.as_os_str().is_empty() => path_of(&[d.as_os_str().as_bytes()]),
+        _ => path_of(&[b"."]),
     }
 }
 
@@ -289,7 +347,7 @@ fn directory_of(target: &Path) -> PathBuf {
 /// # Errors
 /// As [`final_path`].
 pub fn temporary_directory(path: &Path) -> std::io::Result<PathBuf> {
-    Ok(directory_of(&final_path(path)?))
+    directory_of(&final_path(path)?)
 }
 
 /// A new unnamed file in `dir` (`O_TMPFILE`, readable and writable by this process
@@ -321,7 +379,7 @@ pub fn write_atomically<E: From<std::io::Error>>(
     mut fill: impl FnMut(&mut File) -> Result<(), E>,
 ) -> Result<(), E> {
     let target = final_path(path)?;
-    let dir = directory_of(&target);
+    let dir = directory_of(&target)?;
     let mode = match std::fs::metadata(&target) {
         // Renaming over a FIFO, a socket or a device would replace it with the image (as
         // root, `/dev/null` too): they are refused, as by a load. A directory is left to
@@ -497,13 +555,11 @@ pub fn load_payload(
         unsafe { libc::madvise(base as *mut libc::c_void, held, libc::MADV_HUGEPAGE) };
         // SAFETY: the reservation: `held >= bytes` writable bytes, ours alone.
         let buf = unsafe { std::slice::from_raw_parts_mut(base, bytes) };
-        let pieces: Vec<&mut [u8]> = buf.chunks_mut(READ_PIECE).collect();
-        super::parallel::parallel(pieces, how.threads, |k, piece| {
+        super::parallel::parallel(buf.chunks_mut(READ_PIECE), how.threads, |k, piece| {
             read_exact_at(f, piece, how.payload_at + (k * READ_PIECE) as u64)
         })
-        .into_iter()
-        .collect::<std::io::Result<Vec<()>>>()
-        .map(|_| ())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::OutOfMemory))
+        .and_then(|read| read.into_iter().collect())
     };
     match filled {
         Ok(()) => Ok((base, mapping, mapped)),
@@ -546,9 +602,8 @@ fn map_file(
     if !populate {
         return Ok(());
     }
-    let pieces: Vec<usize> = (0..bytes).step_by(READ_PIECE).collect();
     let start = base as usize;
-    super::parallel::parallel(pieces, threads, |_, at| {
+    super::parallel::parallel((0..bytes).step_by(READ_PIECE), threads, |_, at| {
         let len = READ_PIECE.min(bytes - at);
         // SAFETY: advice on a piece of the mapping just made, ours alone.
         let r = unsafe {
@@ -568,8 +623,8 @@ fn map_file(
             _ => Err(e),
         }
     })
-    .into_iter()
-    .collect()
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::OutOfMemory))
+    .and_then(|populated| populated.into_iter().collect())
 }
 
 /// Maps the file again, private and writable, over the runs of chunks of the payload at

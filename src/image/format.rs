@@ -185,10 +185,6 @@ fn u64_at(page: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(page[at..at + 8].try_into().expect("8 bytes"))
 }
 
-fn bad(check: &'static str, detail: String) -> LoadError {
-    LoadError::Bad { check, detail }
-}
-
 /// The checksum of a header page (its own checksum field read as zero).
 fn header_checksum(page: &[u8]) -> u64 {
     let mut h = Xxh3::new();
@@ -207,9 +203,9 @@ pub fn reseal(page: &mut [u8]) {
 
 impl Header {
     /// The header page.
-    pub fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> [u8; HEADER_BYTES] {
         assert!(self.key.len() <= MAX_KEY, "key longer than MAX_KEY");
-        let mut page = vec![0u8; HEADER_BYTES];
+        let mut page = [0u8; HEADER_BYTES];
         page[0..8].copy_from_slice(&MAGIC);
         page[8..12].copy_from_slice(&self.version.to_le_bytes());
         page[12] = self.word_bytes;
@@ -245,50 +241,41 @@ impl Header {
     /// [`LoadError::Bad`] naming the first check that failed.
     pub fn decode(page: &[u8]) -> Result<Header, LoadError> {
         if page.len() < HEADER_BYTES {
-            return Err(bad(
+            return Err(bad!(
                 "file size",
-                format!(
-                    "{} bytes, shorter than the {HEADER_BYTES}-byte header",
-                    page.len()
-                ),
+                "{} bytes, shorter than the {HEADER_BYTES}-byte header",
+                page.len()
             ));
         }
         if page[0..8] != MAGIC {
-            return Err(bad("magic", "not an offheap image".into()));
+            return Err(bad!("magic", "not an offheap image"));
         }
         let version = u32::from_le_bytes(page[8..12].try_into().expect("4 bytes"));
         if version != VERSION {
-            return Err(bad(
-                "format version",
-                format!(
-                    "version {version}, this library reads version {VERSION} only (write the image again)"
-                ),
-            ));
+            return Err(bad!("format version", "version {version}, this library reads version {VERSION} only (write the image again)"));
         }
         let word_bytes = page[12];
         if word_bytes as usize != crate::layout::WORD_BYTES {
-            return Err(bad(
+            return Err(bad!(
                 "word size",
-                format!(
-                    "written with {word_bytes}-byte words, this program has {}-byte words",
-                    crate::layout::WORD_BYTES
-                ),
+                "written with {word_bytes}-byte words, this program has {}-byte words",
+                crate::layout::WORD_BYTES
             ));
         }
         let endian = page[13];
         if endian != NATIVE_ENDIAN {
-            return Err(bad(
+            return Err(bad!(
                 "byte order",
-                format!("byte order code {endian}, this machine's is {NATIVE_ENDIAN}"),
+                "byte order code {endian}, this machine's is {NATIVE_ENDIAN}"
             ));
         }
         let stored = u64_at(page, 80);
         if stored != header_checksum(page) {
-            return Err(bad("header checksum", "the header is damaged".into()));
+            return Err(bad!("header checksum", "the header is damaged"));
         }
         let key_len = u64_at(page, 72);
         if key_len > MAX_KEY as u64 {
-            return Err(bad("header", format!("key length {key_len}")));
+            return Err(bad!("header", "key length {key_len}"));
         }
         let h = Header {
             version,
@@ -305,7 +292,8 @@ impl Header {
             checksum: u64_at(page, 64),
             chunk_bytes: u64_at(page, 88),
             chunks: u64_at(page, 96),
-            key: page[KEY_AT..KEY_AT + key_len as usize].to_vec(),
+            key: copy_of(&page[KEY_AT..KEY_AT + key_len as usize])
+                .ok_or(LoadError::OutOfMemory(key_len as usize))?,
         };
         h.check_sizes()?;
         Ok(h)
@@ -314,17 +302,11 @@ impl Header {
     /// The sizes and the address are consistent with each other.
     fn check_sizes(&self) -> Result<(), LoadError> {
         if self.header_bytes != HEADER_BYTES as u64 && self.header_bytes != PAYLOAD_AT {
-            return Err(bad(
-                "header",
-                format!("payload offset {}", self.header_bytes),
-            ));
+            return Err(bad!("header", "payload offset {}", self.header_bytes));
         }
         let most = ADDRESS_RANGE.end - ADDRESS_RANGE.start;
         if !self.payload_bytes.is_multiple_of(8) || self.payload_bytes >= most {
-            return Err(bad(
-                "header",
-                format!("payload size {}", self.payload_bytes),
-            ));
+            return Err(bad!("header", "payload size {}", self.payload_bytes));
         }
         let address_ok = self.address >= ADDRESS_RANGE.start
             && self.address.is_multiple_of(PAGE_BYTES)
@@ -333,40 +315,39 @@ impl Header {
                 .checked_add(self.payload_bytes)
                 .is_some_and(|end| end <= ADDRESS_RANGE.end);
         if !address_ok {
-            return Err(bad(
+            return Err(bad!(
                 "header",
-                format!(
-                    "address {:#x} for {} bytes",
-                    self.address, self.payload_bytes
-                ),
+                "address {:#x} for {} bytes",
+                self.address,
+                self.payload_bytes
             ));
         }
         // A block has a header and at least no field; a custom block has three words.
         if self.blocks > self.payload_bytes / 8 || self.customs > self.payload_bytes / 24 {
-            return Err(bad(
+            return Err(bad!(
                 "header",
-                format!(
-                    "{} blocks and {} custom blocks in {} bytes",
-                    self.blocks, self.customs, self.payload_bytes
-                ),
+                "{} blocks and {} custom blocks in {} bytes",
+                self.blocks,
+                self.customs,
+                self.payload_bytes
             ));
         }
         let chunk_ok = self.chunk_bytes.is_power_of_two()
             && (MIN_CHUNK..=MAX_CHUNK).contains(&self.chunk_bytes)
             && self.chunks == self.payload_bytes.div_ceil(self.chunk_bytes);
         if !chunk_ok {
-            return Err(bad(
+            return Err(bad!(
                 "header",
-                format!(
-                    "{} chunks of {} bytes for {} bytes",
-                    self.chunks, self.chunk_bytes, self.payload_bytes
-                ),
+                "{} chunks of {} bytes for {} bytes",
+                self.chunks,
+                self.chunk_bytes,
+                self.payload_bytes
             ));
         }
         let root_ok = self.root % 2 == 1
             || (self.root >= 8 && self.root <= self.payload_bytes && self.root.is_multiple_of(8));
         if !root_ok {
-            return Err(bad("root", format!("root {:#x}", self.root)));
+            return Err(bad!("root", "root {:#x}", self.root));
         }
         Ok(())
     }
@@ -395,24 +376,38 @@ pub struct Chunk {
     pub checksum: u64,
 }
 
-/// The fix-up table and the chunk index as stored after the payload.
-pub fn encode_tables(customs: &[u64], chunks: &[Chunk]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 * customs.len() + CHUNK_ENTRY_BYTES as usize * chunks.len());
+/// A copy of `bytes`; `None` when there is no memory for it (`to_vec` would abort).
+pub fn copy_of(bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(bytes.len()).ok()?;
+    v.extend_from_slice(bytes);
+    Some(v)
+}
+
+/// The fix-up table and the chunk index as stored after the payload; `None` when there
+/// is no memory for them.
+pub fn encode_tables(customs: &[u64], chunks: &[Chunk]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(8 * customs.len() + CHUNK_ENTRY_BYTES as usize * chunks.len())
+        .ok()?;
     for c in customs {
         out.extend_from_slice(&c.to_le_bytes());
     }
-    out.extend_from_slice(&encode_chunk_index(chunks));
-    out
+    out.extend_from_slice(&encode_chunk_index(chunks)?);
+    Some(out)
 }
 
-/// The chunk index as the tables store it, after the fix-up table.
-pub fn encode_chunk_index(chunks: &[Chunk]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(CHUNK_ENTRY_BYTES as usize * chunks.len());
+/// The chunk index as the tables store it, after the fix-up table; `None` when there is
+/// no memory for it.
+pub fn encode_chunk_index(chunks: &[Chunk]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(CHUNK_ENTRY_BYTES as usize * chunks.len())
+        .ok()?;
     for c in chunks {
         out.extend_from_slice(&c.first.to_le_bytes());
         out.extend_from_slice(&c.checksum.to_le_bytes());
     }
-    out
+    Some(out)
 }
 
 /// The fix-up table and the chunk index from `bytes` (exactly [`Header::tables_bytes`]);

@@ -24,11 +24,21 @@
 //! Nothing here knows ocaml-rs: the stubs give a [`Process`] (what the running program
 //! is) and register the result with the runtime.
 
+/// [`LoadError::Bad`] for the check named by the first argument, its detail formatted
+/// from the rest as by `format!`; [`LoadError::OutOfMemory`] when there is no memory for
+/// the detail (`format!` would abort).
+macro_rules! bad {
+    ($check:expr, $($detail:tt)+) => {
+        $crate::image::bad_image($check, format_args!($($detail)+))
+    };
+}
+
 pub mod background;
 pub mod file;
 pub mod fixups;
 pub mod format;
 pub mod parallel;
+pub mod thread;
 pub mod validate;
 pub mod writer;
 
@@ -211,21 +221,34 @@ impl fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
-fn bad(check: &'static str, detail: String) -> LoadError {
-    LoadError::Bad { check, detail }
+/// [`LoadError::Bad`] for `check` with `detail` (see the macro `bad!`).
+pub fn bad_image(check: &'static str, detail: fmt::Arguments<'_>) -> LoadError {
+    match crate::message::try_format(detail) {
+        Some(detail) => LoadError::Bad { check, detail },
+        None => LoadError::OutOfMemory(0),
+    }
 }
 
 /// How a key mismatch names a key: quoted, its first [`KEY_SHOWN`] bytes when it is
 /// longer (keys go up to 3992 bytes: two whole keys would make a message of pages).
-fn key_for_message(key: &[u8]) -> String {
-    if key.len() <= KEY_SHOWN {
-        return format!("{:?}", String::from_utf8_lossy(key));
+struct KeyShown<'a>(&'a [u8]);
+
+impl fmt::Display for KeyShown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = &self.0[..self.0.len().min(KEY_SHOWN)];
+        f.write_str("\"")?;
+        for chunk in shown.utf8_chunks() {
+            write!(f, "{}", chunk.valid().escape_debug())?;
+            if !chunk.invalid().is_empty() {
+                f.write_str("\u{FFFD}")?;
+            }
+        }
+        f.write_str("\"")?;
+        if self.0.len() > KEY_SHOWN {
+            write!(f, "... ({} bytes)", self.0.len())?;
+        }
+        Ok(())
     }
-    format!(
-        "{:?}... ({} bytes)",
-        String::from_utf8_lossy(&key[..KEY_SHOWN]),
-        key.len()
-    )
 }
 
 /// The bytes of a long key that a message shows.
@@ -261,8 +284,8 @@ fn header(
     key: &[u8],
     process: &Process,
     chunk_bytes: u64,
-) -> Vec<u8> {
-    format::Header {
+) -> Result<[u8; HEADER_BYTES], WriteError> {
+    Ok(format::Header {
         version: format::VERSION,
         word_bytes: WORD_BYTES as u8,
         endian: format::NATIVE_ENDIAN,
@@ -277,9 +300,9 @@ fn header(
         checksum: tables_checksum,
         chunk_bytes,
         chunks: payload.chunks.len() as u64,
-        key: key.to_vec(),
+        key: format::copy_of(key).ok_or(WriteError::OutOfMemory)?,
     }
-    .encode()
+    .encode())
 }
 
 /// The root as the header stores it: an immediate, or the offset of a pointer into a
@@ -338,9 +361,10 @@ pub unsafe fn encode_chunked(
             payload.bytes,
         )?
     };
-    let tables = format::encode_tables(&payload.customs.to_vec()?, &payload.chunks);
+    let tables = format::encode_tables(&payload.customs.to_vec()?, &payload.chunks)
+        .ok_or(WriteError::OutOfMemory)?;
     let checksum = format::tables_checksum(&tables);
-    let head = header(&payload, root, address, checksum, key, process, chunk_bytes);
+    let head = header(&payload, root, address, checksum, key, process, chunk_bytes)?;
     image[..HEADER_BYTES].copy_from_slice(&head);
     image.extend_from_slice(&tables);
     Ok(image)
@@ -417,7 +441,7 @@ pub fn write_with(
             f.write_all(bytes).map_err(WriteError::Io)
         };
         payload.customs.each_piece(&mut put)?;
-        put(&format::encode_chunk_index(&payload.chunks))?;
+        put(&format::encode_chunk_index(&payload.chunks).ok_or(WriteError::OutOfMemory)?)?;
         let head = header(
             &payload,
             root,
@@ -426,7 +450,7 @@ pub fn write_with(
             key,
             process,
             format::CHUNK_BYTES,
-        );
+        )?;
         f.write_all_at(&head, 0).map_err(WriteError::Io)
     })
 }
@@ -473,8 +497,8 @@ pub struct Options {
     /// Map the file instead of reading it (see [`mod@file`]): pages shared with other
     /// processes, and the file must not change while the payload is loaded.
     pub share: bool,
-    /// Threads the checks may use: 0 for one per core
-    /// (`std::thread::available_parallelism`).
+    /// Threads the checks may use: 0 for one per processor the process may run on
+    /// ([`thread::available`]).
     pub threads: usize,
 }
 
@@ -482,7 +506,7 @@ impl Options {
     /// The threads to use: [`Options::threads`], or one per core.
     fn threads(&self) -> usize {
         match self.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            0 => thread::available(),
             n => n,
         }
     }
@@ -496,49 +520,42 @@ fn check_header(
     process: &Process,
 ) -> Result<(), LoadError> {
     if h.ocaml_family != process.ocaml_family {
-        return Err(bad(
+        return Err(bad!(
             "OCaml version",
-            format!(
-                "written by OCaml {}, this program runs OCaml {}",
-                h.ocaml_family, process.ocaml_family
-            ),
+            "written by OCaml {}, this program runs OCaml {}",
+            h.ocaml_family,
+            process.ocaml_family
         ));
     }
     if h.flat_float_array != process.flat_float_array {
-        return Err(bad(
+        return Err(bad!(
             "flat float arrays",
-            format!(
-                "written {} flat float arrays, this program has them {}",
-                if h.flat_float_array {
-                    "with"
-                } else {
-                    "without"
-                },
-                if process.flat_float_array {
-                    "on"
-                } else {
-                    "off"
-                }
-            ),
+            "written {} flat float arrays, this program has them {}",
+            if h.flat_float_array {
+                "with"
+            } else {
+                "without"
+            },
+            if process.flat_float_array {
+                "on"
+            } else {
+                "off"
+            }
         ));
     }
     if h.key != opts.key {
-        return Err(bad(
+        return Err(bad!(
             "key",
-            format!(
-                "the image was written with key {}, the program expects {}",
-                key_for_message(&h.key),
-                key_for_message(&opts.key)
-            ),
+            "the image was written with key {}, the program expects {}",
+            KeyShown(&h.key),
+            KeyShown(&opts.key)
         ));
     }
     if file_bytes != h.file_bytes() {
-        return Err(bad(
+        return Err(bad!(
             "file size",
-            format!(
-                "{file_bytes} bytes, the header describes {} (truncated or extended file)",
-                h.file_bytes()
-            ),
+            "{file_bytes} bytes, the header describes {} (truncated or extended file)",
+            h.file_bytes()
         ));
     }
     Ok(())
@@ -552,9 +569,9 @@ fn decode_tables(
     verify: bool,
 ) -> Result<(Vec<u64>, Vec<format::Chunk>), LoadError> {
     if verify && format::tables_checksum(bytes) != h.checksum {
-        return Err(bad(
+        return Err(bad!(
             "table checksum",
-            "the fix-up table or the chunk index is damaged".into(),
+            "the fix-up table or the chunk index is damaged"
         ));
     }
     format::decode_tables(h, bytes).ok_or(LoadError::OutOfMemory(2 * bytes.len()))
@@ -676,12 +693,10 @@ pub fn load_bytes(bytes: &[u8], opts: &Options, process: &Process) -> Result<Dec
 fn check_padding(padding: &[u8]) -> Result<(), LoadError> {
     match padding.iter().position(|&b| b != 0) {
         None => Ok(()),
-        Some(at) => Err(bad(
+        Some(at) => Err(bad!(
             "padding",
-            format!(
-                "byte {} (between the header and the payload) is not zero",
-                HEADER_BYTES + at
-            ),
+            "byte {} (between the header and the payload) is not zero",
+            HEADER_BYTES + at
         )),
     }
 }
@@ -689,7 +704,7 @@ fn check_padding(padding: &[u8]) -> Result<(), LoadError> {
 /// The root of an image with an empty payload: an immediate.
 fn empty_root(h: &format::Header) -> Result<Word, LoadError> {
     if !layout::is_immediate(h.root as Word) {
-        return Err(bad("root", "a pointer into an empty payload".into()));
+        return Err(bad!("root", "a pointer into an empty payload"));
     }
     Ok(h.root as Word)
 }
@@ -704,9 +719,10 @@ fn empty_root(h: &format::Header) -> Result<Word, LoadError> {
 pub fn read_header(path: &Path) -> Result<format::Header, LoadError> {
     let f = file::open_image(path).map_err(LoadError::Io)?;
     let file_bytes = f.metadata().map_err(LoadError::Io)?.len();
-    let mut page = vec![0u8; HEADER_BYTES.min(file_bytes as usize)];
-    file::read_exact_at(&f, &mut page, 0).map_err(file::load_read_error)?;
-    format::Header::decode(&page)
+    let mut page = [0u8; HEADER_BYTES];
+    let page = &mut page[..HEADER_BYTES.min(file_bytes as usize)];
+    file::read_exact_at(&f, page, 0).map_err(file::load_read_error)?;
+    format::Header::decode(page)
 }
 
 /// A loaded image.
@@ -748,9 +764,10 @@ impl Loaded {
 pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loaded, LoadError> {
     let f = file::open_image(path).map_err(LoadError::Io)?;
     let file_bytes = f.metadata().map_err(LoadError::Io)?.len();
-    let mut page = vec![0u8; HEADER_BYTES.min(file_bytes as usize)];
-    file::read_exact_at(&f, &mut page, 0).map_err(file::load_read_error)?;
-    let h = format::Header::decode(&page)?;
+    let mut page = [0u8; HEADER_BYTES];
+    let page = &mut page[..HEADER_BYTES.min(file_bytes as usize)];
+    file::read_exact_at(&f, page, 0).map_err(file::load_read_error)?;
+    let h = format::Header::decode(page)?;
     check_header(&h, file_bytes, opts, process)?;
     let mut tables_raw = Vec::new();
     tables_raw

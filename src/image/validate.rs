@@ -51,10 +51,6 @@ use crate::bigarray;
 use crate::copy::data::data_wosize;
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 
-fn bad(check: &'static str, detail: String) -> LoadError {
-    LoadError::Bad { check, detail }
-}
-
 /// What [`check`] checks a payload against: the header's fields and the tables.
 #[derive(Clone, Copy, Debug)]
 pub struct Expected<'a> {
@@ -182,12 +178,12 @@ fn may_be_written(hd: Header) -> bool {
 /// A Bigarray's custom block `fields` (operations first) at byte `at`, as an image may
 /// hold it; returns its data's bytes.
 fn check_bigarray(fields: &[Word], at: usize, ocaml5: bool) -> Result<usize, LoadError> {
-    let data = bigarray::read(fields, ocaml5)
-        .map_err(|what| bad("Bigarray", format!("{what} at byte {at}")))?;
+    let data =
+        bigarray::read(fields, ocaml5).map_err(|what| bad!("Bigarray", "{what} at byte {at}"))?;
     if data.flags & bigarray::MANAGED_MASK != 0 || fields[bigarray::PROXY_FIELD] != 0 {
-        return Err(bad(
+        return Err(bad!(
             "Bigarray",
-            format!("the Bigarray at byte {at} has data managed elsewhere"),
+            "the Bigarray at byte {at} has data managed elsewhere"
         ));
     }
     Ok(data.bytes)
@@ -196,14 +192,9 @@ fn check_bigarray(fields: &[Word], at: usize, ocaml5: bool) -> Result<usize, Loa
 /// The error for a data block at word `data_at` that is not after every other block, or
 /// too small for its slack.
 fn misplaced_data(data_at: usize) -> LoadError {
-    bad(
-        "tag",
-        format!(
-            "abstract block (tag {}) at byte {}: abstract blocks hold Bigarray data, after every other block",
+    bad!("tag", "abstract block (tag {}) at byte {}: abstract blocks hold Bigarray data, after every other block",
             layout::ABSTRACT_TAG,
-            data_at * WORD_BYTES
-        ),
-    )
+            data_at * WORD_BYTES)
 }
 
 /// The words of chunk `k` of `chunk_words` words in a payload of `n` words.
@@ -247,9 +238,9 @@ fn tile_chunk(
         && first >= (range.start * WORD_BYTES) as u64
         && first < (range.end * WORD_BYTES) as u64;
     if !in_chunk {
-        return Err(bad(
+        return Err(bad!(
             "chunk index",
-            format!("chunk {k}: first block at byte {first}, outside the chunk"),
+            "chunk {k}: first block at byte {first}, outside the chunk"
         ));
     }
     let start_byte = range.start * WORD_BYTES;
@@ -285,27 +276,23 @@ fn tile_chunk(
         }
         let at = i * WORD_BYTES;
         if hd.color() != Color::Unmarkable {
-            return Err(bad(
+            return Err(bad!(
                 "block header",
-                format!(
-                    "the block at byte {at} has GC color {}, not 3",
-                    hd.color() as u8
-                ),
+                "the block at byte {at} has GC color {}, not 3",
+                hd.color() as u8
             ));
         }
         if wosize > n - i - 1 {
-            return Err(bad(
+            return Err(bad!(
                 "block size",
-                format!(
-                    "the block at byte {at} ({wosize} words) overruns the payload ({} bytes)",
-                    n * WORD_BYTES
-                ),
+                "the block at byte {at} ({wosize} words) overruns the payload ({} bytes)",
+                n * WORD_BYTES
             ));
         }
         let fields = &payload[i + 1..i + 1 + wosize];
         let tag = hd.tag();
         if let Some(what) = refused_tag(tag, e.ocaml5) {
-            return Err(bad("tag", format!("{what} (tag {tag}) at byte {at}")));
+            return Err(bad!("tag", "{what} (tag {tag}) at byte {at}"));
         }
         // Data blocks: each with its slack, all after every other block (as the writer
         // lays them out); across chunks, checked when they join.
@@ -328,22 +315,22 @@ fn tile_chunk(
             _ => layout::min_wosize(tag).is_none_or(|min| wosize >= min),
         };
         if !size_ok {
-            return Err(bad(
+            return Err(bad!(
                 "block size",
-                format!("a block of tag {tag} with {wosize} fields at byte {at}"),
+                "a block of tag {tag} with {wosize} fields at byte {at}"
             ));
         }
         match tag {
             layout::STRING_TAG if !string_padding_ok(fields) => {
-                return Err(bad("string padding", format!("the string at byte {at}")));
+                return Err(bad!("string padding", "the string at byte {at}"));
             }
             layout::CUSTOM_TAG => {
                 let id = fields[0];
                 match CustomKind::from_id(id as u64) {
                     None => {
-                        return Err(bad(
+                        return Err(bad!(
                             "custom block",
-                            format!("unknown custom block {id:#x} at byte {at}"),
+                            "unknown custom block {id:#x} at byte {at}"
                         ))
                     }
                     Some(CustomKind::Bigarray) => {
@@ -353,9 +340,9 @@ fn tile_chunk(
                     Some(_) => {}
                 }
                 if next_custom >= hi || e.customs[next_custom] != at as u64 + 8 {
-                    return Err(bad(
+                    return Err(bad!(
                         "fix-up table",
-                        format!("the custom block at byte {at} is not entry {next_custom}"),
+                        "the custom block at byte {at} is not entry {next_custom}"
                     ));
                 }
                 next_custom += 1;
@@ -376,12 +363,10 @@ fn tile_chunk(
         i += 1 + wosize;
     }
     if next_custom != hi {
-        return Err(bad(
+        return Err(bad!(
             "fix-up table",
-            format!(
-                "entry {next_custom} (byte {}) is not a custom block",
-                e.customs[next_custom]
-            ),
+            "entry {next_custom} (byte {}) is not a custom block",
+            e.customs[next_custom]
         ));
     }
     tiled.customs = hi - lo;
@@ -414,13 +399,8 @@ fn check_bigarray_data(
                 .is_some_and(|end| end <= data_blocks[k].end * WORD_BYTES)
         });
         if !inside {
-            return Err(bad(
-                "Bigarray",
-                format!(
-                    "the data of the Bigarray at byte {} ({bytes} bytes at {data:#x}) is not inside a data block",
-                    (field - 1) * WORD_BYTES
-                ),
-            ));
+            return Err(bad!("Bigarray", "the data of the Bigarray at byte {} ({bytes} bytes at {data:#x}) is not inside a data block",
+                    (field - 1) * WORD_BYTES));
         }
         if delta != 0 {
             payload[slot] = data.wrapping_add(delta);
@@ -557,12 +537,10 @@ fn check_fields(
 #[cold]
 #[inline(never)]
 fn not_a_block(field: usize, header_at: usize, v: Word) -> LoadError {
-    bad(
+    bad!(
         "pointer",
-        format!(
-            "field {field} of the block at byte {} holds {v:#x}, not a block of the payload",
-            header_at * WORD_BYTES
-        ),
+        "field {field} of the block at byte {} holds {v:#x}, not a block of the payload",
+        header_at * WORD_BYTES
     )
 }
 
@@ -578,9 +556,10 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Checked, LoadError> {
     let chunk_words = e.chunk_bytes / WORD_BYTES;
     let chunks = n.div_ceil(chunk_words);
     if e.chunks.len() != chunks {
-        return Err(bad(
+        return Err(bad!(
             "chunk index",
-            format!("{} entries for {chunks} chunks", e.chunks.len()),
+            "{} entries for {chunks} chunks",
+            e.chunks.len()
         ));
     }
     let bits_per_chunk = chunk_words / 64;
@@ -599,8 +578,7 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Checked, LoadError> {
     let bitmaps = starts
         .chunks_mut(bits_per_chunk)
         .zip(scannable.chunks_mut(bits_per_chunk))
-        .map(|(starts, scannable)| ChunkBits { starts, scannable })
-        .collect();
+        .map(|(starts, scannable)| ChunkBits { starts, scannable });
     let tiled = parallel(bitmaps, e.threads, |k, bits| {
         let range = chunk_range(k, chunk_words, n);
         if e.verify
@@ -616,14 +594,15 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Checked, LoadError> {
             failed.record(k);
             ChunkFailure::Bad(err)
         })
-    });
+    })
+    .map_err(no_memory)?;
     if let Some(k) = tiled
         .iter()
         .position(|t| matches!(t, Err(ChunkFailure::Damaged)))
     {
         return Err(damaged_chunk(k, chunk_words, n));
     }
-    let mut ok = Vec::with_capacity(chunks);
+    let mut ok = with_capacity(chunks)?;
     for t in tiled {
         match t {
             Ok(t) => ok.push(t),
@@ -634,7 +613,7 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Checked, LoadError> {
     let tiled = ok;
 
     // Phase 2: the chunks' walks join up.
-    let mut covers = Vec::with_capacity(chunks);
+    let mut covers = with_capacity(chunks)?;
     let mut next_block = 0;
     let mut cover: Option<Cover> = None;
     let (mut blocks, mut customs) = (0u64, 0usize);
@@ -648,21 +627,11 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Checked, LoadError> {
             NO_BLOCK
         };
         if first != expected {
-            let expected = if expected == NO_BLOCK {
-                "none (a block covers the chunk)".to_string()
-            } else {
-                format!("byte {expected}")
-            };
-            return Err(bad(
+            return Err(bad!(
                 "chunk index",
-                format!(
-                    "chunk {k}: first block at {}, the blocks before it give {expected}",
-                    if first == NO_BLOCK {
-                        "none".to_string()
-                    } else {
-                        format!("byte {first}")
-                    }
-                ),
+                "chunk {k}: first block at {}, the blocks before it give {}",
+                BlockAt(first, "none"),
+                BlockAt(expected, "none (a block covers the chunk)")
             ));
         }
         covers.push(cover.filter(|_| first != range.start as u64 * WORD_BYTES as u64));
@@ -682,28 +651,25 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Checked, LoadError> {
         first_data = first_data.or(t.data_blocks.first().map(|r| r.start - 1));
     }
     if next_block != n {
-        return Err(bad(
+        return Err(bad!(
             "chunk index",
-            format!(
-                "the blocks end at byte {}, the payload at {}",
-                next_block * WORD_BYTES,
-                n * WORD_BYTES
-            ),
+            "the blocks end at byte {}, the payload at {}",
+            next_block * WORD_BYTES,
+            n * WORD_BYTES
         ));
     }
     if customs != e.customs.len() {
-        return Err(bad(
+        return Err(bad!(
             "fix-up table",
-            format!("{} entries for {customs} custom blocks", e.customs.len()),
+            "{} entries for {customs} custom blocks",
+            e.customs.len()
         ));
     }
     if blocks != e.blocks {
-        return Err(bad(
+        return Err(bad!(
             "block count",
-            format!(
-                "the header says {} blocks, the payload holds {blocks}",
-                e.blocks
-            ),
+            "the header says {} blocks, the payload holds {blocks}",
+            e.blocks
         ));
     }
 
@@ -721,11 +687,10 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Checked, LoadError> {
     let base = payload.as_ptr() as Word;
     let delta = base.wrapping_sub(e.address);
     let starts = Starts { bits: &starts };
-    let work: Vec<_> = payload
+    let work = payload
         .chunks_mut(chunk_words)
         .zip(scannable.chunks(bits_per_chunk))
-        .zip(covers)
-        .collect();
+        .zip(covers);
     let checked = parallel(work, e.pointer_threads, |k, ((words, scannable), cover)| {
         pointers_chunk(
             words,
@@ -738,7 +703,8 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Checked, LoadError> {
             e.address,
             delta,
         )
-    });
+    })
+    .map_err(no_memory)?;
     if let Some(err) = checked.into_iter().find_map(Result::err) {
         return Err(err);
     }
@@ -752,7 +718,7 @@ pub fn check(payload: &mut [Word], e: &Expected) -> Result<Checked, LoadError> {
         return Ok(Checked { root, unwritten });
     }
     if starts.target(e.address + root, e.address, n).is_none() {
-        return Err(bad("root", format!("offset {root} is not a block")));
+        return Err(bad!("root", "offset {root} is not a block"));
     }
     Ok(Checked {
         root: base + root,
@@ -769,20 +735,17 @@ pub fn verify_chunks(payload: &[Word], e: &Expected) -> Result<(), LoadError> {
     let n = payload.len();
     let chunk_words = e.chunk_bytes / WORD_BYTES;
     if e.chunks.len() != n.div_ceil(chunk_words) {
-        return Err(bad(
+        return Err(bad!(
             "chunk index",
-            format!(
-                "{} entries for {} chunks",
-                e.chunks.len(),
-                n.div_ceil(chunk_words)
-            ),
+            "{} entries for {} chunks",
+            e.chunks.len(),
+            n.div_ceil(chunk_words)
         ));
     }
-    let damaged = parallel(
-        payload.chunks(chunk_words).collect(),
-        e.threads,
-        |k, words| format::chunk_checksum(layout::words_as_bytes(words)) != e.chunks[k].checksum,
-    );
+    let damaged = parallel(payload.chunks(chunk_words), e.threads, |k, words| {
+        format::chunk_checksum(layout::words_as_bytes(words)) != e.chunks[k].checksum
+    })
+    .map_err(no_memory)?;
     match damaged.iter().position(|&d| d) {
         Some(k) => Err(damaged_chunk(k, chunk_words, n)),
         None => Ok(()),
@@ -792,13 +755,11 @@ pub fn verify_chunks(payload: &[Word], e: &Expected) -> Result<(), LoadError> {
 /// The error for a damaged chunk `k`.
 fn damaged_chunk(k: usize, chunk_words: usize, n: usize) -> LoadError {
     let range = chunk_range(k, chunk_words, n);
-    bad(
+    bad!(
         "payload checksum",
-        format!(
-            "chunk {k} (bytes {} to {}) is damaged",
-            range.start * WORD_BYTES,
-            range.end * WORD_BYTES
-        ),
+        "chunk {k} (bytes {} to {}) is damaged",
+        range.start * WORD_BYTES,
+        range.end * WORD_BYTES
     )
 }
 
@@ -813,6 +774,32 @@ fn gather<T, I: ExactSizeIterator<Item = T>>(
         .map_err(|_| LoadError::OutOfMemory(n * std::mem::size_of::<T>()))?;
     all.extend(lists.flatten());
     Ok(all)
+}
+
+/// A chunk's first block as a message names it: "byte N", or `none` for [`NO_BLOCK`].
+struct BlockAt(u64, &'static str);
+
+impl std::fmt::Display for BlockAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            NO_BLOCK => f.write_str(self.1),
+            at => write!(f, "byte {at}"),
+        }
+    }
+}
+
+/// An empty vector with room for `n` items; [`LoadError::OutOfMemory`] when it cannot
+/// be had.
+fn with_capacity<T>(n: usize) -> Result<Vec<T>, LoadError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| LoadError::OutOfMemory(n * std::mem::size_of::<T>()))?;
+    Ok(v)
+}
+
+/// The load's error for memory the checks could not have.
+fn no_memory(NoMemory(bytes): NoMemory) -> LoadError {
+    LoadError::OutOfMemory(bytes)
 }
 
 /// Appends `x` to `v`; [`LoadError::OutOfMemory`] when `v` cannot grow (a list that
@@ -845,12 +832,10 @@ fn check_forward_chains(payload: &[Word], forwards: &[usize]) -> Result<(), Load
                     seen.insert(at, walk);
                 }
                 Some(&w) if w == walk => {
-                    return Err(bad(
+                    return Err(bad!(
                         "forward cycle",
-                        format!(
-                            "the forward block at byte {} leads back to itself",
-                            at * WORD_BYTES
-                        ),
+                        "the forward block at byte {} leads back to itself",
+                        at * WORD_BYTES
                     ))
                 }
                 // Another walk's chain, or not a forward block: the chain ends.
@@ -877,7 +862,7 @@ pub fn trusted_root(payload: &[Word], root: u64) -> Result<Word, LoadError> {
         return Ok(root);
     }
     if !root.is_multiple_of(WORD_BYTES) || root == 0 || root > payload.len() * WORD_BYTES {
-        return Err(bad("root", format!("offset {root} is outside the payload")));
+        return Err(bad!("root", "offset {root} is outside the payload"));
     }
     Ok(payload.as_ptr() as Word + root)
 }
@@ -924,9 +909,9 @@ pub fn fix_customs(
             size_ok.then_some(kind)
         });
         let Some(kind) = kind else {
-            return Err(bad(
+            return Err(bad!(
                 "fix-up table",
-                format!("entry {k} (byte {entry}) is not a custom block"),
+                "entry {k} (byte {entry}) is not a custom block"
             ));
         };
         payload[field] = ops[kind as usize - 1];

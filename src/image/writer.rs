@@ -276,10 +276,12 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
             return;
         }
         let mut buf = std::mem::take(&mut self.buf);
-        if let Err(e) = self.process(&mut buf[..filled]) {
+        if let Err(e) = self
+            .process(&mut buf[..filled])
+            .and_then(|()| self.hash(&buf[..filled]))
+        {
             self.error = Some(e);
         } else {
-            self.hash(&buf[..filled]);
             let written = match &mut self.background {
                 Some(background) => background.write(&mut buf, filled),
                 None => self.out.write_all(layout::words_as_bytes(&buf[..filled])),
@@ -305,12 +307,7 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
                     return Err(WriteError::Closure);
                 }
                 let chunk = at / self.chunk_words;
-                while self.payload.chunks.len() <= chunk {
-                    self.payload.chunks.push(Chunk {
-                        first: NO_BLOCK,
-                        checksum: 0,
-                    });
-                }
+                self.chunks_to(chunk)?;
                 if self.payload.chunks[chunk].first == NO_BLOCK {
                     self.payload.chunks[chunk].first = (at * WORD_BYTES) as u64;
                 }
@@ -367,31 +364,55 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
     }
 
     /// Adds `words` (processed) to the chunk checksums.
-    fn hash(&mut self, mut words: &[Word]) {
+    ///
+    /// # Errors
+    /// [`WriteError::OutOfMemory`] when the chunk index cannot grow.
+    fn hash(&mut self, mut words: &[Word]) -> Result<(), WriteError> {
         while !words.is_empty() {
             let take = (self.chunk_words - self.hashed).min(words.len());
             self.hasher.update(layout::words_as_bytes(&words[..take]));
             self.hashed += take;
             words = &words[take..];
             if self.hashed == self.chunk_words {
-                self.close_chunk();
+                self.close_chunk()?;
             }
         }
+        Ok(())
+    }
+
+    /// Makes the chunk index reach chunk `k`.
+    ///
+    /// # Errors
+    /// [`WriteError::OutOfMemory`] when the index cannot grow.
+    fn chunks_to(&mut self, k: usize) -> Result<(), WriteError> {
+        let chunks = &mut self.payload.chunks;
+        if chunks.len() <= k {
+            chunks
+                .try_reserve(k + 1 - chunks.len())
+                .map_err(|_| WriteError::OutOfMemory)?;
+            chunks.resize(
+                k + 1,
+                Chunk {
+                    first: NO_BLOCK,
+                    checksum: 0,
+                },
+            );
+        }
+        Ok(())
     }
 
     /// Records the current chunk's checksum.
-    fn close_chunk(&mut self) {
+    ///
+    /// # Errors
+    /// [`WriteError::OutOfMemory`] when the chunk index cannot grow.
+    fn close_chunk(&mut self) -> Result<(), WriteError> {
         let k = self.closed;
-        while self.payload.chunks.len() <= k {
-            self.payload.chunks.push(Chunk {
-                first: NO_BLOCK,
-                checksum: 0,
-            });
-        }
+        self.chunks_to(k)?;
         self.payload.chunks[k].checksum = self.hasher.digest();
         self.hasher.reset();
         self.hashed = 0;
         self.closed += 1;
+        Ok(())
     }
 
     /// Writes out what is left and returns the payload's description and the output.
@@ -415,7 +436,7 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
             return Err(e);
         }
         if self.hashed > 0 {
-            self.close_chunk();
+            self.close_chunk()?;
         }
         debug_assert_eq!(self.done * WORD_BYTES, self.bytes, "the copy's size");
         debug_assert_eq!(self.remaining, 0, "a block cut short");

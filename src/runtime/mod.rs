@@ -107,18 +107,19 @@ fn copy_ops_of_bigarray(ops: Word) -> Option<Word> {
 }
 
 /// The `identifier` of custom operations (their first field, a C string).
-pub fn custom_identifier(ops: Word) -> String {
+pub fn custom_identifier(ops: Word) -> Result<String, crate::alloc::NoMemory> {
     // SAFETY: `ops` is field 0 of a custom block: a `struct custom_operations *`, whose
     // first member is a NUL-terminated `char *identifier`.
-    unsafe {
+    let identifier = unsafe {
         let identifier = *(ops as *const *const libc::c_char);
         if identifier.is_null() {
-            return "?".into();
+            b"?".as_slice()
+        } else {
+            std::ffi::CStr::from_ptr(identifier).to_bytes()
         }
-        std::ffi::CStr::from_ptr(identifier)
-            .to_string_lossy()
-            .into_owned()
-    }
+    };
+    crate::message::try_format(format_args!("{}", crate::message::Lossy(identifier)))
+        .ok_or(crate::alloc::NoMemory(identifier.len()))
 }
 
 /// Copies `v` with the runtime's classifier and visited set into `out` (an image written

@@ -245,7 +245,7 @@ impl Heap for RuntimeHeap {
         super::is_boxed_integer(ops)
     }
 
-    fn custom_name(&self, ops: Word) -> String {
+    fn custom_name(&self, ops: Word) -> Result<String, crate::alloc::NoMemory> {
         super::custom_identifier(ops)
     }
 

@@ -247,9 +247,9 @@ impl ThreadSlots {
     }
 }
 
-impl Drop for ThreadSlots {
-    /// A thread that ends gives its slots back to the slab.
-    fn drop(&mut self) {
+impl ThreadSlots {
+    /// Gives every slot back to the slab.
+    fn give_back(&mut self) {
         let mut slab = slab();
         for class in 0..CLASSES {
             let n = self.counts[class];
@@ -262,6 +262,8 @@ impl Drop for ThreadSlots {
 }
 
 thread_local! {
+    /// This thread's slots, given back when it ends ([`crate::thread_end`]): the
+    /// variable itself has no destructor.
     static THREAD_SLOTS: UnsafeCell<ThreadSlots> = const {
         UnsafeCell::new(ThreadSlots {
             heads: [std::ptr::null_mut(); CLASSES],
@@ -282,15 +284,15 @@ pub fn is_slab_copy(alloc: &CAllocator, bytes: usize) -> bool {
 /// runtime lock.
 pub fn alloc(bytes: usize) -> *mut u8 {
     let class = class_of(bytes);
+    if !crate::thread_end::watched() {
+        // A thread whose end is not watched keeps no slots: one from the slab.
+        return slab()
+            .take(class, 1)
+            .map_or(std::ptr::null_mut(), |r| r.head);
+    }
     // SAFETY: this thread's slots, used by nothing else meanwhile (neither function
     // calls out of this module).
-    let cached = THREAD_SLOTS.try_with(|slots| unsafe { (*slots.get()).alloc(class) });
-    // A thread whose slots are gone (it is ending) takes one from the slab.
-    cached.unwrap_or_else(|_| {
-        slab()
-            .take(class, 1)
-            .map_or(std::ptr::null_mut(), |r| r.head)
-    })
+    THREAD_SLOTS.with(|slots| unsafe { (*slots.get()).alloc(class) })
 }
 
 /// Gives back a slot from [`alloc`] of the same `bytes`, on any thread.
@@ -299,16 +301,24 @@ pub fn alloc(bytes: usize) -> *mut u8 {
 /// `ptr` came from `alloc(bytes)` and nothing uses it any more.
 pub unsafe fn free(ptr: *mut u8, bytes: usize) {
     let class = class_of(bytes);
-    // SAFETY: as in `alloc`; the caller's contract for `ptr`.
-    let kept = THREAD_SLOTS.try_with(|slots| unsafe { (*slots.get()).free(class, ptr) });
-    if kept.is_err() {
+    if !crate::thread_end::watched() {
         let run = Run {
             head: ptr,
             tail: ptr,
             count: 1,
         };
         slab().give(class, run);
+        return;
     }
+    // SAFETY: as in `alloc`; the caller's contract for `ptr`.
+    THREAD_SLOTS.with(|slots| unsafe { (*slots.get()).free(class, ptr) });
+}
+
+/// Gives the calling thread's slots back to the slab: its thread ends
+/// ([`crate::thread_end`]).
+pub(crate) fn thread_ends() {
+    // SAFETY: as in `alloc`.
+    THREAD_SLOTS.with(|slots| unsafe { (*slots.get()).give_back() });
 }
 
 /// [`free`] as an allocator's free function, for frees that wait (OCaml 5).

@@ -320,11 +320,13 @@ impl Heap for FakeHeap {
         ops == INT64_OPS.as_ptr() as Word
     }
 
-    fn custom_name(&self, ops: Word) -> String {
+    fn custom_name(&self, ops: Word) -> Result<String, offheap::alloc::NoMemory> {
         // SAFETY: fake ops are NUL-terminated statics.
-        unsafe { std::ffi::CStr::from_ptr(ops as *const libc::c_char) }
-            .to_string_lossy()
-            .into_owned()
+        Ok(
+            unsafe { std::ffi::CStr::from_ptr(ops as *const libc::c_char) }
+                .to_string_lossy()
+                .into_owned(),
+        )
     }
 
     fn has_ocaml5_tags(&self) -> bool {

@@ -544,12 +544,14 @@ let test_sigalrm _ =
 
 let shim = Filename.concat (Filename.dirname exe) "adv_shim.so"
 
-(* Runs this program as "child MODE ARGS" with [env] added; its exit status. *)
+(* Runs this program as "child MODE ARGS" with [env] added; its exit status. An argument
+   "2>FILE" sends the child's standard error to FILE. *)
 let run_child ?(env = []) ?(prefix = "") args =
   let env = String.concat " " (List.map (fun (k, v) -> k ^ "=" ^ Filename.quote v) env) in
   let cmd =
     Printf.sprintf "%s env %s %s child %s" prefix env (Filename.quote exe)
-      (String.concat " " (List.map (fun a -> if a = "2>/dev/null" then a else Filename.quote a) args))
+      (String.concat " "
+         (List.map (fun a -> if String.starts_with ~prefix:"2>" a then "2>" ^ Filename.quote (String.sub a 2 (String.length a - 2)) else Filename.quote a) args))
   in
   Sys.command cmd
 
@@ -674,10 +676,16 @@ let test_ulimit _ =
       List.iter
         (fun kb ->
           let path = fresh_path () in
+          let err = Filename.temp_file "offheap_ulimit" ".err" in
           let rc =
-            run_child ~prefix:(Printf.sprintf "ulimit -v %d;" kb) [ "roundtrip"; kind; path; "2>/dev/null" ]
+            run_child ~prefix:(Printf.sprintf "ulimit -v %d;" kb) [ "roundtrip"; kind; path; "2>" ^ err ]
           in
-          let msg = Printf.sprintf "%s under ulimit -v %d: exit %d" kind kb rc in
+          let stderr =
+            let ic = open_in_bin err in
+            Fun.protect ~finally:(fun () -> close_in ic) (fun () -> really_input_string ic (in_channel_length ic))
+          in
+          Sys.remove err;
+          let msg = Printf.sprintf "%s under ulimit -v %d: exit %d, stderr: %s" kind kb rc stderr in
           (* 2: the runtime's own "out of memory" before the write. *)
           assert_bool msg (List.mem rc [ 0; 2; 3; 4 ]);
           Hashtbl.replace results rc ();
