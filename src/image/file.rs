@@ -23,7 +23,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -82,10 +82,7 @@ fn not_a_regular_file() -> std::io::Error {
 /// The open's error, or `InvalidInput` ("not a regular file") for anything but a regular
 /// file.
 pub fn open_image(path: &Path) -> std::io::Result<File> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
+    let f = open_path(path, libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
     if !f.metadata()?.file_type().is_file() {
         return Err(not_a_regular_file());
     }
@@ -205,6 +202,35 @@ fn c_path(p: &Path) -> std::io::Result<CString> {
     CString::from_vec_with_nul(v).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
+/// Opens `p` with `flags` (and `O_CLOEXEC`), creating it with `mode` if asked: `open(2)`
+/// on a C string of the path allocated fallibly (the standard library makes one of a
+/// path of 384 bytes or more on the heap, and aborts when memory runs out).
+fn open_path(p: &Path, flags: libc::c_int, mode: libc::mode_t) -> std::io::Result<File> {
+    let c = c_path(p)?;
+    // SAFETY: a NUL-terminated path; the descriptor returned is ours, wrapped at once.
+    unsafe {
+        let fd = libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, libc::c_uint::from(mode));
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(<File as std::os::unix::io::FromRawFd>::from_raw_fd(fd))
+    }
+}
+
+/// Removes the file `p`, if it can: a clean-up whose failure changes nothing.
+fn remove_path(p: &Path) {
+    if let Ok(c) = c_path(p) {
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::unlink(c.as_ptr()) };
+    }
+}
+
+/// The metadata of what `p` designates, links followed (`std::fs::metadata` with a C
+/// string allocated fallibly, as [`open_path`]).
+fn metadata(p: &Path) -> std::io::Result<std::fs::Metadata> {
+    open_path(p, libc::O_PATH, 0)?.metadata()
+}
+
 /// A fresh random name in `dir` for a temporary file.
 fn temporary_name(dir: &Path) -> std::io::Result<PathBuf> {
     path_of(&[
@@ -231,11 +257,14 @@ fn fill_file<E: From<std::io::Error>>(
 
 /// Renames `tmp` to `target`, removing `tmp` on failure.
 fn rename_or_remove(tmp: &Path, target: &Path) -> std::io::Result<()> {
-    let r = std::fs::rename(tmp, target);
-    if r.is_err() {
-        let _ = std::fs::remove_file(tmp);
+    let (from, to) = (c_path(tmp)?, c_path(target)?);
+    // SAFETY: two NUL-terminated paths.
+    if unsafe { libc::rename(from.as_ptr(), to.as_ptr()) } == 0 {
+        return Ok(());
     }
-    r
+    let e = std::io::Error::last_os_error();
+    remove_path(tmp);
+    Err(e)
 }
 
 /// The `Named` way: `Ok(())` when written.
@@ -247,12 +276,7 @@ fn write_named<E: From<std::io::Error>>(
 ) -> Result<(), E> {
     let (mut f, tmp) = loop {
         let tmp = temporary_name(dir)?;
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o666)
-            .open(&tmp)
-        {
+        match open_path(&tmp, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o666) {
             Ok(f) => break (f, tmp),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e.into()),
@@ -260,7 +284,7 @@ fn write_named<E: From<std::io::Error>>(
     };
     if let Err(e) = fill_file(&mut f, fill, mode) {
         drop(f);
-        let _ = std::fs::remove_file(&tmp);
+        remove_path(&tmp);
         return Err(e);
     }
     drop(f);
@@ -354,13 +378,7 @@ pub fn temporary_directory(path: &Path) -> std::io::Result<PathBuf> {
 /// alone), gone with its last descriptor; `None` where the kernel or the file system has
 /// none.
 pub fn scratch_file(dir: &Path) -> Option<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_TMPFILE)
-        .mode(0o600)
-        .open(dir)
-        .ok()
+    open_path(dir, libc::O_RDWR | libc::O_TMPFILE, 0o600).ok()
 }
 
 /// Writes `path` (its final target when it is a symbolic link, see [`final_path`]) with
@@ -380,7 +398,7 @@ pub fn write_atomically<E: From<std::io::Error>>(
 ) -> Result<(), E> {
     let target = final_path(path)?;
     let dir = directory_of(&target)?;
-    let mode = match std::fs::metadata(&target) {
+    let mode = match metadata(&target) {
         // Renaming over a FIFO, a socket or a device would replace it with the image (as
         // root, `/dev/null` too): they are refused, as by a load. A directory is left to
         // the rename, which fails ("Is a directory").

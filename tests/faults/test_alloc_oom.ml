@@ -124,7 +124,7 @@ let region_op name value =
     fresh_thread = false;
   }
 
-let write_op name ?key value =
+let write_op name ?key ?(path = path) value =
   let p () = path name in
   {
     name;
@@ -142,7 +142,7 @@ let write_op name ?key value =
     fresh_thread = false;
   }
 
-let load_op name ?key value load =
+let load_op name ?key ?(path = path) value load =
   let p = path name in
   {
     name;
@@ -156,6 +156,39 @@ let load_op name ?key value load =
         let h = load p in
         check name (same (Offheap.get h) v);
         Offheap.free h);
+    writes = None;
+    fresh_thread = false;
+  }
+
+(* A path of some 450 bytes (the standard library makes C strings of paths of 384 bytes
+   and more on the heap, not on the stack), in a directory made for it. *)
+let long_dir = Filename.concat dir (Printf.sprintf "offheap_alloc_oom_%s" (String.make 200 'd'))
+
+let long_path name =
+  let d = long_dir in
+  if not (Sys.file_exists d) then Sys.mkdir d 0o755;
+  Filename.concat d (Printf.sprintf "%s_%d_%s.img" (String.make 200 'f') (Unix.getpid ()) name)
+
+(* [Offheap.measure], [Offheap.with_copy] and [Offheap.Image.info]: what they give is
+   checked against what [copy] and [Image.write] made. *)
+let others_op name value =
+  let p = path name in
+  {
+    name;
+    setup =
+      (fun () ->
+        let v = value () in
+        Offheap.Image.write p v;
+        v);
+    run =
+      (fun v ->
+        let measured = Offheap.measure v in
+        Offheap.with_copy v (fun c -> check name (same c v));
+        let h = Offheap.copy v in
+        let copied = (Offheap.stats h).blocks in
+        Offheap.free h;
+        let i = Offheap.Image.info p in
+        check name (measured.blocks = copied && i.blocks > 0 && i.payload_bytes > 0));
     writes = None;
     fresh_thread = false;
   }
@@ -207,6 +240,9 @@ let ops =
     write_op "write of a large value" huge;
     load_op "load with a key" ~key:"k" mixed (fun p -> Offheap.Image.load ~key:"k" p);
     region_image_op "region image" mixed;
+    others_op "measure, with_copy, info" mixed;
+    write_op "write to a long path" ~path:long_path mixed;
+    load_op "load from a long path" ~path:long_path mixed (fun p -> Offheap.Image.load p);
     on_new_thread (copy_op "copy" (mixed ~closures:true));
     on_new_thread (region_op "region add" (mixed ~closures:true));
     on_new_thread (write_op "write" mixed);
@@ -352,6 +388,10 @@ let () =
       Printf.printf "%s: %d allocation calls, %.1f s\n%!" op.name n (Unix.gettimeofday () -. t0))
     (List.filter wanted ops);
   List.iter (fun op -> let p = path op.name in if Sys.file_exists p then Sys.remove p) ops;
+  if Sys.file_exists long_dir then begin
+    Array.iter (fun f -> Sys.remove (Filename.concat long_dir f)) (Sys.readdir long_dir);
+    Sys.rmdir long_dir
+  end;
   match List.rev !failures with
   | [] -> Printf.printf "operations with memory failing: %d cases, none aborted, hung or lost data\n" !cases
   | l ->
