@@ -486,9 +486,18 @@ fn image_load(h: Raw, relocated_owner: Raw, path: Raw, key: Raw, flags: Raw) -> 
         Err(e) => return load_failure("load", &path, e),
     };
     // The payload and the word past it (a pointer to a last block of no fields lies in
-    // registered memory too), or its blocks only when Bigarray data follows them.
+    // registered memory too), or its blocks only when Bigarray data follows them; of a
+    // payload of few large blocks, the pages where they start (`register_copy`).
+    let payload = copy::Copied {
+        root: loaded.root,
+        base: loaded.base,
+        bytes: loaded.bytes,
+        blocks: loaded.blocks,
+        data_bytes: loaded.bytes.saturating_sub(loaded.blocks_bytes),
+        transient_bytes: 0,
+    };
     if !loaded.base.is_null()
-        && !runtime::register_blocks(loaded.base, loaded.held(), loaded.blocks_bytes)
+        && !runtime::register_copy(loaded.base, loaded.held(), loaded.blocks_bytes, &payload)
     {
         // SAFETY: just loaded; nothing refers to it.
         unsafe { file::unmap(loaded.base, loaded.held(), loaded.mapping) };

@@ -209,7 +209,11 @@ fn open_path(p: &Path, flags: libc::c_int, mode: libc::mode_t) -> std::io::Resul
     let c = c_path(p)?;
     // SAFETY: a NUL-terminated path; the descriptor returned is ours, wrapped at once.
     unsafe {
-        let fd = libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, libc::c_uint::from(mode));
+        let fd = libc::open(
+            c.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            libc::c_uint::from(mode),
+        );
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }

@@ -5,10 +5,10 @@
 //! - `RuntimeHeap`: the [`Heap`] classifier (which pointers lead to blocks to copy);
 //! - `visited_set()`: the visited set the copy uses on that runtime
 //!   (`Visited`);
-//! - `register` / `register_blocks` / `register_copy` / `unregister` /
-//!   `reregister_shared`: making a copy (its blocks; `register_blocks` leaves its
-//!   Bigarray data out, `register_copy` also the pages inside its large blocks) known
-//!   to the runtime's polymorphic operations (OCaml 4's page table; nothing on OCaml 5);
+//! - `register` / `register_copy` / `unregister` / `reregister_shared`: making a copy
+//!   or a loaded image (its blocks: `register_copy` leaves its Bigarray data out, and
+//!   the pages inside its large blocks) known to the runtime's polymorphic operations
+//!   (OCaml 4's page table; nothing on OCaml 5);
 //! - `DEFERS_FREE`, `free_must_wait()` and `major_cycles_completed()`: whether frees
 //!   may wait (both), whether one made now must (OCaml 5: always, for the running
 //!   cycle; OCaml 4: while the major GC marks, for the end of the marking), and the
@@ -32,8 +32,8 @@ pub mod slab;
 
 pub use backend::{
     free_must_wait, gc_allowance, install_roots_hook, major_cycles_completed, register,
-    register_blocks, register_copy, reregister_shared, stub_runs_alone, unregister, StubGuard,
-    StubLock, COUNTS_PER_CYCLE, DEFERS_FREE, DISCARDS_AT_FREE, SLAB_FREES_WAIT,
+    register_copy, reregister_shared, stub_runs_alone, unregister, StubGuard, StubLock,
+    COUNTS_PER_CYCLE, DEFERS_FREE, DISCARDS_AT_FREE, SLAB_FREES_WAIT,
 };
 #[cfg(ocaml5)]
 pub use backend::{try_without_stopping, with_world_stopped};

@@ -592,7 +592,7 @@ pub fn register(base: *mut u8, bytes: usize) -> bool {
 /// gigabyte of data costs a quarter of a million entries. [`unregister`] of the
 /// allocation removes what was registered. False when the page table could not grow or
 /// there was no memory to remember the registration.
-pub fn register_blocks(base: *mut u8, bytes: usize, blocks: usize) -> bool {
+fn register_blocks(base: *mut u8, bytes: usize, blocks: usize) -> bool {
     register_runs(base, bytes, blocks, None)
 }
 
@@ -601,8 +601,8 @@ pub fn register_blocks(base: *mut u8, bytes: usize, blocks: usize) -> bool {
 const WALK_FROM_PAGES_PER_BLOCK: usize = 2;
 
 /// Registers the first `blocks` bytes of the allocation `[start, start + total)`, which
-/// hold the copy `copied` (after the handle's record, or followed by the rest of a
-/// region's chunk), as [`register_blocks`] does; but of a copy of few large blocks (a big
+/// hold the copy `copied` (after the handle's record, followed by the rest of a region's
+/// chunk, or a loaded image's payload), as [`register_blocks`] does; but of a copy of few large blocks (a big
 /// string, a float array, an array of a few large strings) only the pages that hold a
 /// block's header or its first field, and every page of a closure. The runtime looks up
 /// the address of a value only, which is a block's first field, or for an infix pointer
@@ -635,7 +635,8 @@ pub fn register_copy(start: *mut u8, total: usize, blocks: usize, copied: &Copie
         // SAFETY: `hd_at` is the header of a block of the copy just made, inside the
         // allocation: the copy is its blocks one after the other from `copied.base`.
         let hd = Header(unsafe { *(hd_at as *const Word) });
-        let next = hd_at + hd.whsize() * WORD_BYTES;
+        // Saturating: the payload of a trusted image load is not checked.
+        let next = hd_at.saturating_add(hd.whsize().saturating_mul(WORD_BYTES));
         let field_page = (hd_at + WORD_BYTES) >> PAGE_LOG;
         let next_page = (next >> PAGE_LOG).min(last + 1);
         if hd.tag() != layout::CLOSURE_TAG && next_page > field_page + 1 {

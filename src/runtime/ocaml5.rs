@@ -458,11 +458,6 @@ pub fn register(_base: *mut u8, _bytes: usize) -> bool {
 }
 
 /// Nothing to register: OCaml 5 has no page table.
-pub fn register_blocks(_base: *mut u8, _bytes: usize, _blocks: usize) -> bool {
-    true
-}
-
-/// Nothing to register: OCaml 5 has no page table.
 pub fn register_copy(
     _start: *mut u8,
     _total: usize,

@@ -271,7 +271,8 @@ let inside_pages b bytes =
 let block_bytes (o : Obj.t) =
   if Obj.tag o = Obj.string_tag then String.length (Obj.obj o) + 1 else Obj.size o * (Sys.word_size / 8)
 
-(* Ways to make a copy: [(name, copy)], where [copy v] returns the copy and its free. *)
+(* Ways to make a copy: [(name, copy)], where [copy v] returns the copy and its free;
+   images written and loaded among them. *)
 let copiers () =
   [
     ("default allocator", fun v -> let h = Offheap.copy v in (Offheap.get h, fun () -> Offheap.free h));
@@ -280,6 +281,20 @@ let copiers () =
     ("a region's own chunk",
      fun v -> let r = Offheap.Region.create () in (Offheap.Region.add r v, fun () -> Offheap.Region.free r));
   ]
+  @ List.map
+      (fun (how, load) ->
+        ( "an image, " ^ how,
+          fun v ->
+            let path = Filename.temp_file "offheap_pages" ".img" in
+            Offheap.Image.write path v;
+            let h = load path in
+            Sys.remove path;
+            (Offheap.get h, fun () -> Offheap.free h) ))
+      [
+        ("loaded", fun p -> Offheap.Image.load p);
+        ("relocated", fun p -> Offheap.Image.load_relocated p);
+        ("mapped, trusted", fun p -> Offheap.Image.load ~share:true ~verify:false ~trusted:true p);
+      ]
 
 let test_large_blocks _ =
   List.iter
