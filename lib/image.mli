@@ -201,7 +201,7 @@ module type S = sig
       whatever the size of the image, and a damaged file is undefined behaviour.
 
       The checks and the relocation run on [~threads] threads (default [0]: one per
-      core), chunk by chunk (the image holds a checksum and the first block of every
+      core the process may run on; at most 64), chunk by chunk (the image holds a checksum and the first block of every
       MiB of payload), without the runtime lock: other OCaml threads run meanwhile.
       The result and the error reported are the same whatever the number of threads; a
       damaged chunk is named ("payload checksum: chunk 3 (bytes 3145728 to 4194304) is
