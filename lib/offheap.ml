@@ -136,11 +136,18 @@ let with_copy ?alloc v f =
   | exception e -> (
       let freed = Ext.offheap_stub_free h in
       let backtrace = Printexc.get_raw_backtrace () in
+      (* [Out_of_memory] is raised again as it is: restoring a backtrace stores the
+         exception in a global root, and on OCaml 5.3 the root's [malloc] failing raises
+         with the roots' lock held, after which the next collection hangs
+         (runtime/globroots.c; found by tests/faults/test_alloc_oom.ml). *)
+      let reraise () =
+        match e with Out_of_memory -> raise e | _ -> Printexc.raise_with_backtrace e backtrace
+      in
       match freed with
-      | Outcome.Done -> Printexc.raise_with_backtrace e backtrace
+      | Outcome.Done -> reraise ()
       | Done_slice words ->
           pay_gc_work words;
-          Printexc.raise_with_backtrace e backtrace
+          reraise ()
       | failed -> Outcome.fail failed)
 
 (* Images (image.ml): handles to loaded payloads are ordinary handles whose allocator

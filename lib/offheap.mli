@@ -285,7 +285,8 @@ val is_offheap : 'a -> bool
 val with_copy : ?alloc:alloc -> 'a -> ('a -> 'b) -> 'b
 (** [with_copy ?alloc v f] copies [v] (as [copy ?alloc v]), calls [f] on the copy and
     frees it when [f] returns or raises, then returns [f]'s result or re-raises its
-    exception (with its backtrace). The result, and an exception [f] raises, must not
+    exception (with its backtrace, [Out_of_memory] without: on OCaml 5.3 restoring a
+    backtrace needs memory). The result, and an exception [f] raises, must not
     hold on to the copy or any part of it: they would dangle after the free. Copy out
     what must outlive the call (with [String.sub], [Array.copy], a fresh record...).
 

@@ -13,7 +13,8 @@
    fatal error during a minor collection) do not fail in the window: what fails is what
    the library allocates. fail_malloc.c makes this program's allocation functions fail
    on demand. OOM_ONLY=TEXT runs the operations whose name holds TEXT, OOM_MODE=once or
-   from one of the two ways of failing. *)
+   from one of the two ways of failing, OOM_K=k memory failing from k on in this process
+   (for a debugger). *)
 
 external arm : int -> unit = "fm_arm" [@@noalloc]
 external arm_one : int -> unit = "fm_arm_one" [@@noalloc]
@@ -363,6 +364,8 @@ let () =
       let t0 = Unix.gettimeofday () in
       let v, n = prepare op in
       let before = clone v in
+      (* OOM_K=k: that k alone, failing from it on, in this process (for a debugger). *)
+      Option.iter (fun k -> child op v ~before ~once:false (int_of_string k)) (Sys.getenv_opt "OOM_K");
       List.iter
         (fun once ->
           List.iter
