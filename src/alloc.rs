@@ -35,6 +35,14 @@ pub fn try_box<T>(value: T) -> Option<Box<T>> {
     }
 }
 
+/// A copy of `items`; `None` when there is no memory for it (`to_vec` aborts instead).
+pub fn try_copy<T: Copy>(items: &[T]) -> Option<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(items.len()).ok()?;
+    v.extend_from_slice(items);
+    Some(v)
+}
+
 /// A source of memory for copies.
 pub trait Allocator {
     /// `bytes` bytes, word aligned, or null when the memory cannot be had.

@@ -302,10 +302,7 @@ fn string_bytes(s: Raw) -> Option<Vec<u8>> {
         let len = ocaml_sys::caml_string_length(s.0);
         std::slice::from_raw_parts(word(s) as *const u8, len)
     };
-    let mut v = Vec::new();
-    v.try_reserve_exact(bytes.len()).ok()?;
-    v.extend_from_slice(bytes);
-    Some(v)
+    crate::alloc::try_copy(bytes)
 }
 
 fn path_of(bytes: &[u8]) -> &std::path::Path {

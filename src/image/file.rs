@@ -580,7 +580,7 @@ pub fn load_payload(
         super::parallel::parallel(buf.chunks_mut(READ_PIECE), how.threads, |k, piece| {
             read_exact_at(f, piece, how.payload_at + (k * READ_PIECE) as u64)
         })
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::OutOfMemory))
+        .map_err(|_| no_memory())
         .and_then(|read| read.into_iter().collect())
     };
     match filled {
@@ -645,7 +645,7 @@ fn map_file(
             _ => Err(e),
         }
     })
-    .map_err(|_| std::io::Error::from(std::io::ErrorKind::OutOfMemory))
+    .map_err(|_| no_memory())
     .and_then(|populated| populated.into_iter().collect())
 }
 

@@ -292,7 +292,7 @@ impl Header {
             checksum: u64_at(page, 64),
             chunk_bytes: u64_at(page, 88),
             chunks: u64_at(page, 96),
-            key: copy_of(&page[KEY_AT..KEY_AT + key_len as usize])
+            key: crate::alloc::try_copy(&page[KEY_AT..KEY_AT + key_len as usize])
                 .ok_or(LoadError::OutOfMemory(key_len as usize))?,
         };
         h.check_sizes()?;
@@ -374,14 +374,6 @@ pub struct Chunk {
     pub first: u64,
     /// xxh3-64 of the chunk's bytes.
     pub checksum: u64,
-}
-
-/// A copy of `bytes`; `None` when there is no memory for it (`to_vec` would abort).
-pub fn copy_of(bytes: &[u8]) -> Option<Vec<u8>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(bytes.len()).ok()?;
-    v.extend_from_slice(bytes);
-    Some(v)
 }
 
 /// The fix-up table and the chunk index as stored after the payload; `None` when there

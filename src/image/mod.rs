@@ -300,7 +300,7 @@ fn header(
         checksum: tables_checksum,
         chunk_bytes,
         chunks: payload.chunks.len() as u64,
-        key: format::copy_of(key).ok_or(WriteError::OutOfMemory)?,
+        key: crate::alloc::try_copy(key).ok_or(WriteError::OutOfMemory)?,
     }
     .encode())
 }
