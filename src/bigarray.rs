@@ -85,25 +85,73 @@ pub struct Data {
     pub flags: Word,
 }
 
+/// What is wrong with a custom block that has a Bigarray's operations but that the
+/// runtime could not have made. Formatted only when shown, so that reporting it never
+/// allocates (it may be reported when memory has run out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadBigarray {
+    /// Fewer fields than the fixed part of `struct caml_ba_array`.
+    TooFewFields(usize),
+    /// More dimensions than `CAML_BA_MAX_NUM_DIMS`.
+    TooManyDims(usize),
+    /// A block whose size is not that of its number of dimensions.
+    BlockSize {
+        /// The number of dimensions.
+        num_dims: usize,
+        /// The fields of the block.
+        fields: usize,
+    },
+    /// Flags outside the kind, layout, managed (and on OCaml 5 sub-array) bits.
+    Flags(Word),
+    /// A kind the runtime family does not know.
+    Kind(Word),
+    /// A negative dimension.
+    Dimension(isize),
+    /// More bytes than the address space holds.
+    TooLarge,
+    /// Data that runs past the end of the address space.
+    WrapsAround,
+}
+
+impl std::fmt::Display for BadBigarray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            BadBigarray::TooFewFields(n) => write!(f, "a Bigarray block of {n} fields"),
+            BadBigarray::TooManyDims(n) => write!(f, "a Bigarray of {n} dimensions"),
+            BadBigarray::BlockSize { num_dims, fields } => write!(
+                f,
+                "a Bigarray of {num_dims} dimensions in a block of {fields} fields"
+            ),
+            BadBigarray::Flags(flags) => write!(f, "a Bigarray with flags {flags:#x}"),
+            BadBigarray::Kind(kind) => write!(f, "a Bigarray of kind {kind}"),
+            BadBigarray::Dimension(dim) => write!(f, "a Bigarray dimension of {dim}"),
+            BadBigarray::TooLarge => f.write_str("a Bigarray larger than the address space"),
+            BadBigarray::WrapsAround => {
+                f.write_str("a Bigarray whose data wraps around the address space")
+            }
+        }
+    }
+}
+
 /// Reads the Bigarray whose custom block has the fields `fields` (operations first):
 /// checks the block's size, the number of dimensions, the flags and the dimensions, and
 /// gives the data's extent.
 ///
 /// # Errors
-/// What is wrong, for a message.
-pub fn read(fields: &[Word], ocaml5: bool) -> Result<Data, String> {
+/// What is wrong.
+pub fn read(fields: &[Word], ocaml5: bool) -> Result<Data, BadBigarray> {
     if fields.len() < DIM_FIELD {
-        return Err(format!("a Bigarray block of {} fields", fields.len()));
+        return Err(BadBigarray::TooFewFields(fields.len()));
     }
     let num_dims = fields[NUM_DIMS_FIELD];
     if num_dims > MAX_NUM_DIMS {
-        return Err(format!("a Bigarray of {num_dims} dimensions"));
+        return Err(BadBigarray::TooManyDims(num_dims));
     }
     if fields.len() != wosize(num_dims) {
-        return Err(format!(
-            "a Bigarray of {num_dims} dimensions in a block of {} fields",
-            fields.len()
-        ));
+        return Err(BadBigarray::BlockSize {
+            num_dims,
+            fields: fields.len(),
+        });
     }
     let flags = fields[FLAGS_FIELD];
     let extra = if ocaml5 { SUBARRAY } else { 0 };
@@ -113,14 +161,14 @@ pub fn read(fields: &[Word], ocaml5: bool) -> Result<Data, String> {
     // takes for "allocate a buffer": it mallocs 0 bytes and adds `CAML_BA_MANAGED` to the
     // source's `CAML_BA_MAPPED_FILE` (4.13 and 5.3). The copy's data is external anyway.
     if flags & !(KIND_MASK | LAYOUT_MASK | MANAGED_MASK | extra) != 0 {
-        return Err(format!("a Bigarray with flags {flags:#x}"));
+        return Err(BadBigarray::Flags(flags));
     }
     let Some(mut bytes) = element_bytes(flags & KIND_MASK, ocaml5) else {
-        return Err(format!("a Bigarray of kind {}", flags & KIND_MASK));
+        return Err(BadBigarray::Kind(flags & KIND_MASK));
     };
     let dims = &fields[DIM_FIELD..];
     if let Some(&dim) = dims.iter().find(|&&dim| (dim as isize) < 0) {
-        return Err(format!("a Bigarray dimension of {}", dim as isize));
+        return Err(BadBigarray::Dimension(dim as isize));
     }
     // A dimension of 0 makes an empty array whatever the others are (the runtime makes
     // `[|1 lsl 60; 0|]`): the product is taken only when none is 0.
@@ -131,10 +179,10 @@ pub fn read(fields: &[Word], ocaml5: bool) -> Result<Data, String> {
         bytes = bytes
             .checked_mul(dim)
             .filter(|&b| b <= isize::MAX as usize)
-            .ok_or_else(|| "a Bigarray larger than the address space".to_string())?;
+            .ok_or(BadBigarray::TooLarge)?;
     }
     if fields[DATA_FIELD].checked_add(bytes).is_none() {
-        return Err("a Bigarray whose data wraps around the address space".into());
+        return Err(BadBigarray::WrapsAround);
     }
     Ok(Data {
         start: fields[DATA_FIELD],

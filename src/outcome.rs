@@ -13,8 +13,11 @@
 //! results are more than success (a copy, a loaded image, a header's fields) writes
 //! them into values the OCaml side allocated before the call.
 
+use std::borrow::Cow;
+
 use ocaml_sys::{caml_alloc_initialized_string, caml_alloc_small};
 
+use crate::bigarray::BadBigarray;
 use crate::copy::CopyError;
 use crate::image::CheckKind;
 use crate::layout::{val_int, Word};
@@ -39,7 +42,7 @@ pub enum Reason {
     Custom(String),
     /// `Bad_bigarray of string` (tag 1): a Bigarray block the runtime could not have
     /// made; what is wrong with it.
-    BadBigarray(String),
+    BadBigarray(BadBigarray),
 }
 
 /// How a stub went: the OCaml type `Outcome.t`.
@@ -54,8 +57,9 @@ pub enum StubOutcome {
     NoMemory,
     /// `Cannot_copy`: raise `Offheap.Not_copyable`.
     CannotCopy(Reason),
-    /// `Misuse`: raise `Invalid_argument` with this message.
-    Misuse(String),
+    /// `Misuse`: raise `Invalid_argument` with this message (a fixed one allocates
+    /// nothing).
+    Misuse(Cow<'static, str>),
     /// `System`: raise `Sys_error` with this message.
     System(String),
     /// `Bad_image`: raise `Offheap.Image.Invalid_image` with the check and message.
@@ -72,7 +76,9 @@ impl From<CopyError> for StubOutcome {
             CopyError::ForcingLazy => StubOutcome::CannotCopy(Reason::ForcingLazy),
             CopyError::Continuation => StubOutcome::CannotCopy(Reason::Continuation),
             CopyError::OutOfMemory(_) => StubOutcome::NoMemory,
-            e @ CopyError::Misaligned => StubOutcome::Misuse(e.to_string()),
+            CopyError::Misaligned => {
+                StubOutcome::misuse(format_args!("Offheap.copy: {}", crate::copy::MISALIGNED))
+            }
         }
     }
 }
@@ -80,7 +86,7 @@ impl From<CopyError> for StubOutcome {
 /// A tree of OCaml values to allocate: what an error block is made of.
 enum Node<'a> {
     Int(isize),
-    Str(&'a str),
+    Str(Cow<'a, str>),
     Block(u8, Vec<Node<'a>>),
 }
 
@@ -102,22 +108,37 @@ impl Reason {
             Reason::Continuation => Node::Int(3),
             Reason::Closure => Node::Int(4),
             Reason::OutsideHeap => Node::Int(5),
-            Reason::Custom(name) => block(0, [Node::Str(name)])?,
-            Reason::BadBigarray(what) => block(1, [Node::Str(what)])?,
+            Reason::Custom(name) => block(0, [Node::Str(Cow::Borrowed(name))])?,
+            Reason::BadBigarray(what) => block(
+                1,
+                [Node::Str(Cow::Owned(message::try_format(format_args!(
+                    "{what}"
+                ))?))],
+            )?,
         })
     }
 }
 
 impl StubOutcome {
+    /// [`StubOutcome::Misuse`] with the message `args`, or [`StubOutcome::NoMemory`] when
+    /// there is no memory to format it.
+    pub fn misuse(args: std::fmt::Arguments<'_>) -> StubOutcome {
+        message::try_format(args).map_or(StubOutcome::NoMemory, |m| {
+            StubOutcome::Misuse(Cow::Owned(m))
+        })
+    }
+
     /// The tree of the outcome; `None` when there is no memory for it.
     fn node(&self) -> Option<Node<'_>> {
         match self {
             StubOutcome::Done => Some(Node::Int(0)),
             StubOutcome::NoMemory => Some(Node::Int(1)),
             StubOutcome::CannotCopy(reason) => block(0, [reason.node()?]),
-            StubOutcome::Misuse(m) => block(1, [Node::Str(m)]),
-            StubOutcome::System(m) => block(2, [Node::Str(m)]),
-            StubOutcome::BadImage(check, m) => block(3, [Node::Int(*check as isize), Node::Str(m)]),
+            StubOutcome::Misuse(m) => block(1, [Node::Str(Cow::Borrowed(m))]),
+            StubOutcome::System(m) => block(2, [Node::Str(Cow::Borrowed(m))]),
+            StubOutcome::BadImage(check, m) => {
+                block(3, [Node::Int(*check as isize), Node::Str(Cow::Borrowed(m))])
+            }
             StubOutcome::DoneSlice(words) => block(4, [Node::Int(*words as isize)]),
         }
     }
@@ -139,21 +160,22 @@ impl StubOutcome {
     #[cold]
     #[inline(never)]
     fn into_block(self) -> Word {
-        match self.node() {
-            // SAFETY: called from a stub holding the runtime, with no raw OCaml value
-            // kept across the call.
-            Some(node) => unsafe { build(&node) },
+        // SAFETY: called from a stub holding the runtime, with no raw OCaml value kept
+        // across the call.
+        match self.node().and_then(|node| unsafe { build(&node) }) {
+            Some(v) => v,
             None => val_int(1),
         }
     }
 }
 
-/// Allocates `node`.
+/// Allocates `node`; `None` when there is no memory for what keeps its parts alive
+/// meanwhile (a part missing would make another outcome: the whole is then `No_memory`).
 ///
 /// # Safety
 /// Called holding the runtime; no raw OCaml value of the caller lives across it.
-unsafe fn build(node: &Node) -> Word {
-    match node {
+unsafe fn build(node: &Node) -> Option<Word> {
+    Some(match node {
         Node::Int(i) => val_int(*i),
         Node::Str(s) => {
             let mut buffer = [0u8; message::MESSAGE_MAX];
@@ -171,17 +193,12 @@ unsafe fn build(node: &Node) -> Word {
             // it cannot), since each allocation may move the ones before it. With no
             // memory for them, the outcome is `No_memory`.
             let mut slots = Vec::new();
-            if slots.try_reserve_exact(children.len()).is_err() {
-                return val_int(1);
-            }
+            slots.try_reserve_exact(children.len()).ok()?;
             for child in children {
                 // SAFETY: forwarded; the slots keep the children built so far.
-                let built = unsafe { build(child) };
+                let built = unsafe { build(child) }?;
                 // SAFETY: we hold the runtime; nothing is allocated between the two.
-                let Some(slot) = (unsafe { crate::release::Rooted::value(built) }) else {
-                    return val_int(1);
-                };
-                slots.push(slot);
+                slots.push(unsafe { crate::release::Rooted::value(built) }?);
             }
             // SAFETY: a fresh small block of `children.len()` (1 or 2) fields, each
             // initialised with a plain store before anything else is allocated.
@@ -194,5 +211,5 @@ unsafe fn build(node: &Node) -> Word {
                 block as Word
             }
         }
-    }
+    })
 }

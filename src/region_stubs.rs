@@ -18,6 +18,7 @@
 //! `Outcome.t` as `offheap_stub_free` does. Each stub's OCaml type is in its
 //! `#[ocaml::sig]`, from which `lib/stubs.ml` is generated.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::mem::ManuallyDrop;
 
@@ -340,18 +341,18 @@ fn failure(e: AddError, failed: Value) -> Value {
 pub extern "C" fn offheap_region_error(_unit: Value) -> Value {
     let e = LAST_ERRORS.with(|errors| errors.borrow_mut().pop_if(|_| true));
     let outcome = match e {
-        None | Some(AddError::Freed) => StubOutcome::Misuse("Offheap.Region.add: freed".into()),
-        #[cfg(ocaml5)]
-        Some(AddError::StopTheWorld) => {
-            StubOutcome::Misuse("Offheap.Region.add: no stop-the-world section".into())
+        None | Some(AddError::Freed) => {
+            StubOutcome::Misuse(Cow::Borrowed("Offheap.Region.add: freed"))
         }
-        Some(AddError::Copy(e)) => match StubOutcome::from(e) {
-            StubOutcome::Misuse(m) => {
-                let m = m.strip_prefix("Offheap.copy: ").unwrap_or(&m);
-                StubOutcome::Misuse(format!("Offheap.Region.add: {m}"))
-            }
-            outcome => outcome,
-        },
+        #[cfg(ocaml5)]
+        Some(AddError::StopTheWorld) => StubOutcome::Misuse(Cow::Borrowed(
+            "Offheap.Region.add: no stop-the-world section",
+        )),
+        Some(AddError::Copy(CopyError::Misaligned)) => StubOutcome::misuse(format_args!(
+            "Offheap.Region.add: {}",
+            crate::copy::MISALIGNED
+        )),
+        Some(AddError::Copy(e)) => StubOutcome::from(e),
     };
     outcome.into_value() as Value
 }
@@ -470,7 +471,7 @@ fn freed(outcome: Outcome) -> StubOutcome {
 
 /// The error of freeing a region twice.
 fn already_freed() -> StubOutcome {
-    StubOutcome::Misuse("Offheap.Region.free: freed".into())
+    StubOutcome::Misuse(Cow::Borrowed("Offheap.Region.free: freed"))
 }
 
 /// Moves the payload of the freshly loaded image handle `h` into the empty region `r`

@@ -24,6 +24,8 @@
 //! the OCaml heap, and the OCaml code between a successful stub and the return of the
 //! handle makes no call and no allocation (bytecode checks signals at calls).
 
+use std::borrow::Cow;
+
 use ocaml::{Raw, Value};
 use ocaml_sys::caml_alloc_small;
 
@@ -222,7 +224,7 @@ pub extern "C" fn offheap_stub_free(h: RawValue) -> RawValue {
         match release::free(h as Word) {
             Outcome::Done(0) => StubOutcome::Done,
             Outcome::Done(slice_words) => StubOutcome::DoneSlice(slice_words),
-            Outcome::AlreadyFreed => StubOutcome::Misuse("Offheap.free: deleted".into()),
+            Outcome::AlreadyFreed => StubOutcome::Misuse(Cow::Borrowed("Offheap.free: deleted")),
             Outcome::OutOfMemory => StubOutcome::NoMemory,
         }
     };
@@ -332,10 +334,17 @@ fn sys_error(path: &[u8], e: &std::io::Error) -> StubOutcome {
     message.map_or(StubOutcome::NoMemory, StubOutcome::System)
 }
 
+/// The `Sys_error` for a `path` that is not a regular file.
+fn not_a_regular_file(path: &[u8]) -> StubOutcome {
+    try_format(format_args!("{}: {}", Lossy(path), file::NotRegularFile))
+        .map_or(StubOutcome::NoMemory, StubOutcome::System)
+}
+
 /// The outcome of a failed load of `path` (`op`: "load" or "info").
 fn load_failure(op: &str, path: &[u8], e: LoadError) -> StubOutcome {
     match e {
         LoadError::Io(e) => sys_error(path, &e),
+        LoadError::NotRegularFile => not_a_regular_file(path),
         LoadError::OutOfMemory(_) => StubOutcome::NoMemory,
         e => {
             let kind = e.check_kind().unwrap_or(CheckKind::BadStructure);
@@ -421,6 +430,7 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> StubOutcom
     match written {
         Ok(()) => StubOutcome::Done,
         Err(WriteError::Io(e)) => sys_error(&path, &e),
+        Err(WriteError::NotRegularFile) => not_a_regular_file(&path),
         Err(WriteError::OutOfMemory) => StubOutcome::NoMemory,
         Err(WriteError::NotCopyable(e)) => e.into(),
         Err(WriteError::Closure) => StubOutcome::CannotCopy(Reason::Closure),
@@ -429,9 +439,7 @@ fn image_write(path: Raw, key: Raw, flat_float_array: Raw, v: Raw) -> StubOutcom
             Ok(name) => StubOutcome::CannotCopy(Reason::Custom(name)),
             Err(_) => StubOutcome::NoMemory,
         },
-        Err(e @ WriteError::KeyTooLong(_)) => {
-            try_format(format_args!("{e}")).map_or(StubOutcome::NoMemory, StubOutcome::Misuse)
-        }
+        Err(e @ WriteError::KeyTooLong(_)) => StubOutcome::misuse(format_args!("{e}")),
     }
 }
 

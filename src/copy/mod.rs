@@ -126,7 +126,7 @@ pub enum CopyError {
     /// The allocator returned memory that is not word aligned.
     Misaligned,
     /// A Bigarray whose custom block is not what the runtime makes; what was found.
-    Bigarray(String),
+    Bigarray(crate::bigarray::BadBigarray),
 }
 
 impl From<NoMemory> for CopyError {
@@ -142,10 +142,29 @@ impl CopyError {
     }
 }
 
+/// What [`CopyError::Misaligned`] says, after the name of the operation.
+pub const MISALIGNED: &str = "the allocator returned memory that is not word aligned";
+
 impl fmt::Display for CopyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Offheap.copy: ")?;
-        match self {
+        write!(f, "Offheap.copy: {}", self.what())
+    }
+}
+
+impl CopyError {
+    /// What went wrong, without the name of the operation (formatted when shown, with no
+    /// allocation of its own).
+    pub fn what(&self) -> What<'_> {
+        What(self)
+    }
+}
+
+/// [`CopyError::what`].
+pub struct What<'a>(&'a CopyError);
+
+impl fmt::Display for What<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
             CopyError::Abstract => f.write_str("abstract block"),
             CopyError::Custom(name) => write!(
                 f,
@@ -155,7 +174,7 @@ impl fmt::Display for CopyError {
             CopyError::ForcingLazy => f.write_str("lazy value being forced"),
             CopyError::Continuation => f.write_str("continuation"),
             CopyError::OutOfMemory(bytes) => write!(f, "no memory for {bytes} bytes"),
-            CopyError::Misaligned => f.write_str("the allocator returned memory that is not word aligned"),
+            CopyError::Misaligned => f.write_str(MISALIGNED),
             CopyError::Bigarray(what) => write!(f, "Bigarray that cannot be copied: {what}"),
         }
     }

@@ -58,40 +58,45 @@ pub fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<(
 /// Other errors are the system's.
 pub fn load_read_error(e: std::io::Error) -> LoadError {
     if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        LoadError::Bad {
-            check: "file size",
-            detail: "the file became shorter while it was read (modified in place during \
-                     the load)"
-                .into(),
-        }
+        bad!(
+            "file size",
+            "the file became shorter while it was read (modified in place during the load)"
+        )
     } else {
         LoadError::Io(e)
     }
 }
 
-/// The error for a path that is there but not a regular file (a directory, a FIFO, a
-/// socket, a device): never loaded, nor replaced by a write.
-fn not_a_regular_file() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")
+/// A path that is there but is not a regular file (a directory, a FIFO, a socket, a
+/// device): never loaded, nor replaced by a write. An error of its own rather than an
+/// `io::Error`, whose making with a message allocates (and aborts the process when
+/// memory has run out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotRegularFile;
+
+impl std::fmt::Display for NotRegularFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("not a regular file")
+    }
 }
 
 /// Opens the image at `path` for reading. The open does not block (`O_NONBLOCK`, cleared
 /// afterwards), so a FIFO or a device cannot hang it.
 ///
 /// # Errors
-/// The open's error, or `InvalidInput` ("not a regular file") for anything but a regular
-/// file.
-pub fn open_image(path: &Path) -> std::io::Result<File> {
-    let f = open_path(path, libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
-    if !f.metadata()?.file_type().is_file() {
-        return Err(not_a_regular_file());
+/// [`LoadError::Io`] for the open's error, [`LoadError::NotRegularFile`] for anything but
+/// a regular file.
+pub fn open_image(path: &Path) -> Result<File, LoadError> {
+    let f = open_path(path, libc::O_RDONLY | libc::O_NONBLOCK, 0).map_err(LoadError::Io)?;
+    if !f.metadata().map_err(LoadError::Io)?.file_type().is_file() {
+        return Err(LoadError::NotRegularFile);
     }
     let fd = f.as_raw_fd();
     // SAFETY: fcntl on a descriptor we own; no memory is passed.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     // SAFETY: as above.
     if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
-        return Err(std::io::Error::last_os_error());
+        return Err(LoadError::Io(std::io::Error::last_os_error()));
     }
     Ok(f)
 }
@@ -392,10 +397,9 @@ pub fn scratch_file(dir: &Path) -> Option<File> {
 /// target is as it was.
 ///
 /// # Errors
-/// `InvalidInput` ("not a regular file") when the target is there but is neither a
-/// regular file nor a directory (before `fill` is called), `fill`'s error, or the first
-/// I/O error.
-pub fn write_atomically<E: From<std::io::Error>>(
+/// [`NotRegularFile`] when the target is there but is neither a regular file nor a
+/// directory (before `fill` is called), `fill`'s error, or the first I/O error.
+pub fn write_atomically<E: From<std::io::Error> + From<NotRegularFile>>(
     path: &Path,
     how: Temporary,
     mut fill: impl FnMut(&mut File) -> Result<(), E>,
@@ -407,7 +411,7 @@ pub fn write_atomically<E: From<std::io::Error>>(
         // root, `/dev/null` too): they are refused, as by a load. A directory is left to
         // the rename, which fails ("Is a directory").
         Ok(m) if !m.file_type().is_file() && !m.file_type().is_dir() => {
-            return Err(not_a_regular_file().into())
+            return Err(NotRegularFile.into())
         }
         Ok(m) => Some(m.permissions().mode() & 0o7777),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,

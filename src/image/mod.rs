@@ -81,6 +81,8 @@ pub enum WriteError {
     KeyTooLong(usize),
     /// The file could not be written.
     Io(std::io::Error),
+    /// The path is there but is not a regular file (nor a directory).
+    NotRegularFile,
     /// No memory for the writer's buffer or the traversal's tables.
     OutOfMemory,
     /// The traversal refused the value (an abstract block, an unforced lazy value, ...).
@@ -106,12 +108,9 @@ impl fmt::Display for WriteError {
                 format::MAX_KEY
             ),
             WriteError::Io(e) => write!(f, "{e}"),
+            WriteError::NotRegularFile => write!(f, "{}", file::NotRegularFile),
             WriteError::OutOfMemory => f.write_str("Offheap.Image.write: out of memory"),
-            WriteError::NotCopyable(e) => {
-                let what = e.to_string();
-                let what = what.strip_prefix("Offheap.copy: ").unwrap_or(&what);
-                write!(f, "Offheap.Image.write: {what}")
-            }
+            WriteError::NotCopyable(e) => write!(f, "Offheap.Image.write: {}", e.what()),
         }
     }
 }
@@ -121,6 +120,12 @@ impl std::error::Error for WriteError {}
 impl From<std::io::Error> for WriteError {
     fn from(e: std::io::Error) -> WriteError {
         WriteError::Io(e)
+    }
+}
+
+impl From<file::NotRegularFile> for WriteError {
+    fn from(_: file::NotRegularFile) -> WriteError {
+        WriteError::NotRegularFile
     }
 }
 
@@ -136,6 +141,8 @@ pub enum LoadError {
     },
     /// The file could not be read or mapped.
     Io(std::io::Error),
+    /// The path is there but is not a regular file.
+    NotRegularFile,
     /// No memory for a relocated copy of this many bytes.
     OutOfMemory(usize),
 }
@@ -214,6 +221,7 @@ impl fmt::Display for LoadError {
         match self {
             LoadError::Bad { check, detail } => write!(f, "bad image: {check}: {detail}"),
             LoadError::Io(e) => write!(f, "{e}"),
+            LoadError::NotRegularFile => write!(f, "{}", file::NotRegularFile),
             LoadError::OutOfMemory(n) => write!(f, "no memory for {n} bytes"),
         }
     }
@@ -714,10 +722,10 @@ fn empty_root(h: &format::Header) -> Result<Word, LoadError> {
 /// mapped.
 ///
 /// # Errors
-/// [`LoadError::Io`] when the file cannot be opened or read or is not a regular file,
-/// [`LoadError::Bad`] naming the first check that failed.
+/// [`LoadError::Io`] when the file cannot be opened or read,
+/// [`LoadError::NotRegularFile`], [`LoadError::Bad`] naming the first check that failed.
 pub fn read_header(path: &Path) -> Result<format::Header, LoadError> {
-    let f = file::open_image(path).map_err(LoadError::Io)?;
+    let f = file::open_image(path)?;
     let file_bytes = f.metadata().map_err(LoadError::Io)?.len();
     let mut page = [0u8; HEADER_BYTES];
     let page = &mut page[..HEADER_BYTES.min(file_bytes as usize)];
@@ -758,11 +766,11 @@ impl Loaded {
 /// Loads the image at `path` (read, or mapped with `opts.share`) and checks it.
 ///
 /// # Errors
-/// [`LoadError::Io`] when the file cannot be read or mapped, or is not a regular file
-/// ([`file::open_image`]), [`LoadError::Bad`] naming the first check that failed,
+/// [`LoadError::Io`] when the file cannot be read or mapped,
+/// [`LoadError::NotRegularFile`] ([`file::open_image`]), [`LoadError::Bad`] naming the first check that failed,
 /// [`LoadError::OutOfMemory`]. Nothing stays mapped.
 pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loaded, LoadError> {
-    let f = file::open_image(path).map_err(LoadError::Io)?;
+    let f = file::open_image(path)?;
     let file_bytes = f.metadata().map_err(LoadError::Io)?.len();
     let mut page = [0u8; HEADER_BYTES];
     let page = &mut page[..HEADER_BYTES.min(file_bytes as usize)];

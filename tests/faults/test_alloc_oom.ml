@@ -215,6 +215,80 @@ let region_image_op name value =
     fresh_thread = false;
   }
 
+(* Files that operations made in their setup, removed at the end. *)
+let scratch_files = ref []
+
+(* A Bigarray whose flags hold a bit the runtime never sets: a block it could not have
+   made, refused with [Bad_bigarray] (its finaliser reads only the managed bits). *)
+let bad_bigarray () =
+  let ba = Bigarray.Array1.create Bigarray.int8_unsigned Bigarray.c_layout 4 in
+  let flags = Obj.raw_field (Obj.repr ba) 3 in
+  Obj.set_raw_field (Obj.repr ba) 3 (Nativeint.logor flags 0x8000n);
+  ba
+
+(* [f ()] raises what [expected] accepts, or Out_of_memory (passed on). *)
+let expect what f expected =
+  match f () with
+  | _ -> failwith (what ^ ": no error")
+  | exception Out_of_memory -> raise Out_of_memory
+  | exception e when expected e -> ()
+  | exception e -> failwith (what ^ ": raised " ^ Printexc.to_string e)
+
+(* The errors of misuse and bad input, each raised as documented (or Out_of_memory):
+   what reports them allocates nothing that could abort the process. *)
+let errors_op name =
+  let fifo = path (name ^ "-fifo") and damaged = path (name ^ "-damaged") in
+  let bad = ref None in
+  let sys_error_with text = function
+    | Sys_error m -> Support.contains m text
+    | _ -> false
+  in
+  {
+    name;
+    setup =
+      (fun () ->
+        let v = mixed () in
+        if not (Sys.file_exists fifo) then Unix.mkfifo fifo 0o600;
+        Offheap.Image.write damaged v;
+        let fd = Unix.openfile damaged [ Unix.O_WRONLY ] 0 in
+        ignore (Unix.lseek fd 20_000 Unix.SEEK_SET);
+        ignore (Unix.write_substring fd "damage" 0 6);
+        Unix.close fd;
+        scratch_files := fifo :: damaged :: !scratch_files;
+        bad := Some (bad_bigarray ());
+        v);
+    run =
+      (fun v ->
+        let bad = Option.get !bad in
+        let bad_bigarray = function
+          | Offheap.Not_copyable (Offheap.Bad_bigarray m) -> m = "a Bigarray with flags 0x8203"
+          | _ -> false
+        and invalid = function Invalid_argument _ -> true | _ -> false in
+        expect "copy of a bad Bigarray" (fun () -> Offheap.copy (v, bad)) bad_bigarray;
+        expect "write of a bad Bigarray" (fun () -> Offheap.Image.write damaged bad) bad_bigarray;
+        expect "load of a FIFO"
+          (fun () -> Offheap.Image.load fifo)
+          (sys_error_with "not a regular file");
+        expect "write over a FIFO"
+          (fun () -> Offheap.Image.write fifo v)
+          (sys_error_with "not a regular file");
+        expect "load of a damaged image"
+          (fun () -> Offheap.Image.load damaged)
+          (function Offheap.Image.Invalid_image _ -> true | _ -> false);
+        let misaligned = Support.misaligned_alloc (Support.fresh_id ()) in
+        expect "copy with a misaligned allocator" (fun () -> Offheap.copy ~alloc:misaligned v) invalid;
+        let r = Offheap.Region.create ~alloc:misaligned () in
+        expect "add with a misaligned allocator" (fun () -> Offheap.Region.add r v) invalid;
+        Offheap.Region.free r;
+        expect "add to a freed region" (fun () -> Offheap.Region.add r v) invalid;
+        expect "free of a freed region" (fun () -> Offheap.Region.free r) invalid;
+        let h = Offheap.copy (1, "x") in
+        Offheap.free h;
+        expect "free of a freed copy" (fun () -> Offheap.free h) invalid);
+    writes = None;
+    fresh_thread = false;
+  }
+
 let on_new_thread op = { op with name = op.name ^ " on a new thread"; fresh_thread = true }
 
 let ops =
@@ -244,6 +318,7 @@ let ops =
     others_op "measure, with_copy, info" mixed;
     write_op "write to a long path" ~path:long_path mixed;
     load_op "load from a long path" ~path:long_path mixed (fun p -> Offheap.Image.load p);
+    errors_op "errors";
     on_new_thread (copy_op "copy" (mixed ~closures:true));
     on_new_thread (region_op "region add" (mixed ~closures:true));
     on_new_thread (write_op "write" mixed);
@@ -391,6 +466,7 @@ let () =
       Printf.printf "%s: %d allocation calls, %.1f s\n%!" op.name n (Unix.gettimeofday () -. t0))
     (List.filter wanted ops);
   List.iter (fun op -> let p = path op.name in if Sys.file_exists p then Sys.remove p) ops;
+  List.iter (fun p -> if Sys.file_exists p then Sys.remove p) !scratch_files;
   if Sys.file_exists long_dir then begin
     Array.iter (fun f -> Sys.remove (Filename.concat long_dir f)) (Sys.readdir long_dir);
     Sys.rmdir long_dir
