@@ -184,6 +184,11 @@ let test_mapped _ =
   let ca, csub = Offheap.get h in
   assert_bool "mapped copied" (compare a ca = 0 && compare sub csub = 0);
   assert_bool "external" (external_flags (genarray_of_array1 ca));
+  (* The copy is an array in memory, marshalled as one, which reads back. *)
+  let m : (char, int8_unsigned_elt, c_layout) Array1.t * _ =
+    Marshal.from_string (Marshal.to_string (ca, csub) []) 0
+  in
+  assert_bool "Marshal of the copy" (compare (a, sub) m = 0);
   a.{4000} <- 'z';
   assert_equal ~msg:"copy independent of the mapping" (Char.chr (4000 land 255)) ca.{4000};
   csub.{1} <- 'y';
