@@ -174,12 +174,16 @@ bench-small: build
 # make bench's tables on OCaml 5.3 (one domain), in the chroot of test-ocaml5; then the copy
 # with a second domain running (side table), and how long it keeps that domain waiting.
 # BENCH_FLAGS (e.g. -quick, -only ast) go to every run.
-.PHONY: bench-ocaml5 bench-ocaml5-domains
+.PHONY: bench-ocaml5 bench-ocaml5-domains bench-many-domains
 bench-ocaml5:
 	$(call in_chroot,,dune build ./benches/bench.exe && ./_build/default/benches/bench.exe $(BENCH_FLAGS))
 
 bench-ocaml5-domains:
 	$(call in_chroot,,dune build ./benches/bench.exe && ./_build/default/benches/bench.exe -domains $(BENCH_FLAGS))
+
+# Copies beside more domains than cores (benches/many_domains.ml5), OCaml 5.3 in the chroot.
+bench-many-domains:
+	$(call in_chroot,,dune build ./benches/many_domains.exe && ./_build/default/benches/many_domains.exe $(BENCH_FLAGS))
 
 # Formatting; clippy on every target and feature set, any warning an error; rustdoc
 # (broken links); the claim rust-version makes (clippy's incompatible_msrv for offheap's

@@ -362,13 +362,6 @@ fn image_process(flat_float_array: bool) -> image::Process {
     }
 }
 
-extern "C" {
-    /// `caml_enter_blocking_section` without running pending signal handlers and
-    /// actions first (OCaml 4.13 and 5.3, `caml/signals.h`): they run in OCaml once the
-    /// stub has returned, instead of raising through Rust frames.
-    fn caml_enter_blocking_section_no_pending();
-}
-
 /// Runs `f` with the runtime lock released, `roots` kept alive meanwhile; `None`, `f`
 /// not run, when there is no memory to keep them.
 ///
@@ -377,17 +370,13 @@ extern "C" {
 /// would write to its old place. The values a stub needs afterwards are therefore put in
 /// `roots`, kept in slots that the GC scans and updates (`release::Rooted`: the
 /// runtime's global roots allocate when registered and raise `Out_of_memory` when they
-/// cannot), and read back from there once `f` has returned. No signal handler runs on
-/// the way in (see [`caml_enter_blocking_section_no_pending`]), nor on the way out
-/// (`caml_leave_blocking_section` only records pending signals).
+/// cannot), and read back from there once `f` has returned. No signal handler runs
+/// ([`runtime::released`]).
 fn unlocked<const N: usize, T>(roots: &mut [Word; N], f: impl FnOnce() -> T) -> Option<T> {
     // SAFETY: we hold the runtime.
     let kept = unsafe { release::Kept::new(roots) }?;
     // SAFETY: every OCaml value the caller uses after `f` is in `roots`; `f` touches none.
-    unsafe { caml_enter_blocking_section_no_pending() };
-    let r = f();
-    // SAFETY: pairs with the enter above.
-    unsafe { ocaml_sys::caml_leave_blocking_section() };
+    let r = unsafe { runtime::released(f) };
     kept.read_back(roots);
     Some(r)
 }

@@ -42,6 +42,31 @@ use crate::alloc::Allocator;
 use crate::copy::{self, Copied, CopyError};
 use crate::layout::Word;
 
+extern "C" {
+    /// `caml_enter_blocking_section` without running pending signal handlers and
+    /// actions first (OCaml 4.13 and 5.3, `caml/signals.h`): they run in OCaml once the
+    /// stub has returned, instead of raising through Rust frames.
+    fn caml_enter_blocking_section_no_pending();
+}
+
+/// Runs `f` with the runtime released: other threads (and on OCaml 5 other domains, and
+/// this domain's backup thread for it) run OCaml code and collect meanwhile. No signal
+/// handler runs on the way in ([`caml_enter_blocking_section_no_pending`]) nor on the way
+/// out (`caml_leave_blocking_section` only records pending signals), so none raises
+/// through Rust frames.
+///
+/// # Safety
+/// Called holding the runtime; `f` touches no OCaml value, and every OCaml value the
+/// caller uses afterwards is kept where the GC updates it (`release::Kept`).
+pub unsafe fn released<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: the caller holds the runtime and keeps its values where the GC sees them.
+    unsafe { caml_enter_blocking_section_no_pending() };
+    let r = f();
+    // SAFETY: pairs with the enter above.
+    unsafe { ocaml_sys::caml_leave_blocking_section() };
+    r
+}
+
 /// The runtime's `struct custom_operations` of the three boxed integers: plain bytes.
 mod custom_ops {
     extern "C" {
