@@ -418,7 +418,7 @@ pub unsafe fn with_world_stopped<const N: usize, R>(
         caml_try_run_on_all_domains(run_section, &section as *const Section as *mut _, None)
     } == 0
     {
-        failed += 1;
+        failed = failed.saturating_add(1);
         // SAFETY: the caller's contract; the task's values are kept in `kept`.
         unsafe { back_off(failed) };
     }
