@@ -411,7 +411,7 @@ pub unsafe fn with_world_stopped<const N: usize, R>(
         finished: Condvar::new(),
         left: AtomicUsize::new(0),
     };
-    let mut failed = 0;
+    let mut failed: u32 = 0;
     // SAFETY: `run_section` is a stop-the-world callback that takes `section` as its
     // data; a failed try took part in another section and is tried again.
     while unsafe {
