@@ -68,6 +68,14 @@ pub enum StubOutcome {
 
 impl From<CopyError> for StubOutcome {
     fn from(e: CopyError) -> StubOutcome {
+        StubOutcome::of_copy_error(e, "Offheap.copy")
+    }
+}
+
+impl StubOutcome {
+    /// The outcome of the copy error `e` of the operation `op` (its name in the message
+    /// of a misuse).
+    pub fn of_copy_error(e: CopyError, op: &str) -> StubOutcome {
         match e {
             CopyError::Abstract => StubOutcome::CannotCopy(Reason::Abstract),
             CopyError::Custom(name) => StubOutcome::CannotCopy(Reason::Custom(name)),
@@ -76,9 +84,7 @@ impl From<CopyError> for StubOutcome {
             CopyError::ForcingLazy => StubOutcome::CannotCopy(Reason::ForcingLazy),
             CopyError::Continuation => StubOutcome::CannotCopy(Reason::Continuation),
             CopyError::OutOfMemory(_) => StubOutcome::NoMemory,
-            CopyError::Misaligned => {
-                StubOutcome::misuse(format_args!("Offheap.copy: {}", crate::copy::MISALIGNED))
-            }
+            e @ CopyError::Misaligned => StubOutcome::misuse(format_args!("{op}: {}", e.what())),
         }
     }
 }

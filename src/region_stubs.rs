@@ -348,11 +348,7 @@ pub extern "C" fn offheap_region_error(_unit: Value) -> Value {
         Some(AddError::StopTheWorld) => StubOutcome::Misuse(Cow::Borrowed(
             "Offheap.Region.add: no stop-the-world section",
         )),
-        Some(AddError::Copy(CopyError::Misaligned)) => StubOutcome::misuse(format_args!(
-            "Offheap.Region.add: {}",
-            crate::copy::MISALIGNED
-        )),
-        Some(AddError::Copy(e)) => StubOutcome::from(e),
+        Some(AddError::Copy(e)) => StubOutcome::of_copy_error(e, "Offheap.Region.add"),
     };
     outcome.into_value() as Value
 }

@@ -142,9 +142,6 @@ impl CopyError {
     }
 }
 
-/// What [`CopyError::Misaligned`] says, after the name of the operation.
-pub const MISALIGNED: &str = "the allocator returned memory that is not word aligned";
-
 impl fmt::Display for CopyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Offheap.copy: {}", self.what())
@@ -174,7 +171,9 @@ impl fmt::Display for What<'_> {
             CopyError::ForcingLazy => f.write_str("lazy value being forced"),
             CopyError::Continuation => f.write_str("continuation"),
             CopyError::OutOfMemory(bytes) => write!(f, "no memory for {bytes} bytes"),
-            CopyError::Misaligned => f.write_str(MISALIGNED),
+            CopyError::Misaligned => {
+                f.write_str("the allocator returned memory that is not word aligned")
+            }
             CopyError::Bigarray(what) => write!(f, "Bigarray that cannot be copied: {what}"),
         }
     }

@@ -767,8 +767,8 @@ impl Loaded {
 ///
 /// # Errors
 /// [`LoadError::Io`] when the file cannot be read or mapped,
-/// [`LoadError::NotRegularFile`] ([`file::open_image`]), [`LoadError::Bad`] naming the first check that failed,
-/// [`LoadError::OutOfMemory`]. Nothing stays mapped.
+/// [`LoadError::NotRegularFile`] ([`file::open_image`]), [`LoadError::Bad`] naming the
+/// first check that failed, [`LoadError::OutOfMemory`]. Nothing stays mapped.
 pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loaded, LoadError> {
     let f = file::open_image(path)?;
     let file_bytes = f.metadata().map_err(LoadError::Io)?.len();
