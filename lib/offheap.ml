@@ -83,10 +83,10 @@ let get h =
 let stats (h : _ t) =
   { bytes = stub_stat h 0; blocks = stub_stat h 1; transient_bytes = stub_stat h 2 }
 
-(* The major GC work a free asks for (src/release.rs): a slice of [words], or the end of
-   the cycle when [words] is [max_int]; then what became due goes back. *)
+(* The major GC work a free pays (src/release.rs), a slice of [words]; then what became
+   due goes back. *)
 let pay_gc_work words =
-  if words = max_int then Gc.major () else ignore (Gc.major_slice words : int);
+  ignore (Gc.major_slice words : int);
   stub_drain ()
 
 let free h =
@@ -96,11 +96,9 @@ let free h =
       (* The handle is freed already: an exception from here on loses nothing. The GC
          work owed by earlier frees past the limit, when no cycle has ended since (at
          most one cycle's work): a program that allocates little pays for the cycles
-         after which its memory goes back (src/release.rs). [max_int] when frees wait
-         at four times the limit beside other domains, where no cycle may end (a domain
-         that allocates only short-lived blocks does no major work): the cycle is
-         finished. What the end of a cycle made due goes back at once (the alarm may
-         have run before). *)
+         after which its memory goes back (src/release.rs; beside other domains the
+         runtime shares that work among them instead). What the end of a cycle made due
+         goes back at once (the alarm may have run before). *)
       pay_gc_work words
   | e -> Outcome.fail e
 

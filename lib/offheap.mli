@@ -56,8 +56,10 @@
       collection is; they would wait for the copy anyway at their next minor
       collection) and copies as fast as with one domain; smaller values are copied
       beside them. The [free] of a copy waits for the end of the running major cycle;
-      when freed copies pile up because no cycle ends (another domain that allocates
-      only short-lived values does no major work), a [free] finishes the cycle.
+      past a limit (see {!free}), frees ask every domain for a share of the major GC
+      work, as memory held by custom blocks does, so that cycles end even beside a
+      domain that does no major work of its own (one that allocates only short-lived
+      values). No [free] ever finishes a cycle itself.
     - [free] takes the copy from its handle atomically: of several threads or domains
       freeing one handle at once, exactly one succeeds and the others raise. A [get]
       racing with [free] returns the copy or raises; the copy it returned must not be

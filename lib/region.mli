@@ -21,8 +21,7 @@ module type BASE = sig
   (** {!Offheap.Image.load}. *)
 
   val pay_gc_work : int -> unit
-  (** The major GC work a free asks for: a slice of that many words, or the end of the
-      cycle for [max_int]. *)
+  (** The major GC work a free pays: a slice of that many words. *)
 end
 
 module type S = sig

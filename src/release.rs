@@ -63,34 +63,29 @@ use crate::runtime::{self, slab};
 /// GC work for its own bytes, and none pays more than one cycle's work (a debt larger
 /// than that is pointless: one cycle's end releases everything queued), as a slice: no
 /// `Gc.major`, no finishing of a cycle regardless of its cost.
+///
+/// Beside other domains (OCaml 5), a free past the limit owes no slice of its own: it
+/// tells the runtime what it freed, as a custom block's memory does
+/// ([`runtime::share_gc_work`]: `caml_adjust_gc_speed`), the limit's worth for one
+/// cycle's work and more as more waits ([`owe`]), and every domain does a share at its
+/// next slice. On OCaml 5 a cycle ends
+/// once every domain has marked what its own roots reach, and a domain marks only in its
+/// own slices, with the budget of the work the domains have incurred and not yet done:
+/// work done by this domain's explicit slices is never incurred, so a domain that
+/// promotes nothing (its slices incur nothing) never got a budget and no cycle ended
+/// (measured: 5000 copies of 160 KB copied and freed in turn beside such a domain, one
+/// cycle ended, 1.2 GB kept). Work incurred through the runtime is left over for the
+/// other domains once this one has none of its own to do. (Until 2026-12 a free finished
+/// the cycle with `Gc.major` at four times the limit instead: a pause, seconds long with
+/// 100 domains.) No free ever finishes a cycle.
 pub const PENDING_LIMIT: usize = 8 << 20;
 /// The smallest debt (words of work) worth a slice: smaller ones wait for more.
 const SLICE_MIN_WORK: usize = 1 << 17;
-/// How many times its limit the queue may hold, while other domains run, before frees
-/// stop counting on slices.
-const STALL_FACTOR: usize = 4;
-/// The work a free asks for when the queue holds more than [`STALL_FACTOR`] times its
-/// limit while other domains run: finish the major cycle (`Gc.major`); `max_int` on the
-/// OCaml side. Slices pay for cycles only where this domain's work ends them: on OCaml 5
-/// a cycle ends when every domain has done its part of the marking, and a domain that
-/// allocates only short-lived blocks promotes nothing and so does almost no major work
-/// of its own; with one such domain running, no cycle ends and no freed copy ever came
-/// back (measured: 5000 copies of 160 KB copied and freed in turn, one cycle ended, 1.2
-/// GB kept). Finishing a cycle makes every domain do its part. It is a pause, the only
-/// one a free ever causes, and only beside other domains with memory waiting at four
-/// times the limit. A program of one domain (and every OCaml 4 program) only ever pays
-/// slices: they end its cycles (50 frees of 100 MiB in a row, allocating nothing else:
-/// at most 3 wait at once, `tests/ocaml5/test_free5`). Telling the runtime instead, as
-/// a custom block's memory does (`caml_adjust_gc_speed`, which asks every domain for a
-/// slice), did not end the cycles beside such a domain: 2000 copies of 160 KB freed,
-/// none came back.
-pub const FINISH_CYCLE: usize = (isize::MAX >> 1) as usize;
 
 /// What a waiting copy whose pages went back at its free ([`discard_at_free`]) counts in
 /// the bytes waiting: its address range and the kernel's tables for it. It keeps the
 /// number of such ranges waiting bounded (past the limit, at least 128, frees owe GC work
-/// for them; beside other domains, past four times the limit they finish the cycle),
-/// far below the system's limit on mappings (65530 by default). Where address space
+/// for them), far below the system's limit on mappings (65530 by default). Where address space
 /// counts ([`alloc::address_space_counts`]: `ulimit -v`, a strict commit limit), such a
 /// copy counts its whole size, as it did before its pages went back at the free.
 const DISCARDED_WEIGHT: usize = 64 << 10;
@@ -541,28 +536,33 @@ fn debt_due() -> usize {
 }
 
 /// Counts the work owed by a free of `bytes` that left `waiting` bytes in the queue: the
-/// part past the limit owes its share of a cycle's work (the limit's worth owes one), and
-/// the debt never exceeds one cycle's work (one cycle's end releases everything queued),
-/// or [`SLICE_MIN_WORK`] when a small heap's cycle costs less. Returns [`FINISH_CYCLE`]
-/// when the queue holds more than [`STALL_FACTOR`] times the limit (the debt is then
-/// cleared: the cycle's end pays it), 0 otherwise.
+/// part past the limit owes its share of a cycle's work (the limit's worth owes one).
+/// Beside other domains it is told to the runtime, for every domain to share
+/// ([`runtime::share_gc_work`]), times the limits' worth waiting, and `true` returned:
+/// while cycles end, little waits past the limit, and a backlog asks for more (beside a
+/// domain just spawned, the first cycle ended only after 1600 frees of 160 KB at the
+/// plain rate, some 700 with it; `tests/ocaml5/test_free5`). Else it is added to the debt,
+/// which never exceeds one cycle's work (one cycle's end releases everything queued), or
+/// [`SLICE_MIN_WORK`] when a small heap's cycle costs less.
 ///
 /// # Safety
 /// Called holding the runtime.
-unsafe fn owe(waiting: usize, bytes: usize) -> usize {
+unsafe fn owe(waiting: usize, bytes: usize) -> bool {
     if waiting <= PENDING_LIMIT {
-        return 0;
+        return false;
     }
     // SAFETY: the caller holds the runtime.
     let (limit, cycle_work) = unsafe { limit_and_cycle_work() };
     if waiting <= limit {
-        return 0;
-    }
-    if waiting / STALL_FACTOR > limit && !runtime::stub_runs_alone() {
-        DEBT.store(0, Ordering::Relaxed);
-        return FINISH_CYCLE;
+        return false;
     }
     let beyond = bytes.min(waiting - limit);
+    // Shared, it asks more the more waits: times the limits' worth waiting.
+    let asked = beyond.saturating_mul(waiting / limit);
+    // SAFETY: the caller holds the runtime.
+    if unsafe { runtime::share_gc_work(asked, limit) } {
+        return true;
+    }
     let owed = (beyond as u128 * cycle_work as u128 / limit as u128) as usize;
     let debt = DEBT.load(Ordering::Relaxed);
     if debt == 0 {
@@ -570,21 +570,22 @@ unsafe fn owe(waiting: usize, bytes: usize) -> usize {
     }
     let cap = cycle_work.max(SLICE_MIN_WORK);
     DEBT.store(debt.saturating_add(owed).min(cap), Ordering::Relaxed);
-    0
+    false
 }
 
 /// Counts the last `entries` of the queue, just pushed by one free, of `bytes` in all,
 /// and returns the work the free pays: the debt of earlier frees (this free's own is paid
-/// by the next one), or [`FINISH_CYCLE`] when the queue has grown too long for slices.
+/// by the next one, or shared by every domain: [`owe`]).
 ///
-/// A free that pays keeps its own entries one cycle more. Its GC work, done before it
-/// returns, may end the running cycle and begin the next, whose marking starts from the
-/// roots of that moment: the free's caller may still hold the freed value in a variable
-/// it drops only once the free has returned (bytecode keeps a function's locals until it
-/// returns, and a loop's until its body ends). Released at the end of that cycle, as the
-/// drain after the work would release them, the entries' memory was read by the new
-/// cycle's marker (region images loaded, read and freed in a loop of a bytecode program,
-/// the free the last thing of the loop's body: a segfault in the marker).
+/// A free that pays, or that told the runtime of GC work, keeps its own entries one cycle
+/// more. The work, done before the free returns or at the next poll for the runtime's
+/// interrupts, may end the running cycle and begin the next, whose marking starts from
+/// the roots of that moment: the free's caller may still hold the freed value in a
+/// variable it drops only once the free has returned (bytecode keeps a function's locals
+/// until it returns, and a loop's until its body ends). Released at the end of that
+/// cycle, as the drain after the work would release them, the entries' memory was read by
+/// the new cycle's marker (region images loaded, read and freed in a loop of a bytecode
+/// program, the free the last thing of the loop's body: a segfault in the marker).
 ///
 /// # Safety
 /// Called holding the runtime.
@@ -596,11 +597,8 @@ unsafe fn account(
     let due = debt_due();
     let waiting = add_waiting(held, entries as isize, bytes as isize);
     // SAFETY: as above.
-    let work = match unsafe { owe(waiting, bytes) } {
-        0 => due,
-        finish => finish,
-    };
-    if work != 0 {
+    let told = unsafe { owe(waiting, bytes) };
+    if due != 0 || told {
         let first = held.len() - entries;
         // The last entries: they stay in the order of `after_cycle`. `OLDEST_CYCLE` may
         // now be below the oldest entry's cycle, which only costs a drain a lock.
@@ -608,7 +606,7 @@ unsafe fn account(
             entry.after_cycle += runtime::COUNTS_PER_CYCLE;
         }
     }
-    work
+    due
 }
 
 /// Gives the copy `owned` back now: to the slab when it is a slab copy (the test that

@@ -14,6 +14,9 @@
 //!   cycle; OCaml 4: while the major GC marks, for the end of the marking), and the
 //!   counter to wait on; `SLAB_FREES_WAIT`, whether the frees of slab copies wait too;
 //!   `DISCARDS_AT_FREE`, whether a large copy that waits gives its pages back at once;
+//!   `gc_allowance()`, the bytes and GC work of the runtime's rate for custom blocks;
+//!   `share_gc_work()`, GC work that frees tell the runtime for every domain to share
+//!   (OCaml 5 beside other domains);
 //! - `stub_runs_alone()`: whether the stub that calls it runs alone (always on OCaml 4,
 //!   the master lock; on OCaml 5 when no other domain runs), so that a handle's state
 //!   changes without an atomic read-modify-write;
@@ -32,8 +35,8 @@ pub mod slab;
 
 pub use backend::{
     free_must_wait, gc_allowance, install_roots_hook, major_cycles_completed, register,
-    register_copy, reregister_shared, stub_runs_alone, unregister, StubGuard, StubLock,
-    COUNTS_PER_CYCLE, DEFERS_FREE, DISCARDS_AT_FREE, SLAB_FREES_WAIT,
+    register_copy, reregister_shared, share_gc_work, stub_runs_alone, unregister, StubGuard,
+    StubLock, COUNTS_PER_CYCLE, DEFERS_FREE, DISCARDS_AT_FREE, SLAB_FREES_WAIT,
 };
 #[cfg(ocaml5)]
 pub use backend::{try_without_stopping, with_world_stopped};

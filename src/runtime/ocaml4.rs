@@ -230,6 +230,15 @@ pub unsafe fn gc_allowance() -> (usize, usize) {
     (heap_bytes / 150 * ratio, 2 * heap_words)
 }
 
+/// Whether the runtime shared `bytes` freed among domains for GC work: never, OCaml 4 has
+/// one domain, whose slices end its cycles (`release::PENDING_LIMIT`).
+///
+/// # Safety
+/// Called holding the runtime (as on OCaml 5).
+pub unsafe fn share_gc_work(_bytes: usize, _per_cycle: usize) -> bool {
+    false
+}
+
 /// Cache slots; a power of two.
 const CACHE_SLOTS: usize = 1024;
 

@@ -47,6 +47,11 @@ extern "C" {
     fn caml_custom_get_max_major() -> usize;
     /// `custom_major_ratio` (custom.h).
     static caml_custom_major_ratio: usize;
+    /// Adds `res / max` of a cycle to the major GC work this domain has incurred (counted
+    /// at its next slice, left for the others to do once it has none of its own) and past
+    /// a fifth asks every domain for a slice (memory.c). Sets fields of this domain's
+    /// state and requests an interrupt: runs no GC and no OCaml code, allocates nothing.
+    fn caml_adjust_gc_speed(res: usize, max: usize);
     /// Runs `handler` on every domain in a stop-the-world section (domain.h): returns 0,
     /// having run nothing of ours, when another domain leads a section (this domain has
     /// then taken part in that one, which may have run a minor collection).
@@ -209,6 +214,22 @@ pub unsafe fn gc_allowance() -> (usize, usize) {
     let (allowance, ratio) = unsafe { (caml_custom_get_max_major(), caml_custom_major_ratio) };
     let heap_bytes = allowance / ratio.max(1) * 150;
     (allowance, 2 * heap_bytes / layout::WORD_BYTES)
+}
+
+/// Tells the runtime of `bytes` freed, `per_cycle` of which are worth a major cycle's
+/// work, for every domain to share, when other domains run: returns whether it did. A
+/// domain that promotes nothing marks only with the budget of work incurred by others,
+/// which explicit slices (`Gc.major_slice`) never incur (`release::PENDING_LIMIT`).
+///
+/// # Safety
+/// Called holding the runtime.
+pub unsafe fn share_gc_work(bytes: usize, per_cycle: usize) -> bool {
+    if !others_running() {
+        return false;
+    }
+    // SAFETY: the caller holds the runtime; the call only sets this domain's state.
+    unsafe { caml_adjust_gc_speed(bytes, per_cycle.max(1)) };
+    true
 }
 
 /// The header classifier.
