@@ -68,16 +68,17 @@ use crate::runtime::{self, slab};
 /// tells the runtime what it freed, as a custom block's memory does
 /// ([`runtime::share_gc_work`]: `caml_adjust_gc_speed`), the limit's worth for one
 /// cycle's work and more as more waits ([`owe`]), and every domain does a share at its
-/// next slice. On OCaml 5 a cycle ends
-/// once every domain has marked what its own roots reach, and a domain marks only in its
-/// own slices, with the budget of the work the domains have incurred and not yet done:
-/// work done by this domain's explicit slices is never incurred, so a domain that
-/// promotes nothing (its slices incur nothing) never got a budget and no cycle ended
+/// next slice. On OCaml 5 a cycle ends once every domain has marked what its own roots
+/// reach, and a domain marks only in its own slices, with the budget of the work the
+/// domains have incurred and not yet done. Explicit slices (`Gc.major_slice`) incur
+/// nothing and count their work as done, so a domain that promotes nothing (its slices
+/// incur nothing) never got a budget beside a free that paid slices, and no cycle ended
 /// (measured: 5000 copies of 160 KB copied and freed in turn beside such a domain, one
 /// cycle ended, 1.2 GB kept). Work incurred through the runtime is left over for the
-/// other domains once this one has none of its own to do. (Until 2026-12 a free finished
-/// the cycle with `Gc.major` at four times the limit instead: a pause, seconds long with
-/// 100 domains.) No free ever finishes a cycle.
+/// other domains once this one has none of its own to do; a free that paid slices as
+/// well would take that budget back. (Until 2026-12 a free finished the cycle with
+/// `Gc.major` at four times the limit instead: a pause, seconds long with 100
+/// domains.) No free ever finishes a cycle.
 pub const PENDING_LIMIT: usize = 8 << 20;
 /// The smallest debt (words of work) worth a slice: smaller ones wait for more.
 const SLICE_MIN_WORK: usize = 1 << 17;
@@ -85,9 +86,9 @@ const SLICE_MIN_WORK: usize = 1 << 17;
 /// What a waiting copy whose pages went back at its free ([`discard_at_free`]) counts in
 /// the bytes waiting: its address range and the kernel's tables for it. It keeps the
 /// number of such ranges waiting bounded (past the limit, at least 128, frees owe GC work
-/// for them), far below the system's limit on mappings (65530 by default). Where address space
-/// counts ([`alloc::address_space_counts`]: `ulimit -v`, a strict commit limit), such a
-/// copy counts its whole size, as it did before its pages went back at the free.
+/// for them), far below the system's limit on mappings (65530 by default). Where address
+/// space counts ([`alloc::address_space_counts`]: `ulimit -v`, a strict commit limit),
+/// such a copy counts its whole size, as it did before its pages went back at the free.
 const DISCARDED_WEIGHT: usize = 64 << 10;
 
 /// The bytes that may wait before frees owe GC work ([`PENDING_LIMIT`], or the larger
@@ -541,9 +542,9 @@ fn debt_due() -> usize {
 /// ([`runtime::share_gc_work`]), times the limits' worth waiting, and `true` returned:
 /// while cycles end, little waits past the limit, and a backlog asks for more (beside a
 /// domain just spawned, the first cycle ended only after 1600 frees of 160 KB at the
-/// plain rate, some 700 with it; `tests/ocaml5/test_free5`). Else it is added to the debt,
-/// which never exceeds one cycle's work (one cycle's end releases everything queued), or
-/// [`SLICE_MIN_WORK`] when a small heap's cycle costs less.
+/// plain rate, some 700 with it; `tests/ocaml5/test_free5`). Else it is added to the
+/// debt, which never exceeds one cycle's work (one cycle's end releases everything
+/// queued), or [`SLICE_MIN_WORK`] when a small heap's cycle costs less.
 ///
 /// # Safety
 /// Called holding the runtime.
@@ -581,11 +582,12 @@ unsafe fn owe(waiting: usize, bytes: usize) -> bool {
 /// more. The work, done before the free returns or at the next poll for the runtime's
 /// interrupts, may end the running cycle and begin the next, whose marking starts from
 /// the roots of that moment: the free's caller may still hold the freed value in a
-/// variable it drops only once the free has returned (bytecode keeps a function's locals
-/// until it returns, and a loop's until its body ends). Released at the end of that
-/// cycle, as the drain after the work would release them, the entries' memory was read by
-/// the new cycle's marker (region images loaded, read and freed in a loop of a bytecode
-/// program, the free the last thing of the loop's body: a segfault in the marker).
+/// variable it drops only once the free has returned (bytecode keeps a function's
+/// locals until it returns, and a loop's until its body ends). Released at the end of
+/// that cycle, as the drain after the work would release them, the entries' memory was
+/// read by the new cycle's marker (region images loaded, read and freed in a loop of a
+/// bytecode program, the free the last thing of the loop's body: a segfault in the
+/// marker).
 ///
 /// # Safety
 /// Called holding the runtime.
