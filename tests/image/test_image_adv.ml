@@ -214,7 +214,8 @@ let test_padding_damage _ =
   assert_equal ~printer:string_of_int (2 * mib) (payload_at good);
   let n = String.length good in
   let bad = fresh_path () in
-  (* One byte among the zeros, at their first, second, last and middle places. *)
+  (* One byte among the zeros, at their first, second, last and middle places, and
+     around the end of the first 64 KiB the loader reads. *)
   List.iter
     (fun at ->
       let msg = Printf.sprintf "byte %d set" at in
@@ -228,7 +229,7 @@ let test_padding_damage _ =
       let h = Image.load ~verify:false ~share:true bad in
       assert_bool (msg ^ ", unverified") (same (Offheap.get h) v);
       Offheap.free h)
-    [ 4096; 4097; mib; (2 * mib) - 8; (2 * mib) - 1 ];
+    [ 4096; 4097; 69631; 69632; 86021; mib; (2 * mib) - 8; (2 * mib) - 1 ];
   (* The first and last payload bytes: the payload's checksum. *)
   List.iter
     (fun at ->
