@@ -23,6 +23,13 @@ let pss_kb () = proc_kb "smaps_rollup" "Pss"
 (* Peak resident set size so far. *)
 let vm_hwm_kb () = proc_kb "status" "VmHWM"
 
+(* Resets the peak resident set size to the current one (Linux 4.0 and later), so that a
+   peak measured from here on is not hidden by an earlier, higher one. *)
+let reset_peak () =
+  let oc = open_out "/proc/self/clear_refs" in
+  output_string oc "5";
+  close_out oc
+
 (* Runs this executable with [args] (argv, the program name first): its pid, its
    standard output to read and its standard input to write. *)
 let spawn args =
