@@ -206,9 +206,14 @@ clean:
 
 # Images: loading a 1 GB value in fresh processes (Marshal vs Offheap.Image) and the
 # memory of 4 processes holding it. IMAGE_BENCH_FLAGS=-quick for a 50 MB run.
-.PHONY: bench-image
+.PHONY: bench-image bench-image-ocaml5
 bench-image: build
 	dune exec --no-print-directory -- ./benches/image_bench.exe $(IMAGE_BENCH_FLAGS)
+
+# The same on OCaml 5.3, in the chroot of test-ocaml5 (no page table: a trusted mapped
+# load is a few system calls whatever the size).
+bench-image-ocaml5:
+	$(call in_chroot,,dune build ./benches/image_bench.exe && ./_build/default/benches/image_bench.exe $(IMAGE_BENCH_FLAGS))
 
 # A 6 GB image written and loaded every way (tests/image/test_image_large.ml): about 13 GB
 # of memory and 6 GB of disk in $TMPDIR (or OFFHEAP_LARGE_DIR).
