@@ -424,7 +424,7 @@ pub fn tables_checksum(tables: &[u8]) -> u64 {
     xxh3_64(tables)
 }
 
-/// The checksum of one chunk of payload.
+/// The checksum of one chunk of payload: XXH3-64 ([`super::xxh3`]).
 pub fn chunk_checksum(chunk: &[u8]) -> u64 {
-    xxh3_64(chunk)
+    super::xxh3::hash64(chunk)
 }

@@ -41,6 +41,7 @@ pub mod parallel;
 pub mod thread;
 pub mod validate;
 pub mod writer;
+pub mod xxh3;
 
 use std::fmt;
 use std::path::Path;
