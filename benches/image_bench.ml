@@ -47,6 +47,10 @@ let random_strings st n =
       let len = 16 + Random.State.int st 97 in
       String.sub src (Random.State.int st (4096 - len)) len)
 
+(* Reads the last byte of every string: all their pages. *)
+let touch_strings strings =
+  Array.fold_left (fun total s -> total + Char.code s.[String.length s - 1]) 0 strings
+
 module IM = Map.Make (Int)
 module SM = Map.Make (String)
 
@@ -70,10 +74,7 @@ module Strings : VALUE = struct
     Printf.sprintf "%d strings and a map of %d entries" (Array.length strings) (IM.cardinal m)
 
   let touch (strings, m) =
-    let total = ref 0 in
-    Array.iter (fun s -> total := !total + Char.code s.[String.length s - 1]) strings;
-    IM.iter (fun k s -> total := !total + k + String.length s) m;
-    !total
+    IM.fold (fun k s total -> total + k + String.length s) m (touch_strings strings)
 
   let plausible (strings, m) = Array.length strings > 0 && IM.find 0 m == strings.(0)
   let tiny = ([| "x" |], IM.singleton 0 "x")
@@ -101,11 +102,8 @@ module Mixed : VALUE = struct
       (Array.length strings) (SM.cardinal m) (Array.length floats)
 
   let touch (strings, m, floats) =
-    let total = ref 0 in
-    Array.iter (fun s -> total := !total + Char.code s.[String.length s - 1]) strings;
-    SM.iter (fun k l -> total := !total + String.length k + List.fold_left ( + ) 0 l) m;
-    total := !total + int_of_float (Array.fold_left ( +. ) 0. floats);
-    !total
+    SM.fold (fun k l total -> total + String.length k + List.fold_left ( + ) 0 l) m
+      (touch_strings strings + int_of_float (Array.fold_left ( +. ) 0. floats))
 
   let plausible (strings, m, floats) =
     Array.length strings > 0 && (not (SM.is_empty m)) && floats.(Array.length floats - 1)
@@ -311,7 +309,6 @@ let measure (module V : VALUE) ~scale ~runs ~dir =
   Printf.printf "\n%!";
   Sys.remove marshal_path;
   Sys.remove image_path
-
 
 let main () =
   let quick = ref false
