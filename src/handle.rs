@@ -26,6 +26,13 @@
 //! (the memory that held them goes away): statistics stay available after `free`.
 //! A fresh handle's state is -1 (nothing owned, statistics zero). A [`root_if_live`]
 //! reads `root` and then `state`, so it never hands out a cleared root.
+//!
+//! Bit 2 of a live state ([`EXPOSED`]) says that `get` has handed out the root of a
+//! copy with its record in front: from then on a pointer into the copy may lie anywhere
+//! the GC looks. Until then only the handle's `root` points into it (the copy's own
+//! blocks are never scanned), and [`take`] overwrites that; so on OCaml 5 a small copy
+//! never handed out can go back to the slab at `free` instead of waiting for the end of
+//! a major cycle (`release::free`). Word-aligned addresses leave bits 0-2 free.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -46,6 +53,14 @@ const STATE: usize = 2;
 pub const FRESH: Word = val_int(-1);
 /// Bit 1 of a live state: the record is apart from the allocation (an image).
 const APART: Word = 2;
+/// Bit 2 of a live state with its record in front: the root was handed out (see the
+/// module's documentation).
+const EXPOSED: Word = 4;
+
+/// The address a live state holds (its record), without the tag and the flags.
+fn address_of(state: Word) -> Word {
+    state & !(EXPOSED | APART | 1)
+}
 
 /// What a copy cost, kept off the heap while it is live.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -256,7 +271,7 @@ unsafe fn record_of(state: Word) -> Option<Record> {
     if state == 1 {
         return None;
     }
-    let at = (state & !(APART | 1)) as *const Record;
+    let at = address_of(state) as *const Record;
     // SAFETY: the caller's contract; both kinds of record start with a `Record`.
     Some(unsafe { at.read() })
 }
@@ -329,7 +344,7 @@ pub unsafe fn take(h: Word) -> Option<(Owned, Apart)> {
             (owned, Apart::none())
         } else if current & APART != 0 {
             // The record is not freed here: see `Apart`.
-            let apart = (current - 1 - APART) as *mut ApartRecord;
+            let apart = address_of(current) as *mut ApartRecord;
             let owned = Owned {
                 base: (*apart).base,
                 bytes: record.bytes,
@@ -338,7 +353,7 @@ pub unsafe fn take(h: Word) -> Option<(Owned, Apart)> {
             (owned, Apart(apart))
         } else {
             let owned = Owned {
-                base: (current - 1) as *mut u8,
+                base: address_of(current) as *mut u8,
                 bytes: record.bytes + PREFIX_BYTES,
                 alloc,
             };
@@ -388,12 +403,54 @@ pub unsafe fn record(h: Word) -> Record {
 pub unsafe fn root_if_live(h: Word, freed: Word) -> Word {
     // SAFETY: the caller's contract. `root` is read before `state`: a concurrent `take`
     // overwrites `root` only after it set `state`, so a cleared root is never returned.
-    unsafe {
-        let root = field(h, ROOT).load(Ordering::Acquire);
-        if is_live(field(h, STATE).load(Ordering::Acquire)) {
-            root
-        } else {
-            freed
-        }
+    let (root, state) = unsafe {
+        (
+            field(h, ROOT).load(Ordering::Acquire),
+            field(h, STATE).load(Ordering::Acquire),
+        )
+    };
+    if !is_live(state) {
+        return freed;
     }
+    if runtime::SLAB_FREES_WAIT && state & (EXPOSED | APART) == 0 && state != 1 {
+        // SAFETY: the caller's contract.
+        unsafe { mark_exposed(h, state) };
+    }
+    root
+}
+
+/// Sets [`EXPOSED`] in the live state `state` of `h`, read just before, unless a
+/// concurrent `take` freed the handle meanwhile (it then saw no other domain running
+/// alongside, which this one is, and made the copy wait as usual).
+///
+/// # Safety
+/// As for [`root_if_live`].
+unsafe fn mark_exposed(h: Word, state: Word) {
+    // SAFETY: the caller's contract.
+    let field = unsafe { field(h, STATE) };
+    if runtime::stub_runs_alone() {
+        field.store(state | EXPOSED, Ordering::Relaxed);
+    } else {
+        // Failing, the state was freed or another domain set the bit.
+        let _ = field.compare_exchange(state, state | EXPOSED, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+/// The allocation (its size, the record included) and the allocator block of the live
+/// handle `h` when its copy has its record in front and its root was never handed out
+/// by [`root_if_live`]; `None` otherwise.
+///
+/// # Safety
+/// `h` is a handle; called holding the runtime, allocating nothing on the OCaml heap.
+pub unsafe fn never_exposed(h: Word) -> Option<(usize, Word)> {
+    // SAFETY: the caller's contract.
+    let alloc = unsafe { alloc_if_live(h) }?;
+    // SAFETY: as above.
+    let state = unsafe { field(h, STATE) }.load(Ordering::Acquire);
+    if !is_live(state) || state & (EXPOSED | APART) != 0 || state == 1 {
+        return None;
+    }
+    // SAFETY: read from a live state, in this stub.
+    let record = unsafe { record_of(state) }?;
+    Some((record.bytes + PREFIX_BYTES, alloc))
 }

@@ -437,6 +437,12 @@ pub unsafe fn free(h: Word) -> Outcome {
             }
         };
     }
+    if runtime::SLAB_FREES_WAIT && runtime::stub_runs_alone() {
+        // SAFETY: the caller's contract, and no other domain runs.
+        if let Some(done) = unsafe { free_never_exposed(h) } {
+            return done;
+        }
+    }
     // The root of the allocator block, made first (see `Rooted`).
     // SAFETY: the caller's contract; no lock is held, nothing to drop yet.
     let Some(alloc_block) = (unsafe { handle::alloc_if_live(h) }) else {
@@ -514,6 +520,37 @@ pub unsafe fn free(h: Word) -> Outcome {
         unsafe { discard_at_free(free, owned.base, owned.bytes) };
     }
     Outcome::Done(work)
+}
+
+/// Gives a small copy back to the slab at once when its root was never handed out
+/// (`handle::never_exposed`): no pointer into it but the handle's own root, which `take`
+/// overwrites, so no marker can reach it; `None`, having done nothing, for any other.
+/// Like any free it pays the debt of earlier ones ([`debt_due`]).
+/// A small copy that is made and freed again without a `get` (a cache's entry evicted
+/// unread, a copy made to measure or test a value) then costs what it costs on OCaml 4,
+/// its slot reused at the next copy of its size instead of waiting for a cycle's end.
+///
+/// # Safety
+/// `h` is a handle; called from a stub holding the runtime, allocating nothing on the
+/// OCaml heap, while no other domain runs (so no other marker runs, and no other stub
+/// reads or frees the handle until this returns).
+unsafe fn free_never_exposed(h: Word) -> Option<Outcome> {
+    // SAFETY: the caller's contract.
+    let (bytes, alloc_block) = unsafe { handle::never_exposed(h) }?;
+    // SAFETY: the allocator block of a live handle, alive (the handle holds it).
+    if !slab::is_slab_copy(&unsafe { CAllocator::new(alloc_block) }, bytes) {
+        return None;
+    }
+    // SAFETY: the caller's contract; the handle is live (nothing ran since the check).
+    let (owned, apart) = unsafe { handle::take(h) }?;
+    // SAFETY: a slab copy of this size, which the handle gave up to us alone, made with
+    // the default allocator, its record in front of it (no record apart); nothing
+    // points into it any more (above).
+    unsafe {
+        slab::free(owned.base, owned.bytes);
+        apart.free();
+    }
+    Some(Outcome::Done(debt_due()))
 }
 
 /// The debt that the free now starting pays (words of major-slice work): 0 when a major
