@@ -412,27 +412,34 @@ pub unsafe fn root_if_live(h: Word, freed: Word) -> Word {
     if !is_live(state) {
         return freed;
     }
-    if runtime::SLAB_FREES_WAIT && state & (EXPOSED | APART) == 0 && state != 1 {
-        // SAFETY: the caller's contract.
-        unsafe { mark_exposed(h, state) };
+    // SAFETY: the caller's contract.
+    if runtime::SLAB_FREES_WAIT
+        && state & (EXPOSED | APART) == 0
+        && state != 1
+        && !unsafe { mark_exposed(h, state) }
+    {
+        return freed;
     }
     root
 }
 
-/// Sets [`EXPOSED`] in the live state `state` of `h`, read just before, unless a
-/// concurrent `take` freed the handle meanwhile (it then saw no other domain running
-/// alongside, which this one is, and made the copy wait as usual).
+/// Sets [`EXPOSED`] in the live state `state` of `h`, read just before; false when a
+/// concurrent `take` freed the handle meanwhile (the root must not be handed out then:
+/// that free saw it never handed out).
 ///
 /// # Safety
 /// As for [`root_if_live`].
-unsafe fn mark_exposed(h: Word, state: Word) {
+unsafe fn mark_exposed(h: Word, state: Word) -> bool {
     // SAFETY: the caller's contract.
     let field = unsafe { field(h, STATE) };
     if runtime::stub_runs_alone() {
         field.store(state | EXPOSED, Ordering::Relaxed);
-    } else {
-        // Failing, the state was freed or another domain set the bit.
-        let _ = field.compare_exchange(state, state | EXPOSED, Ordering::AcqRel, Ordering::Relaxed);
+        return true;
+    }
+    match field.compare_exchange(state, state | EXPOSED, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => true,
+        // Another domain set the bit, or freed the handle.
+        Err(seen) => is_live(seen),
     }
 }
 
