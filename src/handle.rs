@@ -302,10 +302,31 @@ pub unsafe fn alloc_if_live(h: Word) -> Option<Word> {
 /// until this returns.
 pub unsafe fn take(h: Word) -> Option<(Owned, Apart)> {
     // SAFETY: the caller's contract.
+    unsafe { take_if(h, |_| true) }
+}
+
+/// [`take`] when the copy of the live handle `h` has its record in front and its root
+/// was never handed out by [`root_if_live`], decided atomically with the taking (a
+/// concurrent `get` either sets [`EXPOSED`] first, or finds the handle freed and hands
+/// out nothing); `None`, having done nothing, otherwise.
+///
+/// # Safety
+/// As for [`take`].
+pub unsafe fn take_never_exposed(h: Word) -> Option<(Owned, Apart)> {
+    // SAFETY: the caller's contract.
+    unsafe { take_if(h, |state| state & (EXPOSED | APART) == 0 && state != 1) }
+}
+
+/// [`take`] if `accept` holds of the live state taken.
+///
+/// # Safety
+/// As for [`take`].
+unsafe fn take_if(h: Word, accept: impl Fn(Word) -> bool) -> Option<(Owned, Apart)> {
+    // SAFETY: the caller's contract.
     let state = unsafe { field(h, STATE) };
     let mut current = state.load(Ordering::Acquire);
     let record = loop {
-        if !is_live(current) {
+        if !is_live(current) || !accept(current) {
             return None;
         }
         // SAFETY: read from a live state, in this stub.
@@ -445,7 +466,7 @@ unsafe fn mark_exposed(h: Word, state: Word) -> bool {
 
 /// The allocation (its size, the record included) and the allocator block of the live
 /// handle `h` when its copy has its record in front and its root was never handed out
-/// by [`root_if_live`]; `None` otherwise.
+/// by [`root_if_live`] so far; `None` otherwise.
 ///
 /// # Safety
 /// `h` is a handle; called holding the runtime, allocating nothing on the OCaml heap.

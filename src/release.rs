@@ -20,6 +20,9 @@
 //! alarm of `lib/offheap.ml`); a drain stops at the first copy not due yet, so it costs
 //! nothing when nothing is due.
 //!
+//! A small copy whose root no `get` ever handed out waits for none of this on OCaml 5
+//! ([`free_never_exposed`]): only its handle pointed into it.
+//!
 //! A waiting copy keeps its allocator block alive through a slot that the GC scans as a
 //! root ([`Rooted`]), except when the block's free function ignores it (the default
 //! allocator's).
@@ -437,8 +440,8 @@ pub unsafe fn free(h: Word) -> Outcome {
             }
         };
     }
-    if runtime::SLAB_FREES_WAIT && runtime::stub_runs_alone() {
-        // SAFETY: the caller's contract, and no other domain runs.
+    if runtime::SLAB_FREES_WAIT {
+        // SAFETY: the caller's contract.
         if let Some(done) = unsafe { free_never_exposed(h) } {
             return done;
         }
@@ -522,18 +525,22 @@ pub unsafe fn free(h: Word) -> Outcome {
     Outcome::Done(work)
 }
 
-/// Gives a small copy back to the slab at once when its root was never handed out
-/// (`handle::never_exposed`): no pointer into it but the handle's own root, which `take`
-/// overwrites, so no marker can reach it; `None`, having done nothing, for any other.
-/// Like any free it pays the debt of earlier ones ([`debt_due`]).
+/// Gives a small copy back to the slab when its root was never handed out
+/// (`handle::take_never_exposed`): no pointer into it but the handle's own root, which
+/// `take` overwrites, so no marker can follow one into it later. With no other domain
+/// running it goes back at once; beside other domains it is held until they have all
+/// been at a safe point, which ends any marking slice of theirs that read the handle's
+/// root just before (`slab::free_held`: two minor collections, where a free that waits
+/// waits for the end of a major cycle). `None`, having done nothing, for any other
+/// copy. Like any free it pays the debt of earlier ones ([`debt_due`]).
+///
 /// A small copy that is made and freed again without a `get` (a cache's entry evicted
 /// unread, a copy made to measure or test a value) then costs what it costs on OCaml 4,
-/// its slot reused at the next copy of its size instead of waiting for a cycle's end.
+/// its slot reused at a later copy of its size.
 ///
 /// # Safety
 /// `h` is a handle; called from a stub holding the runtime, allocating nothing on the
-/// OCaml heap, while no other domain runs (so no other marker runs, and no other stub
-/// reads or frees the handle until this returns).
+/// OCaml heap.
 unsafe fn free_never_exposed(h: Word) -> Option<Outcome> {
     // SAFETY: the caller's contract.
     let (bytes, alloc_block) = unsafe { handle::never_exposed(h) }?;
@@ -541,13 +548,20 @@ unsafe fn free_never_exposed(h: Word) -> Option<Outcome> {
     if !slab::is_slab_copy(&unsafe { CAllocator::new(alloc_block) }, bytes) {
         return None;
     }
-    // SAFETY: the caller's contract; the handle is live (nothing ran since the check).
-    let (owned, apart) = unsafe { handle::take(h) }?;
-    // SAFETY: a slab copy of this size, which the handle gave up to us alone, made with
-    // the default allocator, its record in front of it (no record apart); nothing
-    // points into it any more (above).
+    let alone = runtime::stub_runs_alone();
+    // SAFETY: the caller's contract. `None` when another domain freed the handle, or
+    // handed its root out, meanwhile.
+    let (owned, apart) = unsafe { handle::take_never_exposed(h) }?;
+    // SAFETY: a slab copy of this size (its record and allocator never change while
+    // the handle is live), which the handle gave up to us alone, made with the default
+    // allocator, its record in front of it (no record apart); nothing points into it
+    // any more but what other domains' marking may have just read (above).
     unsafe {
-        slab::free(owned.base, owned.bytes);
+        if alone {
+            slab::free(owned.base, owned.bytes);
+        } else {
+            slab::free_held(owned.base, owned.bytes);
+        }
         apart.free();
     }
     Some(Outcome::Done(debt_due()))

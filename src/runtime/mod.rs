@@ -39,7 +39,7 @@ pub use backend::{
     StubLock, COUNTS_PER_CYCLE, DEFERS_FREE, DISCARDS_AT_FREE, SLAB_FREES_WAIT,
 };
 #[cfg(ocaml5)]
-pub use backend::{try_without_stopping, with_world_stopped};
+pub use backend::{minor_collections, try_without_stopping, with_world_stopped};
 
 use crate::alloc::Allocator;
 use crate::copy::{self, Copied, CopyError};

@@ -40,6 +40,10 @@ extern "C" {
     static caml_minor_heaps_start: Word;
     static caml_minor_heaps_end: Word;
     static caml_major_cycles_completed: Word;
+    /// Minor collections completed since the program started (`minor_gc.h`; `_Atomic`):
+    /// each one a stop-the-world section, counted inside it, once every running domain
+    /// has entered it from a safe point.
+    static caml_minor_collections_count: std::sync::atomic::AtomicUsize;
     /// The out-of-heap bytes that dead custom blocks may hold before the GC has done a
     /// cycle's work for them (custom.h): the major heap's size times
     /// `custom_major_ratio` (OCAMLRUNPARAM `M`, default 44) / 150. Reads this domain's
@@ -192,6 +196,15 @@ pub const DISCARDS_AT_FREE: bool = true;
 /// reachable blocks point to, whatever the memory).
 pub fn free_must_wait() -> bool {
     true
+}
+
+/// Minor collections completed since the program started. Once it has grown by 2 past
+/// a value read by a stub, every domain running at that stub's time has been at a safe
+/// point since: whatever C code of the runtime (a marking slice) was running then, on
+/// any domain, has returned.
+pub fn minor_collections() -> usize {
+    // SAFETY: an atomic counter of the runtime, which only grows.
+    unsafe { caml_minor_collections_count.load(Ordering::Acquire) }
 }
 
 /// Major cycles completed since the program started.

@@ -18,6 +18,14 @@
 //! takes no lock at all; copies freed on other threads than made them go to the
 //! freeing thread's slots.
 //!
+//! On OCaml 5 a slot whose copy's root was never handed out, freed while other domains
+//! run, is held a short while instead ([`free_held`]): until the runtime has completed
+//! two more minor collections, stop-the-world sections that every running domain enters
+//! from a safe point, so that a marking slice of another domain that read the handle's
+//! pointer just before the free has returned by then (`release::free_never_exposed`).
+//! A thread keeps two batches of such slots, by the minor collection count of their
+//! frees; a thread that ends gives its batches to the slab, which holds them as long.
+//!
 //! The stubs choose the slab from the allocator block and the size alone (see
 //! [`is_slab_copy`]), at `copy` and again at `free`, so the handle records nothing more.
 //! Copies made with any other allocator, `offheap_alloc` called from C included, are
@@ -43,15 +51,130 @@ struct Slab {
     /// Next unused byte of the current region, and its end.
     bump: *mut u8,
     end: *mut u8,
+    /// Slots held for ended threads and threads that keep no slots (OCaml 5).
+    #[cfg(ocaml5)]
+    held: Batches,
+}
+
+/// Slots of any class held until a minor collection count ([`Held::due`]): each slot's
+/// first word links to the next, its second word holds its class (every slot has at
+/// least [`GRAIN`] bytes). `minor` is the count read at the latest of their frees.
+#[cfg(ocaml5)]
+#[derive(Clone, Copy)]
+struct Held {
+    head: *mut u8,
+    tail: *mut u8,
+    count: usize,
+    minor: usize,
+}
+
+#[cfg(ocaml5)]
+impl Held {
+    const EMPTY: Held = Held {
+        head: std::ptr::null_mut(),
+        tail: std::ptr::null_mut(),
+        count: 0,
+        minor: 0,
+    };
+
+    /// Whether slots are held and the count `now` is 2 past their frees' (see
+    /// `runtime::minor_collections`).
+    fn due(&self, now: usize) -> bool {
+        self.count > 0 && now.wrapping_sub(self.minor) >= 2
+    }
+
+    /// Adds the slot `slot` of class `class`, freed at count `minor`.
+    ///
+    /// # Safety
+    /// `slot` is a slot of that class that nothing uses any more.
+    unsafe fn push(&mut self, slot: *mut u8, class: usize, minor: usize) {
+        // SAFETY: the caller's contract: at least two words of ours.
+        unsafe {
+            link(slot, self.head);
+            *(slot as *mut usize).add(1) = class;
+        }
+        if self.count == 0 {
+            self.tail = slot;
+        }
+        self.head = slot;
+        self.count += 1;
+        self.minor = self.minor.max(minor);
+    }
+
+    /// Adds the slots of `other`; they are all held until the later of the two counts.
+    fn append(&mut self, other: Held) {
+        if other.count == 0 {
+            return;
+        }
+        if self.count > 0 {
+            // SAFETY: held slots, ours alone.
+            unsafe { link(other.tail, self.head) };
+        } else {
+            self.tail = other.tail;
+        }
+        self.head = other.head;
+        self.count += other.count;
+        self.minor = self.minor.max(other.minor);
+    }
+
+    /// Takes every slot, calling `free(class, slot)` on each.
+    fn drain(&mut self, mut free: impl FnMut(usize, *mut u8)) {
+        let mut slot = self.head;
+        for _ in 0..self.count {
+            // SAFETY: a held slot: its link and class were written by `push`.
+            let (next, class) = unsafe { (next_of(slot), *(slot as *const usize).add(1)) };
+            free(class, slot);
+            slot = next;
+        }
+        *self = Held::EMPTY;
+    }
 }
 
 // SAFETY: the pointers are memory owned by the slab alone, used under its lock.
 unsafe impl Send for Slab {}
 
+/// Held slots in two batches, the older and the newer, so that a steady stream of frees
+/// never keeps a batch from coming due: a batch takes frees of one count only, and a
+/// free of a later count starts a new one, the older batch being due by then.
+#[cfg(ocaml5)]
+#[derive(Clone, Copy)]
+struct Batches([Held; 2]);
+
+#[cfg(ocaml5)]
+impl Batches {
+    const EMPTY: Batches = Batches([Held::EMPTY; 2]);
+
+    /// Takes the batches that are due at the count `now` out.
+    fn take_due(&mut self, now: usize) -> [Held; 2] {
+        let mut due = [Held::EMPTY; 2];
+        for (k, batch) in self.0.iter_mut().enumerate() {
+            if batch.due(now) {
+                due[k] = std::mem::replace(batch, Held::EMPTY);
+            }
+        }
+        due
+    }
+
+    /// Adds `slots`, freed at counts up to `slots.minor`, at most `now`, once what is due
+    /// at `now` was taken out ([`Batches::take_due`]).
+    fn add(&mut self, slots: Held) {
+        let [older, newer] = &mut self.0;
+        if newer.count > 0 && newer.minor < slots.minor {
+            // The older batch is empty: its count was below the newer's, so at least 2
+            // below `now`, and it was due.
+            older.append(*newer);
+            *newer = Held::EMPTY;
+        }
+        newer.append(slots);
+    }
+}
+
 static SLAB: Mutex<Slab> = Mutex::new(Slab {
     free: [std::ptr::null_mut(); CLASSES],
     bump: std::ptr::null_mut(),
     end: std::ptr::null_mut(),
+    #[cfg(ocaml5)]
+    held: Batches::EMPTY,
 });
 
 fn slab() -> MutexGuard<'static, Slab> {
@@ -119,6 +242,17 @@ struct Run {
     count: usize,
 }
 
+impl Run {
+    /// The run of the one slot `slot`.
+    fn one(slot: *mut u8) -> Run {
+        Run {
+            head: slot,
+            tail: slot,
+            count: 1,
+        }
+    }
+}
+
 impl Slab {
     /// Up to `want` (at least 1) free slots of class `class`: from its free list, else
     /// carved from the current region or a new one; `None` when no region could be
@@ -126,6 +260,8 @@ impl Slab {
     ///
     /// Called holding the runtime (see [`alloc`]).
     fn take(&mut self, class: usize, want: usize) -> Option<Run> {
+        #[cfg(ocaml5)]
+        self.release_due(super::minor_collections());
         let head = self.free[class];
         if !head.is_null() {
             let (mut tail, mut count) = (head, 1);
@@ -179,6 +315,21 @@ impl Slab {
         unsafe { link(run.tail, self.free[class]) };
         self.free[class] = run.head;
     }
+
+    /// Puts the held slots that are due at the count `now` on their free lists.
+    #[cfg(ocaml5)]
+    fn release_due(&mut self, now: usize) {
+        for mut batch in self.held.take_due(now) {
+            batch.drain(|class, slot| self.give(class, Run::one(slot)));
+        }
+    }
+
+    /// Holds `slots` (see [`free_held`]), freed at counts up to `now`.
+    #[cfg(ocaml5)]
+    fn hold(&mut self, slots: Held, now: usize) {
+        self.release_due(now);
+        self.held.add(slots);
+    }
 }
 
 /// The free slots a thread keeps, used without the lock: a copy made and freed on one
@@ -189,11 +340,18 @@ struct ThreadSlots {
     /// Each class's list: `heads[c]`, `counts[c]` slots.
     heads: [*mut u8; CLASSES],
     counts: [usize; CLASSES],
+    /// Slots held (OCaml 5, [`free_held`]).
+    #[cfg(ocaml5)]
+    held: Batches,
 }
 
 impl ThreadSlots {
     /// A slot of class `class`, from this thread's list, else a run taken from the slab.
     fn alloc(&mut self, class: usize) -> *mut u8 {
+        #[cfg(ocaml5)]
+        if self.counts[class] == 0 {
+            self.release_due(super::minor_collections());
+        }
         if self.counts[class] == 0 {
             let want = cache_limit(class).div_ceil(2);
             let Some(run) = slab().take(class, want) else {
@@ -248,7 +406,7 @@ impl ThreadSlots {
 }
 
 impl ThreadSlots {
-    /// Gives every slot back to the slab.
+    /// Gives every slot back to the slab, the held ones to be held there.
     fn give_back(&mut self) {
         let mut slab = slab();
         for class in 0..CLASSES {
@@ -257,6 +415,36 @@ impl ThreadSlots {
                 let run = self.split(class, n);
                 slab.give(class, run);
             }
+        }
+        #[cfg(ocaml5)]
+        {
+            let [older, newer] = std::mem::replace(&mut self.held, Batches::EMPTY).0;
+            let now = super::minor_collections();
+            slab.hold(older, now);
+            slab.hold(newer, now);
+        }
+    }
+
+    /// Holds the slot `ptr` of class `class`, freed now, at the minor collection count
+    /// `now` (see [`free_held`]).
+    ///
+    /// # Safety
+    /// As for [`ThreadSlots::free`].
+    #[cfg(ocaml5)]
+    unsafe fn hold(&mut self, class: usize, ptr: *mut u8, now: usize) {
+        self.release_due(now);
+        let mut one = Held::EMPTY;
+        // SAFETY: the caller's contract.
+        unsafe { one.push(ptr, class, now) };
+        self.held.add(one);
+    }
+
+    /// Moves the held slots that are due at the count `now` to their classes' lists.
+    #[cfg(ocaml5)]
+    fn release_due(&mut self, now: usize) {
+        for mut batch in self.held.take_due(now) {
+            // SAFETY: held slots, freed long enough ago, ours alone.
+            batch.drain(|class, slot| unsafe { self.free(class, slot) });
         }
     }
 }
@@ -268,6 +456,8 @@ thread_local! {
         UnsafeCell::new(ThreadSlots {
             heads: [std::ptr::null_mut(); CLASSES],
             counts: [0; CLASSES],
+            #[cfg(ocaml5)]
+            held: Batches::EMPTY,
         })
     };
 }
@@ -302,16 +492,51 @@ pub fn alloc(bytes: usize) -> *mut u8 {
 pub unsafe fn free(ptr: *mut u8, bytes: usize) {
     let class = class_of(bytes);
     if !crate::thread_end::watched() {
-        let run = Run {
-            head: ptr,
-            tail: ptr,
-            count: 1,
-        };
-        slab().give(class, run);
+        slab().give(class, Run::one(ptr));
         return;
     }
     // SAFETY: as in `alloc`; the caller's contract for `ptr`.
     THREAD_SLOTS.with(|slots| unsafe { (*slots.get()).free(class, ptr) });
+}
+
+/// Gives back a slot from [`alloc`] of the same `bytes`, on any thread, once the minor
+/// collection count has grown by 2 (see `runtime::minor_collections`): a slot of a copy
+/// whose root no `get` handed out, freed while other domains run, whose marking slices
+/// may have read the handle's pointer into it just before the free (OCaml 5; on OCaml 4,
+/// where no other domain runs, [`free`]).
+///
+/// # Safety
+/// As for [`free`].
+pub unsafe fn free_held(ptr: *mut u8, bytes: usize) {
+    #[cfg(not(ocaml5))]
+    // SAFETY: forwarded.
+    unsafe {
+        free(ptr, bytes)
+    }
+    #[cfg(ocaml5)]
+    // SAFETY: as below.
+    unsafe {
+        hold(ptr, bytes)
+    }
+}
+
+/// [`free_held`] on OCaml 5.
+///
+/// # Safety
+/// As for [`free`].
+#[cfg(ocaml5)]
+unsafe fn hold(ptr: *mut u8, bytes: usize) {
+    let class = class_of(bytes);
+    let now = super::minor_collections();
+    if !crate::thread_end::watched() {
+        let mut one = Held::EMPTY;
+        // SAFETY: the caller's contract.
+        unsafe { one.push(ptr, class, now) };
+        slab().hold(one, now);
+        return;
+    }
+    // SAFETY: as in `alloc`; the caller's contract for `ptr`.
+    THREAD_SLOTS.with(|slots| unsafe { (*slots.get()).hold(class, ptr, now) });
 }
 
 /// Gives the calling thread's slots back to the slab: its thread ends
