@@ -27,12 +27,12 @@
 //! A fresh handle's state is -1 (nothing owned, statistics zero). A [`root_if_live`]
 //! reads `root` and then `state`, so it never hands out a cleared root.
 //!
-//! Bit 2 of a live state ([`EXPOSED`]) says that `get` has handed out the root of a
-//! copy with its record in front: from then on a pointer into the copy may lie anywhere
-//! the GC looks. Until then only the handle's `root` points into it (the copy's own
-//! blocks are never scanned), and [`take`] overwrites that; so on OCaml 5 a small copy
-//! never handed out can go back to the slab at `free` instead of waiting for the end of
-//! a major cycle (`release::free`). Word-aligned addresses leave bits 0-2 free.
+//! Bit 2 of a live state ([`EXPOSED`]) says that `get` has handed out the copy's root:
+//! from then on a pointer into the copy may lie anywhere the GC looks. Until then only
+//! the handle's `root` points into it (the copy's own blocks are never scanned), and
+//! [`take`] overwrites that; so a copy never handed out can go back at `free` instead of
+//! waiting for the GC (`release::free_never_exposed`). Records are word aligned, which
+//! leaves bits 0-2 of their addresses free.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -53,8 +53,7 @@ const STATE: usize = 2;
 pub const FRESH: Word = val_int(-1);
 /// Bit 1 of a live state: the record is apart from the allocation (an image).
 const APART: Word = 2;
-/// Bit 2 of a live state with its record in front: the root was handed out (see the
-/// module's documentation).
+/// Bit 2 of a live state: the root was handed out (see the module's documentation).
 const EXPOSED: Word = 4;
 
 /// The address a live state holds (its record), without the tag and the flags.
@@ -314,7 +313,7 @@ pub unsafe fn take(h: Word) -> Option<(Owned, Apart)> {
 /// As for [`take`].
 pub unsafe fn take_never_exposed(h: Word) -> Option<(Owned, Apart)> {
     // SAFETY: the caller's contract.
-    unsafe { take_if(h, |state| state & (EXPOSED | APART) == 0 && state != 1) }
+    unsafe { take_if(h, |state| state & EXPOSED == 0 && state != 1) }
 }
 
 /// [`take`] if `accept` holds of the live state taken.
@@ -434,11 +433,7 @@ pub unsafe fn root_if_live(h: Word, freed: Word) -> Word {
         return freed;
     }
     // SAFETY: the caller's contract.
-    if runtime::SLAB_FREES_WAIT
-        && state & (EXPOSED | APART) == 0
-        && state != 1
-        && !unsafe { mark_exposed(h, state) }
-    {
+    if state & EXPOSED == 0 && state != 1 && !unsafe { mark_exposed(h, state) } {
         return freed;
     }
     root

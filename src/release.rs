@@ -20,7 +20,7 @@
 //! alarm of `lib/offheap.ml`); a drain stops at the first copy not due yet, so it costs
 //! nothing when nothing is due.
 //!
-//! A small copy whose root no `get` ever handed out waits for none of this on OCaml 5
+//! A copy whose root no `get` ever handed out waits for none of this
 //! ([`free_never_exposed`]): only its handle pointed into it.
 //!
 //! A waiting copy keeps its allocator block alive through a slot that the GC scans as a
@@ -440,11 +440,9 @@ pub unsafe fn free(h: Word) -> Outcome {
             }
         };
     }
-    if runtime::SLAB_FREES_WAIT {
-        // SAFETY: the caller's contract.
-        if let Some(done) = unsafe { free_never_exposed(h) } {
-            return done;
-        }
+    // SAFETY: the caller's contract.
+    if let Some(done) = unsafe { free_never_exposed(h) } {
+        return done;
     }
     // The root of the allocator block, made first (see `Rooted`).
     // SAFETY: the caller's contract; no lock is held, nothing to drop yet.
@@ -525,43 +523,51 @@ pub unsafe fn free(h: Word) -> Outcome {
     Outcome::Done(work)
 }
 
-/// Gives a small copy back to the slab when its root was never handed out
-/// (`handle::take_never_exposed`): no pointer into it but the handle's own root, which
-/// `take` overwrites, so no marker can follow one into it later. With no other domain
-/// running it goes back at once; beside other domains it is held until they have all
-/// been at a safe point, which ends any marking slice of theirs that read the handle's
-/// root just before (`slab::free_held`: two minor collections, where a free that waits
-/// waits for the end of a major cycle). `None`, having done nothing, for any other
-/// copy. Like any free it pays the debt of earlier ones ([`debt_due`]).
+/// Frees a copy whose root was never handed out (`handle::take_never_exposed`): no
+/// pointer into it but the handle's own root, which `take` overwrites, so no marker can
+/// follow one into it later. When no other domain runs (always on OCaml 4) it goes back
+/// to its allocator at once, whatever its size and allocator. Beside other domains, a
+/// marking slice of theirs may have read the handle's root just before the free: a
+/// small copy of the default allocator is then held until they have all been at a safe
+/// point (`slab::free_held`: two minor collections, where a free that waits waits for
+/// the end of a major cycle), and any other copy waits as usual. `None`, having done
+/// nothing, when the copy waits. Like any free it pays the debt of earlier ones
+/// ([`debt_due`]).
 ///
-/// A small copy that is made and freed again without a `get` (a cache's entry evicted
-/// unread, a copy made to measure or test a value) then costs what it costs on OCaml 4,
-/// its slot reused at a later copy of its size.
+/// A copy that is made and freed again without a `get` (a cache's entry evicted unread,
+/// a copy made to measure or test a value) then costs what it costs on OCaml 4 when the
+/// GC is not marking, its memory reused at once.
 ///
 /// # Safety
 /// `h` is a handle; called from a stub holding the runtime, allocating nothing on the
 /// OCaml heap.
 unsafe fn free_never_exposed(h: Word) -> Option<Outcome> {
+    if runtime::stub_runs_alone() {
+        // SAFETY: the caller's contract. `None` when the root was handed out.
+        let (owned, apart) = unsafe { handle::take_never_exposed(h) }?;
+        // SAFETY: the handle gave the copy up to us alone, and nothing points into it
+        // (above); no other stub runs to read its record apart.
+        unsafe {
+            release_now(owned);
+            apart.free();
+        }
+        return Some(Outcome::Done(debt_due()));
+    }
     // SAFETY: the caller's contract.
     let (bytes, alloc_block) = unsafe { handle::never_exposed(h) }?;
     // SAFETY: the allocator block of a live handle, alive (the handle holds it).
     if !slab::is_slab_copy(&unsafe { CAllocator::new(alloc_block) }, bytes) {
         return None;
     }
-    let alone = runtime::stub_runs_alone();
     // SAFETY: the caller's contract. `None` when another domain freed the handle, or
     // handed its root out, meanwhile.
     let (owned, apart) = unsafe { handle::take_never_exposed(h) }?;
     // SAFETY: a slab copy of this size (its record and allocator never change while
-    // the handle is live), which the handle gave up to us alone, made with the default
-    // allocator, its record in front of it (no record apart); nothing points into it
-    // any more but what other domains' marking may have just read (above).
+    // the handle is live), which the handle gave up to us alone, its record in front of
+    // it (no record apart); nothing points into it any more but what other domains'
+    // marking may have just read (above).
     unsafe {
-        if alone {
-            slab::free(owned.base, owned.bytes);
-        } else {
-            slab::free_held(owned.base, owned.bytes);
-        }
+        slab::free_held(owned.base, owned.bytes);
         apart.free();
     }
     Some(Outcome::Done(debt_due()))

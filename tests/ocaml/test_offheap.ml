@@ -985,6 +985,8 @@ let test_allocator_kept_alive _ =
 let test_allocator_kept_while_waiting _ =
   let id = fresh_id () in
   let h = Offheap.copy ~alloc:(counting_alloc id) (make_shapes ()) in
+  (* Read: a copy whose value no [get] returned goes back at its free. *)
+  ignore (Sys.opaque_identity (Offheap.get h));
   Gc.full_major ();
   ignore (Gc.major_slice 1);
   Offheap.free h;
@@ -1000,6 +1002,27 @@ let test_allocator_kept_while_waiting _ =
   assert_equal ~msg:"outstanding" ~printer:pint 0 c.outstanding;
   assert_equal ~msg:"unknown frees" ~printer:pint 0 c.unknown_frees
 
+(* A copy whose value no [get] returned has nothing pointing into it but its handle: its
+   free gives it back to the allocator at once, even while the major GC marks (OCaml 4)
+   or a cycle runs (OCaml 5), where a copy read waits (src/release.rs). *)
+let test_unread_copy_back_at_once _ =
+  let a = counting_alloc (fresh_id ()) in
+  let unread = Offheap.copy ~alloc:a (make_shapes ()) in
+  let read = Offheap.copy ~alloc:a (make_shapes ()) in
+  ignore (Sys.opaque_identity (Offheap.get read));
+  Gc.full_major ();
+  ignore (Gc.major_slice 1);
+  Offheap.free unread;
+  assert_equal ~msg:"the unread copy's free called the allocator's" ~printer:pint 1
+    (counts a).frees;
+  Offheap.free read;
+  let waited = Offheap.pending_frees () > 0 and frees = (counts a).frees in
+  settle ();
+  assert_bool "the read copy waited" waited;
+  assert_equal ~msg:"the read copy's free waited" ~printer:pint 1 frees;
+  assert_equal ~msg:"both freed in the end" ~printer:pint 2 (counts a).frees;
+  assert_equal ~msg:"outstanding" ~printer:pint 0 (counts a).outstanding
+
 let allocator =
   "counting allocator"
   >::: [
@@ -1007,6 +1030,7 @@ let allocator =
          "many live copies, two allocators" >:: test_many_live_copies;
          "allocator kept alive by the handle" >:: test_allocator_kept_alive;
          "allocator kept alive while its free waits" >:: test_allocator_kept_while_waiting;
+         "a copy never read: back to its allocator at once" >:: test_unread_copy_back_at_once;
        ]
 
 (* {1 The GC} *)
