@@ -170,10 +170,11 @@ val free : 'a t -> unit
     may still scan blocks that pointed into the copy when it reached them (dead since),
     and the memory, handed back, could have become part of the GC heap (OCaml 4) or be
     anything (OCaml 5). Pending frees are handed back at the end of later major cycles
-    (OCaml 4: of the marking) and at the next [copy] or [free]. On OCaml 5 a copy of at
-    most 1 KiB made with {!malloc} whose value no [get] (or [with_copy]) ever returned
-    goes back at once when no other domain runs, and after two minor collections beside
-    other domains: nothing but its handle pointed into it. On OCaml 5, a copy of
+    (OCaml 4: of the marking) and at the next [copy] or [free]. A copy whose value no
+    [get] (or [with_copy]) ever returned goes back at once when no other domain runs
+    (OCaml 4: always), and beside other domains after two minor collections if it is
+    a copy of at most 1 KiB made with {!malloc}: nothing but its handle pointed into
+    it. On OCaml 5, a copy of
     4 MiB or more made with {!malloc}, a region's chunks and a loaded image give their
     pages back to the system at the [free] itself once what waits passes a limit
     (8 MiB, or more on a larger heap): only their address range waits then.
