@@ -556,18 +556,28 @@ unsafe fn free_never_exposed(h: Word) -> Option<Outcome> {
     // SAFETY: the caller's contract.
     let (bytes, alloc_block) = unsafe { handle::never_exposed(h) }?;
     // SAFETY: the allocator block of a live handle, alive (the handle holds it).
-    if !slab::is_slab_copy(&unsafe { CAllocator::new(alloc_block) }, bytes) {
+    let alloc = unsafe { CAllocator::new(alloc_block) };
+    let small = slab::is_slab_copy(&alloc, bytes);
+    // A larger copy of the default allocator is held too while the thread holds little;
+    // from `LARGE_BYTES` on it gives its pages back at the free as it waits.
+    let held_block =
+        !small && alloc.is_default() && bytes < alloc::LARGE_BYTES && slab::can_hold_block(bytes);
+    if !small && !held_block {
         return None;
     }
     // SAFETY: the caller's contract. `None` when another domain freed the handle, or
     // handed its root out, meanwhile.
     let (owned, apart) = unsafe { handle::take_never_exposed(h) }?;
-    // SAFETY: a slab copy of this size (its record and allocator never change while
-    // the handle is live), which the handle gave up to us alone, its record in front of
-    // it (no record apart); nothing points into it any more but what other domains'
-    // marking may have just read (above).
+    // SAFETY: a copy of this size (its record and allocator never change while the
+    // handle is live) made with the default allocator, which the handle gave up to us
+    // alone, its record in front of it (no record apart); nothing points into it any
+    // more but what other domains' marking may have just read (above).
     unsafe {
-        slab::free_held(owned.base, owned.bytes);
+        if small {
+            slab::free_held(owned.base, owned.bytes);
+        } else {
+            slab::free_held_block(owned.base, owned.bytes);
+        }
         apart.free();
     }
     Some(Outcome::Done(debt_due()))

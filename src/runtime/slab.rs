@@ -56,9 +56,11 @@ struct Slab {
     held: Batches,
 }
 
-/// Slots of any class held until a minor collection count ([`Held::due`]): each slot's
-/// first word links to the next, its second word holds its class (every slot has at
-/// least [`GRAIN`] bytes). `minor` is the count read at the latest of their frees.
+/// Slots of any class, and blocks of the default allocator beyond the slab, held until
+/// a minor collection count ([`Held::due`]): each one's first word links to the next,
+/// its second word holds a slot's class or a block's size with [`BLOCK`] set (every
+/// slot has at least [`GRAIN`] bytes). `minor` is the count read at the latest of their
+/// frees; `block_bytes` the bytes of the blocks.
 #[cfg(ocaml5)]
 #[derive(Clone, Copy)]
 struct Held {
@@ -66,6 +68,33 @@ struct Held {
     tail: *mut u8,
     count: usize,
     minor: usize,
+    block_bytes: usize,
+}
+
+/// The tag of a held block beyond the slab: its size or'ed with this bit.
+#[cfg(ocaml5)]
+const BLOCK: usize = 1 << (usize::BITS - 1);
+
+/// The bytes of blocks beyond the slab that a thread, or the slab for threads that keep
+/// none, holds at most ([`free_held_block`]); past them, frees of such blocks wait for
+/// the end of a major cycle as any other.
+#[cfg(ocaml5)]
+const HELD_BLOCK_BYTES: usize = 16 << 20;
+
+/// Gives a held slot or block back: a slot to `slot_free(class, slot)`, a block to the
+/// default allocator.
+///
+/// # Safety
+/// `at` is held (pushed with `tag`) and due.
+#[cfg(ocaml5)]
+unsafe fn give_held(tag: usize, at: *mut u8, slot_free: impl FnOnce(usize, *mut u8)) {
+    if tag & BLOCK != 0 {
+        // SAFETY: a block of this size from the default allocator (`free_held_block`'s
+        // contract), which ignores its block argument; nothing uses it.
+        unsafe { offheap_free(0, at, tag & !BLOCK) };
+    } else {
+        slot_free(tag, at);
+    }
 }
 
 #[cfg(ocaml5)]
@@ -75,6 +104,7 @@ impl Held {
         tail: std::ptr::null_mut(),
         count: 0,
         minor: 0,
+        block_bytes: 0,
     };
 
     /// Whether slots are held and the count `now` is 2 past their frees' (see
@@ -83,15 +113,20 @@ impl Held {
         self.count > 0 && now.wrapping_sub(self.minor) >= 2
     }
 
-    /// Adds the slot `slot` of class `class`, freed at count `minor`.
+    /// Adds the slot `slot` of class `tag`, or the block of `tag & !BLOCK` bytes, freed
+    /// at count `minor`.
     ///
     /// # Safety
-    /// `slot` is a slot of that class that nothing uses any more.
-    unsafe fn push(&mut self, slot: *mut u8, class: usize, minor: usize) {
+    /// `slot` is a slot of that class, or a block of the default allocator of that size,
+    /// that nothing uses any more.
+    unsafe fn push(&mut self, slot: *mut u8, tag: usize, minor: usize) {
         // SAFETY: the caller's contract: at least two words of ours.
         unsafe {
             link(slot, self.head);
-            *(slot as *mut usize).add(1) = class;
+            *(slot as *mut usize).add(1) = tag;
+        }
+        if tag & BLOCK != 0 {
+            self.block_bytes += tag & !BLOCK;
         }
         if self.count == 0 {
             self.tail = slot;
@@ -115,15 +150,16 @@ impl Held {
         self.head = other.head;
         self.count += other.count;
         self.minor = self.minor.max(other.minor);
+        self.block_bytes += other.block_bytes;
     }
 
-    /// Takes every slot, calling `free(class, slot)` on each.
+    /// Takes everything, calling `free(tag, slot)` on each (see [`Held::push`]).
     fn drain(&mut self, mut free: impl FnMut(usize, *mut u8)) {
         let mut slot = self.head;
         for _ in 0..self.count {
-            // SAFETY: a held slot: its link and class were written by `push`.
-            let (next, class) = unsafe { (next_of(slot), *(slot as *const usize).add(1)) };
-            free(class, slot);
+            // SAFETY: held: its link and tag were written by `push`.
+            let (next, tag) = unsafe { (next_of(slot), *(slot as *const usize).add(1)) };
+            free(tag, slot);
             slot = next;
         }
         *self = Held::EMPTY;
@@ -153,6 +189,11 @@ impl Batches {
             }
         }
         due
+    }
+
+    /// The bytes of the blocks held.
+    fn block_bytes(&self) -> usize {
+        self.0[0].block_bytes + self.0[1].block_bytes
     }
 
     /// Adds `slots`, freed at counts up to `slots.minor`, at most `now`, once what is due
@@ -320,7 +361,10 @@ impl Slab {
     #[cfg(ocaml5)]
     fn release_due(&mut self, now: usize) {
         for mut batch in self.held.take_due(now) {
-            batch.drain(|class, slot| self.give(class, Run::one(slot)));
+            // SAFETY: held and due.
+            batch.drain(|tag, at| unsafe {
+                give_held(tag, at, |class, slot| self.give(class, Run::one(slot)))
+            });
         }
     }
 
@@ -431,11 +475,11 @@ impl ThreadSlots {
     /// # Safety
     /// As for [`ThreadSlots::free`].
     #[cfg(ocaml5)]
-    unsafe fn hold(&mut self, class: usize, ptr: *mut u8, now: usize) {
+    unsafe fn hold(&mut self, tag: usize, ptr: *mut u8, now: usize) {
         self.release_due(now);
         let mut one = Held::EMPTY;
         // SAFETY: the caller's contract.
-        unsafe { one.push(ptr, class, now) };
+        unsafe { one.push(ptr, tag, now) };
         self.held.add(one);
     }
 
@@ -443,8 +487,10 @@ impl ThreadSlots {
     #[cfg(ocaml5)]
     fn release_due(&mut self, now: usize) {
         for mut batch in self.held.take_due(now) {
-            // SAFETY: held slots, freed long enough ago, ours alone.
-            batch.drain(|class, slot| unsafe { self.free(class, slot) });
+            // SAFETY: held and due, ours alone.
+            batch.drain(|tag, at| unsafe {
+                give_held(tag, at, |class, slot| self.free(class, slot))
+            });
         }
     }
 }
@@ -526,17 +572,75 @@ pub unsafe fn free_held(ptr: *mut u8, bytes: usize) {
 /// As for [`free`].
 #[cfg(ocaml5)]
 unsafe fn hold(ptr: *mut u8, bytes: usize) {
-    let class = class_of(bytes);
+    // SAFETY: forwarded.
+    unsafe { hold_tagged(ptr, class_of(bytes)) }
+}
+
+/// Holds `ptr`, a slot of class `tag` or a block of `tag & !BLOCK` bytes, in this
+/// thread's batches, or the slab's for a thread that keeps none.
+///
+/// # Safety
+/// As for [`Held::push`].
+#[cfg(ocaml5)]
+unsafe fn hold_tagged(ptr: *mut u8, tag: usize) {
     let now = super::minor_collections();
     if !crate::thread_end::watched() {
         let mut one = Held::EMPTY;
         // SAFETY: the caller's contract.
-        unsafe { one.push(ptr, class, now) };
+        unsafe { one.push(ptr, tag, now) };
         slab().hold(one, now);
         return;
     }
     // SAFETY: as in `alloc`; the caller's contract for `ptr`.
-    THREAD_SLOTS.with(|slots| unsafe { (*slots.get()).hold(class, ptr, now) });
+    THREAD_SLOTS.with(|slots| unsafe { (*slots.get()).hold(tag, ptr, now) });
+}
+
+/// Whether [`free_held_block`] may hold `bytes` more bytes of blocks now (a thread, or
+/// the slab for threads that keep none, holds at most `HELD_BLOCK_BYTES`; the
+/// batches due are released first). Never on OCaml 4, where no other domain runs.
+#[cfg_attr(not(ocaml5), allow(unused_variables))]
+pub fn can_hold_block(bytes: usize) -> bool {
+    #[cfg(not(ocaml5))]
+    return false;
+    #[cfg(ocaml5)]
+    can_hold_block_now(bytes)
+}
+
+/// [`can_hold_block`] on OCaml 5.
+#[cfg(ocaml5)]
+fn can_hold_block_now(bytes: usize) -> bool {
+    let now = super::minor_collections();
+    let room = |held: usize| held.saturating_add(bytes) <= HELD_BLOCK_BYTES;
+    if !crate::thread_end::watched() {
+        let mut slab = slab();
+        slab.release_due(now);
+        return room(slab.held.block_bytes());
+    }
+    // SAFETY: as in `alloc`.
+    THREAD_SLOTS.with(|slots| unsafe {
+        let slots = &mut *slots.get();
+        slots.release_due(now);
+        room(slots.held.block_bytes())
+    })
+}
+
+/// Gives back, as [`free_held`] does a slot, a block of `bytes` bytes (beyond
+/// [`SMALL_MAX`]) of the default allocator ([`offheap_alloc`]) after
+/// [`can_hold_block`] said there was room.
+///
+/// # Safety
+/// `ptr` came from the default allocator for `bytes` bytes and nothing uses it any more.
+pub unsafe fn free_held_block(ptr: *mut u8, bytes: usize) {
+    #[cfg(not(ocaml5))]
+    // SAFETY: the caller's contract (OCaml 4 holds nothing: never called there).
+    unsafe {
+        offheap_free(0, ptr, bytes)
+    }
+    #[cfg(ocaml5)]
+    // SAFETY: forwarded; a size has its top bit clear.
+    unsafe {
+        hold_tagged(ptr, bytes | BLOCK)
+    }
 }
 
 /// Gives the calling thread's slots back to the slab: its thread ends
