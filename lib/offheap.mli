@@ -173,7 +173,7 @@ val free : 'a t -> unit
     (OCaml 4: of the marking) and at the next [copy] or [free]. A copy whose value no
     [get] (or [with_copy]) ever returned goes back at once when no other domain runs
     (OCaml 4: always), and beside other domains after two minor collections if it is
-    a copy of at most 1 KiB made with {!malloc}: nothing but its handle pointed into
+    a copy of under 4 MiB made with {!malloc}: nothing but its handle pointed into
     it. On OCaml 5, a copy of
     4 MiB or more made with {!malloc}, a region's chunks and a loaded image give their
     pages back to the system at the [free] itself once what waits passes a limit
