@@ -304,8 +304,8 @@ pub unsafe fn take(h: Word) -> Option<(Owned, Apart)> {
     unsafe { take_if(h, |_| true) }
 }
 
-/// [`take`] when the copy of the live handle `h` has its record in front and its root
-/// was never handed out by [`root_if_live`], decided atomically with the taking (a
+/// [`take`] when the live handle `h` owns a copy (it allocated something) whose root was
+/// never handed out by [`root_if_live`], decided atomically with the taking (a
 /// concurrent `get` either sets [`EXPOSED`] first, or finds the handle freed and hands
 /// out nothing); `None`, having done nothing, otherwise.
 ///

@@ -528,11 +528,11 @@ pub unsafe fn free(h: Word) -> Outcome {
 /// follow one into it later. When no other domain runs (always on OCaml 4) it goes back
 /// to its allocator at once, whatever its size and allocator. Beside other domains, a
 /// marking slice of theirs may have read the handle's root just before the free: a
-/// small copy of the default allocator is then held until they have all been at a safe
-/// point (`slab::free_held`: two minor collections, where a free that waits waits for
-/// the end of a major cycle), and any other copy waits as usual. `None`, having done
-/// nothing, when the copy waits. Like any free it pays the debt of earlier ones
-/// ([`debt_due`]).
+/// copy of the default allocator under [`alloc::LARGE_BYTES`] is then held until they
+/// have all been at a safe point (`slab::free_held` and `slab::free_held_block`: two
+/// minor collections, where a free that waits waits for the end of a major cycle), and
+/// any other copy waits as usual. `None`, having done nothing, when the copy waits.
+/// Like any free it pays the debt of earlier ones ([`debt_due`]).
 ///
 /// A copy that is made and freed again without a `get` (a cache's entry evicted unread,
 /// a copy made to measure or test a value) then costs what it costs on OCaml 4 when the
