@@ -957,12 +957,12 @@ let small_values cfg =
   let copy_all () = Array.iteri (fun i v -> handles.(i) <- Offheap.copy v) values in
   let free_all () = Array.iter Offheap.free handles in
   let interleaved () = Array.iter (fun v -> Offheap.free (Offheap.copy v)) values in
-  let read_all () = Array.iter (fun h -> ignore (Sys.opaque_identity (Offheap.get h))) handles in
+  let read_all () = Array.iter read handles in
   let interleaved_read () =
     Array.iter
       (fun v ->
         let h = Offheap.copy v in
-        ignore (Sys.opaque_identity (Offheap.get h));
+        read h;
         Offheap.free h)
       values
   in

@@ -56,6 +56,12 @@ const APART: Word = 2;
 /// Bit 2 of a live state: the root was handed out (see the module's documentation).
 const EXPOSED: Word = 4;
 
+/// Whether the live state `state` owns a copy (it allocated something) whose root was
+/// never handed out.
+fn owns_unexposed(state: Word) -> bool {
+    state & EXPOSED == 0 && state != 1
+}
+
 /// The address a live state holds (its record), without the tag and the flags.
 fn address_of(state: Word) -> Word {
     state & !(EXPOSED | APART | 1)
@@ -313,7 +319,7 @@ pub unsafe fn take(h: Word) -> Option<(Owned, Apart)> {
 /// As for [`take`].
 pub unsafe fn take_never_exposed(h: Word) -> Option<(Owned, Apart)> {
     // SAFETY: the caller's contract.
-    unsafe { take_if(h, |state| state & EXPOSED == 0 && state != 1) }
+    unsafe { take_if(h, owns_unexposed) }
 }
 
 /// [`take`] if `accept` holds of the live state taken.
@@ -433,7 +439,7 @@ pub unsafe fn root_if_live(h: Word, freed: Word) -> Word {
         return freed;
     }
     // SAFETY: the caller's contract.
-    if state & EXPOSED == 0 && state != 1 && !unsafe { mark_exposed(h, state) } {
+    if owns_unexposed(state) && !unsafe { mark_exposed(h, state) } {
         return freed;
     }
     root
@@ -470,7 +476,7 @@ pub unsafe fn never_exposed(h: Word) -> Option<(usize, Word)> {
     let alloc = unsafe { alloc_if_live(h) }?;
     // SAFETY: as above.
     let state = unsafe { field(h, STATE) }.load(Ordering::Acquire);
-    if !is_live(state) || state & (EXPOSED | APART) != 0 || state == 1 {
+    if !is_live(state) || !owns_unexposed(state) || state & APART != 0 {
         return None;
     }
     // SAFETY: read from a live state, in this stub.

@@ -560,20 +560,10 @@ pub unsafe fn free_held(ptr: *mut u8, bytes: usize) {
         free(ptr, bytes)
     }
     #[cfg(ocaml5)]
-    // SAFETY: as below.
+    // SAFETY: forwarded: a slot of class `class_of(bytes)`.
     unsafe {
-        hold(ptr, bytes)
+        hold_tagged(ptr, class_of(bytes))
     }
-}
-
-/// [`free_held`] on OCaml 5.
-///
-/// # Safety
-/// As for [`free`].
-#[cfg(ocaml5)]
-unsafe fn hold(ptr: *mut u8, bytes: usize) {
-    // SAFETY: forwarded.
-    unsafe { hold_tagged(ptr, class_of(bytes)) }
 }
 
 /// Holds `ptr`, a slot of class `tag` or a block of `tag & !BLOCK` bytes, in this
