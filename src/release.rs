@@ -232,9 +232,9 @@ fn discards(free: FreeFn, bytes: usize) -> bool {
 /// runtime and has not returned since: no cycle can end before it returns (ending one
 /// takes every domain to a safe point), so the copy is not released yet.
 unsafe fn discard_at_free(free: FreeFn, base: *mut u8, bytes: usize) {
-    // SAFETY (both): the caller's contract; nothing but a marker following a pointer
-    // from before the free, or a racing `stats`, reads the copy now, and zeros are safe
-    // for both (module docs).
+    // SAFETY: for both calls below, the caller's contract; nothing but a marker
+    // following a pointer from before the free, or a racing `stats`, reads the copy
+    // now, and zeros are safe for both (module docs).
     unsafe {
         if free as *const () == offheap_free as *const () {
             alloc::discard_huge(base, bytes);
@@ -490,9 +490,10 @@ pub unsafe fn free(h: Word) -> Outcome {
         // copies; the marker goes by the heap's pages alone.
         runtime::unregister(owned.base, owned.bytes);
     }
-    // SAFETY (`passes_limit`): we hold the runtime (the caller's contract).
-    let discard = discards(free, owned.bytes)
-        && unsafe { passes_limit(PENDING_BYTES.load(Ordering::Relaxed) + owned.bytes) };
+    let discard = discards(free, owned.bytes) && {
+        // SAFETY: `passes_limit` needs the runtime, which we hold (the caller's contract).
+        unsafe { passes_limit(PENDING_BYTES.load(Ordering::Relaxed) + owned.bytes) }
+    };
     let counted = counted(owned.bytes, discard);
     let entry = Pending {
         after_cycle: after_cycle_now(),

@@ -793,7 +793,8 @@ impl<H: Heap, V: VisitedSet> Traversal<'_, H, V> {
     /// `entry` is a queued scannable block of the source, at `at`.
     #[inline(always)]
     unsafe fn scan_entry(&mut self, entry: Entry, at: usize) -> Result<(), CopyError> {
-        // SAFETY (all three): queued entries are blocks of the source, this one at `at`.
+        // SAFETY: queued entries are blocks of the source, this one at `at`, which is
+        // what each of the three scans below requires.
         unsafe {
             if V::SOURCE_SHARED {
                 self.scan_snapshot(entry, at)
