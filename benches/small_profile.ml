@@ -9,15 +9,16 @@
    starts over), whose making base7 and base2 measure alone; and
    interleaved100 and interleaved1000 a list of 50 or 500 pairs (100 or 1000 blocks, in
    the walk's own buffers), whose making base1, base10, base100 and base1000 measure
-   alone. The cost of one call is the difference of two
+   alone; pairs:N and basepairs:N the same for a list of N pairs. The cost of one call
+   is the difference of two
    runs' instruction counts (N and 2N) divided by N, less the matching base's; e.g.
    valgrind --tool=callgrind ./_build/default/benches/small_profile.exe copy 20000
    (the machine's wall times are too noisy for per-call differences of 10%). *)
 
 type small = { sa : int; sb : string; sc : float; sd : int; se : int }
 
-(* A fresh list of [n] pairs: 2n blocks, beyond the stack's share of the path of small
-   values (src/copy/small.rs), in the walk's own buffers. *)
+(* A fresh list of [n] pairs: 2n blocks (from 17 pairs on, beyond the stack's share of
+   the path of small values, src/copy/small.rs: in the walk's own buffers). *)
 let pairs n v = List.init n (fun i -> (i, v.sa))
 
 let () =
@@ -75,6 +76,12 @@ let () =
       Array.iter (fun v -> Offheap.free (Offheap.copy (pairs n v))) values
   | "base100" | "base1000" ->
       let n = if mode = "base100" then 50 else 500 in
+      Array.iter (fun v -> ignore (Sys.opaque_identity (pairs n v))) values
+  | _ when String.starts_with ~prefix:"pairs:" mode ->
+      let n = int_of_string (String.sub mode 6 (String.length mode - 6)) in
+      Array.iter (fun v -> Offheap.free (Offheap.copy (pairs n v))) values
+  | _ when String.starts_with ~prefix:"basepairs:" mode ->
+      let n = int_of_string (String.sub mode 10 (String.length mode - 10)) in
       Array.iter (fun v -> ignore (Sys.opaque_identity (pairs n v))) values
   | "region" ->
       let r = Offheap.Region.create () in

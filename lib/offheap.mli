@@ -249,8 +249,8 @@ val measure : 'a -> stats
 (** [measure v] is what [copy v] would take, without copying: the bytes of the copy's
     allocation, its blocks, and the traversal's peak memory besides the copy. It runs
     the first pass of {!copy} alone: [v] is left as it was, and nothing is allocated
-    but the traversal's own tables, freed on return (except the 1.4 MiB of buffers in
-    which each thread walks values of 17 to 16384 blocks, kept for its next copies).
+    but the traversal's own tables, freed on return (except the 1.3 MiB of buffers in
+    which each thread walks values of 33 to 16384 blocks, kept for its next copies).
     The answer is that of the thread's next [copy v]. Use it to decide whether a copy
     fits, or to size an allocator (an arena) before copying.
 

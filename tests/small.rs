@@ -243,6 +243,42 @@ fn values_past_the_linear_search_keep_sharing_and_cycles_on_the_path() {
 }
 
 #[test]
+fn values_on_the_stack_past_the_linear_search_keep_sharing_and_cycles() {
+    std::thread::spawn(|| {
+        let mut a = Asking::new();
+        let h = &mut a.heap;
+        // A ring of `MAX_BLOCKS - 3` cells sharing 3 strings: found by address through
+        // the stack's index once past the first `LINEAR_BLOCKS`; every string and the
+        // ring's first cell are met again after that.
+        let cells = small::MAX_BLOCKS - 3;
+        assert!(cells > small::LINEAR_BLOCKS);
+        let names: Vec<Word> = (0..3)
+            .map(|i| h.string(format!("name {i}").as_bytes()))
+            .collect();
+        let first = h.block(0, &[names[0], layout::val_int(0)]);
+        let mut last = first;
+        for i in 1..cells {
+            last = h.block(0, &[names[i % 3], last]);
+        }
+        h.set(first, 1, last);
+        let (c, asked) = copy_counted(&mut a, last, cells + 3);
+        // One walk, on the stack: each of the cells' 2 pointer fields asked about once,
+        // besides the root and the root's last field (the copy's entry, then the shallow
+        // path, which leaves a value whose field leads to a cell to the walk). A walk
+        // that gave up on the stack and walked again in its own buffers asks again (102).
+        assert_eq!(asked, 2 * cells + 2, "one walk");
+        assert_eq!(made(&c), Made::Stack, "no buffers of its own");
+        assert_eq!(
+            c.bytes,
+            (cells * 3 + 3 * 2) * 8,
+            "cells of 3 words, strings of 2"
+        );
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
 fn values_of_few_blocks_but_more_words_than_the_buffer_do_not_take_the_path() {
     std::thread::spawn(|| {
         let mut a = Asking::new();

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use fake_heap::{assert_isomorphic, Counting, FakeHeap};
 use offheap::alloc::Allocator;
 use offheap::copy::visited::SideTable;
-use offheap::copy::{self, Copied, CopyError, Heap};
+use offheap::copy::{self, small, Copied, CopyError, Heap};
 use offheap::layout::{self, Color, Header, Word, WORD_BYTES};
 
 /// Writes to the fake heap, run with the number of the call of `should_copy`.
@@ -294,15 +294,16 @@ fn a_lazy_forced_during_the_copy() {
     let thunk = h.closure(&[1], &[layout::val_int(5)])[0];
     let result = h.string(b"the result");
     let lazy = h.block(layout::LAZY_TAG, &[thunk]);
-    // The last of 50 cells holds the lazy: pass 1 reaches it after about 50 calls (and
-    // the path of small values makes 16 before it gives up on 50 cells).
+    // The last of 50 cells holds the lazy: pass 1 reaches it after about 50 calls, and
+    // the path of small values makes `MAX_BLOCKS` (on the stack) before it gives up on 50
+    // cells: the stages below span both.
     let mut root = h.block(0, &[lazy, layout::val_int(0)]);
     for i in 0..49 {
         root = h.block(0, &[layout::val_int(i), root]);
     }
     let (mut refused_unforced, mut refused_forcing, mut copied) = (0, 0, 0);
     {
-        for when in 0..80usize {
+        for when in 0..small::MAX_BLOCKS + 64 {
             h.set(lazy, 0, thunk);
             // SAFETY: `lazy` is a block of the fake heap.
             unsafe { layout::write_header(lazy, Header::new(1, Color::C0, layout::LAZY_TAG)) };

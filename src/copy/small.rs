@@ -21,9 +21,9 @@
 //! The shallowest values (a raw block, or a block whose fields lead only to raw blocks)
 //! do not come here: [`super::shallow`] copies them first, without the walk's buffers.
 //!
-//! The stack holds the smallest values only (its frame is some 2 KiB, so that copies run
+//! The stack holds the smallest values only (its frame is some 2.6 KiB, so that copies run
 //! on threads with small stacks). A value too large for it is walked again from its root
-//! in buffers of its own, which each thread keeps for its next copies (1.4 MiB of address
+//! in buffers of its own, which each thread keeps for its next copies (1.3 MiB of address
 //! space, of which a walk touches what it uses; given back after a copy of more than
 //! `KEEP_WORDS`), and the thread's next copies start there (`SKIPPED` of them, unless
 //! one turns out small), so that a run of such values does not pay for a walk on the
@@ -50,11 +50,11 @@ use super::{first_value_of, read_field, Heap, Measured, Output, Written};
 use crate::copy::CopyError;
 use crate::layout::{self, Color, Header, Word, WORD_BYTES};
 
-/// The most blocks a copy made on the stack holds: as many as are told apart without the
-/// index.
-pub const MAX_BLOCKS: usize = LINEAR_BLOCKS;
+/// The most blocks a copy made on the stack holds: twice as many as are told apart
+/// without the index.
+pub const MAX_BLOCKS: usize = 2 * LINEAR_BLOCKS;
 /// The most words (headers included) a copy made on the stack holds: the walk's frame
-/// takes some 2 KiB of stack, so that a copy runs on threads with small stacks (C
+/// takes some 2.6 KiB of stack, so that a copy runs on threads with small stacks (C
 /// threads of the C API, a low `ulimit -s`); with 28 KiB, 48 KiB stacks overflowed.
 pub const MAX_WORDS: usize = 128;
 /// The most blocks a copy made by the walk holds, in buffers of its own beyond the
@@ -224,15 +224,16 @@ struct Space<const B: usize, const W: usize, const I: usize> {
     pointers: [MaybeUninit<u32>; W],
     /// Runs of found blocks waiting to be scanned, `(next, end)`.
     runs: [MaybeUninit<(u32, u32)>; B],
-    /// The found blocks by address, of which the walk uses a power of two of slots at
-    /// least twice its count, once past [`LINEAR_BLOCKS`] (see [`Walk::known`]).
-    index: [MaybeUninit<u32>; I],
+    /// The found blocks by address (their index in `found`, plus one; 0 for an empty
+    /// slot), of which the walk uses a power of two of slots at least twice its count,
+    /// once past [`LINEAR_BLOCKS`] (see [`Walk::known`]).
+    index: [MaybeUninit<u16>; I],
 }
 
-/// The space of a walk on the stack: 2 KiB, inside the walk itself (reached through a
+/// The space of a walk on the stack: 2.6 KiB, inside the walk itself (reached through a
 /// reference, the walk of a 3-block value took some 5% more instructions).
 type SmallSpace = Space<MAX_BLOCKS, MAX_WORDS, { 2 * MAX_BLOCKS }>;
-/// The space of a walk beyond the stack's limits: [`LARGE_SPACE_BYTES`] (1.4 MiB of
+/// The space of a walk beyond the stack's limits: [`LARGE_SPACE_BYTES`] (1.3 MiB of
 /// address space), kept by each thread for its next copies while they use little of it
 /// ([`KEEP_WORDS`]).
 type LargeSpace = Space<LARGE_MAX_BLOCKS, LARGE_MAX_WORDS, { 2 * LARGE_MAX_BLOCKS }>;
@@ -349,9 +350,10 @@ struct Walk<'a, H, S, const B: usize, const W: usize, const I: usize> {
     index_shift: u32,
 }
 
-/// Slots of the index when it is first built: 1 KiB to clear, and no rebuilding for
-/// values of up to 128 blocks (from 64 slots, a copy of 100 blocks spent some 15% of its
-/// instructions rebuilding).
+/// Slots of the index when it is first built in buffers of its own: 512 bytes to clear,
+/// and no rebuilding for values of up to 128 blocks (from 64 slots, a copy of 100 blocks
+/// spent some 15% of its instructions rebuilding). A walk on the stack builds its whole
+/// index at once, `2 * MAX_BLOCKS` slots (128 bytes).
 const FIRST_INDEX_SLOTS: usize = 256;
 
 /// The bit of [`Walk::filter`] for the block at `v`: blocks are mostly two words long or
@@ -679,7 +681,8 @@ where
     #[cold]
     #[inline(never)]
     fn grow_index(&mut self) {
-        let slots = (self.index_slots * 2).max(FIRST_INDEX_SLOTS);
+        // The stack's index is smaller than `FIRST_INDEX_SLOTS`: all of it at once.
+        let slots = (self.index_slots * 2).max(FIRST_INDEX_SLOTS.min(I));
         debug_assert!(slots <= self.space.index.len() && self.count * 2 <= slots);
         for slot in &mut self.space.index[..slots] {
             slot.write(0);
@@ -702,8 +705,8 @@ where
         while unsafe { self.space.index[slot].assume_init() } != 0 {
             slot = (slot + 1) & mask;
         }
-        // `k < LARGE_MAX_BLOCKS`: fits a `u32`.
-        self.space.index[slot].write(k as u32 + 1);
+        // `k < LARGE_MAX_BLOCKS`, so `k + 1` fits a `u16` (asserted at the top).
+        self.space.index[slot].write(k as u16 + 1);
     }
 
     /// Reads the fields of the found block `f` into the copy, finding the blocks they
