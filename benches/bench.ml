@@ -4,7 +4,8 @@
 
    bench.exe [-quick] [-small] [-domains] [-scale F] [-runs N] [-only NAME[,NAME...]]
 
-   -small: only the per-call tables (small values, then values of every size).
+   -small: only the per-call tables (small values, then values and strings of every
+   size).
    -domains (OCaml 5): the copy with one domain and with a second domain running (beyond
    1024 blocks the copy then stops it for the time of the copy), and how long it keeps
    the other domain waiting.
@@ -1065,7 +1066,7 @@ let small_values cfg =
 
 (* {1 Values of every size, one at a time}
 
-   Lists of [n] pairs (2n blocks: n cells, n pairs), copied and freed one at a time: the per-call cost from the path of small values (up to 16 blocks) to the
+   Lists of [n] pairs (2n blocks: n cells, n pairs), copied and freed one at a time: the per-call cost from the path of small values (on the stack up to 32 blocks) to the
    general traversal. On OCaml 5 the same with a second domain running and allocating:
    beyond the path of small values a copy then stops the other domains (a
    stop-the-world section) and marks headers as if alone. *)
@@ -1134,6 +1135,48 @@ let sizes_table cfg =
              [ ns c2; Printf.sprintf "%.2f" (c2.median /. c.median) ])
        one)
 
+(* Strings of [n] bytes, copied and freed one at a time: one block of every size, from
+   the slab's classes (up to 8 KiB of copy) to the default allocator's [malloc] (with a
+   page-table registration on OCaml 4), against a Marshal round trip of the string. *)
+let strings_table cfg =
+  let sizes = [ 100; 1000; 1100; 2000; 4000; 8000; 8300; 16000; 64000 ] in
+  let per_call n f =
+    let calls = max 20 (int_of_float (2e7 /. float (n + 400) *. max cfg.scale 0.1)) in
+    let t0 = Unix.gettimeofday () in
+    for _ = 1 to calls do
+      f ()
+    done;
+    (Unix.gettimeofday () -. t0) *. 1e9 /. float calls
+  in
+  progress "strings of every size";
+  let rows =
+    List.map
+      (fun n ->
+        let v = String.init n (fun i -> Char.chr (97 + (i mod 26))) in
+        let copy_free () = Offheap.free (Offheap.copy v) in
+        let marshal () =
+          let back : string = Marshal.from_string (Marshal.to_string v []) 0 in
+          ignore (Sys.opaque_identity back)
+        in
+        copy_free ();
+        let runs = List.init cfg.runs (fun _ -> (per_call n copy_free, per_call n marshal)) in
+        (n, summarize (List.map fst runs), summarize (List.map snd runs)))
+      sizes
+  in
+  let ns s = Printf.sprintf "%.0f (%.0f-%.0f)" s.median s.min s.max in
+  Printf.printf
+    "\n### Strings of every size, one at a time (OCaml %s)\n\nA string of n bytes copied \
+     and freed, per call in ns, median (min-max) of %d runs; a Marshal round trip of the \
+     same string.\n\n"
+    Sys.ocaml_version cfg.runs;
+  let header = [ "bytes"; "copy + free"; "Marshal"; "copy / Marshal" ] in
+  table header
+    (List.map (fun _ -> `R) header)
+    (List.map
+       (fun (n, c, m) ->
+         [ string_of_int n; ns c; ns m; Printf.sprintf "%.2f" (c.median /. m.median) ])
+       rows)
+
 (* {1 Main} *)
 
 let () =
@@ -1188,6 +1231,7 @@ let () =
     print_endline (machine ());
     small_values cfg;
     sizes_table cfg;
+    strings_table cfg;
     exit 0
   end;
   let machine = machine () in
@@ -1205,5 +1249,6 @@ let () =
   print_results cfg machine empty results;
   if !only = [] then begin
     small_values cfg;
-    sizes_table cfg
+    sizes_table cfg;
+    strings_table cfg
   end

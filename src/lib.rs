@@ -4,6 +4,7 @@
 //! Its modules, each with one job:
 //!
 //! - [`layout`]: the OCaml block layout (headers, tags, colors, closure info).
+//! - [`memcopy`]: copies of memory that avoid a slow path of the processor's `rep movsb`.
 //! - [`message`]: error messages bounded in size for the OCaml strings that carry them.
 //! - [`copy`]: the traversal that copies a graph of blocks into one allocation; generic
 //!   over a [`copy::Heap`] (which addresses to copy), an [`alloc::Allocator`] and a
@@ -14,6 +15,7 @@
 //!   relocation).
 //! - [`region`]: regions: chunks that values are added to by bump allocation, rolled
 //!   back when an add fails.
+//! - [`size_class`]: the size classes of the slab that serves small copies.
 //! - [`thread_end`]: what a thread keeps between copies, given back when it ends
 //!   (without `thread_local!` destructors, whose registration can abort).
 //! - `region_stubs` (feature `stubs`): the externals of `lib/region.ml`.
@@ -35,8 +37,10 @@ pub mod copy;
 pub mod fault;
 pub mod image;
 pub mod layout;
+pub mod memcopy;
 pub mod message;
 pub mod region;
+pub mod size_class;
 pub mod thread_end;
 
 #[cfg(feature = "stubs")]

@@ -224,7 +224,7 @@ impl DataTable {
                 unsafe {
                     if copy.start < copy.end {
                         std::ptr::write_bytes(dst, 0, copy.start - run.start);
-                        std::ptr::copy_nonoverlapping(
+                        crate::memcopy::copy_nonoverlapping(
                             (r.start + (copy.start - data.start)) as *const u8,
                             dst.add(copy.start - run.start),
                             copy.end - copy.start,

@@ -1448,7 +1448,7 @@ unsafe fn copy_words(src: *const Word, dst: *mut Word, len: usize) {
                 dst.write(src.read());
                 dst.add(1).write(src.add(1).read());
             }
-            _ => std::ptr::copy_nonoverlapping(src, dst, len),
+            _ => crate::memcopy::copy_nonoverlapping(src.cast(), dst.cast(), len * WORD_BYTES),
         }
     }
 }

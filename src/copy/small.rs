@@ -543,7 +543,7 @@ where
         // below, before anyone reads the copy.
         unsafe {
             let words = self.space.words.as_ptr();
-            std::ptr::copy_nonoverlapping(words, dst.cast::<MaybeUninit<Word>>(), self.len)
+            crate::memcopy::copy_nonoverlapping(words.cast(), dst.cast(), bytes)
         };
         for k in 0..self.count {
             let f = self.found(k);
@@ -768,7 +768,7 @@ where
 pub(super) unsafe fn copy_short(src: *const Word, dst: *mut Word, n: usize) {
     if n > 8 {
         // SAFETY: the caller's contract.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst, n) };
+        unsafe { crate::memcopy::copy_nonoverlapping(src.cast(), dst.cast(), n * WORD_BYTES) };
         return;
     }
     for i in 0..n {

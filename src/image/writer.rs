@@ -231,7 +231,7 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
                 unsafe {
                     std::ptr::write_bytes(dst, 0, run.len());
                     if copy.start < copy.end {
-                        std::ptr::copy_nonoverlapping(
+                        crate::memcopy::copy_nonoverlapping(
                             bytes[copy.start - new + old..].as_ptr(),
                             dst.add(copy.start - run.start),
                             copy.len(),
@@ -251,7 +251,13 @@ impl<'a, W: Write> PayloadWriter<'a, W> {
         for run in words.chunks(MAX_RUN) {
             let dst = self.next(run.len());
             // SAFETY: `next` gave room for `run.len()` words.
-            unsafe { std::ptr::copy_nonoverlapping(run.as_ptr(), dst, run.len()) };
+            unsafe {
+                crate::memcopy::copy_nonoverlapping(
+                    run.as_ptr().cast(),
+                    dst.cast(),
+                    run.len() * WORD_BYTES,
+                )
+            };
         }
     }
 

@@ -5,7 +5,7 @@
 //! registration at `copy` and a removal at `free` on OCaml 4 (under a global lock, with
 //! a hash map counting the copies that share each end page): measured with `perf`, a
 //! third of a small copy's time. Here a copy of at most [`SMALL_MAX`] bytes made with
-//! the default allocator takes a slot of its size class (multiples of [`GRAIN`] bytes):
+//! the default allocator takes a slot of its size class ([`crate::size_class`]):
 //! from that class's free list, else from the current region, else from a new region
 //! of [`REGION_BYTES`] (a huge-page mapping, registered whole as static data on OCaml
 //! 4). Freed slots go back to their class's list and serve later small copies; regions
@@ -36,11 +36,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::alloc::{map_huge, offheap_alloc, offheap_free, unmap_huge, Allocator, CAllocator};
 
-/// The largest copy served from the slab, in bytes.
-pub const SMALL_MAX: usize = 1024;
-/// Slot sizes are multiples of this many bytes.
-const GRAIN: usize = 16;
-const CLASSES: usize = SMALL_MAX / GRAIN;
+use crate::size_class::SMALL_MAX;
+use crate::size_class::{class_of, slot_bytes, CLASSES};
 /// Bytes of one region: one huge page.
 const REGION_BYTES: usize = crate::alloc::HUGE_PAGE;
 
@@ -59,7 +56,7 @@ struct Slab {
 /// Slots of any class, and blocks of the default allocator beyond the slab, held until
 /// a minor collection count ([`Held::due`]): each one's first word links to the next,
 /// its second word holds a slot's class or a block's size with [`BLOCK`] set (every
-/// slot has at least [`GRAIN`] bytes). `minor` is the count read at the latest of their
+/// slot has at least [`crate::size_class::GRAIN`] bytes). `minor` is the count read at the latest of their
 /// frees; `block_bytes` the bytes of the blocks.
 #[cfg(ocaml5)]
 #[derive(Clone, Copy)]
@@ -223,18 +220,8 @@ fn slab() -> MutexGuard<'static, Slab> {
     SLAB.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The class of a copy of `bytes` bytes (`1..=SMALL_MAX`).
-fn class_of(bytes: usize) -> usize {
-    bytes.max(1).div_ceil(GRAIN) - 1
-}
-
-/// The bytes of a slot of class `class`.
-fn slot_bytes(class: usize) -> usize {
-    (class + 1) * GRAIN
-}
-
-/// The free slots of class `class` that a thread keeps at most: 4 KiB of them (256 KiB
-/// a thread for all classes at most, mostly much less).
+/// The free slots of class `class` that a thread keeps at most: 4 KiB of them, and at
+/// least 2 slots (some 450 KiB a thread for all classes at most, mostly much less).
 fn cache_limit(class: usize) -> usize {
     CACHE_LIMITS[class] as usize
 }
@@ -248,13 +235,13 @@ const CACHE_LIMITS: [u16; CLASSES] = {
     let mut limits = [0; CLASSES];
     let mut class = 0;
     while class < CLASSES {
-        limits[class] = (CACHE_BYTES / ((class + 1) * GRAIN)) as u16;
+        // At least 2 slots, so that half of a full list is at least one.
+        let limit = CACHE_BYTES / slot_bytes(class);
+        limits[class] = if limit < 2 { 2 } else { limit } as u16;
         class += 1;
     }
     limits
 };
-// Every class keeps at least 2 slots, so that half of a full list is at least one.
-const _: () = assert!(CACHE_BYTES / SMALL_MAX >= 2);
 
 /// The link word of a free slot: the next free slot of its list.
 ///

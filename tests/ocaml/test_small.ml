@@ -59,11 +59,12 @@ let test_stats_kept _ =
     { Offheap.bytes = 0; blocks = 0; transient_bytes = 0 }
     (Offheap.stats h)
 
-(* Copies of every size up to past the slab's limit, live at once, then half freed and
-   copied again (the freed slots are reused): each is equal to its source for compare,
-   hash and Marshal, which on OCaml 4 needs its memory registered in the page table. *)
+(* Copies of every size up to past the slab's limit (8 KiB: classes 16 bytes apart up to
+   1 KiB, then 8 a doubling), live at once, then half freed and copied again (the freed
+   slots are reused): each is equal to its source for compare, hash and Marshal, which
+   on OCaml 4 needs its memory registered in the page table. *)
 let test_slab_sizes _ =
-  let sizes = List.init 140 (fun i -> i * 8) in
+  let sizes = List.init 140 (fun i -> i * 8) @ List.init 210 (fun i -> 1120 + (i * 40)) in
   let values = Array.of_list (List.map value_of_size sizes) in
   let check msg h v =
     let c = Offheap.get h in
@@ -137,11 +138,11 @@ let test_slab_threads _ =
         (Marshal.to_string c []))
     handles;
   Array.iter Offheap.free handles;
-  (* 30 size classes, 100 copies each, made then freed: each thread ends keeping 4 KiB
-     of free slots of every class. *)
+  (* 34 size classes, 100 copies each, made then freed: each thread ends keeping 4 KiB
+     of free slots of every class up to 1 KiB, and 2 slots of each larger one. *)
   let fill_and_end () =
-    for k = 0 to 29 do
-      let v = value_of_size (32 * k) in
+    for k = 0 to 33 do
+      let v = value_of_size (if k < 30 then 32 * k else 1000 * (2 * k - 59)) in
       let hs = Array.init 100 (fun _ -> Offheap.copy v) in
       Array.iter Offheap.free hs
     done
