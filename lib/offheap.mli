@@ -174,7 +174,8 @@ val free : 'a t -> unit
     [get] (or [with_copy]) ever returned goes back at once when no other domain runs
     (OCaml 4: always), and beside other domains after two minor collections if it is
     a copy of under 4 MiB made with {!malloc}: nothing but its handle pointed into
-    it. On OCaml 5, a copy of
+    it (a thread holds at most 4 MiB so, given back at its next [copy] or [free] or at
+    its end; past that, such copies wait as others do). On OCaml 5, a copy of
     4 MiB or more made with {!malloc}, a region's chunks and a loaded image give their
     pages back to the system at the [free] itself once what waits passes a limit
     (8 MiB, or more on a larger heap): only their address range waits then.

@@ -271,14 +271,17 @@ fn is_live(state: Word) -> bool {
 /// # Safety
 /// `state` was read from a live handle during this stub: its memory is not released
 /// before the stub returns (OCaml 4: the runtime lock; OCaml 5: a freed copy waits for
-/// the end of a major cycle, which cannot end while this domain is in a stub).
+/// the end of a major cycle, or, never read and freed beside other domains, for two
+/// minor collections, neither of which can end while this domain is in a stub). Its
+/// words may have been written over since by such a free: see [`record`].
 unsafe fn record_of(state: Word) -> Option<Record> {
     if state == 1 {
         return None;
     }
     let at = address_of(state) as *const Record;
-    // SAFETY: the caller's contract; both kinds of record start with a `Record`.
-    Some(unsafe { at.read() })
+    // SAFETY: the caller's contract; both kinds of record start with a `Record`. A
+    // volatile read: a concurrent `free` may be writing these words (see [`record`]).
+    Some(unsafe { at.read_volatile() })
 }
 
 /// The allocator block of the handle `h` while it is live, `None` once freed.
@@ -399,7 +402,20 @@ pub unsafe fn record(h: Word) -> Record {
         let state = unsafe { field(h, STATE) }.load(Ordering::Acquire);
         if is_live(state) {
             // SAFETY: read from a live state, in this stub.
-            return unsafe { record_of(state) }.unwrap_or_default();
+            let record = unsafe { record_of(state) }.unwrap_or_default();
+            // A `free` of another domain may have taken the copy since the state was
+            // read (it swaps the state first) and written over the record: a copy never
+            // read goes back at once, or is held with links in its first words
+            // (`release::free_never_exposed`). The words read are the record only if
+            // the handle still owns that allocation after them; else the freed
+            // statistics are read (a freed handle never becomes live again).
+            std::sync::atomic::fence(Ordering::Acquire);
+            // SAFETY: as above.
+            let again = unsafe { field(h, STATE) }.load(Ordering::Relaxed);
+            if is_live(again) && address_of(again) == address_of(state) {
+                return record;
+            }
+            continue;
         }
         if state == FRESH {
             return Record::default();

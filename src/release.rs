@@ -531,8 +531,9 @@ pub unsafe fn free(h: Word) -> Outcome {
 /// marking slice of theirs may have read the handle's root just before the free: a
 /// copy of the default allocator under [`alloc::LARGE_BYTES`] is then held until they
 /// have all been at a safe point (`slab::free_held` and `slab::free_held_block`: two
-/// minor collections, where a free that waits waits for the end of a major cycle), and
-/// any other copy waits as usual. `None`, having done nothing, when the copy waits.
+/// minor collections, where a free that waits waits for the end of a major cycle), while
+/// the thread holds under 4 MiB so (`slab::can_hold`: an idle thread gives what it
+/// holds back only at its next copy or free); any other copy waits as usual. `None`, having done nothing, when the copy waits.
 /// Like any free it pays the debt of earlier ones ([`debt_due`]).
 ///
 /// A copy that is made and freed again without a `get` (a cache's entry evicted unread,
@@ -559,11 +560,10 @@ unsafe fn free_never_exposed(h: Word) -> Option<Outcome> {
     // SAFETY: the allocator block of a live handle, alive (the handle holds it).
     let alloc = unsafe { CAllocator::new(alloc_block) };
     let small = slab::is_slab_copy(&alloc, bytes);
-    // A larger copy of the default allocator is held too while the thread holds little;
-    // from `LARGE_BYTES` on it gives its pages back at the free as it waits.
-    let held_block =
-        !small && alloc.is_default() && bytes < alloc::LARGE_BYTES && slab::can_hold_block(bytes);
-    if !small && !held_block {
+    // A larger copy of the default allocator is held too; from `LARGE_BYTES` on it gives
+    // its pages back at the free as it waits. All while the thread holds little.
+    let holds = small || (alloc.is_default() && bytes < alloc::LARGE_BYTES);
+    if !holds || !slab::can_hold(bytes) {
         return None;
     }
     // SAFETY: the caller's contract. `None` when another domain freed the handle, or
@@ -632,12 +632,17 @@ unsafe fn owe(waiting: usize, bytes: usize) -> bool {
     if unsafe { runtime::share_gc_work(asked, limit) } {
         return true;
     }
-    let owed = (beyond as u128 * cycle_work as u128 / limit as u128) as usize;
+    // At least `SLICE_MIN_WORK` for the limit's worth, rounded up: each free past the
+    // limit owes at least a word, so that the debt reaches what a slice pays. Rounded
+    // down, a free of a few dozen bytes owed nothing on a heap whose cycle costs less
+    // than the limit over its size, and a loop that copied, read and freed a `ref`
+    // queued 5 million copies with no cycle ended (a helper's find).
+    let cap = cycle_work.max(SLICE_MIN_WORK);
+    let owed = (beyond as u128 * cap as u128).div_ceil(limit as u128) as usize;
     let debt = DEBT.load(Ordering::Relaxed);
     if debt == 0 {
         DEBT_CYCLE.store(runtime::major_cycles_completed(), Ordering::Relaxed);
     }
-    let cap = cycle_work.max(SLICE_MIN_WORK);
     DEBT.store(debt.saturating_add(owed).min(cap), Ordering::Relaxed);
     false
 }
