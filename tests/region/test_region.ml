@@ -687,18 +687,18 @@ let test_image_round_trips _ =
    be a word the GC reads as a pointer, e.g. into memory freed since). *)
 let address v : int = (Obj.magic (Obj.repr v) : int) lor 1
 
-(* Chunks of their own no larger than 1 KiB (adds of 136 to 1024 bytes into a region of
-   4 KiB chunks) come from the allocator. On OCaml 4 their free gave them to the slab
-   that serves copies of up to 1 KiB, chosen by size as for a copy: a chunk 8 bytes
-   short of its size class was then handed out whole to a later copy of that class,
-   which wrote past it. Regions with such chunks are freed; copies of every size up to
-   about 1000 bytes (slab copies: they never come from the allocator, whose later
+(* Chunks of their own no larger than the slab's 8 KiB (adds of 136 to 8120 bytes into
+   a region of 4 KiB chunks) come from the allocator. On OCaml 4 their free gave them
+   to the slab that served copies of up to 1 KiB, chosen by size as for a copy: a chunk
+   8 bytes short of its size class was then handed out whole to a later copy of that
+   class, which wrote past it. Regions with such chunks are freed; copies of every size
+   up to about 7950 bytes (slab copies: they never come from the allocator, whose later
    allocations may reuse the chunks), three of each, must then all lie outside the
    chunks freed, and be intact. *)
 let test_own_chunks_freed_then_copies _ =
   let freed =
-    List.init 115 (fun k ->
-        let words = 16 + k in
+    List.init 175 (fun k ->
+        let words = if k < 115 then 16 + k else 130 + ((k - 115) * 15) in
         let r = R.create ~chunk_bytes:4096 () in
         let v = (str (String.make (words * 8) 'r'), [| float words |], Int64.of_int words) in
         let c = R.add r v in
@@ -709,8 +709,8 @@ let test_own_chunks_freed_then_copies _ =
   in
   settle ();
   let values =
-    List.init 333 (fun i ->
-        let n = i / 3 * 8 in
+    List.init 483 (fun i ->
+        let n = if i < 333 then i / 3 * 8 else 1000 + ((i - 333) / 3 * 140) in
         (str (String.make n 'c'), [| float n |], Int64.of_int (n + i)))
   in
   let handles = List.map Offheap.copy values in
@@ -719,7 +719,9 @@ let test_own_chunks_freed_then_copies _ =
       let c = Offheap.get h in
       List.iter
         (fun (lo, hi) ->
-          assert_bool "a copy inside a freed chunk" (address c < lo || address c > hi))
+          assert_bool
+            (Printf.sprintf "a copy of %d bytes inside a freed chunk" (Offheap.stats h).bytes)
+            (address c < lo || address c > hi))
         freed;
       assert_bool "a copy equal to its source" (compare c v = 0))
     values handles;
