@@ -101,7 +101,8 @@ module type S = sig
     address : int;  (** the address the payload was written for *)
     payload_bytes : int;  (** the payload's size: what a load holds in memory *)
     blocks : int;  (** blocks in the payload *)
-    custom_blocks : int;  (** [Int32], [Int64] and [Nativeint] blocks in the payload *)
+    custom_blocks : int;
+        (** custom blocks in the payload: [Int32], [Int64], [Nativeint] and Bigarrays *)
     file_bytes : int;  (** the size of the whole file the header describes *)
     key : string;  (** the key the image was written with *)
   }

@@ -5,17 +5,30 @@ type alloc
 
 type stats = { bytes : int; blocks : int; transient_bytes : int }
 
-(* The handle (src/handle.rs): three fields, four words with the header. Allocated here
-   in state "fresh" before the copy is made, filled by the copy stub, freed by one
-   compare-and-swap on [state] in the free stub. [state] is positive while live (the
-   address of the copy's record, off the heap, halved) and negative once freed, when
-   [root] and [alloc] hold the copy's byte and block counts. Nothing between the stub's
-   return and [copy]'s allocates, so no exception (a signal handler's, say) can come
-   between a copy and its handle. *)
-type 'a t = {
+(* The handle (src/handle.rs): three fields, four words with the header, read and
+   written by the stubs alone. Allocated here in state "fresh" before the copy is made,
+   filled by the copy stub, freed by one compare-and-swap on [state] in the free stub.
+   [state] is positive while live (the address of the copy's record, off the heap,
+   halved) and negative once freed, when [root] and [alloc] hold the copy's byte and
+   block counts. Nothing between the stub's return and [copy]'s allocates, so no
+   exception (a signal handler's, say) can come between a copy and its handle.
+
+   Two kinds of block: a copy of the default allocator has an unscanned handle, a
+   record of three floats whose words the GC never reads ([alloc] then holds no block:
+   the stubs know the default allocator); any other has a record whose [alloc] keeps
+   its allocator block alive. *)
+type 'a t = Obj.t
+
+type record_handle = {
   root : Obj.t;
   alloc : alloc;  (** keeps the allocator block alive until the copy is released *)
   mutable state : int;
+}
+
+type unscanned_handle = {
+  mutable u_root : float;
+  mutable u_alloc : float;
+  mutable u_state : float;
 }
 
 let fresh_state = -1
@@ -65,7 +78,10 @@ let () = if stub_defers_free () then ignore (Gc.create_alarm stub_drain : Gc.ala
 let () = if Sys.backend_type = Sys.Bytecode then Ext.offheap_stub_bytecode ()
 let pending_frees = stub_pending_frees
 
-let fresh alloc = { root = Obj.repr 0; alloc; state = fresh_state }
+let fresh alloc : 'a t =
+  (* An unscanned handle is fresh with every word zero. *)
+  if alloc == malloc then Obj.repr { u_root = 0.; u_alloc = 0.; u_state = 0. }
+  else Obj.repr { root = Obj.repr 0; alloc; state = fresh_state }
 
 let copy ?(alloc = malloc) v =
   let h = fresh alloc in
@@ -155,7 +171,8 @@ module Image = Image.Make (struct
   type nonrec alloc = alloc
 
   let fresh = fresh
-  let alloc_of h = h.alloc
+  let alloc_of h =
+    if Obj.tag h = Obj.double_array_tag then malloc else (Obj.obj h : record_handle).alloc
 end)
 
 (* Regions (region.ml): chunks freed through the same queue as copies. *)

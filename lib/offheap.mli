@@ -72,7 +72,12 @@
 
 type +'a t
 (** A handle to one off-heap copy of a value of type ['a]. Covariant, like the value
-    it holds: a [[ `A ] t] is a [[ `A | `B ] t]. *)
+    it holds: a [[ `A ] t] is a [[ `A | `B ] t]. A handle takes four words of the GC
+    heap; one of a copy made with {!malloc} is an abstract block, which the GC
+    neither scans nor marks through, so that handles kept by the million cost the
+    collector little. A handle cannot be marshalled or copied ([Marshal] and {!copy}
+    raise, as on any abstract value), and structural comparison of handles compares
+    no values: tell handles apart with [==]. *)
 
 (** Why a value cannot be copied (or saved in an image): what {!Not_copyable}
     carries. *)
@@ -116,7 +121,7 @@ type alloc
     of the same name work unchanged. *)
 
 val malloc : alloc
-(** The default allocator: copies of up to 1 KiB take slots of their size class in
+(** The default allocator: copies of up to 8 KiB take slots of their size class in
     2 MiB regions that are registered with the runtime once (on OCaml 4) and kept for
     later small copies; larger ones [malloc] and [free], and copies of 4 MiB and more a
     private mapping backed by huge pages, which saves a page fault per 4 KiB.

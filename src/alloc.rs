@@ -8,7 +8,7 @@
 //! [`offheap_free`] are the default pair (`Offheap.malloc`), exported to C so custom
 //! allocators can wrap them.
 
-use crate::layout::Word;
+use crate::layout::{Color, Header, Word, ABSTRACT_TAG};
 
 /// The traversal could not get this many bytes for its own tables (queue, visited set,
 /// snapshot): reported as [`crate::copy::CopyError::OutOfMemory`].
@@ -395,6 +395,31 @@ pub unsafe extern "C" fn offheap_free(_allocator: Word, ptr: *mut u8, size: usiz
         // SAFETY: `ptr` came from malloc.
         unsafe { libc::free(ptr as *mut libc::c_void) }
     }
+}
+
+/// An allocator block outside the heap holding the default allocator's functions: its
+/// header, then fields 0 and 1 as `Offheap.malloc`'s block holds them.
+#[repr(C)]
+struct StaticAllocatorBlock {
+    header: Word,
+    alloc: AllocFn,
+    free: FreeFn,
+}
+
+/// The default allocator's block for handles that keep none (`handle.rs`: unscanned
+/// handles). It never moves nor dies, where `Offheap.malloc`'s block may move (OCaml 4's
+/// compaction) and a handle the GC does not scan could not follow it.
+static DEFAULT_BLOCK: StaticAllocatorBlock = StaticAllocatorBlock {
+    header: Header::new(2, Color::Unmarkable, ABSTRACT_TAG).0,
+    alloc: offheap_alloc,
+    free: offheap_free,
+};
+
+/// The default allocator's block outside the heap, as an OCaml value (the address of its
+/// first field): an allocator block for [`CAllocator::new`], default by
+/// [`CAllocator::is_default`], that never moves nor dies.
+pub fn default_block() -> Word {
+    std::ptr::addr_of!(DEFAULT_BLOCK.alloc) as Word
 }
 
 #[cfg(test)]

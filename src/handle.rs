@@ -1,10 +1,27 @@
-//! The handle: the OCaml record that owns one off-heap copy (`'a Offheap.t`).
+//! The handle: the OCaml block that owns one off-heap copy (`'a Offheap.t`).
 //!
-//! `lib/offheap.ml` declares it as `{ root : Obj.t; alloc : alloc; mutable state : int }`:
-//! three fields, four words with the header (the GC scans two of them). It allocates it,
-//! state "fresh", before calling a stub that fills it: the handle exists before the copy
-//! does, so no point of `copy` (OCaml side included) can lose a copy to an exception,
-//! such as one raised by a signal handler.
+//! Three fields, `root`, `alloc` and `state`, four words with the header, in one of two
+//! kinds of block (`lib/offheap.ml`):
+//! - a copy made with `Offheap.malloc`'s allocator has an **unscanned** handle, whose
+//!   words the GC neither scans nor marks through: the OCaml side allocates a record of
+//!   three floats, every word zero ([`FRESH_UNSCANNED_TAG`]), and the copy stub makes
+//!   it an abstract block ([`UNSCANNED_TAG`], [`seal_fresh`]) before anything else, so
+//!   that, as a record handle, it cannot be marshalled, copied or compared (a duplicate
+//!   of a live handle would free its copy twice). Its `alloc` field holds no block
+//!   (zero while live): its allocator is the default one ([`alloc::default_block`],
+//!   outside the heap). A kept handle then costs the GC what a block of raw words
+//!   costs: it is promoted without a scan and marked without reading its fields (on
+//!   OCaml 5 the marker no longer reads the copy's header through `root`);
+//! - any other copy, and every image, has a **record** `{ root : Obj.t; alloc : alloc;
+//!   mutable state : int }`, whose `alloc` keeps its allocator block alive (the GC
+//!   scans it; `root` is an immediate or lies outside the heap).
+//!
+//! The stubs tell them apart by the tag and otherwise read and write both the same way:
+//! every word a stub stores is one the GC may see in a record (an immediate or a
+//! pointer outside the heap), and none needs a write barrier in the unscanned one.
+//! The OCaml side allocates the handle, state "fresh", before calling a stub that fills
+//! it: the handle exists before the copy does, so no point of `copy` (OCaml side
+//! included) can lose a copy to an exception, such as one raised by a signal handler.
 //!
 //! The copy's size and statistics live off the heap, in a [`Record`]:
 //! - for a copy, in the first [`PREFIX_BYTES`] of its allocation, right before the copy
@@ -24,8 +41,9 @@
 //! one handle at once, exactly one takes the copy. The winner swaps in a negative state,
 //! `-2 - transient_bytes`, then stores the byte and block counts in `root` and `alloc`
 //! (the memory that held them goes away): statistics stay available after `free`.
-//! A fresh handle's state is -1 (nothing owned, statistics zero). A [`root_if_live`]
-//! reads `root` and then `state`, so it never hands out a cleared root.
+//! A fresh handle's state is -1 in a record, 0 in an unscanned handle (nothing owned,
+//! statistics zero). A [`root_if_live`] reads `root` and then `state`, so it never hands
+//! out a cleared root.
 //!
 //! Bit 2 of a live state ([`EXPOSED`]) says that `get` has handed out the copy's root:
 //! from then on a pointer into the copy may lie anywhere the GC looks. Until then only
@@ -36,9 +54,11 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::alloc::Allocator;
+use crate::alloc::{self, Allocator, CAllocator};
 use crate::copy::Copied;
-use crate::layout::{is_immediate, val_int, Word};
+use crate::layout::{
+    header_addr, is_immediate, val_int, Header, Word, ABSTRACT_TAG, DOUBLE_ARRAY_TAG,
+};
 use crate::runtime;
 
 /// Field of the copy's root (an immediate, a shared pointer, or a pointer into the copy);
@@ -49,8 +69,15 @@ const ALLOC: usize = 1;
 /// Field of the state (see the module's documentation).
 const STATE: usize = 2;
 
-/// The state of a fresh handle, which never owned anything.
-pub const FRESH: Word = val_int(-1);
+/// The tag of an unscanned handle (see the module's documentation).
+const UNSCANNED_TAG: u8 = ABSTRACT_TAG;
+/// The tag of a fresh unscanned handle, a float record, until [`seal_fresh`].
+const FRESH_UNSCANNED_TAG: u8 = DOUBLE_ARRAY_TAG;
+
+/// The state of a fresh record handle, which never owned anything.
+const FRESH: Word = val_int(-1);
+/// The state of a fresh unscanned handle (every word of it zero).
+const FRESH_UNSCANNED: Word = 0;
 /// Bit 1 of a live state: the record is apart from the allocation (an image).
 const APART: Word = 2;
 /// Bit 2 of a live state: the root was handed out (see the module's documentation).
@@ -249,8 +276,8 @@ pub unsafe fn fill_apart(h: Word, copied: &Copied) -> bool {
 /// Sets the allocator block of the fresh handle `h` to `alloc`.
 ///
 /// # Safety
-/// `h` is a handle that no other thread or domain sees yet and `alloc` an allocator
-/// block; called holding the runtime.
+/// `h` is a record handle (not unscanned) that no other thread or domain sees yet and
+/// `alloc` an allocator block; called holding the runtime.
 pub unsafe fn set_alloc(h: Word, alloc: Word) {
     // SAFETY: a field of a live block, written with the runtime's write barrier.
     unsafe {
@@ -298,7 +325,78 @@ pub unsafe fn alloc_if_live(h: Word) -> Option<Word> {
     std::sync::atomic::fence(Ordering::Acquire);
     // SAFETY: as above.
     let state = unsafe { field(h, STATE) }.load(Ordering::Relaxed);
-    (is_live(state) && !is_immediate(alloc)).then_some(alloc)
+    // SAFETY: as above.
+    (is_live(state) && !is_immediate(alloc)).then(|| unsafe { allocator_of(h, alloc) })
+}
+
+/// Whether the handle `h` is unscanned (see the module's documentation).
+///
+/// # Safety
+/// `h` is a handle.
+unsafe fn is_unscanned(h: Word) -> bool {
+    // SAFETY: a handle is a block; of its header only the color bits (another domain's
+    // marker) and, in [`seal_fresh`] before any other stub sees it, the tag change.
+    let header = unsafe { header(h) }.load(Ordering::Relaxed);
+    let tag = Header(header).tag();
+    tag == UNSCANNED_TAG || tag == FRESH_UNSCANNED_TAG
+}
+
+/// The header of the handle `h`, as an atomic word.
+///
+/// # Safety
+/// As for [`field`].
+unsafe fn header<'a>(h: Word) -> &'a AtomicUsize {
+    // SAFETY: a block's header is the word-aligned word before its first field.
+    unsafe { &*(header_addr(h) as *const AtomicUsize) }
+}
+
+/// Makes the fresh handle `h`, when a float record, an abstract block: see the module's
+/// documentation. Both tags are beyond `No_scan_tag` and the size stays, so the GC
+/// treats the block the same before and after.
+///
+/// # Safety
+/// `h` is a fresh handle that no other stub sees yet; called holding the runtime.
+pub unsafe fn seal_fresh(h: Word) {
+    // SAFETY: the caller's contract.
+    let header = unsafe { header(h) };
+    let mut current = header.load(Ordering::Relaxed);
+    while Header(current).tag() == FRESH_UNSCANNED_TAG {
+        let sealed = Header(current).with_tag(UNSCANNED_TAG).0;
+        // A compare-and-swap: on OCaml 5 another domain's marker may set the color bits
+        // of a handle already promoted at the same time.
+        match header.compare_exchange_weak(current, sealed, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(seen) => current = seen,
+        }
+    }
+}
+
+/// The allocator block that `alloc`, read from field [`ALLOC`] of the handle `h` before
+/// it was freed, stands for: itself, or the default one for an unscanned handle.
+///
+/// # Safety
+/// `h` is a handle.
+unsafe fn allocator_of(h: Word, alloc: Word) -> Word {
+    // SAFETY: the caller's contract.
+    if unsafe { is_unscanned(h) } {
+        alloc::default_block()
+    } else {
+        alloc
+    }
+}
+
+/// The allocator block of the fresh handle `h`, alive and in place for the stub's call.
+///
+/// # Safety
+/// `h` is a fresh handle.
+pub unsafe fn fresh_allocator(h: Word) -> CAllocator {
+    // SAFETY: the caller's contract; field `ALLOC` of a fresh record holds its allocator
+    // block (the OCaml type `alloc` only comes from `malloc` or from C code that builds
+    // one), alive while the handle is.
+    unsafe {
+        let alloc = field(h, ALLOC).load(Ordering::Relaxed);
+        CAllocator::new(allocator_of(h, alloc))
+    }
 }
 
 /// Takes the copy from the live handle `h`, leaving it freed with its statistics, and its
@@ -352,18 +450,23 @@ unsafe fn take_if(h: Word, accept: impl Fn(Word) -> bool) -> Option<(Owned, Apar
         }
     };
     // SAFETY: as above; the old root is an immediate or lies outside the heap, so
-    // overwriting it needs no write barrier; `alloc` is overwritten with the barrier,
-    // its old block kept alive by the caller until it is done with it (no OCaml
-    // allocation meanwhile).
+    // overwriting it needs no write barrier; in a record `alloc` is overwritten with
+    // the barrier, its old block kept alive by the caller until it is done with it (no
+    // OCaml allocation meanwhile); the GC reads no field of an unscanned handle.
     unsafe {
         field(h, ROOT).store(val_int(record.bytes as isize), Ordering::Release);
-        let alloc = field(h, ALLOC).load(Ordering::Relaxed);
+        let alloc = allocator_of(h, field(h, ALLOC).load(Ordering::Relaxed));
         // `record` reads the block count, then the byte count.
         std::sync::atomic::fence(Ordering::Release);
-        ocaml_sys::caml_modify(
-            (h as *mut ocaml_sys::Value).add(ALLOC),
-            val_int(record.blocks as isize) as ocaml_sys::Value,
-        );
+        let blocks = val_int(record.blocks as isize);
+        if is_unscanned(h) {
+            field(h, ALLOC).store(blocks, Ordering::Relaxed);
+        } else {
+            ocaml_sys::caml_modify(
+                (h as *mut ocaml_sys::Value).add(ALLOC),
+                blocks as ocaml_sys::Value,
+            );
+        }
         let taken = if current == 1 {
             let owned = Owned {
                 base: std::ptr::null_mut(),
@@ -417,7 +520,7 @@ pub unsafe fn record(h: Word) -> Record {
             }
             continue;
         }
-        if state == FRESH {
+        if state == FRESH || state == FRESH_UNSCANNED {
             return Record::default();
         }
         // Freed: the freer stores the byte count, then the block count. Until then

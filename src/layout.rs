@@ -119,6 +119,12 @@ impl Header {
         Header((self.0 & !COLOR_MASK) | ((color as Word) << COLOR_SHIFT))
     }
 
+    /// The same header with another tag.
+    #[inline(always)]
+    pub const fn with_tag(self, tag: u8) -> Header {
+        Header((self.0 & !TAG_MASK) | tag as Word)
+    }
+
     /// Whether the fields hold OCaml values (tag below [`NO_SCAN_TAG`]).
     #[inline(always)]
     pub const fn is_scannable(self) -> bool {

@@ -135,15 +135,23 @@ pub struct Region {
 /// The smallest chunk size: below it, the own-chunk threshold would be a few words.
 pub const MIN_CHUNK_BYTES: usize = 4096;
 
+/// The largest chunk size: the largest OCaml integer that is a whole number of words
+/// (`Region.chunk_bytes` reports it as an OCaml integer). No allocator gives as much.
+pub const MAX_CHUNK_BYTES: usize = (isize::MAX as usize >> 1) & !(WORD_BYTES - 1);
+
 /// The chunk size when the caller gives none: 1 MiB.
 pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
 
 impl Region {
     /// An empty region whose small adds go into chunks of `chunk_bytes`, and from the
     /// second on of `later_chunk_bytes` (each raised to [`MIN_CHUNK_BYTES`], rounded up
-    /// to a word); it holds no memory yet.
+    /// to a word, at most [`MAX_CHUNK_BYTES`]); it holds no memory yet.
     pub fn new(chunk_bytes: usize, later_chunk_bytes: usize) -> Region {
-        let size = |bytes: usize| bytes.max(MIN_CHUNK_BYTES).next_multiple_of(WORD_BYTES);
+        let size = |bytes: usize| {
+            bytes
+                .clamp(MIN_CHUNK_BYTES, MAX_CHUNK_BYTES)
+                .next_multiple_of(WORD_BYTES)
+        };
         Region {
             chunk_bytes: size(chunk_bytes),
             later_chunk_bytes: size(later_chunk_bytes),

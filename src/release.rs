@@ -528,8 +528,11 @@ pub unsafe fn free(h: Word) -> Outcome {
 /// pointer into it but the handle's own root, which `take` overwrites, so no marker can
 /// follow one into it later. When no other domain runs (always on OCaml 4) it goes back
 /// to its allocator at once, whatever its size and allocator. Beside other domains, a
-/// marking slice of theirs may have read the handle's root just before the free: a
-/// copy of the default allocator under [`alloc::LARGE_BYTES`] is then held until they
+/// stub of theirs may have read the handle's state just before the free and be reading
+/// the copy's record (`stats`), and a marking slice of theirs may have read a record
+/// handle's root (an unscanned handle's the GC never reads: `handle.rs`; a block built
+/// in C with the default allocator's functions gets a record): a copy of the default
+/// allocator under [`alloc::LARGE_BYTES`] is then held until they
 /// have all been at a safe point (`slab::free_held` and `slab::free_held_block`: two
 /// minor collections, where a free that waits waits for the end of a major cycle), while
 /// the thread holds under 4 MiB so (`slab::can_hold`: an idle thread gives what it

@@ -29,7 +29,7 @@ use std::borrow::Cow;
 use ocaml::{Raw, Value};
 use ocaml_sys::caml_alloc_small;
 
-use crate::alloc::{offheap_alloc, offheap_free, Allocator, CAllocator};
+use crate::alloc::{offheap_alloc, offheap_free, Allocator};
 use crate::copy;
 use crate::handle::{self, WithRecord};
 use crate::layout::{val_int, Word, ABSTRACT_TAG};
@@ -80,8 +80,12 @@ type RawValue = ocaml_sys::Value;
 /// more than `STOP_BEYOND_BLOCKS` blocks is copied with them stopped
 /// ([`runtime::among_domains`]).
 fn copy(h: Word, copy_static: bool, v: Word) -> StubOutcome {
-    // SAFETY: called from a stub, holding the runtime.
-    unsafe { release::drain_due() };
+    // SAFETY: called from a stub, holding the runtime; `h` is the fresh handle of this
+    // call.
+    unsafe {
+        handle::seal_fresh(h);
+        release::drain_due();
+    }
     // SAFETY: no Rust lock is held here; the copy neither allocates on the OCaml heap nor
     // calls into OCaml (the allocator's contract).
     unsafe { runtime::among_domains([h, v], |&[h, v]| copy_now(h, copy_static, v)) }
@@ -91,9 +95,8 @@ fn copy(h: Word, copy_static: bool, v: Word) -> StubOutcome {
 
 /// [`copy`] once the way of copying is settled.
 fn copy_now(h: Word, copy_static: bool, v: Word) -> StubOutcome {
-    // SAFETY: field 1 of a handle is its allocator block (the OCaml type `alloc` only
-    // comes from `malloc` or from C code that builds one), alive for the call.
-    let allocator = unsafe { CAllocator::new(*(h as *const Word).add(1)) };
+    // SAFETY: `h` is the fresh handle of this call.
+    let allocator = unsafe { handle::fresh_allocator(h) };
     if allocator.is_default() {
         // The handle's record goes in front of the copy; small copies come from the
         // slab, registered already.

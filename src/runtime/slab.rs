@@ -21,8 +21,8 @@
 //! On OCaml 5 a slot whose copy's root was never handed out, freed while other domains
 //! run, is held a short while instead ([`free_held`]): until the runtime has completed
 //! two more minor collections, stop-the-world sections that every running domain enters
-//! from a safe point, so that a marking slice of another domain that read the handle's
-//! pointer just before the free has returned by then (`release::free_never_exposed`).
+//! from a safe point, so that a stub or a marking slice of another domain that read the
+//! handle just before the free has returned by then (`release::free_never_exposed`).
 //! A thread keeps two batches of such slots, by the minor collection count of their
 //! frees; a thread that ends gives its batches to the slab, which holds them as long.
 //!
@@ -35,9 +35,8 @@ use std::cell::UnsafeCell;
 use std::sync::{Mutex, MutexGuard};
 
 use crate::alloc::{map_huge, offheap_alloc, offheap_free, unmap_huge, Allocator, CAllocator};
+use crate::size_class::{class_of, slot_bytes, CLASSES, SMALL_MAX};
 
-use crate::size_class::SMALL_MAX;
-use crate::size_class::{class_of, slot_bytes, CLASSES};
 /// Bytes of one region: one huge page.
 const REGION_BYTES: usize = crate::alloc::HUGE_PAGE;
 
@@ -539,9 +538,9 @@ pub unsafe fn free(ptr: *mut u8, bytes: usize) {
 
 /// Gives back a slot from [`alloc`] of the same `bytes`, on any thread, once the minor
 /// collection count has grown by 2 (see `runtime::minor_collections`): a slot of a copy
-/// whose root no `get` handed out, freed while other domains run, whose marking slices
-/// may have read the handle's pointer into it just before the free (OCaml 5; on OCaml 4,
-/// where no other domain runs, [`free`]).
+/// whose root no `get` handed out, freed while other domains run, whose stubs or marking
+/// slices may have read the handle just before the free (`release::free_never_exposed`;
+/// OCaml 5: on OCaml 4, where no other domain runs, [`free`]).
 ///
 /// # Safety
 /// As for [`free`].

@@ -25,6 +25,46 @@ let test_handle_words _ =
   check "counting allocator" (Offheap.copy ~alloc:a (value_of_size 10));
   assert_no_leak a
 
+(* A handle is opaque to the GC, Marshal and copy: one of the default allocator is an
+   abstract block (the GC neither scans nor marks through it), any other keeps its
+   allocator block; no live one can be marshalled or copied (a duplicate of a live
+   handle would free its copy twice), nor a freed abstract one. Many such handles survive
+   collections and compactions with their copies intact. *)
+let test_handles_opaque _ =
+  let refused msg h =
+    assert_raises ~msg:(msg ^ ": Marshal")
+      (Invalid_argument "output_value: abstract value (Abstract)")
+      (fun () -> Marshal.to_string h []);
+    assert_raises ~msg:(msg ^ ": copy") (Offheap.Not_copyable Offheap.Abstract) (fun () ->
+        Offheap.copy h)
+  in
+  let check msg ~unscanned h =
+    if unscanned then
+      assert_equal ~msg:(msg ^ ": tag") ~printer:pint Obj.abstract_tag
+        (Obj.tag (Obj.repr h));
+    refused msg h;
+    Offheap.free h;
+    (* A freed record holds integers only: a duplicate of it is a freed handle. *)
+    if unscanned then refused (msg ^ ", freed") h
+  in
+  check "default allocator" ~unscanned:true (Offheap.copy (value_of_size 10));
+  check "default allocator, immediate" ~unscanned:true (Offheap.copy 42);
+  check "default allocator, shared root" ~unscanned:true (Offheap.copy "static");
+  let a = counting_alloc (fresh_id ()) in
+  check "counting allocator" ~unscanned:false (Offheap.copy ~alloc:a (value_of_size 10));
+  assert_no_leak a;
+  let n = 20_000 in
+  let hs = Array.init n (fun k -> Offheap.copy (value_of_size (k mod 300))) in
+  Gc.compact ();
+  Gc.full_major ();
+  Array.iteri
+    (fun k h ->
+      let v = Offheap.get h in
+      if v.a <> k mod 300 || String.length v.s <> k mod 300 then
+        assert_failure (Printf.sprintf "copy %d after compaction" k))
+    hs;
+  Array.iter Offheap.free hs
+
 (* Statistics: those of a live copy agree with the heap's size of the value, and stay the
    same after free. *)
 let check_stats msg h v =
@@ -311,6 +351,7 @@ let () =
     ("small copies"
     >::: [
            "a handle is four words" >:: test_handle_words;
+           "handles are opaque" >:: test_handles_opaque;
            "statistics, kept after free" >:: test_stats_kept;
            "slab: every size, slots reused, registered" >:: test_slab_sizes;
            "slab: churn under the GC" >:: test_slab_churn;

@@ -56,6 +56,11 @@ let test_chunk_sizes _ =
   List.iter
     (fun chunk_bytes ->
       let r = R.create ~chunk_bytes () in
+      (* Rounded up to a word (these are whole words but max_int), never past the
+         largest int (max_int was reported as a negative size, found by testing). *)
+      assert_equal ~msg:"chunk_bytes reported" ~printer:pint
+        (min chunk_bytes (max_int land lnot 7))
+        (R.chunk_bytes r);
       using r (fun r ->
           let before = R.stats r in
           (match R.add r (Array.init 1000 (fun i -> str (string_of_int i))) with
