@@ -333,7 +333,7 @@ pub unsafe fn alloc_if_live(h: Word) -> Option<Word> {
 ///
 /// # Safety
 /// `h` is a handle.
-unsafe fn is_unscanned(h: Word) -> bool {
+pub unsafe fn is_unscanned(h: Word) -> bool {
     // SAFETY: a handle is a block; of its header only the color bits (another domain's
     // marker) and, in [`seal_fresh`] before any other stub sees it, the tag change.
     let header = unsafe { header(h) }.load(Ordering::Relaxed);

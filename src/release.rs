@@ -563,6 +563,23 @@ unsafe fn free_never_exposed(h: Word) -> Option<Outcome> {
     // SAFETY: the allocator block of a live handle, alive (the handle holds it).
     let alloc = unsafe { CAllocator::new(alloc_block) };
     let small = slab::is_slab_copy(&alloc, bytes);
+    // SAFETY: `h` is a handle.
+    if small && unsafe { handle::is_unscanned(h) } {
+        // No marker reads an unscanned handle, and the slab never unmaps its slots: a
+        // stub of another domain that reads the record of this slot reused meanwhile
+        // then finds the handle's state changed and reads the freed statistics instead
+        // (`handle::record`). The slot goes back at once, as with no other domain.
+        // SAFETY: the caller's contract. `None` when another domain freed the handle,
+        // or handed its root out, meanwhile.
+        let (owned, apart) = unsafe { handle::take_never_exposed(h) }?;
+        // SAFETY: the handle gave the copy up to us alone; nothing points into it and
+        // nothing follows a pointer into it (above).
+        unsafe {
+            release_now(owned);
+            apart.free();
+        }
+        return Some(Outcome::Done(debt_due()));
+    }
     // A larger copy of the default allocator is held too; from `LARGE_BYTES` on it gives
     // its pages back at the free as it waits. All while the thread holds little.
     let holds = small || (alloc.is_default() && bytes < alloc::LARGE_BYTES);
