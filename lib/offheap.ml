@@ -171,8 +171,9 @@ module Image = Image.Make (struct
   type nonrec alloc = alloc
 
   let fresh = fresh
-  let alloc_of h =
-    if Obj.tag h = Obj.double_array_tag then malloc else (Obj.obj h : record_handle).alloc
+  (* An unscanned handle (abstract, or a float record before its copy stub) holds the
+     default allocator; a record, its own. *)
+  let alloc_of h = if Obj.tag h <> 0 then malloc else (Obj.obj h : record_handle).alloc
 end)
 
 (* Regions (region.ml): chunks freed through the same queue as copies. *)

@@ -76,8 +76,11 @@ type +'a t
     heap; one of a copy made with {!malloc} is an abstract block, which the GC
     neither scans nor marks through, so that handles kept by the million cost the
     collector little. A handle cannot be marshalled or copied ([Marshal] and {!copy}
-    raise, as on any abstract value), and structural comparison of handles compares
-    no values: tell handles apart with [==]. *)
+    raise, as on any abstract value). Handles are not values to compare or hash:
+    polymorphic comparison raises on them and [Hashtbl.hash] gives all of those of
+    {!malloc} one hash; tell them apart with [==] and key tables by keys of your own.
+    Never duplicate one ([Obj.dup], [Weak.get_copy], the [Ephemeron] copy functions):
+    the duplicate owns the same copy, and freeing both frees it twice. *)
 
 (** Why a value cannot be copied (or saved in an image): what {!Not_copyable}
     carries. *)

@@ -6,12 +6,14 @@
 //!   words the GC neither scans nor marks through: the OCaml side allocates a record of
 //!   three floats, every word zero ([`FRESH_UNSCANNED_TAG`]), and the copy stub makes
 //!   it an abstract block ([`UNSCANNED_TAG`], [`seal_fresh`]) before anything else, so
-//!   that, as a record handle, it cannot be marshalled, copied or compared (a duplicate
-//!   of a live handle would free its copy twice). Its `alloc` field holds no block
-//!   (zero while live): its allocator is the default one ([`alloc::default_block`],
-//!   outside the heap). A kept handle then costs the GC what a block of raw words
-//!   costs: it is promoted without a scan and marked without reading its fields (on
-//!   OCaml 5 the marker no longer reads the copy's header through `root`);
+//!   that, as a record handle, it cannot be marshalled or copied (a duplicate of a live
+//!   handle would free its copy twice). Its `alloc` field holds the default allocator's
+//!   block outside the heap ([`alloc::default_block`]), which never moves nor dies. A
+//!   kept handle then costs the GC what a block of raw words costs: it is promoted
+//!   without a scan and marked without reading its fields (on OCaml 5 the marker no
+//!   longer reads the copy's header through `root`). Polymorphic hashing gives every
+//!   such handle the same hash, and polymorphic comparison raises on them, as on any
+//!   abstract block;
 //! - any other copy, and every image, has a **record** `{ root : Obj.t; alloc : alloc;
 //!   mutable state : int }`, whose `alloc` keeps its allocator block alive (the GC
 //!   scans it; `root` is an immediate or lies outside the heap).
@@ -41,9 +43,9 @@
 //! one handle at once, exactly one takes the copy. The winner swaps in a negative state,
 //! `-2 - transient_bytes`, then stores the byte and block counts in `root` and `alloc`
 //! (the memory that held them goes away): statistics stay available after `free`.
-//! A fresh handle's state is -1 in a record, 0 in an unscanned handle (nothing owned,
-//! statistics zero). A [`root_if_live`] reads `root` and then `state`, so it never hands
-//! out a cleared root.
+//! A fresh handle's state is -1 (nothing owned, statistics zero; an unscanned handle's
+//! from its sealing). A [`root_if_live`] reads `root` and then `state`, so it never
+//! hands out a cleared root.
 //!
 //! Bit 2 of a live state ([`EXPOSED`]) says that `get` has handed out the copy's root:
 //! from then on a pointer into the copy may lie anywhere the GC looks. Until then only
@@ -74,10 +76,8 @@ const UNSCANNED_TAG: u8 = ABSTRACT_TAG;
 /// The tag of a fresh unscanned handle, a float record, until [`seal_fresh`].
 const FRESH_UNSCANNED_TAG: u8 = DOUBLE_ARRAY_TAG;
 
-/// The state of a fresh record handle, which never owned anything.
+/// The state of a fresh handle, which never owned anything.
 const FRESH: Word = val_int(-1);
-/// The state of a fresh unscanned handle (every word of it zero).
-const FRESH_UNSCANNED: Word = 0;
 /// Bit 1 of a live state: the record is apart from the allocation (an image).
 const APART: Word = 2;
 /// Bit 2 of a live state: the root was handed out (see the module's documentation).
@@ -325,8 +325,7 @@ pub unsafe fn alloc_if_live(h: Word) -> Option<Word> {
     std::sync::atomic::fence(Ordering::Acquire);
     // SAFETY: as above.
     let state = unsafe { field(h, STATE) }.load(Ordering::Relaxed);
-    // SAFETY: as above.
-    (is_live(state) && !is_immediate(alloc)).then(|| unsafe { allocator_of(h, alloc) })
+    (is_live(state) && !is_immediate(alloc)).then_some(alloc)
 }
 
 /// Whether the handle `h` is unscanned (see the module's documentation).
@@ -352,7 +351,10 @@ unsafe fn header<'a>(h: Word) -> &'a AtomicUsize {
 
 /// Makes the fresh handle `h`, when a float record, an abstract block: see the module's
 /// documentation. Both tags are beyond `No_scan_tag` and the size stays, so the GC
-/// treats the block the same before and after.
+/// treats the block the same before and after. Its words become values first (an
+/// immediate root, the default allocator's block, the fresh state): OCaml 5's
+/// `Weak.get_copy` darkens the words of an abstract block it copies, and a raw zero
+/// crashed it (a helper's find).
 ///
 /// # Safety
 /// `h` is a fresh handle that no other stub sees yet; called holding the runtime.
@@ -360,6 +362,16 @@ pub unsafe fn seal_fresh(h: Word) {
     // SAFETY: the caller's contract.
     let header = unsafe { header(h) };
     let mut current = header.load(Ordering::Relaxed);
+    if Header(current).tag() != FRESH_UNSCANNED_TAG {
+        return;
+    }
+    // SAFETY: the caller's contract: the handle is ours alone, and the GC reads no word
+    // of a float record.
+    unsafe {
+        field(h, ROOT).store(val_int(0), Ordering::Relaxed);
+        field(h, ALLOC).store(alloc::default_block(), Ordering::Relaxed);
+        field(h, STATE).store(FRESH, Ordering::Relaxed);
+    }
     while Header(current).tag() == FRESH_UNSCANNED_TAG {
         let sealed = Header(current).with_tag(UNSCANNED_TAG).0;
         // A compare-and-swap: on OCaml 5 another domain's marker may set the color bits
@@ -371,32 +383,16 @@ pub unsafe fn seal_fresh(h: Word) {
     }
 }
 
-/// The allocator block that `alloc`, read from field [`ALLOC`] of the handle `h` before
-/// it was freed, stands for: itself, or the default one for an unscanned handle.
+/// The allocator block of the fresh handle `h` (sealed, if unscanned), alive and in place
+/// for the stub's call.
 ///
 /// # Safety
-/// `h` is a handle.
-unsafe fn allocator_of(h: Word, alloc: Word) -> Word {
-    // SAFETY: the caller's contract.
-    if unsafe { is_unscanned(h) } {
-        alloc::default_block()
-    } else {
-        alloc
-    }
-}
-
-/// The allocator block of the fresh handle `h`, alive and in place for the stub's call.
-///
-/// # Safety
-/// `h` is a fresh handle.
+/// `h` is a fresh handle, sealed by [`seal_fresh`] if it is a float record.
 pub unsafe fn fresh_allocator(h: Word) -> CAllocator {
-    // SAFETY: the caller's contract; field `ALLOC` of a fresh record holds its allocator
+    // SAFETY: the caller's contract; field `ALLOC` of a fresh handle holds its allocator
     // block (the OCaml type `alloc` only comes from `malloc` or from C code that builds
-    // one), alive while the handle is.
-    unsafe {
-        let alloc = field(h, ALLOC).load(Ordering::Relaxed);
-        CAllocator::new(allocator_of(h, alloc))
-    }
+    // one; an unscanned handle's is the default one), alive while the handle is.
+    unsafe { CAllocator::new(field(h, ALLOC).load(Ordering::Relaxed)) }
 }
 
 /// Takes the copy from the live handle `h`, leaving it freed with its statistics, and its
@@ -455,7 +451,7 @@ unsafe fn take_if(h: Word, accept: impl Fn(Word) -> bool) -> Option<(Owned, Apar
     // OCaml allocation meanwhile); the GC reads no field of an unscanned handle.
     unsafe {
         field(h, ROOT).store(val_int(record.bytes as isize), Ordering::Release);
-        let alloc = allocator_of(h, field(h, ALLOC).load(Ordering::Relaxed));
+        let alloc = field(h, ALLOC).load(Ordering::Relaxed);
         // `record` reads the block count, then the byte count.
         std::sync::atomic::fence(Ordering::Release);
         let blocks = val_int(record.blocks as isize);
@@ -520,7 +516,7 @@ pub unsafe fn record(h: Word) -> Record {
             }
             continue;
         }
-        if state == FRESH || state == FRESH_UNSCANNED {
+        if state == FRESH {
             return Record::default();
         }
         // Freed: the freer stores the byte count, then the block count. Until then
