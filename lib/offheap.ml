@@ -13,10 +13,11 @@ type stats = { bytes : int; blocks : int; transient_bytes : int }
    block counts. Nothing between the stub's return and [copy]'s allocates, so no
    exception (a signal handler's, say) can come between a copy and its handle.
 
-   Two kinds of block: a copy of the default allocator has an unscanned handle, a
-   record of three floats whose words the GC never reads ([alloc] then holds no block:
-   the stubs know the default allocator); any other has a record whose [alloc] keeps
-   its allocator block alive. *)
+   Two kinds of block: a copy of the default allocator has an unscanned handle,
+   allocated here as a record of three floats and made an abstract block by the copy
+   stub, whose words the GC never reads ([alloc] then holds the default allocator's
+   block outside the heap); any other has a record whose [alloc] keeps its allocator
+   block alive. *)
 type 'a t = Obj.t
 
 type record_handle = {

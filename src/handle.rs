@@ -331,13 +331,13 @@ pub unsafe fn alloc_if_live(h: Word) -> Option<Word> {
 /// Whether the handle `h` is unscanned (see the module's documentation).
 ///
 /// # Safety
-/// `h` is a handle.
+/// `h` is a handle, sealed by [`seal_fresh`] if it was a float record (every stub but
+/// the copy stub's start sees only such handles).
 pub unsafe fn is_unscanned(h: Word) -> bool {
     // SAFETY: a handle is a block; of its header only the color bits (another domain's
     // marker) and, in [`seal_fresh`] before any other stub sees it, the tag change.
     let header = unsafe { header(h) }.load(Ordering::Relaxed);
-    let tag = Header(header).tag();
-    tag == UNSCANNED_TAG || tag == FRESH_UNSCANNED_TAG
+    Header(header).tag() == UNSCANNED_TAG
 }
 
 /// The header of the handle `h`, as an atomic word.

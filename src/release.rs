@@ -548,15 +548,9 @@ pub unsafe fn free(h: Word) -> Outcome {
 /// OCaml heap.
 unsafe fn free_never_exposed(h: Word) -> Option<Outcome> {
     if runtime::stub_runs_alone() {
-        // SAFETY: the caller's contract. `None` when the root was handed out.
-        let (owned, apart) = unsafe { handle::take_never_exposed(h) }?;
-        // SAFETY: the handle gave the copy up to us alone, and nothing points into it
-        // (above); no other stub runs to read its record apart.
-        unsafe {
-            release_now(owned);
-            apart.free();
-        }
-        return Some(Outcome::Done(debt_due()));
+        // SAFETY: the caller's contract; nothing points into the copy (above), and no
+        // other stub runs to read its record.
+        return unsafe { release_never_exposed_now(h) };
     }
     // SAFETY: the caller's contract.
     let (bytes, alloc_block) = unsafe { handle::never_exposed(h) }?;
@@ -569,16 +563,8 @@ unsafe fn free_never_exposed(h: Word) -> Option<Outcome> {
         // stub of another domain that reads the record of this slot reused meanwhile
         // then finds the handle's state changed and reads the freed statistics instead
         // (`handle::record`). The slot goes back at once, as with no other domain.
-        // SAFETY: the caller's contract. `None` when another domain freed the handle,
-        // or handed its root out, meanwhile.
-        let (owned, apart) = unsafe { handle::take_never_exposed(h) }?;
-        // SAFETY: the handle gave the copy up to us alone; nothing points into it and
-        // nothing follows a pointer into it (above).
-        unsafe {
-            release_now(owned);
-            apart.free();
-        }
-        return Some(Outcome::Done(debt_due()));
+        // SAFETY: the caller's contract; as above.
+        return unsafe { release_never_exposed_now(h) };
     }
     // A larger copy of the default allocator is held too; from `LARGE_BYTES` on it gives
     // its pages back at the free as it waits. All while the thread holds little.
@@ -599,6 +585,24 @@ unsafe fn free_never_exposed(h: Word) -> Option<Outcome> {
         } else {
             slab::free_held_block(owned.base, owned.bytes);
         }
+        apart.free();
+    }
+    Some(Outcome::Done(debt_due()))
+}
+
+/// Takes the copy of `h` if its root was never handed out and gives it back to its
+/// allocator now; `None`, having done nothing, when the root was handed out or another
+/// domain freed the handle meanwhile.
+///
+/// # Safety
+/// As for [`free_never_exposed`]; once taken, nothing reads the copy or its record any
+/// more but what tells a reused record from its own (`handle::record`).
+unsafe fn release_never_exposed_now(h: Word) -> Option<Outcome> {
+    // SAFETY: the caller's contract.
+    let (owned, apart) = unsafe { handle::take_never_exposed(h) }?;
+    // SAFETY: the handle gave the copy up to us alone; the caller's contract.
+    unsafe {
+        release_now(owned);
         apart.free();
     }
     Some(Outcome::Done(debt_due()))
